@@ -1,0 +1,547 @@
+"""The ``federatls`` command: ``federatls ca init|serve|token|certificate|renew|revoke|roots|
+federation|health`` in the spirit of ``step ca``, and ``federatls demo``.
+
+Errors are one line on stderr and a non-zero exit (1 for a failure, 2 for bad usage).
+Files are written whole or not at all; key files are created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from . import __version__
+from ._client import CAClient, fetch_root
+from ._duration import parse_go_duration
+from ._errors import BadMaterialError, ConfigError, FederatlsError
+from ._jwk import ProvisionerKey
+from ._keys import KeyType, PrivateKey, build_csr, new_private_key
+from ._protocol import RevokeRequest, SignRequest, TimeDuration
+from ._token import DEFAULT_VALIDITY, Token, mint_token, revoke_audience, sign_audience
+from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
+
+__all__ = ["main"]
+
+log = logging.getLogger("federatls.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+# Reading and writing files -----------------------------------------------------------------
+def read_password(path: str | None, prompt: str, *, confirm: bool = False) -> bytes:
+    """The password from a file (trailing whitespace trimmed, as step does) or a prompt."""
+    if path is not None:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from exc
+        password = text.rstrip()
+        if not password:
+            raise ConfigError(f"password file {path} is empty")
+        return password
+    if not sys.stdin.isatty():
+        raise ConfigError("a password is needed: give --password-file (no terminal to ask on)")
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Confirm the password: ") != first:
+        raise ConfigError("the passwords do not match")
+    if not first:
+        raise ConfigError("the password cannot be empty")
+    return first.encode()
+
+
+def _read_certs(path: str, what: str) -> list[x509.Certificate]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    return load_pem_certificates(data, f"{what} {path}")
+
+
+def _read_key(path: str) -> PrivateKey:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key {path}: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise BadMaterialError(f"{path} is not an unencrypted PEM private key") from exc
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    ):
+        raise BadMaterialError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def _write_atomic(path: Path, data: bytes, *, private: bool, force: bool) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename:
+    readers see the old file or the new one, never half of one."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists: use --force to overwrite it")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ConfigError(f"directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+# Reaching a CA -----------------------------------------------------------------------------
+def _root_for(args: argparse.Namespace) -> x509.Certificate:
+    if not args.root:
+        raise ConfigError("--root is required: the root certificate of the CA")
+    return _read_certs(args.root, "root certificate")[0]
+
+
+def _client(
+    args: argparse.Namespace, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
+) -> CAClient:
+    if not args.ca_url:
+        raise ConfigError(
+            "--ca-url is required: the URL of the CA, for example https://127.0.0.1:9000"
+        )
+    _root_for(args)
+    return CAClient(args.ca_url, _read_certs(args.root, "root certificate"), identity=identity)
+
+
+async def _provisioner_key(
+    ca: CAClient, name: str | None, password_file: str | None
+) -> tuple[str, ProvisionerKey]:
+    provisioners = [p for p in await ca.provisioners() if str(p.get("type", "")).upper() == "JWK"]
+    return await _choose_and_decrypt(provisioners, name, password_file, ca)
+
+
+async def _choose_and_decrypt(
+    provisioners: list[dict[str, Any]],
+    name: str | None,
+    password_file: str | None,
+    ca: CAClient | None,
+) -> tuple[str, ProvisionerKey]:
+    if name is not None:
+        provisioners = [p for p in provisioners if p.get("name") == name]
+        if not provisioners:
+            raise ConfigError(f"the CA has no JWK provisioner named {name!r}")
+    if not provisioners:
+        raise ConfigError("the CA has no JWK provisioner")
+    if len(provisioners) > 1:
+        names = ", ".join(sorted(str(p.get("name")) for p in provisioners))
+        raise ConfigError(
+            f"the CA has several JWK provisioners ({names}): choose one with --provisioner"
+        )
+    prov = provisioners[0]
+    encrypted = prov.get("encryptedKey")
+    if not encrypted and ca is not None:
+        encrypted = await ca.encrypted_key(str(prov.get("key", {}).get("kid", "")))
+    if not isinstance(encrypted, str) or not encrypted:
+        raise ConfigError(f"provisioner {prov.get('name')!r} has no encrypted key to sign with")
+    password = read_password(
+        password_file, "Please enter the password to decrypt the provisioner key: "
+    )
+    return str(prov["name"]), ProvisionerKey.decrypt(encrypted, password)
+
+
+def _validity(text: str | None) -> timedelta:
+    if text is None:
+        return DEFAULT_VALIDITY
+    try:
+        return parse_go_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--not-after: {exc}") from exc
+
+
+async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False) -> str:
+    """A token for ``subject``: from a running CA (--ca-url/--root) or a ca.json (--offline)."""
+    now = datetime.now(UTC)
+    if getattr(args, "offline", None):
+        from .ca._config import CAConfig
+
+        config = CAConfig.load(args.offline)
+        provs = [dict(p.raw) for p in config.provisioners]
+        name, key = await _choose_and_decrypt(provs, args.provisioner, args.password_file, None)
+        root = _read_certs(str(config.roots[0]), "root certificate")[0]
+        host = config.audience_hosts[0]
+        port = config.address.rpartition(":")[2]
+        ca_url = args.ca_url or f"https://{host}:{port}"
+    else:
+        root = _root_for(args)
+        async with _client(args) as ca:
+            name, key = await _provisioner_key(ca, args.provisioner, args.password_file)
+        ca_url = args.ca_url
+    audience = revoke_audience(ca_url) if revoke else sign_audience(ca_url)
+    sans = [] if revoke else (args.san or [])
+    return mint_token(
+        key,
+        issuer=name,
+        subject=subject,
+        audience=audience,
+        now=now,
+        sans=sans,
+        root_fingerprint=fingerprint(root),
+        validity=_validity(getattr(args, "token_not_after", None)),
+    )
+
+
+# Commands ----------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from .ca._pki import init_pki
+
+    password = read_password(
+        args.password_file, "Please enter the password to encrypt the CA keys: ", confirm=True
+    )
+    result = init_pki(
+        args.name,
+        Path(args.dir),
+        address=args.address,
+        password=password,
+        now=datetime.now(UTC),
+        dns_names=args.dns or (),
+        provisioner=args.provisioner,
+    )
+    print(f"Root certificate: {result.root}")
+    print(f"Root fingerprint: {result.root_fingerprint}")
+    print(f"CA configuration: {result.config}")
+    print(f"Provisioner: {result.provisioner} (kid {result.provisioner_kid})")
+    print(f"CA URL: {result.ca_url}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .ca._server import CAServer, serve
+
+    password = read_password(
+        args.password_file, "Please enter the password to decrypt the intermediate CA key: "
+    )
+
+    def ready(ca: CAServer) -> None:
+        print(f"Serving HTTPS on {ca.url} (root fingerprint {ca.root_fingerprint})", flush=True)
+
+    _run(serve(args.config, password, ready=ready))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    if not args.offline and not args.ca_url:
+        raise ConfigError("give --ca-url and --root of a running CA, or --offline CA.JSON")
+    print(_run(_mint(args, args.subject, revoke=args.revoke)))
+    return 0
+
+
+def cmd_certificate(args: argparse.Namespace) -> int:
+    crt_path, key_path = Path(args.crt), Path(args.key)
+    for path in (crt_path, key_path):
+        if path.exists() and not args.force:
+            raise ConfigError(f"{path} already exists: use --force to overwrite it")
+    kind = KeyType.parse(args.kty)
+
+    async def go() -> tuple[list[x509.Certificate], PrivateKey]:
+        if args.token:
+            token = Token.parse(args.token)
+            if token.subject != args.subject:
+                raise ConfigError(f"the token is for {token.subject!r}, not {args.subject!r}")
+            ca_url = args.ca_url or token.ca_url()
+            if args.root:
+                roots = [_root_for(args)]
+            elif token.root_fingerprint:
+                roots = [await fetch_root(ca_url, token.root_fingerprint)]
+            else:
+                raise ConfigError("the token has no 'sha' claim: give --root")
+            raw, sans = args.token, list(token.sans) or [token.subject]
+        else:
+            raw = await _mint(args, args.subject)
+            roots, ca_url, sans = [_root_for(args)], args.ca_url, args.san or [args.subject]
+        key = new_private_key(kind)
+        request = SignRequest(
+            build_csr(key, args.subject, sans),
+            raw,
+            _time_arg(args.not_before, "--not-before"),
+            _time_arg(args.not_after, "--not-after"),
+        )
+        async with CAClient(ca_url, roots) as ca:
+            answer = await ca.sign(request)
+        return list(answer.chain), key
+
+    chain, key = _run(go())
+    _write_atomic(key_path, _key_pem(key), private=True, force=args.force)
+    _write_atomic(crt_path, certs_to_pem(chain).encode(), private=False, force=args.force)
+    print(f"Certificate: {crt_path}")
+    print(f"Private Key: {key_path}")
+    return 0
+
+
+def _time_arg(text: str | None, flag: str) -> TimeDuration | None:
+    try:
+        return TimeDuration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    chain = _read_certs(args.crt, "certificate")
+    key = _read_key(args.key)
+    out = Path(args.out) if args.out else Path(args.crt)
+
+    async def go() -> list[x509.Certificate]:
+        async with _client(args, identity=(chain, key)) as ca:
+            return list((await ca.renew()).chain)
+
+    renewed = _run(go())
+    _write_atomic(
+        out,
+        certs_to_pem(renewed).encode(),
+        private=False,
+        force=args.force or out == Path(args.crt),
+    )
+    print(f"Your certificate has been saved in {out}.")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    serial = args.serial
+    if not serial.isdigit():
+        raise ConfigError(f"serial {serial!r} must be a decimal number, as step prints serials")
+
+    async def go() -> None:
+        request_args = {
+            "serial": serial,
+            "reason_code": args.reason_code,
+            "reason": args.reason or "",
+        }
+        if args.cert or args.key:
+            if not (args.cert and args.key):
+                raise ConfigError("--cert and --key go together")
+            identity = (_read_certs(args.cert, "certificate"), _read_key(args.key))
+            async with _client(args, identity=identity) as ca:
+                await ca.revoke(RevokeRequest(**request_args))
+            return
+        token = args.token or await _mint(args, serial, revoke=True)
+        async with _client(args) as ca:
+            await ca.revoke(RevokeRequest(**request_args, ott=token))
+
+    _run(go())
+    print(f"Certificate with serial number {serial} has been revoked.")
+    return 0
+
+
+def _bundle_command(
+    fetch: Callable[[CAClient], Coroutine[Any, Any, Sequence[x509.Certificate]]], what: str
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def go() -> Sequence[x509.Certificate]:
+            async with _client(args) as ca:
+                return await fetch(ca)
+
+        certs = _run(go())
+        pem = certs_to_pem(certs)
+        if args.out:
+            _write_atomic(Path(args.out), pem.encode(), private=False, force=args.force)
+            print(f"The {what} certificate bundle has been saved in {args.out}.")
+        else:
+            sys.stdout.write(pem)
+        return 0
+
+    return run
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    async def go() -> str:
+        async with _client(args) as ca:
+            return await ca.health()
+
+    print(_run(go()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    code: int = _run(run_demo(keep=args.keep))
+    return code
+
+
+# The parser --------------------------------------------------------------------------------
+def _ca_flags(p: argparse.ArgumentParser, *, root_required: bool = True) -> None:
+    p.add_argument("--ca-url", metavar="URL", help="the CA's URL, e.g. https://127.0.0.1:9000")
+    p.add_argument(
+        "--root",
+        metavar="ROOT.crt",
+        help="the CA's root certificate (PEM)"
+        + ("" if root_required else "; taken from the token if absent"),
+    )
+
+
+def _token_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provisioner", metavar="NAME", help="the JWK provisioner to sign with")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file with the provisioner password (else it is asked)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="federatls", description="Mutual TLS across federated CAs.")
+    parser.add_argument("--version", action="version", version=f"federatls {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    top = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ca = top.add_parser("ca", help="run and use step-ca compatible CAs")
+    verbs = ca.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    p = verbs.add_parser("init", help="create a PKI (root, intermediate, provisioner, ca.json)")
+    p.add_argument("name", help="the CA's name, e.g. cloud")
+    p.add_argument("--dir", required=True, help="directory to create (must not exist, or be empty)")
+    p.add_argument("--address", required=True, metavar="HOST:PORT", help="where the CA listens")
+    p.add_argument(
+        "--dns",
+        action="append",
+        metavar="NAME",
+        help="a DNS name or IP of the CA (repeat); default: the address's host",
+    )
+    p.add_argument(
+        "--password-file", metavar="FILE", help="file with the password that encrypts the CA keys"
+    )
+    p.add_argument(
+        "--provisioner",
+        default="admin",
+        metavar="NAME",
+        help="name of the JWK provisioner (default: admin)",
+    )
+    p.set_defaults(func=cmd_init)
+
+    p = verbs.add_parser("serve", help="run a CA from its ca.json")
+    p.add_argument("config", help="path of ca.json")
+    p.add_argument(
+        "--password-file", metavar="FILE", help="file with the password of the intermediate key"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("token", help="print a one-time token, as `step ca token`")
+    p.add_argument("subject", help="the certificate's common name (or the serial, --revoke)")
+    _ca_flags(p)
+    _token_flags(p)
+    p.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="a subject alternative name (repeat); default: the subject",
+    )
+    p.add_argument(
+        "--not-after",
+        dest="token_not_after",
+        metavar="DURATION",
+        help="how long the token is valid (10s to 1h; default 5m)",
+    )
+    p.add_argument("--offline", metavar="CA.JSON", help="mint from a ca.json without a running CA")
+    p.add_argument("--revoke", action="store_true", help="a token to revoke serial SUBJECT")
+    p.set_defaults(func=cmd_token)
+
+    p = verbs.add_parser("certificate", help="get a certificate and key, as `step ca certificate`")
+    p.add_argument("subject")
+    p.add_argument("crt", help="where to write the certificate chain")
+    p.add_argument("key", help="where to write the private key (mode 0600)")
+    p.add_argument("--token", help="a one-time token (else one is minted with the password)")
+    _ca_flags(p, root_required=False)
+    _token_flags(p)
+    p.add_argument("--san", action="append", metavar="NAME")
+    p.add_argument("--not-before", metavar="TIME|DURATION", help="certificate validity start")
+    p.add_argument("--not-after", metavar="TIME|DURATION", help="certificate validity end")
+    p.add_argument("--kty", default="P-256", help="P-256 (default), Ed25519, RSA-2048, RSA-3072")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=cmd_certificate)
+
+    p = verbs.add_parser("renew", help="renew a certificate over mTLS")
+    p.add_argument("crt")
+    p.add_argument("key")
+    _ca_flags(p)
+    p.add_argument("--out", help="write the renewed chain here instead of over CRT")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_renew)
+
+    p = verbs.add_parser("revoke", help="revoke a certificate (by token or over mTLS)")
+    p.add_argument("serial", help="the decimal serial number")
+    _ca_flags(p)
+    _token_flags(p)
+    p.add_argument("--token", help="a revoke token (else one is minted with the password)")
+    p.add_argument("--cert", help="revoke over mTLS with this certificate...")
+    p.add_argument("--key", help="...and this key")
+    p.add_argument("--reason-code", type=int, default=0, help="RFC 5280 reason code 0-10")
+    p.add_argument("--reason", help="free-text reason")
+    p.set_defaults(func=cmd_revoke)
+
+    for verb, fetch, what in (
+        ("roots", CAClient.roots_bundle, "root"),
+        ("federation", CAClient.federation, "federation"),
+    ):
+        p = verbs.add_parser(verb, help=f"save the CA's {what} bundle (PEM)")
+        p.add_argument("out", nargs="?", help="file to write (default: standard output)")
+        _ca_flags(p)
+        p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+        p.set_defaults(func=_bundle_command(fetch, what))
+
+    p = verbs.add_parser("health", help="ask the CA whether it is healthy")
+    _ca_flags(p)
+    p.set_defaults(func=cmd_health)
+
+    p = top.add_parser("demo", help="run the federation tutorial with two local CAs")
+    p.add_argument("--keep", action="store_true", help="leave the CAs running")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "ca" and args.verb == "serve" and not args.verbose:
+        logging.getLogger("federatls").setLevel(logging.INFO)
+    try:
+        code: int = args.func(args)
+    except FederatlsError as exc:
+        print(f"federatls: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("federatls: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The client of a step-ca compatible CA (the real step-ca or the federatls CA), pinned to the
+CA's roots. Bodies are built and parsed by ``_protocol``; every httpx and ssl error is
+translated here, in ``_call``, into federatls errors.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from . import __version__
+from ._errors import BadMaterialError, CARefusedError, CAUnreachableError, FingerprintMismatchError
+from ._protocol import (
+    ErrorBody,
+    HealthResponse,
+    ProvisionersResponse,
+    RekeyRequest,
+    RevokeRequest,
+    RootResponse,
+    RootsResponse,
+    SignRequest,
+    SignResponse,
+    VersionResponse,
+)
+from ._sslkeys import load_cert_chain_in_memory
+from ._x509 import certs_to_pem, fingerprint
+
+__all__ = ["CAClient", "fetch_root"]
+
+DEFAULT_TIMEOUT = 15.0
+_USER_AGENT = f"federatls/{__version__}"
+
+
+def _base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.netloc:
+        raise BadMaterialError(f"CA URL {url!r} must be an https:// URL")
+    return f"https://{parts.netloc}"
+
+
+def client_tls_context(
+    roots: Sequence[x509.Certificate],
+    identity: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None = None,
+) -> ssl.SSLContext:
+    """A client context trusting exactly ``roots``, TLS 1.2+, hostname checked, with an
+    optional client certificate (kept in memory)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=certs_to_pem(roots))
+    if identity is not None:
+        load_cert_chain_in_memory(ctx, identity[0], identity[1])
+    return ctx
+
+
+async def _call(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    json: Any = None,
+    headers: dict[str, str] | None = None,
+    expect: tuple[int, ...] = (200,),
+) -> Any:
+    """One request: the JSON answer, or a federatls error saying what went wrong."""
+    try:
+        response = await client.request(method, url, json=json, headers=headers)
+    except httpx.TimeoutException as exc:
+        raise CAUnreachableError(url, "timed out") from exc
+    except httpx.TransportError as exc:
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc.__context__, ssl.SSLError) or "CERTIFICATE" in reason.upper():
+            reason = f"TLS failure: {reason}"
+        raise CAUnreachableError(url, reason) from exc
+    if response.status_code not in expect:
+        body = ErrorBody.parse(response.status_code, response.content)
+        raise CARefusedError(
+            response.status_code, body.message, url=url, body=dict(body.extra) or None
+        )
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise BadMaterialError(f"{url}: the CA's answer is not JSON") from exc
+
+
+async def fetch_root(url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT) -> x509.Certificate:
+    """GET ``/root/{sha}`` *without* TLS verification, then require the fingerprint to match.
+
+    This is trust on first use made safe by the token: ``sha`` came from a token the user
+    trusts, so a CA that answers with any other certificate is refused
+    (``FingerprintMismatchError``) and nothing more is sent to it.
+    """
+    base = _base_url(url)
+    want = sha.lower().replace("-", "").replace(":", "")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    async with httpx.AsyncClient(
+        verify=ctx, timeout=timeout, headers={"User-Agent": _USER_AGENT}
+    ) as client:
+        data = await _call(client, "GET", f"{base}/root/{want}")
+    root = RootResponse.parse(data).certificate
+    got = fingerprint(root)
+    if got != want:
+        raise FingerprintMismatchError(want, got, base)
+    return root
+
+
+class CAClient:
+    """Talks to one CA over TLS pinned to ``roots``; ``identity`` enables mTLS (renew, rekey,
+    revoke by certificate). Use as ``async with CAClient(url, roots) as ca``."""
+
+    def __init__(
+        self,
+        url: str,
+        roots: Sequence[x509.Certificate],
+        *,
+        identity: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not roots:
+            raise BadMaterialError("a CA client needs at least one root certificate to trust")
+        self.url = _base_url(url)
+        self.roots = tuple(roots)
+        self._client = httpx.AsyncClient(
+            verify=client_tls_context(roots, identity),
+            timeout=timeout,
+            headers={"User-Agent": _USER_AGENT},
+        )
+
+    async def __aenter__(self) -> CAClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _get(self, path: str, expect: tuple[int, ...] = (200,)) -> Any:
+        return await _call(self._client, "GET", self.url + path, expect=expect)
+
+    async def _post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+        return await _call(
+            self._client, "POST", self.url + path, json=body, headers=headers, expect=(200, 201)
+        )
+
+    async def health(self) -> str:
+        return HealthResponse.parse(await self._get("/health")).status
+
+    async def version(self) -> VersionResponse:
+        return VersionResponse.parse(await self._get("/version"))
+
+    async def root(self, sha: str) -> x509.Certificate:
+        return RootResponse.parse(await self._get(f"/root/{sha}")).certificate
+
+    async def roots_bundle(self) -> tuple[x509.Certificate, ...]:
+        """``/roots``: the CA's own roots."""
+        data = await self._get("/roots", expect=(200, 201))
+        return RootsResponse.parse(data, "roots response").certificates
+
+    async def federation(self) -> tuple[x509.Certificate, ...]:
+        """``/federation``: the CA's own roots and every federated root."""
+        data = await self._get("/federation", expect=(200, 201))
+        return RootsResponse.parse(data, "federation response").certificates
+
+    async def provisioners(self) -> list[dict[str, Any]]:
+        """Every provisioner, following ``nextCursor`` through all pages."""
+        out: list[dict[str, Any]] = []
+        cursor = ""
+        for _ in range(1000):
+            page = ProvisionersResponse.parse(
+                await self._get(f"/provisioners?cursor={cursor}&limit=100")
+            )
+            out += [dict(p) for p in page.provisioners]
+            if not page.next_cursor or page.next_cursor == cursor:
+                return out
+            cursor = page.next_cursor
+        raise BadMaterialError("the CA's provisioner list does not end")
+
+    async def encrypted_key(self, kid: str) -> str:
+        data = await self._get(f"/provisioners/{kid}/encrypted-key")
+        key = data.get("key") if isinstance(data, dict) else None
+        if not isinstance(key, str):
+            raise BadMaterialError("encrypted-key response: field 'key' must be a string")
+        return key
+
+    async def sign(self, request: SignRequest) -> SignResponse:
+        return SignResponse.parse(await self._post("/sign", request.to_json()))
+
+    async def renew(self) -> SignResponse:
+        """Renew the certificate this client presents (mTLS)."""
+        return SignResponse.parse(await self._post("/renew", None))
+
+    async def renew_with_token(self, token: str) -> SignResponse:
+        """Renew with a ``Bearer`` x5cInsecure token instead of mTLS."""
+        return SignResponse.parse(
+            await self._post("/renew", None, {"Authorization": f"Bearer {token}"})
+        )
+
+    async def rekey(self, request: RekeyRequest) -> SignResponse:
+        return SignResponse.parse(await self._post("/rekey", request.to_json()))
+
+    async def revoke(self, request: RevokeRequest) -> None:
+        await self._post("/revoke", request.to_json())

@@ -1,0 +1,93 @@
+"""The one exception tree of federatls.
+
+Every error federatls raises on purpose is a ``FederatlsError``. Foreign errors (httpx, ssl,
+cryptography, joserfc) are translated where they happen, with ``raise ... from exc``, so a
+caller never needs to catch another library's exceptions.
+
+    FederatlsError
+    ├── ConfigError              a configuration file or argument is wrong
+    ├── BadMaterialError         a token, PEM, key or CA answer cannot be used
+    │   ├── TokenError           a one-time token is malformed or lacks a claim
+    │   └── FingerprintMismatchError
+    │                            the CA served a root whose SHA-256 is not the pinned one
+    ├── CARefusedError           the CA answered with an error status (status, body)
+    ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
+    └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadMaterialError",
+    "CARefusedError",
+    "CAUnreachableError",
+    "ConfigError",
+    "FederatlsError",
+    "FingerprintMismatchError",
+    "PeerNotAuthorisedError",
+    "TokenError",
+]
+
+
+class FederatlsError(Exception):
+    """Root of every error federatls raises on purpose."""
+
+
+class ConfigError(FederatlsError):
+    """A configuration file (ca.json, a password file) or an argument is wrong."""
+
+
+class BadMaterialError(FederatlsError):
+    """A token, certificate, key or CA answer is malformed or unusable."""
+
+
+class TokenError(BadMaterialError):
+    """A one-time token is malformed, or lacks a claim the operation needs."""
+
+
+class FingerprintMismatchError(BadMaterialError):
+    """The CA served a root certificate whose SHA-256 fingerprint is not the expected one.
+
+    Nothing more is sent to that CA: it is not the CA the token vouches for.
+    """
+
+    def __init__(self, expected: str, actual: str, url: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        self.url = url
+        super().__init__(
+            f"root certificate served by {url} has fingerprint {actual}, "
+            f"but {expected} was expected: refusing to talk to this CA"
+        )
+
+
+class CARefusedError(FederatlsError):
+    """The CA answered with an error status.
+
+    ``status`` is the HTTP status; ``message`` the CA's (step-ca style) error message;
+    ``body`` the decoded JSON body when there was one.
+    """
+
+    def __init__(
+        self, status: int, message: str, *, url: str, body: dict[str, Any] | None = None
+    ) -> None:
+        self.status = status
+        self.message = message
+        self.url = url
+        self.body = body
+        super().__init__(f"CA refused {url} with {status}: {message}")
+
+
+class CAUnreachableError(FederatlsError):
+    """The CA could not be reached: connection refused, TLS failure or timeout."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach the CA at {url}: {reason}")
+
+
+class PeerNotAuthorisedError(FederatlsError):
+    """A TLS peer presented a valid certificate, but an authoriser refused it."""

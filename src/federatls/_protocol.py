@@ -1,0 +1,464 @@
+"""step-ca's wire protocol (PROTOCOL.md): paths, request and response bodies, error bodies.
+
+The SDK's CA client and the federatls CA both use this module, so they cannot drift apart.
+Requests are parsed here with step-ca's own 400 messages; responses are parsed with errors
+that quote what is wrong. Not here: sockets, HTTP, the clock, any decision of the CA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ._duration import format_go_duration, parse_go_duration
+from ._errors import BadMaterialError
+from ._x509 import load_pem_certificate, load_pem_csr
+
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY_BYTES",
+    "ErrorBody",
+    "HealthResponse",
+    "ProtocolError",
+    "ProvisionerKeyResponse",
+    "ProvisionersResponse",
+    "RekeyRequest",
+    "RevokeRequest",
+    "RevokeResponse",
+    "RootResponse",
+    "RootsResponse",
+    "SignRequest",
+    "SignResponse",
+    "TimeDuration",
+    "VersionResponse",
+    "error_message",
+]
+
+API_PREFIX = "/1.0"  # every route is served at /X and at /1.0/X
+MAX_BODY_BYTES = 64 * 1024  # a CSR and a token are a few KiB; the CA refuses more
+
+# step-ca's generic messages (errs/error.go); the specific reason goes to the CA log only.
+_SEE_LOGS = "Please see the certificate authority logs for more info."
+_MESSAGES = {
+    400: "The request could not be completed; malformed or missing data. " + _SEE_LOGS,
+    401: "The request lacked necessary authorization to be completed. " + _SEE_LOGS,
+    403: "The request was forbidden by the certificate authority. " + _SEE_LOGS,
+    404: "The requested resource could not be found. " + _SEE_LOGS,
+    405: "The request method is not allowed for this resource. " + _SEE_LOGS,
+    413: f"The request body is larger than {MAX_BODY_BYTES} bytes. " + _SEE_LOGS,
+    500: "The certificate authority encountered an Internal Server Error. " + _SEE_LOGS,
+    501: "The requested method is not implemented by the certificate authority. " + _SEE_LOGS,
+}
+
+
+def error_message(status: int, reason: str | None = None) -> str:
+    """The message step-ca puts in an error body for ``status``.
+
+    400 and 403 carry the reason (``"The request could not be completed: <reason>."``);
+    every other status has a fixed text, so a reason given for them stays in the log.
+    """
+    if reason and status == 400:
+        return f"The request could not be completed: {reason}."
+    if reason and status == 403:
+        return f"The request was forbidden by the certificate authority: {reason}."
+    return _MESSAGES.get(status, _MESSAGES[500])
+
+
+class ProtocolError(BadMaterialError):
+    """A body does not follow the protocol. ``status`` is what the CA answers (400 or 501)."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        self.reason = reason
+        self.status = status
+        super().__init__(reason)
+
+
+def _json_object(body: bytes | str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("error reading request body") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError("error reading request body")
+    return data
+
+
+def _opt_str(data: Mapping[str, Any], name: str) -> str:
+    """A string field as Go decodes it: absent or null is "", any other type is an error."""
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError("error reading request body")
+    return value
+
+
+def _cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _csr_pem(csr: x509.CertificateSigningRequest) -> str:
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _request_csr(data: Mapping[str, Any]) -> x509.CertificateSigningRequest:
+    pem = _opt_str(data, "csr")
+    if pem in ("", "null"):
+        raise ProtocolError("missing csr")
+    try:
+        csr = load_pem_csr(pem)
+    except BadMaterialError as exc:
+        raise ProtocolError("error reading request body") from exc
+    if not csr.is_signature_valid:
+        raise ProtocolError("invalid csr")
+    return csr
+
+
+@dataclass(frozen=True)
+class TimeDuration:
+    """A ``notBefore``/``notAfter`` value: an absolute RFC 3339 time or a Go duration from now."""
+
+    absolute: datetime | None = None
+    relative: timedelta | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> TimeDuration | None:
+        """None for absent/empty; raises ``ValueError`` for anything else that is not valid."""
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"time or duration must be a string, got {value!r}")
+        if value[:1].isdigit() and "T" in value:
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError as exc:
+                raise ValueError(f"invalid RFC 3339 time {value!r}") from exc
+            if when.tzinfo is None:
+                raise ValueError(f"RFC 3339 time {value!r} has no time zone")
+            return cls(absolute=when)
+        return cls(relative=parse_go_duration(value))
+
+    def resolve(self, base: datetime) -> datetime:
+        """The absolute time: itself, or ``base`` plus the duration."""
+        if self.absolute is not None:
+            return self.absolute
+        return base + (self.relative or timedelta(0))
+
+    def to_json(self) -> str:
+        if self.absolute is not None:
+            return self.absolute.isoformat().replace("+00:00", "Z")
+        return format_go_duration(self.relative or timedelta(0))
+
+
+def _time_field(data: Mapping[str, Any], name: str) -> TimeDuration | None:
+    try:
+        return TimeDuration.parse(data.get(name))
+    except ValueError as exc:
+        raise ProtocolError("error reading request body") from exc
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    """``POST /sign``: a CSR, the one-time token, optional validity bounds."""
+
+    csr: x509.CertificateSigningRequest
+    ott: str
+    not_before: TimeDuration | None = None
+    not_after: TimeDuration | None = None
+    template_data: Any = None
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> SignRequest:
+        """Validate as step-ca does: 400 ``error reading request body`` / ``missing csr`` /
+        ``invalid csr`` / ``missing ott``."""
+        data = _json_object(body)
+        ott = _opt_str(data, "ott")
+        not_before = _time_field(data, "notBefore")
+        not_after = _time_field(data, "notAfter")
+        csr = _request_csr(data)
+        if not ott:
+            raise ProtocolError("missing ott")
+        return cls(csr, ott, not_before, not_after, data.get("templateData"))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"csr": _csr_pem(self.csr), "ott": self.ott}
+        if self.not_before is not None:
+            out["notBefore"] = self.not_before.to_json()
+        if self.not_after is not None:
+            out["notAfter"] = self.not_after.to_json()
+        if self.template_data is not None:
+            out["templateData"] = self.template_data
+        return out
+
+
+@dataclass(frozen=True)
+class RekeyRequest:
+    """``POST /rekey`` (mTLS): a CSR carrying the new public key."""
+
+    csr: x509.CertificateSigningRequest
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> RekeyRequest:
+        return cls(_request_csr(_json_object(body)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"csr": _csr_pem(self.csr)}
+
+
+@dataclass(frozen=True)
+class RevokeRequest:
+    """``POST /revoke``: the decimal serial, and a token unless the call is over mTLS."""
+
+    serial: str
+    ott: str = ""
+    reason_code: int = 0
+    reason: str = ""
+    passive: bool = True
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> RevokeRequest:
+        """step-ca's checks: ``missing serial``, ``reasonCode out of bounds``, and 501 for a
+        non-passive revocation."""
+        data = _json_object(body)
+        serial = _opt_str(data, "serial")
+        ott = _opt_str(data, "ott")
+        reason = _opt_str(data, "reason")
+        code = data.get("reasonCode", 0)
+        if code is None:
+            code = 0
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise ProtocolError("error reading request body")
+        passive = data.get("passive", False)
+        if passive is None:
+            passive = False
+        if not isinstance(passive, bool):
+            raise ProtocolError("error reading request body")
+        if not serial:
+            raise ProtocolError("missing serial")
+        if not 0 <= code <= 10:
+            raise ProtocolError("reasonCode out of bounds")
+        if not passive:
+            raise ProtocolError("non-passive revocation not implemented", status=501)
+        return cls(serial, ott, code, reason, passive)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "serial": self.serial,
+            "reasonCode": self.reason_code,
+            "reason": self.reason,
+            "passive": self.passive,
+        }
+        if self.ott:
+            out["ott"] = self.ott
+        return out
+
+
+def _answer_object(data: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise BadMaterialError(f"{what}: the CA's answer is not a JSON object")
+    return data
+
+
+def _answer_certs(data: Mapping[str, Any], name: str, what: str) -> list[x509.Certificate]:
+    items = data.get(name)
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise BadMaterialError(f"{what}: field {name!r} must be a list of PEM certificates")
+    return [load_pem_certificate(pem, f"{what}: {name}[{i}]") for i, pem in enumerate(items)]
+
+
+@dataclass(frozen=True)
+class SignResponse:
+    """The answer of ``/sign``, ``/renew`` and ``/rekey`` (201).
+
+    ``chain`` is leaf first then intermediates (step's ``certChain``), never the root.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    tls_options: Mapping[str, Any] | None = None
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def to_json(self) -> dict[str, Any]:
+        pems = [_cert_pem(c) for c in self.chain]
+        out: dict[str, Any] = {
+            "crt": pems[0],
+            "ca": pems[1] if len(pems) > 1 else None,
+            "certChain": pems,
+        }
+        if self.tls_options is not None:
+            out["tlsOptions"] = dict(self.tls_options)
+        return out
+
+    @classmethod
+    def parse(cls, data: object) -> SignResponse:
+        what = "sign response"
+        obj = _answer_object(data, what)
+        crt = obj.get("crt")
+        if not isinstance(crt, str):
+            raise BadMaterialError(f"{what}: field 'crt' must be a PEM certificate")
+        leaf = load_pem_certificate(crt, f"{what}: crt")
+        if "certChain" in obj and obj["certChain"] is not None:
+            chain = _answer_certs(obj, "certChain", what)
+            if not chain or chain[0] != leaf:
+                raise BadMaterialError(f"{what}: certChain does not start with crt")
+        else:  # step-ca before 0.15 sent only crt and ca
+            ca = obj.get("ca")
+            chain = [leaf] + (
+                [load_pem_certificate(ca, f"{what}: ca")] if isinstance(ca, str) else []
+            )
+        opts = obj.get("tlsOptions")
+        return cls(tuple(chain), opts if isinstance(opts, Mapping) else None)
+
+
+@dataclass(frozen=True)
+class RootsResponse:
+    """``/roots`` (own roots) and ``/federation`` (own roots + federated roots): 201."""
+
+    certificates: tuple[x509.Certificate, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"crts": [_cert_pem(c) for c in self.certificates]}
+
+    @classmethod
+    def parse(cls, data: object, what: str = "roots response") -> RootsResponse:
+        certs = _answer_certs(_answer_object(data, what), "crts", what)
+        if not certs:
+            raise BadMaterialError(f"{what}: the CA sent no certificate")
+        return cls(tuple(certs))
+
+
+@dataclass(frozen=True)
+class RootResponse:
+    """``/root/{sha}``: one root certificate."""
+
+    certificate: x509.Certificate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ca": _cert_pem(self.certificate)}
+
+    @classmethod
+    def parse(cls, data: object) -> RootResponse:
+        obj = _answer_object(data, "root response")
+        pem = obj.get("ca")
+        if not isinstance(pem, str):
+            raise BadMaterialError("root response: field 'ca' must be a PEM certificate")
+        return cls(load_pem_certificate(pem, "root response: ca"))
+
+
+@dataclass(frozen=True)
+class VersionResponse:
+    version: str
+    require_client_authentication: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version}
+        if self.require_client_authentication:  # omitempty, as step-ca
+            out["requireClientAuthentication"] = True
+        return out
+
+    @classmethod
+    def parse(cls, data: object) -> VersionResponse:
+        obj = _answer_object(data, "version response")
+        version = obj.get("version")
+        if not isinstance(version, str):
+            raise BadMaterialError("version response: field 'version' must be a string")
+        return cls(version, obj.get("requireClientAuthentication") is True)
+
+
+@dataclass(frozen=True)
+class HealthResponse:
+    status: str = "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status}
+
+    @classmethod
+    def parse(cls, data: object) -> HealthResponse:
+        status = _answer_object(data, "health response").get("status")
+        if not isinstance(status, str):
+            raise BadMaterialError("health response: field 'status' must be a string")
+        return cls(status)
+
+
+@dataclass(frozen=True)
+class RevokeResponse:
+    status: str = "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status}
+
+
+@dataclass(frozen=True)
+class ProvisionersResponse:
+    """``/provisioners``: one page of provisioners (as in ca.json) and the next cursor."""
+
+    provisioners: tuple[Mapping[str, Any], ...]
+    next_cursor: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provisioners": [dict(p) for p in self.provisioners],
+            "nextCursor": self.next_cursor,
+        }
+
+    @classmethod
+    def parse(cls, data: object) -> ProvisionersResponse:
+        obj = _answer_object(data, "provisioners response")
+        items = obj.get("provisioners")
+        if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
+            raise BadMaterialError(
+                "provisioners response: 'provisioners' must be a list of objects"
+            )
+        cursor = obj.get("nextCursor") or ""
+        if not isinstance(cursor, str):
+            raise BadMaterialError("provisioners response: 'nextCursor' must be a string")
+        return cls(tuple(items), cursor)
+
+
+@dataclass(frozen=True)
+class ProvisionerKeyResponse:
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """step-ca's error body ``{"status": N, "message": "..."}``."""
+
+    status: int
+    message: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_status(cls, status: int, reason: str | None = None) -> ErrorBody:
+        return cls(status, error_message(status, reason))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message}
+
+    @classmethod
+    def parse(cls, status: int, body: bytes) -> ErrorBody:
+        """Tolerant: a CA (or a proxy) may answer an error with anything at all."""
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            text = body[:200].decode("utf-8", "replace").strip()
+            return cls(status, text or f"HTTP {status} with an empty body")
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return cls(status, data["message"], data)
+        return cls(status, json.dumps(data)[:200])
+
+
+def certificates_to_pem_list(certs: Sequence[x509.Certificate]) -> list[str]:
+    """PEM strings of certificates, as the ``crts`` field carries them."""
+    return [_cert_pem(c) for c in certs]

@@ -1,0 +1,161 @@
+"""X.509 helpers shared by the SDK and the CA: PEM parsing with clear errors, fingerprints,
+subject alternative names split the way step-ca splits them. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ._errors import BadMaterialError
+
+__all__ = [
+    "SANs",
+    "cert_sans",
+    "certs_to_pem",
+    "fingerprint",
+    "load_pem_certificate",
+    "load_pem_certificates",
+    "load_pem_csr",
+    "split_sans",
+]
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+# A URI SAN needs a scheme (Go's url.Parse rule): a letter, then letters, digits, + - .
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """The lower-case hex SHA-256 of the certificate's DER: step's root fingerprint."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _as_bytes(data: str | bytes) -> bytes:
+    return data.encode("utf-8", "replace") if isinstance(data, str) else data
+
+
+def load_pem_certificates(
+    data: str | bytes, what: str = "certificate bundle"
+) -> list[x509.Certificate]:
+    """Every certificate in a PEM text; ``BadMaterialError`` if there is none or one is bad."""
+    raw = _as_bytes(data)
+    blocks = _PEM_CERT.findall(raw)
+    if not blocks:
+        raise BadMaterialError(f"{what}: no PEM CERTIFICATE block found")
+    certs = []
+    for i, block in enumerate(blocks):
+        try:
+            certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            raise BadMaterialError(f"{what}: certificate #{i + 1} is not valid: {exc}") from exc
+    return certs
+
+
+def load_pem_certificate(data: str | bytes, what: str = "certificate") -> x509.Certificate:
+    """The first certificate of a PEM text (``BadMaterialError`` if there is none)."""
+    return load_pem_certificates(data, what)[0]
+
+
+def load_pem_csr(data: str | bytes) -> x509.CertificateSigningRequest:
+    """A PEM CERTIFICATE REQUEST; raises ``BadMaterialError`` if absent or malformed."""
+    raw = _as_bytes(data)
+    if b"-----BEGIN CERTIFICATE REQUEST-----" not in raw:
+        raise BadMaterialError("csr: no PEM CERTIFICATE REQUEST block found")
+    try:
+        return x509.load_pem_x509_csr(raw)
+    except ValueError as exc:
+        raise BadMaterialError(f"csr: not a valid certificate request: {exc}") from exc
+
+
+def certs_to_pem(certs: Iterable[x509.Certificate]) -> str:
+    """Concatenated PEM of the certificates, in order."""
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
+
+
+@dataclass(frozen=True)
+class SANs:
+    """Subject alternative names by type, in the order they were given."""
+
+    dns: tuple[str, ...] = ()
+    ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    emails: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+
+    def general_names(self) -> list[x509.GeneralName]:
+        """The names as ``x509.GeneralName`` values, DNS, IP, email, URI in that order."""
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in self.dns]
+        names += [x509.IPAddress(ip) for ip in self.ips]
+        names += [x509.RFC822Name(e) for e in self.emails]
+        names += [x509.UniformResourceIdentifier(u) for u in self.uris]
+        return names
+
+    def as_strings(self) -> list[str]:
+        """Every name as a plain string, DNS, IP, email, URI in that order."""
+        return [*self.dns, *(str(ip) for ip in self.ips), *self.emails, *self.uris]
+
+    def __bool__(self) -> bool:
+        return bool(self.dns or self.ips or self.emails or self.uris)
+
+
+def split_sans(sans: Sequence[str]) -> SANs:
+    """Split strings into DNS names, IPs, emails and URIs as step-ca does.
+
+    An IP literal is an IP; anything with a URI scheme is a URI; anything with ``@`` is an
+    email; the rest are DNS names. (Same rule as step's ``x509util.SplitSANs``.)
+    """
+    dns: list[str] = []
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    emails: list[str] = []
+    uris: list[str] = []
+    for san in sans:
+        try:
+            ips.append(ipaddress.ip_address(san))
+            continue
+        except ValueError:
+            pass
+        if _SCHEME.match(san):
+            uris.append(san)
+        elif "@" in san:
+            emails.append(san)
+        else:
+            dns.append(san)
+    return SANs(tuple(dns), tuple(ips), tuple(emails), tuple(uris))
+
+
+def _sans_from_extension(ext: x509.SubjectAlternativeName) -> SANs:
+    return SANs(
+        dns=tuple(ext.get_values_for_type(x509.DNSName)),
+        ips=tuple(
+            ip
+            for ip in ext.get_values_for_type(x509.IPAddress)
+            if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)
+        ),
+        emails=tuple(ext.get_values_for_type(x509.RFC822Name)),
+        uris=tuple(ext.get_values_for_type(x509.UniformResourceIdentifier)),
+    )
+
+
+def cert_sans(obj: x509.Certificate | x509.CertificateSigningRequest) -> SANs:
+    """The subject alternative names of a certificate or CSR (empty if it has none)."""
+    try:
+        ext = obj.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return SANs()
+    return _sans_from_extension(ext.value)
+
+
+def common_name(name: x509.Name) -> str:
+    """The first CN of a name, or ``""``."""
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not attrs:
+        return ""
+    value = attrs[0].value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -1,0 +1,38 @@
+"""federatls.ca: an online CA that speaks step-ca's wire protocol, with ``federatedRoots``.
+
+``init_pki`` writes a PKI and a ca.json that the real step-ca also runs; ``CAServer`` serves
+it. The server needs the ``ca`` extra (aiohttp); it is imported only when used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._config import CAConfig, DurationClaims, JWKProvisioner
+from ._pki import InitResult, init_pki
+from ._store import IssuedCertificate, Revocation, SQLiteStore, Store
+
+if TYPE_CHECKING:
+    from ._server import CAServer, serve
+
+__all__ = [
+    "CAConfig",
+    "CAServer",
+    "DurationClaims",
+    "InitResult",
+    "IssuedCertificate",
+    "JWKProvisioner",
+    "Revocation",
+    "SQLiteStore",
+    "Store",
+    "init_pki",
+    "serve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CAServer", "serve"):
+        from . import _server
+
+        return getattr(_server, name)
+    raise AttributeError(f"module 'federatls.ca' has no attribute {name!r}")

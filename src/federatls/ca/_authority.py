@@ -1,0 +1,497 @@
+"""The CA's decisions: which token, CSR, renewal or revocation to accept, in step-ca's order
+and with step-ca's answers (PROTOCOL.md §3-5), plus what federatls checks better:
+
+* a token's signature is verified *before* its ``jti`` is burnt, so nobody can burn other
+  people's tokens with forged ones;
+* a token must carry ``exp``; a revoke token's ``sub`` must be the serial it revokes;
+* only certificates this CA issued can be revoked.
+
+Every refusal is a ``Refusal`` carrying the status, the specific reason (for the log) and, for
+400/403, the reason step-ca also puts in the body. No HTTP, no sockets here; the time is
+passed in. State goes through the ``Store``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .. import __version__
+from .._duration import format_go_duration
+from .._errors import TokenError
+from .._protocol import ErrorBody, RevokeRequest, SignRequest, TimeDuration
+from .._token import RENEW_TOKEN_ISSUER, Token
+from .._x509 import SANs, cert_sans, common_name, split_sans
+from ._config import CAConfig, DurationClaims, JWKProvisioner
+from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
+from ._material import CAMaterial
+from ._store import IssuedCertificate, Revocation, Store
+
+__all__ = ["Authority", "Refusal"]
+
+LEGACY_AUDIENCE = "step-certificate-authority"
+MIN_RSA_BITS = 2048
+_DEFAULT_PAGE, _MAX_PAGE = 20, 100
+
+TokenKind = Literal["sign", "revoke"]
+
+
+class Refusal(Exception):
+    """A request the CA refuses: ``status``, the specific ``reason`` for the log."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status}: {reason}")
+
+    @property
+    def body(self) -> ErrorBody:
+        """step-ca's body: 400 and 403 say why; every other status says "see the logs"."""
+        return ErrorBody.for_status(self.status, self.reason)
+
+
+def _unauthorized(reason: str) -> Refusal:
+    return Refusal(401, reason)
+
+
+def _strip_port(url: str) -> tuple[str, str, str] | str:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return url
+    if not parts.scheme or host is None:
+        return url
+    return (parts.scheme, host, parts.path)
+
+
+def _audience_matches(token_aud: Sequence[str], accepted: Sequence[str]) -> bool:
+    """step-ca's rule: equal, or equal once ports are removed."""
+    stripped = {_strip_port(a) for a in accepted}
+    return any(a in accepted or _strip_port(a) in stripped for a in token_aud)
+
+
+def _go_list(items: Sequence[object]) -> str:
+    return "[" + " ".join(str(i) for i in items) + "]"
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return str(cert.serial_number)
+
+
+@dataclass(frozen=True)
+class _Audiences:
+    sign: tuple[str, ...]
+    revoke: tuple[str, ...]
+    renew: tuple[str, ...]
+
+    @classmethod
+    def for_hosts(cls, hosts: Sequence[str]) -> _Audiences:
+        sign, revoke, renew = [LEGACY_AUDIENCE], [LEGACY_AUDIENCE], []
+        for h in hosts:
+            sign += [
+                f"https://{h}/1.0/sign",
+                f"https://{h}/sign",
+                f"https://{h}/1.0/ssh/sign",
+                f"https://{h}/ssh/sign",
+            ]
+            revoke += [f"https://{h}/1.0/revoke", f"https://{h}/revoke"]
+            renew += [f"https://{h}/1.0/renew", f"https://{h}/renew"]
+        return cls(tuple(sign), tuple(revoke), tuple(renew))
+
+
+class Authority:
+    """One CA's policy over its material, configuration and store."""
+
+    def __init__(
+        self, config: CAConfig, material: CAMaterial, store: Store, *, started_at: datetime
+    ) -> None:
+        self.config = config
+        self.material = material
+        self.store = store
+        # step-ca truncates its start time to the second before comparing token `iat`s.
+        self.started_at = started_at.replace(microsecond=0)
+        self._by_id = {p.id: p for p in config.provisioners}
+        self._by_kid = {p.key.kid: p for p in config.provisioners}
+        self._audiences = _Audiences.for_hosts(config.audience_hosts)
+
+    # Read-only answers ---------------------------------------------------------------------
+    def version(self) -> str:
+        return f"federatls/{__version__}"
+
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        return self.material.roots
+
+    def federation(self) -> tuple[x509.Certificate, ...]:
+        return self.material.federation()
+
+    def root(self, sha: str) -> x509.Certificate:
+        cert = self.material.root_by_fingerprint(sha.lower().replace("-", ""))
+        if cert is None:
+            raise Refusal(404, f"certificate with fingerprint {sha} was not found")
+        return cert
+
+    def provisioners(self, cursor: str, limit_text: str) -> tuple[list[JWKProvisioner], str]:
+        """A page of provisioners; the cursor is the index of the first one, as text."""
+        limit = _DEFAULT_PAGE
+        if limit_text:
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                raise Refusal(400, f"limit '{limit_text}' is not an integer") from None
+            limit = _DEFAULT_PAGE if limit <= 0 else min(limit, _MAX_PAGE)
+        start = int(cursor) if cursor.isdigit() else 0
+        items = list(self.config.provisioners)
+        page = items[start : start + limit]
+        following = start + limit
+        return page, (str(following) if following < len(items) else "")
+
+    def encrypted_key(self, kid: str) -> str:
+        prov = self._by_kid.get(kid)
+        if prov is None or not prov.encrypted_key:
+            raise Refusal(404, f"encrypted key with kid {kid} was not found")
+        return prov.encrypted_key
+
+    def chain_of(self, leaf: x509.Certificate) -> list[x509.Certificate]:
+        return [leaf, *self.material.intermediates]
+
+    # Tokens --------------------------------------------------------------------------------
+    def authorize_token(
+        self, raw: str, kind: TokenKind, now: datetime
+    ) -> tuple[JWKProvisioner, Token]:
+        """Validate a one-time token and burn its id. Order: parse, ``iat`` against the CA's
+        start, audience and provisioner, **signature**, times, subject, then the replay mark."""
+        try:
+            token = Token.parse(raw)
+        except TokenError as exc:
+            raise _unauthorized(f"error parsing token: {exc}") from exc
+        iat = token.issued_at
+        if (
+            not self.config.disable_issued_at_check
+            and iat is not None
+            and iat < self.started_at.timestamp()
+        ):
+            raise _unauthorized("token issued before the bootstrap of certificate authority")
+        every = (*self._audiences.sign, *self._audiences.revoke)
+        prov = self._by_id.get(f"{token.issuer}:{token.kid}")
+        if not _audience_matches(token.audience, every) or prov is None:
+            raise _unauthorized(
+                f"provisioner not found or invalid audience ({', '.join(token.audience)})"
+            )
+        try:
+            token.verify(prov.key)
+        except TokenError as exc:
+            raise _unauthorized(f"error parsing jwk claims: {exc}") from exc
+        try:
+            token.check_times(now)
+        except TokenError as exc:
+            raise _unauthorized(f"invalid jwk claims: {exc}") from exc
+        wanted = self._audiences.sign if kind == "sign" else self._audiences.revoke
+        if not _audience_matches(token.audience, wanted):
+            raise _unauthorized(
+                f"invalid jwk token audience claim (aud); want {_go_list(wanted)}, "
+                f"but got {_go_list(token.audience)}"
+            )
+        if not token.subject:
+            raise _unauthorized("jwk token subject cannot be empty")
+        self._burn(raw, token, prov.id, now)
+        return prov, token
+
+    def _burn(self, raw: str, token: Token, provisioner: str, now: datetime) -> None:
+        token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
+        expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
+        if not self.store.use_token(token_id, provisioner, expires, now):
+            raise _unauthorized("token already used")
+
+    # Sign ----------------------------------------------------------------------------------
+    def sign(self, request: SignRequest, now: datetime) -> list[x509.Certificate]:
+        """Issue a certificate for a CSR and a one-time token."""
+        prov, token = self.authorize_token(request.ott, "sign", now)
+        subject = token.subject
+        sans = split_sans(list(token.sans) or [subject])
+        csr = request.csr
+        cn = common_name(csr.subject)
+        if cn and cn != subject:
+            raise Refusal(
+                403,
+                "certificate request does not contain the valid common name"
+                f" - got {cn}, want {subject}",
+            )
+        public_key = _checked_public_key(csr.public_key())
+        _check_csr_sans(cert_sans(csr), sans)
+        not_before, not_after = self._validity(
+            request.not_before, request.not_after, prov.claims, now
+        )
+        leaf = issue_leaf(
+            self.material,
+            public_key=public_key,
+            common_name=subject,
+            sans=sans,
+            not_before=not_before,
+            not_after=not_after,
+            provisioner=ProvisionerRef(prov.name, prov.key.kid),
+        )
+        self._record(leaf, prov.id, sans.as_strings())
+        return self.chain_of(leaf)
+
+    def _validity(
+        self,
+        req_nb: TimeDuration | None,
+        req_na: TimeDuration | None,
+        claims: DurationClaims,
+        now: datetime,
+    ) -> tuple[datetime, datetime]:
+        backdate = self.config.backdate
+        if req_nb is None:
+            base, shift = now, backdate
+        else:
+            base, shift = req_nb.resolve(now), timedelta(0)
+        not_after = req_na.resolve(base) if req_na is not None else base + claims.default_tls
+        not_before = base - shift
+        na, nb = _trunc(not_after), _trunc(not_before)
+        if na < _trunc(now):
+            raise Refusal(400, f"notAfter cannot be in the past; na={_go_time(na)}")
+        if na < nb:
+            raise Refusal(
+                400, f"notAfter cannot be before notBefore; na={_go_time(na)}, nb={_go_time(nb)}"
+            )
+        span = na - nb
+        if span < claims.min_tls:
+            raise Refusal(
+                403,
+                f"requested duration of {format_go_duration(span)} is less than "
+                "the authorized minimum certificate duration of "
+                f"{format_go_duration(claims.min_tls)}",
+            )
+        if span > claims.max_tls + backdate:
+            raise Refusal(
+                403,
+                f"requested duration of {format_go_duration(span)} is more than "
+                "the authorized maximum certificate duration of "
+                f"{format_go_duration(claims.max_tls + backdate)}",
+            )
+        if not_after > self.material.issuer.not_valid_after_utc:
+            raise Refusal(403, "requested notAfter is after the intermediate certificate expires")
+        return not_before, not_after
+
+    def _record(
+        self,
+        leaf: x509.Certificate,
+        provisioner: str,
+        sans: Sequence[str],
+        renewed_from: str | None = None,
+    ) -> None:
+        self.store.add_certificate(
+            IssuedCertificate(
+                serial=_serial(leaf),
+                subject=common_name(leaf.subject),
+                sans=tuple(sans),
+                not_before=leaf.not_valid_before_utc,
+                not_after=leaf.not_valid_after_utc,
+                provisioner=provisioner,
+                der=leaf.public_bytes(Encoding.DER),
+                renewed_from=renewed_from,
+            )
+        )
+
+    # Renew and rekey -----------------------------------------------------------------------
+    def _authorize_renew(self, cert: x509.Certificate, now: datetime) -> str:
+        serial = _serial(cert)
+        if self.store.is_revoked(serial):
+            raise _unauthorized("certificate has been revoked")
+        ref = read_provisioner_extension(cert)
+        claims = DurationClaims()
+        prov_id = ""
+        if ref is not None:
+            prov = self._by_id.get(ref.id)
+            if prov is None:
+                raise _unauthorized(f"provisioner not found ({ref.id})")
+            claims, prov_id = prov.claims, prov.id
+            if claims.disable_renewal:
+                raise _unauthorized(f"renew is disabled for provisioner '{prov.name}'")
+        if _trunc(now) < cert.not_valid_before_utc:
+            raise _unauthorized("certificate is not yet valid")
+        if now > cert.not_valid_after_utc and not claims.allow_renewal_after_expiry:
+            raise _unauthorized("certificate has expired")
+        return prov_id
+
+    def renew(
+        self,
+        peer: x509.Certificate,
+        now: datetime,
+        public_key: CertificateIssuerPublicKeyTypes | None = None,
+    ) -> list[x509.Certificate]:
+        """Renew (or rekey, given a new public key) a certificate presented by its holder."""
+        prov_id = self._authorize_renew(peer, now)
+        if public_key is not None:
+            public_key = _checked_public_key(public_key)
+        leaf = renew_leaf(
+            self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
+        )
+        self._record(leaf, prov_id, cert_sans(leaf).as_strings(), renewed_from=_serial(peer))
+        return self.chain_of(leaf)
+
+    def authorize_renew_token(self, raw: str, now: datetime) -> x509.Certificate:
+        """The certificate a ``Bearer`` renew token (``x5cInsecure`` header) stands for.
+
+        The chain must lead to one of this CA's roots (validity periods are not checked here:
+        the renewal rules decide about expiry); the token must be signed by the leaf's key.
+        """
+        try:
+            token = Token.parse(raw)
+            chain_b64 = token.header.get("x5cInsecure")
+            if not isinstance(chain_b64, list) or not chain_b64:
+                raise TokenError("renew token has no x5cInsecure header")
+            chain = [
+                x509.load_der_x509_certificate(base64.b64decode(c, validate=True))
+                for c in chain_b64
+            ]
+        except (TokenError, ValueError, TypeError) as exc:
+            raise _unauthorized(f"error validating renew token: {exc}") from exc
+        if not self._chains_to_root(chain):
+            raise _unauthorized(
+                "error validating renew token: x5cInsecure chain does not lead to a root of this CA"
+            )
+        leaf = chain[0]
+        try:
+            token.verify_with_certificate(leaf)
+        except TokenError as exc:
+            raise _unauthorized(f"error validating renew token: {exc}") from exc
+        ref = read_provisioner_extension(leaf)
+        prov = self._by_id.get(ref.id) if ref is not None else None
+        if prov is None:
+            raise _unauthorized(
+                "error validating renew token: cannot get provisioner from certificate"
+            )
+        try:
+            token.check_times(now)
+        except TokenError as exc:
+            raise _unauthorized(f"error validating renew token: {exc}") from exc
+        if token.subject != common_name(leaf.subject):
+            raise _unauthorized("error validating renew token: invalid subject claim (sub)")
+        if not _audience_matches(token.audience, self._audiences.renew):
+            raise _unauthorized("error validating renew token: invalid audience claim (aud)")
+        if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
+            raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
+        self._burn(raw, token, prov.id, now)
+        return leaf
+
+    def _chains_to_root(self, chain: Sequence[x509.Certificate]) -> bool:
+        pool = [*chain[1:], *self.material.intermediates]
+        cert = chain[0]
+        for _ in range(len(pool) + 1):
+            for root in self.material.roots:
+                if _issued_by(cert, root):
+                    return True
+            parent = next((c for c in pool if _is_ca(c) and _issued_by(cert, c)), None)
+            if parent is None:
+                return False
+            cert = parent
+        return False
+
+    # Revoke --------------------------------------------------------------------------------
+    def revoke(self, request: RevokeRequest, peer: x509.Certificate | None, now: datetime) -> None:
+        """Passively revoke a certificate this CA issued, by token or by its holder over mTLS."""
+        provisioner, token_id, mtls = "", "", False
+        if request.ott:
+            prov, token = self.authorize_token(request.ott, "revoke", now)
+            if token.subject != request.serial:
+                raise _unauthorized(
+                    f"revoke token is for serial {token.subject}, not {request.serial}"
+                )
+            provisioner, token_id = prov.id, token.token_id
+        elif peer is None:
+            raise Refusal(400, "missing ott or client certificate")
+        else:
+            if _serial(peer) != request.serial:
+                raise Refusal(400, "serial number in client certificate different than body")
+            ref = read_provisioner_extension(peer)
+            provisioner, mtls = (ref.id if ref else ""), True
+        if self.store.get_certificate(request.serial) is None:
+            raise Refusal(
+                403,
+                f"certificate with serial number '{request.serial}' was not "
+                "issued by this certificate authority",
+            )
+        revoked = self.store.revoke(
+            Revocation(
+                serial=request.serial,
+                reason_code=request.reason_code,
+                reason=request.reason,
+                revoked_at=now,
+                provisioner=provisioner,
+                token_id=token_id,
+                mtls=mtls,
+            )
+        )
+        if not revoked:
+            raise Refusal(
+                400, f"certificate with serial number '{request.serial}' is already revoked"
+            )
+
+
+# Helpers ------------------------------------------------------------------------------------
+def _trunc(dt: datetime) -> datetime:
+    return dt.replace(microsecond=0)
+
+
+def _go_time(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
+def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise Refusal(
+                403,
+                f"certificate request RSA key must be at least {MIN_RSA_BITS} "
+                f"bits ({MIN_RSA_BITS // 8} bytes)",
+            )
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        return key
+    raise Refusal(400, f"certificate request key of type '{type(key).__name__}' is not supported")
+
+
+def _check_csr_sans(csr: SANs, token: SANs) -> None:
+    """step-ca's per-type rule: a type absent from the CSR passes; a type present must equal
+    the token's set of that type."""
+    checks: list[tuple[str, Sequence[object], Sequence[object]]] = [
+        ("DNS names", csr.dns, token.dns),
+        ("email addresses", csr.emails, token.emails),
+        ("IP addresses", csr.ips, token.ips),
+        ("URIs", csr.uris, token.uris),
+    ]
+    for label, got, want in checks:
+        if got and {str(g) for g in got} != {str(w) for w in want}:
+            raise Refusal(
+                403,
+                f"certificate request does not contain the valid {label} - "
+                f"got {_go_list(got)}, want {_go_list(want)}",
+            )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

@@ -1,0 +1,351 @@
+"""ca.json in step-ca's format (PROTOCOL.md §1): load and validate it, or build one for
+``federatls ca init``. Only parsing and validation of the file's text lives here; reading the
+certificates and keys it names is ``_keys.py``'s work.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .._duration import parse_go_duration
+from .._errors import BadMaterialError, ConfigError
+from .._jwk import PublicJWK
+
+__all__ = ["CAConfig", "DurationClaims", "JWKProvisioner", "split_address"]
+
+log = logging.getLogger("federatls.ca")
+
+# step-ca's TLS defaults (authority/config/tls_options.go), sent as `tlsOptions`.
+DEFAULT_TLS_OPTIONS: Mapping[str, Any] = {
+    "cipherSuites": [
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ],
+    "minVersion": 1.2,
+    "maxVersion": 1.3,
+    "renegotiation": False,
+}
+_KNOWN_KEYS = frozenset(
+    {
+        "root",
+        "federatedRoots",
+        "crt",
+        "key",
+        "address",
+        "insecureAddress",
+        "dnsNames",
+        "kms",
+        "ssh",
+        "logger",
+        "db",
+        "monitoring",
+        "authority",
+        "tls",
+        "password",
+        "templates",
+        "commonName",
+    }
+)
+_CLAIM_DURATIONS = {
+    "minTLSCertDuration": "min_tls",
+    "maxTLSCertDuration": "max_tls",
+    "defaultTLSCertDuration": "default_tls",
+}
+_CLAIM_FLAGS = {
+    "disableRenewal": "disable_renewal",
+    "allowRenewalAfterExpiry": "allow_renewal_after_expiry",
+}
+
+
+@dataclass(frozen=True)
+class DurationClaims:
+    """Certificate lifetime and renewal rules (step's provisioner ``claims``)."""
+
+    min_tls: timedelta = timedelta(minutes=5)
+    max_tls: timedelta = timedelta(hours=24)
+    default_tls: timedelta = timedelta(hours=24)
+    disable_renewal: bool = False
+    allow_renewal_after_expiry: bool = False
+
+    def merged(self, data: object, what: str) -> DurationClaims:
+        """These claims overridden by the fields set in a ``claims`` object.
+
+        As step-ca's ``Claimer``: when only ``defaultTLSCertDuration`` is set and lies outside
+        the inherited bounds, the missing bound follows it. Raises ``ConfigError``.
+        """
+        if data is None:
+            return self
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{what}: 'claims' must be an object")
+        changes: dict[str, Any] = {}
+        for key, attr in _CLAIM_DURATIONS.items():
+            if data.get(key) is not None:
+                changes[attr] = _duration(data[key], f"{what}.claims.{key}")
+        for key, attr in _CLAIM_FLAGS.items():
+            if data.get(key) is not None:
+                if not isinstance(data[key], bool):
+                    raise ConfigError(f"{what}.claims.{key} must be true or false")
+                changes[attr] = data[key]
+        out = replace(self, **changes)
+        default = changes.get("default_tls")
+        if default is not None and "min_tls" not in changes and default < self.min_tls:
+            out = replace(out, min_tls=default)
+        if default is not None and "max_tls" not in changes and default > self.max_tls:
+            out = replace(out, max_tls=default)
+        out._validate(what)
+        return out
+
+    def _validate(self, what: str) -> None:
+        zero = timedelta(0)
+        if self.min_tls <= zero or self.max_tls <= zero or self.default_tls <= zero:
+            raise ConfigError(f"{what}: certificate durations must be greater than 0")
+        if self.max_tls < self.min_tls:
+            raise ConfigError(f"{what}: maxTLSCertDuration is less than minTLSCertDuration")
+        if not self.min_tls <= self.default_tls <= self.max_tls:
+            raise ConfigError(
+                f"{what}: defaultTLSCertDuration must lie between the minimum and the maximum"
+            )
+
+
+def _duration(value: object, what: str) -> timedelta:
+    if not isinstance(value, str):
+        raise ConfigError(f'{what} must be a duration string such as "24h", not {value!r}')
+    try:
+        return parse_go_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class JWKProvisioner:
+    """A JWK provisioner: its name, public key, password-protected private key and claims."""
+
+    name: str
+    key: PublicJWK
+    encrypted_key: str
+    claims: DurationClaims
+    raw: Mapping[str, Any]  # as in ca.json: what /provisioners serves
+
+    @property
+    def id(self) -> str:
+        """step's provisioner id for tokens: ``<name>:<kid>``."""
+        return f"{self.name}:{self.key.kid}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port; ``ConfigError`` if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"address {address!r} must be HOST:PORT, for example 127.0.0.1:9000")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """A parsed, validated ca.json. Paths are as written (relative ones are taken from the
+    working directory, as step-ca does)."""
+
+    path: Path
+    roots: tuple[Path, ...]
+    federated_roots: tuple[Path, ...]
+    crt: Path
+    key: Path
+    address: str
+    dns_names: tuple[str, ...]
+    provisioners: tuple[JWKProvisioner, ...]
+    backdate: timedelta
+    disable_issued_at_check: bool
+    tls_options: Mapping[str, Any]
+    raw: Mapping[str, Any]
+
+    @property
+    def store_path(self) -> Path:
+        """federatls keeps its state in one SQLite file beside ca.json."""
+        return self.path.parent / "federatls.db"
+
+    @classmethod
+    def load(cls, path: Path | str) -> CAConfig:
+        """Read and validate a ca.json; ``ConfigError`` names the file and the field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read CA configuration {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> CAConfig:
+        where = str(path)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: the configuration must be a JSON object")
+        unknown = sorted(set(data) - _KNOWN_KEYS)
+        if unknown:
+            log.warning("%s: ignoring unknown fields %s (step-ca ignores them too)", where, unknown)
+        if data.get("kms") or data.get("ssh"):
+            raise ConfigError(f"{where}: 'kms' and 'ssh' are not supported by the federatls CA")
+        roots = _paths(data.get("root"), f"{where}: root", allow_single=True)
+        if not roots:
+            raise ConfigError(f"{where}: 'root' must name at least one root certificate")
+        federated = _paths(data.get("federatedRoots"), f"{where}: federatedRoots")
+        crt = _path(data.get("crt"), f"{where}: crt")
+        key = _path(data.get("key"), f"{where}: key")
+        address = data.get("address")
+        if not isinstance(address, str):
+            raise ConfigError(f"{where}: 'address' must be a string such as \"127.0.0.1:9000\"")
+        split_address(address)
+        dns = data.get("dnsNames")
+        if not isinstance(dns, list) or not dns or not all(isinstance(d, str) and d for d in dns):
+            raise ConfigError(f"{where}: 'dnsNames' must be a non-empty list of names")
+        authority = data.get("authority")
+        if not isinstance(authority, Mapping):
+            raise ConfigError(f"{where}: 'authority' must be an object")
+        global_claims = DurationClaims().merged(authority.get("claims"), f"{where}: authority")
+        provisioners = _provisioners(authority.get("provisioners"), global_claims, where)
+        backdate = timedelta(minutes=1)
+        if authority.get("backdate") is not None:
+            backdate = _duration(authority["backdate"], f"{where}: authority.backdate")
+            if backdate < timedelta(0):
+                raise ConfigError(f"{where}: authority.backdate cannot be negative")
+        disable_iat = authority.get("disableIssuedAtCheck", False)
+        if not isinstance(disable_iat, bool):
+            raise ConfigError(f"{where}: authority.disableIssuedAtCheck must be true or false")
+        return cls(
+            path=path,
+            roots=roots,
+            federated_roots=federated,
+            crt=crt,
+            key=key,
+            address=address,
+            dns_names=tuple(dns),
+            provisioners=provisioners,
+            backdate=backdate,
+            disable_issued_at_check=disable_iat,
+            tls_options=_tls_options(data.get("tls"), where),
+            raw=data,
+        )
+
+    @property
+    def audience_hosts(self) -> tuple[str, ...]:
+        """Host names a token's audience may carry (dnsNames, IPv6 in brackets)."""
+        return tuple(_url_host(name) for name in self.dns_names)
+
+
+def _url_host(name: str) -> str:
+    try:
+        if ipaddress.ip_address(name).version == 6:
+            return f"[{name}]"
+    except ValueError:
+        pass
+    return name
+
+
+def _path(value: object, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be the path of a PEM file")
+    return Path(value)
+
+
+def _paths(value: object, what: str, *, allow_single: bool = False) -> tuple[Path, ...]:
+    if value is None:
+        return ()
+    if allow_single and isinstance(value, str):
+        return (_path(value, what),)
+    if not isinstance(value, list):
+        raise ConfigError(f"{what} must be a list of paths")
+    return tuple(_path(v, f"{what}[{i}]") for i, v in enumerate(value))
+
+
+def _provisioners(
+    value: object, global_claims: DurationClaims, where: str
+) -> tuple[JWKProvisioner, ...]:
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: authority.provisioners must be a list")
+    out: list[JWKProvisioner] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        what = f"{where}: authority.provisioners[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{what} must be an object")
+        kind = item.get("type")
+        if not isinstance(kind, str) or kind.upper() != "JWK":
+            raise ConfigError(f"{what}: provisioner type {kind!r} is not supported (only JWK)")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{what}: 'name' cannot be empty")
+        try:
+            key = PublicJWK.from_dict(item.get("key"), f"{what}.key")  # type: ignore[arg-type]
+        except BadMaterialError as exc:
+            raise ConfigError(str(exc)) from exc
+        encrypted = item.get("encryptedKey") or ""
+        if not isinstance(encrypted, str):
+            raise ConfigError(f"{what}: 'encryptedKey' must be a compact JWE string")
+        claims = global_claims.merged(item.get("claims"), what)
+        prov = JWKProvisioner(name, key, encrypted, claims, item)
+        if prov.id in seen:
+            raise ConfigError(f"{what}: provisioner {prov.id} is listed twice")
+        seen.add(prov.id)
+        out.append(prov)
+    return tuple(out)
+
+
+def _tls_options(value: object, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return DEFAULT_TLS_OPTIONS
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: 'tls' must be an object")
+    out = dict(DEFAULT_TLS_OPTIONS)
+    for key in ("cipherSuites", "minVersion", "maxVersion"):
+        if value.get(key):
+            out[key] = value[key]
+    out["renegotiation"] = bool(value.get("renegotiation", False))
+    for key in ("minVersion", "maxVersion"):
+        if out[key] not in (1.0, 1.1, 1.2, 1.3):
+            raise ConfigError(f"{where}: tls.{key} must be one of 1.0, 1.1, 1.2, 1.3")
+    if not isinstance(out["cipherSuites"], list):
+        raise ConfigError(f"{where}: tls.cipherSuites must be a list of names")
+    return out
+
+
+def build_ca_json(
+    *,
+    roots: Sequence[Path],
+    crt: Path,
+    key: Path,
+    address: str,
+    dns_names: Sequence[str],
+    provisioner: Mapping[str, Any],
+    db_dir: Path,
+    federated_roots: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """A ca.json that both the federatls CA and the real step-ca run.
+
+    ``db`` is badgerv2 in ``db_dir`` so that step-ca persists revocations; the federatls CA
+    keeps its own state in ``federatls.db`` beside the file and leaves ``db_dir`` alone.
+    """
+    return {
+        "root": str(roots[0]) if len(roots) == 1 else [str(r) for r in roots],
+        "federatedRoots": [str(r) for r in federated_roots],
+        "crt": str(crt),
+        "key": str(key),
+        "address": address,
+        "insecureAddress": "",
+        "dnsNames": list(dns_names),
+        "logger": {"format": "text"},
+        "db": {"type": "badgerv2", "dataSource": str(db_dir), "badgerFileLoadingMode": ""},
+        "authority": {"provisioners": [dict(provisioner)]},
+        "tls": dict(DEFAULT_TLS_OPTIONS),
+    }

@@ -1,0 +1,124 @@
+"""The CA's key material as ca.json names it: roots, federated roots, the intermediate chain
+and its password-encrypted key. Loading checks that the pieces fit together (the key matches
+the intermediate, the intermediate chains to a root) so a broken PKI fails at start, not at
+the first request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .._errors import BadMaterialError, ConfigError
+from .._x509 import fingerprint, load_pem_certificates
+from ._config import CAConfig
+
+__all__ = ["CAMaterial", "SigningKey", "load_material"]
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class CAMaterial:
+    """Everything the CA signs with and vouches for, loaded and checked."""
+
+    roots: tuple[x509.Certificate, ...]
+    federated_roots: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...]  # the signing certificate first
+    key: SigningKey
+
+    @property
+    def issuer(self) -> x509.Certificate:
+        return self.intermediates[0]
+
+    def federation(self) -> tuple[x509.Certificate, ...]:
+        """Own roots then federated roots, without duplicates (step-ca de-duplicates too)."""
+        seen: set[str] = set()
+        out: list[x509.Certificate] = []
+        for cert in (*self.roots, *self.federated_roots):
+            fp = fingerprint(cert)
+            if fp not in seen:
+                seen.add(fp)
+                out.append(cert)
+        return tuple(out)
+
+    def root_by_fingerprint(self, sha: str) -> x509.Certificate | None:
+        """An own or federated root by hex SHA-256 (step-ca's ``/root/{sha}`` matches both)."""
+        for cert in self.federation():
+            if fingerprint(cert) == sha:
+                return cert
+        return None
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _certs(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        return load_pem_certificates(_read(path, what), f"{what} {path}")
+    except BadMaterialError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_signing_key(path: Path, password: bytes | None, what: str) -> SigningKey:
+    """A PEM private key, encrypted (PKCS#8) or not; ``ConfigError`` says why it failed."""
+    data = _read(path, what)
+    try:
+        key = serialization.load_pem_private_key(data, password=password or None)
+    except TypeError as exc:
+        if password:
+            raise ConfigError(f"{what} {path} is not encrypted, but a password was given") from exc
+        raise ConfigError(f"{what} {path} is encrypted: a password is needed") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"cannot decrypt {what} {path}: wrong password or not a PEM private key"
+        ) from exc
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ConfigError(f"{what} {path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def load_material(config: CAConfig, password: bytes | None) -> CAMaterial:
+    """Load and cross-check the files ca.json names; ``ConfigError`` on any problem."""
+    roots: list[x509.Certificate] = []
+    for path in config.roots:
+        roots += _certs(path, "root certificate")
+    federated: list[x509.Certificate] = []
+    for path in config.federated_roots:
+        federated += _certs(path, "federated root certificate")
+    intermediates = _certs(config.crt, "intermediate certificate")
+    key = load_signing_key(config.key, password, "intermediate key")
+    issuer = intermediates[0]
+    own_pub = issuer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_pub = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if own_pub != key_pub:
+        raise ConfigError(f"intermediate key {config.key} does not match certificate {config.crt}")
+    top = intermediates[-1]
+    if not any(_issued_by(top, root) for root in roots):
+        raise ConfigError(
+            f"intermediate certificate {config.crt} was not issued by any configured root"
+        )
+    return CAMaterial(tuple(roots), tuple(federated), tuple(intermediates), key)

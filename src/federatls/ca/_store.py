@@ -1,0 +1,230 @@
+"""The CA's persistent state behind one small interface (``Store``): used token ids, issued
+certificates, revocations. ``SQLiteStore`` is the embedded default (one file beside ca.json);
+a shared SQL database for several CA replicas would implement the same five methods.
+
+Every method is one transaction, so a crash or a concurrent request never leaves half a
+record behind. Several processes may share the file (SQLite's locking, WAL mode).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from .._errors import ConfigError
+
+__all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store"]
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """What the CA remembers of a certificate it issued."""
+
+    serial: str  # decimal, as step-ca writes serials
+    subject: str
+    sans: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    provisioner: str  # "<name>:<kid>", or "" for the CA's own server certificate
+    der: bytes
+    renewed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: str
+    reason_code: int
+    reason: str
+    revoked_at: datetime
+    provisioner: str = ""
+    token_id: str = ""
+    mtls: bool = False
+
+
+class Store(Protocol):
+    """What the CA needs from its database."""
+
+    def use_token(
+        self, token_id: str, provisioner: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        """Mark a token id used; False if it was used before (a replay)."""
+
+    def add_certificate(self, cert: IssuedCertificate) -> None:
+        """Record an issued certificate."""
+
+    def get_certificate(self, serial: str) -> IssuedCertificate | None:
+        """The record of an issued certificate, or None."""
+
+    def revoke(self, revocation: Revocation) -> bool:
+        """Record a revocation; False if the serial was already revoked."""
+
+    def is_revoked(self, serial: str) -> bool:
+        """Whether the serial has been revoked."""
+
+    def close(self) -> None:
+        """Release the database."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS used_tokens (
+    token_id    TEXT PRIMARY KEY,
+    provisioner TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    used_at     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial       TEXT PRIMARY KEY,
+    subject      TEXT NOT NULL,
+    sans         TEXT NOT NULL,
+    not_before   TEXT NOT NULL,
+    not_after    TEXT NOT NULL,
+    provisioner  TEXT NOT NULL,
+    renewed_from TEXT,
+    der          BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    serial      TEXT PRIMARY KEY,
+    reason_code INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    provisioner TEXT NOT NULL,
+    token_id    TEXT NOT NULL,
+    mtls        INTEGER NOT NULL,
+    revoked_at  TEXT NOT NULL
+);
+"""
+_SCHEMA_VERSION = 1
+# A used token id is kept this long after its token expired; by then the token's own `exp`
+# refuses it, so forgetting it cannot re-open a replay.
+_TOKEN_RETENTION = timedelta(days=1)
+
+
+def _ts(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat()
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file, WAL journal, full fsync on commit."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=10.0, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the CA database {self.path}: {exc}") from exc
+        self._conn = conn
+        self._lock = threading.Lock()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise ConfigError(
+                    f"{self.path} has schema version {version}; this federatls knows "
+                    f"{_SCHEMA_VERSION}"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
+
+    def prune(self, now: datetime) -> int:
+        """Forget used token ids whose tokens expired long ago; returns how many."""
+        with self._lock:
+            cur = self._conn.execute(
+                "DELETE FROM used_tokens WHERE expires_at < ?", (_ts(now - _TOKEN_RETENTION),)
+            )
+            return cur.rowcount
+
+    def use_token(
+        self, token_id: str, provisioner: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
+                (token_id, provisioner, _ts(expires_at), _ts(now)),
+            )
+            return cur.rowcount == 1
+
+    def add_certificate(self, cert: IssuedCertificate) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cert.serial,
+                    cert.subject,
+                    json.dumps(list(cert.sans)),
+                    _ts(cert.not_before),
+                    _ts(cert.not_after),
+                    cert.provisioner,
+                    cert.renewed_from,
+                    cert.der,
+                ),
+            )
+
+    def get_certificate(self, serial: str) -> IssuedCertificate | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT serial, subject, sans, not_before, not_after, provisioner, der,"
+                " renewed_from FROM certificates WHERE serial = ?",
+                (serial,),
+            ).fetchone()
+        if row is None:
+            return None
+        return IssuedCertificate(
+            row[0],
+            row[1],
+            tuple(json.loads(row[2])),
+            _dt(row[3]),
+            _dt(row[4]),
+            row[5],
+            bytes(row[6]),
+            row[7],
+        )
+
+    def revoke(self, revocation: Revocation) -> bool:
+        r = revocation
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.serial,
+                    r.reason_code,
+                    r.reason,
+                    r.provisioner,
+                    r.token_id,
+                    int(r.mtls),
+                    _ts(r.revoked_at),
+                ),
+            )
+            return cur.rowcount == 1
+
+    def is_revoked(self, serial: str) -> bool:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM revocations WHERE serial = ?", (serial,)
+            ).fetchone()
+        return row is not None
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table (for operators and tests)."""
+        with self._lock:
+            return {
+                t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                for t in ("used_tokens", "certificates", "revocations")
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

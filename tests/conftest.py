@@ -1,0 +1,68 @@
+"""Shared fixtures: run-time PKIs, running federatls CAs and the real step-ca."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from harness import PKI, FakeClock, make_pki, serving, stepca_binary, stepca_process
+
+from federatls.ca import CAServer
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PKI:
+    """A fresh 'cloud' PKI on disk (not running)."""
+    return make_pki(tmp_path, "cloud")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def ca(pki: PKI, clock: FakeClock) -> AsyncIterator[CAServer]:
+    """The 'cloud' PKI served by a federatls CA on 127.0.0.1 (port 0), with a fake clock."""
+    async with serving(pki, clock) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stepca_bin() -> str:
+    """The real step-ca binary; its absence skips, or fails when FEDERATLS_REQUIRE_STEPCA=1."""
+    binary = stepca_binary()
+    if binary is None:
+        message = ("the real step-ca is not built: run bash ../shared/tools/stepca/build.sh "
+                   "(./scripts/test does it)")
+        if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+@pytest.fixture(params=["federatls", "step-ca"])
+async def any_ca(request: pytest.FixtureRequest, pki: PKI, clock: FakeClock
+                 ) -> AsyncIterator[str]:
+    """The same PKI served by the federatls CA, then by the real step-ca: yields the name."""
+    if request.param == "federatls":
+        async with serving(pki, clock):
+            yield "federatls"
+    else:
+        binary = request.getfixturevalue("stepca_bin")
+        with stepca_process(binary, pki):
+            yield "step-ca"
+
+
+@pytest.fixture
+def stepca(stepca_bin: str, pki: PKI) -> Iterator[PKI]:
+    """The 'cloud' PKI served by the real step-ca."""
+    with stepca_process(stepca_bin, pki):
+        yield pki

@@ -1,0 +1,212 @@
+"""Test harness: PKIs made at run time, federatls CAs and real step-ca processes on 127.0.0.1,
+and helpers to mint ordinary and deliberately broken tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from joserfc import jws
+
+from federatls._client import CAClient
+from federatls._jwk import ProvisionerKey
+from federatls._keys import KeyType, PrivateKey, build_csr, new_private_key
+from federatls._protocol import SignRequest, TimeDuration
+from federatls._token import mint_token, revoke_audience, sign_audience
+from federatls._x509 import load_pem_certificate
+from federatls.ca import CAServer, init_pki
+
+PASSWORD = b"correct horse battery staple"
+
+
+class FakeClock:
+    """Wall-clock time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class PKI:
+    """A CA's files, made by ``init_pki`` at run time, and its provisioner key."""
+
+    name: str
+    directory: Path
+    config: Path
+    root_path: Path
+    root: x509.Certificate
+    provisioner: str
+    key: ProvisionerKey
+    password_file: Path
+    url: str = ""
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    @property
+    def fingerprint(self) -> str:
+        from federatls._x509 import fingerprint
+
+        return fingerprint(self.root)
+
+    def edit(self, change: Callable[[dict[str, Any]], None]) -> None:
+        data = json.loads(self.config.read_text())
+        change(data)
+        self.config.write_text(json.dumps(data, indent=2))
+
+    def federate(self, *others: PKI) -> None:
+        self.edit(lambda d: d.__setitem__("federatedRoots", [str(o.root_path) for o in others]))
+
+    def set_claims(self, **claims: Any) -> None:
+        def change(d: dict[str, Any]) -> None:
+            d["authority"]["provisioners"][0]["claims"] = claims
+
+        self.edit(change)
+
+    def token(self, subject: str, *, sans: Sequence[str] = (), revoke: bool = False,
+              now: datetime | None = None, validity: timedelta = timedelta(minutes=5)) -> str:
+        aud = revoke_audience(self.url) if revoke else sign_audience(self.url)
+        return mint_token(self.key, issuer=self.provisioner, subject=subject, audience=aud,
+                          now=now or self.clock(), sans=sans, root_fingerprint=self.fingerprint,
+                          validity=validity)
+
+    def claims(self, subject: str, **overrides: Any) -> dict[str, Any]:
+        """The claims ``step ca token`` would put in a sign token, with overrides."""
+        now = int(self.clock().timestamp())
+        claims: dict[str, Any] = {
+            "aud": sign_audience(self.url), "exp": now + 300, "iat": now,
+            "iss": self.provisioner, "jti": secrets.token_hex(32), "nbf": now,
+            "sans": [subject], "sha": self.fingerprint, "sub": subject,
+        }
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def forge(self, claims: dict[str, Any], *, key: ProvisionerKey | None = None,
+              kid: str | None = None) -> str:
+        """A token with exactly these claims, signed by ``key`` (the provisioner's by default)
+        under header ``kid`` (the provisioner's by default)."""
+        signer = key or self.key
+        header = {"alg": "ES256", "kid": kid or self.key.kid, "typ": "JWT"}
+        return jws.serialize_compact(header, json.dumps(claims), signer.key, algorithms=["ES256"])
+
+    def client(self, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
+               ) -> CAClient:
+        return CAClient(self.url, [self.root], identity=identity)
+
+    async def enroll(self, subject: str, *, sans: Sequence[str] = (),
+                     kind: KeyType = KeyType.P256, not_after: str | None = None
+                     ) -> tuple[list[x509.Certificate], PrivateKey]:
+        key = new_private_key(kind)
+        names = list(sans) or [subject]
+        request = SignRequest(build_csr(key, subject, names), self.token(subject, sans=names),
+                              not_after=TimeDuration.parse(not_after))
+        async with self.client() as ca:
+            answer = await ca.sign(request)
+        return list(answer.chain), key
+
+
+def make_pki(base: Path, name: str, *, address: str = "127.0.0.1:0",
+             dns: Sequence[str] = ("127.0.0.1", "localhost")) -> PKI:
+    result = init_pki(name, base / name, address=address, password=PASSWORD,
+                      now=datetime.now(UTC), dns_names=list(dns))
+    data = json.loads(result.config.read_text())
+    prov = data["authority"]["provisioners"][0]
+    password_file = base / f"{name}.password"
+    password_file.write_bytes(PASSWORD + b"\n")
+    return PKI(name=name, directory=result.directory, config=result.config,
+               root_path=result.root, root=load_pem_certificate(result.root.read_bytes()),
+               provisioner=prov["name"], key=ProvisionerKey.decrypt(prov["encryptedKey"],
+                                                                    PASSWORD),
+               password_file=password_file)
+
+
+@contextlib.asynccontextmanager
+async def serving(pki: PKI, clock: FakeClock | None = None) -> AsyncIterator[CAServer]:
+    """Run a federatls CA for ``pki`` in this event loop; ``pki.url`` points at it."""
+    kwargs: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    async with CAServer.running(pki.config, PASSWORD, **kwargs) as server:
+        pki.url = server.url
+        if clock is not None:
+            pki.clock = clock
+        yield server
+
+
+# The real step-ca ----------------------------------------------------------------------------
+def stepca_binary() -> str | None:
+    """The step-ca binary from FEDERATLS_STEPCA or the default build place, if present."""
+    for candidate in (os.environ.get("FEDERATLS_STEPCA"), "/var/tmp/stepca-build/bin/step-ca"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("step-ca")
+
+
+@contextlib.contextmanager
+def stepca_process(binary: str, pki: PKI) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the real step-ca on ``pki`` (on a free loopback port) until the block ends."""
+    port = free_port()
+    pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
+    log = (pki.directory / "step-ca.log").open("wb")
+    proc = subprocess.Popen([binary, str(pki.config), "--password-file", str(pki.password_file)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    pki.url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("step-ca exited: " + (pki.directory / "step-ca.log").read_text())
+            try:
+                r = httpx.get(pki.url + "/health", verify=False, timeout=1)  # noqa: S501
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("step-ca did not become healthy in 30 s")
+            time.sleep(0.1)
+        time.sleep(1.0)  # step-ca compares token iat with its start second
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def stepca_log(pki: PKI) -> str:
+    return (pki.directory / "step-ca.log").read_text(errors="replace")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
