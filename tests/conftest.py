@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from harness import PKI, FakeClock, make_pki, serving, stepca_binary, stepca_process
 
 from federatls.ca import CAServer
+
+from harness import PKI, FakeClock, make_pki, serving, stepca_binary, stepca_process
 
 
 @pytest.fixture
@@ -40,8 +41,10 @@ def stepca_bin() -> str:
     """The real step-ca binary; its absence skips, or fails when FEDERATLS_REQUIRE_STEPCA=1."""
     binary = stepca_binary()
     if binary is None:
-        message = ("the real step-ca is not built: run bash ../shared/tools/stepca/build.sh "
-                   "(./scripts/test does it)")
+        message = (
+            "the real step-ca is not built: run bash ../shared/tools/stepca/build.sh "
+            "(./scripts/test does it)"
+        )
         if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -49,8 +52,7 @@ def stepca_bin() -> str:
 
 
 @pytest.fixture(params=["federatls", "step-ca"])
-async def any_ca(request: pytest.FixtureRequest, pki: PKI, clock: FakeClock
-                 ) -> AsyncIterator[str]:
+async def any_ca(request: pytest.FixtureRequest, pki: PKI, clock: FakeClock) -> AsyncIterator[str]:
     """The same PKI served by the federatls CA, then by the real step-ca: yields the name."""
     if request.param == "federatls":
         async with serving(pki, clock):

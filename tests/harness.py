@@ -88,61 +88,107 @@ class PKI:
 
         self.edit(change)
 
-    def token(self, subject: str, *, sans: Sequence[str] = (), revoke: bool = False,
-              now: datetime | None = None, validity: timedelta = timedelta(minutes=5)) -> str:
+    def token(
+        self,
+        subject: str,
+        *,
+        sans: Sequence[str] = (),
+        revoke: bool = False,
+        now: datetime | None = None,
+        validity: timedelta = timedelta(minutes=5),
+    ) -> str:
         aud = revoke_audience(self.url) if revoke else sign_audience(self.url)
-        return mint_token(self.key, issuer=self.provisioner, subject=subject, audience=aud,
-                          now=now or self.clock(), sans=sans, root_fingerprint=self.fingerprint,
-                          validity=validity)
+        return mint_token(
+            self.key,
+            issuer=self.provisioner,
+            subject=subject,
+            audience=aud,
+            now=now or self.clock(),
+            sans=sans,
+            root_fingerprint=self.fingerprint,
+            validity=validity,
+        )
 
     def claims(self, subject: str, **overrides: Any) -> dict[str, Any]:
         """The claims ``step ca token`` would put in a sign token, with overrides."""
         now = int(self.clock().timestamp())
         claims: dict[str, Any] = {
-            "aud": sign_audience(self.url), "exp": now + 300, "iat": now,
-            "iss": self.provisioner, "jti": secrets.token_hex(32), "nbf": now,
-            "sans": [subject], "sha": self.fingerprint, "sub": subject,
+            "aud": sign_audience(self.url),
+            "exp": now + 300,
+            "iat": now,
+            "iss": self.provisioner,
+            "jti": secrets.token_hex(32),
+            "nbf": now,
+            "sans": [subject],
+            "sha": self.fingerprint,
+            "sub": subject,
         }
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}
 
-    def forge(self, claims: dict[str, Any], *, key: ProvisionerKey | None = None,
-              kid: str | None = None) -> str:
+    def forge(
+        self, claims: dict[str, Any], *, key: ProvisionerKey | None = None, kid: str | None = None
+    ) -> str:
         """A token with exactly these claims, signed by ``key`` (the provisioner's by default)
         under header ``kid`` (the provisioner's by default)."""
         signer = key or self.key
         header = {"alg": "ES256", "kid": kid or self.key.kid, "typ": "JWT"}
         return jws.serialize_compact(header, json.dumps(claims), signer.key, algorithms=["ES256"])
 
-    def client(self, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
-               ) -> CAClient:
+    def client(
+        self, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
+    ) -> CAClient:
         return CAClient(self.url, [self.root], identity=identity)
 
-    async def enroll(self, subject: str, *, sans: Sequence[str] = (),
-                     kind: KeyType = KeyType.P256, not_after: str | None = None
-                     ) -> tuple[list[x509.Certificate], PrivateKey]:
+    async def enroll(
+        self,
+        subject: str,
+        *,
+        sans: Sequence[str] = (),
+        kind: KeyType = KeyType.P256,
+        not_after: str | None = None,
+    ) -> tuple[list[x509.Certificate], PrivateKey]:
         key = new_private_key(kind)
         names = list(sans) or [subject]
-        request = SignRequest(build_csr(key, subject, names), self.token(subject, sans=names),
-                              not_after=TimeDuration.parse(not_after))
+        request = SignRequest(
+            build_csr(key, subject, names),
+            self.token(subject, sans=names),
+            not_after=TimeDuration.parse(not_after),
+        )
         async with self.client() as ca:
             answer = await ca.sign(request)
         return list(answer.chain), key
 
 
-def make_pki(base: Path, name: str, *, address: str = "127.0.0.1:0",
-             dns: Sequence[str] = ("127.0.0.1", "localhost")) -> PKI:
-    result = init_pki(name, base / name, address=address, password=PASSWORD,
-                      now=datetime.now(UTC), dns_names=list(dns))
+def make_pki(
+    base: Path,
+    name: str,
+    *,
+    address: str = "127.0.0.1:0",
+    dns: Sequence[str] = ("127.0.0.1", "localhost"),
+) -> PKI:
+    result = init_pki(
+        name,
+        base / name,
+        address=address,
+        password=PASSWORD,
+        now=datetime.now(UTC),
+        dns_names=list(dns),
+    )
     data = json.loads(result.config.read_text())
     prov = data["authority"]["provisioners"][0]
     password_file = base / f"{name}.password"
     password_file.write_bytes(PASSWORD + b"\n")
-    return PKI(name=name, directory=result.directory, config=result.config,
-               root_path=result.root, root=load_pem_certificate(result.root.read_bytes()),
-               provisioner=prov["name"], key=ProvisionerKey.decrypt(prov["encryptedKey"],
-                                                                    PASSWORD),
-               password_file=password_file)
+    return PKI(
+        name=name,
+        directory=result.directory,
+        config=result.config,
+        root_path=result.root,
+        root=load_pem_certificate(result.root.read_bytes()),
+        provisioner=prov["name"],
+        key=ProvisionerKey.decrypt(prov["encryptedKey"], PASSWORD),
+        password_file=password_file,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -171,8 +217,11 @@ def stepca_process(binary: str, pki: PKI) -> Iterator[subprocess.Popen[bytes]]:
     port = free_port()
     pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
     log = (pki.directory / "step-ca.log").open("wb")
-    proc = subprocess.Popen([binary, str(pki.config), "--password-file", str(pki.password_file)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [binary, str(pki.config), "--password-file", str(pki.password_file)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     pki.url = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

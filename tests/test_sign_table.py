@@ -18,11 +18,12 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from harness import PKI
 
 from federatls._jwk import ProvisionerKey
 from federatls._keys import build_csr, new_private_key
 from federatls._token import sign_audience
+
+from harness import PKI
 
 pytestmark = pytest.mark.anyio
 
@@ -47,8 +48,10 @@ class Case:
 
 
 def _good(p: PKI) -> dict[str, object]:
-    return {"csr": _csr_pem("svc.cloud.internal", ["svc.cloud.internal"]),
-            "ott": p.token("svc.cloud.internal")}
+    return {
+        "csr": _csr_pem("svc.cloud.internal", ["svc.cloud.internal"]),
+        "ott": p.token("svc.cloud.internal"),
+    }
 
 
 def _forged(**claims: object) -> Callable[[PKI], dict[str, object]]:
@@ -75,59 +78,124 @@ def _foreign_kid(p: PKI) -> dict[str, object]:
 
 
 CASES = [
-    Case("exp in the past (beyond the one-minute leeway)",
-         _forged(iat=None, nbf=None, exp=_now() - 90), 401, UNAUTHORIZED, "token is expired"),
-    Case("iat before the CA started", _forged(iat=_now() - 3600, nbf=None), 401, UNAUTHORIZED,
-         "token issued before the bootstrap of certificate authority"),
-    Case("wrong aud", _forged(aud="https://wrong.example/1.0/sign"), 401, UNAUTHORIZED,
-         "provisioner not found or invalid audience (https://wrong.example/1.0/sign)"),
-    Case("wrong iss", _forged(iss="nobody"), 401, UNAUTHORIZED,
-         "provisioner not found or invalid audience"),
-    Case("another CA's kid", _foreign_kid, 401, UNAUTHORIZED,
-         "provisioner not found or invalid audience"),
-    Case("signed with another key, right kid", _other_key, 401, UNAUTHORIZED,
-         "signature does not verify"),
-    Case("ott not a JWT",
-         lambda p: {"csr": _csr_pem("svc.cloud.internal", []), "ott": "not-a-jwt"},
-         401, UNAUTHORIZED, "three dot-separated parts"),
-    Case("CSR SAN not in the token",
-         lambda p: {"csr": _csr_pem("svc.cloud.internal", ["other.cloud.internal"]),
-                    "ott": p.token("svc.cloud.internal")},
-         403, "The request was forbidden by the certificate authority: certificate request does "
-              "not contain the valid DNS names - got [other.cloud.internal], want "
-              "[svc.cloud.internal].",
-         "does not contain the valid DNS names"),
-    Case("CSR subset of the token's SANs",
-         lambda p: {"csr": _csr_pem("svc.cloud.internal", ["svc.cloud.internal"]),
-                    "ott": p.token("svc.cloud.internal",
-                                   sans=["svc.cloud.internal", "api.cloud.internal"])},
-         403, "The request was forbidden by the certificate authority: certificate request does "
-              "not contain the valid DNS names - got [svc.cloud.internal], want "
-              "[svc.cloud.internal api.cloud.internal].",
-         "does not contain the valid DNS names"),
-    Case("CSR CN other than sub",
-         lambda p: {"csr": _csr_pem("other.name", []), "ott": p.token("svc.cloud.internal")},
-         403, "The request was forbidden by the certificate authority: certificate request does "
-              "not contain the valid common name - got other.name, want svc.cloud.internal.",
-         "does not contain the valid common name"),
-    Case("notAfter 48h", lambda p: {**_good(p), "notAfter": "48h"}, 403,
-         "The request was forbidden by the certificate authority: requested duration of 48h1m0s "
-         "is more than the authorized maximum certificate duration of 24h1m0s.",
-         "more than the authorized maximum"),
-    Case("notAfter 1m (below the 5m minimum)", lambda p: {**_good(p), "notAfter": "1m"}, 403,
-         "The request was forbidden by the certificate authority: requested duration of 2m0s "
-         "is less than the authorized minimum certificate duration of 5m0s.",
-         "less than the authorized minimum"),
-    Case("no csr", lambda p: {"ott": p.token("svc.cloud.internal")}, 400,
-         "The request could not be completed: missing csr.", "missing csr"),
-    Case("no ott", lambda p: {"csr": _csr_pem("svc.cloud.internal", [])}, 400,
-         "The request could not be completed: missing ott.", "missing ott"),
+    Case(
+        "exp in the past (beyond the one-minute leeway)",
+        _forged(iat=None, nbf=None, exp=_now() - 90),
+        401,
+        UNAUTHORIZED,
+        "token is expired",
+    ),
+    Case(
+        "iat before the CA started",
+        _forged(iat=_now() - 3600, nbf=None),
+        401,
+        UNAUTHORIZED,
+        "token issued before the bootstrap of certificate authority",
+    ),
+    Case(
+        "wrong aud",
+        _forged(aud="https://wrong.example/1.0/sign"),
+        401,
+        UNAUTHORIZED,
+        "provisioner not found or invalid audience (https://wrong.example/1.0/sign)",
+    ),
+    Case(
+        "wrong iss",
+        _forged(iss="nobody"),
+        401,
+        UNAUTHORIZED,
+        "provisioner not found or invalid audience",
+    ),
+    Case(
+        "another CA's kid",
+        _foreign_kid,
+        401,
+        UNAUTHORIZED,
+        "provisioner not found or invalid audience",
+    ),
+    Case(
+        "signed with another key, right kid",
+        _other_key,
+        401,
+        UNAUTHORIZED,
+        "signature does not verify",
+    ),
+    Case(
+        "ott not a JWT",
+        lambda p: {"csr": _csr_pem("svc.cloud.internal", []), "ott": "not-a-jwt"},
+        401,
+        UNAUTHORIZED,
+        "three dot-separated parts",
+    ),
+    Case(
+        "CSR SAN not in the token",
+        lambda p: {
+            "csr": _csr_pem("svc.cloud.internal", ["other.cloud.internal"]),
+            "ott": p.token("svc.cloud.internal"),
+        },
+        403,
+        "The request was forbidden by the certificate authority: certificate request does "
+        "not contain the valid DNS names - got [other.cloud.internal], want "
+        "[svc.cloud.internal].",
+        "does not contain the valid DNS names",
+    ),
+    Case(
+        "CSR subset of the token's SANs",
+        lambda p: {
+            "csr": _csr_pem("svc.cloud.internal", ["svc.cloud.internal"]),
+            "ott": p.token("svc.cloud.internal", sans=["svc.cloud.internal", "api.cloud.internal"]),
+        },
+        403,
+        "The request was forbidden by the certificate authority: certificate request does "
+        "not contain the valid DNS names - got [svc.cloud.internal], want "
+        "[svc.cloud.internal api.cloud.internal].",
+        "does not contain the valid DNS names",
+    ),
+    Case(
+        "CSR CN other than sub",
+        lambda p: {"csr": _csr_pem("other.name", []), "ott": p.token("svc.cloud.internal")},
+        403,
+        "The request was forbidden by the certificate authority: certificate request does "
+        "not contain the valid common name - got other.name, want svc.cloud.internal.",
+        "does not contain the valid common name",
+    ),
+    Case(
+        "notAfter 48h",
+        lambda p: {**_good(p), "notAfter": "48h"},
+        403,
+        "The request was forbidden by the certificate authority: requested duration of 48h1m0s "
+        "is more than the authorized maximum certificate duration of 24h1m0s.",
+        "more than the authorized maximum",
+    ),
+    Case(
+        "notAfter 1m (below the 5m minimum)",
+        lambda p: {**_good(p), "notAfter": "1m"},
+        403,
+        "The request was forbidden by the certificate authority: requested duration of 2m0s "
+        "is less than the authorized minimum certificate duration of 5m0s.",
+        "less than the authorized minimum",
+    ),
+    Case(
+        "no csr",
+        lambda p: {"ott": p.token("svc.cloud.internal")},
+        400,
+        "The request could not be completed: missing csr.",
+        "missing csr",
+    ),
+    Case(
+        "no ott",
+        lambda p: {"csr": _csr_pem("svc.cloud.internal", [])},
+        400,
+        "The request could not be completed: missing ott.",
+        "missing ott",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_refusals_match_step_ca(any_ca: str, pki: PKI, case: Case,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_refusals_match_step_ca(
+    any_ca: str, pki: PKI, case: Case, caplog: pytest.LogCaptureFixture
+) -> None:
     """Each defective request gets step-ca's status and body, and the reason is logged."""
     caplog.set_level(logging.WARNING, "federatls.ca")
     async with httpx.AsyncClient(verify=_verify(pki)) as http:
@@ -158,7 +226,8 @@ async def test_good_token_signs_on_both(any_ca: str, pki: PKI) -> None:
 
 def body_of(response: httpx.Response, pki: PKI) -> dict[str, object]:
     """The request that produced ``response``."""
-    return json.loads(response.request.content)
+    body: dict[str, object] = json.loads(response.request.content)
+    return body
 
 
 async def test_expired_token_within_leeway_is_accepted(any_ca: str, pki: PKI) -> None:
@@ -166,8 +235,9 @@ async def test_expired_token_within_leeway_is_accepted(any_ca: str, pki: PKI) ->
     now = _now()
     token = pki.forge(pki.claims("svc.cloud.internal", iat=now, nbf=now - 300, exp=now - 30))
     async with httpx.AsyncClient(verify=_verify(pki)) as http:
-        response = await http.post(pki.url + "/1.0/sign", json={
-            "csr": _csr_pem("svc.cloud.internal", []), "ott": token})
+        response = await http.post(
+            pki.url + "/1.0/sign", json={"csr": _csr_pem("svc.cloud.internal", []), "ott": token}
+        )
     assert response.status_code == 201, response.text
 
 
@@ -176,8 +246,9 @@ async def test_port_is_ignored_in_audience(any_ca: str, pki: PKI) -> None:
     aud = sign_audience("https://127.0.0.1:1")
     token = pki.forge(pki.claims("svc.cloud.internal", aud=aud))
     async with httpx.AsyncClient(verify=_verify(pki)) as http:
-        response = await http.post(pki.url + "/sign", json={
-            "csr": _csr_pem("svc.cloud.internal", []), "ott": token})
+        response = await http.post(
+            pki.url + "/sign", json={"csr": _csr_pem("svc.cloud.internal", []), "ott": token}
+        )
     assert response.status_code == 201, response.text
 
 
