@@ -74,10 +74,7 @@ async def _call(
     except httpx.TimeoutException as exc:
         raise CAUnreachableError(url, "timed out") from exc
     except httpx.TransportError as exc:
-        reason = str(exc) or type(exc).__name__
-        if isinstance(exc.__context__, ssl.SSLError) or "CERTIFICATE" in reason.upper():
-            reason = f"TLS failure: {reason}"
-        raise CAUnreachableError(url, reason) from exc
+        raise CAUnreachableError(url, _transport_reason(exc)) from exc
     if response.status_code not in expect:
         body = ErrorBody.parse(response.status_code, response.content)
         raise CARefusedError(
@@ -87,6 +84,24 @@ async def _call(
         return response.json()
     except ValueError as exc:
         raise BadMaterialError(f"{url}: the CA's answer is not JSON") from exc
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    """A sentence for a transport failure, naming TLS when TLS is the cause."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS failure: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection failed: {exc}" if str(exc) else "connection refused"
+    if isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError):
+        # Under TLS 1.3 a server that refuses the client certificate just closes.
+        return (
+            "TLS failure or connection closed by the CA (a client certificate the CA "
+            "does not trust looks like this)"
+        )
+    return str(exc) or type(exc).__name__
 
 
 async def fetch_root(url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT) -> x509.Certificate:

@@ -239,6 +239,12 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
     return app
 
 
+def server_renewal_due(cert: x509.Certificate) -> datetime:
+    """When the CA renews its own server certificate: at two thirds of its lifetime."""
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_before_utc + lifetime * 2 / 3
+
+
 class CAServer:
     """A running federatls CA. Use ``async with CAServer.running(config, password) as ca``."""
 
@@ -374,17 +380,26 @@ class CAServer:
         )
         return True
 
+    def renew_server_certificate(self) -> x509.Certificate:
+        """Issue the CA a new server certificate; new handshakes use it at once."""
+        assert self._contexts is not None
+        self._contexts.install(self._new_context(self.authority))
+        assert self.server_certificate is not None
+        log.info(
+            "renewed the CA's own server certificate (serial %d)",
+            self.server_certificate.serial_number,
+        )
+        return self.server_certificate
+
     async def _renew_server_certificate(self) -> None:
+        # Wake at least once a minute: the wall clock may jump (suspend, NTP).
         while True:
-            cert = self.server_certificate
-            assert cert is not None
-            lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-            due = cert.not_valid_before_utc + lifetime * 2 / 3
-            await asyncio.sleep(max(1.0, min((due - _now()).total_seconds(), 60.0)))
-            if _now() >= due and self._contexts is not None:
+            assert self.server_certificate is not None
+            due = server_renewal_due(self.server_certificate)
+            await asyncio.sleep(min(max((due - _now()).total_seconds(), 1.0), 60.0))
+            if _now() >= due:
                 try:
-                    self._contexts.install(self._new_context(self.authority))
-                    log.info("renewed the CA's own server certificate")
+                    self.renew_server_certificate()
                 except Exception:
                     log.exception("could not renew the CA's server certificate; retrying")
                     await asyncio.sleep(10)

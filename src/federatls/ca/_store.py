@@ -66,6 +66,9 @@ class Store(Protocol):
     def is_revoked(self, serial: str) -> bool:
         """Whether the serial has been revoked."""
 
+    def counts(self) -> dict[str, int]:
+        """How many used tokens, certificates and revocations are recorded."""
+
     def close(self) -> None:
         """Release the database."""
 
