@@ -76,10 +76,19 @@ def _strip_port(url: str) -> tuple[str, str, str] | str:
     return (parts.scheme, host, parts.path)
 
 
-def _audience_matches(token_aud: Sequence[str], accepted: Sequence[str]) -> bool:
-    """step-ca's rule: equal, or equal once ports are removed."""
-    stripped = {_strip_port(a) for a in accepted}
-    return any(a in accepted or _strip_port(a) in stripped for a in token_aud)
+class _AudienceSet:
+    """Audiences a token may carry; step-ca's rule: equal, or equal once ports are removed."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._exact = frozenset(self.names)
+        self._stripped = frozenset(_strip_port(n) for n in self.names)
+
+    def matches(self, token_aud: Sequence[str]) -> bool:
+        return any(a in self._exact or _strip_port(a) in self._stripped for a in token_aud)
+
+    def __str__(self) -> str:
+        return _go_list(self.names)
 
 
 def _go_list(items: Sequence[object]) -> str:
@@ -92,9 +101,10 @@ def _serial(cert: x509.Certificate) -> str:
 
 @dataclass(frozen=True)
 class _Audiences:
-    sign: tuple[str, ...]
-    revoke: tuple[str, ...]
-    renew: tuple[str, ...]
+    sign: _AudienceSet
+    revoke: _AudienceSet
+    renew: _AudienceSet
+    any_token: _AudienceSet  # where a provisioner is looked up (sign or revoke)
 
     @classmethod
     def for_hosts(cls, hosts: Sequence[str]) -> _Audiences:
@@ -108,7 +118,12 @@ class _Audiences:
             ]
             revoke += [f"https://{h}/1.0/revoke", f"https://{h}/revoke"]
             renew += [f"https://{h}/1.0/renew", f"https://{h}/renew"]
-        return cls(tuple(sign), tuple(revoke), tuple(renew))
+        return cls(
+            _AudienceSet(sign),
+            _AudienceSet(revoke),
+            _AudienceSet(renew),
+            _AudienceSet(sign + revoke),
+        )
 
 
 class Authority:
@@ -183,9 +198,8 @@ class Authority:
             and iat < self.started_at.timestamp()
         ):
             raise _unauthorized("token issued before the bootstrap of certificate authority")
-        every = (*self._audiences.sign, *self._audiences.revoke)
         prov = self._by_id.get(f"{token.issuer}:{token.kid}")
-        if not _audience_matches(token.audience, every) or prov is None:
+        if not self._audiences.any_token.matches(token.audience) or prov is None:
             raise _unauthorized(
                 f"provisioner not found or invalid audience ({', '.join(token.audience)})"
             )
@@ -198,9 +212,9 @@ class Authority:
         except TokenError as exc:
             raise _unauthorized(f"invalid jwk claims: {exc}") from exc
         wanted = self._audiences.sign if kind == "sign" else self._audiences.revoke
-        if not _audience_matches(token.audience, wanted):
+        if not wanted.matches(token.audience):
             raise _unauthorized(
-                f"invalid jwk token audience claim (aud); want {_go_list(wanted)}, "
+                f"invalid jwk token audience claim (aud); want {wanted}, "
                 f"but got {_go_list(token.audience)}"
             )
         if not token.subject:
@@ -380,7 +394,7 @@ class Authority:
             raise _unauthorized(f"error validating renew token: {exc}") from exc
         if token.subject != common_name(leaf.subject):
             raise _unauthorized("error validating renew token: invalid subject claim (sub)")
-        if not _audience_matches(token.audience, self._audiences.renew):
+        if not self._audiences.renew.matches(token.audience):
             raise _unauthorized("error validating renew token: invalid audience claim (aud)")
         if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")

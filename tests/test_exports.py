@@ -1,0 +1,42 @@
+"""The public surface: each package's ``__all__`` is exactly what docs/api.md documents."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import federatls
+import federatls.ca
+
+API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
+
+
+def _documented(package: str) -> set[str]:
+    pattern = r"^- `" + re.escape(package) + r"\.([A-Za-z_][A-Za-z0-9_]*)`"
+    names = re.findall(pattern, API_DOC.read_text(), flags=re.MULTILINE)
+    return set(names)
+
+
+@pytest.mark.parametrize("module", [federatls, federatls.ca], ids=lambda m: m.__name__)
+def test_all_matches_documentation(module: ModuleType) -> None:
+    """Every exported name is documented and every documented name is exported."""
+    assert set(module.__all__) == _documented(module.__name__)
+
+
+@pytest.mark.parametrize("module", [federatls, federatls.ca], ids=lambda m: m.__name__)
+def test_every_exported_name_resolves(module: ModuleType) -> None:
+    """Each name in ``__all__`` is really there (lazy ones included)."""
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+
+
+def test_core_import_does_not_pull_aiohttp() -> None:
+    """Importing federatls (and federatls.ca for init) does not import aiohttp."""
+    import subprocess
+    import sys
+
+    code = "import sys, federatls, federatls.ca; sys.exit(1 if 'aiohttp' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
