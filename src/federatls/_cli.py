@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
@@ -267,7 +268,13 @@ def cmd_certificate(args: argparse.Namespace) -> int:
     for path in (crt_path, key_path):
         if path.exists() and not args.force:
             raise ConfigError(f"{path} already exists: use --force to overwrite it")
-    kind = KeyType.parse(args.kty)
+    try:
+        kind = KeyType.parse(args.kty)
+    except ValueError as exc:
+        raise ConfigError(f"--kty: {exc}") from exc
+    for path in (crt_path, key_path):
+        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise ConfigError(f"directory {path.parent} does not exist")
 
     async def go() -> tuple[list[x509.Certificate], PrivateKey]:
         if args.token:
@@ -298,7 +305,11 @@ def cmd_certificate(args: argparse.Namespace) -> int:
 
     chain, key = _run(go())
     _write_atomic(key_path, _key_pem(key), private=True, force=args.force)
-    _write_atomic(crt_path, certs_to_pem(chain).encode(), private=False, force=args.force)
+    try:
+        _write_atomic(crt_path, certs_to_pem(chain).encode(), private=False, force=args.force)
+    except BaseException:
+        key_path.unlink(missing_ok=True)  # a key without its certificate is of no use
+        raise
     print(f"Certificate: {crt_path}")
     print(f"Private Key: {key_path}")
     return 0
@@ -333,7 +344,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     serial = args.serial
-    if not serial.isdigit():
+    if not re.fullmatch(r"[0-9]+", serial):
         raise ConfigError(f"serial {serial!r} must be a decimal number, as step prints serials")
 
     async def go() -> None:
@@ -536,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except FederatlsError as exc:
         print(f"federatls: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file system failure not translated where it happened
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"federatls: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("federatls: interrupted", file=sys.stderr)

@@ -16,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from ._errors import BadMaterialError
+
 __all__ = ["load_cert_chain_in_memory"]
 
 
@@ -43,7 +45,7 @@ def load_cert_chain_in_memory(
             view = memoryview(certs + plain)
             while view:
                 view = view[os.write(fd, view) :]
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            _load(ctx, f"/proc/self/fd/{fd}", None)
         finally:
             os.close(fd)
         return
@@ -57,6 +59,15 @@ def load_cert_chain_in_memory(
         path = tmp.name
         tmp.write(certs + sealed)
     try:
-        ctx.load_cert_chain(path, password=password)
+        _load(ctx, path, password)
     finally:
         os.unlink(path)
+
+
+def _load(ctx: ssl.SSLContext, path: str, password: bytes | None) -> None:
+    try:
+        ctx.load_cert_chain(path, password=password)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise BadMaterialError("the private key does not match the certificate") from exc
+        raise BadMaterialError(f"cannot load the certificate and key: {exc.reason or exc}") from exc

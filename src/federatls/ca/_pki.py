@@ -207,7 +207,10 @@ def init_pki(
         db_dir=final["db"],
     )
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.init-", dir=parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.init-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"cannot write into {parent}: {exc.strerror or exc}") from exc
     try:
         for sub in ("certs", "secrets", "config", "db"):
             (staging / sub).mkdir(mode=0o700 if sub in ("secrets", "db") else 0o755)
@@ -226,6 +229,9 @@ def init_pki(
         if directory.exists():
             directory.rmdir()  # empty, checked above
         staging.rename(directory)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigError(f"cannot write the PKI into {directory}: {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
