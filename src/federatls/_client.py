@@ -75,6 +75,8 @@ async def _call(
         raise CAUnreachableError(url, "timed out") from exc
     except httpx.TransportError as exc:
         raise CAUnreachableError(url, _transport_reason(exc)) from exc
+    except ssl.SSLError as exc:  # an alert after the handshake (TLS 1.3) escapes httpx
+        raise CAUnreachableError(url, f"TLS failure: {exc.reason or exc}") from exc
     if response.status_code not in expect:
         body = ErrorBody.parse(response.status_code, response.content)
         raise CARefusedError(

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ._duration import format_go_duration, parse_go_duration
@@ -82,7 +83,7 @@ class ProtocolError(BadMaterialError):
 def _json_object(body: bytes | str) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("error reading request body") from exc
     if not isinstance(data, dict):
         raise ProtocolError("error reading request body")
@@ -115,7 +116,13 @@ def _request_csr(data: Mapping[str, Any]) -> x509.CertificateSigningRequest:
         csr = load_pem_csr(pem)
     except BadMaterialError as exc:
         raise ProtocolError("error reading request body") from exc
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+        csr.public_key()
+        _ = csr.extensions  # a malformed extension shows here, not later
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        raise ProtocolError("invalid csr") from exc
+    if not valid:
         raise ProtocolError("invalid csr")
     return csr
 
@@ -451,7 +458,7 @@ class ErrorBody:
         """Tolerant: a CA (or a proxy) may answer an error with anything at all."""
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             text = body[:200].decode("utf-8", "replace").strip()
             return cls(status, text or f"HTTP {status} with an empty body")
         if isinstance(data, dict) and isinstance(data.get("message"), str):

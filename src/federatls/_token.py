@@ -49,6 +49,8 @@ MIN_VALIDITY = timedelta(seconds=10)  # step's token.MinValidity
 MAX_VALIDITY = timedelta(hours=1)  # step's token.MaxValidity
 LEEWAY = timedelta(minutes=1)  # step-ca validates exp/nbf/iat with one minute of leeway
 MAX_TOKEN_LENGTH = 16 * 1024  # far above any real token; refuses absurd input early
+_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last second a datetime can hold
+_MAX_HEADER = 8 * 1024  # renew tokens carry a certificate chain in their header
 
 
 def sign_audience(ca_url: str) -> str:
@@ -87,10 +89,10 @@ class Token:
         if raw.count(".") != 2:
             raise TokenError("token is not a compact JWS: it must have three dot-separated parts")
         try:
-            signed = jws.extract_compact(raw.encode("ascii"))
+            signed = jws.extract_compact(raw.encode("ascii"), registry=_registry(None))
             header = signed.headers()
             claims = json.loads(signed.payload)
-        except (JoseError, ValueError, TypeError, UnicodeError) as exc:
+        except (JoseError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
             raise TokenError(f"token cannot be decoded: {exc}") from exc
         if not isinstance(header, dict) or not isinstance(claims, dict):
             raise TokenError("token header and claims must be JSON objects")
@@ -104,12 +106,13 @@ class Token:
                 raise TokenError(f"token claim {name!r} must be a string")
         for name in ("exp", "nbf", "iat"):
             value = self.claims.get(name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TokenError(f"token claim {name!r} must be a number of seconds")
+            # A float compare never overflows (huge ints compare exactly); NaN fails it.
+            if not 0 <= value <= _MAX_TIME:
+                raise TokenError(f"token claim {name!r} is out of range")
         aud = self.claims.get("aud")
         if aud is not None and not (
             isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
@@ -334,9 +337,14 @@ RENEW_TOKEN_ISSUER = "step-ca-client/1.0"  # noqa: S105 (an issuer name, not a s
 _X5C_HEADER = HeaderParameter("step's certificate chain, not verified by JOSE", "list[str]")
 
 
-def _registry(alg: str) -> jws.JWSRegistry:
-    """Only ``alg`` is allowed; step's ``x5cInsecure`` header is known, not refused."""
-    return jws.JWSRegistry(header_registry={"x5cInsecure": _X5C_HEADER}, algorithms=[alg])
+def _registry(alg: str | None) -> jws.JWSRegistry:
+    """Only ``alg`` is allowed; step's ``x5cInsecure`` header is known, not refused, and may
+    be longer than joserfc's default 512 bytes (it holds a certificate chain)."""
+    registry = jws.JWSRegistry(
+        header_registry={"x5cInsecure": _X5C_HEADER}, algorithms=[alg] if alg else None
+    )
+    registry.max_header_length = _MAX_HEADER
+    return registry
 
 
 def _public_jwk(key: object) -> tuple[ECKey | RSAKey | OKPKey, str]:

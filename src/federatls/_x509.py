@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ._errors import BadMaterialError
@@ -54,7 +55,7 @@ def load_pem_certificates(
     for i, block in enumerate(blocks):
         try:
             certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
+        except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
             raise BadMaterialError(f"{what}: certificate #{i + 1} is not valid: {exc}") from exc
     return certs
 
@@ -71,7 +72,7 @@ def load_pem_csr(data: str | bytes) -> x509.CertificateSigningRequest:
         raise BadMaterialError("csr: no PEM CERTIFICATE REQUEST block found")
     try:
         return x509.load_pem_x509_csr(raw)
-    except ValueError as exc:
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise BadMaterialError(f"csr: not a valid certificate request: {exc}") from exc
 
 
@@ -116,11 +117,12 @@ def split_sans(sans: Sequence[str]) -> SANs:
     emails: list[str] = []
     uris: list[str] = []
     for san in sans:
-        try:
-            ips.append(ipaddress.ip_address(san))
-            continue
-        except ValueError:
-            pass
+        if "%" not in san:  # Go's net.ParseIP refuses zoned IPv6 ("fe80::1%eth0")
+            try:
+                ips.append(ipaddress.ip_address(san))
+                continue
+            except ValueError:
+                pass
         if _SCHEME.match(san):
             uris.append(san)
         elif "@" in san:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -166,7 +167,7 @@ class Authority:
             except ValueError:
                 raise Refusal(400, f"limit '{limit_text}' is not an integer") from None
             limit = _DEFAULT_PAGE if limit <= 0 else min(limit, _MAX_PAGE)
-        start = int(cursor) if cursor.isdigit() else 0
+        start = int(cursor) if re.fullmatch(r"[0-9]{1,9}", cursor) else 0
         items = list(self.config.provisioners)
         page = items[start : start + limit]
         following = start + limit
@@ -242,7 +243,7 @@ class Authority:
                 "certificate request does not contain the valid common name"
                 f" - got {cn}, want {subject}",
             )
-        public_key = _checked_public_key(csr.public_key())
+        public_key = _checked_public_key(csr.public_key())  # parse checked it loads
         _check_csr_sans(cert_sans(csr), sans)
         not_before, not_after = self._validity(
             request.not_before, request.not_after, prov.claims, now
@@ -267,12 +268,15 @@ class Authority:
         now: datetime,
     ) -> tuple[datetime, datetime]:
         backdate = self.config.backdate
-        if req_nb is None:
-            base, shift = now, backdate
-        else:
-            base, shift = req_nb.resolve(now), timedelta(0)
-        not_after = req_na.resolve(base) if req_na is not None else base + claims.default_tls
-        not_before = base - shift
+        try:
+            if req_nb is None:
+                base, shift = now, backdate
+            else:
+                base, shift = req_nb.resolve(now), timedelta(0)
+            not_after = req_na.resolve(base) if req_na is not None else base + claims.default_tls
+            not_before = base - shift
+        except OverflowError:
+            raise Refusal(400, "notBefore or notAfter is out of range") from None
         na, nb = _trunc(not_after), _trunc(not_before)
         if na < _trunc(now):
             raise Refusal(400, f"notAfter cannot be in the past; na={_go_time(na)}")
