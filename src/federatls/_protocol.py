@@ -7,6 +7,7 @@ that quote what is wrong. Not here: sockets, HTTP, the clock, any decision of th
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def _opt_str(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=64)  # the CA's own certificates recur in every answer
 def _cert_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 

@@ -9,6 +9,7 @@ Pure: the time is always passed in.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import secrets
@@ -337,6 +338,7 @@ RENEW_TOKEN_ISSUER = "step-ca-client/1.0"  # noqa: S105 (an issuer name, not a s
 _X5C_HEADER = HeaderParameter("step's certificate chain, not verified by JOSE", "list[str]")
 
 
+@functools.lru_cache(maxsize=16)
 def _registry(alg: str | None) -> jws.JWSRegistry:
     """Only ``alg`` is allowed; step's ``x5cInsecure`` header is known, not refused, and may
     be longer than joserfc's default 512 bytes (it holds a certificate chain)."""

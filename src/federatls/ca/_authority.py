@@ -17,7 +17,7 @@ import base64
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 from urllib.parse import urlsplit
@@ -37,7 +37,7 @@ from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
 from ._material import CAMaterial
-from ._store import IssuedCertificate, Revocation, Store
+from ._store import IssuedCertificate, Revocation, Store, TokenUse
 
 __all__ = ["Authority", "Refusal"]
 
@@ -127,6 +127,22 @@ class _Audiences:
         )
 
 
+def _token_use(raw: str, token: Token, provisioner: str, now: datetime) -> TokenUse:
+    """What spending a token records: its id (``jti``, or the token's SHA-256 without one, as
+    step-ca does), its provisioner and when it expires."""
+    token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
+    expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
+    return TokenUse(token_id, provisioner, expires, now)
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """A signed certificate waiting to be recorded (``Authority.commit``)."""
+
+    chain: tuple[x509.Certificate, ...]
+    spend: TokenUse  # the token, and the record of the certificate it buys
+
+
 class Authority:
     """One CA's policy over its material, configuration and store."""
 
@@ -186,8 +202,16 @@ class Authority:
     def authorize_token(
         self, raw: str, kind: TokenKind, now: datetime
     ) -> tuple[JWKProvisioner, Token]:
-        """Validate a one-time token and burn its id. Order: parse, ``iat`` against the CA's
-        start, audience and provisioner, **signature**, times, subject, then the replay mark."""
+        """Validate a one-time token and burn its id (see ``_validate_token``)."""
+        prov, token, spend = self._validate_token(raw, kind, now)
+        self._spend(spend)
+        return prov, token
+
+    def _validate_token(
+        self, raw: str, kind: TokenKind, now: datetime
+    ) -> tuple[JWKProvisioner, Token, TokenUse]:
+        """Validate a one-time token, without burning it yet. Order: parse, ``iat`` against
+        the CA's start, audience and provisioner, **signature**, times, subject, replay."""
         try:
             token = Token.parse(raw)
         except TokenError as exc:
@@ -220,19 +244,48 @@ class Authority:
             )
         if not token.subject:
             raise _unauthorized("jwk token subject cannot be empty")
-        self._burn(raw, token, prov.id, now)
-        return prov, token
+        spend = _token_use(raw, token, prov.id, now)
+        if self.store.token_used(spend.token_id):
+            raise _unauthorized("token already used")
+        return prov, token, spend
 
-    def _burn(self, raw: str, token: Token, provisioner: str, now: datetime) -> None:
-        token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
-        expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
-        if not self.store.use_token(token_id, provisioner, expires, now):
+    def _spend(self, spend: TokenUse) -> None:
+        if not self.store.record_issuances([spend])[0]:
             raise _unauthorized("token already used")
 
     # Sign ----------------------------------------------------------------------------------
     def sign(self, request: SignRequest, now: datetime) -> list[x509.Certificate]:
-        """Issue a certificate for a CSR and a one-time token."""
-        prov, token = self.authorize_token(request.ott, "sign", now)
+        """Issue a certificate for a CSR and a one-time token (``prepare_sign`` then
+        ``commit``)."""
+        issuance = self.prepare_sign(request, now)
+        if not self.commit([issuance])[0]:
+            raise _unauthorized("token already used")
+        return list(issuance.chain)
+
+    def prepare_sign(self, request: SignRequest, now: datetime) -> Issuance:
+        """Validate the token and the CSR and sign the certificate, without recording it.
+
+        A valid token is spent whatever happens: a refused CSR spends it here (as in
+        step-ca); a signed certificate spends it in ``commit``, in the same transaction that
+        records the certificate, so no certificate is handed out unrecorded."""
+        prov, token, spend = self._validate_token(request.ott, "sign", now)
+        try:
+            leaf, sans = self._issue(request, prov, token, now)
+        except Refusal:
+            self._spend(spend)
+            raise
+        record = self._record_of(leaf, prov.id, sans.as_strings())
+        return Issuance(tuple(self.chain_of(leaf)), replace(spend, certificate=record))
+
+    def commit(self, issuances: Sequence[Issuance]) -> list[bool]:
+        """Record certificates and spend their tokens, all in one transaction (the only
+        write of a successful sign). False for an issuance whose token a concurrent request
+        spent first: that certificate is not recorded and must not be handed out (401)."""
+        return self.store.record_issuances([i.spend for i in issuances])
+
+    def _issue(
+        self, request: SignRequest, prov: JWKProvisioner, token: Token, now: datetime
+    ) -> tuple[x509.Certificate, SANs]:
         subject = token.subject
         sans = split_sans(list(token.sans) or [subject])
         csr = request.csr
@@ -257,8 +310,7 @@ class Authority:
             not_after=not_after,
             provisioner=ProvisionerRef(prov.name, prov.key.kid),
         )
-        self._record(leaf, prov.id, sans.as_strings())
-        return self.chain_of(leaf)
+        return leaf, sans
 
     def _validity(
         self,
@@ -303,24 +355,22 @@ class Authority:
             raise Refusal(403, "requested notAfter is after the intermediate certificate expires")
         return not_before, not_after
 
-    def _record(
-        self,
+    @staticmethod
+    def _record_of(
         leaf: x509.Certificate,
         provisioner: str,
         sans: Sequence[str],
         renewed_from: str | None = None,
-    ) -> None:
-        self.store.add_certificate(
-            IssuedCertificate(
-                serial=_serial(leaf),
-                subject=common_name(leaf.subject),
-                sans=tuple(sans),
-                not_before=leaf.not_valid_before_utc,
-                not_after=leaf.not_valid_after_utc,
-                provisioner=provisioner,
-                der=leaf.public_bytes(Encoding.DER),
-                renewed_from=renewed_from,
-            )
+    ) -> IssuedCertificate:
+        return IssuedCertificate(
+            serial=_serial(leaf),
+            subject=common_name(leaf.subject),
+            sans=tuple(sans),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            provisioner=provisioner,
+            der=leaf.public_bytes(Encoding.DER),
+            renewed_from=renewed_from,
         )
 
     # Renew and rekey -----------------------------------------------------------------------
@@ -357,7 +407,9 @@ class Authority:
         leaf = renew_leaf(
             self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
         )
-        self._record(leaf, prov_id, cert_sans(leaf).as_strings(), renewed_from=_serial(peer))
+        self.store.add_certificate(
+            self._record_of(leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer))
+        )
         return self.chain_of(leaf)
 
     def authorize_renew_token(self, raw: str, now: datetime) -> x509.Certificate:
@@ -402,7 +454,8 @@ class Authority:
             raise _unauthorized("error validating renew token: invalid audience claim (aud)")
         if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
-        self._burn(raw, token, prov.id, now)
+        spend = _token_use(raw, token, prov.id, now)
+        self._spend(spend)
         return leaf
 
     def _chains_to_root(self, chain: Sequence[x509.Certificate]) -> bool:

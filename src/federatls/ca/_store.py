@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Protocol
 
 from .._errors import ConfigError
 
-__all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store"]
+__all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store", "TokenUse"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True)
+class TokenUse:
+    """A one-time token being spent, and the certificate it bought (if any)."""
+
+    token_id: str  # the token's jti (or its SHA-256 when it has none, as step-ca)
+    provisioner: str
+    expires_at: datetime
+    used_at: datetime
+    certificate: IssuedCertificate | None = None
+
+
+@dataclass(frozen=True)
 class Revocation:
     serial: str
     reason_code: int
@@ -49,10 +61,13 @@ class Revocation:
 class Store(Protocol):
     """What the CA needs from its database."""
 
-    def use_token(
-        self, token_id: str, provisioner: str, expires_at: datetime, now: datetime
-    ) -> bool:
-        """Mark a token id used; False if it was used before (a replay)."""
+    def token_used(self, token_id: str) -> bool:
+        """Whether a token id has been used (a read; ``record_issuances`` decides)."""
+
+    def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
+        """In one transaction, for each token use: mark the token used and record the
+        certificate it bought, if any; False (and nothing recorded for it) if the token was
+        used before (a replay). One transaction for many keeps a busy CA's commits cheap."""
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
         """Record an issued certificate."""
@@ -150,31 +165,51 @@ class SQLiteStore:
             )
             return cur.rowcount
 
-    def use_token(
-        self, token_id: str, provisioner: str, expires_at: datetime, now: datetime
-    ) -> bool:
+    def token_used(self, token_id: str) -> bool:
         with self._lock:
-            cur = self._conn.execute(
-                "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
-                (token_id, provisioner, _ts(expires_at), _ts(now)),
-            )
-            return cur.rowcount == 1
+            row = self._conn.execute(
+                "SELECT 1 FROM used_tokens WHERE token_id = ?", (token_id,)
+            ).fetchone()
+        return row is not None
+
+    def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
+        results: list[bool] = []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for use in issuances:
+                    cur = self._conn.execute(
+                        "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
+                        (use.token_id, use.provisioner, _ts(use.expires_at), _ts(use.used_at)),
+                    )
+                    fresh = cur.rowcount == 1
+                    if fresh and use.certificate is not None:
+                        self._insert_certificate(use.certificate)
+                    results.append(fresh)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        return results
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cert.serial,
-                    cert.subject,
-                    json.dumps(list(cert.sans)),
-                    _ts(cert.not_before),
-                    _ts(cert.not_after),
-                    cert.provisioner,
-                    cert.renewed_from,
-                    cert.der,
-                ),
-            )
+            self._insert_certificate(cert)
+
+    def _insert_certificate(self, cert: IssuedCertificate) -> None:
+        self._conn.execute(
+            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                cert.serial,
+                cert.subject,
+                json.dumps(list(cert.sans)),
+                _ts(cert.not_before),
+                _ts(cert.not_after),
+                cert.provisioner,
+                cert.renewed_from,
+                cert.der,
+            ),
+        )
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
         with self._lock:

@@ -1,0 +1,635 @@
+"""Sign throughput of the federatls CA against the real step-ca: same client, same machine,
+one run.
+
+What is measured
+----------------
+For each CA and each concurrency level (1, 8 and 64 clients by default): certificates issued
+per second and the p50/p99 latency of ``POST /1.0/sign``. Every request is what a
+bootstrapping client does: a new TCP connection, a full TLS handshake (no session
+resumption), one HTTP/1.1 request ``{"csr": ..., "ott": ...}`` sent with
+``Connection: close``, the whole response read, status 201 checked, the connection closed.
+Latency runs from the connect call to the last byte of the response. Alongside: the CPU
+time used by the CA process, by the load-generating processes and by the whole machine
+during each timed window, so a reader can see who had the cores.
+
+Both CAs get the same treatment: a fresh PKI from ``federatls.ca.init_pki`` in a temporary
+directory (P-256 root and intermediate, one JWK provisioner, one ca.json that both run), each
+CA in its own process (``step-ca ca.json`` and ``python -m federatls ca serve ca.json``), and
+the same client code drives both. Tokens (exactly what ``step ca token`` mints, one per
+request since they are one-time) and CSRs (a fresh P-256 key per request) are made before the
+timed phase, so while the clock runs the client does nothing but TCP, TLS and HTTP.
+The levels are interleaved (step-ca 1, federatls 1, step-ca 8, ...) so that a burst of
+outside load is less likely to hit only one CA.
+
+What is not measured
+--------------------
+* Other endpoints (renew, revoke, roots), HTTP keep-alive, TLS resumption, HTTP/2.
+* Network latency (everything is on 127.0.0.1) and the client side of enrolment (key
+  generation, token minting, certificate parsing).
+* CA start-up time.
+* Anything about correctness beyond "201 with a certificate in the body" (the test suite
+  covers that); one request per CA is checked more closely before the timed phases.
+
+Run ``python bench/sign_throughput.py --help``; bench/README.md explains how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import federatls
+from federatls._jwk import ProvisionerKey
+from federatls._keys import build_csr, new_private_key
+from federatls._token import mint_token, sign_audience
+from federatls.ca import init_pki
+
+PASSWORD = b"bench password, thrown away with the temporary directory"
+DEFAULT_STEPCA = "/var/tmp/stepca-build/bin/step-ca"  # noqa: S108 (where build.sh puts it)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REQUEST_TIMEOUT = 30.0  # seconds; a request slower than this counts as an error
+MAX_ERROR_SAMPLES = 5  # error messages kept per run (the count is always complete)
+
+
+# --- The CAs under test --------------------------------------------------------------------
+@dataclass
+class CA:
+    """A running CA: where it listens, what the client trusts, how to mint its tokens."""
+
+    name: str
+    directory: Path
+    host: str
+    port: int
+    root_pem: bytes
+    root_fingerprint: str
+    provisioner: str
+    key: ProvisionerKey
+    command: list[str] = field(default_factory=list)  # how to start it
+    process: subprocess.Popen[bytes] | None = None
+    version: str = ""
+    tls: str = ""  # negotiated TLS version and cipher, for the report
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "config" / "ca.json"
+
+    @property
+    def password(self) -> Path:
+        return self.directory / "password"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (step-ca needs a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_pki(base: Path, name: str) -> CA:
+    """A fresh PKI for one CA, listening on a fixed free loopback port."""
+    port = free_port()
+    result = init_pki(
+        name,
+        base / name,
+        address=f"127.0.0.1:{port}",
+        password=PASSWORD,
+        now=datetime.now(UTC),
+        dns_names=["127.0.0.1", "localhost"],
+    )
+    (result.directory / "password").write_bytes(PASSWORD + b"\n")
+    provisioner = json.loads(result.config.read_text())["authority"]["provisioners"][0]
+    return CA(
+        name=name,
+        directory=result.directory,
+        host="127.0.0.1",
+        port=port,
+        root_pem=result.root.read_bytes(),
+        root_fingerprint=result.root_fingerprint,
+        provisioner=provisioner["name"],
+        key=ProvisionerKey.decrypt(provisioner["encryptedKey"], PASSWORD),
+    )
+
+
+def client_context(root_pem: bytes) -> ssl.SSLContext:
+    """What a bootstrapping client uses: trust only the CA's root, check the host name
+    (127.0.0.1 is an IP SAN of the CA's certificate), HTTP/1.1, no session reuse (Python
+    only resumes a session when one is passed in explicitly, and we never do)."""
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@contextlib.contextmanager
+def running(ca: CA) -> Iterator[CA]:
+    """Start the CA (``ca.command``) with its output in a log file; wait until /health
+    answers."""
+    log = (ca.directory / "ca.log").open("wb")
+    ca.process = subprocess.Popen(ca.command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ctx = client_context(ca.root_pem)
+        deadline = time.monotonic() + 60
+        while True:
+            if ca.process.poll() is not None:
+                raise RuntimeError(f"{ca.name} exited: {(ca.directory / 'ca.log').read_text()}")
+            try:
+                if httpx.get(ca.url + "/health", verify=ctx, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ca.name} did not answer /health within 60 s")
+            time.sleep(0.1)
+        ca.version = httpx.get(ca.url + "/version", verify=ctx).json().get("version", "")
+        # step-ca refuses tokens issued (iat, whole seconds) before the second it started.
+        time.sleep(1.1)
+        yield ca
+    finally:
+        ca.process.terminate()
+        try:
+            ca.process.wait(10)
+        except subprocess.TimeoutExpired:
+            ca.process.kill()
+            ca.process.wait()
+        log.close()
+
+
+def check_one_sign(ca: CA) -> None:
+    """Before measuring: one sign request through httpx, the answer parsed as certificates,
+    and the TLS parameters the benchmark connections will negotiate."""
+    key = new_private_key()
+    subject = "check.bench.internal"
+    body = {
+        "csr": build_csr(key, subject, [subject]).public_bytes(serialization.Encoding.PEM).decode(),
+        "ott": _token(ca, subject),
+    }
+    answer = httpx.post(
+        ca.url + "/1.0/sign", json=body, verify=client_context(ca.root_pem), timeout=10
+    )
+    if answer.status_code != 201:
+        raise RuntimeError(f"{ca.name}: sign returned {answer.status_code}: {answer.text}")
+    leaf = x509.load_pem_x509_certificate(answer.json()["crt"].encode())
+    if leaf.public_key() != key.public_key():
+        raise RuntimeError(f"{ca.name}: the certificate is not for the CSR's key")
+    with (
+        socket.create_connection((ca.host, ca.port)) as raw,
+        client_context(ca.root_pem).wrap_socket(raw, server_hostname=ca.host) as tls,
+    ):
+        cipher = tls.cipher()
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    assert cipher is not None
+    server_key = x509.load_der_x509_certificate(der).public_key()
+    kind = (
+        server_key.curve.name
+        if isinstance(server_key, ec.EllipticCurvePublicKey)
+        else type(server_key).__name__
+    )
+    ca.tls = f"{cipher[1]} {cipher[0]}, server key {kind}"
+
+
+# --- The workload: one prepared HTTP request per certificate ---------------------------------
+def _token(ca: CA, subject: str) -> str:
+    return mint_token(
+        ca.key,
+        issuer=ca.provisioner,
+        subject=subject,
+        audience=sign_audience(ca.url),
+        now=datetime.now(UTC),
+        sans=[subject],
+        root_fingerprint=ca.root_fingerprint,
+    )
+
+
+def prepare_requests(ca: CA, count: int) -> list[bytes]:
+    """``count`` complete HTTP requests, each with its own key, CSR and one-time token.
+
+    Tokens are valid five minutes from now, so prepare just before using them."""
+    requests = []
+    for i in range(count):
+        subject = f"w{i}.bench.internal"
+        csr = build_csr(new_private_key(), subject, [subject])
+        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        body = json.dumps({"csr": pem, "ott": _token(ca, subject)}).encode()
+        head = (
+            f"POST /1.0/sign HTTP/1.1\r\nHost: {ca.host}:{ca.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        requests.append(head + body)
+    return requests
+
+
+# --- The client (runs in the load-generator processes) ---------------------------------------
+@dataclass
+class LoadJob:
+    """One load generator's share of a run. Times are ``time.monotonic()``, which on Linux is
+    one clock for all processes."""
+
+    host: str
+    port: int
+    root_pem: bytes
+    concurrency: int
+    requests: list[bytes]
+    start_at: float
+    stop_at: float  # no new request after this (math.inf: until ``requests`` run out)
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)  # seconds, successful requests only
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    last_end: float = 0.0
+    cpu_seconds: float = 0.0  # this load generator's user+system CPU in the window
+    ran_out: bool = False  # the prepared requests ended before stop_at
+
+
+async def sign_once(host: str, port: int, ctx: ssl.SSLContext, request: bytes) -> bytes:
+    """One certificate, as a bootstrapping client gets it: connect, TLS handshake, POST,
+    read until the server closes. Returns the raw response (status line onwards)."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
+    try:
+        writer.write(request)
+        return await reader.read()  # to EOF: we asked for Connection: close
+    finally:
+        writer.close()
+
+
+async def _run_load(job: LoadJob) -> LoadResult:
+    ctx = client_context(job.root_pem)
+    pending = iter(job.requests)
+    result = LoadResult()
+
+    async def client() -> None:
+        for request in pending:  # shared iterator: each request is sent once
+            if time.monotonic() >= job.stop_at:
+                return
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    response = await sign_once(job.host, job.port, ctx, request)
+                ok = response.startswith(b"HTTP/1.1 201 ") and b'"crt"' in response
+                problem = "" if ok else response[:300].decode(errors="replace")
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            ended = time.monotonic()
+            result.last_end = max(result.last_end, ended)
+            if problem:
+                result.errors += 1
+                if len(result.error_samples) < MAX_ERROR_SAMPLES:
+                    result.error_samples.append(problem)
+            else:
+                result.latencies.append(ended - started)
+        result.ran_out = time.monotonic() < job.stop_at
+
+    await asyncio.sleep(max(0.0, job.start_at - time.monotonic()))
+    cpu_before = time.process_time()
+    await asyncio.gather(*(client() for _ in range(job.concurrency)))
+    result.cpu_seconds = time.process_time() - cpu_before
+    return result
+
+
+def run_load(job: LoadJob) -> LoadResult:
+    """Entry point of a load-generator process."""
+    return asyncio.run(_run_load(job))
+
+
+# --- CPU accounting from /proc ------------------------------------------------------------
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy, summed over all cores (/proc/stat:
+    user, nice, system, irq and softirq; not idle, iowait or steal)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = values
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+# --- One measurement: one CA, one concurrency level -----------------------------------------
+@dataclass
+class LevelResult:
+    ca: str
+    concurrency: int
+    requests: int  # successful ones
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu: float  # CPU seconds / wall seconds: 1.0 = one core busy
+    client_cpu: float  # the load-generator processes together
+    other_cpu: float  # the rest of the machine: kernel networking, other users' work
+    server_ms_per_cert: float  # CA CPU milliseconds per certificate: the least noisy figure
+    ran_out: bool
+    error_samples: list[str]
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of an ascending list; NaN if it is empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    levels: tuple[int, ...]
+    duration: float
+    requests: int  # per level; 0 = run for ``duration``
+    warmup: int
+    client_processes: int
+
+
+@dataclass
+class LoadRun:
+    """What the load processes reported, and the CPU the CA and the machine used meanwhile."""
+
+    results: list[LoadResult]
+    start: float
+    server_cpu: float  # seconds
+    machine_busy: float  # seconds, all cores
+
+    @property
+    def seconds(self) -> float:
+        return max(r.last_end for r in self.results) - self.start
+
+    @property
+    def latencies(self) -> list[float]:
+        return sorted(x for r in self.results for x in r.latencies)
+
+
+def generate_load(
+    pool: concurrent.futures.Executor,
+    ca: CA,
+    concurrency: int,
+    requests: list[bytes],
+    seconds: float,
+    processes: int,
+) -> LoadRun:
+    """Send prepared requests with ``concurrency`` clients spread over the load processes,
+    for ``seconds`` or until the requests run out."""
+    processes = min(processes, concurrency)
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    cuts = [len(requests) * sum(shares[:i]) // concurrency for i in range(processes + 1)]
+    start_at = time.monotonic() + 0.5  # every process starts the clock together
+    jobs = [
+        LoadJob(
+            ca.host,
+            ca.port,
+            ca.root_pem,
+            shares[i],
+            requests[cuts[i] : cuts[i + 1]],
+            start_at,
+            start_at + seconds,
+        )
+        for i in range(processes)
+    ]
+    futures = [pool.submit(run_load, job) for job in jobs]
+    while time.monotonic() < start_at:
+        time.sleep(0.001)
+    assert ca.process is not None
+    server_before = process_cpu_seconds(ca.process.pid)
+    busy_before = machine_busy_seconds()
+    results = [f.result() for f in futures]
+    server = process_cpu_seconds(ca.process.pid) - server_before
+    busy = machine_busy_seconds() - busy_before
+    return LoadRun(results, start_at, server, busy)
+
+
+def measure(
+    pool: concurrent.futures.Executor, ca: CA, concurrency: int, settings: Settings
+) -> LevelResult:
+    """Warm up, then measure one CA at one concurrency level."""
+    procs = settings.client_processes
+    warmup = prepare_requests(ca, max(settings.warmup, 4 * concurrency))
+    warm = generate_load(pool, ca, concurrency, warmup, math.inf, procs)
+    if any(r.errors for r in warm.results):
+        samples = [s for r in warm.results for s in r.error_samples]
+        raise RuntimeError(f"{ca.name} failed during warm-up: {samples}")
+
+    if settings.requests:
+        count, seconds = settings.requests, math.inf
+    else:  # enough requests for twice the warm-up rate; flagged if they still run out
+        seconds = settings.duration
+        warm_rate = len(warm.latencies) / warm.seconds
+        count = math.ceil(2 * warm_rate * seconds) + 4 * concurrency
+    run = generate_load(pool, ca, concurrency, prepare_requests(ca, count), seconds, procs)
+    window, latencies = run.seconds, run.latencies
+    client_cpu = sum(r.cpu_seconds for r in run.results)
+    return LevelResult(
+        ca=ca.name,
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=sum(r.errors for r in run.results),
+        seconds=window,
+        rps=len(latencies) / window,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        server_cpu=run.server_cpu / window,
+        client_cpu=client_cpu / window,
+        other_cpu=max(0.0, run.machine_busy - run.server_cpu - client_cpu) / window,
+        server_ms_per_cert=run.server_cpu / max(1, len(latencies)) * 1000,
+        ran_out=settings.requests == 0 and any(r.ran_out for r in run.results),
+        error_samples=[s for r in run.results for s in r.error_samples][:MAX_ERROR_SAMPLES],
+    )
+
+
+# --- Report ---------------------------------------------------------------------------------
+def print_table(title: str, rows: Sequence[LevelResult]) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'clients':>7} {'cert/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+        f"{'requests':>8} {'CA cpu':>6} {'client':>6} {'other':>6} {'CA ms/cert':>10}"
+    )
+    for r in rows:
+        note = "  (ran out of prepared requests early)" if r.ran_out else ""
+        print(
+            f"{r.concurrency:>7} {r.rps:>8.1f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.errors:>6} "
+            f"{r.requests:>8} {r.server_cpu:>6.0%} {r.client_cpu:>6.0%} {r.other_cpu:>6.0%} "
+            f"{r.server_ms_per_cert:>10.2f}{note}"
+        )
+
+
+def ratios(ours: Sequence[LevelResult], theirs: Sequence[LevelResult]) -> list[dict[str, float]]:
+    return [
+        {
+            "concurrency": a.concurrency,
+            "throughput": a.rps / b.rps,
+            "p50": a.p50_ms / b.p50_ms,
+            "p99": a.p99_ms / b.p99_ms,
+            "ca_cpu_per_cert": a.server_ms_per_cert / b.server_ms_per_cert,
+        }
+        for a, b in zip(ours, theirs, strict=True)
+    ]
+
+
+def print_ratios(rows: Sequence[dict[str, float]]) -> None:
+    print("\nfederatls / step-ca: cert/s above 1 and the others below 1 favour federatls")
+    print(f"{'clients':>7} {'cert/s':>8} {'p50':>7} {'p99':>7} {'CA ms/cert':>10}")
+    for r in rows:
+        print(
+            f"{r['concurrency']:>7} {r['throughput']:>7.2f}x {r['p50']:>6.2f}x {r['p99']:>6.2f}x "
+            f"{r['ca_cpu_per_cert']:>9.2f}x"
+        )
+
+
+def filesystem_of(path: Path) -> str:
+    """The file-system type holding ``path`` (both CAs' databases live there)."""
+    best, kind = "", "?"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mount, fs = line.split()[1:3]
+        inside = (str(path.resolve()) + "/").startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fs
+    return kind
+
+
+# --- Main -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--levels", default="1,8,64", help="concurrent clients, comma-separated")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per level and CA")
+    p.add_argument(
+        "--requests", type=int, default=0, help="requests per level and CA instead of --duration"
+    )
+    p.add_argument("--warmup", type=int, default=100, help="warm-up requests (at least 4/client)")
+    p.add_argument(
+        "--client-processes", type=int, default=1, help="load-generator processes (default 1)"
+    )
+    p.add_argument(
+        "--stepca",
+        default=os.environ.get("FEDERATLS_STEPCA", DEFAULT_STEPCA),
+        help=f"step-ca binary (default $FEDERATLS_STEPCA or {DEFAULT_STEPCA})",
+    )
+    p.add_argument("--workdir", type=Path, help="where the temporary PKIs go (default: $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the PKIs and CA logs")
+    p.add_argument("--json", type=Path, help="result file (default: bench/results/...)")
+    return p.parse_args(argv)
+
+
+def run_benchmark(
+    settings: Settings, stepca: str, base: Path
+) -> tuple[list[CA], dict[str, list[LevelResult]]]:
+    """Start both CAs on fresh PKIs under ``base`` and measure them level by level."""
+    real, ours = make_pki(base, "step-ca"), make_pki(base, "federatls")
+    real.command = [stepca, str(real.config), "--password-file", str(real.password)]
+    ours.command = [sys.executable, "-m", "federatls", "ca", "serve", str(ours.config)]
+    ours.command += ["--password-file", str(ours.password)]
+    results: dict[str, list[LevelResult]] = {"step-ca": [], "federatls": []}
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        running(real),
+        running(ours),
+        concurrent.futures.ProcessPoolExecutor(settings.client_processes, spawn) as pool,
+    ):
+        for ca in (real, ours):
+            check_one_sign(ca)
+            print(f"{ca.name} {ca.version} at {ca.url}, {ca.tls}", flush=True)
+        for concurrency in settings.levels:
+            for ca in (real, ours):
+                print(f"  {ca.name}: {concurrency} client(s) ...", end="", flush=True)
+                row = measure(pool, ca, concurrency, settings)
+                results[ca.name].append(row)
+                print(f" {row.rps:.0f} cert/s, {row.errors} errors", flush=True)
+    return [real, ours], results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(
+        levels=tuple(int(x) for x in args.levels.split(",")),
+        duration=args.duration,
+        requests=args.requests,
+        warmup=args.warmup,
+        client_processes=args.client_processes,
+    )
+    stepca = shutil.which(args.stepca) or args.stepca
+    if not os.access(stepca, os.X_OK):
+        print(f"step-ca not found at {stepca}: build it or pass --stepca", file=sys.stderr)
+        return 2
+
+    base = Path(tempfile.mkdtemp(prefix="federatls-bench-", dir=args.workdir))
+    started = datetime.now(UTC)
+    load_before = os.getloadavg()
+    try:
+        cas, results = run_benchmark(settings, stepca, base)
+    finally:
+        if args.keep:
+            print(f"PKIs and CA logs kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print(
+        f"\n{os.cpu_count()} CPUs, load average before the run {load_before[0]:.2f}; "
+        f"CPU columns: 100% = one core busy for the whole window"
+    )
+    for ca in cas:
+        print_table(f"{ca.name} ({ca.version})", results[ca.name])
+    table = ratios(results["federatls"], results["step-ca"])
+    print_ratios(table)
+
+    report = {
+        "benchmark": "sign_throughput",
+        "started": started.isoformat(),
+        "settings": asdict(settings),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "filesystem": filesystem_of(base.parent),
+        },
+        "cas": {
+            ca.name: {"version": ca.version, "tls": ca.tls, "command": " ".join(ca.command)}
+            for ca in cas
+        },
+        "federatls_version": federatls.__version__,
+        "results": {name: [asdict(r) for r in rows] for name, rows in results.items()},
+        "ratios_federatls_over_stepca": table,
+    }
+    out = args.json or RESULTS_DIR / f"sign_throughput-{started:%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+    errors = sum(r.errors for rows in results.values() for r in rows)
+    if errors:
+        print(f"{errors} request(s) failed; see error_samples in the JSON", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
