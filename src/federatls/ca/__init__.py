@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._pki import InitResult, init_pki
-from ._store import IssuedCertificate, Revocation, SQLiteStore, Store
+from ._store import IssuedCertificate, Revocation, SQLiteStore, Store, TokenUse
 
 if TYPE_CHECKING:
     from ._server import CAServer, serve
@@ -25,6 +25,7 @@ __all__ = [
     "Revocation",
     "SQLiteStore",
     "Store",
+    "TokenUse",
     "init_pki",
     "serve",
 ]
