@@ -11,6 +11,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from cryptography import x509
 from joserfc import jws
@@ -259,3 +261,58 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+# Running the command line ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """What a finished ``federatls`` process left: exit status, stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def federatls(*args: str | Path, cwd: Path | None = None) -> Run:
+    """Run ``python -m federatls ARGS`` as a real subprocess; the event loop keeps serving any
+    in-process CA meanwhile. stdin is not a terminal, so nothing can prompt."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "federatls", *map(str, args)],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+    return Run(result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def assert_one_line_error(run: Run, *fragments: str) -> str:
+    """Exit 1, nothing on stdout, exactly one ``federatls: error:`` line naming ``fragments``."""
+    assert run.code == 1, run
+    assert run.out == "", run
+    lines = run.err.splitlines()
+    assert len(lines) == 1, run.err
+    assert lines[0].startswith("federatls: error: "), run.err
+    for fragment in fragments:
+        assert fragment in lines[0], run.err
+    return lines[0]
+
+
+async def start_serving(pki: PKI) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``federatls ca serve`` on ``pki`` as a subprocess; returns it and the first line
+    it printed (``Serving HTTPS on URL ...`` once it serves)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "federatls",
+        "ca",
+        "serve",
+        str(pki.config),
+        "--password-file",
+        str(pki.password_file),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    return proc, line

@@ -20,7 +20,7 @@ from federatls.ca import CAServer
 from federatls.ca._issuer import SERVER_COMMON_NAME
 from federatls.ca._server import server_renewal_due
 
-from harness import PKI, make_pki, serving
+from harness import PKI, make_pki, serving, start_serving
 
 pytestmark = pytest.mark.anyio
 
@@ -228,20 +228,7 @@ async def test_reload_picks_up_federation(ca: CAServer, pki: PKI, tmp_path: Path
 
 
 async def _serve_process(pki: PKI) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "federatls",
-        "ca",
-        "serve",
-        str(pki.config),
-        "--password-file",
-        str(pki.password_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    proc, line = await start_serving(pki)
     assert line.startswith("Serving HTTPS on "), line
     return proc, line.split()[3]
 

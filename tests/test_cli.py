@@ -8,7 +8,6 @@ a runtime error is exit 1, nothing on stdout and one ``federatls: error:`` line 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -17,10 +16,7 @@ import signal
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +33,18 @@ from federatls._keys import build_csr, new_private_key
 from federatls._x509 import fingerprint, load_pem_certificate, load_pem_certificates
 from federatls.ca import CAServer
 
-from harness import PKI, FakeClock, free_port, make_pki, serving, stepca_process
+from harness import (
+    PKI,
+    FakeClock,
+    Run,
+    assert_one_line_error,
+    federatls,
+    free_port,
+    make_pki,
+    serving,
+    start_serving,
+    stepca_process,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,42 +53,9 @@ DAY_AND_BACKDATE = 24 * 3600 + 60
 
 
 # Running the CLI -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """What a finished ``federatls`` process left: exit status, stdout and stderr."""
-
-    code: int
-    out: str
-    err: str
-
-
-async def federatls(*args: str | Path, cwd: Path | None = None) -> Run:
-    """Run ``python -m federatls ARGS`` as a subprocess; the event loop keeps serving the
-    in-process CA meanwhile. stdin is not a terminal, so nothing can prompt."""
-    result = await anyio.run_process(
-        [sys.executable, "-m", "federatls", *map(str, args)],
-        check=False,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-    )
-    return Run(result.returncode, result.stdout.decode(), result.stderr.decode())
-
-
 def assert_ok(run: Run) -> None:
     assert run.code == 0, run
     assert run.err == "", run
-
-
-def assert_one_line_error(run: Run, *fragments: str) -> str:
-    """Exit 1, nothing on stdout, exactly one ``federatls: error:`` line naming ``fragments``."""
-    assert run.code == 1, run
-    assert run.out == "", run
-    lines = run.err.splitlines()
-    assert len(lines) == 1, run.err
-    assert lines[0].startswith("federatls: error: "), run.err
-    for fragment in fragments:
-        assert fragment in lines[0], run.err
-    return lines[0]
 
 
 def ca_flags(pki: PKI) -> list[str]:
@@ -937,23 +911,8 @@ async def test_serve_runs_a_ca_until_sigterm(pki: PKI, tmp_path: Path) -> None:
     port = free_port()
     pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
     pki.url = f"https://127.0.0.1:{port}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "federatls",
-        "ca",
-        "serve",
-        str(pki.config),
-        "--password-file",
-        str(pki.password_file),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc, line = await start_serving(pki)
     try:
-        assert proc.stdout is not None
-        with anyio.fail_after(30):
-            line = (await proc.stdout.readline()).decode()
         assert line == f"Serving HTTPS on {pki.url} (root fingerprint {pki.fingerprint})\n"
         run = await federatls("ca", "health", *ca_flags(pki))
         assert run.out == "ok\n"

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from federatls._keys import build_csr, new_private_key
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import CAServer
 
-from harness import PASSWORD, PKI, serving, stepca_process
+from harness import PASSWORD, PKI, Run, assert_one_line_error, federatls, serving, stepca_process
 
 pytestmark = pytest.mark.anyio
 
@@ -56,38 +55,6 @@ PLAINTEXT_KEY_MARKERS = (
 
 
 # Helpers -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """What a finished ``federatls`` process left: exit status, stdout and stderr."""
-
-    code: int
-    out: str
-    err: str
-
-
-async def federatls(*args: str | Path, cwd: Path | None = None) -> Run:
-    """Run ``python -m federatls ARGS`` as a real subprocess without blocking the event loop."""
-    result = await anyio.run_process(
-        [sys.executable, "-m", "federatls", *map(str, args)],
-        check=False,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-    )
-    return Run(result.returncode, result.stdout.decode(), result.stderr.decode())
-
-
-def assert_one_line_error(run: Run, *fragments: str) -> str:
-    """Exit 1, nothing on stdout, exactly one ``federatls: error:`` line naming ``fragments``."""
-    assert run.code == 1, run
-    assert run.out == "", run
-    lines = run.err.splitlines()
-    assert len(lines) == 1, run.err
-    assert lines[0].startswith("federatls: error: "), run.err
-    for fragment in fragments:
-        assert fragment in lines[0], run.err
-    return lines[0]
-
-
 def password_file(tmp_path: Path, password: bytes = PASSWORD) -> Path:
     path = tmp_path / f"password-{hashlib.sha256(password).hexdigest()[:8]}.txt"
     path.write_bytes(password + b"\n")
