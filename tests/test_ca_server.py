@@ -4,6 +4,7 @@ bodies, limits, its own server certificate, reloads and signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import ssl
@@ -20,7 +21,7 @@ from federatls.ca import CAServer
 from federatls.ca._issuer import SERVER_COMMON_NAME
 from federatls.ca._server import server_renewal_due
 
-from harness import PKI, make_pki, serving, start_serving
+from harness import PKI, make_pki, serving, start_serving, stepca_process
 
 pytestmark = pytest.mark.anyio
 
@@ -291,3 +292,31 @@ async def test_ca_json_errors_name_the_field(pki: PKI) -> None:
         async with serving(pki):
             pass
     json.loads(pki.config.read_text())  # the file itself is left as it was
+
+
+@pytest.mark.parametrize("backend", ["federatls", "step-ca"])
+async def test_several_roots_are_served(
+    backend: str, pki: PKI, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """ca.json may list several roots (rotation): /roots and /federation carry them all, on
+    the federatls CA as on step-ca, and /root/{sha} finds each."""
+    other = make_pki(tmp_path, "next")
+    pki.edit(lambda d: d.__setitem__("root", [str(pki.root_path), str(other.root_path)]))
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "federatls":
+            await stack.enter_async_context(serving(pki))
+        else:
+            stack.enter_context(stepca_process(request.getfixturevalue("stepca_bin"), pki))
+        async with _http(pki) as http:
+            roots = await http.get("/roots")
+            federation = await http.get("/federation")
+            second = await http.get(f"/root/{other.fingerprint}")
+    want = {pki.fingerprint, other.fingerprint}
+    assert roots.status_code == 201
+    assert _fingerprints(roots.json()["crts"]) == want
+    assert _fingerprints(federation.json()["crts"]) == want
+    assert second.status_code == 200
+
+
+def _fingerprints(pems: list[str]) -> set[str]:
+    return {fingerprint(c) for c in load_pem_certificates("".join(pems))}
