@@ -7,6 +7,7 @@ renewal rules are tested without waiting.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from federatls._protocol import RekeyRequest, RevokeRequest, SignRequest
 from federatls.ca import CAServer
 from federatls.ca._store import SQLiteStore
 
-from harness import PKI, FakeClock, make_pki, serving
+from harness import PKI, FakeClock, make_pki, serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -96,14 +97,20 @@ async def test_disabled_renewal_is_refused(pki: PKI, clock: FakeClock) -> None:
     assert info.value.status == 401
 
 
-async def test_foreign_client_certificate_fails_tls(ca: CAServer, pki: PKI, tmp_path: Path) -> None:
-    """A certificate from another CA, even a federated one, cannot authenticate to this CA."""
+async def test_foreign_client_certificate_fails_tls(
+    ca: CAServer, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate from another CA, even a federated one, cannot authenticate to this CA;
+    the CA logs the refused handshake with its reason."""
     other = make_pki(tmp_path, "kubernetes")
     async with serving(other):
         chain, key = await other.enroll("intruder")
+    caplog.set_level(logging.INFO, "federatls.ca")
     with pytest.raises(CAUnreachableError) as info:
         await _renew(pki, chain, key)
     assert "TLS failure" in str(info.value)
+    await wait_until(lambda: "refused TLS connection from 127.0.0.1" in caplog.text)
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
 
 
 async def test_rekey_changes_the_key_only(ca: CAServer, pki: PKI) -> None:

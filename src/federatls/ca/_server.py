@@ -43,9 +43,10 @@ from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, split_address
 from ._issuer import server_certificate
+from ._listener import TLSAcceptor
 from ._material import load_material
 from ._store import SQLiteStore
-from ._tls import SwappableServerContext, build_server_context
+from ._tls import build_server_context
 
 __all__ = ["CAServer", "serve"]
 
@@ -298,7 +299,9 @@ class CAServer:
         self._port = port
         self._store: SQLiteStore | None = None
         self._authority: Authority | None = None
-        self._contexts: SwappableServerContext | None = None
+        self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
+        self._listener: asyncio.Server | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._renewal: asyncio.Task[None] | None = None
         self.clock = clock
@@ -370,7 +373,7 @@ class CAServer:
         host, port = split_address(config.address)
         host = self._host if self._host is not None else host
         port = self._port if self._port is not None else port
-        self._contexts = SwappableServerContext(self._new_context(self._authority))
+        self._tls = self._new_context(self._authority)
         self._runner = web.AppRunner(
             build_app(self._authority, self.clock),
             access_log=None,
@@ -380,21 +383,20 @@ class CAServer:
             max_field_size=MAX_BODY_BYTES,
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            host or None,
-            port,
-            ssl_context=self._contexts.listening,
-            reuse_address=True,
-        )
+        handlers = self._runner.server
+        assert handlers is not None
+
+        def accept() -> TLSAcceptor:
+            return TLSAcceptor(handlers, self._current_tls, self._handshakes)
+
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                accept, host or None, port, reuse_address=True, backlog=1024
+            )
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(f"cannot listen on {config.address}: {exc.strerror}") from exc
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname() if sockets else (host, port)
+        bound = self._listener.sockets[0].getsockname()
         self.address = (str(bound[0]), int(bound[1]))
         self._renewal = asyncio.create_task(self._renew_server_certificate())
         log.info("serving HTTPS on %s (root %s)", self.url, self.root_fingerprint)
@@ -408,10 +410,9 @@ class CAServer:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
         assert self._runner is not None
-        assert self._contexts is not None
         self._runner.app[_STATE].authority = authority
         self._authority = authority
-        self._contexts.install(ctx)
+        self._tls = ctx
         log.info(
             "configuration reloaded from %s: %d root(s), %d federated root(s)",
             self.config_path,
@@ -420,10 +421,13 @@ class CAServer:
         )
         return True
 
+    def _current_tls(self) -> ssl.SSLContext:
+        assert self._tls is not None
+        return self._tls
+
     def renew_server_certificate(self) -> x509.Certificate:
         """Issue the CA a new server certificate; new handshakes use it at once."""
-        assert self._contexts is not None
-        self._contexts.install(self._new_context(self.authority))
+        self._tls = self._new_context(self.authority)
         assert self.server_certificate is not None
         log.info(
             "renewed the CA's own server certificate (serial %d)",
@@ -451,6 +455,12 @@ class CAServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
             self._renewal = None
+        if self._listener is not None:
+            self._listener.close()
+            for task in list(self._handshakes):
+                task.cancel()
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -1,8 +1,8 @@
 """The CA's HTTPS contexts: step-ca's TLS settings (``tls`` in ca.json), the CA's own server
 certificate, and client certificates verified against the CA's *own* roots only (federated
-roots never authenticate a client to the CA, as in step-ca). New contexts are swapped in for
-new handshakes through ``sni_callback``, so a renewed server certificate or a reloaded root
-list never needs a restart.
+roots never authenticate a client to the CA, as in step-ca). The listener takes the newest
+context for each new handshake, so a renewed server certificate or a reloaded root list never
+needs a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .._errors import ConfigError
 from .._sslkeys import load_cert_chain_in_memory
 from .._x509 import certs_to_pem
 
-__all__ = ["SwappableServerContext", "build_server_context"]
+__all__ = ["build_server_context"]
 
 # Go cipher-suite names (ca.json) -> OpenSSL names; they apply to TLS 1.2 (TLS 1.3 suites are
 # not configurable in Go either).
@@ -73,28 +73,3 @@ def build_server_context(
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cadata=certs_to_pem(client_cas))
     return ctx
-
-
-class SwappableServerContext:
-    """A listening context whose handshakes use whichever context was installed last."""
-
-    def __init__(self, initial: ssl.SSLContext) -> None:
-        self._current = initial
-        initial.sni_callback = self._select
-        self.listening = initial
-
-    @property
-    def current(self) -> ssl.SSLContext:
-        return self._current
-
-    def install(self, ctx: ssl.SSLContext) -> None:
-        """Use ``ctx`` for every handshake from now on (live connections keep theirs)."""
-        self._current = ctx
-
-    def _select(
-        self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
-    ) -> None:
-        # Called for every ClientHello, with or without SNI. Only the certificate and the
-        # trust store come from the new context; verify mode is the same in every context.
-        if self._current is not ctx:
-            sslobj.context = self._current
