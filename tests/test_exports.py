@@ -10,6 +10,10 @@ import pytest
 
 import federatls
 import federatls.ca
+import federatls.integrations.streams
+import federatls.testing
+
+MODULES = [federatls, federatls.ca, federatls.integrations.streams, federatls.testing]
 
 API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
 
@@ -20,13 +24,13 @@ def _documented(package: str) -> set[str]:
     return set(names)
 
 
-@pytest.mark.parametrize("module", [federatls, federatls.ca], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_all_matches_documentation(module: ModuleType) -> None:
     """Every exported name is documented and every documented name is exported."""
     assert set(module.__all__) == _documented(module.__name__)
 
 
-@pytest.mark.parametrize("module", [federatls, federatls.ca], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_every_exported_name_resolves(module: ModuleType) -> None:
     """Each name in ``__all__`` is really there (lazy ones included)."""
     for name in module.__all__:

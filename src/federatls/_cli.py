@@ -24,7 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from . import __version__
 from ._client import CAClient, fetch_root
 from ._duration import parse_go_duration
 from ._errors import BadMaterialError, ConfigError, FederatlsError
@@ -32,6 +31,7 @@ from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
 from ._protocol import RevokeRequest, SignRequest, TimeDuration
 from ._token import DEFAULT_VALIDITY, Token, mint_token, revoke_audience, sign_audience
+from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
 
 __all__ = ["main"]

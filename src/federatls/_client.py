@@ -15,7 +15,6 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from . import __version__
 from ._errors import BadMaterialError, CARefusedError, CAUnreachableError, FingerprintMismatchError
 from ._protocol import (
     ErrorBody,
@@ -30,6 +29,7 @@ from ._protocol import (
     VersionResponse,
 )
 from ._sslkeys import load_cert_chain_in_memory
+from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint
 
 __all__ = ["CAClient", "fetch_root"]

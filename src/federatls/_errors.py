@@ -90,4 +90,9 @@ class CAUnreachableError(FederatlsError):
 
 
 class PeerNotAuthorisedError(FederatlsError):
-    """A TLS peer presented a valid certificate, but an authoriser refused it."""
+    """A TLS peer presented a valid certificate, but an authoriser refused it. ``peer`` is the
+    ``PeerInfo`` that was refused."""
+
+    def __init__(self, message: str, *, peer: Any = None) -> None:
+        self.peer = peer
+        super().__init__(message)

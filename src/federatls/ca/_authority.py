@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .. import __version__
 from .._duration import format_go_duration
 from .._errors import TokenError
 from .._protocol import ErrorBody, RevokeRequest, SignRequest, TimeDuration
 from .._token import RENEW_TOKEN_ISSUER, Token
+from .._version import __version__
 from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf

@@ -1,0 +1,114 @@
+"""``bootstrap(token)``: from a step-style one-time token to a ready identity.
+
+The token carries the CA URL (``aud``) and the root fingerprint (``sha``). The root is
+fetched without TLS verification and must have that fingerprint, else nothing more is sent;
+from then on the CA is reached pinned to that root. A key is made in memory, its CSR signed,
+and the CA's own roots and federation bundle fetched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+from ._client import DEFAULT_TIMEOUT, CAClient, fetch_root
+from ._errors import BadMaterialError, TokenError
+from ._identity import Identity
+from ._keys import KeyType, build_csr, new_private_key
+from ._protocol import SignRequest, TimeDuration
+from ._sync import run_sync
+from ._token import LEEWAY, Token
+from ._trust import TrustBundle
+
+__all__ = ["bootstrap", "bootstrap_sync"]
+
+log = logging.getLogger("federatls")
+
+
+def _read_token(token: str, now: datetime) -> tuple[Token, str, str]:
+    parsed = Token.parse(token)
+    ca_url = parsed.ca_url()
+    sha = parsed.root_fingerprint
+    if sha is None:
+        raise TokenError("the token has no 'sha' claim: the CA's root cannot be pinned")
+    if not parsed.subject:
+        raise TokenError("the token has no subject ('sub')")
+    exp = parsed.expires_at
+    if exp is not None and now.timestamp() - LEEWAY.total_seconds() > exp:
+        when = datetime.fromtimestamp(exp, UTC).isoformat()
+        raise TokenError(f"the token expired at {when}: ask for a new one")
+    return parsed, ca_url, sha
+
+
+def _check_chain(chain: tuple[x509.Certificate, ...], trust: TrustBundle) -> None:
+    """The issued chain must lead, link by link, to one of the CA's own roots."""
+    for child, parent in itertools.pairwise(chain):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+            raise BadMaterialError("the CA's certificate chain is broken") from exc
+    if trust.own().anchor_of(chain[-1]) is None:
+        raise BadMaterialError("the issued certificate does not chain to a root of its CA")
+
+
+async def bootstrap(
+    token: str,
+    *,
+    key_type: KeyType = KeyType.P256,
+    lifetime: timedelta | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Identity:
+    """Enrol with the CA a one-time token names; returns the ready ``Identity``.
+
+    ``key_type``: P-256 (default), Ed25519, RSA-2048 or RSA-3072, made in this process.
+    ``lifetime``: the certificate lifetime to ask for (the CA's default otherwise, and the
+    CA's claims bound it). Raises ``TokenError`` (a bad or expired token),
+    ``FingerprintMismatchError`` (the CA presented another root: nothing else was sent),
+    ``CARefusedError`` (status and body of the refusal), ``CAUnreachableError``.
+    """
+    parsed, ca_url, sha = _read_token(token, datetime.now(UTC))
+    root = await fetch_root(ca_url, sha, timeout=timeout)
+    key = new_private_key(key_type)
+    sans = list(parsed.sans) or [parsed.subject]
+    request = SignRequest(
+        build_csr(key, parsed.subject, sans),
+        token,
+        not_after=TimeDuration(relative=lifetime) if lifetime is not None else None,
+    )
+    async with CAClient(ca_url, [root], timeout=timeout) as ca:
+        signed = await ca.sign(request)
+        own = await ca.roots_bundle()
+        federation = await ca.federation()
+    trust = TrustBundle.from_ca(own, federation)
+    identity = Identity.from_parts(signed.chain, key, trust, ca_url)
+    if not identity.public_key_matches(signed.leaf):
+        raise BadMaterialError("the CA returned a certificate for another key")
+    _check_chain(signed.chain, trust)
+    log.info(
+        "enrolled %s with %s: serial %d, valid until %s, trusting %d root(s)",
+        identity.common_name,
+        ca_url,
+        identity.serial,
+        identity.not_after.isoformat(),
+        len(trust),
+    )
+    return identity
+
+
+def bootstrap_sync(
+    token: str,
+    *,
+    key_type: KeyType = KeyType.P256,
+    lifetime: timedelta | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Identity:
+    """``bootstrap`` for blocking code (runs it on a private event loop thread)."""
+
+    async def run() -> Identity:
+        return await bootstrap(token, key_type=key_type, lifetime=lifetime, timeout=timeout)
+
+    return run_sync(run)

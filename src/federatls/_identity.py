@@ -1,0 +1,150 @@
+"""A workload's identity: its certificate chain, its private key (kept in memory), and the
+roots it trusts with their provenance. It hands out ``ssl.SSLContext``s and tells who a peer
+is. Not here: getting an identity (``_bootstrap``) or keeping it fresh (renewal).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ._authorise import Authoriser, authorise_connection
+from ._contexts import new_client_context, new_server_context
+from ._keys import PrivateKey
+from ._peer import PeerInfo, peer_info
+from ._trust import TrustBundle
+from ._x509 import SANs, cert_sans, certs_to_pem, common_name
+
+__all__ = ["Identity", "TrustChoice"]
+
+TrustChoice = Literal["federation", "own"]
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    """A certificate chain (leaf first, no root), its private key, and the trust bundle of
+    its CA (own roots and federated roots, each with its provenance).
+
+    The private key never leaves memory unless ``export_private_key`` is called.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    trust: TrustBundle
+    ca_url: str
+    _key: PrivateKey = field(repr=False)
+
+    @classmethod
+    def from_parts(
+        cls, chain: Sequence[x509.Certificate], key: PrivateKey, trust: TrustBundle, ca_url: str
+    ) -> Identity:
+        return cls(chain=tuple(chain), trust=trust, ca_url=ca_url, _key=key)
+
+    # The certificate --------------------------------------------------------------------------
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def subject(self) -> str:
+        return self.certificate.subject.rfc4514_string()
+
+    @property
+    def common_name(self) -> str:
+        return common_name(self.certificate.subject)
+
+    @property
+    def sans(self) -> SANs:
+        return cert_sans(self.certificate)
+
+    @property
+    def serial(self) -> int:
+        return self.certificate.serial_number
+
+    @property
+    def not_before(self) -> datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def chain_pem(self) -> str:
+        return certs_to_pem(self.chain)
+
+    @property
+    def own_roots(self) -> TrustBundle:
+        """The roots of the workload's own CA only (``/roots``)."""
+        return self.trust.own()
+
+    def _bundle(self, trust: TrustChoice) -> TrustBundle:
+        if trust == "federation":
+            return self.trust
+        if trust == "own":
+            return self.own_roots
+        raise ValueError(f"trust must be 'federation' or 'own', not {trust!r}")
+
+    # Contexts ---------------------------------------------------------------------------------
+    def server_context(
+        self, *, trust: TrustChoice = "federation", require_client_certificate: bool = True
+    ) -> ssl.SSLContext:
+        """A TLS server context: this identity's certificate; client certificates required
+        (optional with ``require_client_certificate=False``) and verified against the
+        federation bundle (or only the own CA's roots with ``trust="own"``)."""
+        return new_server_context(
+            self.chain,
+            self._key,
+            self._bundle(trust),
+            require_client_certificate=require_client_certificate,
+        )
+
+    def client_context(
+        self, *, trust: TrustChoice = "federation", check_hostname: bool = True
+    ) -> ssl.SSLContext:
+        """A TLS client context: this identity's certificate for mutual TLS; servers
+        verified against the federation bundle (or own roots) and their host name checked."""
+        return new_client_context(
+            self.chain, self._key, self._bundle(trust), check_hostname=check_hostname
+        )
+
+    # Peers ------------------------------------------------------------------------------------
+    def peer(self, conn: object) -> PeerInfo:
+        """Who is on the other end of ``conn`` and which of our roots anchored it."""
+        return peer_info(conn, self.trust)
+
+    def authorise(self, conn: object, authoriser: Authoriser | None) -> PeerInfo:
+        """``peer(conn)``, refused with ``PeerNotAuthorisedError`` (and a log line) unless
+        ``authoriser`` allows it. Close the connection on refusal."""
+        return authorise_connection(conn, self.trust, authoriser)
+
+    # The key ----------------------------------------------------------------------------------
+    def export_private_key(self, *, password: bytes | None) -> bytes:
+        """The private key as PKCS#8 PEM, encrypted with ``password``; ``password=None``
+        exports it in plaintext (say so explicitly: it then lives wherever you put it)."""
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password)
+            if password
+            else serialization.NoEncryption()
+        )
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+
+    def public_key_matches(self, cert: x509.Certificate) -> bool:
+        """Whether ``cert`` is for this identity's key."""
+        fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+        return cert.public_key().public_bytes(serialization.Encoding.DER, fmt) == (
+            self._key.public_key().public_bytes(serialization.Encoding.DER, fmt)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Identity({self.common_name!r}, serial={self.serial}, "
+            f"not_after={self.not_after.isoformat()}, roots={len(self.trust)})"
+        )
