@@ -1,9 +1,10 @@
 """``federatls demo``: the federation tutorial on one machine.
 
-Two autonomous CAs ("cloud" and "kubernetes") are made in a temporary directory and started;
-each lists the other's root in ``federatedRoots``; a workload enrolled with each CA then
-talks mutual TLS to the other, trusting the federation bundle. Everything is cleaned up at the
-end unless ``--keep`` is given.
+Two autonomous CAs ("cloud" and "kubernetes") are made in a temporary directory and started.
+A server enrolls with cloud, a client with kubernetes (``bootstrap(token)``, as any workload
+would). Without federation the server refuses the client; once each CA lists the other's root
+in ``federatedRoots`` (and reloads), new enrolments trust the federation bundle and mutual TLS
+works across the two CAs. Everything is cleaned up unless ``--keep`` is given.
 """
 
 from __future__ import annotations
@@ -14,19 +15,15 @@ import json
 import secrets
 import ssl
 import tempfile
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography import x509
-
-from ._client import CAClient, fetch_root
+from ._bootstrap import bootstrap
+from ._errors import PeerNotAuthorisedError
+from ._identity import Identity
 from ._jwk import ProvisionerKey
-from ._keys import PrivateKey, build_csr, new_private_key
-from ._protocol import SignRequest
-from ._sslkeys import load_cert_chain_in_memory
 from ._token import mint_token, sign_audience
-from ._x509 import certs_to_pem, common_name, fingerprint
+from .integrations import streams
 
 __all__ = ["run_demo"]
 
@@ -39,66 +36,37 @@ def _detail(text: str) -> None:
     print(f"    {text}", flush=True)
 
 
-async def _enroll(
-    url: str, config: Path, password: bytes, subject: str
-) -> tuple[list[x509.Certificate], PrivateKey, x509.Certificate]:
-    """Mint a token from the CA's ca.json, bootstrap on its root fingerprint, get a cert."""
-    data = json.loads(config.read_text())
-    prov = data["authority"]["provisioners"][0]
+def _token(ca_url: str, config: Path, password: bytes, subject: str, root_sha: str) -> str:
+    """What `federatls ca token` prints: a one-time token from the CA's JWK provisioner."""
+    prov = json.loads(config.read_text())["authority"]["provisioners"][0]
     key = ProvisionerKey.decrypt(prov["encryptedKey"], password)
-    root_pem = Path(data["root"]).read_bytes()
-    root_sha = fingerprint(x509.load_pem_x509_certificate(root_pem))
-    token = mint_token(
+    return mint_token(
         key,
         issuer=prov["name"],
         subject=subject,
-        audience=sign_audience(url),
+        audience=sign_audience(ca_url),
         now=datetime.now(UTC),
         sans=[subject, "127.0.0.1"],
         root_fingerprint=root_sha,
     )
-    root = await fetch_root(url, root_sha)
-    leaf_key = new_private_key()
-    async with CAClient(url, [root]) as ca:
-        answer = await ca.sign(
-            SignRequest(build_csr(leaf_key, subject, [subject, "127.0.0.1"]), token)
-        )
-    return list(answer.chain), leaf_key, root
 
 
-def _context(
-    purpose: ssl.Purpose,
-    chain: Sequence[x509.Certificate],
-    key: PrivateKey,
-    trust: Sequence[x509.Certificate],
-) -> ssl.SSLContext:
-    side = (
-        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
-    )
-    ctx = ssl.SSLContext(side)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=certs_to_pem(trust))
-    load_cert_chain_in_memory(ctx, chain, key)
-    return ctx
-
-
-async def _mtls_exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> str:
-    """One request over mutual TLS on 127.0.0.1; returns the server's answer."""
+async def _hello(server: Identity, client: Identity) -> str:
+    """The tutorial's exchange over mutual TLS on 127.0.0.1; the server's answer."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sslobj = writer.get_extra_info("ssl_object")
-        peer = x509.load_der_x509_certificate(sslobj.getpeercert(binary_form=True))
+        peer = server.peer(writer)
         await reader.readline()
-        writer.write(f"Hello {common_name(peer.subject)}\n".encode())
+        anchor = peer.anchor.common_name if peer.anchor else "an unknown root"
+        writer.write(f"Hello {peer.common_name} (cert issued by '{anchor}')\n".encode())
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
+    listener = await streams.start_server(server, handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
-        writer.write(b"hi\n")
+        reader, writer = await streams.open_connection(client, "127.0.0.1", port)
+        writer.write(b"hello\n")
         await writer.drain()
         answer = (await reader.readline()).decode().strip()
         writer.close()
@@ -108,8 +76,8 @@ async def _mtls_exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext)
             raise ConnectionError("the server closed the connection without answering")
         return answer
     finally:
-        server.close()
-        await server.wait_closed()
+        listener.close()
+        await listener.wait_closed()
 
 
 async def run_demo(*, keep: bool = False) -> int:
@@ -133,72 +101,55 @@ async def run_demo(*, keep: bool = False) -> int:
             )
             for name in ("cloud", "kubernetes")
         }
-        for name, result in made.items():
-            _detail(f"{name}: root fingerprint {result.root_fingerprint}")
-
-        _say(2, "Federation: each CA lists the other's root under federatedRoots")
-        for name, other in (("cloud", "kubernetes"), ("kubernetes", "cloud")):
-            config = json.loads(made[name].config.read_text())
-            config["federatedRoots"] = [str(made[other].root)]
-            made[name].config.write_text(json.dumps(config, indent=2))
-            _detail(f"{name} federates {other}")
-
         async with (
             CAServer.running(made["cloud"].config, password) as cloud,
             CAServer.running(made["kubernetes"].config, password) as k8s,
         ):
-            _say(3, "Both CAs serve HTTPS on loopback")
-            for name, ca in (("cloud", cloud), ("kubernetes", k8s)):
-                _detail(f"{name} CA at {ca.url}")
-                root = await fetch_root(ca.url, made[name].root_fingerprint)
-                async with CAClient(ca.url, [root]) as client:
-                    bundle = await client.federation()
-                names = sorted(common_name(c.subject) for c in bundle)
-                _detail(f"{name} /federation: {', '.join(names)}")
-                if len(bundle) != 2:
-                    print("FAILED: the federation bundle should hold both roots")
-                    return 1
+            cas = {"cloud": cloud, "kubernetes": k8s}
+            for name, ca in cas.items():
+                _detail(f"{name} CA at {ca.url}, root {made[name].root_fingerprint[:16]}...")
 
-            _say(4, "A server enrolled with cloud, a client enrolled with kubernetes")
-            s_chain, s_key, s_root = await _enroll(
-                cloud.url, made["cloud"].config, password, "server.cloud.internal"
-            )
-            c_chain, c_key, c_root = await _enroll(
-                k8s.url, made["kubernetes"].config, password, "sdk_client"
-            )
-            async with CAClient(cloud.url, [s_root]) as client:
-                cloud_fed = await client.federation()
-            async with CAClient(k8s.url, [c_root]) as client:
-                k8s_fed = await client.federation()
-            _detail(f"server certificate: {common_name(s_chain[0].subject)} from cloud")
-            _detail(f"client certificate: {common_name(c_chain[0].subject)} from kubernetes")
-
-            _say(5, "Without federation (own roots only) the server refuses the client")
-            try:
-                await _mtls_exchange(
-                    _context(ssl.Purpose.CLIENT_AUTH, s_chain, s_key, [s_root]),
-                    _context(ssl.Purpose.SERVER_AUTH, c_chain, c_key, k8s_fed),
+            async def enroll(name: str, subject: str) -> Identity:
+                token = _token(
+                    cas[name].url, made[name].config, password, subject, made[name].root_fingerprint
                 )
-            except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as exc:
-                _detail(f"refused, as expected: {type(exc).__name__}")
+                return await bootstrap(token)
+
+            _say(2, "Without federation: a cloud server refuses a kubernetes client")
+            server = await enroll("cloud", "server.cloud.internal")
+            client = await enroll("kubernetes", "sdk_client")
+            _detail(f"server trusts: {', '.join(r.common_name for r in server.trust)}")
+            try:
+                await _hello(server, client)
+            except (ssl.SSLError, ConnectionError, PeerNotAuthorisedError) as exc:
+                _detail(f"refused, as expected ({type(exc).__name__})")
             else:
-                print("FAILED: a non-federated server accepted a foreign client")
+                print("FAILED: a server without federation accepted a foreign client")
                 return 1
 
-            _say(6, "With the federation bundles, mutual TLS works across the two CAs")
-            answer = await _mtls_exchange(
-                _context(ssl.Purpose.CLIENT_AUTH, s_chain, s_key, cloud_fed),
-                _context(ssl.Purpose.SERVER_AUTH, c_chain, c_key, k8s_fed),
-            )
+            _say(3, "Federation: each CA lists the other's root in federatedRoots, and reloads")
+            for name, other in (("cloud", "kubernetes"), ("kubernetes", "cloud")):
+                config = json.loads(made[name].config.read_text())
+                config["federatedRoots"] = [str(made[other].root)]
+                made[name].config.write_text(json.dumps(config, indent=2))
+                cas[name].reload()
+                _detail(f"{name} now federates {other}")
+
+            _say(4, "New enrolments trust the federation bundle; mutual TLS across the CAs")
+            server = await enroll("cloud", "server.cloud.internal")
+            client = await enroll("kubernetes", "sdk_client")
+            _detail(f"server trusts: {', '.join(str(r) for r in server.trust)}")
+            _detail(f"client trusts: {', '.join(str(r) for r in client.trust)}")
+            answer = await _hello(server, client)
             _detail(f"server answered: {answer}")
-            if answer != "Hello sdk_client":
+            if answer != "Hello sdk_client (cert issued by 'kubernetes Root CA')":
                 print("FAILED: unexpected answer")
                 return 1
 
             if keep:
-                _say(7, "Keeping the CAs running (Ctrl-C to stop)")
-                _detail(f"cloud CA: {cloud.url}  root {made['cloud'].root}")
-                _detail(f"kubernetes CA: {k8s.url}  root {made['kubernetes'].root}")
+                _say(5, "Keeping the CAs running (Ctrl-C to stop)")
+                for name, ca in cas.items():
+                    _detail(f"{name} CA: {ca.url}  root {made[name].root}")
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
     print("\nDemo complete: federation works both ways, and is required.")
