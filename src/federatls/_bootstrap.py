@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from ._client import DEFAULT_TIMEOUT, CAClient, fetch_root
-from ._errors import BadMaterialError, TokenError
+from ._errors import BadMaterialError, CARefusedError, TokenError
 from ._identity import Identity
 from ._keys import KeyType, build_csr, new_private_key
 from ._protocol import SignRequest, TimeDuration
@@ -27,6 +27,10 @@ from ._trust import TrustBundle
 __all__ = ["bootstrap", "bootstrap_sync"]
 
 log = logging.getLogger("federatls")
+_REFUSAL_HINT = (
+    "the CA refused the token: it was already used, has expired, was issued "
+    "before the CA started, or does not come from one of its provisioners"
+)
 
 
 def _read_token(token: str, now: datetime) -> tuple[Token, str, str]:
@@ -80,7 +84,14 @@ async def bootstrap(
         not_after=TimeDuration(relative=lifetime) if lifetime is not None else None,
     )
     async with CAClient(ca_url, [root], timeout=timeout) as ca:
-        signed = await ca.sign(request)
+        try:
+            signed = await ca.sign(request)
+        except CARefusedError as exc:
+            if exc.status != 401:
+                raise
+            raise CARefusedError(
+                exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
+            ) from exc
         own = await ca.roots_bundle()
         federation = await ca.federation()
     trust = TrustBundle.from_ca(own, federation)

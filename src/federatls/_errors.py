@@ -71,13 +71,21 @@ class CARefusedError(FederatlsError):
     """
 
     def __init__(
-        self, status: int, message: str, *, url: str, body: dict[str, Any] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        url: str,
+        body: dict[str, Any] | None = None,
+        hint: str = "",
     ) -> None:
         self.status = status
         self.message = message
         self.url = url
         self.body = body
-        super().__init__(f"CA refused {url} with {status}: {message}")
+        self.hint = hint
+        text = f"CA refused {url} with {status}: {message}"
+        super().__init__(f"{text} ({hint})" if hint else text)
 
 
 class CAUnreachableError(FederatlsError):
