@@ -38,18 +38,18 @@ Authoriser = Callable[[PeerInfo], None]
 @dataclass(frozen=True)
 class NamePattern:
     """One allowed name: a DNS name (``*.example.com`` matches exactly one more label), an IP
-    address, or a URI (``spiffe://td/ns/*`` matches anything below ``spiffe://td/ns/``)."""
+    address, a URI (``spiffe://td/ns/*`` matches anything below ``spiffe://td/ns/``) or an
+    email address. A pattern only matches names of its own kind."""
 
     text: str
-    kind: str  # "dns", "ip" or "uri" (step's rule: an IP literal, a scheme, else DNS)
+    kind: str  # "dns", "ip", "uri" or "email" (step's rule for SANs)
 
     @classmethod
     def parse(cls, text: str) -> NamePattern:
         """A pattern; ``ValueError`` quoting it when a wildcard is misplaced."""
         if not text or text != text.strip():
             raise ValueError(f"invalid name pattern {text!r}")
-        sans = split_sans([text])
-        kind = "ip" if sans.ips else "uri" if sans.uris else "dns"
+        kind = _kind(text)
         if "*" in text:
             ok = (kind == "dns" and text.startswith("*.") and "*" not in text[2:]) or (
                 kind == "uri" and text.endswith("/*") and text.count("*") == 1
@@ -62,6 +62,10 @@ class NamePattern:
         return cls(text, kind)
 
     def matches(self, name: str) -> bool:
+        """Whether ``name`` (one SAN, as a string) matches; only names of the same kind
+        (DNS, IP, URI) can match."""
+        if _kind(name) != self.kind:
+            return False
         if self.kind == "uri":
             if self.text.endswith("/*"):
                 prefix = self.text[:-1]
@@ -77,6 +81,13 @@ class NamePattern:
             head, _, rest = name.partition(".")
             return bool(head) and head != "*" and rest == pattern[2:]
         return name == pattern
+
+
+def _kind(name: str) -> str:
+    """A name's kind by step's rule: an IP literal, anything with a URI scheme, an email
+    (``@``), else a DNS name."""
+    sans = split_sans([name])
+    return "ip" if sans.ips else "uri" if sans.uris else "email" if sans.emails else "dns"
 
 
 def _patterns(patterns: Iterable[str | NamePattern]) -> tuple[NamePattern, ...]:
@@ -156,7 +167,10 @@ def root_may_vouch_for(rules: Mapping[str | TrustedRoot, Sequence[str]]) -> Auth
 
 
 def all_of(*authorisers: Authoriser) -> Authoriser:
-    """Allow a peer only if every authoriser allows it."""
+    """Allow a peer only if every authoriser allows it (and refuse to be built empty: an
+    empty rule list must not quietly allow everyone)."""
+    if not authorisers:
+        raise ValueError("give at least one authoriser")
 
     def authorise(peer: PeerInfo) -> None:
         for check in authorisers:

@@ -13,7 +13,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 
@@ -21,7 +21,7 @@ from ._errors import BadMaterialError
 from ._trust import TrustBundle, TrustedRoot
 from ._x509 import SANs, cert_sans, common_name
 
-__all__ = ["PeerInfo", "peer_info", "ssl_object_of"]
+__all__ = ["PeerInfo", "TLSObject", "peer_info", "ssl_object_of"]
 
 _ENCODING_DER = 2  # _ssl.ENCODING_DER
 
@@ -60,44 +60,56 @@ class PeerInfo:
         return f"{self.common_name or self.subject} [{names}] anchored in {root}"
 
 
-def ssl_object_of(conn: object) -> ssl.SSLObject | ssl.SSLSocket:
+class TLSObject(Protocol):
+    """What federatls needs of a TLS connection object: ``ssl.SSLObject``, ``ssl.SSLSocket``,
+    or the private ``_ssl._SSLSocket`` that httpcore's sync backend hands out."""
+
+    def getpeercert(self, binary_form: bool = ..., /) -> Any: ...
+
+
+def _is_tls(obj: object) -> bool:
+    return isinstance(obj, ssl.SSLObject | ssl.SSLSocket) or type(obj).__name__ == "_SSLSocket"
+
+
+def ssl_object_of(conn: object) -> TLSObject:
     """The TLS object behind a connection-like value; ``BadMaterialError`` if there is none."""
-    if isinstance(conn, ssl.SSLObject | ssl.SSLSocket):
-        return conn
-    found = _lookup(conn)
-    if found is None:
+    found = conn if _is_tls(conn) else _lookup(conn)
+    if found is None or not _is_tls(found):
         raise BadMaterialError(
             f"cannot find a TLS connection in {type(conn).__name__}: pass an SSLObject, "
             "SSLSocket, asyncio StreamWriter or transport, httpx response or aiohttp "
-            "response/request (aiohttp client responses: before the body is read)"
+            "response/request"
         )
-    return found
+    return cast(TLSObject, found)
 
 
-def _lookup(conn: Any) -> ssl.SSLObject | ssl.SSLSocket | None:
+def _lookup(conn: Any) -> object | None:
     if isinstance(conn, asyncio.StreamWriter | asyncio.BaseTransport):
-        obj = conn.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+        found: object = conn.get_extra_info("ssl_object")
+        return found
     extensions = getattr(conn, "extensions", None)  # httpx.Response
     if isinstance(extensions, dict) and "network_stream" in extensions:
-        obj = extensions["network_stream"].get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+        found = extensions["network_stream"].get_extra_info("ssl_object")
+        return found
     transport = getattr(conn, "transport", None)  # aiohttp web.Request
-    if transport is None:
-        connection = getattr(conn, "connection", None)  # aiohttp ClientResponse
+    if transport is None:  # aiohttp ClientResponse, its connection held or already released
+        connection = getattr(conn, "connection", None) or getattr(conn, "_protocol", None)
         transport = getattr(connection, "transport", None)
     if transport is not None:
-        obj = transport.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+        found = transport.get_extra_info("ssl_object")
+        return found
     return None
 
 
-def _verified_chain(obj: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate]:
-    getter = getattr(obj, "get_verified_chain", None)  # Python 3.13 and newer
+def _verified_chain(obj: TLSObject) -> list[x509.Certificate]:
+    getter = getattr(obj, "get_verified_chain", None)  # SSLObject in 3.13+, or _ssl's own
     if getter is None:
-        getter = obj._sslobj.get_verified_chain  # type: ignore[union-attr]  # 3.11, 3.12
-    raw = getter() or []
-    return [x509.load_der_x509_certificate(c.public_bytes(_ENCODING_DER)) for c in raw]
+        getter = obj._sslobj.get_verified_chain  # type: ignore[attr-defined]  # 3.11, 3.12
+    out = []
+    for item in getter() or []:  # DER bytes (ssl, 3.13+) or _ssl.Certificate objects
+        der = item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER)
+        out.append(x509.load_der_x509_certificate(der))
+    return out
 
 
 def peer_info(conn: object, trust: TrustBundle) -> PeerInfo:
@@ -107,7 +119,7 @@ def peer_info(conn: object, trust: TrustBundle) -> PeerInfo:
     peer sent none, or the context does not verify peers).
     """
     obj = ssl_object_of(conn)
-    if obj.getpeercert(binary_form=True) is None:
+    if obj.getpeercert(True) is None:
         raise BadMaterialError("the TLS peer presented no certificate")
     chain = _verified_chain(obj)
     if not chain:
