@@ -62,18 +62,21 @@ def _check_chain(chain: tuple[x509.Certificate, ...], trust: TrustBundle) -> Non
 async def bootstrap(
     token: str,
     *,
-    key_type: KeyType = KeyType.P256,
+    key_type: KeyType | str = KeyType.P256,
     lifetime: timedelta | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Identity:
     """Enrol with the CA a one-time token names; returns the ready ``Identity``.
 
-    ``key_type``: P-256 (default), Ed25519, RSA-2048 or RSA-3072, made in this process.
+    ``key_type``: P-256 (default), Ed25519, RSA-2048 or RSA-3072 (a ``KeyType`` or its
+    name, e.g. ``"Ed25519"``), made in this process.
     ``lifetime``: the certificate lifetime to ask for (the CA's default otherwise, and the
     CA's claims bound it). Raises ``TokenError`` (a bad or expired token),
     ``FingerprintMismatchError`` (the CA presented another root: nothing else was sent),
     ``CARefusedError`` (status and body of the refusal), ``CAUnreachableError``.
     """
+    if isinstance(key_type, str):
+        key_type = KeyType.parse(key_type)  # ValueError for an unknown name
     parsed, ca_url, sha = _read_token(token, datetime.now(UTC))
     root = await fetch_root(ca_url, sha, timeout=timeout)
     key = new_private_key(key_type)
@@ -113,7 +116,7 @@ async def bootstrap(
 def bootstrap_sync(
     token: str,
     *,
-    key_type: KeyType = KeyType.P256,
+    key_type: KeyType | str = KeyType.P256,
     lifetime: timedelta | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Identity:

@@ -127,11 +127,14 @@ class Identity:
     def export_private_key(self, *, password: bytes | None) -> bytes:
         """The private key as PKCS#8 PEM, encrypted with ``password``; ``password=None``
         exports it in plaintext (say so explicitly: it then lives wherever you put it)."""
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(password)
-            if password
-            else serialization.NoEncryption()
-        )
+        encryption: serialization.KeySerializationEncryption
+        if password is None:
+            encryption = serialization.NoEncryption()
+        elif not password:
+            raise ValueError("an empty password would protect nothing: give one, or None")
+        else:
+            encryption = serialization.BestAvailableEncryption(password)
+
         return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )

@@ -44,7 +44,11 @@ def new_private_key(kind: KeyType = KeyType.P256) -> PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
     if kind is KeyType.ED25519:
         return ed25519.Ed25519PrivateKey.generate()
-    return rsa.generate_private_key(65537, 2048 if kind is KeyType.RSA2048 else 3072)
+    if kind is KeyType.RSA2048:
+        return rsa.generate_private_key(65537, 2048)
+    if kind is KeyType.RSA3072:
+        return rsa.generate_private_key(65537, 3072)
+    raise TypeError(f"key type must be a federatls.KeyType, not {kind!r}")
 
 
 def build_csr(key: PrivateKey, subject: str, sans: Sequence[str]) -> x509.CertificateSigningRequest:
