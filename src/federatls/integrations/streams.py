@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,20 @@ __all__ = ["open_connection", "start_server"]
 
 log = logging.getLogger("federatls.peer")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+# One client context per identity and trust choice, reused across connections: building one
+# costs about a millisecond (bench/handshake.py), a connection should not pay it each time.
+_CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[str, ssl.SSLContext]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _client_context(identity: Identity, trust: TrustChoice) -> ssl.SSLContext:
+    contexts = _CLIENT_CONTEXTS.setdefault(identity, {})
+    if trust not in contexts:
+        contexts[trust] = identity.client_context(trust=trust)
+    return contexts[trust]
 
 
 async def _drop(writer: asyncio.StreamWriter) -> None:
@@ -75,7 +91,7 @@ async def open_connection(
     verified against the federation bundle, its name checked). The server is then checked by
     ``authoriser``: a refused server is cut off and ``PeerNotAuthorisedError`` raised before
     anything is sent."""
-    ctx = identity.client_context(trust=trust)
+    ctx = _client_context(identity, trust)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=ctx, server_hostname=server_hostname or host, **kwargs
     )
