@@ -10,10 +10,17 @@ import pytest
 
 import federatls
 import federatls.ca
+import federatls.integrations.httpx
 import federatls.integrations.streams
 import federatls.testing
 
-MODULES = [federatls, federatls.ca, federatls.integrations.streams, federatls.testing]
+MODULES = [
+    federatls,
+    federatls.ca,
+    federatls.integrations.httpx,
+    federatls.integrations.streams,
+    federatls.testing,
+]
 
 API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
 

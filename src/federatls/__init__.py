@@ -25,12 +25,15 @@ from ._errors import (
     ConfigError,
     FederatlsError,
     FingerprintMismatchError,
+    IdentityExpiredError,
     PeerNotAuthorisedError,
     TokenError,
 )
 from ._identity import Identity, TrustChoice
 from ._keys import KeyType
 from ._peer import PeerInfo, peer_info
+from ._policy import RenewalPolicy
+from ._renewal import RenewingIdentity, TokenSource, keep_renewed, keep_renewed_sync
 from ._trust import Provenance, TrustBundle, TrustedRoot
 from ._version import __version__
 
@@ -43,12 +46,16 @@ __all__ = [
     "FederatlsError",
     "FingerprintMismatchError",
     "Identity",
+    "IdentityExpiredError",
     "KeyType",
     "NamePattern",
     "PeerInfo",
     "PeerNotAuthorisedError",
     "Provenance",
+    "RenewalPolicy",
+    "RenewingIdentity",
     "TokenError",
+    "TokenSource",
     "TrustBundle",
     "TrustChoice",
     "TrustedRoot",
@@ -60,6 +67,8 @@ __all__ = [
     "authorise_connection",
     "bootstrap",
     "bootstrap_sync",
+    "keep_renewed",
+    "keep_renewed_sync",
     "peer_info",
     "root_may_vouch_for",
 ]

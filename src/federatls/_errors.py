@@ -12,6 +12,7 @@ caller never needs to catch another library's exceptions.
     │                            the CA served a root whose SHA-256 is not the pinned one
     ├── CARefusedError           the CA answered with an error status (status, body)
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
+    ├── IdentityExpiredError     the certificate expired before it could be renewed
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
 
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "FederatlsError",
     "FingerprintMismatchError",
+    "IdentityExpiredError",
     "PeerNotAuthorisedError",
     "TokenError",
 ]
@@ -95,6 +97,11 @@ class CAUnreachableError(FederatlsError):
         self.url = url
         self.reason = reason
         super().__init__(f"cannot reach the CA at {url}: {reason}")
+
+
+class IdentityExpiredError(FederatlsError):
+    """The certificate expired before it could be renewed (renewal over mutual TLS needs a
+    valid certificate): enrol again with a new token, or give the renewal a token source."""
 
 
 class PeerNotAuthorisedError(FederatlsError):

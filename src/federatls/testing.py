@@ -134,11 +134,13 @@ def running_ca(
     *,
     directory: Path | None = None,
     claims: dict[str, Any] | None = None,
+    backdate: str | None = None,
 ) -> Iterator[TestCA]:
     """A CA for ``name`` (root ``<name> Root CA``) serving on 127.0.0.1 until the block ends.
 
     ``claims`` are step's provisioner claims, e.g. ``{"minTLSCertDuration": "5s",
-    "defaultTLSCertDuration": "1m"}`` for short-lived certificates.
+    "defaultTLSCertDuration": "1m"}`` for short-lived certificates; ``backdate`` step's
+    ``authority.backdate`` (default ``"1m"``; say ``"1s"`` with certificates of seconds).
     """
     from .ca._server import CAServer
 
@@ -156,9 +158,12 @@ def running_ca(
             now=datetime.now(UTC),
             dns_names=["127.0.0.1", "localhost"],
         )
-        if claims:
+        if claims or backdate:
             data = json.loads(made.config.read_text())
-            data["authority"]["provisioners"][0]["claims"] = claims
+            if claims:
+                data["authority"]["provisioners"][0]["claims"] = claims
+            if backdate:
+                data["authority"]["backdate"] = backdate
             made.config.write_text(json.dumps(data, indent=2))
         portal = stack.enter_context(start_blocking_portal())
         server = stack.enter_context(
@@ -174,10 +179,14 @@ def federated_pair(
     *,
     mutual: bool = True,
     claims: dict[str, Any] | None = None,
+    backdate: str | None = None,
 ) -> Iterator[tuple[TestCA, TestCA]]:
     """Two CAs, the first listing the second's root in ``federatedRoots`` and, with
     ``mutual`` (the default), the second the first's."""
-    with running_ca(first, claims=claims) as a, running_ca(second, claims=claims) as b:
+    with (
+        running_ca(first, claims=claims, backdate=backdate) as a,
+        running_ca(second, claims=claims, backdate=backdate) as b,
+    ):
         a.federate(b)
         if mutual:
             b.federate(a)

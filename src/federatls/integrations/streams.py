@@ -11,33 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._authorise import Authoriser
 from .._errors import BadMaterialError, PeerNotAuthorisedError
-from .._identity import Identity, TrustChoice
+from .._identity import TrustChoice
+from ._source import Source, client_context
 
 __all__ = ["open_connection", "start_server"]
 
 log = logging.getLogger("federatls.peer")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-# One client context per identity and trust choice, reused across connections: building one
-# costs about a millisecond (bench/handshake.py), a connection should not pay it each time.
-_CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[str, ssl.SSLContext]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _client_context(identity: Identity, trust: TrustChoice) -> ssl.SSLContext:
-    contexts = _CLIENT_CONTEXTS.setdefault(identity, {})
-    if trust not in contexts:
-        contexts[trust] = identity.client_context(trust=trust)
-    return contexts[trust]
 
 
 async def _drop(writer: asyncio.StreamWriter) -> None:
@@ -48,7 +33,7 @@ async def _drop(writer: asyncio.StreamWriter) -> None:
 
 
 async def start_server(
-    identity: Identity,
+    identity: Source,
     handler: Handler,
     host: str | None = None,
     port: int | None = None,
@@ -58,7 +43,8 @@ async def start_server(
     require_client_certificate: bool = True,
     **kwargs: Any,
 ) -> asyncio.Server:
-    """``asyncio.start_server`` with ``identity``'s server context. Each connection's peer is
+    """``asyncio.start_server`` with ``identity``'s server context (a ``RenewingIdentity``'s
+    follows renewal: each new handshake uses the newest certificate and trust). Each peer is
     checked by ``authoriser`` after the handshake; a refused peer is logged and cut off
     before ``handler`` ever sees it."""
     ctx = identity.server_context(
@@ -78,7 +64,7 @@ async def start_server(
 
 
 async def open_connection(
-    identity: Identity,
+    identity: Source,
     host: str,
     port: int,
     *,
@@ -91,7 +77,7 @@ async def open_connection(
     verified against the federation bundle, its name checked). The server is then checked by
     ``authoriser``: a refused server is cut off and ``PeerNotAuthorisedError`` raised before
     anything is sent."""
-    ctx = _client_context(identity, trust)
+    ctx = client_context(identity, trust)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=ctx, server_hostname=server_hostname or host, **kwargs
     )

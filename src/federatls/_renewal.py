@@ -1,0 +1,329 @@
+"""Keeping an identity fresh: a renewal task in the caller's anyio task group, and the
+``RenewingIdentity`` that live servers and clients draw their TLS contexts from.
+
+One refresh fetches ``/roots`` and ``/federation`` (a failure keeps the last good bundle and
+does not stop the certificate), renews the certificate over mutual TLS (``POST /renew``,
+same key), builds the new contexts, and swaps identity and contexts in as one snapshot. New
+handshakes use the new snapshot; connections already open keep theirs. When to refresh is
+``RenewalPolicy``'s business (``_policy.py``).
+
+    async with anyio.create_task_group() as tg:
+        live = await tg.start(federatls.keep_renewed, identity)
+        server = await streams.start_server(live, handle, "0.0.0.0", 8443)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+
+import anyio
+from anyio.abc import TaskStatus
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from ._authorise import Authoriser
+from ._bootstrap import bootstrap
+from ._client import CAClient
+from ._errors import (
+    BadMaterialError,
+    CARefusedError,
+    CAUnreachableError,
+    FederatlsError,
+    IdentityExpiredError,
+)
+from ._identity import Identity, TrustChoice
+from ._keys import KeyType
+from ._peer import PeerInfo
+from ._policy import RenewalPolicy
+from ._sync import background
+from ._trust import TrustBundle
+
+__all__ = ["RenewingIdentity", "TokenSource", "keep_renewed", "keep_renewed_sync"]
+
+log = logging.getLogger("federatls.renewal")
+
+TokenSource = Callable[[], Awaitable[str]]
+Clock = Callable[[], datetime]
+_ContextKey = tuple[str, str, bool]  # ("server" | "client", trust, flag)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _key_type(identity: Identity) -> KeyType:
+    key = identity._key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return KeyType.ED25519
+    if isinstance(key, rsa.RSAPrivateKey):
+        return KeyType.RSA2048 if key.key_size <= 2048 else KeyType.RSA3072
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return KeyType.P256
+    raise BadMaterialError(f"unsupported key type {type(key).__name__}")
+
+
+class _Snapshot:
+    """An identity and the contexts built for it: swapped in as one."""
+
+    def __init__(self, identity: Identity, contexts: dict[_ContextKey, ssl.SSLContext]) -> None:
+        self.identity = identity
+        self.contexts = contexts
+
+
+def _build(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
+    side, trust, flag = key
+    choice: TrustChoice = "own" if trust == "own" else "federation"
+    if side == "server":
+        return identity.server_context(trust=choice, require_client_certificate=flag)
+    return identity.client_context(trust=choice, check_hostname=flag)
+
+
+class RenewingIdentity:
+    """An identity kept fresh by ``run()`` (see ``keep_renewed``). ``current`` is always the
+    newest snapshot; contexts handed out here follow it."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        policy: RenewalPolicy | None = None,
+        token_source: TokenSource | None = None,
+        clock: Clock = _now,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.policy = policy or RenewalPolicy()
+        self._token_source = token_source
+        self._clock = clock
+        self._rand = rand
+        self._snapshot = _Snapshot(identity, {})
+        self._next: datetime = self._due(identity)
+        self._failures = 0
+        self._updated: anyio.Event | None = None
+        self.renewals = 0
+        self.last_error: FederatlsError | None = None
+        self.stopped: FederatlsError | None = None
+
+    # What observers see ------------------------------------------------------------------------
+    @property
+    def current(self) -> Identity:
+        return self._snapshot.identity
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.current.not_after
+
+    @property
+    def next_renewal_at(self) -> datetime | None:
+        """When the next refresh is planned; None once renewal has stopped."""
+        return None if self.stopped is not None else self._next
+
+    def _due(self, identity: Identity) -> datetime:
+        received = max(self._clock(), identity.not_before)
+        return self.policy.renewal_due(received, identity.not_after, self._rand())
+
+    async def wait_for_update(self) -> Identity:
+        """Wait for the next swap (or for renewal to stop) and return the current identity."""
+        if self._updated is None:
+            self._updated = anyio.Event()
+        await self._updated.wait()
+        return self.current
+
+    async def updates(self) -> AsyncIterator[Identity]:
+        """Each new identity as it is swapped in, until renewal stops."""
+        while self.stopped is None:
+            identity = await self.wait_for_update()
+            if self.stopped is not None:
+                return
+            yield identity
+
+    # Contexts ----------------------------------------------------------------------------------
+    def _context(self, key: _ContextKey) -> ssl.SSLContext:
+        snapshot = self._snapshot
+        ctx = snapshot.contexts.get(key)
+        if ctx is None:
+            ctx = snapshot.contexts[key] = _build(snapshot.identity, key)
+        return ctx
+
+    def server_context(
+        self, *, trust: TrustChoice = "federation", require_client_certificate: bool = True
+    ) -> ssl.SSLContext:
+        """A server context that follows renewal: every new handshake uses the newest
+        certificate and trust bundle (switched in ``sni_callback``, called for every
+        ClientHello). Hand it to asyncio, aiohttp, uvicorn as any context."""
+        key: _ContextKey = ("server", trust, require_client_certificate)
+        listening = _build(self.current, key)
+
+        def switch(
+            conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
+        ) -> None:
+            newest = self._context(key)
+            if newest is not ctx:
+                conn.context = newest
+
+        listening.sni_callback = switch
+        return listening
+
+    def client_context(
+        self, *, trust: TrustChoice = "federation", check_hostname: bool = True
+    ) -> ssl.SSLContext:
+        """The newest snapshot's client context. A client context cannot switch by itself:
+        take it again for each new connection (the integrations do)."""
+        return self._context(("client", trust, check_hostname))
+
+    def peer(self, conn: object) -> PeerInfo:
+        """``current.peer(conn)``: the verified peer, anchored in the newest trust bundle."""
+        return self.current.peer(conn)
+
+    def authorise(self, conn: object, authoriser: Authoriser | None) -> PeerInfo:
+        """``current.authorise(conn, authoriser)``."""
+        return self.current.authorise(conn, authoriser)
+
+    # Refreshing --------------------------------------------------------------------------------
+    async def refresh(self) -> Identity:
+        """Refresh now: trust bundle and certificate, then swap. Raises on failure."""
+        old = self.current
+        if self._clock() >= old.not_after:
+            new = await self._rebootstrap(old)
+        else:
+            new = await self._renew(old)
+        await self._install(new)
+        return new
+
+    async def _renew(self, old: Identity) -> Identity:
+        key = old._key
+        async with CAClient(
+            old.ca_url, old.trust.own().certificates, identity=(old.chain, key)
+        ) as ca:
+            trust = old.trust
+            try:
+                trust = TrustBundle.from_ca(await ca.roots_bundle(), await ca.federation())
+            except (CAUnreachableError, CARefusedError, BadMaterialError) as exc:
+                log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
+                self.last_error = exc
+            signed = await ca.renew()
+        new = Identity.from_parts(signed.chain, key, trust, old.ca_url)
+        if not new.public_key_matches(signed.leaf):
+            raise BadMaterialError("the CA renewed a certificate for another key")
+        if trust.anchor_of(signed.chain[-1]) is None:
+            raise BadMaterialError("the renewed certificate does not chain to a trusted root")
+        return new
+
+    async def _rebootstrap(self, old: Identity) -> Identity:
+        if self._token_source is None:
+            raise IdentityExpiredError(
+                f"the certificate of {old.common_name} expired at {old.not_after.isoformat()} "
+                "before it could be renewed: enrol again with a new token, or give the "
+                "renewal a token source"
+            )
+        log.warning("certificate of %s expired: enrolling again with a new token", old.common_name)
+        token = await self._token_source()
+        return await bootstrap(token, key_type=_key_type(old))
+
+    async def _install(self, identity: Identity) -> None:
+        """Build the new snapshot's contexts (off the event loop: OpenSSL's loading is the
+        slow part) for every kind handed out so far, then swap it in as one."""
+        keys = list(self._snapshot.contexts)
+
+        def build() -> dict[_ContextKey, ssl.SSLContext]:
+            return {key: _build(identity, key) for key in keys}
+
+        contexts = await anyio.to_thread.run_sync(build)
+        self._snapshot = _Snapshot(identity, contexts)
+        self.renewals += 1
+        self._failures = 0
+        self._next = self._due(identity)
+        log.info(
+            "renewed %s: serial %d, valid until %s, %d root(s); next renewal at %s",
+            identity.common_name,
+            identity.serial,
+            identity.not_after.isoformat(),
+            len(identity.trust),
+            self._next.isoformat(),
+        )
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._updated is not None:
+            event, self._updated = self._updated, anyio.Event()
+            event.set()
+
+    def _stop(self, error: FederatlsError) -> None:
+        self.stopped = self.last_error = error
+        log.error("renewal of %s stopped: %s", self.current.common_name, error)
+        self._notify()
+
+    # The task ----------------------------------------------------------------------------------
+    async def run(
+        self, *, task_status: TaskStatus[RenewingIdentity] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Refresh whenever the policy says, until renewal stops (revoked, refused, expired
+        without a token source) or the task is cancelled. Failures to reach the CA are
+        retried with backoff while the current certificate keeps serving."""
+        if self._updated is None:
+            self._updated = anyio.Event()
+        task_status.started(self)
+        while self.stopped is None:
+            now = self._clock()
+            if now < self._next:
+                await anyio.sleep(self.policy.sleep_for(now, self._next))
+                continue
+            try:
+                await self.refresh()
+            except (CAUnreachableError, BadMaterialError) as exc:
+                self._retry(exc)
+            except CARefusedError as exc:
+                if exc.status >= 500:
+                    self._retry(exc)
+                else:
+                    self._stop(exc)
+            except IdentityExpiredError as exc:
+                self._stop(exc)
+
+    def _retry(self, error: FederatlsError) -> None:
+        self._failures += 1
+        self.last_error = error
+        now = self._clock()
+        self._next = self.policy.retry_at(self._failures, now, self.current.not_after, self._rand())
+        log.warning(
+            "renewal of %s failed (%d in a row), retrying at %s: %s",
+            self.current.common_name,
+            self._failures,
+            self._next.isoformat(),
+            error,
+        )
+
+
+async def keep_renewed(
+    identity: Identity,
+    policy: RenewalPolicy | None = None,
+    token_source: TokenSource | None = None,
+    *,
+    task_status: TaskStatus[RenewingIdentity] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``identity`` renewed; start it in your task group to get the live identity:
+
+    live = await task_group.start(federatls.keep_renewed, identity)
+    """
+    live = RenewingIdentity(identity, policy=policy, token_source=token_source)
+    await live.run(task_status=task_status)
+
+
+@contextlib.contextmanager
+def keep_renewed_sync(
+    identity: Identity,
+    *,
+    policy: RenewalPolicy | None = None,
+    token_source: TokenSource | None = None,
+) -> Iterator[RenewingIdentity]:
+    """For blocking code: keep ``identity`` renewed on a background event loop thread while
+    the block runs, and yield the live identity.
+
+        with federatls.keep_renewed_sync(identity) as live:
+            serve_forever(live.server_context())
+    """
+    with background(keep_renewed, identity, policy, token_source) as live:
+        yield live
