@@ -10,15 +10,19 @@ import pytest
 
 import federatls
 import federatls.ca
+import federatls.integrations.aiohttp
 import federatls.integrations.httpx
 import federatls.integrations.streams
+import federatls.integrations.uvicorn
 import federatls.testing
 
 MODULES = [
     federatls,
     federatls.ca,
+    federatls.integrations.aiohttp,
     federatls.integrations.httpx,
     federatls.integrations.streams,
+    federatls.integrations.uvicorn,
     federatls.testing,
 ]
 
@@ -44,10 +48,33 @@ def test_every_exported_name_resolves(module: ModuleType) -> None:
         assert getattr(module, name) is not None
 
 
-def test_core_import_does_not_pull_aiohttp() -> None:
-    """Importing federatls (and federatls.ca for init) does not import aiohttp."""
+def test_core_import_does_not_pull_optional_extras() -> None:
+    """Importing the core, the CA's init side, streams and httpx pulls neither aiohttp nor
+    uvicorn (the twin below shows the check sees them when they are imported)."""
+    assert (
+        _imports(
+            "federatls, federatls.ca, federatls.integrations.streams, federatls.integrations.httpx"
+        )
+        == set()
+    )
+
+
+def test_optional_extras_show_when_imported() -> None:
+    """Twin: importing the aiohttp and uvicorn integrations does pull them in."""
+    assert _imports("federatls.integrations.aiohttp, federatls.integrations.uvicorn") == {
+        "aiohttp",
+        "uvicorn",
+    }
+
+
+def _imports(modules: str) -> set[str]:
+    import json
     import subprocess
     import sys
 
-    code = "import sys, federatls, federatls.ca; sys.exit(1 if 'aiohttp' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    code = (
+        f"import json, sys, {modules}; "
+        "print(json.dumps(sorted({'aiohttp', 'uvicorn'} & set(sys.modules))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return set(json.loads(out.stdout))
