@@ -398,6 +398,25 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from .ca import _rotation
+
+    directory = Path(args.dir)
+    if args.step == "add-root":
+        password = read_password(args.password_file, "Please enter the CA password: ")
+        step = _rotation.add_root(directory, password, now=datetime.now(UTC))
+    elif args.step == "issue-from-new-root":
+        step = _rotation.issue_from_new_root(directory)
+    else:
+        step = _rotation.retire_old_roots(directory)
+    print(step.summary)
+    print(
+        f"Updated {step.config}: send the CA SIGHUP to apply it, then wait at least one "
+        "renewal period of every workload before the next step."
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -524,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
         _ca_flags(p)
         p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
         p.set_defaults(func=_bundle_command(fetch, what))
+
+    p = verbs.add_parser("rotate", help="rotate the CA's root, one step at a time")
+    p.add_argument("dir", help="the CA directory made by `federatls ca init`")
+    p.add_argument(
+        "step",
+        choices=["add-root", "issue-from-new-root", "retire-old-roots"],
+        help="add-root: trust a new root too; issue-from-new-root: issue from it; "
+        "retire-old-roots: trust only it",
+    )
+    p.add_argument("--password-file", metavar="FILE", help="the CA password (for add-root)")
+    p.set_defaults(func=cmd_rotate)
 
     p = verbs.add_parser("health", help="ask the CA whether it is healthy")
     _ca_flags(p)

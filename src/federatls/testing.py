@@ -112,11 +112,25 @@ class TestCA:
         """Bootstrap an identity for ``subject`` from this CA (blocking)."""
         return bootstrap_sync(self.token(subject, sans=sans), key_type=key_type, lifetime=lifetime)
 
+    @property
+    def directory(self) -> Path:
+        """The CA's directory (``certs/``, ``secrets/``, ``config/ca.json``)."""
+        return self.config.parent.parent
+
+    @property
+    def password(self) -> bytes:
+        """The CA password (random, made for this test CA)."""
+        return self._password
+
     def federate(self, *others: TestCA) -> None:
         """List ``others``' roots in this CA's ``federatedRoots`` and reload (SIGHUP's way)."""
         data = json.loads(self.config.read_text())
         data["federatedRoots"] = [str(o.root_path) for o in others]
         self.config.write_text(json.dumps(data, indent=2))
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read ca.json, as SIGHUP does; ``RuntimeError`` if the file is broken."""
         if not self._portal.call(self._reload):
             raise RuntimeError(f"CA {self.name} could not reload its configuration")
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._pki import InitResult, init_pki
+from ._rotation import RotationStep, add_root, issue_from_new_root, retire_old_roots
 from ._store import IssuedCertificate, Revocation, SQLiteStore, Store, TokenUse
 
 if TYPE_CHECKING:
@@ -23,10 +24,14 @@ __all__ = [
     "IssuedCertificate",
     "JWKProvisioner",
     "Revocation",
+    "RotationStep",
     "SQLiteStore",
     "Store",
     "TokenUse",
+    "add_root",
     "init_pki",
+    "issue_from_new_root",
+    "retire_old_roots",
     "serve",
 ]
 
