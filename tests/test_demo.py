@@ -1,20 +1,135 @@
-"""`federatls demo` (README's first command) runs the federation tutorial end to end."""
+"""`federatls demo` (README's first command) and the tutorial's example server and client."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
 import pytest
+
+from federatls.testing import TestCA, federated_pair, running_ca
 
 from harness import federatls
 
 pytestmark = pytest.mark.anyio
 
+EXAMPLES = Path(__file__).parent.parent / "examples"
+STEPS = ["[1]", "[2]", "[3]", "[4]", "[5]", "[6]", "[7]"]
 
-async def test_demo_shows_refusal_then_federation() -> None:
-    """The demo exits 0 after showing the refusal without federation and the answer with it."""
+
+async def test_demo_runs_the_whole_tutorial() -> None:
+    """The demo shows every step: CAs, server, refusal, federation, client, curl, renewal."""
     run = await federatls("demo")
-    assert run.code == 0, run.err
-    steps = [line for line in run.out.splitlines() if line.startswith("[")]
-    assert [s[:3] for s in steps] == ["[1]", "[2]", "[3]", "[4]"]
-    assert "refused, as expected" in run.out
-    assert "Hello sdk_client (cert issued by 'kubernetes Root CA')" in run.out
-    assert run.out.rstrip().endswith("Demo complete: federation works both ways, and is required.")
+    assert run.code == 0, run.out + run.err
+    assert [line[:3] for line in run.out.splitlines() if line.startswith("[")] == STEPS
+    out = run.out
+    assert "curl: (" in out  # step 3: curl refused without federation
+    assert "refused, as expected" in out
+    assert "Now accepting certs anchored in CN=kubernetes Root CA" in out  # live bundle update
+    assert "Server responded: Hello sdk_client (cert issued by 'kubernetes Root CA')" in out
+    assert "Hello kube_client (cert issued by 'kubernetes Root CA')" in out  # curl, step 6
+    assert "renewals so far, same process" in out
+    assert out.rstrip().endswith(
+        "Demo complete: federation works both ways, is required, and renews live."
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[TestCA, TestCA]]:
+    with federated_pair() as cas:
+        yield cas
+
+
+async def _example(script: str, *args: str) -> anyio.abc.Process:
+    return await anyio.open_process(
+        [sys.executable, str(EXAMPLES / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def _read_until(proc: anyio.abc.Process, text: str) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    buffer = b""
+    with anyio.fail_after(30):
+        async for chunk in proc.stdout:
+            buffer += chunk
+            *done, buffer = buffer.split(b"\n")
+            lines += [d.decode() for d in done]
+            if any(text in line for line in lines):
+                return lines
+    raise AssertionError(f"{text!r} never printed: {lines}")
+
+
+async def _serve_and_call(server_ca: TestCA, client_ca: TestCA) -> list[str]:
+    port = _free_port()
+    server = await _example("server/server.py", server_ca.token("127.0.0.1"), "--port", str(port))
+    try:
+        banner = await _read_until(server, "Listening on")
+        client = await _example(
+            "client/client.py",
+            client_ca.token("sdk_client"),
+            f"https://127.0.0.1:{port}/",
+            "--every",
+            "0.2",
+            "--count",
+            "2",
+        )
+        async with client:
+            lines = await _read_until(client, "Server responded")
+            await client.wait()
+        return banner + lines
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_examples_talk_across_federated_cas(pair: tuple[TestCA, TestCA]) -> None:
+    """The example server (cloud) answers the example client (kubernetes) with its name and
+    the root that vouched for it, and lists both roots it accepts."""
+    cloud, kubernetes = pair
+    lines = await _serve_and_call(cloud, kubernetes)
+    assert "Accepting certs anchored in CN=kubernetes Root CA,O=kubernetes" in lines
+    assert any(
+        "Server responded: Hello sdk_client (cert issued by 'kubernetes Root CA')" in line
+        for line in lines
+    )
+
+
+async def test_example_client_refused_without_federation() -> None:
+    """Twin: with two CAs that do not federate, the example client gets no answer."""
+    with running_ca("cloud") as cloud, running_ca("kubernetes") as kubernetes:
+        port = _free_port()
+        server = await _example("server/server.py", cloud.token("127.0.0.1"), "--port", str(port))
+        try:
+            await _read_until(server, "Listening on")
+            run = await anyio.run_process(
+                [
+                    sys.executable,
+                    str(EXAMPLES / "client" / "client.py"),
+                    kubernetes.token("sdk_client"),
+                    f"https://127.0.0.1:{port}/",
+                    "--count",
+                    "1",
+                ],
+                check=False,
+            )
+        finally:
+            server.terminate()
+            await server.wait()
+    assert run.returncode != 0
+    assert b"Server responded" not in run.stdout
+    assert b"CERTIFICATE_VERIFY_FAILED" in run.stderr

@@ -1,10 +1,18 @@
-"""``federatls demo``: the federation tutorial on one machine.
+"""``federatls demo``: the step-ca federation tutorial, on this machine, in about a minute.
 
-Two autonomous CAs ("cloud" and "kubernetes") are made in a temporary directory and started.
-A server enrolls with cloud, a client with kubernetes (``bootstrap(token)``, as any workload
-would). Without federation the server refuses the client; once each CA lists the other's root
-in ``federatedRoots`` (and reloads), new enrolments trust the federation bundle and mutual TLS
-works across the two CAs. Everything is cleaned up unless ``--keep`` is given.
+Every step runs what a person would type in a terminal (the ``federatls`` CLI, the example
+server and client from ``examples/``, curl) and shows the command and what it printed:
+
+1. two autonomous CAs, "cloud" and "kubernetes" (short-lived certificates, so renewals show);
+2. the demo server, enrolled with cloud;
+3. curl with a kubernetes certificate: refused (no federation yet);
+4. federation: each CA lists the other's root in ``federatedRoots``, then SIGHUP; the running
+   server picks up the new bundle at its next renewal, without a restart;
+5. the demo client, enrolled with kubernetes, calls the server;
+6. curl with files from ``federatls ca certificate`` and ``federatls ca federation``;
+7. the live renewals that happened meanwhile.
+
+Everything lives in a temporary directory and is stopped at the end, unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -13,144 +21,349 @@ import asyncio
 import contextlib
 import json
 import secrets
-import ssl
+import shutil
+import signal
+import socket
+import sys
 import tempfile
-from datetime import UTC, datetime
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from ._bootstrap import bootstrap
-from ._errors import PeerNotAuthorisedError
-from ._identity import Identity
-from ._jwk import ProvisionerKey
-from ._token import mint_token, sign_audience
-from .integrations import streams
-
 __all__ = ["run_demo"]
+
+CLAIMS = {"minTLSCertDuration": "5s", "defaultTLSCertDuration": "12s", "maxTLSCertDuration": "1h"}
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class DemoFailed(Exception):
+    """A step did not show what it should."""
 
 
 def _say(step: int, text: str) -> None:
     print(f"\n[{step}] {text}", flush=True)
 
 
-def _detail(text: str) -> None:
+def _show(text: str) -> None:
     print(f"    {text}", flush=True)
 
 
-def _token(ca_url: str, config: Path, password: bytes, subject: str, root_sha: str) -> str:
-    """What `federatls ca token` prints: a one-time token from the CA's JWK provisioner."""
-    prov = json.loads(config.read_text())["authority"]["provisioners"][0]
-    key = ProvisionerKey.decrypt(prov["encryptedKey"], password)
-    return mint_token(
-        key,
-        issuer=prov["name"],
-        subject=subject,
-        audience=sign_audience(ca_url),
-        now=datetime.now(UTC),
-        sans=[subject, "127.0.0.1"],
-        root_fingerprint=root_sha,
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Process:
+    """A long-running process whose output lines are collected (and echoed if asked)."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, echo: bool) -> None:
+        self.name = name
+        self.proc = proc
+        self.lines: list[str] = []
+        self._echo = echo
+        self._new = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if self._echo:
+                _show(f"{self.name} | {line}")
+            self._new.set()
+
+    async def wait_for(self, text: str, timeout: float) -> str:
+        """The first line containing ``text`` (already printed or to come)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines:
+                if text in line:
+                    return line
+            if self.proc.returncode is not None:
+                raise DemoFailed(f"{self.name} exited: {self.lines[-5:]}")
+            self._new.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DemoFailed(f"{self.name} never printed {text!r}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new.wait(), remaining)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
+
+
+class Demo:
+    """The commands of the tutorial, run for real."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.password = base / "password.txt"
+        self.password.write_text(secrets.token_urlsafe(24) + "\n")
+        self.processes: list[Process] = []
+
+    def _shown(self, argv: Sequence[str]) -> str:
+        """The command as a person would type it (short names, relative paths)."""
+        words = list(argv)
+        if words[:3] == [sys.executable, "-m", "federatls"]:
+            words = ["federatls", *words[3:]]
+        elif words[:1] == [sys.executable]:
+            words = ["python", *words[1:]]
+        out = []
+        for word in words:
+            word = word.replace(str(EXAMPLES.parent) + "/", "").replace(str(self.base) + "/", "")
+            out.append(word if len(word) < 60 else word[:20] + "...")
+        return " ".join(out)
+
+    async def run(self, *argv: str, show: bool = True, check: bool = True) -> str:
+        """Run a command to its end; its output (stdout and stderr together)."""
+        if show:
+            _show(f"$ {self._shown(argv)}")
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=self.base,
+        )
+        out, _ = await proc.communicate()
+        text = out.decode(errors="replace").strip()
+        if check and proc.returncode != 0:
+            raise DemoFailed(f"{self._shown(argv)} exited {proc.returncode}: {text}")
+        return text
+
+    async def start(self, name: str, *argv: str, echo: bool = True) -> Process:
+        _show(f"$ {self._shown(argv)} &")
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=self.base,
+        )
+        process = Process(name, proc, echo)
+        self.processes.append(process)
+        return process
+
+    async def federatls(self, *args: str, show: bool = True) -> str:
+        return await self.run(sys.executable, "-m", "federatls", *args, show=show)
+
+    async def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            await process.stop()
+
+
+async def _make_ca(demo: Demo, name: str) -> tuple[Path, str]:
+    port = _free_port()
+    directory = demo.base / name
+    await demo.federatls(
+        "ca",
+        "init",
+        name,
+        "--dir",
+        str(directory),
+        "--address",
+        f"127.0.0.1:{port}",
+        "--dns",
+        "127.0.0.1",
+        "--dns",
+        "localhost",
+        "--password-file",
+        str(demo.password),
     )
+    config = directory / "config" / "ca.json"
+    data = json.loads(config.read_text())
+    data["authority"]["provisioners"][0]["claims"] = CLAIMS
+    data["authority"]["backdate"] = "1s"
+    config.write_text(json.dumps(data, indent=2))
+    return config, f"https://127.0.0.1:{port}"
 
 
-async def _hello(server: Identity, client: Identity) -> str:
-    """The tutorial's exchange over mutual TLS on 127.0.0.1; the server's answer."""
+async def _steps(demo: Demo, keep: bool) -> None:
+    if not (EXAMPLES / "server" / "server.py").exists():
+        raise DemoFailed(f"the examples are not at {EXAMPLES}: run the demo from a checkout")
+    _say(1, "Two autonomous CAs, 'cloud' and 'kubernetes', each with its own root")
+    _show(f"(certificates live {CLAIMS['defaultTLSCertDuration']} here, so renewals show)")
+    cas: dict[str, tuple[Path, str, Process]] = {}
+    for name in ("cloud", "kubernetes"):
+        config, url = await _make_ca(demo, name)
+        ca = await demo.start(
+            f"{name} CA",
+            sys.executable,
+            "-m",
+            "federatls",
+            "ca",
+            "serve",
+            str(config),
+            "--password-file",
+            str(demo.password),
+            echo=False,
+        )
+        _show((await ca.wait_for("Serving HTTPS", 30)).strip())
+        cas[name] = (config, url, ca)
+    root = {name: str(cas[name][0].parent.parent / "certs" / "root_ca.crt") for name in cas}
+    ca_flags = {name: ["--ca-url", cas[name][1], "--root", root[name]] for name in cas}
+    mint = {name: [*ca_flags[name], "--password-file", str(demo.password)] for name in cas}
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = server.peer(writer)
-        await reader.readline()
-        anchor = peer.anchor.common_name if peer.anchor else "an unknown root"
-        writer.write(f"Hello {peer.common_name} (cert issued by '{anchor}')\n".encode())
-        await writer.drain()
-        writer.close()
+    _say(2, "The demo server, enrolled with the cloud CA")
+    port = _free_port()
+    token = await demo.federatls("ca", "token", "127.0.0.1", *mint["cloud"])
+    server = await demo.start(
+        "server", sys.executable, str(EXAMPLES / "server" / "server.py"), token, "--port", str(port)
+    )
+    await server.wait_for("Listening on", 30)
+    url = f"https://127.0.0.1:{port}/"
 
-    listener = await streams.start_server(server, handle, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    _say(3, "curl with a certificate from the kubernetes CA: refused, no federation yet")
+    await demo.federatls(
+        "ca",
+        "certificate",
+        "kube_client",
+        "kube_client.crt",
+        "kube_client.key",
+        *mint["kubernetes"],
+    )
+    await demo.federatls("ca", "roots", "cloud_roots.pem", *ca_flags["cloud"])
+    refused = await demo.run(
+        "curl",
+        "-sS",
+        "--cacert",
+        "cloud_roots.pem",
+        "--cert",
+        "kube_client.crt",
+        "--key",
+        "kube_client.key",
+        url,
+        check=False,
+    )
+    _show(refused.splitlines()[-1] if refused else "(no answer)")
+    if "Hello" in refused:
+        raise DemoFailed("the server accepted a kubernetes client without federation")
+    _show("refused, as expected: the server trusts only the cloud root")
+
+    _say(4, "Federation: each CA lists the other's root under federatedRoots, then SIGHUP")
+    for name, other in (("cloud", "kubernetes"), ("kubernetes", "cloud")):
+        config, _, ca = cas[name]
+        data = json.loads(config.read_text())
+        data["federatedRoots"] = [root[other]]
+        config.write_text(json.dumps(data, indent=2))
+        _show(f'{name}: "federatedRoots": ["{root[other]}"]')
+        _show(f"$ kill -HUP {ca.proc.pid}   # {name} CA reloads ca.json")
+        ca.proc.send_signal(signal.SIGHUP)
+    _show("the running server picks the new bundle up at its next renewal (no restart):")
+    await server.wait_for("Now accepting certs anchored in CN=kubernetes Root CA", 40)
+
+    _say(5, "The demo client, enrolled with the kubernetes CA, calls the server")
+    token = await demo.federatls("ca", "token", "sdk_client", *mint["kubernetes"])
+    client = await demo.start(
+        "client",
+        sys.executable,
+        str(EXAMPLES / "client" / "client.py"),
+        token,
+        url,
+        "--every",
+        "2",
+        "--count",
+        "3",
+    )
+    answer = await client.wait_for("Server responded:", 30)
+    if "Hello sdk_client (cert issued by 'kubernetes Root CA')" not in answer:
+        raise DemoFailed(f"unexpected answer: {answer}")
+    await client.proc.wait()
+
+    _say(6, "curl with the federation bundle and a kubernetes certificate")
+    await demo.federatls(
+        "ca",
+        "certificate",
+        "kube_client",
+        "kube_client.crt",
+        "kube_client.key",
+        "--force",
+        *mint["kubernetes"],
+    )
+    await demo.federatls("ca", "federation", "federated.pem", *ca_flags["cloud"])
+    hello = await demo.run(
+        "curl",
+        "-sS",
+        "--cacert",
+        "federated.pem",
+        "--cert",
+        "kube_client.crt",
+        "--key",
+        "kube_client.key",
+        url,
+    )
+    _show(hello)
+    if "Hello kube_client (cert issued by 'kubernetes Root CA')" not in hello:
+        raise DemoFailed(f"unexpected answer: {hello}")
+
+    _say(7, "Live renewal: the server keeps renewing while it serves, never restarted")
+    seen = sum(line.startswith("Renewed:") for line in server.lines)
+    deadline = time.monotonic() + 40
+    while seen < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        seen = sum(line.startswith("Renewed:") for line in server.lines)
+    if seen < 2:
+        raise DemoFailed("the server did not renew again while the demo ran")
+    hello = await demo.run(
+        "curl",
+        "-sS",
+        "--cacert",
+        "federated.pem",
+        "--cert",
+        "kube_client.crt",
+        "--key",
+        "kube_client.key",
+        url,
+        show=False,
+    )
+    _show(f"{seen} renewals so far, same process; it still answers: {hello}")
+
+    if keep:
+        _say(8, "Everything keeps running (Ctrl-C to stop)")
+        _show(f"server: {url}")
+        for name in cas:
+            _show(f"{name} CA: {cas[name][1]}  root {root[name]}")
+        _show(
+            f"curl --cacert {demo.base / 'federated.pem'} --cert "
+            f"{demo.base / 'kube_client.crt'} --key {demo.base / 'kube_client.key'} {url}"
+        )
+        _show(f"CA password file: {demo.password}")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+
+@contextlib.asynccontextmanager
+async def _workspace(keep: bool) -> AsyncIterator[Demo]:
+    base = Path(tempfile.mkdtemp(prefix="federatls-demo-"))
+    demo = Demo(base)
     try:
-        reader, writer = await streams.open_connection(client, "127.0.0.1", port)
-        writer.write(b"hello\n")
-        await writer.drain()
-        answer = (await reader.readline()).decode().strip()
-        writer.close()
-        with contextlib.suppress(ssl.SSLError, ConnectionError):
-            await writer.wait_closed()
-        if not answer:  # TLS 1.3: a refused client learns it only when it reads
-            raise ConnectionError("the server closed the connection without answering")
-        return answer
+        yield demo
     finally:
-        listener.close()
-        await listener.wait_closed()
+        await demo.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def run_demo(*, keep: bool = False) -> int:
-    """Run the demo; 0 when every check held."""
-    from .ca._pki import init_pki
-    from .ca._server import CAServer
-
-    password = secrets.token_urlsafe(24).encode()
-    with tempfile.TemporaryDirectory(prefix="federatls-demo-") as tmp:
-        base = Path(tmp)
-        _say(1, "Two autonomous CAs, 'cloud' and 'kubernetes', each with its own root")
-        now = datetime.now(UTC)
-        made = {
-            name: init_pki(
-                name,
-                base / name,
-                address="127.0.0.1:0",
-                password=password,
-                now=now,
-                dns_names=["127.0.0.1", "localhost"],
-            )
-            for name in ("cloud", "kubernetes")
-        }
-        async with (
-            CAServer.running(made["cloud"].config, password) as cloud,
-            CAServer.running(made["kubernetes"].config, password) as k8s,
-        ):
-            cas = {"cloud": cloud, "kubernetes": k8s}
-            for name, ca in cas.items():
-                _detail(f"{name} CA at {ca.url}, root {made[name].root_fingerprint[:16]}...")
-
-            async def enroll(name: str, subject: str) -> Identity:
-                token = _token(
-                    cas[name].url, made[name].config, password, subject, made[name].root_fingerprint
-                )
-                return await bootstrap(token)
-
-            _say(2, "Without federation: a cloud server refuses a kubernetes client")
-            server = await enroll("cloud", "server.cloud.internal")
-            client = await enroll("kubernetes", "sdk_client")
-            _detail(f"server trusts: {', '.join(r.common_name for r in server.trust)}")
-            try:
-                await _hello(server, client)
-            except (ssl.SSLError, ConnectionError, PeerNotAuthorisedError) as exc:
-                _detail(f"refused, as expected ({type(exc).__name__})")
-            else:
-                print("FAILED: a server without federation accepted a foreign client")
-                return 1
-
-            _say(3, "Federation: each CA lists the other's root in federatedRoots, and reloads")
-            for name, other in (("cloud", "kubernetes"), ("kubernetes", "cloud")):
-                config = json.loads(made[name].config.read_text())
-                config["federatedRoots"] = [str(made[other].root)]
-                made[name].config.write_text(json.dumps(config, indent=2))
-                cas[name].reload()
-                _detail(f"{name} now federates {other}")
-
-            _say(4, "New enrolments trust the federation bundle; mutual TLS across the CAs")
-            server = await enroll("cloud", "server.cloud.internal")
-            client = await enroll("kubernetes", "sdk_client")
-            _detail(f"server trusts: {', '.join(str(r) for r in server.trust)}")
-            _detail(f"client trusts: {', '.join(str(r) for r in client.trust)}")
-            answer = await _hello(server, client)
-            _detail(f"server answered: {answer}")
-            if answer != "Hello sdk_client (cert issued by 'kubernetes Root CA')":
-                print("FAILED: unexpected answer")
-                return 1
-
-            if keep:
-                _say(5, "Keeping the CAs running (Ctrl-C to stop)")
-                for name, ca in cas.items():
-                    _detail(f"{name} CA: {ca.url}  root {made[name].root}")
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.Event().wait()
-    print("\nDemo complete: federation works both ways, and is required.")
+    """Run the demo; 0 when every step showed what it should."""
+    if shutil.which("curl") is None:
+        print("federatls: error: the demo needs curl (apt-get install curl)", file=sys.stderr)
+        return 1
+    print("federatls demo: the step-ca federation tutorial, on this machine")
+    async with _workspace(keep) as demo:
+        try:
+            await _steps(demo, keep)
+        except DemoFailed as exc:
+            print(f"\nDEMO FAILED: {exc}", flush=True)
+            return 1
+    print("\nDemo complete: federation works both ways, is required, and renews live.")
     return 0

@@ -1,0 +1,57 @@
+"""The federation tutorial's demo server, with federatls.
+
+    python examples/server/server.py "$(federatls ca token 127.0.0.1 --ca-url ... --root ...)"
+
+It enrolls with the CA the token names, keeps its certificate and trust bundle renewed, and
+answers every mutually authenticated client with its name and the root that vouched for it.
+"""
+
+import argparse
+import asyncio
+from datetime import UTC, datetime
+
+import anyio
+from aiohttp import web
+
+import federatls
+from federatls.integrations.aiohttp import Site
+
+
+async def main(token: str, port: int) -> None:
+    identity = await federatls.bootstrap(token)
+    async with anyio.create_task_group() as tasks:
+        live = await tasks.start(federatls.keep_renewed, identity)
+        print("Server is using federated root certificates")
+        for root in live.current.trust:
+            print(f"Accepting certs anchored in {root.subject}")
+
+        async def hello(request: web.Request) -> web.Response:
+            peer = live.peer(request)
+            issuer = peer.anchor.common_name if peer.anchor else "?"
+            now = datetime.now(UTC)
+            return web.Response(
+                text=f"Hello {peer.common_name} (cert issued by '{issuer}') at {now}\n"
+            )
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = Site(runner, live, "127.0.0.1", port)
+        await site.start()
+        print(f"Listening on :{site.port} ...", flush=True)
+        roots = {root.fingerprint for root in live.current.trust}
+        async for renewed in live.updates():
+            print(f"Renewed: serial {renewed.serial}, valid until {renewed.not_after}", flush=True)
+            if {root.fingerprint for root in renewed.trust} != roots:
+                roots = {root.fingerprint for root in renewed.trust}
+                for root in renewed.trust:
+                    print(f"Now accepting certs anchored in {root.subject}", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="the federation tutorial's demo server")
+    parser.add_argument("token", help="a one-time token from the server's CA")
+    parser.add_argument("--port", type=int, default=8443)
+    args = parser.parse_args()
+    asyncio.run(main(args.token, args.port))
