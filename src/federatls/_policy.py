@@ -47,9 +47,12 @@ class RenewalPolicy:
         random; and while the certificate is valid, never later than a quarter of its
         remaining life, so several tries still fit before it expires.
         """
-        exponent = min(max(failures, 1) - 1, 30)
-        delay: timedelta = min(self.max_retry, self.first_retry * (2**exponent))
-        delay = delay * (0.5 + rand / 2)
+        exponent = min(max(failures, 1) - 1, 60)
+        # In float seconds: a timedelta of first_retry * 2**60 would overflow.
+        seconds = min(
+            self.max_retry.total_seconds(), self.first_retry.total_seconds() * (2.0**exponent)
+        )
+        delay = timedelta(seconds=seconds * (0.5 + rand / 2))
         left = not_after - now
         if left > timedelta(0):
             delay = min(delay, max(left / 4, timedelta(milliseconds=100)))

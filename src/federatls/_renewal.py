@@ -103,6 +103,7 @@ class RenewingIdentity:
         self._next: datetime = self._due(identity)
         self._failures = 0
         self._updated: anyio.Event | None = None
+        self._ended = False  # run() returned or was cancelled
         self.renewals = 0
         self.last_error: FederatlsError | None = None
         self.stopped: FederatlsError | None = None
@@ -118,15 +119,19 @@ class RenewingIdentity:
 
     @property
     def next_renewal_at(self) -> datetime | None:
-        """When the next refresh is planned; None once renewal has stopped."""
-        return None if self.stopped is not None else self._next
+        """When the next refresh is planned; None once renewal has stopped or its task has
+        ended (cancelled)."""
+        return None if self.stopped is not None or self._ended else self._next
 
     def _due(self, identity: Identity) -> datetime:
         received = max(self._clock(), identity.not_before)
         return self.policy.renewal_due(received, identity.not_after, self._rand())
 
     async def wait_for_update(self) -> Identity:
-        """Wait for the next swap (or for renewal to stop) and return the current identity."""
+        """Wait for the next swap and return the new identity; once renewal has stopped (or
+        when it stops meanwhile), return the current one at once."""
+        if self.stopped is not None:
+            return self.current
         if self._updated is None:
             self._updated = anyio.Event()
         await self._updated.wait()
@@ -184,7 +189,11 @@ class RenewingIdentity:
 
     # Refreshing --------------------------------------------------------------------------------
     async def refresh(self) -> Identity:
-        """Refresh now: trust bundle and certificate, then swap. Raises on failure."""
+        """Refresh now: trust bundle and certificate, then swap. Raises on failure.
+
+        ``last_error`` is cleared first: after a refresh it holds only what went wrong in it
+        (a bundle fetch that failed, though the certificate renewed), or the failure."""
+        self.last_error = None
         old = self.current
         if self._clock() >= old.not_after:
             new = await self._rebootstrap(old)
@@ -266,6 +275,12 @@ class RenewingIdentity:
         if self._updated is None:
             self._updated = anyio.Event()
         task_status.started(self)
+        try:
+            await self._loop()
+        finally:
+            self._ended = True
+
+    async def _loop(self) -> None:
         while self.stopped is None:
             now = self._clock()
             if now < self._next:
