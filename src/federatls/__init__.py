@@ -33,7 +33,13 @@ from ._identity import Identity, TrustChoice
 from ._keys import KeyType
 from ._peer import PeerInfo, peer_info
 from ._policy import RenewalPolicy
-from ._renewal import RenewingIdentity, TokenSource, keep_renewed, keep_renewed_sync
+from ._renewal import (
+    LiveServerContext,
+    RenewingIdentity,
+    TokenSource,
+    keep_renewed,
+    keep_renewed_sync,
+)
 from ._trust import Provenance, TrustBundle, TrustedRoot
 from ._version import __version__
 
@@ -48,6 +54,7 @@ __all__ = [
     "Identity",
     "IdentityExpiredError",
     "KeyType",
+    "LiveServerContext",
     "NamePattern",
     "PeerInfo",
     "PeerNotAuthorisedError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from typing import TypeVar
 
 from cryptography import x509
 
@@ -22,12 +23,19 @@ __all__ = ["new_client_context", "new_server_context"]
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
+Ctx = TypeVar("Ctx", bound=ssl.SSLContext)
+
+
 def _base(
-    protocol: int, chain: Sequence[x509.Certificate], key: PrivateKey, trust: TrustBundle
-) -> ssl.SSLContext:
+    protocol: int,
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    trust: TrustBundle,
+    cls: type[Ctx],
+) -> Ctx:
     if not trust.roots:
         raise ValueError("a context needs at least one trusted root")
-    ctx = ssl.SSLContext(protocol)
+    ctx = cls(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -42,11 +50,12 @@ def new_server_context(
     trust: TrustBundle,
     *,
     require_client_certificate: bool = True,
-) -> ssl.SSLContext:
+    cls: type[Ctx] = ssl.SSLContext,  # type: ignore[assignment]
+) -> Ctx:
     """A server context presenting ``chain`` and verifying client certificates against
     ``trust`` (required unless ``require_client_certificate`` is False: then optional, but
-    still verified when sent)."""
-    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust)
+    still verified when sent). ``cls`` may be a subclass of ``ssl.SSLContext``."""
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
@@ -62,7 +71,7 @@ def new_client_context(
 ) -> ssl.SSLContext:
     """A client context presenting ``chain`` and verifying servers against ``trust``; the
     server's name (DNS or IP) is checked unless ``check_hostname`` is False."""
-    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust)
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust, ssl.SSLContext)
     ctx.check_hostname = check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

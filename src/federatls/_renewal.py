@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 
 import anyio
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from ._authorise import Authoriser
 from ._bootstrap import bootstrap
 from ._client import CAClient
+from ._contexts import new_server_context
 from ._errors import (
     BadMaterialError,
     CARefusedError,
@@ -42,13 +43,20 @@ from ._policy import RenewalPolicy
 from ._sync import background
 from ._trust import TrustBundle
 
-__all__ = ["RenewingIdentity", "TokenSource", "keep_renewed", "keep_renewed_sync"]
+__all__ = [
+    "LiveServerContext",
+    "RenewingIdentity",
+    "TokenSource",
+    "keep_renewed",
+    "keep_renewed_sync",
+]
 
 log = logging.getLogger("federatls.renewal")
 
 TokenSource = Callable[[], Awaitable[str]]
 Clock = Callable[[], datetime]
-_ContextKey = tuple[str, str, bool]  # ("server" | "client", trust, flag)
+# ("server" | "client", trust, flag, ALPN protocols): one context per kind in each snapshot.
+_ContextKey = tuple[str, str, bool, tuple[str, ...]]
 
 
 def _now() -> datetime:
@@ -75,11 +83,30 @@ class _Snapshot:
 
 
 def _build(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
-    side, trust, flag = key
+    side, trust, flag, alpn = key
     choice: TrustChoice = "own" if trust == "own" else "federation"
     if side == "server":
-        return identity.server_context(trust=choice, require_client_certificate=flag)
-    return identity.client_context(trust=choice, check_hostname=flag)
+        ctx = identity.server_context(trust=choice, require_client_certificate=flag)
+    else:
+        ctx = identity.client_context(trust=choice, check_hostname=flag)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+class LiveServerContext(ssl.SSLContext):
+    """A real server ``ssl.SSLContext`` whose every handshake switches (in ``sni_callback``)
+    to the newest snapshot's context: the newest certificate and trust bundle.
+
+    ALPN protocols set on it with ``set_alpn_protocols`` are carried to the snapshots'
+    contexts; other settings changed after it was handed out apply to no handshake."""
+
+    alpn: tuple[str, ...] = ()
+
+    def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
+        protocols = tuple(alpn_protocols)
+        super().set_alpn_protocols(list(protocols))
+        self.alpn = protocols
 
 
 class RenewingIdentity:
@@ -158,14 +185,21 @@ class RenewingIdentity:
     ) -> ssl.SSLContext:
         """A server context that follows renewal: every new handshake uses the newest
         certificate and trust bundle (switched in ``sni_callback``, called for every
-        ClientHello). Hand it to asyncio, aiohttp, uvicorn as any context."""
-        key: _ContextKey = ("server", trust, require_client_certificate)
-        listening = _build(self.current, key)
+        ClientHello). Hand it to asyncio, aiohttp, uvicorn as any context; ALPN set on it
+        is kept (``LiveServerContext``)."""
+        current = self.current
+        listening = new_server_context(
+            current.chain,
+            current._key,
+            current.trust if trust == "federation" else current.own_roots,
+            require_client_certificate=require_client_certificate,
+            cls=LiveServerContext,
+        )
 
         def switch(
             conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
         ) -> None:
-            newest = self._context(key)
+            newest = self._context(("server", trust, require_client_certificate, listening.alpn))
             if newest is not ctx:
                 conn.context = newest
 
@@ -177,7 +211,7 @@ class RenewingIdentity:
     ) -> ssl.SSLContext:
         """The newest snapshot's client context. A client context cannot switch by itself:
         take it again for each new connection (the integrations do)."""
-        return self._context(("client", trust, check_hostname))
+        return self._context(("client", trust, check_hostname, ()))
 
     def peer(self, conn: object) -> PeerInfo:
         """``current.peer(conn)``: the verified peer, anchored in the newest trust bundle."""

@@ -159,6 +159,13 @@ def retire_old_roots(directory: Path) -> RotationStep:
     if not keep:
         raise ConfigError("the current intermediate chains to none of the configured roots")
     dropped = [r for r in _roots(data) if r not in keep]
+    newest = _roots(data)[-1]
+    if newest in dropped:
+        raise ConfigError(
+            f"the CA still issues from {Path(data['crt']).name}, not from the "
+            f"newest root {newest.name}: run issue-from-new-root first (and wait "
+            "one renewal period)"
+        )
     if not dropped:
         raise ConfigError(
             "nothing to retire: every root is the current issuer's; run the "
