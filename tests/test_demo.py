@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -133,3 +134,33 @@ async def test_example_client_refused_without_federation() -> None:
     assert run.returncode != 0
     assert b"Server responded" not in run.stdout
     assert b"CERTIFICATE_VERIFY_FAILED" in run.stderr
+
+
+async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
+    """`demo --keep` keeps everything up and prints how to reach it (the printed commands
+    work); Ctrl-C then stops every process and removes the workspace."""
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "federatls", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        lines = await _read_until(proc, "    curl --cacert federated.pem")
+    finally:
+        if proc.returncode is not None:
+            raise AssertionError("the demo ended instead of staying up")
+    workspace = Path(next(line.split()[1] for line in lines if line.startswith("    cd ")))
+    fresh = next(
+        line.split()
+        for line in lines
+        if line.startswith("    federatls ca certificate kube_client")
+    )
+    curl = next(line.split() for line in lines if line.startswith("    curl --cacert"))
+    await anyio.run_process([sys.executable, "-m", *fresh], cwd=workspace)
+    answer = await anyio.run_process(curl, cwd=workspace)
+    assert b"Hello kube_client (cert issued by 'kubernetes Root CA')" in answer.stdout
+    proc.send_signal(signal.SIGINT)
+    with anyio.fail_after(30):
+        code = await proc.wait()
+    assert code == 130
+    assert not workspace.exists()

@@ -30,6 +30,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import anyio
+
 __all__ = ["run_demo"]
 
 CLAIMS = {"minTLSCertDuration": "5s", "defaultTLSCertDuration": "12s", "maxTLSCertDuration": "1h"}
@@ -333,13 +335,23 @@ async def _steps(demo: Demo, keep: bool) -> None:
         _show(f"server: {url}")
         for name in cas:
             _show(f"{name} CA: {cas[name][1]}  root {root[name]}")
-        _show(
-            f"curl --cacert {demo.base / 'federated.pem'} --cert "
-            f"{demo.base / 'kube_client.crt'} --key {demo.base / 'kube_client.key'} {url}"
+        _show(f"(certificates live {CLAIMS['defaultTLSCertDuration']}: get a fresh one first)")
+        _show(f"cd {demo.base}")
+        fresh = " ".join(
+            [
+                "federatls",
+                "ca",
+                "certificate",
+                "kube_client",
+                "kube_client.crt",
+                "kube_client.key",
+                "--force",
+                *mint["kubernetes"],
+            ]
         )
-        _show(f"CA password file: {demo.password}")
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()
+        _show(fresh.replace(str(demo.base) + "/", ""))
+        _show(f"curl --cacert federated.pem --cert kube_client.crt --key kube_client.key {url}")
+        await asyncio.Event().wait()  # until Ctrl-C; the workspace is cleaned up on the way out
 
 
 @contextlib.asynccontextmanager
@@ -349,7 +361,8 @@ async def _workspace(keep: bool) -> AsyncIterator[Demo]:
     try:
         yield demo
     finally:
-        await demo.stop_all()
+        with anyio.CancelScope(shield=True):  # Ctrl-C must not leave processes behind
+            await demo.stop_all()
         shutil.rmtree(base, ignore_errors=True)
 
 
