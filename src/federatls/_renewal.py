@@ -238,9 +238,11 @@ class RenewingIdentity:
 
     async def _renew(self, old: Identity) -> Identity:
         key = old._key
-        async with CAClient(
-            old.ca_url, old.trust.own().certificates, identity=(old.chain, key)
-        ) as ca:
+        # Its TLS context (about a millisecond of OpenSSL) is built off the event loop.
+        client = await anyio.to_thread.run_sync(
+            lambda: CAClient(old.ca_url, old.trust.own().certificates, identity=(old.chain, key))
+        )
+        async with client as ca:
             trust = old.trust
             try:
                 trust = TrustBundle.from_ca(await ca.roots_bundle(), await ca.federation())
