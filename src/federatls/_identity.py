@@ -8,7 +8,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
@@ -19,7 +18,7 @@ from ._contexts import new_client_context, new_server_context
 from ._keys import PrivateKey
 from ._peer import PeerInfo, peer_info
 from ._trust import TrustBundle
-from ._x509 import SANs, cert_sans, certs_to_pem, common_name
+from ._x509 import CertificateFacts, certs_to_pem
 
 __all__ = ["Identity", "TrustChoice"]
 
@@ -27,7 +26,7 @@ TrustChoice = Literal["federation", "own"]
 
 
 @dataclass(frozen=True, eq=False)
-class Identity:
+class Identity(CertificateFacts):
     """A certificate chain (leaf first, no root), its private key, and the trust bundle of
     its CA (own roots and federated roots, each with its provenance).
 
@@ -47,32 +46,9 @@ class Identity:
 
     # The certificate --------------------------------------------------------------------------
     @property
-    def certificate(self) -> x509.Certificate:
+    def certificate(self) -> x509.Certificate:  # type: ignore[override]  # read-only here
+        """The leaf: ``chain[0]``."""
         return self.chain[0]
-
-    @property
-    def subject(self) -> str:
-        return self.certificate.subject.rfc4514_string()
-
-    @property
-    def common_name(self) -> str:
-        return common_name(self.certificate.subject)
-
-    @property
-    def sans(self) -> SANs:
-        return cert_sans(self.certificate)
-
-    @property
-    def serial(self) -> int:
-        return self.certificate.serial_number
-
-    @property
-    def not_before(self) -> datetime:
-        return self.certificate.not_valid_before_utc
-
-    @property
-    def not_after(self) -> datetime:
-        return self.certificate.not_valid_after_utc
 
     @property
     def chain_pem(self) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol, cast
 
 from cryptography import x509
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle, TrustedRoot
-from ._x509 import SANs, cert_sans, common_name
+from ._x509 import CertificateFacts
 
 __all__ = ["PeerInfo", "TLSObject", "peer_info", "ssl_object_of"]
 
@@ -27,32 +26,12 @@ _ENCODING_DER = 2  # _ssl.ENCODING_DER
 
 
 @dataclass(frozen=True)
-class PeerInfo:
+class PeerInfo(CertificateFacts):
     """The verified peer of a TLS connection."""
 
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # as verified: leaf first, the anchoring root last
     anchor: TrustedRoot | None  # the root of the bundle that anchored the chain
-
-    @property
-    def subject(self) -> str:
-        return self.certificate.subject.rfc4514_string()
-
-    @property
-    def common_name(self) -> str:
-        return common_name(self.certificate.subject)
-
-    @property
-    def sans(self) -> SANs:
-        return cert_sans(self.certificate)
-
-    @property
-    def serial(self) -> int:
-        return self.certificate.serial_number
-
-    @property
-    def not_after(self) -> datetime:
-        return self.certificate.not_valid_after_utc
 
     def __str__(self) -> str:
         names = ", ".join(self.sans.as_strings()) or "no SAN"

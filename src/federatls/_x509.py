@@ -9,6 +9,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from ._errors import BadMaterialError
 
 __all__ = [
+    "CertificateFacts",
     "SANs",
     "cert_sans",
     "certs_to_pem",
@@ -161,3 +163,33 @@ def common_name(name: x509.Name) -> str:
         return ""
     value = attrs[0].value
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class CertificateFacts:
+    """The facts of a leaf certificate, for classes that hold one as ``certificate``."""
+
+    certificate: x509.Certificate
+
+    @property
+    def subject(self) -> str:
+        return self.certificate.subject.rfc4514_string()
+
+    @property
+    def common_name(self) -> str:
+        return common_name(self.certificate.subject)
+
+    @property
+    def sans(self) -> SANs:
+        return cert_sans(self.certificate)
+
+    @property
+    def serial(self) -> int:
+        return self.certificate.serial_number
+
+    @property
+    def not_before(self) -> datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
