@@ -41,6 +41,7 @@ from harness import (
     federatls,
     free_port,
     make_pki,
+    pem_begin,
     serving,
     start_serving,
     stepca_process,
@@ -117,7 +118,7 @@ def issued(pki: PKI, crt: Path, key: Path, subject: str) -> x509.Certificate:
     assert leaf.subject.rfc4514_string() == f"CN={subject}"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     pem = key.read_bytes()
-    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----\n")
+    assert pem.startswith(pem_begin("PRIVATE KEY") + b"\n")
     private = serialization.load_pem_private_key(pem, password=None)
     assert spki(private) == spki(leaf)
     return leaf

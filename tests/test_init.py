@@ -34,7 +34,16 @@ from federatls._keys import build_csr, new_private_key
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import CAServer
 
-from harness import PASSWORD, PKI, Run, assert_one_line_error, federatls, serving, stepca_process
+from harness import (
+    PASSWORD,
+    PKI,
+    Run,
+    assert_one_line_error,
+    federatls,
+    pem_begin,
+    serving,
+    stepca_process,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -47,10 +56,10 @@ LAYOUT = {
 }
 # Every PEM label that would hold a private key in the clear.
 PLAINTEXT_KEY_MARKERS = (
-    b"-----BEGIN PRIVATE KEY-----",
-    b"-----BEGIN EC PRIVATE KEY-----",
-    b"-----BEGIN RSA PRIVATE KEY-----",
-    b"-----BEGIN OPENSSH PRIVATE KEY-----",
+    pem_begin("PRIVATE KEY"),
+    pem_begin("EC PRIVATE KEY"),
+    pem_begin("RSA PRIVATE KEY"),
+    pem_begin("OPENSSH PRIVATE KEY"),
 )
 
 
@@ -245,7 +254,7 @@ async def test_secret_keys_are_encrypted_0600(
     path = directory / "secrets" / key_file
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     data = path.read_bytes()
-    assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
+    assert data.startswith(pem_begin("ENCRYPTED PRIVATE KEY") + b"\n")
     assert data.count(b"-----BEGIN ") == 1
     key = serialization.load_pem_private_key(data, password=PASSWORD)
     assert isinstance(key, ec.EllipticCurvePrivateKey)

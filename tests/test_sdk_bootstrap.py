@@ -54,7 +54,16 @@ from federatls._x509 import cert_sans, load_pem_certificates, split_sans
 from federatls.ca import CAServer
 from federatls.integrations import streams
 
-from harness import PKI, free_port, make_pki, serving, stepca_log, stepca_process, wait_until
+from harness import (
+    PKI,
+    free_port,
+    make_pki,
+    pem_begin,
+    serving,
+    stepca_log,
+    stepca_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -259,7 +268,7 @@ async def test_private_key_export_and_repr(
     identity = await federatls.bootstrap(pki.token(SUBJECT, sans=SANS))
 
     plain = identity.export_private_key(password=None)
-    assert plain.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert plain.startswith(pem_begin("PRIVATE KEY"))
     key = serialization.load_pem_private_key(plain, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert _spki(identity.certificate) == key.public_key().public_bytes(
@@ -267,7 +276,7 @@ async def test_private_key_export_and_repr(
     )
 
     sealed = identity.export_private_key(password=b"s3cret")
-    assert sealed.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert sealed.startswith(pem_begin("ENCRYPTED PRIVATE KEY"))
     with pytest.raises(TypeError):  # encrypted: refuses to load without the password
         serialization.load_pem_private_key(sealed, password=None)
     with pytest.raises(ValueError, match="Incorrect password"):
