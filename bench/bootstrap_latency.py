@@ -67,7 +67,6 @@ from federatls._client import CAClient, fetch_root
 from federatls._errors import BadMaterialError
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import SignRequest
-from federatls._token import mint_token, sign_audience
 from sign_throughput import (
     CA,
     DEFAULT_STEPCA,
@@ -76,6 +75,7 @@ from sign_throughput import (
     percentile,
     process_cpu_seconds,
     running,
+    token_for,
 )
 
 MAX_ERROR_SAMPLES = 5
@@ -95,19 +95,6 @@ def prepare_cas(base: Path, stepca: str) -> list[CA]:
     ours.command = [sys.executable, "-m", "federatls", "ca", "serve", str(ours.config)]
     ours.command += ["--password-file", str(ours.password)]
     return cas
-
-
-def token_for(ca: CA, subject: str) -> str:
-    """A one-time token for ``subject``, exactly as ``step ca token`` makes it."""
-    return mint_token(
-        ca.key,
-        issuer=ca.provisioner,
-        subject=subject,
-        audience=sign_audience(ca.url),
-        now=datetime.now(UTC),
-        sans=[subject],
-        root_fingerprint=ca.root_fingerprint,
-    )
 
 
 # --- One bootstrap, as a workload does it ----------------------------------------------------

@@ -65,9 +65,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import federatls
-from bootstrap_latency import token_for
 from handshake import Files, stdlib_client_context, stdlib_server_context, write_files
-from sign_throughput import CA, RESULTS_DIR, make_pki, running
+from sign_throughput import CA, RESULTS_DIR, make_pki, running, token_for
 
 WARMUP = 5  # identities or context pairs made and dropped before the measured ones
 

@@ -188,7 +188,7 @@ def check_one_sign(ca: CA) -> None:
     subject = "check.bench.internal"
     body = {
         "csr": build_csr(key, subject, [subject]).public_bytes(serialization.Encoding.PEM).decode(),
-        "ott": _token(ca, subject),
+        "ott": token_for(ca, subject),
     }
     answer = httpx.post(
         ca.url + "/1.0/sign", json=body, verify=client_context(ca.root_pem), timeout=10
@@ -216,7 +216,8 @@ def check_one_sign(ca: CA) -> None:
 
 
 # --- The workload: one prepared HTTP request per certificate ---------------------------------
-def _token(ca: CA, subject: str) -> str:
+def token_for(ca: CA, subject: str) -> str:
+    """A one-time token for ``subject``, exactly as ``step ca token`` makes it."""
     return mint_token(
         ca.key,
         issuer=ca.provisioner,
@@ -237,7 +238,7 @@ def prepare_requests(ca: CA, count: int) -> list[bytes]:
         subject = f"w{i}.bench.internal"
         csr = build_csr(new_private_key(), subject, [subject])
         pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        body = json.dumps({"csr": pem, "ott": _token(ca, subject)}).encode()
+        body = json.dumps({"csr": pem, "ott": token_for(ca, subject)}).encode()
         head = (
             f"POST /1.0/sign HTTP/1.1\r\nHost: {ca.host}:{ca.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
