@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -466,8 +466,3 @@ class ErrorBody:
         if isinstance(data, dict) and isinstance(data.get("message"), str):
             return cls(status, data["message"], data)
         return cls(status, json.dumps(data)[:200])
-
-
-def certificates_to_pem_list(certs: Sequence[x509.Certificate]) -> list[str]:
-    """PEM strings of certificates, as the ``crts`` field carries them."""
-    return [_cert_pem(c) for c in certs]
