@@ -225,28 +225,39 @@ async def _steps(demo: Demo, keep: bool) -> None:
     await server.wait_for("Listening on", 30)
     url = f"https://127.0.0.1:{port}/"
 
+    async def kube_certificate(*, force: bool = False) -> None:
+        """`federatls ca certificate kube_client ...` from the kubernetes CA."""
+        extra = ["--force"] if force else []
+        await demo.federatls(
+            "ca",
+            "certificate",
+            "kube_client",
+            "kube_client.crt",
+            "kube_client.key",
+            *extra,
+            *mint["kubernetes"],
+        )
+
+    async def curl(cacert: str, *, check: bool = True, show: bool = True) -> str:
+        """curl to the demo server with the kubernetes client certificate."""
+        return await demo.run(
+            "curl",
+            "-sS",
+            "--cacert",
+            cacert,
+            "--cert",
+            "kube_client.crt",
+            "--key",
+            "kube_client.key",
+            url,
+            check=check,
+            show=show,
+        )
+
     _say(3, "curl with a certificate from the kubernetes CA: refused, no federation yet")
-    await demo.federatls(
-        "ca",
-        "certificate",
-        "kube_client",
-        "kube_client.crt",
-        "kube_client.key",
-        *mint["kubernetes"],
-    )
+    await kube_certificate()
     await demo.federatls("ca", "roots", "cloud_roots.pem", *ca_flags["cloud"])
-    refused = await demo.run(
-        "curl",
-        "-sS",
-        "--cacert",
-        "cloud_roots.pem",
-        "--cert",
-        "kube_client.crt",
-        "--key",
-        "kube_client.key",
-        url,
-        check=False,
-    )
+    refused = await curl("cloud_roots.pem", check=False)
     _show(refused.splitlines()[-1] if refused else "(no answer)")
     if "Hello" in refused:
         raise DemoFailed("the server accepted a kubernetes client without federation")
@@ -283,27 +294,9 @@ async def _steps(demo: Demo, keep: bool) -> None:
     await client.proc.wait()
 
     _say(6, "curl with the federation bundle and a kubernetes certificate")
-    await demo.federatls(
-        "ca",
-        "certificate",
-        "kube_client",
-        "kube_client.crt",
-        "kube_client.key",
-        "--force",
-        *mint["kubernetes"],
-    )
+    await kube_certificate(force=True)
     await demo.federatls("ca", "federation", "federated.pem", *ca_flags["cloud"])
-    hello = await demo.run(
-        "curl",
-        "-sS",
-        "--cacert",
-        "federated.pem",
-        "--cert",
-        "kube_client.crt",
-        "--key",
-        "kube_client.key",
-        url,
-    )
+    hello = await curl("federated.pem")
     _show(hello)
     if "Hello kube_client (cert issued by 'kubernetes Root CA')" not in hello:
         raise DemoFailed(f"unexpected answer: {hello}")
@@ -316,18 +309,7 @@ async def _steps(demo: Demo, keep: bool) -> None:
         seen = sum(line.startswith("Renewed:") for line in server.lines)
     if seen < 2:
         raise DemoFailed("the server did not renew again while the demo ran")
-    hello = await demo.run(
-        "curl",
-        "-sS",
-        "--cacert",
-        "federated.pem",
-        "--cert",
-        "kube_client.crt",
-        "--key",
-        "kube_client.key",
-        url,
-        show=False,
-    )
+    hello = await curl("federated.pem", show=False)
     _show(f"{seen} renewals so far, same process; it still answers: {hello}")
 
     if keep:
