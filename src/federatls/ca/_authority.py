@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -127,12 +128,21 @@ class _Audiences:
         )
 
 
-def _token_use(raw: str, token: Token, provisioner: str, now: datetime) -> TokenUse:
+def _token_use(
+    raw: str, token: Token, provisioner: str, now: datetime, *, iat_checked: bool
+) -> TokenUse:
     """What spending a token records: its id (``jti``, or the token's SHA-256 without one, as
-    step-ca does), its provisioner and when it expires."""
+    step-ca does), its provisioner and when it expires.
+
+    The record is ``durable`` (synced to disk before the answer) unless losing it in a power
+    cut could not reopen a replay: with ``iat_checked`` the CA refuses, after any restart,
+    tokens issued before it started, and restarting after a power cut takes more than a
+    second, so a token whose ``iat`` is at or before the current second stays refused."""
     token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
     expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
-    return TokenUse(token_id, provisioner, expires, now)
+    iat = token.issued_at
+    durable = not iat_checked or iat is None or iat > math.floor(now.timestamp())
+    return TokenUse(token_id, provisioner, expires, now, durable=durable)
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,9 @@ class Authority:
             )
         if not token.subject:
             raise _unauthorized("jwk token subject cannot be empty")
-        spend = _token_use(raw, token, prov.id, now)
+        spend = _token_use(
+            raw, token, prov.id, now, iat_checked=not self.config.disable_issued_at_check
+        )
         if self.store.token_used(spend.token_id):
             raise _unauthorized("token already used")
         return prov, token, spend
@@ -454,7 +466,8 @@ class Authority:
             raise _unauthorized("error validating renew token: invalid audience claim (aud)")
         if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
-        spend = _token_use(raw, token, prov.id, now)
+        # Renew tokens are not checked against the CA's start time: always durable.
+        spend = _token_use(raw, token, prov.id, now, iat_checked=False)
         self._spend(spend)
         return leaf
 

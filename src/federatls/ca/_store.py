@@ -8,10 +8,11 @@ record behind. Several processes may share the file (SQLite's locking, WAL mode)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,9 @@ class TokenUse:
     expires_at: datetime
     used_at: datetime
     certificate: IssuedCertificate | None = None
+    # Whether the record must be on disk (fsync) before the CA answers: True unless a power
+    # cut that lost it could not reopen the token's replay (see ``Authority``).
+    durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ class Store(Protocol):
     def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
         """In one transaction, for each token use: mark the token used and record the
         certificate it bought, if any; False (and nothing recorded for it) if the token was
-        used before (a replay). One transaction for many keeps a busy CA's commits cheap."""
+        used before (a replay). One transaction for many keeps a busy CA's commits cheap.
+        The commit survives a crash of the CA process; it is also synced to disk (surviving
+        a power cut) when any of the uses is ``durable``."""
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
         """Record an issued certificate."""
@@ -76,7 +82,7 @@ class Store(Protocol):
         """The record of an issued certificate, or None."""
 
     def revoke(self, revocation: Revocation) -> bool:
-        """Record a revocation; False if the serial was already revoked."""
+        """Record a revocation, synced to disk; False if the serial was already revoked."""
 
     def is_revoked(self, serial: str) -> bool:
         """Whether the serial has been revoked."""
@@ -130,7 +136,10 @@ def _dt(text: str) -> datetime:
 
 
 class SQLiteStore:
-    """The embedded store: one SQLite file, WAL journal, full fsync on commit."""
+    """The embedded store: one SQLite file in WAL mode. A commit reaches the operating
+    system before the CA answers, so it survives the CA process crashing or being killed;
+    commits that must also survive a power cut (revocations, ``durable`` token uses) are
+    synced to disk first (``synchronous=FULL`` for that transaction, NORMAL otherwise)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -144,7 +153,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=NORMAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
                 raise ConfigError(
@@ -172,24 +181,36 @@ class SQLiteStore:
             ).fetchone()
         return row is not None
 
-    def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
-        results: list[bool] = []
-        with self._lock:
+    @contextlib.contextmanager
+    def _transaction(self, *, durable: bool) -> Iterator[None]:
+        """One write transaction (the caller holds the lock); with ``durable`` its commit
+        returns only once the WAL is on disk."""
+        if durable:
+            self._conn.execute("PRAGMA synchronous=FULL")
+        try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for use in issuances:
-                    cur = self._conn.execute(
-                        "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
-                        (use.token_id, use.provisioner, _ts(use.expires_at), _ts(use.used_at)),
-                    )
-                    fresh = cur.rowcount == 1
-                    if fresh and use.certificate is not None:
-                        self._insert_certificate(use.certificate)
-                    results.append(fresh)
+                yield
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        finally:
+            if durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+
+    def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
+        results: list[bool] = []
+        with self._lock, self._transaction(durable=any(u.durable for u in issuances)):
+            for use in issuances:
+                cur = self._conn.execute(
+                    "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
+                    (use.token_id, use.provisioner, _ts(use.expires_at), _ts(use.used_at)),
+                )
+                fresh = cur.rowcount == 1
+                if fresh and use.certificate is not None:
+                    self._insert_certificate(use.certificate)
+                results.append(fresh)
         return results
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
@@ -233,7 +254,7 @@ class SQLiteStore:
 
     def revoke(self, revocation: Revocation) -> bool:
         r = revocation
-        with self._lock:
+        with self._lock, self._transaction(durable=True):
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
