@@ -18,8 +18,11 @@ CA in its own process (``step-ca ca.json`` and ``python -m federatls ca serve ca
 the same client code drives both. Tokens (exactly what ``step ca token`` mints, one per
 request since they are one-time) and CSRs (a fresh P-256 key per request) are made before the
 timed phase, so while the clock runs the client does nothing but TCP, TLS and HTTP.
-The levels are interleaved (step-ca 1, federatls 1, step-ca 8, ...) so that a burst of
-outside load is less likely to hit only one CA.
+Each level is measured in rounds (five by default) that alternate the two CAs, step-ca
+first in one round and federatls first in the next, each getting an equal slice of the
+duration. A shared machine's speed drifts by tens of percent over a minute; alternating short
+slices gives both CAs the same drift, and the per-round ratios printed beside the overall
+one show how steady the run was.
 
 What is not measured
 --------------------
@@ -55,6 +58,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography import x509
@@ -356,6 +360,7 @@ class LevelResult:
     server_ms_per_cert: float  # CA CPU milliseconds per certificate: the least noisy figure
     ran_out: bool
     error_samples: list[str]
+    round_rps: list[float]  # cert/s in each round, in order
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -373,6 +378,7 @@ class Settings:
     requests: int  # per level; 0 = run for ``duration``
     warmup: int
     client_processes: int
+    rounds: int = 5  # alternating slices per level
 
 
 @dataclass
@@ -432,40 +438,57 @@ def generate_load(
 
 
 def measure(
-    pool: concurrent.futures.Executor, ca: CA, concurrency: int, settings: Settings
-) -> LevelResult:
-    """Warm up, then measure one CA at one concurrency level."""
+    pool: concurrent.futures.Executor,
+    ca: CA,
+    concurrency: int,
+    settings: Settings,
+    *,
+    seconds: float,
+    requests: int,
+) -> tuple[LoadRun, bool]:
+    """Warm up, then load one CA at one concurrency level for ``seconds`` (or ``requests``
+    requests when that is not 0). Returns the run and whether it ran out of prepared requests
+    before the time was up."""
     procs = settings.client_processes
     warmup = prepare_requests(ca, max(settings.warmup, 4 * concurrency))
     warm = generate_load(pool, ca, concurrency, warmup, math.inf, procs)
     if any(r.errors for r in warm.results):
         samples = [s for r in warm.results for s in r.error_samples]
         raise RuntimeError(f"{ca.name} failed during warm-up: {samples}")
-
-    if settings.requests:
-        count, seconds = settings.requests, math.inf
+    if requests:
+        count, seconds = requests, math.inf
     else:  # enough requests for twice the warm-up rate; flagged if they still run out
-        seconds = settings.duration
         warm_rate = len(warm.latencies) / warm.seconds
         count = math.ceil(2 * warm_rate * seconds) + 4 * concurrency
     run = generate_load(pool, ca, concurrency, prepare_requests(ca, count), seconds, procs)
-    window, latencies = run.seconds, run.latencies
-    client_cpu = sum(r.cpu_seconds for r in run.results)
+    return run, requests == 0 and any(r.ran_out for r in run.results)
+
+
+def summarise(ca: CA, concurrency: int, runs: Sequence[tuple[LoadRun, bool]]) -> LevelResult:
+    """One CA at one level over all its rounds: rates over the summed windows, percentiles
+    over every latency."""
+    window = sum(run.seconds for run, _ in runs)
+    latencies = sorted(x for run, _ in runs for x in run.latencies)
+    server = sum(run.server_cpu for run, _ in runs)
+    client = sum(r.cpu_seconds for run, _ in runs for r in run.results)
+    busy = sum(run.machine_busy for run, _ in runs)
+    samples = [s for run, _ in runs for r in run.results for s in r.error_samples]
     return LevelResult(
         ca=ca.name,
         concurrency=concurrency,
         requests=len(latencies),
-        errors=sum(r.errors for r in run.results),
+        errors=sum(r.errors for run, _ in runs for r in run.results),
         seconds=window,
         rps=len(latencies) / window,
         p50_ms=percentile(latencies, 50) * 1000,
         p99_ms=percentile(latencies, 99) * 1000,
-        server_cpu=run.server_cpu / window,
-        client_cpu=client_cpu / window,
-        other_cpu=max(0.0, run.machine_busy - run.server_cpu - client_cpu) / window,
-        server_ms_per_cert=run.server_cpu / max(1, len(latencies)) * 1000,
-        ran_out=settings.requests == 0 and any(r.ran_out for r in run.results),
-        error_samples=[s for r in run.results for s in r.error_samples][:MAX_ERROR_SAMPLES],
+        server_cpu=server / window,
+        client_cpu=client / window,
+        other_cpu=max(0.0, busy - server - client) / window,
+        server_ms_per_cert=server / max(1, len(latencies)) * 1000,
+        ran_out=any(ran_out for _, ran_out in runs),
+        error_samples=samples[:MAX_ERROR_SAMPLES],
+        round_rps=[len(run.latencies) / run.seconds for run, _ in runs],
     )
 
 
@@ -485,11 +508,12 @@ def print_table(title: str, rows: Sequence[LevelResult]) -> None:
         )
 
 
-def ratios(ours: Sequence[LevelResult], theirs: Sequence[LevelResult]) -> list[dict[str, float]]:
+def ratios(ours: Sequence[LevelResult], theirs: Sequence[LevelResult]) -> list[dict[str, Any]]:
     return [
         {
             "concurrency": a.concurrency,
             "throughput": a.rps / b.rps,
+            "throughput_per_round": [x / y for x, y in zip(a.round_rps, b.round_rps, strict=True)],
             "p50": a.p50_ms / b.p50_ms,
             "p99": a.p99_ms / b.p99_ms,
             "ca_cpu_per_cert": a.server_ms_per_cert / b.server_ms_per_cert,
@@ -498,13 +522,17 @@ def ratios(ours: Sequence[LevelResult], theirs: Sequence[LevelResult]) -> list[d
     ]
 
 
-def print_ratios(rows: Sequence[dict[str, float]]) -> None:
+def print_ratios(rows: Sequence[dict[str, Any]]) -> None:
     print("\nfederatls / step-ca: cert/s above 1 and the others below 1 favour federatls")
-    print(f"{'clients':>7} {'cert/s':>8} {'p50':>7} {'p99':>7} {'CA ms/cert':>10}")
+    print(
+        f"{'clients':>7} {'cert/s':>8} {'p50':>7} {'p99':>7} {'CA ms/cert':>10}"
+        "  cert/s in each round"
+    )
     for r in rows:
+        rounds = " ".join(f"{x:.2f}" for x in r["throughput_per_round"])
         print(
             f"{r['concurrency']:>7} {r['throughput']:>7.2f}x {r['p50']:>6.2f}x {r['p99']:>6.2f}x "
-            f"{r['ca_cpu_per_cert']:>9.2f}x"
+            f"{r['ca_cpu_per_cert']:>9.2f}x  {rounds}"
         )
 
 
@@ -524,6 +552,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--levels", default="1,8,64", help="concurrent clients, comma-separated")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level and CA")
+    p.add_argument("--rounds", type=int, default=5, help="alternating slices per level (default 5)")
     p.add_argument(
         "--requests", type=int, default=0, help="requests per level and CA instead of --duration"
     )
@@ -560,12 +589,23 @@ def run_benchmark(
         for ca in (real, ours):
             check_one_sign(ca)
             print(f"{ca.name} {ca.version} at {ca.url}, {ca.tls}", flush=True)
+        rounds = settings.rounds
+        seconds = settings.duration / rounds
+        requests = math.ceil(settings.requests / rounds) if settings.requests else 0
         for concurrency in settings.levels:
+            runs: dict[str, list[tuple[LoadRun, bool]]] = {"step-ca": [], "federatls": []}
+            print(f"  {concurrency} client(s), {rounds} rounds:", end="", flush=True)
+            for i in range(rounds):
+                for ca in (real, ours) if i % 2 == 0 else (ours, real):
+                    runs[ca.name].append(
+                        measure(pool, ca, concurrency, settings, seconds=seconds, requests=requests)
+                    )
+                print(".", end="", flush=True)
             for ca in (real, ours):
-                print(f"  {ca.name}: {concurrency} client(s) ...", end="", flush=True)
-                row = measure(pool, ca, concurrency, settings)
+                row = summarise(ca, concurrency, runs[ca.name])
                 results[ca.name].append(row)
-                print(f" {row.rps:.0f} cert/s, {row.errors} errors", flush=True)
+                print(f" {ca.name} {row.rps:.0f} cert/s, {row.errors} errors;", end="")
+            print(flush=True)
     return [real, ours], results
 
 
@@ -577,7 +617,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests=args.requests,
         warmup=args.warmup,
         client_processes=args.client_processes,
+        rounds=args.rounds,
     )
+    if settings.rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
     stepca = shutil.which(args.stepca) or args.stepca
     if not os.access(stepca, os.X_OK):
         print(f"step-ca not found at {stepca}: build it or pass --stepca", file=sys.stderr)
