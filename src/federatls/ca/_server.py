@@ -43,10 +43,10 @@ from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, split_address
 from ._issuer import server_certificate
-from ._listener import TLSAcceptor
 from ._material import load_material
 from ._store import SQLiteStore
 from ._tls import build_server_context
+from ._tlsconn import TLSServerConnection
 
 __all__ = ["CAServer", "serve"]
 
@@ -301,7 +301,7 @@ class CAServer:
         self._authority: Authority | None = None
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
         self._listener: asyncio.Server | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: set[TLSServerConnection] = set()
         self._runner: web.AppRunner | None = None
         self._renewal: asyncio.Task[None] | None = None
         self.clock = clock
@@ -386,8 +386,8 @@ class CAServer:
         handlers = self._runner.server
         assert handlers is not None
 
-        def accept() -> TLSAcceptor:
-            return TLSAcceptor(handlers, self._current_tls, self._handshakes)
+        def accept() -> TLSServerConnection:
+            return TLSServerConnection(handlers, self._current_tls, self._handshakes)
 
         try:
             self._listener = await asyncio.get_running_loop().create_server(
@@ -457,9 +457,8 @@ class CAServer:
             self._renewal = None
         if self._listener is not None:
             self._listener.close()
-            for task in list(self._handshakes):
-                task.cancel()
-            await asyncio.gather(*self._handshakes, return_exceptions=True)
+            for connection in list(self._handshakes):
+                connection.abort()
             self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()

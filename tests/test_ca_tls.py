@@ -1,0 +1,326 @@
+"""The CA's TLS connection layer (``federatls.ca._tlsconn``) on real sockets.
+
+A TLS server on 127.0.0.1 (port 0) runs ``TLSServerConnection`` with a small recording
+protocol in place of aiohttp's handler; the client is a blocking ``ssl`` socket in a thread,
+with ``suppress_ragged_eofs=False`` so that a clean close (close_notify) and a dropped
+connection look different to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+
+from federatls.ca import _tlsconn
+from federatls.ca._tlsconn import TLSServerConnection
+
+from harness import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder(asyncio.Protocol):
+    """The HTTP handler's stand-in: records what it is told; ``reply`` answers b"ping"."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()
+        self.eof = False
+        self.lost = False
+        self.reply = b""
+        self.pause_at_first_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.pause_at_first_data and not self.received:
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self.received += data
+        if self.reply and self.received.endswith(b"ping"):
+            assert self.transport is not None
+            self.transport.write(self.reply)
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+@dataclass
+class Server:
+    port: int
+    client_context: ssl.SSLContext
+    handlers: list[Recorder] = field(default_factory=list)
+    handshaking: set[TLSServerConnection] = field(default_factory=set)
+    reply: bytes = b"pong"
+    pause_at_first_data: bool = False
+
+    def connect(self) -> ssl.SSLSocket:
+        """A blocking TLS client connection (call it in a thread)."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return self.client_context.wrap_socket(
+            raw, server_hostname="localhost", suppress_ragged_eofs=False
+        )
+
+    def send_with_finished(self, payload: bytes) -> socket.socket:
+        """Handshake by hand, then send the client's Finished and ``payload`` (as TLS
+        records) in one TCP write, so that one read on the server holds all of them."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls.write(payload)
+        raw.sendall(outgoing.read())
+        return raw
+
+    @property
+    def handler(self) -> Recorder:
+        assert len(self.handlers) == 1, self.handlers
+        return self.handlers[0]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    authority = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    state = Server(port=0, client_context=client_context)
+
+    def make_handler() -> Recorder:
+        handler = Recorder()
+        handler.reply = state.reply
+        handler.pause_at_first_data = state.pause_at_first_data
+        state.handlers.append(handler)
+        return handler
+
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        lambda: TLSServerConnection(make_handler, lambda: server_context, state.handshaking),
+        "127.0.0.1",
+        0,
+    )
+    state.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        listener.close()
+        for connection in list(state.handshaking):
+            connection.abort()
+        await listener.wait_closed()
+
+
+async def in_thread(call: Callable[[], object]) -> object:
+    return await asyncio.to_thread(call)
+
+
+async def test_round_trip_and_connection_facts(server: Server) -> None:
+    """Plaintext goes both ways once the handshake is done; the handler sees the TLS facts
+    (aiohttp reads ``sslcontext``; the CA reads ``ssl_object`` for client certificates)."""
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.to_thread(tls.sendall, b"ping")
+        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+        transport = server.handler.transport
+        assert transport is not None
+        assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLObject)
+        assert isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext)
+        assert transport.get_extra_info("cipher")[1] == tls.version()
+        assert transport.get_extra_info("peername")[0] == "127.0.0.1"
+        assert transport.get_extra_info("no such thing", "default") == "default"
+        assert not server.handshaking
+        transport.write(b"later")  # a write outside data_received is sent at once
+        assert await asyncio.to_thread(tls.recv, 100) == b"later"
+
+
+async def test_handler_close_sends_close_notify(server: Server) -> None:
+    """The handler's ``close`` ends TLS cleanly: the client reads close_notify, an EOF."""
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.to_thread(tls.sendall, b"ping")
+        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+        transport = server.handler.transport
+        assert transport is not None
+        transport.close()
+        assert transport.is_closing()
+        assert await asyncio.to_thread(tls.recv, 100) == b""
+    await wait_until(lambda: server.handler.lost)
+
+
+async def test_handler_abort_drops_without_close_notify(server: Server) -> None:
+    """Twin of the clean close: ``abort`` drops TCP, and the client sees a truncated stream."""
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.to_thread(tls.sendall, b"ping")
+        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+        transport = server.handler.transport
+        assert transport is not None
+        transport.abort()
+        with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+            await asyncio.to_thread(tls.recv, 100)
+    await wait_until(lambda: server.handler.lost)
+
+
+async def test_client_close_notify_reaches_the_handler(server: Server) -> None:
+    """A client's close_notify is an EOF for the handler, and the server closes in turn."""
+    tls = await asyncio.to_thread(server.connect)
+    await asyncio.to_thread(tls.sendall, b"ping")
+    assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+    raw = await asyncio.to_thread(tls.unwrap)  # sends close_notify, waits for the server's
+    raw.close()
+    await wait_until(lambda: server.handler.eof and server.handler.lost)
+
+
+async def test_paused_reading_holds_data_until_resumed(server: Server) -> None:
+    """While the handler has paused reading it receives nothing; on resume it gets what
+    arrived meanwhile, in order."""
+    server.reply = b""
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.to_thread(tls.sendall, b"first")
+        await wait_until(lambda: bytes(server.handler.received) == b"first")
+        transport = server.handler.transport
+        assert transport is not None
+        transport.pause_reading()
+        assert not transport.is_reading()
+        await asyncio.to_thread(tls.sendall, b"second")
+        await asyncio.sleep(0.3)
+        assert bytes(server.handler.received) == b"first"
+        transport.resume_reading()
+        assert transport.is_reading()
+        await wait_until(lambda: bytes(server.handler.received) == b"firstsecond")
+
+
+async def test_records_decrypted_after_a_pause_wait_for_resume(server: Server) -> None:
+    """A handler that pauses in ``data_received`` gets nothing more until it resumes, even
+    records that came in the same TCP read (they are decrypted and held), then all of them,
+    in order."""
+    server.reply = b""
+    server.pause_at_first_data = True
+    payload = bytes(range(256)) * 160  # 40 KiB: three TLS records
+    raw = await asyncio.to_thread(server.send_with_finished, payload)
+    with raw:
+        await wait_until(lambda: bool(server.handlers and server.handler.received))
+        await asyncio.sleep(0.3)
+        assert 0 < len(server.handler.received) < len(payload)
+        transport = server.handler.transport
+        assert transport is not None
+        transport.resume_reading()
+        await wait_until(lambda: len(server.handler.received) == len(payload))
+        assert bytes(server.handler.received) == payload
+
+
+async def test_large_writes_arrive_whole(server: Server) -> None:
+    """A write far larger than a TLS record or a socket buffer arrives complete and intact."""
+    server.reply = bytes(range(256)) * 8192  # 2 MiB
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.to_thread(tls.sendall, b"ping")
+
+        def read_all() -> bytes:
+            out = bytearray()
+            while len(out) < len(server.reply):
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            return bytes(out)
+
+        assert await asyncio.to_thread(read_all) == server.reply
+
+
+async def test_silent_connection_times_out_in_the_handshake(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that connects and never finishes the handshake is dropped after
+    HANDSHAKE_TIMEOUT and logged; no handler is ever made for it."""
+    monkeypatch.setattr(_tlsconn, "HANDSHAKE_TIMEOUT", 0.3)
+    caplog.set_level(logging.INFO, "federatls.ca")
+    raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", server.port), 10)
+    with raw:
+        assert await asyncio.to_thread(raw.recv, 100) == b""  # closed by the server
+    assert "timed out during the handshake" in caplog.text
+    assert not server.handlers
+    await wait_until(lambda: not server.handshaking)
+
+
+async def test_handshake_timeout_spares_finished_handshakes(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twin: the timeout covers the handshake only; an idle connection after it stays open."""
+    monkeypatch.setattr(_tlsconn, "HANDSHAKE_TIMEOUT", 0.3)
+    tls = await asyncio.to_thread(server.connect)
+    with tls:
+        await asyncio.sleep(0.8)
+        await asyncio.to_thread(tls.sendall, b"ping")
+        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+
+
+async def test_refused_handshake_is_logged_with_its_reason(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain HTTP on the TLS port fails the handshake: logged with OpenSSL's reason, closed,
+    no handler made."""
+    caplog.set_level(logging.INFO, "federatls.ca")
+
+    def plain_http() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                return raw.recv(100)
+            return b""
+
+    await asyncio.to_thread(plain_http)
+    await wait_until(lambda: "refused TLS connection from 127.0.0.1" in caplog.text)
+    assert "HTTP_REQUEST" in caplog.text  # OpenSSL recognised plain HTTP
+    assert not server.handlers
+    await wait_until(lambda: not server.handshaking)
+
+
+async def test_client_leaving_mid_handshake_is_logged(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends part of a ClientHello and goes away: logged, nothing made."""
+    caplog.set_level(logging.INFO, "federatls.ca")
+
+    def half_hello() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header and one byte
+
+    await asyncio.to_thread(half_hello)
+    await wait_until(lambda: "ended during the handshake" in caplog.text)
+    assert not server.handlers
+    await wait_until(lambda: not server.handshaking)
+
+
+async def test_aborting_unfinished_handshakes(server: Server) -> None:
+    """What a stopping CA does: connections still in their handshake are tracked and can be
+    aborted; the client sees its connection end."""
+    raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", server.port), 10)
+    with raw:
+        await wait_until(lambda: len(server.handshaking) == 1)
+        for connection in list(server.handshaking):
+            connection.abort()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.to_thread(raw.recv, 100) == b""
+    await wait_until(lambda: not server.handshaking)
+    assert not server.handlers
