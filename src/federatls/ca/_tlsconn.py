@@ -65,7 +65,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
         self._reading_paused = False
         self._pending: list[bytes] = []  # plaintext held while reading is paused
         self._peer = "unknown peer"
-        self._refused = False  # the handshake failed and that is logged
+        self._end_logged = False  # True once a failed handshake has been logged
 
     # -- the TCP side (asyncio.Protocol) ---------------------------------------------------
 
@@ -87,7 +87,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
 
     def eof_received(self) -> bool:
         if self._app is None:
-            self._refused = True  # nothing more to log
+            self._end_logged = True
             log.info("TLS connection from %s ended during the handshake", self._peer)
         else:
             self._app.eof_received()
@@ -105,7 +105,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
         self._handshaking.discard(self)
         if app is not None:
             app.connection_lost(exc)
-        elif exc is not None and not self._refused:
+        elif exc is not None and not self._end_logged:
             log.info("TLS connection from %s ended during the handshake: %s", self._peer, exc)
 
     def pause_writing(self) -> None:
@@ -146,7 +146,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
             self._abort_handshake()
 
     def _abort_handshake(self) -> None:
-        self._refused = True
+        self._end_logged = True
         self._closing = True
         if self._tcp is not None:
             self._tcp.close()
