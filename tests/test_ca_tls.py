@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -129,19 +129,21 @@ async def server() -> AsyncIterator[Server]:
         await listener.wait_closed()
 
 
-async def in_thread(call: Callable[[], object]) -> object:
-    return await asyncio.to_thread(call)
+async def ping(server: Server) -> tuple[ssl.SSLSocket, asyncio.Transport]:
+    """Connect, exchange ping and pong; the client socket and the handler's transport."""
+    tls = await asyncio.to_thread(server.connect)
+    await asyncio.to_thread(tls.sendall, b"ping")
+    assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+    transport = server.handler.transport
+    assert transport is not None
+    return tls, transport
 
 
 async def test_round_trip_and_connection_facts(server: Server) -> None:
     """Plaintext goes both ways once the handshake is done; the handler sees the TLS facts
     (aiohttp reads ``sslcontext``; the CA reads ``ssl_object`` for client certificates)."""
-    tls = await asyncio.to_thread(server.connect)
+    tls, transport = await ping(server)
     with tls:
-        await asyncio.to_thread(tls.sendall, b"ping")
-        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
-        transport = server.handler.transport
-        assert transport is not None
         assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLObject)
         assert isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext)
         assert transport.get_extra_info("cipher")[1] == tls.version()
@@ -154,12 +156,8 @@ async def test_round_trip_and_connection_facts(server: Server) -> None:
 
 async def test_handler_close_sends_close_notify(server: Server) -> None:
     """The handler's ``close`` ends TLS cleanly: the client reads close_notify, an EOF."""
-    tls = await asyncio.to_thread(server.connect)
+    tls, transport = await ping(server)
     with tls:
-        await asyncio.to_thread(tls.sendall, b"ping")
-        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
-        transport = server.handler.transport
-        assert transport is not None
         transport.close()
         assert transport.is_closing()
         assert await asyncio.to_thread(tls.recv, 100) == b""
@@ -168,12 +166,8 @@ async def test_handler_close_sends_close_notify(server: Server) -> None:
 
 async def test_handler_abort_drops_without_close_notify(server: Server) -> None:
     """Twin of the clean close: ``abort`` drops TCP, and the client sees a truncated stream."""
-    tls = await asyncio.to_thread(server.connect)
+    tls, transport = await ping(server)
     with tls:
-        await asyncio.to_thread(tls.sendall, b"ping")
-        assert await asyncio.to_thread(tls.recv, 100) == b"pong"
-        transport = server.handler.transport
-        assert transport is not None
         transport.abort()
         with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
             await asyncio.to_thread(tls.recv, 100)
@@ -182,9 +176,7 @@ async def test_handler_abort_drops_without_close_notify(server: Server) -> None:
 
 async def test_client_close_notify_reaches_the_handler(server: Server) -> None:
     """A client's close_notify is an EOF for the handler, and the server closes in turn."""
-    tls = await asyncio.to_thread(server.connect)
-    await asyncio.to_thread(tls.sendall, b"ping")
-    assert await asyncio.to_thread(tls.recv, 100) == b"pong"
+    tls, _ = await ping(server)
     raw = await asyncio.to_thread(tls.unwrap)  # sends close_notify, waits for the server's
     raw.close()
     await wait_until(lambda: server.handler.eof and server.handler.lost)
