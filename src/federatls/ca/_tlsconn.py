@@ -2,8 +2,8 @@
 the CA's traffic (one small request and one small answer per connection).
 
 asyncio's own TLS layer (``loop.start_tls``, ``create_server(ssl=...)``) is general: it
-buffers both directions, supports half-closes and renegotiation timers, and reports
-handshake failures only in debug mode. The CA needs less and needs it cheaper, because
+buffers both directions, supports half-closes, times the shutdown, and reports handshake
+failures only in debug mode. The CA needs less and needs it cheaper, because
 every bootstrapping client opens a new connection: this class is the TCP protocol *and*
 the TLS transport that aiohttp's request handler writes to.
 
