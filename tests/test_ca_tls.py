@@ -3,7 +3,8 @@
 A TLS server on 127.0.0.1 (port 0) runs ``TLSServerConnection`` with a small recording
 protocol in place of aiohttp's handler; the client is a blocking ``ssl`` socket in a thread,
 with ``suppress_ragged_eofs=False`` so that a clean close (close_notify) and a dropped
-connection look different to it.
+connection look different to it. One test runs against a real federatls CA: its context
+issues no session tickets.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from federatls.ca import _tlsconn
+from federatls.ca import CAServer, _tlsconn
 from federatls.ca._tlsconn import TLSServerConnection
 
-from harness import wait_until
+from harness import PKI, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -69,9 +70,13 @@ class Server:
 
     def connect(self) -> ssl.SSLSocket:
         """A blocking TLS client connection (call it in a thread)."""
+        return self.connect_with(None)
+
+    def connect_with(self, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        """The same, offering ``session`` for resumption."""
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         return self.client_context.wrap_socket(
-            raw, server_hostname="localhost", suppress_ragged_eofs=False
+            raw, server_hostname="localhost", suppress_ragged_eofs=False, session=session
         )
 
     def send_with_finished(self, payload: bytes) -> socket.socket:
@@ -316,3 +321,43 @@ async def test_aborting_unfinished_handshakes(server: Server) -> None:
             assert await asyncio.to_thread(raw.recv, 100) == b""
     await wait_until(lambda: not server.handshaking)
     assert not server.handlers
+
+
+def _get_health(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession | None, bool]:
+    """GET /health on a new connection: the session it leaves and whether it resumed one."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        return tls.session, tls.session_reused is True
+
+
+async def test_the_ca_issues_no_session_tickets(ca: CAServer, pki: PKI) -> None:
+    """The CA's context issues no TLS session tickets, so no connection skips the full
+    handshake (and its client-certificate check) by resuming."""
+    client = ssl.create_default_context(cafile=str(pki.root_path))
+    session, _ = await asyncio.to_thread(_get_health, ca.address[1], client, None)
+    assert session is not None
+    assert not session.has_ticket
+    _, resumed = await asyncio.to_thread(_get_health, ca.address[1], client, session)
+    assert not resumed
+
+
+async def test_tickets_would_resume_through_the_layer(server: Server) -> None:
+    """Twin: with a context that issues tickets (the stdlib default), the same checks see a
+    ticket and a resumed session, through the same connection layer."""
+    tls, _ = await ping(server)
+    with tls:
+        session = tls.session
+    assert session is not None
+    assert session.has_ticket
+    again = await asyncio.to_thread(server.connect_with, session)
+    with again:
+        await asyncio.to_thread(again.sendall, b"ping")
+        assert await asyncio.to_thread(again.recv, 100) == b"pong"
+        assert again.session_reused
