@@ -1,0 +1,117 @@
+"""A Go client, as step's own clients are, against the federatls CA and the real step-ca.
+
+``tests/goclient/main.go`` uses only Go's standard library (crypto/tls, net/http with
+keep-alive): it asks for /health twice on one client, signs a CSR with a one-time token and
+renews the certificate over mutual TLS. The same binary runs against both CAs serving the
+same PKI, so a difference is the CA's. It is built with the Go toolchain that
+``../shared/tools/stepca/build.sh`` installs (offline, GOPATH mode, standard library only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from harness import PKI, make_pki, stepca_binary
+
+pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
+
+SOURCE = Path(__file__).parent / "goclient" / "main.go"
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go client, built once per session; no Go toolchain skips (fails in CI)."""
+    go = shutil.which("go")
+    if go is None:
+        message = "no Go toolchain: bash ../shared/tools/stepca/build.sh installs one"
+        if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path_factory.mktemp("goclient")
+    stepca = stepca_binary()
+    cache = Path(stepca).resolve().parents[1] / "gocache" if stepca else None
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPROXY": "off",
+        "GOPATH": str(out / "gopath"),
+        # step-ca's build cache already holds the standard library: a build takes a second.
+        "GOCACHE": str(cache if cache is not None and cache.is_dir() else out / "gocache"),
+    }
+    binary = out / "goclient"
+    subprocess.run([go, "build", "-o", str(binary), str(SOURCE)], env=env, check=True, timeout=600)
+    return binary
+
+
+@dataclass
+class Run:
+    code: int
+    steps: list[dict[str, Any]]
+    stderr: str
+
+
+async def run_go_client(binary: Path, pki: PKI, token: str, subject: str, root: Path) -> Run:
+    result = await anyio.run_process([str(binary), pki.url, str(root), token, subject], check=False)
+    steps = [json.loads(line) for line in result.stdout.decode().splitlines() if line]
+    return Run(result.returncode, steps, result.stderr.decode())
+
+
+def _cert(step: dict[str, Any]) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(step["crt"].encode())
+
+
+def _cn(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+async def test_go_client_signs_and_renews(any_ca: str, pki: PKI, go_client: Path) -> None:
+    """Keep-alive, sign with a token, renew over mutual TLS: the same on both CAs."""
+    run = await run_go_client(
+        go_client, pki, pki.token("go.internal"), "go.internal", pki.root_path
+    )
+    assert run.code == 0, run.stderr
+    health = [s for s in run.steps if s["step"] == "health"]
+    assert [h["status"] for h in health] == [200, 200]
+    assert [h["reused"] for h in health] == [False, True]  # one connection, kept alive
+    (signed,) = [s for s in run.steps if s["step"] == "sign"]
+    (renewed,) = [s for s in run.steps if s["step"] == "renew"]
+    first, second = _cert(signed), _cert(renewed)
+    assert signed["chain"] == renewed["chain"] == 2  # leaf and intermediate
+    assert _cn(first) == _cn(second) == "go.internal"
+    assert first.issuer == second.issuer
+    assert first.serial_number != second.serial_number
+
+
+async def test_go_client_refuses_a_foreign_root(
+    any_ca: str, pki: PKI, go_client: Path, tmp_path: Path
+) -> None:
+    """Twin: trusting another CA's root, Go's TLS refuses the CA before any request."""
+    other = make_pki(tmp_path, "elsewhere")
+    run = await run_go_client(
+        go_client, pki, pki.token("go.internal"), "go.internal", other.root_path
+    )
+    assert run.code == 1
+    assert run.steps == []
+    assert "certificate signed by unknown authority" in run.stderr
+
+
+async def test_go_client_replayed_token_is_refused(any_ca: str, pki: PKI, go_client: Path) -> None:
+    """Twin: the second enrolment with the same one-time token gets step-ca's 401."""
+    token = pki.token("go.internal")
+    first = await run_go_client(go_client, pki, token, "go.internal", pki.root_path)
+    assert first.code == 0, first.stderr
+    again = await run_go_client(go_client, pki, token, "go.internal", pki.root_path)
+    assert again.code == 1
+    assert [s["step"] for s in again.steps] == ["health", "health"]
+    assert "sign: HTTP 401" in again.stderr
