@@ -4,7 +4,9 @@ The CA serves in the test's event loop; hypothesis runs in a worker thread
 (``anyio.to_thread``) with a plain synchronous httpx client, so each test starts the CA once
 and sends every example to it. For every request the CA must answer a 4xx (501 only for a
 non-passive revoke) with step-ca's JSON error body ``{"status": <same code>, "message": str}``,
-and afterwards its store must show that nothing was issued or revoked.
+and afterwards its store must show that nothing was issued or revoked. Below HTTP, random
+bytes and malformed TLS records sent to the port must end each connection with nothing
+logged as an error.
 
 The inputs that once made the CA fail (found by these runs) are pinned at the end of this file
 as explicit regression cases, so they are tried on every run, not only when hypothesis draws
@@ -14,8 +16,11 @@ them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
+import socket
 import ssl
 import textwrap
 import time
@@ -321,6 +326,49 @@ async def test_random_posts_get_4xx_and_change_nothing(ca: CAServer, fuzzer: Fuz
     assert counts["certificates"] == 0
     assert counts["revocations"] == 0
     assert counts["used_tokens"] <= fuzzer.real_tokens
+
+
+# What reaches the TLS port before any handshake: random bytes, and TLS records with random
+# contents (a record header, then anything), as scanners and broken clients send them.
+TLS_JUNK = st.binary(max_size=600) | st.builds(
+    lambda kind, version, body: bytes([kind, 3, version]) + len(body).to_bytes(2, "big") + body,
+    st.sampled_from([0x14, 0x15, 0x16, 0x17, 0x80]),
+    st.integers(min_value=0, max_value=4),
+    st.binary(max_size=600),
+)
+
+
+def _send_and_half_close(port: int, junk: bytes) -> None:
+    """Send ``junk`` to the CA's port, end our side, and read until the CA closes."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        contextlib.suppress(ConnectionResetError, BrokenPipeError),
+    ):
+        raw.sendall(junk)
+        raw.shutdown(socket.SHUT_WR)
+        while raw.recv(4096):
+            pass  # an alert, perhaps: the CA must end the connection (recv times out)
+
+
+async def test_random_bytes_at_the_tls_port(
+    ca: CAServer, fuzzer: Fuzzer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not a TLS handshake never crash a connection's code: each connection
+    ends (refused, or ended by the client) with nothing logged as an error, and a real
+    client is served afterwards."""
+    caplog.set_level(logging.INFO)
+
+    @fuzz_settings(300)
+    @given(junk=TLS_JUNK)
+    def run(junk: bytes) -> None:
+        _send_and_half_close(ca.address[1], junk)
+
+    await _in_thread(run)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert "refused TLS connection" in caplog.text  # the junk reached the handshake
+    response = await anyio.to_thread.run_sync(lambda: fuzzer.http.get("/health"))
+    assert response.status_code == 200
 
 
 async def test_sign_with_validly_signed_random_claims(ca: CAServer, fuzzer: Fuzzer) -> None:
