@@ -1,9 +1,11 @@
 """A Go client, as step's own clients are, against the federatls CA and the real step-ca.
 
 ``tests/goclient/main.go`` uses only Go's standard library (crypto/tls, net/http with
-keep-alive): it asks for /health twice on one client, signs a CSR with a one-time token and
-renews the certificate over mutual TLS. The same binary runs against both CAs serving the
-same PKI, so a difference is the CA's. It is built with the Go toolchain that
+keep-alive and HTTP/2 offered, as step's transport does): it asks for /health twice on one
+client, signs a CSR with a one-time token, renews the certificate over mutual TLS with the
+TLS settings of the answer's ``tlsOptions``, revokes the renewed certificate over mutual TLS
+and tries to renew it again. The same binary runs against both CAs serving the same PKI, so
+a difference is the CA's. It is built with the Go toolchain that
 ``../shared/tools/stepca/build.sh`` installs (offline, GOPATH mode, standard library only).
 """
 
@@ -75,22 +77,34 @@ def _cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
-async def test_go_client_signs_and_renews(any_ca: str, pki: PKI, go_client: Path) -> None:
-    """Keep-alive, sign with a token, renew over mutual TLS: the same on both CAs."""
+async def test_go_client_signs_renews_and_revokes(any_ca: str, pki: PKI, go_client: Path) -> None:
+    """Keep-alive, sign with a token, renew over mutual TLS with the answer's tlsOptions,
+    revoke over mutual TLS, and the refused renewal of the revoked certificate on the same
+    connection (the twin of the renewal): the same on both CAs."""
     run = await run_go_client(
         go_client, pki, pki.token("go.internal"), "go.internal", pki.root_path
     )
     assert run.code == 0, run.stderr
-    health = [s for s in run.steps if s["step"] == "health"]
+    steps = [s["step"] for s in run.steps]
+    assert steps == ["health", "health", "sign", "renew", "revoke", "renew-revoked"]
+    health, (signed, renewed, revoked, refused) = run.steps[:2], run.steps[2:]
     assert [h["status"] for h in health] == [200, 200]
     assert [h["reused"] for h in health] == [False, True]  # one connection, kept alive
-    (signed,) = [s for s in run.steps if s["step"] == "sign"]
-    (renewed,) = [s for s in run.steps if s["step"] == "renew"]
+    # Go offers HTTP/2 as step's client does; step-ca takes it, the federatls CA answers in
+    # HTTP/1.1 (it offers only that in ALPN), and Go falls back without a fuss.
+    expected = "HTTP/1.1" if any_ca == "federatls" else "HTTP/2.0"
+    assert {h["proto"] for h in health} == {renewed["proto"]} == {expected}
+    assert signed["tlsOptions"] is True  # Go understood every cipher suite and version
     first, second = _cert(signed), _cert(renewed)
     assert signed["chain"] == renewed["chain"] == 2  # leaf and intermediate
     assert _cn(first) == _cn(second) == "go.internal"
     assert first.issuer == second.issuer
     assert first.serial_number != second.serial_number
+    assert revoked["status"] == 200
+    assert json.loads(revoked["body"]) == {"status": "ok"}
+    assert refused["status"] == 401
+    assert refused["reused"] is True  # revocation reaches a connection already open
+    assert json.loads(refused["body"])["status"] == 401
 
 
 async def test_go_client_refuses_a_foreign_root(

@@ -1,12 +1,16 @@
 // Command goclient talks to a step-ca compatible CA the way step's own Go clients do: Go's
-// crypto/tls and net/http, one client with keep-alive, a P-256 key made in memory.
+// crypto/tls and net/http, one client with keep-alive offering HTTP/2 (step's transport sets
+// ForceAttemptHTTP2), a P-256 key made in memory.
 //
 // Usage: goclient CA_URL ROOT_PEM TOKEN SUBJECT
 //
 // It asks for /health twice on one client (reporting whether the second request reused the
 // connection), signs a CSR for SUBJECT with the one-time TOKEN, then renews the new
-// certificate over mutual TLS. Each step prints one JSON line on stdout; any failure prints
-// one line on stderr and exits with status 1. tests/test_go_client.py builds and runs it.
+// certificate over mutual TLS with the TLS settings the sign answer's tlsOptions give (as
+// step's client does). Last it revokes the renewed certificate over mutual TLS and tries to
+// renew it once more on the same connection, reporting that answer's status. Each step prints
+// one JSON line on stdout; any failure prints one line on stderr and exits with status 1.
+// tests/test_go_client.py builds and runs it.
 package main
 
 import (
@@ -21,6 +25,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptrace"
 	"os"
@@ -28,9 +33,17 @@ import (
 	"time"
 )
 
+type tlsOptions struct {
+	CipherSuites  []string `json:"cipherSuites"`
+	MinVersion    float64  `json:"minVersion"`
+	MaxVersion    float64  `json:"maxVersion"`
+	Renegotiation bool     `json:"renegotiation"`
+}
+
 type signResponse struct {
-	Crt       string   `json:"crt"`
-	CertChain []string `json:"certChain"`
+	Crt        string      `json:"crt"`
+	CertChain  []string    `json:"certChain"`
+	TLSOptions *tlsOptions `json:"tlsOptions"`
 }
 
 func fail(format string, args ...any) {
@@ -47,17 +60,54 @@ func report(step string, fields map[string]any) {
 	fmt.Println(string(line))
 }
 
-func newClient(roots *x509.CertPool, identity []tls.Certificate) *http.Client {
-	config := &tls.Config{RootCAs: roots, Certificates: identity, MinVersion: tls.VersionTLS12}
+func newClient(config *tls.Config) *http.Client {
 	return &http.Client{
 		Timeout:   30 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: config, ForceAttemptHTTP2: false},
+		Transport: &http.Transport{TLSClientConfig: config, ForceAttemptHTTP2: true},
 	}
 }
 
-// call sends one request and returns the status, the body and whether the connection was
-// reused from an earlier request.
-func call(client *http.Client, method, url string, body []byte) (int, []byte, bool) {
+// tlsVersion maps a tlsOptions version (1.2) to Go's constant; 0 for an unknown one.
+func tlsVersion(v float64) uint16 {
+	versions := map[float64]uint16{
+		1.0: tls.VersionTLS10, 1.1: tls.VersionTLS11, 1.2: tls.VersionTLS12, 1.3: tls.VersionTLS13,
+	}
+	return versions[math.Round(v*10)/10]
+}
+
+// renewConfig is the TLS configuration step's client derives from a sign answer: the
+// tlsOptions' cipher suites (Go's names), versions and renegotiation, or TLS 1.2 at least
+// when the answer has none. An unknown cipher suite or version is a failure here.
+func renewConfig(options *tlsOptions, roots *x509.CertPool, identity tls.Certificate) *tls.Config {
+	config := &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{identity}}
+	if options == nil {
+		config.MinVersion = tls.VersionTLS12
+		return config
+	}
+	known := map[string]uint16{}
+	for _, suite := range append(tls.CipherSuites(), tls.InsecureCipherSuites()...) {
+		known[suite.Name] = suite.ID
+	}
+	for _, name := range options.CipherSuites {
+		id, ok := known[name]
+		if !ok {
+			fail("tlsOptions: unknown cipher suite %q", name)
+		}
+		config.CipherSuites = append(config.CipherSuites, id)
+	}
+	config.MinVersion, config.MaxVersion = tlsVersion(options.MinVersion), tlsVersion(options.MaxVersion)
+	if config.MinVersion == 0 || config.MaxVersion == 0 {
+		fail("tlsOptions: unknown TLS version in %v", *options)
+	}
+	if options.Renegotiation {
+		config.Renegotiation = tls.RenegotiateFreelyAsClient
+	}
+	return config
+}
+
+// call sends one request and returns the status, the body, whether the connection was
+// reused from an earlier request, and the HTTP version spoken.
+func call(client *http.Client, method, url string, body []byte) (int, []byte, bool, string) {
 	reused := false
 	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
 	request, err := http.NewRequest(method, url, bytes.NewReader(body))
@@ -77,11 +127,11 @@ func call(client *http.Client, method, url string, body []byte) (int, []byte, bo
 	if err != nil {
 		fail("%s %s: reading the answer: %v", method, url, err)
 	}
-	return response.StatusCode, data, reused
+	return response.StatusCode, data, reused, response.Proto
 }
 
-// chainOf parses a sign or renew answer into the DER chain, leaf first.
-func chainOf(step string, status int, data []byte) [][]byte {
+// signed parses a sign or renew answer: the DER chain, leaf first, and its tlsOptions.
+func signed(step string, status int, data []byte) ([][]byte, *tlsOptions) {
 	if status != http.StatusCreated {
 		fail("%s: HTTP %d: %s", step, status, strings.TrimSpace(string(data)))
 	}
@@ -100,7 +150,7 @@ func chainOf(step string, status int, data []byte) [][]byte {
 	if len(chain) == 0 {
 		fail("%s: empty certChain", step)
 	}
-	return chain
+	return chain, answer.TLSOptions
 }
 
 func leafPEM(chain [][]byte) string {
@@ -121,10 +171,10 @@ func main() {
 		fail("%s holds no certificate", rootPath)
 	}
 
-	client := newClient(roots, nil)
+	client := newClient(&tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
 	for i := 0; i < 2; i++ {
-		status, _, reused := call(client, http.MethodGet, caURL+"/health", nil)
-		report("health", map[string]any{"status": status, "reused": reused})
+		status, _, reused, proto := call(client, http.MethodGet, caURL+"/health", nil)
+		report("health", map[string]any{"status": status, "reused": reused, "proto": proto})
 	}
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -141,12 +191,32 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	status, data, _ := call(client, http.MethodPost, caURL+"/1.0/sign", body)
-	chain := chainOf("sign", status, data)
-	report("sign", map[string]any{"crt": leafPEM(chain), "chain": len(chain)})
+	status, data, _, _ := call(client, http.MethodPost, caURL+"/1.0/sign", body)
+	chain, options := signed("sign", status, data)
+	report("sign", map[string]any{"crt": leafPEM(chain), "chain": len(chain), "tlsOptions": options != nil})
 
-	identity := []tls.Certificate{{Certificate: chain, PrivateKey: key}}
-	status, data, _ = call(newClient(roots, identity), http.MethodPost, caURL+"/1.0/renew", nil)
-	renewed := chainOf("renew", status, data)
-	report("renew", map[string]any{"crt": leafPEM(renewed), "chain": len(renewed)})
+	config := renewConfig(options, roots, tls.Certificate{Certificate: chain, PrivateKey: key})
+	status, data, _, proto := call(newClient(config), http.MethodPost, caURL+"/1.0/renew", nil)
+	renewed, _ := signed("renew", status, data)
+	report("renew", map[string]any{"crt": leafPEM(renewed), "chain": len(renewed), "proto": proto})
+
+	// step ca revoke --cert --key: mutual TLS with the certificate being revoked.
+	leaf, err := x509.ParseCertificate(renewed[0])
+	if err != nil {
+		fail("renew: %v", err)
+	}
+	mtls := newClient(renewConfig(options, roots, tls.Certificate{Certificate: renewed, PrivateKey: key}))
+	revoke, err := json.Marshal(map[string]any{
+		"serial": leaf.SerialNumber.String(), "reasonCode": 0, "reason": "", "passive": true,
+	})
+	if err != nil {
+		fail("%v", err)
+	}
+	status, data, _, _ = call(mtls, http.MethodPost, caURL+"/1.0/revoke", revoke)
+	if status != http.StatusOK {
+		fail("revoke: HTTP %d: %s", status, strings.TrimSpace(string(data)))
+	}
+	report("revoke", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
+	status, data, reused, _ := call(mtls, http.MethodPost, caURL+"/1.0/renew", nil)
+	report("renew-revoked", map[string]any{"status": status, "reused": reused, "body": strings.TrimSpace(string(data))})
 }
