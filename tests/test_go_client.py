@@ -1,12 +1,14 @@
 """A Go client, as step's own clients are, against the federatls CA and the real step-ca.
 
 ``tests/goclient/main.go`` uses only Go's standard library (crypto/tls, net/http with
-keep-alive and HTTP/2 offered, as step's transport does): it asks for /health twice on one
-client, signs a CSR with a one-time token, renews the certificate over mutual TLS with the
-TLS settings of the answer's ``tlsOptions``, revokes the renewed certificate over mutual TLS
-and tries to renew it again. The same binary runs against both CAs serving the same PKI, so
-a difference is the CA's. It is built with the Go toolchain that
-``../shared/tools/stepca/build.sh`` installs (offline, GOPATH mode, standard library only).
+keep-alive and HTTP/2 offered, as step's transport does) and step's paths. It asks for
+/health twice on one client; fetches the root by its fingerprint (as ``step ca bootstrap``),
+/provisioners, /roots and /federation; signs a CSR with a one-time token; renews the
+certificate over mutual TLS with the TLS settings of the answer's ``tlsOptions``; revokes
+the renewed certificate over mutual TLS and tries to renew it again. The same binary runs
+against both CAs serving the same PKI, so a difference is the CA's. It is built with the Go
+toolchain that ``../shared/tools/stepca/build.sh`` installs (offline, GOPATH mode, standard
+library only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from harness import PKI, make_pki, stepca_binary
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
 SOURCE = Path(__file__).parent / "goclient" / "main.go"
+# The client's steps before it signs, in order.
+BEFORE_SIGN = ("health", "health", "root", "root-unknown", "provisioners", "roots", "federation")
 
 
 @pytest.fixture(scope="session")
@@ -86,14 +90,23 @@ async def test_go_client_signs_renews_and_revokes(any_ca: str, pki: PKI, go_clie
     )
     assert run.code == 0, run.stderr
     steps = [s["step"] for s in run.steps]
-    assert steps == ["health", "health", "sign", "renew", "revoke", "renew-revoked"]
-    health, (signed, renewed, revoked, refused) = run.steps[:2], run.steps[2:]
+    assert steps == [*BEFORE_SIGN, "sign", "renew", "revoke", "renew-revoked"]
+    health = run.steps[:2]
+    root, unknown, provisioners, roots, federation = run.steps[2:7]
+    signed, renewed, revoked, refused = run.steps[7:]
     assert [h["status"] for h in health] == [200, 200]
     assert [h["reused"] for h in health] == [False, True]  # one connection, kept alive
     # Go offers HTTP/2 as step's client does; step-ca takes it, the federatls CA answers in
     # HTTP/1.1 (it offers only that in ALPN), and Go falls back without a fuss.
     expected = "HTTP/1.1" if any_ca == "federatls" else "HTTP/2.0"
     assert {h["proto"] for h in health} == {renewed["proto"]} == {expected}
+    # step ca bootstrap: the root by its fingerprint, and its twin, a root the CA lacks.
+    assert root == {"step": "root", "status": 200, "matches": True}
+    assert unknown["status"] == 404
+    assert json.loads(unknown["body"])["status"] == 404
+    assert provisioners["names"] == [f"JWK:{pki.provisioner}"]
+    assert provisioners["nextCursor"] == ""
+    assert roots["fingerprints"] == federation["fingerprints"] == [pki.fingerprint]
     assert signed["tlsOptions"] is True  # Go understood every cipher suite and version
     first, second = _cert(signed), _cert(renewed)
     assert signed["chain"] == renewed["chain"] == 2  # leaf and intermediate
@@ -127,5 +140,5 @@ async def test_go_client_replayed_token_is_refused(any_ca: str, pki: PKI, go_cli
     assert first.code == 0, first.stderr
     again = await run_go_client(go_client, pki, token, "go.internal", pki.root_path)
     assert again.code == 1
-    assert [s["step"] for s in again.steps] == ["health", "health"]
+    assert [s["step"] for s in again.steps] == list(BEFORE_SIGN)
     assert "sign: HTTP 401" in again.stderr

@@ -4,8 +4,11 @@
 //
 // Usage: goclient CA_URL ROOT_PEM TOKEN SUBJECT
 //
-// It asks for /health twice on one client (reporting whether the second request reused the
-// connection), signs a CSR for SUBJECT with the one-time TOKEN, then renews the new
+// It uses step's paths (no /1.0 prefix). It asks for /health twice on one client (reporting
+// whether the second request reused the connection); fetches the root by its fingerprint over
+// an unverified connection and checks the answer's fingerprint, as `step ca bootstrap` does,
+// and a root the CA does not have; reads /provisioners, /roots and /federation; signs a CSR
+// for SUBJECT with the one-time TOKEN, then renews the new
 // certificate over mutual TLS with the TLS settings the sign answer's tlsOptions give (as
 // step's client does). Last it revokes the renewed certificate over mutual TLS and tries to
 // renew it once more on the same connection, reporting that answer's status. Each step prints
@@ -18,9 +21,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
@@ -38,6 +43,22 @@ type tlsOptions struct {
 	MinVersion    float64  `json:"minVersion"`
 	MaxVersion    float64  `json:"maxVersion"`
 	Renegotiation bool     `json:"renegotiation"`
+}
+
+type rootResponse struct {
+	CA string `json:"ca"`
+}
+
+type certsResponse struct {
+	Certificates []string `json:"crts"`
+}
+
+type provisionersResponse struct {
+	Provisioners []struct {
+		Type string `json:"type"`
+		Name string `json:"name"`
+	} `json:"provisioners"`
+	NextCursor string `json:"nextCursor"`
 }
 
 type signResponse struct {
@@ -153,6 +174,21 @@ func signed(step string, status int, data []byte) ([][]byte, *tlsOptions) {
 	return chain, answer.TLSOptions
 }
 
+// decode reads a JSON answer that must have the given status.
+func decode(step string, status, want int, data []byte, into any) {
+	if status != want {
+		fail("%s: HTTP %d: %s", step, status, strings.TrimSpace(string(data)))
+	}
+	if err := json.Unmarshal(data, into); err != nil {
+		fail("%s: %v", step, err)
+	}
+}
+
+func fingerprint(der []byte) string {
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:])
+}
+
 func leafPEM(chain [][]byte) string {
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: chain[0]}))
 }
@@ -167,14 +203,52 @@ func main() {
 		fail("%v", err)
 	}
 	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(rootPEM) {
+	block, _ := pem.Decode(rootPEM)
+	if block == nil || !roots.AppendCertsFromPEM(rootPEM) {
 		fail("%s holds no certificate", rootPath)
 	}
+	rootSum := fingerprint(block.Bytes)
 
 	client := newClient(&tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
 	for i := 0; i < 2; i++ {
 		status, _, reused, proto := call(client, http.MethodGet, caURL+"/health", nil)
 		report("health", map[string]any{"status": status, "reused": reused, "proto": proto})
+	}
+
+	// Unverified, as step ca bootstrap: the fingerprint check below is what trusts the answer.
+	insecure := newClient(&tls.Config{InsecureSkipVerify: true})
+	status, data, _, _ := call(insecure, http.MethodGet, caURL+"/root/"+rootSum, nil)
+	var root rootResponse
+	decode("root", status, http.StatusOK, data, &root)
+	rootBlock, _ := pem.Decode([]byte(root.CA))
+	if rootBlock == nil {
+		fail("root: the answer holds no PEM certificate")
+	}
+	report("root", map[string]any{"status": status, "matches": fingerprint(rootBlock.Bytes) == rootSum})
+	status, data, _, _ = call(insecure, http.MethodGet, caURL+"/root/"+strings.Repeat("0", 64), nil)
+	report("root-unknown", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
+
+	var provisioners provisionersResponse
+	status, data, _, _ = call(client, http.MethodGet, caURL+"/provisioners", nil)
+	decode("provisioners", status, http.StatusOK, data, &provisioners)
+	var names []string
+	for _, p := range provisioners.Provisioners {
+		names = append(names, p.Type+":"+p.Name)
+	}
+	report("provisioners", map[string]any{"names": names, "nextCursor": provisioners.NextCursor})
+	for _, path := range []string{"/roots", "/federation"} {
+		var certs certsResponse
+		status, data, _, _ = call(client, http.MethodGet, caURL+path, nil)
+		decode(path, status, http.StatusCreated, data, &certs)
+		var sums []string
+		for _, text := range certs.Certificates {
+			b, _ := pem.Decode([]byte(text))
+			if b == nil {
+				fail("%s: an entry is not PEM", path)
+			}
+			sums = append(sums, fingerprint(b.Bytes))
+		}
+		report(strings.TrimPrefix(path, "/"), map[string]any{"fingerprints": sums})
 	}
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -191,12 +265,12 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	status, data, _, _ := call(client, http.MethodPost, caURL+"/1.0/sign", body)
+	status, data, _, _ = call(client, http.MethodPost, caURL+"/sign", body)
 	chain, options := signed("sign", status, data)
 	report("sign", map[string]any{"crt": leafPEM(chain), "chain": len(chain), "tlsOptions": options != nil})
 
 	config := renewConfig(options, roots, tls.Certificate{Certificate: chain, PrivateKey: key})
-	status, data, _, proto := call(newClient(config), http.MethodPost, caURL+"/1.0/renew", nil)
+	status, data, _, proto := call(newClient(config), http.MethodPost, caURL+"/renew", nil)
 	renewed, _ := signed("renew", status, data)
 	report("renew", map[string]any{"crt": leafPEM(renewed), "chain": len(renewed), "proto": proto})
 
@@ -212,11 +286,11 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	status, data, _, _ = call(mtls, http.MethodPost, caURL+"/1.0/revoke", revoke)
+	status, data, _, _ = call(mtls, http.MethodPost, caURL+"/revoke", revoke)
 	if status != http.StatusOK {
 		fail("revoke: HTTP %d: %s", status, strings.TrimSpace(string(data)))
 	}
 	report("revoke", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
-	status, data, reused, _ := call(mtls, http.MethodPost, caURL+"/1.0/renew", nil)
+	status, data, reused, _ := call(mtls, http.MethodPost, caURL+"/renew", nil)
 	report("renew-revoked", map[string]any{"status": status, "reused": reused, "body": strings.TrimSpace(string(data))})
 }
