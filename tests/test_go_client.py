@@ -4,11 +4,11 @@
 keep-alive and HTTP/2 offered, as step's transport does) and step's paths. It asks for
 /health twice on one client; fetches the root by its fingerprint (as ``step ca bootstrap``),
 /provisioners, /roots and /federation; signs a CSR with a one-time token; renews the
-certificate over mutual TLS with the TLS settings of the answer's ``tlsOptions``; revokes
-the renewed certificate over mutual TLS and tries to renew it again. The same binary runs
-against both CAs serving the same PKI, so a difference is the CA's. It is built with the Go
-toolchain that ``../shared/tools/stepca/build.sh`` installs (offline, GOPATH mode, standard
-library only).
+certificate over mutual TLS with the TLS settings of the answer's ``tlsOptions`` and rekeys
+it; revokes the renewed certificate over mutual TLS and tries to renew it again. The same
+binary runs against both CAs serving the same PKI, so a difference is the CA's. It is built
+with the Go toolchain that ``../shared/tools/stepca/build.sh`` installs (offline, GOPATH
+mode, standard library only).
 """
 
 from __future__ import annotations
@@ -81,19 +81,21 @@ def _cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
-async def test_go_client_signs_renews_and_revokes(any_ca: str, pki: PKI, go_client: Path) -> None:
-    """Keep-alive, sign with a token, renew over mutual TLS with the answer's tlsOptions,
-    revoke over mutual TLS, and the refused renewal of the revoked certificate on the same
-    connection (the twin of the renewal): the same on both CAs."""
+async def test_go_client_signs_renews_rekeys_and_revokes(
+    any_ca: str, pki: PKI, go_client: Path
+) -> None:
+    """Keep-alive, bootstrap, sign with a token, renew and rekey over mutual TLS with the
+    answer's tlsOptions, revoke over mutual TLS, and the refused renewal of the revoked
+    certificate on the same connection (the twin of the renewal): the same on both CAs."""
     run = await run_go_client(
         go_client, pki, pki.token("go.internal"), "go.internal", pki.root_path
     )
     assert run.code == 0, run.stderr
     steps = [s["step"] for s in run.steps]
-    assert steps == [*BEFORE_SIGN, "sign", "renew", "revoke", "renew-revoked"]
+    assert steps == [*BEFORE_SIGN, "sign", "renew", "rekey", "revoke", "renew-revoked"]
     health = run.steps[:2]
     root, unknown, provisioners, roots, federation = run.steps[2:7]
-    signed, renewed, revoked, refused = run.steps[7:]
+    signed, renewed, rekeyed, revoked, refused = run.steps[7:]
     assert [h["status"] for h in health] == [200, 200]
     assert [h["reused"] for h in health] == [False, True]  # one connection, kept alive
     # Go offers HTTP/2 as step's client does; step-ca takes it, the federatls CA answers in
@@ -113,6 +115,11 @@ async def test_go_client_signs_renews_and_revokes(any_ca: str, pki: PKI, go_clie
     assert _cn(first) == _cn(second) == "go.internal"
     assert first.issuer == second.issuer
     assert first.serial_number != second.serial_number
+    third = _cert(rekeyed)
+    assert rekeyed["chain"] == 2
+    assert rekeyed["newKey"] is True  # the key of the rekey CSR, not the old one
+    assert _cn(third) == "go.internal"
+    assert third.serial_number not in (first.serial_number, second.serial_number)
     assert revoked["status"] == 200
     assert json.loads(revoked["body"]) == {"status": "ok"}
     assert refused["status"] == 401

@@ -10,8 +10,9 @@
 // and a root the CA does not have; reads /provisioners, /roots and /federation; signs a CSR
 // for SUBJECT with the one-time TOKEN, then renews the new
 // certificate over mutual TLS with the TLS settings the sign answer's tlsOptions give (as
-// step's client does). Last it revokes the renewed certificate over mutual TLS and tries to
-// renew it once more on the same connection, reporting that answer's status. Each step prints
+// step's client does), and rekeys it with a new key over mutual TLS. Last it revokes the
+// renewed certificate over mutual TLS and tries to renew it once more on the same
+// connection, reporting that answer's status. Each step prints
 // one JSON line on stdout; any failure prints one line on stderr and exits with status 1.
 // tests/test_go_client.py builds and runs it.
 package main
@@ -184,6 +185,16 @@ func decode(step string, status, want int, data []byte, into any) {
 	}
 }
 
+// csrFor is a PEM certificate request for subject (common name and DNS name) signed by key.
+func csrFor(key *ecdsa.PrivateKey, subject string) string {
+	template := &x509.CertificateRequest{Subject: pkix.Name{CommonName: subject}, DNSNames: []string{subject}}
+	der, err := x509.CreateCertificateRequest(rand.Reader, template, key)
+	if err != nil {
+		fail("%v", err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+}
+
 func fingerprint(der []byte) string {
 	sum := sha256.Sum256(der)
 	return hex.EncodeToString(sum[:])
@@ -255,13 +266,7 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	template := &x509.CertificateRequest{Subject: pkix.Name{CommonName: subject}, DNSNames: []string{subject}}
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, template, key)
-	if err != nil {
-		fail("%v", err)
-	}
-	csrPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})
-	body, err := json.Marshal(map[string]string{"csr": string(csrPEM), "ott": token})
+	body, err := json.Marshal(map[string]string{"csr": csrFor(key, subject), "ott": token})
 	if err != nil {
 		fail("%v", err)
 	}
@@ -274,12 +279,31 @@ func main() {
 	renewed, _ := signed("renew", status, data)
 	report("renew", map[string]any{"crt": leafPEM(renewed), "chain": len(renewed), "proto": proto})
 
+	// step ca rekey: mutual TLS with the current certificate, a CSR for a new key.
+	mtls := newClient(renewConfig(options, roots, tls.Certificate{Certificate: renewed, PrivateKey: key}))
+	newKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		fail("%v", err)
+	}
+	body, err = json.Marshal(map[string]string{"csr": csrFor(newKey, subject)})
+	if err != nil {
+		fail("%v", err)
+	}
+	status, data, _, _ = call(mtls, http.MethodPost, caURL+"/rekey", body)
+	rekeyed, _ := signed("rekey", status, data)
+	rekeyedLeaf, err := x509.ParseCertificate(rekeyed[0])
+	if err != nil {
+		fail("rekey: %v", err)
+	}
+	report("rekey", map[string]any{
+		"crt": leafPEM(rekeyed), "chain": len(rekeyed), "newKey": newKey.PublicKey.Equal(rekeyedLeaf.PublicKey),
+	})
+
 	// step ca revoke --cert --key: mutual TLS with the certificate being revoked.
 	leaf, err := x509.ParseCertificate(renewed[0])
 	if err != nil {
 		fail("renew: %v", err)
 	}
-	mtls := newClient(renewConfig(options, roots, tls.Certificate{Certificate: renewed, PrivateKey: key}))
 	revoke, err := json.Marshal(map[string]any{
 		"serial": leaf.SerialNumber.String(), "reasonCode": 0, "reason": "", "passive": true,
 	})
