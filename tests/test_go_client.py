@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ async def test_go_client_signs_renews_rekeys_and_revokes(
     assert _cn(first) == _cn(second) == "go.internal"
     assert first.issuer == second.issuer
     assert first.serial_number != second.serial_number
+    # notAfter "1h" as step ca certificate --not-after 1h sends it; notBefore is backdated
+    # by step-ca's default minute.
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    assert lifetime == timedelta(hours=1, minutes=1)
     third = _cert(rekeyed)
     assert rekeyed["chain"] == 2
     assert rekeyed["newKey"] is True  # the key of the rekey CSR, not the old one

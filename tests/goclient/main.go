@@ -8,7 +8,7 @@
 // whether the second request reused the connection); fetches the root by its fingerprint over
 // an unverified connection and checks the answer's fingerprint, as `step ca bootstrap` does,
 // and a root the CA does not have; reads /provisioners, /roots and /federation; signs a CSR
-// for SUBJECT with the one-time TOKEN, then renews the new
+// for SUBJECT with the one-time TOKEN for one hour, then renews the new
 // certificate over mutual TLS with the TLS settings the sign answer's tlsOptions give (as
 // step's client does), and rekeys it with a new key over mutual TLS. Last it revokes the
 // renewed certificate over mutual TLS and tries to renew it once more on the same
@@ -266,7 +266,10 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	body, err := json.Marshal(map[string]string{"csr": csrFor(key, subject), "ott": token})
+	// As step's client marshals its SignRequest (an unset time is ""); --not-after 1h.
+	body, err := json.Marshal(map[string]string{
+		"csr": csrFor(key, subject), "ott": token, "notBefore": "", "notAfter": "1h",
+	})
 	if err != nil {
 		fail("%v", err)
 	}
