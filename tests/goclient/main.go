@@ -204,6 +204,49 @@ func leafPEM(chain [][]byte) string {
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: chain[0]}))
 }
 
+// bootstrap fetches the root by its fingerprint as `step ca bootstrap` does, over an
+// unverified connection (the fingerprint check is what trusts the answer), then asks for a
+// fingerprint the CA does not have.
+func bootstrap(caURL, rootSum string) {
+	insecure := newClient(&tls.Config{InsecureSkipVerify: true})
+	status, data, _, _ := call(insecure, http.MethodGet, caURL+"/root/"+rootSum, nil)
+	var root rootResponse
+	decode("root", status, http.StatusOK, data, &root)
+	block, _ := pem.Decode([]byte(root.CA))
+	if block == nil {
+		fail("root: the answer holds no PEM certificate")
+	}
+	report("root", map[string]any{"status": status, "matches": fingerprint(block.Bytes) == rootSum})
+	status, data, _, _ = call(insecure, http.MethodGet, caURL+"/root/"+strings.Repeat("0", 64), nil)
+	report("root-unknown", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
+}
+
+// readPublic reads what any client may: the provisioners, the roots and the federation.
+func readPublic(client *http.Client, caURL string) {
+	var provisioners provisionersResponse
+	status, data, _, _ := call(client, http.MethodGet, caURL+"/provisioners", nil)
+	decode("provisioners", status, http.StatusOK, data, &provisioners)
+	var names []string
+	for _, p := range provisioners.Provisioners {
+		names = append(names, p.Type+":"+p.Name)
+	}
+	report("provisioners", map[string]any{"names": names, "nextCursor": provisioners.NextCursor})
+	for _, path := range []string{"/roots", "/federation"} {
+		var certs certsResponse
+		status, data, _, _ = call(client, http.MethodGet, caURL+path, nil)
+		decode(path, status, http.StatusCreated, data, &certs)
+		var sums []string
+		for _, text := range certs.Certificates {
+			block, _ := pem.Decode([]byte(text))
+			if block == nil {
+				fail("%s: an entry is not PEM", path)
+			}
+			sums = append(sums, fingerprint(block.Bytes))
+		}
+		report(strings.TrimPrefix(path, "/"), map[string]any{"fingerprints": sums})
+	}
+}
+
 func main() {
 	if len(os.Args) != 5 {
 		fail("usage: goclient CA_URL ROOT_PEM TOKEN SUBJECT")
@@ -226,41 +269,8 @@ func main() {
 		report("health", map[string]any{"status": status, "reused": reused, "proto": proto})
 	}
 
-	// Unverified, as step ca bootstrap: the fingerprint check below is what trusts the answer.
-	insecure := newClient(&tls.Config{InsecureSkipVerify: true})
-	status, data, _, _ := call(insecure, http.MethodGet, caURL+"/root/"+rootSum, nil)
-	var root rootResponse
-	decode("root", status, http.StatusOK, data, &root)
-	rootBlock, _ := pem.Decode([]byte(root.CA))
-	if rootBlock == nil {
-		fail("root: the answer holds no PEM certificate")
-	}
-	report("root", map[string]any{"status": status, "matches": fingerprint(rootBlock.Bytes) == rootSum})
-	status, data, _, _ = call(insecure, http.MethodGet, caURL+"/root/"+strings.Repeat("0", 64), nil)
-	report("root-unknown", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
-
-	var provisioners provisionersResponse
-	status, data, _, _ = call(client, http.MethodGet, caURL+"/provisioners", nil)
-	decode("provisioners", status, http.StatusOK, data, &provisioners)
-	var names []string
-	for _, p := range provisioners.Provisioners {
-		names = append(names, p.Type+":"+p.Name)
-	}
-	report("provisioners", map[string]any{"names": names, "nextCursor": provisioners.NextCursor})
-	for _, path := range []string{"/roots", "/federation"} {
-		var certs certsResponse
-		status, data, _, _ = call(client, http.MethodGet, caURL+path, nil)
-		decode(path, status, http.StatusCreated, data, &certs)
-		var sums []string
-		for _, text := range certs.Certificates {
-			b, _ := pem.Decode([]byte(text))
-			if b == nil {
-				fail("%s: an entry is not PEM", path)
-			}
-			sums = append(sums, fingerprint(b.Bytes))
-		}
-		report(strings.TrimPrefix(path, "/"), map[string]any{"fingerprints": sums})
-	}
+	bootstrap(caURL, rootSum)
+	readPublic(client, caURL)
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -273,7 +283,7 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
-	status, data, _, _ = call(client, http.MethodPost, caURL+"/sign", body)
+	status, data, _, _ := call(client, http.MethodPost, caURL+"/sign", body)
 	chain, options := signed("sign", status, data)
 	report("sign", map[string]any{"crt": leafPEM(chain), "chain": len(chain), "tlsOptions": options != nil})
 
