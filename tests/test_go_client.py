@@ -9,14 +9,20 @@ it; revokes the renewed certificate over mutual TLS and tries to renew it again.
 binary runs against both CAs serving the same PKI, so a difference is the CA's. It is built
 with the Go toolchain that ``../shared/tools/stepca/build.sh`` installs (offline, GOPATH
 mode, standard library only).
+
+``tests/gomtls/main.go`` is the other side of the story: a Go server and a Go client, each
+enrolled with one of two CAs and trusting its CA's /federation, exchange one request over
+mutual TLS, for every way the two CAs can federate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,27 +31,26 @@ from typing import Any
 import anyio
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from harness import PKI, make_pki, stepca_binary
+from harness import PKI, make_pki, serving, stepca_binary, stepca_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
-SOURCE = Path(__file__).parent / "goclient" / "main.go"
+GO = Path(__file__).parent
 # The client's steps before it signs, in order.
 BEFORE_SIGN = ("health", "health", "root", "root-unknown", "provisioners", "roots", "federation")
 
 
-@pytest.fixture(scope="session")
-def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Go client, built once per session; no Go toolchain skips (fails in CI)."""
+def _go_build(program: str, out: Path) -> Path:
+    """Build ``tests/<program>/main.go``; no Go toolchain skips (fails in CI)."""
     go = shutil.which("go")
     if go is None:
         message = "no Go toolchain: bash ../shared/tools/stepca/build.sh installs one"
         if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    out = tmp_path_factory.mktemp("goclient")
     stepca = stepca_binary()
     cache = Path(stepca).resolve().parents[1] / "gocache" if stepca else None
     env = {
@@ -56,9 +61,22 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # step-ca's build cache already holds the standard library: a build takes a second.
         "GOCACHE": str(cache if cache is not None and cache.is_dir() else out / "gocache"),
     }
-    binary = out / "goclient"
-    subprocess.run([go, "build", "-o", str(binary), str(SOURCE)], env=env, check=True, timeout=600)
+    binary = out / program
+    source = GO / program / "main.go"
+    subprocess.run([go, "build", "-o", str(binary), str(source)], env=env, check=True, timeout=600)
     return binary
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go client of step's CA API, built once per session."""
+    return _go_build("goclient", tmp_path_factory.mktemp("goclient"))
+
+
+@pytest.fixture(scope="session")
+def go_mtls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go server and client that exchange one request over mutual TLS."""
+    return _go_build("gomtls", tmp_path_factory.mktemp("gomtls"))
 
 
 @dataclass
@@ -154,3 +172,88 @@ async def test_go_client_replayed_token_is_refused(any_ca: str, pki: PKI, go_cli
     assert again.code == 1
     assert [s["step"] for s in again.steps] == list(BEFORE_SIGN)
     assert "sign: HTTP 401" in again.stderr
+
+
+# Go workloads across two CAs -----------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _serving(kind: str, pki: PKI, request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """``pki`` served by the federatls CA or by the real step-ca."""
+    if kind == "federatls":
+        async with serving(pki):
+            yield
+    else:
+        with stepca_process(request.getfixturevalue("stepca_bin"), pki):
+            yield
+
+
+async def _party(pki: PKI, subject: str, sans: list[str]) -> tuple[dict[str, str], str]:
+    """A workload enrolled with ``pki`` as gomtls reads it (its chain, key and the CA's
+    /federation bundle), and the common name of its certificate's issuer."""
+    chain, key = await pki.enroll(subject, sans=sans)
+    async with pki.client() as ca:
+        bundle = await ca.federation()
+    pem = serialization.Encoding.PEM
+    party = {
+        "chain": "".join(c.public_bytes(pem).decode() for c in chain),
+        "key": key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+        "trust": "".join(c.public_bytes(pem).decode() for c in bundle),
+    }
+    return party, _cn(chain[1])
+
+
+# (cloud federates kubernetes, kubernetes federates cloud) -> what happens to a kubernetes
+# client calling a cloud server
+CELLS = [
+    pytest.param(True, True, "ok", id="both-ways"),
+    pytest.param(False, False, "client refuses the server", id="none"),
+    pytest.param(True, False, "client refuses the server", id="cloud-only"),
+    pytest.param(False, True, "server refuses the client", id="kubernetes-only"),
+]
+
+
+@pytest.mark.parametrize(("cloud_federates", "kubernetes_federates", "outcome"), CELLS)
+@pytest.mark.parametrize("kind", ["federatls", "step-ca"])
+async def test_go_workloads_across_two_cas(
+    kind: str,
+    cloud_federates: bool,
+    kubernetes_federates: bool,
+    outcome: str,
+    go_mtls: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A Go server enrolled with 'cloud' and a Go client enrolled with 'kubernetes', each
+    trusting its CA's /federation, talk over mutual TLS only when each CA federates the
+    other; one-way federation fails on the side that lacks the other's root. Go's x509
+    checks the certificates the CA issued (names, key usages, chains) on both sides."""
+    cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    if cloud_federates:
+        cloud.federate(kubernetes)
+    if kubernetes_federates:
+        kubernetes.federate(cloud)
+    async with _serving(kind, cloud, request), _serving(kind, kubernetes, request):
+        server, _ = await _party(cloud, "server.cloud.internal", ["server.cloud.internal"])
+        client, client_issuer = await _party(kubernetes, "client.k8s.internal", [])
+    exchange = {"serverName": "server.cloud.internal", "server": server, "client": client}
+    result = await anyio.run_process(
+        [str(go_mtls)], input=json.dumps(exchange).encode(), check=False
+    )
+    assert result.returncode in (0, 1), result.stderr.decode()
+    report = json.loads(result.stdout)
+    if outcome == "ok":
+        assert result.returncode == 0, report
+        assert report == {
+            "status": 200,
+            "peer": {"subject": "client.k8s.internal", "issuer": client_issuer},
+        }
+    elif outcome == "client refuses the server":
+        assert result.returncode == 1
+        assert "certificate signed by unknown authority" in report["error"]
+    else:
+        assert result.returncode == 1
+        assert "bad certificate" in report["error"]
+        # The server names the roots it accepts in its certificate request; Go's client
+        # holds none that chains to them, so it sends no certificate at all.
+        assert "client didn't provide a certificate" in report["server"]
