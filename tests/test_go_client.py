@@ -3,7 +3,7 @@
 ``tests/goclient/main.go`` uses only Go's standard library (crypto/tls, net/http with
 keep-alive and HTTP/2 offered, as step's transport does) and step's paths. It asks for
 /health twice on one client; fetches the root by its fingerprint (as ``step ca bootstrap``),
-/provisioners, /roots and /federation; signs a CSR with a one-time token; renews the
+/version, /provisioners, /roots and /federation; signs a CSR with a one-time token; renews the
 certificate over mutual TLS with the TLS settings of the answer's ``tlsOptions`` and rekeys
 it; revokes the renewed certificate over mutual TLS and tries to renew it again. The same
 binary runs against both CAs serving the same PKI, so a difference is the CA's. It is built
@@ -40,7 +40,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
 GO = Path(__file__).parent
 # The client's steps before it signs, in order.
-BEFORE_SIGN = ("health", "health", "root", "root-unknown", "provisioners", "roots", "federation")
+BEFORE_SIGN = (
+    *("health", "health", "root", "root-unknown"),
+    *("version", "provisioners", "roots", "federation"),
+)
 
 
 def _go_build(program: str, out: Path) -> Path:
@@ -113,8 +116,8 @@ async def test_go_client_signs_renews_rekeys_and_revokes(
     steps = [s["step"] for s in run.steps]
     assert steps == [*BEFORE_SIGN, "sign", "renew", "rekey", "revoke", "renew-revoked"]
     health = run.steps[:2]
-    root, unknown, provisioners, roots, federation = run.steps[2:7]
-    signed, renewed, rekeyed, revoked, refused = run.steps[7:]
+    root, unknown, version, provisioners, roots, federation = run.steps[2:8]
+    signed, renewed, rekeyed, revoked, refused = run.steps[8:]
     assert [h["status"] for h in health] == [200, 200]
     assert [h["reused"] for h in health] == [False, True]  # one connection, kept alive
     # Go offers HTTP/2 as step's client does; step-ca takes it, the federatls CA answers in
@@ -125,6 +128,8 @@ async def test_go_client_signs_renews_rekeys_and_revokes(
     assert root == {"step": "root", "status": 200, "matches": True}
     assert unknown["status"] == 404
     assert json.loads(unknown["body"])["status"] == 404
+    assert version["version"]  # each CA names its own version
+    assert version["requireClientAuthentication"] is False
     assert provisioners["names"] == [f"JWK:{pki.provisioner}"]
     assert provisioners["nextCursor"] == ""
     assert roots["fingerprints"] == federation["fingerprints"] == [pki.fingerprint]

@@ -1,19 +1,19 @@
 // Command goclient talks to a step-ca compatible CA the way step's own Go clients do: Go's
-// crypto/tls and net/http, one client with keep-alive offering HTTP/2 (step's transport sets
-// ForceAttemptHTTP2), a P-256 key made in memory.
+// crypto/tls and net/http, one client with keep-alive offering HTTP/2 (step's transport
+// sets ForceAttemptHTTP2), a P-256 key made in memory.
 //
 // Usage: goclient CA_URL ROOT_PEM TOKEN SUBJECT
 //
 // It uses step's paths (no /1.0 prefix). It asks for /health twice on one client (reporting
-// whether the second request reused the connection); fetches the root by its fingerprint over
-// an unverified connection and checks the answer's fingerprint, as `step ca bootstrap` does,
-// and a root the CA does not have; reads /provisioners, /roots and /federation; signs a CSR
-// for SUBJECT with the one-time TOKEN for one hour, then renews the new
-// certificate over mutual TLS with the TLS settings the sign answer's tlsOptions give (as
-// step's client does), and rekeys it with a new key over mutual TLS. Last it revokes the
-// renewed certificate over mutual TLS and tries to renew it once more on the same
-// connection, reporting that answer's status. Each step prints
-// one JSON line on stdout; any failure prints one line on stderr and exits with status 1.
+// whether the second request reused the connection); fetches the root by its fingerprint
+// over an unverified connection and checks the answer's fingerprint, as `step ca bootstrap`
+// does, and a root the CA does not have; reads /version, /provisioners, /roots and
+// /federation; signs a CSR for SUBJECT with the one-time TOKEN for one hour, then renews
+// the new certificate over mutual TLS with the TLS settings the sign answer's tlsOptions
+// give (as step's client does), and rekeys it with a new key over mutual TLS. Last it
+// revokes the renewed certificate over mutual TLS and tries to renew it once more on the
+// same connection, reporting that answer's status. Each step prints one JSON line on
+// stdout; any failure prints one line on stderr and exits with status 1.
 // tests/test_go_client.py builds and runs it.
 package main
 
@@ -48,6 +48,11 @@ type tlsOptions struct {
 
 type rootResponse struct {
 	CA string `json:"ca"`
+}
+
+type versionResponse struct {
+	Version                     string `json:"version"`
+	RequireClientAuthentication bool   `json:"requireClientAuthentication"`
 }
 
 type certsResponse struct {
@@ -221,10 +226,17 @@ func bootstrap(caURL, rootSum string) {
 	report("root-unknown", map[string]any{"status": status, "body": strings.TrimSpace(string(data))})
 }
 
-// readPublic reads what any client may: the provisioners, the roots and the federation.
+// readPublic reads what any client may: the version, the provisioners, the roots and the
+// federation.
 func readPublic(client *http.Client, caURL string) {
+	var version versionResponse
+	status, data, _, _ := call(client, http.MethodGet, caURL+"/version", nil)
+	decode("version", status, http.StatusOK, data, &version)
+	report("version", map[string]any{
+		"version": version.Version, "requireClientAuthentication": version.RequireClientAuthentication,
+	})
 	var provisioners provisionersResponse
-	status, data, _, _ := call(client, http.MethodGet, caURL+"/provisioners", nil)
+	status, data, _, _ = call(client, http.MethodGet, caURL+"/provisioners", nil)
 	decode("provisioners", status, http.StatusOK, data, &provisioners)
 	var names []string
 	for _, p := range provisioners.Provisioners {
