@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from cryptography import x509
 from joserfc import jws
 
@@ -249,6 +250,43 @@ def stepca_process(binary: str, pki: PKI) -> Iterator[subprocess.Popen[bytes]]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def go_build(program: str, out: Path, *, debian_sources: bool = False) -> Path:
+    """Build ``tests/<program>/main.go`` as ``build.sh`` builds step-ca: GOPATH mode, offline,
+    with step-ca's build cache (so a build takes seconds). ``debian_sources`` adds the Go
+    sources of Debian's packages (step's SDK among them) to the import path. No Go toolchain
+    skips, or fails when FEDERATLS_REQUIRE_STEPCA=1."""
+    go = shutil.which("go")
+    if go is None:
+        message = "no Go toolchain: bash ../shared/tools/stepca/build.sh installs one"
+        if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    stepca = stepca_binary()
+    cache = Path(stepca).resolve().parents[1] / "gocache" if stepca else None
+    gopath = [str(out / "gopath")] + (["/usr/share/gocode"] if debian_sources else [])
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "GOPATH": os.pathsep.join(gopath),
+        "GOCACHE": str(cache if cache is not None and cache.is_dir() else out / "gocache"),
+    }
+    binary = out / program
+    source = Path(__file__).parent / program / "main.go"
+    # stderr is captured: Debian's sources print cgo warnings even when the build succeeds.
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), str(source)],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=900,
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"go build {program} failed:\n{built.stderr.decode()}")
+    return binary
 
 
 def stepca_log(pki: PKI) -> str:

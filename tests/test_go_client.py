@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,11 +31,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from harness import PKI, make_pki, serving, stepca_binary, stepca_process
+from harness import PKI, go_build, make_pki, serving, stepca_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
-GO = Path(__file__).parent
 # The client's steps before it signs, in order.
 BEFORE_SIGN = (
     *("health", "health", "root", "root-unknown"),
@@ -46,40 +42,16 @@ BEFORE_SIGN = (
 )
 
 
-def _go_build(program: str, out: Path) -> Path:
-    """Build ``tests/<program>/main.go``; no Go toolchain skips (fails in CI)."""
-    go = shutil.which("go")
-    if go is None:
-        message = "no Go toolchain: bash ../shared/tools/stepca/build.sh installs one"
-        if os.environ.get("FEDERATLS_REQUIRE_STEPCA") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    stepca = stepca_binary()
-    cache = Path(stepca).resolve().parents[1] / "gocache" if stepca else None
-    env = {
-        **os.environ,
-        "GO111MODULE": "off",
-        "GOPROXY": "off",
-        "GOPATH": str(out / "gopath"),
-        # step-ca's build cache already holds the standard library: a build takes a second.
-        "GOCACHE": str(cache if cache is not None and cache.is_dir() else out / "gocache"),
-    }
-    binary = out / program
-    source = GO / program / "main.go"
-    subprocess.run([go, "build", "-o", str(binary), str(source)], env=env, check=True, timeout=600)
-    return binary
-
-
 @pytest.fixture(scope="session")
 def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Go client of step's CA API, built once per session."""
-    return _go_build("goclient", tmp_path_factory.mktemp("goclient"))
+    return go_build("goclient", tmp_path_factory.mktemp("goclient"))
 
 
 @pytest.fixture(scope="session")
 def go_mtls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Go server and client that exchange one request over mutual TLS."""
-    return _go_build("gomtls", tmp_path_factory.mktemp("gomtls"))
+    return go_build("gomtls", tmp_path_factory.mktemp("gomtls"))
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""step's own Go SDK against the federatls CA, with the real step-ca as the reference.
+
+``tests/stepsdk/main.go`` calls ``github.com/smallstep/certificates/ca``, the library that
+step's clients and the federation tutorial's demo server and client are built on, as Debian
+packages it (the sources step-ca is built from). Nothing in it is ours: it mints tokens with
+``ca.NewProvisioner`` as ``step ca token`` does, and enrols a server and a client with
+``ca.BootstrapServer`` and ``ca.BootstrapClient``, trusting ``/federation``, as the
+tutorial does. Every test runs on both CAs; the CA is the only difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from cryptography.x509.oid import NameOID
+
+from federatls._errors import CARefusedError
+from federatls._keys import KeyType, build_csr, new_private_key
+from federatls._protocol import SignRequest
+from federatls._token import Token
+
+from harness import PASSWORD, PKI, federatls, go_build, make_pki, serving, stepca_process
+
+pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
+
+KINDS = ["federatls", "step-ca"]
+
+
+@pytest.fixture(scope="session")
+def step_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The step SDK program, built once per session from Debian's Go sources."""
+    return go_build("stepsdk", tmp_path_factory.mktemp("stepsdk"), debian_sources=True)
+
+
+class CAs:
+    """CAs for ``pki`` objects, served by the federatls CA or by the real step-ca, that can
+    re-read their ca.json (SIGHUP for step-ca) while they run."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self._request = request
+        self._reloads: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def serve(self, pki: PKI) -> AsyncIterator[PKI]:
+        if self.kind == "federatls":
+            async with serving(pki) as server:
+                self._reloads[pki.name] = server.reload
+                yield pki
+        else:
+            with stepca_process(self._request.getfixturevalue("stepca_bin"), pki) as proc:
+                self._reloads[pki.name] = lambda: proc.send_signal(signal.SIGHUP)
+                yield pki
+
+    def reload(self, pki: PKI) -> None:
+        self._reloads[pki.name]()
+
+
+async def sdk(binary: Path, *args: str, stdin: str) -> subprocess.CompletedProcess[bytes]:
+    return await anyio.run_process([str(binary), *args], input=stdin.encode() + b"\n", check=False)
+
+
+def lines(result: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.decode().splitlines() if line]
+
+
+async def cli_token(pki: PKI, subject: str) -> str:
+    """A token from ``federatls ca token``, as the tutorial takes one from ``step ca token``."""
+    run = await federatls(
+        "ca",
+        "token",
+        subject,
+        "--ca-url",
+        pki.url,
+        "--root",
+        pki.root_path,
+        "--password-file",
+        pki.password_file,
+    )
+    assert run.code == 0, run.err
+    return run.out.strip()
+
+
+@contextlib.asynccontextmanager
+async def sdk_server(
+    binary: Path, token: str, *flags: str
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The SDK's server, enrolled with ``token``: yields its URL and its 'listening' line."""
+    async with await anyio.open_process([str(binary), "server", *flags]) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        await proc.stdin.send(token.encode() + b"\n")
+        try:
+            with anyio.fail_after(30):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 65536)
+        except (anyio.EndOfStream, anyio.IncompleteRead, TimeoutError):
+            raise AssertionError(await _stderr(proc)) from None
+        listening = json.loads(line)
+        try:
+            yield f"https://{listening['addr']}/", listening
+        finally:
+            proc.terminate()
+
+
+async def _stderr(proc: Process) -> str:
+    proc.terminate()
+    await proc.wait()
+    assert proc.stderr is not None
+    return (await proc.stderr.receive()).decode(errors="replace")
+
+
+# Tokens from step's SDK ----------------------------------------------------------------------
+@pytest.mark.parametrize("by", ["name", "kid"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sdk_token_is_accepted_once(
+    kind: str, by: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``ca.NewProvisioner`` finds the provisioner (through /provisioners by name, through
+    /provisioners/{kid}/encrypted-key by kid), decrypts the key ``federatls ca init``
+    encrypted, and mints a token the CA signs with; the same token a second time is a
+    replay (401)."""
+    pki = make_pki(tmp_path, "cloud")
+    async with CAs(kind, request).serve(pki):
+        kid = pki.key.kid if by == "kid" else ""
+        args = ("token", pki.url, str(pki.root_path), pki.provisioner, kid, "svc.internal")
+        minted = await sdk(step_sdk, *args, "svc.internal", "10.0.0.7", stdin=PASSWORD.decode())
+        assert minted.returncode == 0, minted.stderr.decode()
+        raw = minted.stdout.decode().strip()
+        token = Token.parse(raw)
+        assert token.subject == "svc.internal"
+        assert list(token.sans) == ["svc.internal", "10.0.0.7"]
+        assert token.root_fingerprint == pki.fingerprint
+        assert list(token.audience) == [pki.url + "/1.0/sign"]
+        key = new_private_key(KeyType.P256)
+        csr = build_csr(key, "svc.internal", ["svc.internal", "10.0.0.7"])
+        async with pki.client() as ca:
+            answer = await ca.sign(SignRequest(csr, raw))
+            leaf = answer.chain[0]
+            assert leaf.public_key() == key.public_key()
+            with pytest.raises(CARefusedError) as replay:
+                await ca.sign(SignRequest(csr, raw))
+        assert replay.value.status == 401
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sdk_token_needs_the_provisioner_password(
+    kind: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Twin: with a wrong password the SDK cannot decrypt the provisioner key the CA
+    serves, so it mints nothing."""
+    pki = make_pki(tmp_path, "cloud")
+    async with CAs(kind, request).serve(pki):
+        args = ("token", pki.url, str(pki.root_path), pki.provisioner, "", "svc.internal")
+        minted = await sdk(step_sdk, *args, stdin="not the password")
+    assert minted.returncode == 1
+    assert minted.stdout == b""
+    assert "not found (or your password is wrong)" in minted.stderr.decode()
+
+
+# The federation tutorial with step's SDK -----------------------------------------------------
+def _root_cn(pki: PKI) -> str:
+    [cn] = pki.root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cn.value)
+
+
+async def _tutorial(
+    kind: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    step_sdk: Path,
+    *,
+    cloud_federates: bool,
+    kubernetes_federates: bool,
+    server_flags: tuple[str, ...] = (),
+    client_flags: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes], PKI, PKI]:
+    """The tutorial: a server enrolled with 'cloud' (token for 127.0.0.1), a client enrolled
+    with 'kubernetes' (token for sdk_client), tokens from ``federatls ca token``. Returns
+    the server's 'listening' line and the finished client."""
+    cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    if cloud_federates:
+        cloud.federate(kubernetes)
+    if kubernetes_federates:
+        kubernetes.federate(cloud)
+    cas = CAs(kind, request)
+    async with cas.serve(cloud), cas.serve(kubernetes):
+        server_token = await cli_token(cloud, "127.0.0.1")
+        client_token = await cli_token(kubernetes, "sdk_client")
+        async with sdk_server(step_sdk, server_token, *server_flags) as (url, listening):
+            client = await sdk(step_sdk, "client", *client_flags, url, stdin=client_token)
+    return listening, client, cloud, kubernetes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tutorial_server_and_client_trust_each_other(
+    kind: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Both CAs federate the other: the SDK's server (cloud) accepts the SDK's client
+    (kubernetes) and the client accepts the server, each through its own CA's
+    /federation; the answer is the tutorial's."""
+    listening, client, cloud, kubernetes = await _tutorial(
+        kind, request, tmp_path, step_sdk, cloud_federates=True, kubernetes_federates=True
+    )
+    assert sorted(listening["accepts"]) == sorted([_root_cn(cloud), _root_cn(kubernetes)])
+    assert client.returncode == 0, client.stderr.decode()
+    [answer] = lines(client)
+    assert answer["status"] == 200
+    assert answer["body"] == f"Hello sdk_client (cert issued by '{_root_cn(kubernetes)}')"
+    assert answer["server"] == "127.0.0.1"
+    assert answer["serverRoot"] == _root_cn(cloud)
+    assert answer["serverSerial"] == listening["serial"]
+
+
+# (cloud federates, kubernetes federates, server flags, client flags) -> who refuses whom
+REFUSALS = [
+    pytest.param(False, False, (), (), "client", id="no-federation"),
+    pytest.param(True, False, (), (), "client", id="cloud-only"),
+    pytest.param(False, True, (), (), "server", id="kubernetes-only"),
+    pytest.param(True, True, (), ("-own-roots",), "client", id="client-without-federation"),
+    pytest.param(True, True, ("-own-roots",), (), "server", id="server-without-federation"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cloud_federates", "kubernetes_federates", "server_flags", "client_flags", "refuser"),
+    REFUSALS,
+)
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tutorial_refused_without_federation(
+    kind: str,
+    cloud_federates: bool,
+    kubernetes_federates: bool,
+    server_flags: tuple[str, ...],
+    client_flags: tuple[str, ...],
+    refuser: str,
+    step_sdk: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Twins: where a side's CA does not federate the other's, or where a side asks for its
+    CA's /roots instead of /federation, that side refuses the other's certificate."""
+    listening, client, _cloud, kubernetes = await _tutorial(
+        kind,
+        request,
+        tmp_path,
+        step_sdk,
+        cloud_federates=cloud_federates,
+        kubernetes_federates=kubernetes_federates,
+        server_flags=server_flags,
+        client_flags=client_flags,
+    )
+    accepts_kubernetes = cloud_federates and not server_flags
+    assert (_root_cn(kubernetes) in listening["accepts"]) == accepts_kubernetes
+    assert client.returncode == 1
+    [answer] = lines(client)
+    if refuser == "client":
+        assert "certificate signed by unknown authority" in answer["error"]
+    else:
+        assert "remote error: tls: bad certificate" in answer["error"]
