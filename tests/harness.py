@@ -253,10 +253,10 @@ def stepca_process(binary: str, pki: PKI) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def go_build(program: str, out: Path, *, debian_sources: bool = False) -> Path:
-    """Build ``tests/<program>/main.go`` as ``build.sh`` builds step-ca: GOPATH mode, offline,
-    with step-ca's build cache (so a build takes seconds). ``debian_sources`` adds the Go
-    sources of Debian's packages (step's SDK among them) to the import path. No Go toolchain
-    skips, or fails when FEDERATLS_REQUIRE_STEPCA=1."""
+    """Build ``tests/<program>/main.go`` as ``build.sh`` builds step-ca (GOPATH mode, offline,
+    ``-trimpath``), with step-ca's build cache, so that a build takes seconds.
+    ``debian_sources`` adds the Go sources of Debian's packages (step's SDK among them) to
+    the import path. No Go toolchain skips, or fails when FEDERATLS_REQUIRE_STEPCA=1."""
     go = shutil.which("go")
     if go is None:
         message = "no Go toolchain: bash ../shared/tools/stepca/build.sh installs one"
@@ -278,7 +278,7 @@ def go_build(program: str, out: Path, *, debian_sources: bool = False) -> Path:
     source = Path(__file__).parent / program / "main.go"
     # stderr is captured: Debian's sources print cgo warnings even when the build succeeds.
     built = subprocess.run(
-        [go, "build", "-o", str(binary), str(source)],
+        [go, "build", "-trimpath", "-o", str(binary), str(source)],
         env=env,
         capture_output=True,
         check=False,

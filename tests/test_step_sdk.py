@@ -267,3 +267,58 @@ async def test_tutorial_refused_without_federation(
         assert "certificate signed by unknown authority" in answer["error"]
     else:
         assert "remote error: tls: bad certificate" in answer["error"]
+
+
+# Renewal, and federation picked up without a restart ----------------------------------------
+async def _wait_for_federation(pki: PKI, size: int) -> None:
+    """Until the CA's /federation holds ``size`` roots (step-ca reloads on its own time)."""
+    with anyio.fail_after(10):
+        while True:
+            async with pki.client() as ca:
+                if len(await ca.federation()) == size:
+                    return
+            await anyio.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sdk_renewal_picks_up_federation_without_restart(
+    kind: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The blog's promise with step's SDK: 'cloud' starts without kubernetes' root, so its
+    server refuses the kubernetes client. The CA re-reads its ca.json with kubernetes'
+    root federated; no workload restarts. At about two thirds of its 65 s certificate the
+    SDK's server renews over mutual TLS (``/renew``), fetches /federation again, and from
+    then on accepts the client, with its renewed certificate; the client renews too, and
+    the server sees the client's renewed certificate. About a minute per CA."""
+    cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    kubernetes.federate(cloud)
+    for pki in (cloud, kubernetes):
+        pki.set_claims(minTLSCertDuration="1m", defaultTLSCertDuration="65s")
+    cas = CAs(kind, request)
+    async with cas.serve(cloud), cas.serve(kubernetes):
+        server_token = await cli_token(cloud, "127.0.0.1")
+        client_token = await cli_token(kubernetes, "sdk_client")
+        async with sdk_server(step_sdk, server_token) as (url, listening):
+            assert listening["accepts"] == [_root_cn(cloud)]
+            cloud.federate(kubernetes)
+            cas.reload(cloud)
+            await _wait_for_federation(cloud, 2)
+            args = ("client", "-count", "26", "-every", "2s", url)
+            client = await sdk(step_sdk, *args, stdin=client_token)
+    answers = lines(client)
+    assert len(answers) == 26, client.stderr.decode()
+    ok = [i for i, a in enumerate(answers) if "status" in a]
+    # Refused until the server's renewal (about 40 s in: the re-read ca.json alone changes
+    # nothing for a running workload), accepted from then on.
+    assert ok, answers
+    assert ok == list(range(ok[0], 26)), answers
+    assert 15 <= ok[0] <= 23, answers
+    for refused in answers[: ok[0]]:
+        assert "remote error: tls: bad certificate" in refused["error"]
+    for accepted in answers[ok[0] :]:
+        assert accepted["status"] == 200
+        assert accepted["body"] == f"Hello sdk_client (cert issued by '{_root_cn(kubernetes)}')"
+        assert accepted["serverSerial"] != listening["serial"]  # the renewed certificate
+        assert accepted["clientSerial"] == accepted["ownSerial"]
+    # The client renewed as well: it presented a new certificate before the end.
+    assert answers[0]["ownSerial"] != answers[-1]["ownSerial"]

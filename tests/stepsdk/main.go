@@ -24,8 +24,9 @@
 //
 // client: ca.BootstrapClient enrols with the token and sends COUNT requests to URL, each on
 // a new connection, trusting the /federation bundle (ca.AddFederationToRootCAs) or, with
-// -own-roots, the CA's /roots only. It prints one JSON line per request (the answer, and
-// the serial numbers of both certificates) and exits with status 1 if any failed.
+// -own-roots, the CA's /roots only. It prints one JSON line per request (the answer or the
+// error, the serial number of the certificate it presented and, from the answer, the
+// serial numbers the server presented and saw) and exits with status 1 if any failed.
 //
 // The SDK renews the certificate at about two thirds of its lifetime, and fetches the roots
 // again when it does. Tokens and passwords come on standard input, never in a file or on
@@ -188,15 +189,23 @@ func client(args []string) {
 		fmt.Fprintf(os.Stderr, "stepsdk: bootstrap: %v\n", err)
 		os.Exit(1)
 	}
+	// The certificate the client presents now (the SDK's renewer swaps it when it renews).
+	current := httpClient.Transport.(*http.Transport).TLSClientConfig.GetClientCertificate
 	failed := false
 	for i := 0; i < *count; i++ {
 		if i > 0 {
 			time.Sleep(*every)
 		}
+		own, err := current(&tls.CertificateRequestInfo{})
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "stepsdk: certificate: %v\n", err)
+			os.Exit(1)
+		}
+		ownSerial := own.Leaf.SerialNumber.String()
 		httpClient.CloseIdleConnections() // a new handshake each time, as a new caller makes
 		resp, err := httpClient.Get(url)
 		if err != nil {
-			emit(map[string]any{"error": err.Error()})
+			emit(map[string]any{"error": err.Error(), "ownSerial": ownSerial})
 			failed = true
 			continue
 		}
@@ -208,6 +217,7 @@ func client(args []string) {
 			"serverSerial": resp.TLS.PeerCertificates[0].SerialNumber.String(),
 			"serverRoot":   rootOf(resp.TLS.VerifiedChains),
 			"clientSerial": resp.Header.Get("Client-Serial"),
+			"ownSerial":    ownSerial,
 		})
 	}
 	if failed {
