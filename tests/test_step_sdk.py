@@ -10,6 +10,7 @@ tutorial does. Every test runs on both CAs; the CA is the only difference.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -19,17 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from cryptography.x509.oid import NameOID
 
+import federatls
 from federatls._errors import CARefusedError
 from federatls._keys import KeyType, build_csr, new_private_key
 from federatls._protocol import SignRequest
 from federatls._token import Token
+from federatls.integrations import streams
 
-from harness import PASSWORD, PKI, federatls, go_build, make_pki, serving, stepca_process
+from harness import PASSWORD, PKI, go_build, make_pki, serving, stepca_process
+from harness import federatls as federatls_cli
 
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
@@ -76,7 +81,7 @@ def lines(result: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:
 
 async def cli_token(pki: PKI, subject: str) -> str:
     """A token from ``federatls ca token``, as the tutorial takes one from ``step ca token``."""
-    run = await federatls(
+    run = await federatls_cli(
         "ca",
         "token",
         subject,
@@ -322,3 +327,102 @@ async def test_sdk_renewal_picks_up_federation_without_restart(
         assert accepted["clientSerial"] == accepted["ownSerial"]
     # The client renewed as well: it presented a new certificate before the end.
     assert answers[0]["ownSerial"] != answers[-1]["ownSerial"]
+
+
+# federatls workloads and step SDK workloads, across two CAs ---------------------------------
+@contextlib.asynccontextmanager
+async def python_server(identity: federatls.Identity) -> AsyncIterator[tuple[str, list[str]]]:
+    """A federatls asyncio-streams server on 127.0.0.1 (mutual TLS, trusting the federation)
+    that answers as the tutorial's server does. Yields its URL and the peers it served."""
+    served: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = identity.peer(writer)
+        served.append(str(peer))
+        root = peer.anchor.common_name if peer.anchor else "?"
+        body = f"Hello {peer.common_name} (cert issued by '{root}')\n".encode()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await streams.start_server(identity, answer, "127.0.0.1", 0)
+    async with server:
+        host, port = server.sockets[0].getsockname()[:2]
+        yield f"https://{host}:{port}/", served
+
+
+@pytest.mark.parametrize("federated", [True, False], ids=["federated", "not-federated"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_go_sdk_client_calls_python_server(
+    kind: str, federated: bool, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A federatls server enrolled with 'cloud' (``federatls.bootstrap``) and a Go client
+    enrolled with 'kubernetes' through step's SDK: the Python server accepts the Go client
+    through cloud's /federation; without kubernetes' root there (the twin) it refuses it."""
+    cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    kubernetes.federate(cloud)
+    if federated:
+        cloud.federate(kubernetes)
+    cas = CAs(kind, request)
+    async with cas.serve(cloud), cas.serve(kubernetes):
+        identity = await federatls.bootstrap(cloud.token("127.0.0.1"))
+        client_token = kubernetes.token("sdk_client")
+        async with python_server(identity) as (url, served):
+            client = await sdk(step_sdk, "client", url, stdin=client_token)
+    [answer] = lines(client)
+    if federated:
+        assert client.returncode == 0, client.stderr.decode()
+        assert answer["status"] == 200
+        assert answer["body"] == f"Hello sdk_client (cert issued by '{_root_cn(kubernetes)}')"
+        assert answer["server"] == "127.0.0.1"
+        assert answer["serverRoot"] == _root_cn(cloud)
+        [peer] = served
+        assert peer.startswith("sdk_client [sdk_client] anchored in ")
+    else:
+        # The server refused the handshake: its handler never ran. asyncio's TLS drops the
+        # connection without sending OpenSSL's alert, so Go sees the connection end (reset
+        # or EOF), not the reason; the Go client did accept the server's certificate.
+        assert client.returncode == 1
+        assert served == []
+        assert "error" in answer
+        assert "unknown authority" not in answer["error"]
+
+
+@pytest.mark.parametrize("federated", [True, False], ids=["federated", "not-federated"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_python_client_calls_go_sdk_server(
+    kind: str, federated: bool, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A Go server enrolled with 'cloud' through step's SDK and a federatls client (httpx)
+    enrolled with 'kubernetes': the client trusts the Go server through kubernetes'
+    /federation; without cloud's root there (the twin) it refuses the server."""
+    cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    cloud.federate(kubernetes)
+    if federated:
+        kubernetes.federate(cloud)
+    cas = CAs(kind, request)
+    async with cas.serve(cloud), cas.serve(kubernetes):
+        server_token = cloud.token("127.0.0.1")
+        identity = await federatls.bootstrap(kubernetes.token("py_client"))
+        async with (
+            sdk_server(step_sdk, server_token) as (url, _),
+            httpx.AsyncClient(verify=identity.client_context()) as http,
+        ):
+            if federated:
+                response = await http.get(url)
+                assert response.status_code == 200
+                assert (
+                    response.text == f"Hello py_client (cert issued by '{_root_cn(kubernetes)}')\n"
+                )
+                peer = identity.peer(response)
+                assert peer.common_name == "127.0.0.1"
+                assert peer.anchor is not None
+                assert peer.anchor.common_name == _root_cn(cloud)
+            else:
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await http.get(url)
