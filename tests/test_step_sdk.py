@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -28,12 +29,22 @@ from cryptography.x509.oid import NameOID
 
 import federatls
 from federatls._errors import CARefusedError
+from federatls._jwk import ProvisionerKey
 from federatls._keys import KeyType, build_csr, new_private_key
 from federatls._protocol import SignRequest
 from federatls._token import Token
+from federatls._x509 import load_pem_certificate
 from federatls.integrations import streams
 
-from harness import PASSWORD, PKI, go_build, make_pki, serving, stepca_process
+from harness import (
+    PASSWORD,
+    PKI,
+    assert_one_line_error,
+    go_build,
+    make_pki,
+    serving,
+    stepca_process,
+)
 from harness import federatls as federatls_cli
 
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
@@ -426,3 +437,89 @@ async def test_python_client_calls_go_sdk_server(
             else:
                 with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                     await http.get(url)
+
+
+# A PKI made by step's own `step ca init` code ------------------------------------------------
+@pytest.fixture(scope="session")
+def step_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The program that makes a PKI with the library `step ca init` calls."""
+    return go_build("stepinit", tmp_path_factory.mktemp("stepinit"), debian_sources=True)
+
+
+async def step_made_pki(binary: Path, base: Path, name: str) -> PKI:
+    """A PKI as `step ca init` makes it (legacy-encrypted PEM keys, step's ca.json with
+    ``"federatedRoots": null``, templates, defaults.json), with the harness's password."""
+    home = base / name
+    made = await anyio.run_process(
+        [str(binary), name, "127.0.0.1,localhost", "127.0.0.1:0", "admin"],
+        input=PASSWORD + b"\n",
+        env={**os.environ, "STEPPATH": str(home)},
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr.decode()
+    paths = json.loads(made.stdout.decode().splitlines()[-1])
+    config = json.loads(Path(paths["config"]).read_text())
+    [prov] = config["authority"]["provisioners"]
+    password_file = base / f"{name}.password"
+    password_file.write_bytes(PASSWORD + b"\n")
+    root_path = Path(paths["root"])
+    pki = PKI(
+        name=name,
+        directory=home,
+        config=Path(paths["config"]),
+        root_path=root_path,
+        root=load_pem_certificate(root_path.read_bytes()),
+        provisioner=prov["name"],
+        key=ProvisionerKey.decrypt(prov["encryptedKey"], PASSWORD),
+        password_file=password_file,
+    )
+    assert pki.fingerprint == paths["fingerprint"]
+    return pki
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_pki_made_by_step_ca_init(
+    kind: str, step_init: Path, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The federatls CA serves a directory `step ca init`'s code made, as step-ca does:
+    it opens step's encrypted intermediate key with the password, ``federatls ca token``
+    opens step's provisioner key, and a workload enrols (``federatls.bootstrap``) and renews;
+    step's SDK mints a token from it too. A token signed by another CA's provisioner key is
+    refused (the twin)."""
+    pki = await step_made_pki(step_init, tmp_path, "stepmade")
+    stranger = make_pki(tmp_path, "stranger")
+    intermediate = load_pem_certificate(
+        (pki.directory / "certs" / "intermediate_ca.crt").read_bytes()
+    )
+    async with CAs(kind, request).serve(pki):
+        identity = await federatls.bootstrap(await cli_token(pki, "svc.internal"))
+        assert identity.chain[1] == intermediate
+        assert [r.fingerprint for r in identity.trust.roots] == [pki.fingerprint]
+        chain, key = await pki.enroll("renew.internal")
+        async with pki.client(identity=(chain, key)) as ca:
+            renewed = await ca.renew()
+        assert renewed.chain[0].serial_number != chain[0].serial_number
+        assert renewed.chain[0].subject == chain[0].subject
+        assert renewed.chain[1] == intermediate
+        args = ("token", pki.url, str(pki.root_path), pki.provisioner, "", "sdk.internal")
+        minted = await sdk(step_sdk, *args, stdin=PASSWORD.decode())
+        assert minted.returncode == 0, minted.stderr.decode()
+        sdk_identity = await federatls.bootstrap(minted.stdout.decode().strip())
+        assert sdk_identity.certificate.issuer == intermediate.subject
+        # Signed by another CA's provisioner key, under this provisioner's kid.
+        forged = pki.forge(pki.claims("svc.internal"), key=stranger.key, kid=pki.key.kid)
+        with pytest.raises(CARefusedError) as refused:
+            await federatls.bootstrap(forged)
+    assert refused.value.status == 401
+
+
+async def test_a_pki_made_by_step_ca_init_needs_its_password(
+    step_init: Path, tmp_path: Path
+) -> None:
+    """Twin: with another password, ``federatls ca serve`` cannot open step's encrypted
+    intermediate key and says so in one line, without serving."""
+    pki = await step_made_pki(step_init, tmp_path, "stepmade")
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not the password\n")
+    run = await federatls_cli("ca", "serve", pki.config, "--password-file", wrong)
+    assert_one_line_error(run, "cannot decrypt intermediate key", "wrong password")
