@@ -190,7 +190,7 @@ def _root_cn(pki: PKI) -> str:
 
 
 async def _tutorial(
-    kind: str,
+    kind: str | tuple[str, str],
     request: pytest.FixtureRequest,
     tmp_path: Path,
     step_sdk: Path,
@@ -201,15 +201,19 @@ async def _tutorial(
     client_flags: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes], PKI, PKI]:
     """The tutorial: a server enrolled with 'cloud' (token for 127.0.0.1), a client enrolled
-    with 'kubernetes' (token for sdk_client), tokens from ``federatls ca token``. Returns
-    the server's 'listening' line and the finished client."""
+    with 'kubernetes' (token for sdk_client), tokens from ``federatls ca token``. ``kind``
+    serves both CAs, or is the pair (cloud's, kubernetes'). Returns the server's
+    'listening' line and the finished client."""
     cloud, kubernetes = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
     if cloud_federates:
         cloud.federate(kubernetes)
     if kubernetes_federates:
         kubernetes.federate(cloud)
-    cas = CAs(kind, request)
-    async with cas.serve(cloud), cas.serve(kubernetes):
+    cloud_kind, kubernetes_kind = (kind, kind) if isinstance(kind, str) else kind
+    async with (
+        CAs(cloud_kind, request).serve(cloud),
+        CAs(kubernetes_kind, request).serve(kubernetes),
+    ):
         server_token = await cli_token(cloud, "127.0.0.1")
         client_token = await cli_token(kubernetes, "sdk_client")
         async with sdk_server(step_sdk, server_token, *server_flags) as (url, listening):
@@ -235,6 +239,43 @@ async def test_tutorial_server_and_client_trust_each_other(
     assert answer["server"] == "127.0.0.1"
     assert answer["serverRoot"] == _root_cn(cloud)
     assert answer["serverSerial"] == listening["serial"]
+
+
+@pytest.mark.parametrize("federated", [True, False], ids=["federated", "not-federated"])
+@pytest.mark.parametrize(
+    "kinds",
+    [("step-ca", "federatls"), ("federatls", "step-ca")],
+    ids=["cloud-is-step-ca", "kubernetes-is-step-ca"],
+)
+async def test_tutorial_across_step_ca_and_federatls_ca(
+    kinds: tuple[str, str],
+    federated: bool,
+    step_sdk: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """One CA is step-ca, the other the federatls CA: each lists the other's root in
+    ``federatedRoots`` and the tutorial works across them, in both arrangements. Without
+    federation (the twin) the client refuses the server."""
+    listening, client, cloud, kubernetes = await _tutorial(
+        kinds,
+        request,
+        tmp_path,
+        step_sdk,
+        cloud_federates=federated,
+        kubernetes_federates=federated,
+    )
+    if federated:
+        assert sorted(listening["accepts"]) == sorted([_root_cn(cloud), _root_cn(kubernetes)])
+        assert client.returncode == 0, client.stderr.decode()
+        [answer] = lines(client)
+        assert answer["body"] == f"Hello sdk_client (cert issued by '{_root_cn(kubernetes)}')"
+        assert answer["serverRoot"] == _root_cn(cloud)
+    else:
+        assert listening["accepts"] == [_root_cn(cloud)]
+        assert client.returncode == 1
+        [answer] = lines(client)
+        assert "certificate signed by unknown authority" in answer["error"]
 
 
 # (cloud federates, kubernetes federates, server flags, client flags) -> who refuses whom
