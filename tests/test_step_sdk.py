@@ -1,11 +1,14 @@
-"""step's own Go SDK against the federatls CA, with the real step-ca as the reference.
+"""step's own Go code against the federatls CA, with the real step-ca as the reference.
 
 ``tests/stepsdk/main.go`` calls ``github.com/smallstep/certificates/ca``, the library that
 step's clients and the federation tutorial's demo server and client are built on, as Debian
 packages it (the sources step-ca is built from). Nothing in it is ours: it mints tokens with
 ``ca.NewProvisioner`` as ``step ca token`` does, and enrols a server and a client with
 ``ca.BootstrapServer`` and ``ca.BootstrapClient``, trusting ``/federation``, as the
-tutorial does. Every test runs on both CAs; the CA is the only difference.
+tutorial does. ``tests/stepinit/main.go`` makes a PKI with the library ``step ca init``
+calls. Each test runs on the federatls CA and on step-ca, so that the CA is the only
+difference; one also federates a step-ca with a federatls CA, and federatls workloads talk
+to the SDK's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +68,7 @@ class CAs:
     def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
         self.kind = kind
         self._request = request
-        self._reloads: dict[str, Any] = {}
+        self._reloads: dict[str, Callable[[], object]] = {}
 
     @contextlib.asynccontextmanager
     async def serve(self, pki: PKI) -> AsyncIterator[PKI]:
