@@ -186,6 +186,73 @@ async def test_sdk_token_needs_the_provisioner_password(
     assert "not found (or your password is wrong)" in minted.stderr.decode()
 
 
+# step's typed client ---------------------------------------------------------------------------
+API_STEPS = ["bootstrap", "health", "root", "version", "provisioners", "roots", "federation"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sdk_client_walks_the_lifecycle(
+    kind: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """step's ``ca.Client`` decodes every answer into step's own types: bootstrap by the
+    token's fingerprint, the public reads, sign, renew, rekey with a new key and revoke over
+    mutual TLS; the renewal of the revoked certificate is refused with step-ca's 401 and
+    message, which the SDK reads back (the twin of the renewal)."""
+    pki = make_pki(tmp_path, "cloud")
+    async with CAs(kind, request).serve(pki):
+        run = await sdk(step_sdk, "api", stdin=pki.token("api.internal"))
+    steps = lines(run)
+    assert run.returncode == 1, run.stderr.decode()
+    assert [s["step"] for s in steps] == [
+        *API_STEPS,
+        "sign",
+        "renew",
+        "rekey",
+        "revoke",
+        "renew-revoked",
+    ]
+    got = {s["step"]: s for s in steps}
+    assert got["bootstrap"]["fingerprint"] == pki.fingerprint
+    assert got["health"]["status"] == "ok"
+    assert got["root"]["subject"] == _root_cn(pki)
+    assert got["version"]["requireClientAuthentication"] is False
+    assert got["provisioners"] == {
+        "step": "provisioners",
+        "names": [pki.provisioner],
+        "nextCursor": "",
+    }
+    assert got["roots"]["count"] == got["federation"]["count"] == 1
+    assert got["sign"]["subject"] == "api.internal"
+    assert got["sign"]["chain"] == 2
+    assert got["sign"]["tlsOptions"] is True
+    serials = [got[s]["serial"] for s in ("sign", "renew", "rekey")]
+    assert len(set(serials)) == 3
+    assert got["revoke"]["status"] == "ok"
+    refused = got["renew-revoked"]
+    assert "serial" not in refused, refused  # no certificate for a revoked one
+    assert refused["status"] == 401
+    assert refused["message"] == (
+        "The request lacked necessary authorization to be completed. "
+        "Please see the certificate authority logs for more info."
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sdk_client_refuses_a_replayed_token(
+    kind: str, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Twin: the second walk with the same token stops at the sign, 401."""
+    pki = make_pki(tmp_path, "cloud")
+    async with CAs(kind, request).serve(pki):
+        token = pki.token("api.internal")
+        first = await sdk(step_sdk, "api", stdin=token)
+        again = await sdk(step_sdk, "api", stdin=token)
+    assert [s["step"] for s in lines(first)][-1] == "renew-revoked"
+    steps = lines(again)
+    assert [s["step"] for s in steps] == [*API_STEPS, "sign"]
+    assert steps[-1]["status"] == 401
+
+
 # The federation tutorial with step's SDK -----------------------------------------------------
 def _root_cn(pki: PKI) -> str:
     [cn] = pki.root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

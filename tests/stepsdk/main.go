@@ -8,6 +8,7 @@
 //	stepsdk token CA_URL ROOT_FILE PROVISIONER KID SUBJECT [SAN...] < PASSWORD
 //	stepsdk server [-own-roots] < TOKEN
 //	stepsdk client [-own-roots] [-count N] [-every DURATION] URL < TOKEN
+//	stepsdk api < TOKEN
 //
 // token: ca.NewProvisioner fetches the provisioner's encrypted key from the CA (by name
 // through /provisioners when KID is "", by kid through /provisioners/{kid}/encrypted-key
@@ -28,6 +29,14 @@
 // error, the serial number of the certificate it presented and, from the answer, the
 // serial numbers the server presented and saw) and exits with status 1 if any failed.
 //
+// api: step's typed client (ca.Client) bootstraps from the token (the root by its
+// fingerprint), reads /health, /root/{sha}, /version, /provisioners, /roots and /federation,
+// signs a CSR made from the token (ca.CreateSignRequest), renews over mutual TLS, rekeys with
+// a new key, revokes the rekeyed certificate over mutual TLS (passive) and tries to renew it.
+// It prints one JSON line per step; a step that fails prints its error, with the CA's status
+// and message when the CA refused, and ends the program with status 1. The last step, the
+// renewal of the revoked certificate, must fail.
+//
 // The SDK renews the certificate at about two thirds of its lifetime, and fetches the roots
 // again when it does. Tokens and passwords come on standard input, never in a file or on
 // the command line. Usage errors print one line on stderr and exit with status 2.
@@ -36,11 +45,13 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -50,7 +61,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smallstep/certificates/api"
 	"github.com/smallstep/certificates/ca"
+	"github.com/smallstep/certificates/errs"
 )
 
 func usage(format string, args ...any) {
@@ -225,9 +238,141 @@ func client(args []string) {
 	}
 }
 
+// withCert is an HTTP transport that presents a certificate and trusts the CA's root, as
+// step's commands build one from a certificate and its key to renew, rekey or revoke.
+func withCert(client *ca.Client, cert *tls.Certificate) *http.Transport {
+	return &http.Transport{TLSClientConfig: &tls.Config{
+		Certificates: []tls.Certificate{*cert},
+		RootCAs:      client.GetRootCAs(),
+		MinVersion:   tls.VersionTLS12,
+	}}
+}
+
+// certificate is the leaf of a sign answer with a key, or the end of the program.
+func certificate(step string, sign *api.SignResponse, key crypto.PrivateKey) *tls.Certificate {
+	cert, err := ca.TLSCertificate(sign, key)
+	if err != nil {
+		failStep(step, err)
+	}
+	return cert
+}
+
+// failStep prints a step's error (with the CA's status when the CA refused) and exits 1.
+func failStep(step string, err error) {
+	line := map[string]any{"step": step, "error": err.Error()}
+	var refusal *errs.Error
+	if errors.As(err, &refusal) {
+		line["status"] = refusal.StatusCode()
+		line["message"] = refusal.Message()
+	}
+	emit(line)
+	os.Exit(1)
+}
+
+func serial(sign *api.SignResponse) string {
+	return sign.ServerPEM.SerialNumber.String()
+}
+
+// apiCalls walks step's typed client (ca.Client) through what step's commands do with it:
+// bootstrap from the token, the public reads, sign, renew, rekey and revoke over mutual TLS,
+// then a renewal of the revoked certificate, which must fail.
+func apiCalls(args []string) {
+	if len(args) != 0 {
+		usage("api < TOKEN")
+	}
+	token := secret()
+	client, err := ca.Bootstrap(token) // GET /root/{sha} over an unverified connection
+	if err != nil {
+		failStep("bootstrap", err)
+	}
+	fingerprint, err := client.RootFingerprint()
+	if err != nil {
+		failStep("bootstrap", err)
+	}
+	emit(map[string]any{"step": "bootstrap", "fingerprint": fingerprint})
+	health, err := client.Health()
+	if err != nil {
+		failStep("health", err)
+	}
+	emit(map[string]any{"step": "health", "status": health.Status})
+	root, err := client.Root(fingerprint)
+	if err != nil {
+		failStep("root", err)
+	}
+	emit(map[string]any{"step": "root", "subject": root.RootPEM.Subject.CommonName})
+	version, err := client.Version()
+	if err != nil {
+		failStep("version", err)
+	}
+	emit(map[string]any{
+		"step": "version", "version": version.Version,
+		"requireClientAuthentication": version.RequireClientAuthentication,
+	})
+	provisioners, err := client.Provisioners()
+	if err != nil {
+		failStep("provisioners", err)
+	}
+	names := []string{}
+	for _, p := range provisioners.Provisioners {
+		names = append(names, p.GetName())
+	}
+	emit(map[string]any{"step": "provisioners", "names": names, "nextCursor": provisioners.NextCursor})
+	roots, err := client.Roots()
+	if err != nil {
+		failStep("roots", err)
+	}
+	emit(map[string]any{"step": "roots", "count": len(roots.Certificates)})
+	federation, err := client.Federation()
+	if err != nil {
+		failStep("federation", err)
+	}
+	emit(map[string]any{"step": "federation", "count": len(federation.Certificates)})
+
+	request, key, err := ca.CreateSignRequest(token)
+	if err != nil {
+		failStep("sign", err)
+	}
+	signed, err := client.Sign(request)
+	if err != nil {
+		failStep("sign", err)
+	}
+	emit(map[string]any{
+		"step": "sign", "serial": serial(signed), "subject": signed.ServerPEM.Subject.CommonName,
+		"chain": len(signed.CertChainPEM), "tlsOptions": signed.TLSOptions != nil,
+	})
+	renewed, err := client.Renew(withCert(client, certificate("renew", signed, key)))
+	if err != nil {
+		failStep("renew", err)
+	}
+	emit(map[string]any{"step": "renew", "serial": serial(renewed)})
+	csr, newKey, err := ca.CreateCertificateRequest(signed.ServerPEM.Subject.CommonName)
+	if err != nil {
+		failStep("rekey", err)
+	}
+	rekeyed, err := client.Rekey(&api.RekeyRequest{CsrPEM: *csr},
+		withCert(client, certificate("rekey", renewed, key)))
+	if err != nil {
+		failStep("rekey", err)
+	}
+	emit(map[string]any{"step": "rekey", "serial": serial(rekeyed)})
+	current := certificate("revoke", rekeyed, newKey)
+	revoked, err := client.Revoke(&api.RevokeRequest{Serial: serial(rekeyed), Passive: true},
+		withCert(client, current))
+	if err != nil {
+		failStep("revoke", err)
+	}
+	emit(map[string]any{"step": "revoke", "status": revoked.Status})
+	again, err := client.Renew(withCert(client, current))
+	if err == nil {
+		emit(map[string]any{"step": "renew-revoked", "serial": serial(again)})
+		os.Exit(1)
+	}
+	failStep("renew-revoked", err)
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		usage("token|server|client ...")
+		usage("token|server|client|api ...")
 	}
 	switch os.Args[1] {
 	case "token":
@@ -236,7 +381,9 @@ func main() {
 		server(os.Args[2:])
 	case "client":
 		client(os.Args[2:])
+	case "api":
+		apiCalls(os.Args[2:])
 	default:
-		usage("unknown command %q: token, server or client", os.Args[1])
+		usage("unknown command %q: token, server, client or api", os.Args[1])
 	}
 }
