@@ -594,7 +594,8 @@ async def test_a_pki_made_by_step_ca_init(
 ) -> None:
     """The federatls CA serves a directory `step ca init`'s code made, as step-ca does:
     it opens step's encrypted intermediate key with the password, ``federatls ca token``
-    opens step's provisioner key, and a workload enrols (``federatls.bootstrap``) and renews;
+    opens step's provisioner key (from the CA, and offline from step's ca.json), and a
+    workload enrols (``federatls.bootstrap``) and renews;
     step's SDK mints a token from it too. A token signed by another CA's provisioner key is
     refused (the twin)."""
     pki = await step_made_pki(step_init, tmp_path, "stepmade")
@@ -617,6 +618,21 @@ async def test_a_pki_made_by_step_ca_init(
         assert minted.returncode == 0, minted.stderr.decode()
         sdk_identity = await federatls.bootstrap(minted.stdout.decode().strip())
         assert sdk_identity.certificate.issuer == intermediate.subject
+        # Minted offline from step's ca.json, as `step ca token --offline` mints.
+        offline = await federatls_cli(
+            "ca",
+            "token",
+            "offline.internal",
+            "--offline",
+            pki.config,
+            "--ca-url",
+            pki.url,
+            "--password-file",
+            pki.password_file,
+        )
+        assert offline.code == 0, offline.err
+        offline_identity = await federatls.bootstrap(offline.out.strip())
+        assert offline_identity.certificate.issuer == intermediate.subject
         # Signed by another CA's provisioner key, under this provisioner's kid.
         forged = pki.forge(pki.claims("svc.internal"), key=stranger.key, kid=pki.key.kid)
         with pytest.raises(CARefusedError) as refused:
