@@ -29,6 +29,11 @@ async def test_demo_runs_the_whole_tutorial() -> None:
     out = run.out
     assert "curl: (" in out  # step 3: curl refused without federation
     assert "refused, as expected" in out
+    # The server logs why: the client's certificate does not chain to its bundle yet.
+    assert (
+        "server | refused a TLS client in the TLS handshake: its certificate failed "
+        "verification (unable to get local issuer certificate)"
+    ) in out
     assert "Now accepting certs anchored in CN=kubernetes Root CA" in out  # live bundle update
     assert "Server responded: Hello sdk_client (cert issued by 'kubernetes Root CA')" in out
     assert "Hello kube_client (cert issued by 'kubernetes Root CA')" in out  # curl, step 6

@@ -481,7 +481,12 @@ async def python_server(identity: federatls.Identity) -> AsyncIterator[tuple[str
 @pytest.mark.parametrize("federated", [True, False], ids=["federated", "not-federated"])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_go_sdk_client_calls_python_server(
-    kind: str, federated: bool, step_sdk: Path, tmp_path: Path, request: pytest.FixtureRequest
+    kind: str,
+    federated: bool,
+    step_sdk: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A federatls server enrolled with 'cloud' (``federatls.bootstrap``) and a Go client
     enrolled with 'kubernetes' through step's SDK: the Python server accepts the Go client
@@ -506,13 +511,18 @@ async def test_go_sdk_client_calls_python_server(
         [peer] = served
         assert peer.startswith("sdk_client [sdk_client] anchored in ")
     else:
-        # The server refused the handshake: its handler never ran. asyncio's TLS drops the
-        # connection without sending OpenSSL's alert, so Go sees the connection end (reset
-        # or EOF), not the reason; the Go client did accept the server's certificate.
+        # The server refused the handshake: its handler never ran, and its log says why.
+        # asyncio's TLS drops the connection without sending OpenSSL's alert, so Go sees
+        # the connection end (reset or EOF), not the reason; the Go client did accept the
+        # server's certificate.
         assert client.returncode == 1
         assert served == []
         assert "error" in answer
         assert "unknown authority" not in answer["error"]
+        assert (
+            "refused a TLS client in the TLS handshake: its certificate failed verification "
+            "(unable to get local issuer certificate)"
+        ) in [r.getMessage() for r in caplog.records if r.name == "federatls.peer"]
 
 
 @pytest.mark.parametrize("federated", [True, False], ids=["federated", "not-federated"])

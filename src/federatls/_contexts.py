@@ -3,10 +3,16 @@ certificate and in-memory key and trusting a bundle of roots. Safe defaults only
 newer, forward-secret AEAD cipher suites, hostname checks on clients, client certificates
 required on servers, no TLS session tickets (a resumed session would skip the certificate
 check against today's roots). Real ``ssl.SSLContext`` objects, nothing faked.
+
+A server context logs every handshake it refuses, with OpenSSL's reason, on the
+``federatls.peer`` logger: asyncio's TLS (under streams, aiohttp and uvicorn) reports a
+failed handshake only in debug mode, and sends the client no alert, so without this line
+nobody would learn why a client was cut off.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Sequence
 from typing import TypeVar
@@ -18,6 +24,8 @@ from ._sslkeys import load_cert_chain_in_memory
 from ._trust import TrustBundle
 
 __all__ = ["new_client_context", "new_server_context"]
+
+log = logging.getLogger("federatls.peer")
 
 # TLS 1.2 suites (TLS 1.3 has only AEAD suites): ECDHE key exchange, AEAD ciphers.
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
@@ -44,6 +52,60 @@ def _base(
     return ctx
 
 
+def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None:
+    """One log line for a server-side handshake that failed with ``exc``: a WARNING when
+    either side refused the other's certificate, INFO for other TLS errors, DEBUG when the
+    client just went away."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        log.warning(
+            "refused %s in the TLS handshake: its certificate failed verification (%s)",
+            peer,
+            exc.verify_message,
+        )
+    elif exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        log.warning("refused %s in the TLS handshake: it sent no certificate", peer)
+    elif exc.reason and exc.reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_")):
+        alert = exc.reason.split("_ALERT_", 1)[1].lower().replace("_", " ")
+        log.warning("%s refused this server in the TLS handshake (alert: %s)", peer, alert)
+    elif isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        log.debug("%s closed the connection during the TLS handshake", peer)
+    else:
+        log.info("TLS handshake with %s failed: %s", peer, exc.reason or exc)
+
+
+class _ServerSSLObject(ssl.SSLObject):
+    """The TLS object asyncio's servers get from a federatls server context: it logs a
+    refused handshake (the peer's address is not known at this level)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            log_refused_handshake(exc)
+            raise
+
+
+class _ServerSSLSocket(ssl.SSLSocket):
+    """The blocking TLS socket of a federatls server context: it logs a refused handshake,
+    with the client's address."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            try:
+                host, port = self.getpeername()[:2]
+                peer = f"the TLS client at {host}:{port}"
+            except OSError:
+                peer = "a TLS client"
+            log_refused_handshake(exc, peer)
+            raise
+
+
 def new_server_context(
     chain: Sequence[x509.Certificate],
     key: PrivateKey,
@@ -59,6 +121,8 @@ def new_server_context(
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
+    ctx.sslobject_class = _ServerSSLObject
+    ctx.sslsocket_class = _ServerSSLSocket
     return ctx
 
 

@@ -261,6 +261,7 @@ async def _steps(demo: Demo, keep: bool) -> None:
     _show(refused.splitlines()[-1] if refused else "(no answer)")
     if "Hello" in refused:
         raise DemoFailed("the server accepted a kubernetes client without federation")
+    await server.wait_for("refused a TLS client", 10)  # the server's log says why
     _show("refused, as expected: the server trusts only the cloud root")
 
     _say(4, "Federation: each CA lists the other's root under federatedRoots, then SIGHUP")
