@@ -361,3 +361,46 @@ async def test_tickets_would_resume_through_the_layer(server: Server) -> None:
         await asyncio.to_thread(again.sendall, b"ping")
         assert await asyncio.to_thread(again.recv, 100) == b"pong"
         assert again.session_reused
+
+
+def _read_answer(tls: ssl.SSLSocket) -> bytes:
+    """One HTTP/1.1 answer with a Content-Length body, read exactly (nothing beyond it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(1)
+        assert chunk, f"the connection ended after {data!r}"
+        data += chunk
+    head = data.decode("latin-1").lower()
+    length = int(head.split("content-length:")[1].split("\r\n")[0])
+    body = b""
+    while len(body) < length:
+        chunk = tls.recv(length - len(body))
+        assert chunk, f"the connection ended after {data + body!r}"
+        body += chunk
+    return data + body
+
+
+def _health_then_end(port: int, context: ssl.SSLContext, close: bool) -> bool:
+    """GET /health with ``Connection: close`` if ``close``, else a keep-alive GET /health and
+    a second one on the same connection with ``Connection: close``. Each must be answered;
+    True if the connection then ended with close_notify."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+        header = b"Connection: close\r\n" if close else b""
+        tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n%s\r\n" % header)
+        assert _read_answer(tls).startswith(b"HTTP/1.1 200 ")
+        if not close:
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert _read_answer(tls).startswith(b"HTTP/1.1 200 ")
+        # A clean end reads as b"" here; a TCP close without close_notify raises SSLEOFError.
+        return tls.recv(4096) == b""
+
+
+async def test_connection_close_ends_with_close_notify(ca: CAServer, pki: PKI) -> None:
+    """A client that asks for ``Connection: close`` (as bootstrapping clients do) gets its
+    answer and then a clean TLS close; a keep-alive client's connection stays open for its
+    next request (the twin: the prompt close applies only when the client asked for it)."""
+    client = ssl.create_default_context(cafile=str(pki.root_path))
+    port = ca.address[1]
+    assert await asyncio.to_thread(_health_then_end, port, client, True)
+    assert await asyncio.to_thread(_health_then_end, port, client, False)

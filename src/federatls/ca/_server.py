@@ -131,6 +131,19 @@ async def _body(request: web.Request) -> bytes:
 
 
 @web.middleware
+async def _close_promptly(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A client that asked for ``Connection: close`` (every bootstrapping client) gets the
+    answer, close_notify and the TCP close in the same turn of the event loop. Left to
+    aiohttp, the close comes a turn later, and the client waits for it to read to the end."""
+    response = await handler(request)
+    if not request.keep_alive and request.transport is not None:
+        await response.prepare(request)
+        await response.write_eof()
+        request.transport.close()
+    return response
+
+
+@web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes step-ca's JSON error body; the specific reason goes to the log."""
     where = f"{request.method} {request.path}"
@@ -201,17 +214,23 @@ async def _encrypted_key(request: web.Request) -> web.Response:
 def _signed(
     authority: Authority, chain: list[x509.Certificate], request: web.Request, what: str
 ) -> web.Response:
-    leaf = chain[0]
-    log.info(
-        "%s %s: serial=%d subject=%s not_after=%s",
-        what,
-        request.path,
-        leaf.serial_number,
-        leaf.subject.rfc4514_string(),
-        leaf.not_valid_after_utc.isoformat(),
-    )
+    # The log line waits for the next turn of the event loop, by when the answer has been
+    # sent and the connection closed: the client does not wait for the CA's bookkeeping.
+    asyncio.get_running_loop().call_soon(_log_signed, what, request.path, chain[0])
     body = SignResponse(tuple(chain), authority.config.tls_options).to_json()
     return _json(body, 201)
+
+
+def _log_signed(what: str, path: str, leaf: x509.Certificate) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "%s %s: serial=%d subject=%s not_after=%s",
+            what,
+            path,
+            leaf.serial_number,
+            leaf.subject.rfc4514_string(),
+            leaf.not_valid_after_utc.isoformat(),
+        )
 
 
 async def _sign(request: web.Request) -> web.Response:
@@ -254,7 +273,7 @@ async def _revoke(request: web.Request) -> web.Response:
 
 def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
     """The aiohttp application: every route under ``/`` and ``/1.0/``."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_close_promptly, _errors], client_max_size=MAX_BODY_BYTES)
     app[_STATE] = _State(authority, clock)
     for prefix in ("", API_PREFIX):
         app.router.add_get(prefix + "/health", _health, allow_head=False)
