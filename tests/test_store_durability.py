@@ -11,10 +11,13 @@ hook on the running CA's connection.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +26,9 @@ from federatls._keys import build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest
 from federatls._token import mint_renew_token
 from federatls.ca import CAServer, SQLiteStore
+from federatls.ca._store import IssuedCertificate, TokenUse, _Checkpointer
 
-from harness import PKI, serving, start_serving
+from harness import PKI, serving, start_serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -161,5 +165,74 @@ async def test_a_killed_ca_keeps_what_it_answered(pki: PKI) -> None:
         assert record.subject == "svc"
         assert store.token_used(claims["jti"])
         assert not store.token_used(pki.claims("svc")["jti"])  # the twin: a token never sent
+    finally:
+        store.close()
+
+
+# --- Checkpoints of the write-ahead log -----------------------------------------------------
+def _record(store: SQLiteStore, count: int) -> None:
+    """``count`` sign commits, each a spent token and a 2 KiB certificate record."""
+    now = datetime.now(UTC)
+    for i in range(count):
+        cert = IssuedCertificate(
+            f"{now.timestamp()}{i}", "svc", ("svc",), now, now, "p", os.urandom(2048)
+        )
+        use = TokenUse(f"jti-{now.timestamp()}-{i}", "p", now + timedelta(minutes=5), now, cert)
+        assert store.record_issuances([use]) == [True]
+
+
+@pytest.mark.parametrize("interval", [0.02, None], ids=["thread", "sqlite-default"])
+async def test_checkpoints_run_in_their_own_thread(tmp_path: Path, interval: float | None) -> None:
+    """The CA's store checkpoints from a thread of its own: 50 commits (under SQLite's
+    1,000-page threshold) reach the database file without another commit. The twin, the
+    default store, checkpoints only inside a commit that crosses the threshold, so the same
+    50 commits stay in the log."""
+    path = tmp_path / "federatls.db"
+    store = SQLiteStore(path, checkpoint_interval=interval)
+    try:
+        empty = path.stat().st_size
+        automatic = store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        assert automatic == (1000 if interval is None else 0)  # 0: no checkpoint in a commit
+        _record(store, 50)
+        if interval is None:
+            await asyncio.sleep(0.2)  # ten of the other store's checkpoint intervals
+            assert path.stat().st_size == empty
+        else:
+            await wait_until(lambda: path.stat().st_size > empty + 50 * 2048)
+            assert store._checkpointer is not None
+            assert store._checkpointer.checkpoints >= 1
+    finally:
+        store.close()
+    assert not (tmp_path / "federatls.db-wal").exists()  # the last connection cleaned up
+    reopened = SQLiteStore(path)
+    try:
+        assert reopened.counts()["certificates"] == 50
+    finally:
+        reopened.close()
+
+
+async def test_a_grown_log_is_truncated(tmp_path: Path) -> None:
+    """When the log has grown past its limit (commits so frequent that no passive
+    checkpoint completed), the checkpointer truncates it to nothing; below the limit it
+    keeps the file for reuse (the twin)."""
+    path = tmp_path / "federatls.db"
+    wal = tmp_path / "federatls.db-wal"
+    store = SQLiteStore(path)  # SQLite's own checkpoints: none within 20 commits
+    try:
+        _record(store, 20)
+        grown = wal.stat().st_size
+        keeper = _Checkpointer(path, 0.02, max_wal_bytes=grown + 1)
+        try:
+            await wait_until(lambda: keeper.checkpoints >= 2)
+            assert wal.stat().st_size == grown  # passive: copied back, file kept
+        finally:
+            keeper.stop()
+        truncator = _Checkpointer(path, 0.02, max_wal_bytes=grown - 1)
+        try:
+            await wait_until(lambda: wal.stat().st_size == 0)
+        finally:
+            truncator.stop()
+        _record(store, 1)  # the store goes on writing into the truncated log
+        assert store.counts()["certificates"] == 21
     finally:
         store.close()

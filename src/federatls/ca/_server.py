@@ -51,6 +51,7 @@ from ._tlsconn import TLSServerConnection
 __all__ = ["CAServer", "serve"]
 
 log = logging.getLogger("federatls.ca")
+CHECKPOINT_INTERVAL = 0.1  # seconds between checkpoints of the database's write-ahead log
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -366,7 +367,7 @@ class CAServer:
         config = CAConfig.load(self.config_path)
         material = load_material(config, self._password)
         if self._store is None:
-            self._store = SQLiteStore(config.store_path)
+            self._store = SQLiteStore(config.store_path, checkpoint_interval=CHECKPOINT_INTERVAL)
             self._store.prune(self.clock())
         elif self._store.path != config.store_path:
             raise ConfigError("the database location cannot change on reload")

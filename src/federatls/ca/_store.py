@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,8 @@ from typing import Protocol
 from .._errors import ConfigError
 
 __all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store", "TokenUse"]
+
+log = logging.getLogger("federatls.ca")
 
 
 @dataclass(frozen=True)
@@ -139,9 +142,15 @@ class SQLiteStore:
     """The embedded store: one SQLite file in WAL mode. A commit reaches the operating
     system before the CA answers, so it survives the CA process crashing or being killed;
     commits that must also survive a power cut (revocations, ``durable`` token uses) are
-    synced to disk first (``synchronous=FULL`` for that transaction, NORMAL otherwise)."""
+    synced to disk first (``synchronous=FULL`` for that transaction, NORMAL otherwise).
 
-    def __init__(self, path: Path | str) -> None:
+    Checkpoints (copying the write-ahead log back into the database file) run in a thread
+    of their own, every ``checkpoint_interval`` seconds, instead of inside whichever commit
+    crosses SQLite's threshold: a checkpoint takes milliseconds, and a commit on the CA's
+    event loop holds up every connection. ``checkpoint_interval=None`` leaves checkpoints
+    to SQLite (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
+
+    def __init__(self, path: Path | str, *, checkpoint_interval: float | None = None) -> None:
         self.path = Path(path)
         try:
             conn = sqlite3.connect(
@@ -154,6 +163,8 @@ class SQLiteStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            if checkpoint_interval is not None:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
                 raise ConfigError(
@@ -165,6 +176,11 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
+        self._checkpointer = (
+            _Checkpointer(self.path, checkpoint_interval)
+            if checkpoint_interval is not None
+            else None
+        )
 
     def prune(self, now: datetime) -> int:
         """Forget used token ids whose tokens expired long ago; returns how many."""
@@ -285,5 +301,48 @@ class SQLiteStore:
             }
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._lock:
-            self._conn.close()
+            self._conn.close()  # the last connection checkpoints and removes the log
+
+
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the write-ahead log: PASSIVE every
+    ``interval`` seconds (it copies what it can and never waits for the CA's commits), and
+    TRUNCATE, which waits for a commit in progress, when the log has grown past
+    ``max_wal_bytes`` anyway (commits so frequent that no passive checkpoint finished)."""
+
+    def __init__(self, path: Path, interval: float, max_wal_bytes: int = 64 << 20) -> None:
+        self._path = path
+        self._wal = path.with_name(path.name + "-wal")
+        self._interval = interval
+        self._max_wal_bytes = max_wal_bytes
+        self._stopping = threading.Event()
+        self.checkpoints = 0  # completed checkpoint calls, for tests
+        self._thread = threading.Thread(
+            target=self._run, name=f"checkpoint {path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        try:
+            while not self._stopping.wait(self._interval):
+                try:
+                    size = self._wal.stat().st_size
+                except FileNotFoundError:
+                    continue
+                mode = "TRUNCATE" if size > self._max_wal_bytes else "PASSIVE"
+                try:
+                    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                except sqlite3.Error as exc:  # busy or I/O: the next turn tries again
+                    log.warning("checkpoint of %s failed: %s", self._path, exc)
+                    continue
+                self.checkpoints += 1
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
