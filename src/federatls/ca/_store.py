@@ -309,8 +309,8 @@ class SQLiteStore:
 
 class _Checkpointer:
     """A thread with its own connection that checkpoints the write-ahead log: PASSIVE every
-    ``interval`` seconds (it copies what it can and never waits for the CA's commits), and
-    TRUNCATE, which waits for a commit in progress, when the log has grown past
+    ``interval`` seconds (it copies what it can and never holds up the CA's commits), and
+    TRUNCATE, which holds them up while it runs, when the log has grown past
     ``max_wal_bytes`` anyway (commits so frequent that no passive checkpoint finished)."""
 
     def __init__(self, path: Path, interval: float, max_wal_bytes: int = 64 << 20) -> None:
