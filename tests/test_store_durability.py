@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,3 +238,37 @@ async def test_a_grown_log_is_truncated(tmp_path: Path) -> None:
         assert store.counts()["certificates"] == 21
     finally:
         store.close()
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        return False
+    return subprocess.run([chattr, flag, str(path)], capture_output=True).returncode == 0
+
+
+async def test_a_failing_checkpoint_is_logged_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint that cannot write the database file (made immutable here) is logged
+    once, not every interval, and the commits go on into the log; once the file is
+    writable again the next checkpoint succeeds, says so and copies them back."""
+    path = tmp_path / "federatls.db"
+    store = SQLiteStore(path, checkpoint_interval=0.02)
+    try:
+        if not _chattr("+i", path):
+            pytest.skip("chattr +i is not available here (needs root on ext2/3/4)")
+        try:
+            empty = path.stat().st_size
+            _record(store, 20)
+            await wait_until(lambda: "failed, retrying" in caplog.text)
+            await asyncio.sleep(0.2)  # ten more intervals, all failing
+            assert caplog.text.count("failed, retrying") == 1
+            assert path.stat().st_size == empty
+        finally:
+            assert _chattr("-i", path)
+        await wait_until(lambda: "works again" in caplog.text)
+        await wait_until(lambda: path.stat().st_size > empty + 20 * 2048)
+    finally:
+        store.close()
+    assert caplog.text.count("failed, retrying") == 1

@@ -327,6 +327,7 @@ class _Checkpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        failing = False  # one warning per run of failures, not one every interval
         try:
             while not self._stopping.wait(self._interval):
                 try:
@@ -336,9 +337,14 @@ class _Checkpointer:
                 mode = "TRUNCATE" if size > self._max_wal_bytes else "PASSIVE"
                 try:
                     conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-                except sqlite3.Error as exc:  # busy or I/O: the next turn tries again
-                    log.warning("checkpoint of %s failed: %s", self._path, exc)
+                except sqlite3.Error as exc:  # I/O, for instance: the next turn tries again
+                    if not failing:
+                        log.warning("checkpoint of %s failed, retrying: %s", self._path, exc)
+                    failing = True
                     continue
+                if failing:
+                    log.warning("checkpoint of %s works again", self._path)
+                    failing = False
                 self.checkpoints += 1
         finally:
             conn.close()
