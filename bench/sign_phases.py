@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import ssl
 import statistics
 import sys
@@ -135,9 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.blocks < 1 or args.per_block < 1:
         print("--blocks and --per-block must be at least 1", file=sys.stderr)
         return 2
-    stepca = shutil.which(args.stepca) or args.stepca
-    if not os.access(stepca, os.X_OK):
-        print(f"step-ca not found at {stepca}: build it or pass --stepca", file=sys.stderr)
+    stepca = st.find_stepca(args.stepca)
+    if stepca is None:
         return 2
     extra: list[tuple[str, Path]] = []
     for spec in args.compare:

@@ -109,6 +109,16 @@ class CA:
         return self.directory / "password"
 
 
+def find_stepca(path: str) -> str | None:
+    """The step-ca executable ``--stepca`` names (a path or a name on PATH); None, after a
+    one-line message, if there is none."""
+    stepca = shutil.which(path) or path
+    if not os.access(stepca, os.X_OK):
+        print(f"step-ca not found at {stepca}: build it or pass --stepca", file=sys.stderr)
+        return None
+    return stepca
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (step-ca needs a fixed one)."""
     with socket.socket() as s:
@@ -622,9 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
         return 2
-    stepca = shutil.which(args.stepca) or args.stepca
-    if not os.access(stepca, os.X_OK):
-        print(f"step-ca not found at {stepca}: build it or pass --stepca", file=sys.stderr)
+    stepca = find_stepca(args.stepca)
+    if stepca is None:
         return 2
 
     base = Path(tempfile.mkdtemp(prefix="federatls-bench-", dir=args.workdir))
