@@ -5,12 +5,18 @@ vouch for ``*.k8s.internal``").
 
 An authoriser is a callable taking a ``PeerInfo`` and raising ``PeerNotAuthorisedError``.
 Pure: no I/O; where connections are cut off is ``authorise_connection``'s business.
+
+Names are compared in one canonical spelling, and a name that has none matches nothing: URIs
+follow the SPIFFE ID rules (https://github.com/spiffe/spiffe/blob/main/standards/SPIFFE-ID.md,
+section 2), so ``spiffe://td/ns/web/../prod`` is not below ``spiffe://td/ns/web/``; DNS names
+are ASCII host names (IDNs as A-labels), compared without letter case or one trailing dot.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,17 +45,18 @@ Authoriser = Callable[[PeerInfo], None]
 class NamePattern:
     """One allowed name: a DNS name (``*.example.com`` matches exactly one more label), an IP
     address, a URI (``spiffe://td/ns/*`` matches anything below ``spiffe://td/ns/``) or an
-    email address. A pattern only matches names of its own kind."""
+    email address. A pattern only matches names of its own kind.
+
+    Checked when built (``ValueError`` quoting it): a misplaced wildcard, a URI that breaks
+    the SPIFFE ID rules, a DNS name with an empty label, a space or a non-ASCII character."""
 
     text: str
     kind: str  # "dns", "ip", "uri" or "email" (step's rule for SANs)
 
-    @classmethod
-    def parse(cls, text: str) -> NamePattern:
-        """A pattern; ``ValueError`` quoting it when a wildcard is misplaced."""
-        if not text or text != text.strip():
+    def __post_init__(self) -> None:
+        text, kind = self.text, self.kind
+        if not text or text != text.strip() or _kind(text) != kind:
             raise ValueError(f"invalid name pattern {text!r}")
-        kind = _kind(text)
         if "*" in text:
             ok = (kind == "dns" and text.startswith("*.") and "*" not in text[2:]) or (
                 kind == "uri" and text.endswith("/*") and text.count("*") == 1
@@ -59,28 +66,93 @@ class NamePattern:
                     f"name pattern {text!r}: a wildcard must be one leading "
                     "'*.' label, or a URI's trailing '/*'"
                 )
-        return cls(text, kind)
+        if kind == "uri":
+            problem = _uri_problem(text.removesuffix("/*"))
+            if problem:
+                raise ValueError(f"name pattern {text!r} is not a well-formed ID: {problem}")
+        if kind == "dns" and _dns_key(text.removeprefix("*.")) is None:
+            raise ValueError(
+                f"name pattern {text!r} is not a DNS name: ASCII letters, digits, '-' and "
+                "'_' in non-empty labels (give an IDN as its A-label, 'xn--...')"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> NamePattern:
+        """A pattern; ``ValueError`` quoting it when it is malformed."""
+        return cls(text, _kind(text))
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` (one SAN, as a string) matches; only names of the same kind
-        (DNS, IP, URI) can match."""
+        (DNS, IP, URI) can match, and only names spelled canonically."""
         if _kind(name) != self.kind:
             return False
         if self.kind == "uri":
+            if _uri_problem(name) is not None:
+                return False
             if self.text.endswith("/*"):
-                prefix = self.text[:-1]
-                return name.startswith(prefix) and len(name) > len(prefix)
+                return name.startswith(self.text[:-1])  # a well-formed name: a segment follows
             return name == self.text
         if self.kind == "ip":
             try:
                 return ipaddress.ip_address(name) == ipaddress.ip_address(self.text)
             except ValueError:
                 return False
-        name, pattern = name.lower().rstrip("."), self.text.lower().rstrip(".")
-        if pattern.startswith("*."):
-            head, _, rest = name.partition(".")
-            return bool(head) and head != "*" and rest == pattern[2:]
-        return name == pattern
+        if self.kind == "email":
+            return name.lower().rstrip(".") == self.text.lower().rstrip(".")
+        key = _dns_key(name)
+        if key is None:
+            return False
+        if self.text.startswith("*."):
+            _, _, rest = key.partition(".")
+            return bool(rest) and rest == _dns_key(self.text[2:])
+        return key == _dns_key(self.text)
+
+
+# SPIFFE ID rules: a lowercase scheme, "://", a trust domain of lowercase letters, digits, '.',
+# '-' and '_'; path segments of letters, digits, '.', '-' and '_', none empty, '.' or '..'; no
+# query, fragment, port, userinfo or percent-encoding; at most 2048 bytes.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _uri_problem(uri: str) -> str | None:
+    """Why ``uri`` is not a well-formed SPIFFE-style ID, or None when it is one."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return "it must start with a lowercase scheme and '://'"
+    if len(uri.encode()) > 2048:
+        return "it is longer than 2048 bytes"
+    for char, what in (("?", "a query"), ("#", "a fragment"), ("%", "percent-encoding")):
+        if char in uri:
+            return f"it has {what}"
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        return "it has userinfo"
+    if ":" in authority:
+        return "it has a port"
+    if not _TRUST_DOMAIN.fullmatch(authority):
+        return "its trust domain must be 1 to 255 lowercase letters, digits, '.', '-' or '_'"
+    if not slash:
+        return None
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            return f"it has {'an empty' if not segment else 'a dot'} path segment"
+        if not _SEGMENT.fullmatch(segment):
+            return f"path segment {segment!r} has characters other than letters, digits, '.-_'"
+    return None
+
+
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def _dns_key(name: str) -> str | None:
+    """``name`` in lower case without one trailing dot, or None if it is not an ASCII host
+    name (labels of letters, digits, '-' and '_', none empty)."""
+    key = name.lower().removesuffix(".")
+    if not key or len(key) > 253 or not key.isascii():
+        return None
+    return key if all(_LABEL.fullmatch(label) for label in key.split(".")) else None
 
 
 def _kind(name: str) -> str:
@@ -101,11 +173,22 @@ def _refuse(peer: PeerInfo, reason: str) -> PeerNotAuthorisedError:
     return PeerNotAuthorisedError(f"peer {peer} is not authorised: {reason}", peer=peer)
 
 
+def _malformed_spiffe_id(peer: PeerInfo) -> None:
+    """Refuse a peer that carries a ``spiffe:`` URI breaking the SPIFFE ID rules: whatever
+    its other names, it is not a peer to name-check (nor to hand to code that reads IDs)."""
+    for uri in peer.sans.uris:
+        problem = _uri_problem(uri) if uri[:7].lower() == "spiffe:" else None
+        if problem:
+            raise _refuse(peer, f"its URI name {uri!r} is not a well-formed SPIFFE ID: {problem}")
+
+
 def allow_names(*patterns: str | NamePattern) -> Authoriser:
-    """Allow a peer when one of its subject alternative names matches one of ``patterns``."""
+    """Allow a peer when one of its subject alternative names matches one of ``patterns``
+    (and none of its names is a malformed SPIFFE ID)."""
     allowed = _patterns(patterns)
 
     def authorise(peer: PeerInfo) -> None:
+        _malformed_spiffe_id(peer)
         names = peer.sans.as_strings()
         if not any(p.matches(n) for p in allowed for n in names):
             raise _refuse(peer, f"none of its names {names} matches {[p.text for p in allowed]}")
@@ -116,12 +199,22 @@ def allow_names(*patterns: str | NamePattern) -> Authoriser:
 RootSpec = str | TrustedRoot | Provenance
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def _fingerprint(spec: str | TrustedRoot) -> str:
+    """A root's SHA-256 fingerprint as ``TrustedRoot`` spells it; ``ValueError`` quoting
+    ``spec`` when it is not one (a typo must not make a rule that never applies)."""
+    if isinstance(spec, TrustedRoot):
+        return spec.fingerprint
+    text = spec.lower().replace(":", "").replace("-", "")
+    if not _FINGERPRINT.fullmatch(text):
+        raise ValueError(f"root {spec!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return text
+
+
 def _root_matcher(specs: Sequence[RootSpec]) -> Callable[[TrustedRoot], bool]:
-    prints = {
-        s.fingerprint if isinstance(s, TrustedRoot) else s.lower()
-        for s in specs
-        if not isinstance(s, Provenance)
-    }
+    prints = {_fingerprint(s) for s in specs if not isinstance(s, Provenance)}
     provenances = {s for s in specs if isinstance(s, Provenance)}
     return lambda root: root.fingerprint in prints or root.provenance in provenances
 
@@ -140,20 +233,34 @@ def allow_roots(*roots: RootSpec) -> Authoriser:
     return authorise
 
 
-def root_may_vouch_for(rules: Mapping[str | TrustedRoot, Sequence[str]]) -> Authoriser:
+def root_may_vouch_for(
+    rules: Mapping[str | TrustedRoot, Sequence[str | NamePattern]],
+    *,
+    allow_unruled_federated_roots: bool = False,
+) -> Authoriser:
     """Per-root name rules: a peer anchored in a listed root must have *every* one of its
-    names matched by that root's patterns. Peers of roots without a rule pass."""
-    table = {
-        (k.fingerprint if isinstance(k, TrustedRoot) else k.lower()): _patterns(v)
-        for k, v in rules.items()
-    }
+    names matched by that root's patterns.
+
+    A peer of a root without a rule passes if the root is one of the workload's own CA's
+    (``Provenance.OWN``), and is refused if it is federated, unless
+    ``allow_unruled_federated_roots=True``: a federated CA can issue any name, so a root
+    nobody wrote a rule for must not vouch for ours. Rules are keyed by fingerprint or
+    ``TrustedRoot``; a key that is not a fingerprint is a ``ValueError``."""
+    table = {_fingerprint(k): _patterns(v) for k, v in rules.items()}
 
     def authorise(peer: PeerInfo) -> None:
         if peer.anchor is None:
             raise _refuse(peer, "it has no known anchoring root")
         allowed = table.get(peer.anchor.fingerprint)
         if allowed is None:
-            return
+            if peer.anchor.provenance is Provenance.OWN or allow_unruled_federated_roots:
+                return
+            raise _refuse(
+                peer,
+                f"its root {peer.anchor} is federated and has no rule in root_may_vouch_for "
+                "(give that root a rule, or pass allow_unruled_federated_roots=True)",
+            )
+        _malformed_spiffe_id(peer)
         names = peer.sans.as_strings()
         outside = [n for n in names if not any(p.matches(n) for p in allowed)]
         if not names or outside:
