@@ -11,7 +11,15 @@
 * retires the pool of the previous snapshot after a swap: its idle connections are closed
   as soon as no request is using it, so no connection keeps presenting an old certificate;
 * checks the server with the authoriser right after the TLS handshake, before a byte of
-  the request is sent (a refused server raises ``PeerNotAuthorisedError``).
+  the request is sent (a refused server raises ``PeerNotAuthorisedError``);
+* refuses ``http://`` URLs (redirects included) with ``ConfigError``: they would go without
+  TLS and without the authoriser.
+
+That transport is the only one: arguments that would give httpx another (``proxy=``,
+``mounts=``, ``transport=``) or that it would ignore (``verify=``, ``cert=``, ``http1=``)
+are refused with ``ConfigError``, as is anything not in ``_PASSED_ON``. Proxies from the
+environment (``HTTPS_PROXY``, ``ALL_PROXY``) are not used: httpx skips them when given a
+transport (tests/test_httpx_client.py checks it).
 
 HTTP/1.1 and HTTP/2 as httpx does them (``http2=True`` needs the ``h2`` package).
 """
@@ -28,10 +36,73 @@ import httpcore
 import httpx
 
 from .._authorise import Authoriser
+from .._errors import ConfigError
 from .._identity import TrustChoice
 from ._source import Source, authorise, client_context
 
 __all__ = ["AsyncClient", "Client"]
+
+# httpx's client arguments that do not reach federatls's transport: each would route requests
+# around its TLS context and authoriser, or be silently ignored. Refused, saying what to do.
+_AROUND = "would send requests through httpx's own transport, around federatls's TLS and authoriser"
+_REFUSED: dict[str, str] = {
+    "verify": "would be ignored: the server is verified against the identity's trust bundle; "
+    "instead choose it with trust='own' or 'federation' and narrow it with authoriser=",
+    "cert": "would be ignored: the client certificate is the identity's; instead enrol the "
+    "identity you mean to present",
+    "proxy": f"{_AROUND}; federatls's client does not use proxies: instead connect directly "
+    "(or use a plain httpx client for hosts outside the federation)",
+    "proxies": f"{_AROUND}; federatls's client does not use proxies: instead connect directly",
+    "mounts": f"{_AROUND}; instead use a separate plain httpx client for other hosts",
+    "transport": "would replace federatls's transport; instead use a plain httpx client with "
+    "verify=identity.client_context() if you need your own transport",
+    "app": f"{_AROUND}; instead call the app with a plain httpx client",
+    "uds": "is not supported; instead connect over TCP",
+    "http1": "would be ignored: the client always speaks HTTP/1.1; instead pass http2=True to "
+    "add HTTP/2",
+}
+# What is passed on to httpx unchanged (none of it touches connections).
+_PASSED_ON = frozenset(
+    {
+        "auth",
+        "params",
+        "headers",
+        "cookies",
+        "timeout",
+        "follow_redirects",
+        "max_redirects",
+        "event_hooks",
+        "base_url",
+        "trust_env",
+        "default_encoding",
+    }
+)
+
+
+def _passed_on(client: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` if every one may go to httpx; else ``ConfigError`` naming the first that
+    may not, and what to do instead."""
+    for name in kwargs:
+        if name in _REFUSED:
+            raise ConfigError(f"federatls.integrations.httpx.{client}: {name}= {_REFUSED[name]}")
+        if name not in _PASSED_ON:
+            raise ConfigError(
+                f"federatls.integrations.httpx.{client}: {name}= is not passed on to httpx; "
+                f"use only {', '.join(sorted(_PASSED_ON))} (or a plain httpx client instead)"
+            )
+    return kwargs
+
+
+def _require_https(request: httpx.Request) -> None:
+    """``ConfigError`` for a URL that is not ``https://``: it would go without TLS, so
+    without the identity and without the authoriser."""
+    if request.url.scheme != "https":
+        raise ConfigError(
+            f"federatls's httpx client speaks only https://, not {str(request.url)!r}: a plain "
+            "request would go without mutual TLS and without the authoriser; use https:// "
+            "instead (or a plain httpx client for plain HTTP)"
+        )
+
 
 # httpcore's errors as httpx's, so callers catch what httpx documents.
 _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
@@ -235,6 +306,7 @@ class _AsyncLiveTransport(httpx.AsyncBaseTransport):
         return current
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        _require_https(request)
         pool = await self._pool()
         pool.in_use += 1
         try:
@@ -260,7 +332,8 @@ class _AsyncLiveTransport(httpx.AsyncBaseTransport):
 
 class AsyncClient(httpx.AsyncClient):
     """``httpx.AsyncClient`` speaking mutual TLS as ``source`` (an ``Identity`` or a
-    ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent."""
+    ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent.
+    ``kwargs`` go to httpx if they are in ``_PASSED_ON``; others are a ``ConfigError``."""
 
     def __init__(
         self,
@@ -272,8 +345,9 @@ class AsyncClient(httpx.AsyncClient):
         limits: httpx.Limits | None = None,
         **kwargs: Any,
     ) -> None:
+        options = _passed_on("AsyncClient", kwargs)
         transport = _AsyncLiveTransport(source, authoriser, trust, http2, limits or httpx.Limits())
-        super().__init__(transport=transport, **kwargs)
+        super().__init__(transport=transport, **options)
 
 
 # Sync ---------------------------------------------------------------------------------------
@@ -417,6 +491,7 @@ class _LiveTransport(httpx.BaseTransport):
             pool.pool.close()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        _require_https(request)
         pool = self._acquire()
         try:
             with _httpx_errors(request):
@@ -441,7 +516,8 @@ class _LiveTransport(httpx.BaseTransport):
 
 class Client(httpx.Client):
     """``httpx.Client`` speaking mutual TLS as ``source`` (an ``Identity`` or a
-    ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent."""
+    ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent.
+    ``kwargs`` go to httpx if they are in ``_PASSED_ON``; others are a ``ConfigError``."""
 
     def __init__(
         self,
@@ -453,5 +529,6 @@ class Client(httpx.Client):
         limits: httpx.Limits | None = None,
         **kwargs: Any,
     ) -> None:
+        options = _passed_on("Client", kwargs)
         transport = _LiveTransport(source, authoriser, trust, http2, limits or httpx.Limits())
-        super().__init__(transport=transport, **kwargs)
+        super().__init__(transport=transport, **options)

@@ -1,0 +1,361 @@
+"""The httpx integration cannot be routed around: arguments that would hand requests to
+httpx's own transports (``proxy=``, ``mounts=``, ``transport=``) or that its transport would
+silently ignore (``verify=``, ``cert=``) are refused; proxies from the environment are not
+used; plain ``http://`` is refused. The plain client keeps working.
+
+Two real federated CAs (``federatls.testing``) issue the certificates; the origin server, a
+CONNECT proxy and a plain HTTP server run on 127.0.0.1 with port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import httpx
+import pytest
+from aiohttp import web
+
+import federatls.integrations.httpx as fhttpx
+from federatls import (
+    Authoriser,
+    ConfigError,
+    Identity,
+    PeerInfo,
+    PeerNotAuthorisedError,
+    allow_names,
+)
+from federatls.testing import federated_pair
+
+pytestmark = pytest.mark.anyio
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@dataclass(frozen=True)
+class Pair:
+    server: Identity  # cloud: server.cloud.internal, 127.0.0.1
+    client: Identity  # kubernetes: client.k8s.internal
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    """A cloud server and a kubernetes client (the CAs run only while the module does)."""
+    with federated_pair("cloud", "kubernetes") as (cloud, kubernetes):
+        yield Pair(
+            server=cloud.identity(
+                "server.cloud.internal", sans=["server.cloud.internal", "127.0.0.1", "localhost"]
+            ),
+            client=kubernetes.identity("client.k8s.internal"),
+        )
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variable from the machine's environment leaks into these tests."""
+    for name in (*PROXY_VARIABLES, "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# Servers ---------------------------------------------------------------------------------------
+@dataclass
+class Origin:
+    """The HTTPS origin: its URL and the peers of the requests it answered."""
+
+    url: str
+    seen: list[PeerInfo] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def origin(identity: Identity, redirect_to: str = "") -> AsyncIterator[Origin]:
+    """An aiohttp HTTPS server with ``identity``'s server context: ``/`` answers "hello" and
+    records the client, ``/away`` redirects to ``redirect_to``."""
+    served = Origin("")
+
+    async def hello(request: web.Request) -> web.Response:
+        served.seen.append(identity.peer(request))
+        return web.Response(text="hello")
+
+    async def away(request: web.Request) -> web.Response:
+        raise web.HTTPFound(redirect_to)
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.router.add_get("/away", away)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=identity.server_context())
+        await site.start()
+        served.url = f"https://127.0.0.1:{runner.addresses[0][1]}/"
+        yield served
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Listener:
+    """A server of the test's own: its URL and the first line of every request it got."""
+
+    url: str
+    lines: list[bytes] = field(default_factory=list)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(handle: Any, scheme: str) -> AsyncIterator[tuple[Listener, asyncio.AbstractServer]]:
+    """``handle(listener, reader, writer)`` served on 127.0.0.1:0; its tasks are cancelled
+    on the way out."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handle(listener, reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:  # cancelled below, on the way out: end quietly
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    listener = Listener(f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    try:
+        yield listener, server
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def _connect_proxy(
+    listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A CONNECT proxy: records the request line, then tunnels bytes both ways."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    line = head.split(b"\r\n", 1)[0]
+    listener.lines.append(line)
+    method, target, _ = line.split(b" ", 2)
+    if method != b"CONNECT":
+        writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+        return
+    host, port = target.decode().rsplit(":", 1)
+    up_reader, up_writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _plain_http(
+    listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A plain-HTTP server: records the request line, answers "plain"."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    listener.lines.append(head.split(b"\r\n", 1)[0])
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain")
+    await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def connect_proxy() -> AsyncIterator[Listener]:
+    async with serve(_connect_proxy, "http") as (listener, _):
+        yield listener
+
+
+@contextlib.asynccontextmanager
+async def plain_http() -> AsyncIterator[Listener]:
+    async with serve(_plain_http, "http") as (listener, _):
+        yield listener
+
+
+# Clients ---------------------------------------------------------------------------------------
+async def get(flavour: str, source: Identity, url: str, **kwargs: Any) -> httpx.Response:
+    """GET ``url`` with federatls's async client, or its sync client on a worker thread."""
+    if flavour == "async":
+        async with fhttpx.AsyncClient(source, **kwargs) as http:
+            response = await http.get(url)
+            await response.aread()
+            return response
+
+    def blocking() -> httpx.Response:
+        with fhttpx.Client(source, **kwargs) as http:
+            response = http.get(url)
+            response.read()
+            return response
+
+    return await anyio.to_thread.run_sync(blocking)
+
+
+FLAVOURS = ["async", "sync"]
+CLIENTS = {"async": fhttpx.AsyncClient, "sync": fhttpx.Client}
+
+
+# 1. Arguments that route around federatls -----------------------------------------------------
+def _refused_arguments(client: Identity, proxy_url: str, flavour: str) -> dict[str, Any]:
+    """One value for each refused argument, each a way a caller might try to use it."""
+    transport = httpx.AsyncHTTPTransport if flavour == "async" else httpx.HTTPTransport
+    return {
+        "verify": client.client_context(),
+        "cert": "/nonexistent/client.pem",
+        "proxy": proxy_url,
+        "proxies": proxy_url,
+        "mounts": {"https://": transport(verify=client.client_context())},
+        "transport": transport(verify=client.client_context()),
+        "app": object(),
+        "http1": False,
+        "uds": "/tmp/socket",
+    }
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(
+    "argument",
+    ["verify", "cert", "proxy", "proxies", "mounts", "transport", "app", "http1", "uds"],
+)
+def test_argument_refused(pair: Pair, flavour: str, argument: str) -> None:
+    """Each argument that would bypass federatls's transport (or that it would ignore) is a
+    ``ConfigError`` naming it and saying what to do instead."""
+    value = _refused_arguments(pair.client, "http://127.0.0.1:9/", flavour)[argument]
+    with pytest.raises(ConfigError, match=f"{argument}=") as info:
+        CLIENTS[flavour](pair.client, **{argument: value})
+    assert "instead" in str(info.value) or "use " in str(info.value)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("argument", ["proxy", "mounts"])
+async def test_bypass_would_skip_the_authoriser(pair: Pair, flavour: str, argument: str) -> None:
+    """``proxy=`` or ``mounts=`` with a ``verify=`` context would reach a server the
+    authoriser refuses, through httpx's own transport: refused before any connection."""
+    async with origin(pair.server) as served, connect_proxy() as proxy:
+        value = _refused_arguments(pair.client, proxy.url, flavour)[argument]
+        options = {argument: value, "verify": pair.client.client_context()}
+        with pytest.raises(ConfigError):
+            await get(flavour, pair.client, served.url, authoriser=allow_names("nobody"), **options)
+    assert served.seen == []
+    assert proxy.lines == []
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_plain_client_with_passed_on_arguments(pair: Pair, flavour: str) -> None:
+    """Twin: the client with the arguments it does pass on to httpx (headers, timeout,
+    base_url, follow_redirects, trust_env...) reaches the server with mutual TLS."""
+    async with origin(pair.server) as served:
+        response = await get(
+            flavour,
+            pair.client,
+            "/",
+            authoriser=allow_names("server.cloud.internal"),
+            base_url=served.url,
+            headers={"x-test": "1"},
+            timeout=httpx.Timeout(20),
+            follow_redirects=True,
+            max_redirects=2,
+            trust_env=True,
+            params={"a": "b"},
+        )
+    assert response.text == "hello"
+    assert [p.common_name for p in served.seen] == ["client.k8s.internal"]
+
+
+# 2. Proxies from the environment ---------------------------------------------------------------
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("variable", PROXY_VARIABLES)
+async def test_environment_proxy_not_used(
+    pair: Pair, flavour: str, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a CONNECT proxy in ``HTTPS_PROXY``/``ALL_PROXY`` and ``trust_env`` on, the
+    client still connects with federatls's transport: directly, and the authoriser runs."""
+    async with origin(pair.server) as served, connect_proxy() as proxy:
+        monkeypatch.setenv(variable, proxy.url)
+        response = await get(flavour, pair.client, served.url, trust_env=True)
+        assert response.text == "hello"
+        with pytest.raises(PeerNotAuthorisedError, match="nobody"):
+            await get(flavour, pair.client, served.url, authoriser=allow_names("nobody"))
+    assert proxy.lines == []
+    assert len(served.seen) == 1
+
+
+@pytest.mark.parametrize("variable", PROXY_VARIABLES)
+async def test_environment_proxy_is_live(
+    pair: Pair, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twin: the same variable does send a plain ``httpx.AsyncClient`` through the proxy
+    (so the test above would see a proxied request, were one made)."""
+    async with origin(pair.server) as served, connect_proxy() as proxy:
+        monkeypatch.setenv(variable, proxy.url)
+        async with httpx.AsyncClient(verify=pair.client.client_context()) as http:
+            assert (await http.get(served.url)).text == "hello"
+    port = served.url.rsplit(":", 1)[1].rstrip("/")
+    assert proxy.lines == [f"CONNECT 127.0.0.1:{port} HTTP/1.1".encode()]
+
+
+# 3. Plain http:// ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_plain_http_refused(pair: Pair, flavour: str) -> None:
+    """An ``http://`` URL would go without TLS and without the authoriser: ``ConfigError``
+    naming it, and the plain server gets nothing."""
+    async with plain_http() as plain:
+        with pytest.raises(ConfigError, match="https://") as info:
+            await get(flavour, pair.client, plain.url)
+        assert plain.url in str(info.value)
+    assert plain.lines == []
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_redirect_to_plain_http_refused(pair: Pair, flavour: str) -> None:
+    """A server's redirect to ``http://`` (``follow_redirects=True``) is refused the same
+    way: the plain server gets nothing."""
+    async with plain_http() as plain, origin(pair.server, redirect_to=plain.url) as served:
+        with pytest.raises(ConfigError, match="https://"):
+            await get(flavour, pair.client, served.url + "away", follow_redirects=True)
+    assert plain.lines == []
+
+
+async def test_plain_http_server_is_live(pair: Pair) -> None:
+    """Twin: the plain server does answer a plain httpx client."""
+    async with plain_http() as plain, httpx.AsyncClient() as http:
+        assert (await http.get(plain.url)).text == "plain"
+    assert plain.lines == [b"GET / HTTP/1.1"]
+
+
+def _authoriser_seen(calls: list[PeerInfo]) -> Authoriser:
+    def authorise(peer: PeerInfo) -> None:
+        calls.append(peer)
+
+    return authorise
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_https_redirect_followed_and_checked(pair: Pair, flavour: str) -> None:
+    """Twin: a redirect to ``https://`` is followed, over a connection the authoriser saw."""
+    calls: list[PeerInfo] = []
+    async with origin(pair.server) as target, origin(pair.server, redirect_to=target.url) as first:
+        response = await get(
+            flavour,
+            pair.client,
+            first.url + "away",
+            follow_redirects=True,
+            authoriser=_authoriser_seen(calls),
+        )
+    assert response.text == "hello"
+    assert len(target.seen) == 1
+    assert calls
+    assert {p.common_name for p in calls} == {"server.cloud.internal"}
