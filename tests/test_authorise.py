@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import federatls
 from federatls import (
@@ -188,10 +191,11 @@ def test_explicit_option_admits_unruled_federated_root(world: World) -> None:
     rule through (and the kubernetes rule still binds)."""
     rule = documented(world, allow_unruled_federated_roots=True)
     rule(peer_of(world.impostor, world.server))
+    k8s_only_cloud = root_may_vouch_for(
+        {_k8s_fingerprint(world): ["*.cloud.internal"]}, allow_unruled_federated_roots=True
+    )
     with pytest.raises(PeerNotAuthorisedError, match="may only vouch for"):
-        root_may_vouch_for({_k8s_fingerprint(world): ["*.cloud.internal"]})(
-            peer_of(world.k8s_svc, world.server)
-        )
+        k8s_only_cloud(peer_of(world.k8s_svc, world.server))
 
 
 def test_option_is_keyword_only(world: World) -> None:
@@ -279,6 +283,24 @@ def test_well_formed_spiffe_id_admitted(world: World, uri: str) -> None:
     allow_names("spiffe://k8s/ns/web/*")(peer)
     root_may_vouch_for({_k8s_fingerprint(world): ["spiffe://k8s/ns/web/*"]})(peer)
     assert NamePattern.parse(uri).matches(uri)
+
+
+SEGMENT = st.one_of(
+    st.sampled_from(["", ".", "..", "%2e%2e", "a?b", "a#b", "a b", "a:b", "a@b", "\\"]),
+    st.from_regex(r"[A-Za-z0-9._-]{1,6}", fullmatch=True),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(segments=st.lists(SEGMENT, min_size=1, max_size=5))
+def test_uri_prefix_match_is_segment_wise(segments: list[str]) -> None:
+    """A name textually below ``spiffe://k8s/ns/web/`` matches the pattern exactly when
+    every path segment after it is a well-formed one (no '.', '..', empty or odd ones)."""
+    name = "spiffe://k8s/ns/web/" + "/".join(segments)
+    well_formed = all(
+        s not in ("", ".", "..") and re.fullmatch(r"[A-Za-z0-9._-]+", s) for s in segments
+    )
+    assert NamePattern.parse("spiffe://k8s/ns/web/*").matches(name) == well_formed
 
 
 @pytest.mark.parametrize(
