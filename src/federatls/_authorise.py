@@ -10,6 +10,7 @@ Names are compared in one canonical spelling, and a name that has none matches n
 follow the SPIFFE ID rules (https://github.com/spiffe/spiffe/blob/main/standards/SPIFFE-ID.md,
 section 2), so ``spiffe://td/ns/web/../prod`` is not below ``spiffe://td/ns/web/``; DNS names
 are ASCII host names (IDNs as A-labels), compared without letter case or one trailing dot.
+docs/sdk.md ("Authorisation") and docs/security.md state these rules for users.
 """
 
 from __future__ import annotations
