@@ -1,9 +1,10 @@
 """The code blocks of README.md and docs/*.md: every block is tagged, and the runnable ones run
 as written (with free ports in place of the documented ones), printing what their comments say.
 
-A block's info string says what it is. ``python`` is a complete program and ``sh`` a series of
-commands: the test runs them, in order, in one temporary directory per document, against real
-CAs on 127.0.0.1. ``python norun`` and ``sh norun`` are not run here (a fragment, or a command
+A block's info string says what it is. ``python`` is a complete program, ``python pytest`` a
+test module and ``sh`` a series of commands: the test runs them, in order, in one temporary
+directory per document, against real CAs on 127.0.0.1 (Python in development mode, warnings
+as errors). ``python norun`` and ``sh norun`` are not run here (a fragment, or a command
 that needs a checkout, the network or minutes), only checked to parse. ``text`` is output or
 prose. Any other info string, or none, fails the test, so that no block rots unseen.
 """
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,19 @@ import pytest
 ROOT = Path(__file__).parent.parent
 BASH = shutil.which("bash") or "/bin/bash"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RUN = {"python", "sh"}
+# How each kind of runnable block runs: the command, to which the block's file is appended.
+RUNNERS = {
+    "python": [sys.executable, "-X", "dev", "-W", "error"],
+    "python pytest": [sys.executable, "-X", "dev", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+    "sh": [BASH, "-euo", "pipefail"],
+}
+RUN = set(RUNNERS)
 NORUN = {"python norun", "sh norun", "text"}
 # The documents whose runnable blocks the tests below run (each one, all its blocks).
-RUN_DOCS = {ROOT / "README.md", ROOT / "docs" / "quickstart.md", ROOT / "docs" / "ca.md"}
+RUN_DOCS = {
+    ROOT / "README.md",
+    *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk")),
+}
 # The ports the docs use; each run swaps them for free ones, so parallel runs do not collide.
 DOC_PORTS = ("8443", "9000", "9001")
 # A `print(...)  # what it prints` line: "..." in the comment stands for anything.
@@ -146,13 +157,9 @@ def run_blocks(path: Path, workdir: Path) -> str:
             if block.info not in RUN:
                 continue
             code = re.sub(r"\b(?:8443|9000|9001)\b", lambda m: ports[m.group()], block.code)
-            script = workdir / f".block{block.line}.{'py' if block.info == 'python' else 'sh'}"
+            script = workdir / f"test_block{block.line}.{block.info[:2]}"
             script.write_text(code)
-            command = (
-                [sys.executable, str(script)]
-                if block.info == "python"
-                else [BASH, "-euo", "pipefail", str(script)]
-            )
+            command = [*RUNNERS[block.info], str(script)]
             log = workdir / f".block{block.line}.log"
             with log.open("wb") as out:  # a file, not a pipe: `&` jobs outlive the block
                 proc = subprocess.Popen(
@@ -172,6 +179,7 @@ def run_blocks(path: Path, workdir: Path) -> str:
             output = log.read_text(errors="replace")
             printed += output
             assert code_ == 0, f"{block} exited {code_}:\n{output}"
+            assert "Traceback" not in output, f"{block}:\n{output}"
             if block.info == "python":
                 assert not unkept_promises(block.code, output), (
                     f"{block} did not print what its comments say: "
@@ -232,6 +240,31 @@ def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
     run_blocks(ROOT / "docs" / "ca.md", tmp_path)
     assert (tmp_path / "svc.crt").exists()
     assert (tmp_path / "svc.key").stat().st_mode & 0o077 == 0
+
+
+def test_sdk_testing_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/sdk.md's example test of `federatls.testing` passes under pytest."""
+    assert "1 passed" in run_blocks(ROOT / "docs" / "sdk.md", tmp_path)
+
+
+def test_install_commands_install_this_checkout_with_extras_it_has() -> None:
+    """Every `pip install` in the docs and examples installs a path (federatls is not on
+    PyPI), with extras that pyproject.toml defines."""
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    texts = [*DOCS, *sorted((ROOT / "examples").rglob("*.py"))]
+    installs = [
+        (path, spec)
+        for path in texts
+        for line in path.read_text().splitlines()
+        for spec in re.findall(r"pip install (?:-e )?(\S+)", line)
+    ]
+    assert installs
+    for path, spec in installs:
+        name, _, wanted = spec.strip("'\"`").partition("[")
+        assert name.startswith((".", "/")), f"{path}: {spec} is not a path"
+        assert set(wanted.rstrip("]").split(",")) <= extras, f"{path}: {spec}"
 
 
 def test_a_print_comment_that_is_not_printed_is_caught() -> None:
