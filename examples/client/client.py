@@ -3,7 +3,8 @@ docs/quickstart.md and examples/server/server.py serving on port 8443:
 
     federatls ca token sdk_client --ca-url https://127.0.0.1:9001 \
         --root pki/kubernetes/certs/root_ca.crt --password-file pw.txt > client.token
-    python examples/client/client.py "$(cat client.token)" https://127.0.0.1:8443 --count 3
+    python examples/client/client.py "$(cat client.token)" https://127.0.0.1:8443 \
+        --count 2 --every 1
 
 It enrolls with the CA the token names, keeps its certificate and trust bundle renewed, and
 calls the server every few seconds over mutual TLS, printing the answer. A bad or spent
