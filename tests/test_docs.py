@@ -286,6 +286,26 @@ def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "svc.key").stat().st_mode & 0o077 == 0
 
 
+def test_readme_main_runs_with_tokens_from_the_cli(tmp_path: Path) -> None:
+    """README's `main`, called as its text says with tokens from `federatls ca token` (the
+    quickstart's CAs and tokens), prints what its comments say."""
+    program = next(b for b in code_blocks(ROOT / "README.md") if b.info == "python")
+    main, tail, _ = program.code.partition("with federated_pair()")
+    assert tail, "README's program no longer ends with its in-process CAs"
+    call = (
+        "import pathlib\n"
+        "anyio.run(main, *(pathlib.Path(f).read_text().strip() "
+        'for f in ("server.token", "client.token")))'
+    )
+    assert "anyio.run(main, server_token, client_token)" in (ROOT / "README.md").read_text()
+    with reading(tmp_path) as reader:
+        for block in code_blocks(ROOT / "docs" / "quickstart.md"):
+            if block.info == "sh":
+                reader.run(block)
+        printed = reader.run(Block(program.path, program.line, "python", f"{main}{call}\n"))
+    assert "Hello web.k8s.internal, vouched for by kubernetes Root CA" in printed
+
+
 def test_examples_run_as_their_docstrings_say(tmp_path: Path) -> None:
     """With the quickstart's two CAs, the example server and client started with the commands
     of their docstrings talk mutual TLS across the federation."""
