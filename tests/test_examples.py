@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -91,6 +92,16 @@ async def test_client_with_unreachable_server_is_one_line(cloud: TestCA) -> None
     url = f"https://127.0.0.1:{free_port()}/"
     code, _, err = await _run(CLIENT, cloud.token("sdk_client"), url, "--count", "1")
     _assert_one_line(code, err, url.removesuffix("/").removeprefix("https://"))
+
+
+async def test_server_on_a_busy_port_is_one_line(cloud: TestCA) -> None:
+    """The port is taken: the server enrolls, then ends with one line, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        code, _, err = await _run(SERVER, cloud.token("127.0.0.1"), "--port", port)
+    _assert_one_line(code, err, port)
 
 
 async def _interrupt_after(args: list[str], ready: str) -> tuple[int, str]:
