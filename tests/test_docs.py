@@ -28,6 +28,10 @@ from pathlib import Path
 
 import pytest
 
+# A document runs as several processes in turn, each bounded (90 s); on a loaded machine the
+# whole may take longer than the suite's per-test default.
+pytestmark = pytest.mark.timeout(300)
+
 ROOT = Path(__file__).parent.parent
 BASH = shutil.which("bash") or "/bin/bash"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
