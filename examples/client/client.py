@@ -1,16 +1,23 @@
-"""The federation tutorial's demo client, with federatls.
+"""The federation tutorial's demo client, with federatls (no extra needed). With the CAs of
+docs/quickstart.md and examples/server/server.py serving on port 8443:
 
-    python examples/client/client.py "$(federatls ca token sdk_client --ca-url ... --root ...)" \
-        https://127.0.0.1:8443
+    federatls ca token sdk_client --ca-url https://127.0.0.1:9001 \
+        --root pki/kubernetes/certs/root_ca.crt --password-file pw.txt > client.token
+    python examples/client/client.py "$(cat client.token)" https://127.0.0.1:8443 \
+        --count 2 --every 1
 
 It enrolls with the CA the token names, keeps its certificate and trust bundle renewed, and
-calls the server every few seconds over mutual TLS, printing the answer.
+calls the server every few seconds over mutual TLS, printing the answer. A bad or spent
+token, an unreachable CA or server, or a refused handshake end it with one line on stderr
+and status 1; Ctrl-C stops it quietly with status 130.
 """
 
 import argparse
 import asyncio
+import sys
 
 import anyio
+import httpx
 
 import federatls
 from federatls.integrations.httpx import AsyncClient
@@ -30,6 +37,13 @@ async def main(token: str, url: str, every: float, count: int) -> None:
         tasks.cancel_scope.cancel()
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The one exception inside the task group's exception groups (``exc`` if several)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the federation tutorial's demo client")
     parser.add_argument("token", help="a one-time token from the client's CA")
@@ -37,4 +51,14 @@ if __name__ == "__main__":
     parser.add_argument("--every", type=float, default=5.0, help="seconds between calls")
     parser.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
     args = parser.parse_args()
-    asyncio.run(main(args.token, args.url, args.every, args.count))
+    try:
+        asyncio.run(main(args.token, args.url, args.every, args.count))
+    except BaseException as exc:
+        cause = _cause(exc)
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C: quietly, with the shell's status
+            sys.exit(130)
+        if isinstance(cause, httpx.HTTPError):
+            sys.exit(f"client.py: error: {args.url}: {cause}")
+        if not isinstance(cause, federatls.FederatlsError | OSError):
+            raise  # a bug: the whole traceback
+        sys.exit(f"client.py: error: {cause}")

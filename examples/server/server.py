@@ -1,13 +1,19 @@
-"""The federation tutorial's demo server, with federatls.
+"""The federation tutorial's demo server, with federatls (and aiohttp: the `aiohttp` extra,
+`pip install -e '.[aiohttp]'` from a clone). With a CA made as docs/quickstart.md shows:
 
-    python examples/server/server.py "$(federatls ca token 127.0.0.1 --ca-url ... --root ...)"
+    federatls ca token 127.0.0.1 --ca-url https://127.0.0.1:9000 \
+        --root pki/cloud/certs/root_ca.crt --password-file pw.txt > server.token
+    python examples/server/server.py "$(cat server.token)" --port 8443
 
 It enrolls with the CA the token names, keeps its certificate and trust bundle renewed, and
 answers every mutually authenticated client with its name and the root that vouched for it.
+A bad or spent token, an unreachable CA or a busy port end it with one line on stderr and
+status 1; Ctrl-C stops it quietly with status 130.
 """
 
 import argparse
 import asyncio
+import sys
 from datetime import UTC, datetime
 
 import anyio
@@ -49,9 +55,24 @@ async def main(token: str, port: int) -> None:
                     print(f"Now accepting certs anchored in {root.subject}", flush=True)
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The one exception inside the task group's exception groups (``exc`` if several)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the federation tutorial's demo server")
     parser.add_argument("token", help="a one-time token from the server's CA")
     parser.add_argument("--port", type=int, default=8443)
     args = parser.parse_args()
-    asyncio.run(main(args.token, args.port))
+    try:
+        asyncio.run(main(args.token, args.port))
+    except BaseException as exc:
+        cause = _cause(exc)
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C: quietly, with the shell's status
+            sys.exit(130)
+        if not isinstance(cause, federatls.FederatlsError | OSError):
+            raise  # a bug: the whole traceback
+        sys.exit(f"server.py: error: {cause}")
