@@ -14,7 +14,6 @@ passed in. State goes through the ``Store``.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -128,17 +127,19 @@ class _Audiences:
         )
 
 
-def _token_use(
-    raw: str, token: Token, provisioner: str, now: datetime, *, iat_checked: bool
-) -> TokenUse:
-    """What spending a token records: its id (``jti``, or the token's SHA-256 without one, as
-    step-ca does), its provisioner and when it expires.
+def _token_use(token: Token, provisioner: str, now: datetime, *, iat_checked: bool) -> TokenUse:
+    """What spending a token records: its id, its provisioner and when it expires.
+
+    The id is the ``jti``; without one (or with an empty one) it is ``Token.digest``, a
+    digest of the decoded header and payload. step-ca hashes the raw token string instead,
+    so whitespace around a token or its ECDSA signature re-encoded as (r, n - s) buys one
+    more certificate there; here every encoding of one token has one id.
 
     The record is ``durable`` (synced to disk before the answer) unless losing it in a power
     cut could not reopen a replay: with ``iat_checked`` the CA refuses, after any restart,
     tokens issued before it started, and restarting after a power cut takes more than a
     second, so a token whose ``iat`` is at or before the current second stays refused."""
-    token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
+    token_id = token.token_id or token.digest
     expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
     iat = token.issued_at
     durable = not iat_checked or iat is None or iat > math.floor(now.timestamp())
@@ -254,9 +255,7 @@ class Authority:
             )
         if not token.subject:
             raise _unauthorized("jwk token subject cannot be empty")
-        spend = _token_use(
-            raw, token, prov.id, now, iat_checked=not self.config.disable_issued_at_check
-        )
+        spend = _token_use(token, prov.id, now, iat_checked=not self.config.disable_issued_at_check)
         if self.store.token_used(spend.token_id):
             raise _unauthorized("token already used")
         return prov, token, spend
@@ -467,7 +466,7 @@ class Authority:
         if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
         # Renew tokens are not checked against the CA's start time: always durable.
-        spend = _token_use(raw, token, prov.id, now, iat_checked=False)
+        spend = _token_use(token, prov.id, now, iat_checked=False)
         self._spend(spend)
         return leaf
 
