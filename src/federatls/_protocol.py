@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ._duration import format_go_duration, parse_go_duration
 from ._errors import BadMaterialError
+from ._keys import csr_key_refusal
 from ._x509 import load_pem_certificate, load_pem_csr
 
 __all__ = [
@@ -73,7 +74,8 @@ def error_message(status: int, reason: str | None = None) -> str:
 
 
 class ProtocolError(BadMaterialError):
-    """A body does not follow the protocol. ``status`` is what the CA answers (400 or 501)."""
+    """A body does not follow the protocol, or carries a CSR key the CA does not certify.
+    ``status`` is what the CA answers (400, 403 or 501)."""
 
     def __init__(self, reason: str, status: int = 400) -> None:
         self.reason = reason
@@ -119,8 +121,15 @@ def _request_csr(data: Mapping[str, Any]) -> x509.CertificateSigningRequest:
     except BadMaterialError as exc:
         raise ProtocolError("error reading request body") from exc
     try:
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProtocolError("invalid csr") from exc
+    # The key's type and size first: verifying the signature of a huge RSA key would cost.
+    refusal = csr_key_refusal(key)
+    if refusal is not None:
+        raise ProtocolError(refusal, 403)
+    try:
         valid = csr.is_signature_valid
-        csr.public_key()
         _ = csr.extensions  # a malformed extension shows here, not later
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
         raise ProtocolError("invalid csr") from exc
