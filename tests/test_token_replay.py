@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,10 +21,15 @@ import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from joserfc import jws
+from joserfc.jwk import ECKey
+from joserfc.registry import HeaderParameter
 
 from federatls._keys import build_csr, new_private_key
+from federatls._token import mint_renew_token, renew_audience
 from federatls.ca import CAServer, SQLiteStore
 
 from harness import PKI
@@ -195,3 +201,40 @@ async def test_original_token_is_accepted_once(ca: CAServer, pki: PKI, http: htt
 
     await _in_thread(run)
     assert _store(ca).counts() == {"used_tokens": 1, "certificates": 1, "revocations": 0}
+
+
+def _renew_token_without_jti(pki: PKI, chain: list[Any], key: ec.EllipticCurvePrivateKey) -> str:
+    """A Bearer renew token as ``mint_renew_token`` makes it, less its ``jti``."""
+    minted = mint_renew_token(chain, key, audience=renew_audience(pki.url), now=pki.clock())
+    header_segment, payload_segment, _ = minted.split(".")
+    header = json.loads(_unb64(header_segment))
+    claims = json.loads(_unb64(payload_segment))
+    del claims["jti"]
+    claims["nbf"] -= secrets.randbelow(30)  # a token unlike any other minted this second
+    registry = jws.JWSRegistry(header_registry={"x5cInsecure": HeaderParameter("x5c", "list[str]")})
+    registry.max_header_length = 8 * 1024
+    return jws.serialize_compact(
+        header, json.dumps(claims), ECKey.import_key(key), registry=registry
+    )
+
+
+async def test_variants_of_a_spent_renew_token_are_refused(
+    ca: CAServer, pki: PKI, http: httpx.Client
+) -> None:
+    """A Bearer renew token without ``jti`` renews once; re-sent with extra whitespace or
+    as (r, n - s), it gets 401."""
+    chain, key = await pki.enroll(SUBJECT)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    token = _renew_token_without_jti(pki, chain, key)
+
+    def renew(bearer: str) -> int:
+        return http.post("/renew", headers={"Authorization": "Bearer " + bearer}).status_code
+
+    def run() -> None:
+        assert renew(token) == 201
+        assert renew(" " + token) == 401
+        assert renew(malleated(token)) == 401
+        assert renew("\t" + malleated(token)) == 401
+
+    await _in_thread(run)
+    assert _store(ca).counts()["certificates"] == 2
