@@ -19,7 +19,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from federatls import CARefusedError
 from federatls._keys import csr_key_refusal
@@ -36,6 +36,7 @@ SigningKey = (
     | rsa.RSAPrivateKey
     | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
 )
 
 
@@ -99,6 +100,7 @@ WEAK: dict[str, tuple[Callable[[], str], str]] = {
         "RSA key must be at least 2048 bits (256 bytes)",
     ),
     "Ed448": (_signed_csr(ed448.Ed448PrivateKey.generate), "Ed448PublicKey"),
+    "DSA": (_signed_csr(lambda: dsa.generate_private_key(1024)), "DSAPublicKey"),  # noqa: S505
     "RSA-8200, zero signature": (
         lambda: oversized_rsa_csr(8200),
         "RSA key must be at most 8192 bits (1024 bytes)",

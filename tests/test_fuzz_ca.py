@@ -6,7 +6,8 @@ and sends every example to it. For every request the CA must answer a 4xx (501 o
 non-passive revoke) with step-ca's JSON error body ``{"status": <same code>, "message": str}``,
 and afterwards its store must show that nothing was issued or revoked. Below HTTP, random
 bytes and malformed TLS records sent to the port must end each connection with nothing
-logged as an error.
+logged as an error. Tokens validly signed by the provisioner with any names at all may also
+be issued (201); refused, they get a 403 and stay unspent, never a 5xx.
 
 The inputs that once made the CA fail (found by these runs) are pinned at the end of this file
 as explicit regression cases, so they are tried on every run, not only when hypothesis draws
