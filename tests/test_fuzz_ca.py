@@ -801,3 +801,44 @@ async def test_certifiable_names_at_the_limits_are_issued(
 
     await _in_thread(run)
     assert _store(ca).counts()["used_tokens"] == 1
+
+
+async def test_revoke_with_validly_signed_arbitrary_serials(
+    ca: CAServer, fuzzer: Fuzzer, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Revoke tokens signed by the real provisioner key for any serial text (the same in the
+    body) get a 4xx, never a 5xx, and revoke nothing."""
+    caplog.set_level(logging.WARNING)
+    serials = NAMES | st.sampled_from(["\ud800", "1\ud800", "\uff11\uff12", "\u00b2", "007"])
+
+    @fuzz_settings(200)
+    @given(serial=serials.filter(bool))
+    def run(serial: str) -> None:
+        ott = pki.forge(pki.claims(serial, aud=revoke_audience(pki.url)))
+        body = {"serial": serial, "ott": ott, "passive": True}
+        fuzzer.check(fuzzer.http.post("/1.0/revoke", content=json.dumps(body).encode()))
+
+    await _in_thread(run)
+    assert _store(ca).counts()["revocations"] == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_revoke_reason_with_a_lone_surrogate_is_recorded(
+    ca: CAServer, fuzzer: Fuzzer, pki: PKI
+) -> None:
+    """A revocation whose reason holds an escaped lone surrogate is recorded with U+FFFD in
+    its place, as step-ca's Go decoder reads it (it was a 500)."""
+    chain, _ = await pki.enroll(SUBJECT)
+    serial = str(chain[0].serial_number)
+    body = {"serial": serial, "ott": pki.token(serial, revoke=True), "passive": True}
+    content = json.dumps({**body, "reason": "key lost \ud800"}).encode()
+    assert b"\\ud800" in content
+
+    def run() -> None:
+        response = fuzzer.http.post("/1.0/revoke", content=content)
+        assert response.status_code == 200, response.text
+
+    await _in_thread(run)
+    assert _store(ca).counts()["revocations"] == 1
+    assert _store(ca).is_revoked(serial)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 API_PREFIX = "/1.0"  # every route is served at /X and at /1.0/X
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_BODY_BYTES = 64 * 1024  # a CSR and a token are a few KiB; the CA refuses more
 
 # step-ca's generic messages (errs/error.go); the specific reason goes to the CA log only.
@@ -84,12 +86,22 @@ class ProtocolError(BadMaterialError):
 
 
 def _json_object(body: bytes | str) -> dict[str, Any]:
+    """A request's JSON object. A lone surrogate escape (``"\\ud800"``) in a field's string
+    becomes U+FFFD, as Go's decoder (step-ca's) makes it: Python keeps it, and a string
+    holding one cannot be encoded for the store or the log. Only top-level fields are
+    read, so only they are mended."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("error reading request body") from exc
     if not isinstance(data, dict):
         raise ProtocolError("error reading request body")
+    # In UTF-8 bytes a surrogate can only arrive escaped.
+    if not isinstance(body, bytes) or b"\\u" in body:
+        data = {
+            k: _LONE_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v
+            for k, v in data.items()
+        }
     return data
 
 
