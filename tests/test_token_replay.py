@@ -28,8 +28,9 @@ from joserfc import jws
 from joserfc.jwk import ECKey
 from joserfc.registry import HeaderParameter
 
+from federatls._jwk import ProvisionerKey
 from federatls._keys import build_csr, new_private_key
-from federatls._token import mint_renew_token, renew_audience
+from federatls._token import Token, mint_renew_token, renew_audience
 from federatls.ca import CAServer, SQLiteStore
 
 from harness import PKI
@@ -238,3 +239,28 @@ async def test_variants_of_a_spent_renew_token_are_refused(
 
     await _in_thread(run)
     assert _store(ca).counts()["certificates"] == 2
+
+
+def _pure_token(jti: str | None, **claims: Any) -> str:
+    key = ProvisionerKey.generate()
+    payload = {"sub": SUBJECT, "exp": 2_000_000_000, **claims}
+    if jti is not None:
+        payload["jti"] = jti
+    header = {"alg": "ES256", "kid": key.kid, "typ": "JWT"}
+    return jws.serialize_compact(header, json.dumps(payload), key.key, algorithms=["ES256"])
+
+
+def test_digest_names_the_token_not_its_encoding() -> None:
+    """``Token.digest`` is the same for a token, the token in whitespace, and the token with
+    its signature re-encoded as (r, n - s)."""
+    token = _pure_token(None)
+    digests = {Token.parse(t).digest for t in (token, f" {token}\n", malleated(token))}
+    assert len(digests) == 1
+
+
+def test_digest_differs_between_tokens() -> None:
+    """Twin: tokens whose header (another key id) or claims differ have different digests."""
+    token = _pure_token(None)
+    others = [_pure_token(None, sub=SUBJECT + "x"), _pure_token(""), _pure_token(None)]
+    digests = {Token.parse(t).digest for t in (token, *others)}
+    assert len(digests) == 4
