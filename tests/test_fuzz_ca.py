@@ -6,7 +6,8 @@ and sends every example to it. For every request the CA must answer a 4xx (501 o
 non-passive revoke) with step-ca's JSON error body ``{"status": <same code>, "message": str}``,
 and afterwards its store must show that nothing was issued or revoked. Below HTTP, random
 bytes and malformed TLS records sent to the port must end each connection with nothing
-logged as an error.
+logged as an error. Tokens validly signed by the provisioner with any names at all may also
+be issued (201); refused, they get a 403 and stay unspent, never a 5xx.
 
 The inputs that once made the CA fail (found by these runs) are pinned at the end of this file
 as explicit regression cases, so they are tried on every run, not only when hypothesis draws
@@ -32,7 +33,8 @@ from urllib.parse import quote, unquote
 import anyio
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -654,3 +656,189 @@ async def test_requests_that_once_failed(
 
     await _in_thread(run)
     assert _store(ca).counts()["certificates"] == 0
+
+
+# Validly signed tokens with any names ---------------------------------------------------------
+# A CSR with no subject and no SANs passes step-ca's name checks for any token, so the token's
+# `sub` and `sans` alone decide what is certified.
+NAMELESS_CSR = (
+    x509.CertificateSigningRequestBuilder()
+    .subject_name(x509.Name([]))
+    .sign(_CSR_KEY, hashes.SHA256())
+    .public_bytes(serialization.Encoding.PEM)
+    .decode()
+)
+ODD_NAMES = [
+    "",
+    " ",
+    "a" * 64,
+    "a" * 65,
+    "ü" * 32,
+    "ü" * 33,
+    "bücher.cloud.internal",
+    "xn--bcher-kva.cloud.internal",
+    "ü@cloud.internal",
+    "spiffe://cloud/bücher",
+    "fe80::1%eth0",
+    "1.2.3.4.5",
+    "\x00",
+    "\ud800",
+    "svc\ninjected log line",
+    "*.cloud.internal",
+    "a@b@c",
+    "Name <a@b.c>",
+]
+NAMES = st.one_of(
+    st.text(max_size=40),
+    st.text(min_size=60, max_size=200),
+    st.ip_addresses().map(str),
+    st.from_regex(r"\A[0-9a-f.:%]{1,40}\Z"),
+    st.builds(
+        lambda scheme, rest: f"{scheme}:{rest}",
+        st.from_regex(r"\A[A-Za-z][A-Za-z0-9+.\-]{0,8}\Z"),
+        st.text(max_size=40),
+    ),
+    st.builds(lambda user, host: f"{user}@{host}", st.text(max_size=20), st.text(max_size=20)),
+    st.sampled_from(ODD_NAMES),
+)
+
+
+async def test_sign_with_validly_signed_arbitrary_names(
+    ca: CAServer, fuzzer: Fuzzer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tokens signed by the real provisioner key with any ``sub`` and ``sans`` get 201, or
+    403 with the token left unspent; never a 5xx, never an error in the CA's log."""
+    caplog.set_level(logging.WARNING)
+    store = _store(ca)
+
+    @fuzz_settings(300)
+    @given(subject=NAMES.filter(bool), sans=st.none() | st.lists(NAMES, max_size=4))
+    def run(subject: str, sans: list[str] | None) -> None:
+        before = store.counts()
+        ott = fuzzer.pki.forge(fuzzer.pki.claims(subject, sans=sans))
+        response = fuzzer.http.post("/1.0/sign", json={"csr": NAMELESS_CSR, "ott": ott})
+        after = store.counts()
+        if response.status_code == 201:
+            assert after["certificates"] == before["certificates"] + 1
+            return
+        fuzzer.check(response)
+        assert response.status_code == 403, response.text
+        assert after == before  # refused before the token is spent
+
+    await _in_thread(run)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+UNCERTIFIABLE = {
+    "sub of 65 characters": ("a" * 65, ["svc.cloud.internal"], "at most 64"),
+    "sub of 33 two-byte characters": ("ü" * 33, ["svc.cloud.internal"], "at most 64"),
+    "U-label DNS name": ("svc", ["bücher.cloud.internal"], "xn--"),
+    "U-label email": ("svc", ["ü@cloud.internal"], "ASCII"),
+    "U-label URI": ("svc", ["spiffe://cloud/bücher"], "ASCII"),
+    "U-label sub as the only name": ("bücher.cloud.internal", None, "xn--"),
+    "control character in sub": ("svc\ninjected", ["svc.cloud.internal"], "control"),
+    "control character in a DNS name": ("svc", ["svc\x00.cloud.internal"], "control"),
+    "empty name": ("svc", ["svc.cloud.internal", ""], "empty"),
+    "malformed email": ("svc", ["Name <a@b.c>"], "email"),
+}
+
+
+@pytest.mark.parametrize("case", UNCERTIFIABLE.values(), ids=list(UNCERTIFIABLE))
+async def test_uncertifiable_names_get_403_and_spend_nothing(
+    ca: CAServer,
+    fuzzer: Fuzzer,
+    pki: PKI,
+    caplog: pytest.LogCaptureFixture,
+    case: tuple[str, list[str] | None, str],
+) -> None:
+    """A validly signed token whose names cannot go into a certificate gets 403 naming the
+    reason, in the body and the log, and stays unspent (sent again, 403 again)."""
+    subject, sans, reason = case
+    caplog.set_level(logging.WARNING)
+    ott = pki.forge(pki.claims(subject, sans=sans))
+
+    def run() -> None:
+        for _ in range(2):
+            response = fuzzer.http.post("/1.0/sign", json={"csr": NAMELESS_CSR, "ott": ott})
+            fuzzer.check(response)
+            assert response.status_code == 403, response.text
+            assert reason in response.json()["message"]
+
+    await _in_thread(run)
+    assert _store(ca).counts() == {"used_tokens": 0, "certificates": 0, "revocations": 0}
+    refusals = [r.getMessage() for r in caplog.records if "403" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert reason in refusals[0], refusals
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+CERTIFIABLE = {
+    "sub of 64 characters": ("a" * 64, ["svc.cloud.internal"]),
+    "sub of 32 two-byte characters": ("ü" * 32, ["svc.cloud.internal"]),
+    "A-label DNS name": ("svc", ["xn--bcher-kva.cloud.internal"]),
+    "ASCII email, URI and IP": ("svc", ["a@cloud.internal", "spiffe://cloud/svc", "::1"]),
+    "A-label sub as the only name": ("xn--bcher-kva.cloud.internal", None),
+}
+
+
+@pytest.mark.parametrize("case", CERTIFIABLE.values(), ids=list(CERTIFIABLE))
+async def test_certifiable_names_at_the_limits_are_issued(
+    ca: CAServer, fuzzer: Fuzzer, pki: PKI, case: tuple[str, list[str] | None]
+) -> None:
+    """Twin: names just inside the limits (64 bytes, A-labels, ASCII) are issued (201) as
+    the token asks."""
+    subject, sans = case
+    ott = pki.forge(pki.claims(subject, sans=sans))
+
+    def run() -> None:
+        response = fuzzer.http.post("/1.0/sign", json={"csr": NAMELESS_CSR, "ott": ott})
+        assert response.status_code == 201, response.text
+        leaf = x509.load_pem_x509_certificate(response.json()["crt"].encode())
+        assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == subject
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sorted(map(str, (n.value for n in names))) == sorted(sans or [subject])
+
+    await _in_thread(run)
+    assert _store(ca).counts()["used_tokens"] == 1
+
+
+async def test_revoke_with_validly_signed_arbitrary_serials(
+    ca: CAServer, fuzzer: Fuzzer, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Revoke tokens signed by the real provisioner key for any serial text (the same in the
+    body) get a 4xx, never a 5xx, and revoke nothing."""
+    caplog.set_level(logging.WARNING)
+    serials = NAMES | st.sampled_from(["\ud800", "1\ud800", "\uff11\uff12", "\u00b2", "007"])
+
+    @fuzz_settings(200)
+    @given(serial=serials.filter(bool))
+    def run(serial: str) -> None:
+        ott = pki.forge(pki.claims(serial, aud=revoke_audience(pki.url)))
+        body = {"serial": serial, "ott": ott, "passive": True}
+        fuzzer.check(fuzzer.http.post("/1.0/revoke", content=json.dumps(body).encode()))
+
+    await _in_thread(run)
+    assert _store(ca).counts()["revocations"] == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_revoke_reason_with_a_lone_surrogate_is_recorded(
+    ca: CAServer, fuzzer: Fuzzer, pki: PKI
+) -> None:
+    """A revocation whose reason holds an escaped lone surrogate is recorded with U+FFFD in
+    its place, as step-ca's Go decoder reads it (it was a 500)."""
+    chain, _ = await pki.enroll(SUBJECT)
+    serial = str(chain[0].serial_number)
+    body = {"serial": serial, "ott": pki.token(serial, revoke=True), "passive": True}
+    content = json.dumps({**body, "reason": "key lost \ud800"}).encode()
+    assert b"\\ud800" in content
+
+    def run() -> None:
+        response = fuzzer.http.post("/1.0/revoke", content=content)
+        assert response.status_code == 200, response.text
+
+    await _in_thread(run)
+    assert _store(ca).counts()["revocations"] == 1
+    assert _store(ca).is_revoked(serial)

@@ -1,5 +1,6 @@
 """Workload keys and certificate requests: a new private key in memory (P-256 by default;
-Ed25519, RSA-2048 and RSA-3072 on request) and the CSR a token asks for. No I/O here.
+Ed25519, RSA-2048 and RSA-3072 on request), the CSR a token asks for, and which public keys
+a CSR may carry for the CA to certify them. No I/O here.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from cryptography.x509.oid import NameOID
 
 from ._x509 import split_sans
 
-__all__ = ["KeyType", "PrivateKey", "build_csr", "new_private_key"]
+__all__ = ["KeyType", "PrivateKey", "build_csr", "csr_key_refusal", "new_private_key"]
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 8192
+ACCEPTED_KEYS = "P-256, P-384, P-521, Ed25519 or RSA of 2048 to 8192 bits"
+_ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 
 class KeyType(enum.Enum):
@@ -63,3 +67,39 @@ def build_csr(key: PrivateKey, subject: str, sans: Sequence[str]) -> x509.Certif
         )
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm)
+
+
+def csr_key_refusal(key: object) -> str | None:
+    """Why the CA does not certify this public key, or None if it does.
+
+    Accepted: P-256, P-384, P-521, Ed25519 and RSA of 2048 to 8192 bits. Smaller curves
+    (P-192, P-224) and RSA keys are weak; other curves (secp256k1, brainpool) are not what
+    TLS peers expect; a larger RSA key makes its verifiers (the CA first, then every peer)
+    pay for nothing. The short-RSA reason is step-ca's. Only the key's type and size are
+    read: no signature is checked, so this is cheap enough to run before anything else.
+    """
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return (
+                f"certificate request RSA key must be at least {MIN_RSA_BITS} bits "
+                f"({MIN_RSA_BITS // 8} bytes)"
+            )
+        if key.key_size > MAX_RSA_BITS:
+            return (
+                f"certificate request RSA key must be at most {MAX_RSA_BITS} bits "
+                f"({MAX_RSA_BITS // 8} bytes)"
+            )
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, _ACCEPTED_CURVES):
+            return None
+        return (
+            f"certificate request key on curve {key.curve.name} is not supported; "
+            f"use {ACCEPTED_KEYS}"
+        )
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    return (
+        f"certificate request key of type {type(key).__name__} is not supported; "
+        f"use {ACCEPTED_KEYS}"
+    )

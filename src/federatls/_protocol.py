@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ._duration import format_go_duration, parse_go_duration
 from ._errors import BadMaterialError
+from ._keys import csr_key_refusal
 from ._x509 import load_pem_certificate, load_pem_csr
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 API_PREFIX = "/1.0"  # every route is served at /X and at /1.0/X
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_BODY_BYTES = 64 * 1024  # a CSR and a token are a few KiB; the CA refuses more
 
 # step-ca's generic messages (errs/error.go); the specific reason goes to the CA log only.
@@ -73,7 +76,8 @@ def error_message(status: int, reason: str | None = None) -> str:
 
 
 class ProtocolError(BadMaterialError):
-    """A body does not follow the protocol. ``status`` is what the CA answers (400 or 501)."""
+    """A body does not follow the protocol, or carries a CSR key the CA does not certify.
+    ``status`` is what the CA answers (400, 403 or 501)."""
 
     def __init__(self, reason: str, status: int = 400) -> None:
         self.reason = reason
@@ -82,12 +86,22 @@ class ProtocolError(BadMaterialError):
 
 
 def _json_object(body: bytes | str) -> dict[str, Any]:
+    """A request's JSON object. A lone surrogate escape (``"\\ud800"``) in a field's string
+    becomes U+FFFD, as Go's decoder (step-ca's) makes it: Python keeps it, and a string
+    holding one cannot be encoded for the store or the log. Only top-level fields are
+    read, so only they are mended."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("error reading request body") from exc
     if not isinstance(data, dict):
         raise ProtocolError("error reading request body")
+    # In UTF-8 bytes a surrogate can only arrive escaped.
+    if not isinstance(body, bytes) or b"\\u" in body:
+        data = {
+            k: _LONE_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v
+            for k, v in data.items()
+        }
     return data
 
 
@@ -119,8 +133,15 @@ def _request_csr(data: Mapping[str, Any]) -> x509.CertificateSigningRequest:
     except BadMaterialError as exc:
         raise ProtocolError("error reading request body") from exc
     try:
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProtocolError("invalid csr") from exc
+    # The key's type and size first: verifying the signature of a huge RSA key would cost.
+    refusal = csr_key_refusal(key)
+    if refusal is not None:
+        raise ProtocolError(refusal, 403)
+    try:
         valid = csr.is_signature_valid
-        csr.public_key()
         _ = csr.extensions  # a malformed extension shows here, not later
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
         raise ProtocolError("invalid csr") from exc

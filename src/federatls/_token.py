@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import math
 import secrets
@@ -152,6 +153,20 @@ class Token:
     @property
     def sans(self) -> tuple[str, ...]:
         return tuple(self.claims.get("sans") or ())
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of what the signature covers, decoded: the protected header's bytes
+        (length-prefixed) and the payload's bytes. It names the token, not its encoding:
+        whitespace around it (``parse`` strips it), how its segments are base64-encoded and
+        its signature (ECDSA's (r, s) and (r, n - s) both verify) leave it unchanged. The CA
+        spends a token without ``jti`` under this digest."""
+        header = base64.urlsafe_b64decode(_padded(self._signed.segments["header"]))
+        payload: bytes = self._signed.payload
+        digest = hashlib.sha256(len(header).to_bytes(8, "big"))
+        digest.update(header)
+        digest.update(payload)
+        return digest.hexdigest()
 
     @property
     def root_fingerprint(self) -> str | None:
@@ -332,6 +347,10 @@ def mint_renew_token(
     }
     payload = json.dumps(claims, separators=(",", ":"))
     return jws.serialize_compact(header, payload, jwk, registry=_registry(alg))
+
+
+def _padded(segment: bytes) -> bytes:
+    return segment + b"=" * (-len(segment) % 4)
 
 
 RENEW_TOKEN_ISSUER = "step-ca-client/1.0"  # noqa: S105 (an issuer name, not a secret)

@@ -4,6 +4,10 @@ and with step-ca's answers (PROTOCOL.md §3-5), plus what federatls checks bette
 * a token's signature is verified *before* its ``jti`` is burnt, so nobody can burn other
   people's tokens with forged ones;
 * a token must carry ``exp``; a revoke token's ``sub`` must be the serial it revokes;
+* a token without ``jti`` is spent under a digest of its decoded content, not of its
+  encoding, so no re-encoding of it buys a second certificate;
+* a token whose names no certificate can carry, and a CSR key outside P-256, P-384, P-521,
+  Ed25519 and RSA 2048-8192, get 403 before the token is spent;
 * only certificates this CA issued can be revoked.
 
 Every refusal is a ``Refusal`` carrying the status, the specific reason (for the log) and, for
@@ -14,10 +18,9 @@ passed in. State goes through the ``Store``.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -31,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from .._duration import format_go_duration
 from .._errors import TokenError
+from .._keys import csr_key_refusal
 from .._protocol import ErrorBody, RevokeRequest, SignRequest, TimeDuration
 from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
@@ -43,7 +47,7 @@ from ._store import IssuedCertificate, Revocation, Store, TokenUse
 __all__ = ["Authority", "Refusal"]
 
 LEGACY_AUDIENCE = "step-certificate-authority"
-MIN_RSA_BITS = 2048
+MAX_COMMON_NAME_BYTES = 64  # X.520's upper bound, as cryptography applies it (UTF-8 bytes)
 _DEFAULT_PAGE, _MAX_PAGE = 20, 100
 
 TokenKind = Literal["sign", "revoke"]
@@ -128,17 +132,19 @@ class _Audiences:
         )
 
 
-def _token_use(
-    raw: str, token: Token, provisioner: str, now: datetime, *, iat_checked: bool
-) -> TokenUse:
-    """What spending a token records: its id (``jti``, or the token's SHA-256 without one, as
-    step-ca does), its provisioner and when it expires.
+def _token_use(token: Token, provisioner: str, now: datetime, *, iat_checked: bool) -> TokenUse:
+    """What spending a token records: its id, its provisioner and when it expires.
+
+    The id is the ``jti``; without one (or with an empty one) it is ``Token.digest``, a
+    digest of the decoded header and payload. step-ca hashes the raw token string instead,
+    so whitespace around a token or its ECDSA signature re-encoded as (r, n - s) buys one
+    more certificate there; here every encoding of one token has one id.
 
     The record is ``durable`` (synced to disk before the answer) unless losing it in a power
     cut could not reopen a replay: with ``iat_checked`` the CA refuses, after any restart,
     tokens issued before it started, and restarting after a power cut takes more than a
     second, so a token whose ``iat`` is at or before the current second stays refused."""
-    token_id = token.token_id or hashlib.sha256(raw.encode()).hexdigest()
+    token_id = token.token_id or token.digest
     expires = datetime.fromtimestamp(token.expires_at or now.timestamp(), tz=now.tzinfo)
     iat = token.issued_at
     durable = not iat_checked or iat is None or iat > math.floor(now.timestamp())
@@ -254,9 +260,7 @@ class Authority:
             )
         if not token.subject:
             raise _unauthorized("jwk token subject cannot be empty")
-        spend = _token_use(
-            raw, token, prov.id, now, iat_checked=not self.config.disable_issued_at_check
-        )
+        spend = _token_use(token, prov.id, now, iat_checked=not self.config.disable_issued_at_check)
         if self.store.token_used(spend.token_id):
             raise _unauthorized("token already used")
         return prov, token, spend
@@ -277,12 +281,17 @@ class Authority:
     def prepare_sign(self, request: SignRequest, now: datetime) -> Issuance:
         """Validate the token and the CSR and sign the certificate, without recording it.
 
-        A valid token is spent whatever happens: a refused CSR spends it here (as in
-        step-ca); a signed certificate spends it in ``commit``, in the same transaction that
-        records the certificate, so no certificate is handed out unrecorded."""
+        A valid token is spent whatever happens to the CSR: a refused CSR spends it here (as
+        in step-ca); a signed certificate spends it in ``commit``, in the same transaction
+        that records the certificate, so no certificate is handed out unrecorded. Refused
+        before it is spent (403): a CSR key the CA does not certify, and a token whose own
+        names no certificate can carry (it can never buy one; nothing is gained by burning
+        it)."""
+        public_key = _checked_public_key(request.csr.public_key())
         prov, token, spend = self._validate_token(request.ott, "sign", now)
+        names = _certifiable_names(token)
         try:
-            leaf, sans = self._issue(request, prov, token, now)
+            leaf, sans = self._issue(request, prov, names, public_key, now)
         except Refusal:
             self._spend(spend)
             raise
@@ -296,10 +305,14 @@ class Authority:
         return self.store.record_issuances([i.spend for i in issuances])
 
     def _issue(
-        self, request: SignRequest, prov: JWKProvisioner, token: Token, now: datetime
+        self,
+        request: SignRequest,
+        prov: JWKProvisioner,
+        names: tuple[str, SANs],
+        public_key: CertificateIssuerPublicKeyTypes,
+        now: datetime,
     ) -> tuple[x509.Certificate, SANs]:
-        subject = token.subject
-        sans = split_sans(list(token.sans) or [subject])
+        subject, sans = names
         csr = request.csr
         cn = common_name(csr.subject)
         if cn and cn != subject:
@@ -308,7 +321,6 @@ class Authority:
                 "certificate request does not contain the valid common name"
                 f" - got {cn}, want {subject}",
             )
-        public_key = _checked_public_key(csr.public_key())  # parse checked it loads
         _check_csr_sans(cert_sans(csr), sans)
         not_before, not_after = self._validity(
             request.not_before, request.not_after, prov.claims, now
@@ -467,7 +479,7 @@ class Authority:
         if token.issuer not in (RENEW_TOKEN_ISSUER, prov.name):
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
         # Renew tokens are not checked against the CA's start time: always durable.
-        spend = _token_use(raw, token, prov.id, now, iat_checked=False)
+        spend = _token_use(token, prov.id, now, iat_checked=False)
         self._spend(spend)
         return leaf
 
@@ -535,17 +547,71 @@ def _go_time(dt: datetime) -> str:
 
 
 def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
+    """The key, if the CA certifies it (``csr_key_refusal``); else a 403 ``Refusal``."""
+    reason = csr_key_refusal(key)
+    if reason is None and isinstance(
+        key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+    ):
+        return key
+    raise Refusal(403, reason or f"certificate request key of type {type(key).__name__}")
+
+
+def _shown(value: str) -> str:
+    """A claim value quoted for a message: escaped (no control character reaches the log)
+    and cut to a readable length."""
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+_GENERAL_NAMES: tuple[tuple[str, str, Callable[[str], x509.GeneralName]], ...] = (
+    ("dns", "DNS name", x509.DNSName),
+    ("emails", "email address", x509.RFC822Name),
+    ("uris", "URI", x509.UniformResourceIdentifier),
+)
+
+
+def _certifiable_names(token: Token) -> tuple[str, SANs]:
+    """The token's subject and SANs (``[sub]`` when it has none), if a certificate can carry
+    them; else a 403 ``Refusal`` that names the value.
+
+    The subject becomes the common name: at most 64 bytes of UTF-8. DNS names, email
+    addresses and URIs are IA5 strings: ASCII, so an internationalised name travels as its
+    A-label (``xn--...``). No name may be empty, nor hold control or other unprintable
+    characters (they would reach logs and peers' name checks). step-ca issues over-long
+    common names and control characters and answers U-labels with a 500."""
+    subject = token.subject
+    if not subject.isprintable():
+        raise Refusal(
+            403, f"token subject {_shown(subject)} holds control or other unprintable characters"
+        )
+    size = len(subject.encode("utf-8"))
+    if size > MAX_COMMON_NAME_BYTES:
+        raise Refusal(
+            403,
+            f"token subject {_shown(subject)} is {size} bytes long; a certificate's common "
+            f"name holds at most {MAX_COMMON_NAME_BYTES}",
+        )
+    names = list(token.sans) or [subject]
+    for name in names:
+        if not name:
+            raise Refusal(403, "token subject alternative names cannot be empty")
+        if not name.isprintable():
             raise Refusal(
-                403,
-                f"certificate request RSA key must be at least {MIN_RSA_BITS} "
-                f"bits ({MIN_RSA_BITS // 8} bytes)",
+                403, f"token name {_shown(name)} holds control or other unprintable characters"
             )
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        return key
-    raise Refusal(400, f"certificate request key of type '{type(key).__name__}' is not supported")
+    sans = split_sans(names)
+    for field, kind, general_name in _GENERAL_NAMES:
+        for value in getattr(sans, field):
+            if not value.isascii():
+                raise Refusal(
+                    403,
+                    f"token {kind} {_shown(value)} is not ASCII: a certificate carries an "
+                    "internationalised name as its A-label (xn--...)",
+                )
+            try:
+                general_name(value)
+            except ValueError as exc:
+                raise Refusal(403, f"token {kind} {_shown(value)} is not valid: {exc}") from exc
+    return subject, sans
 
 
 def _check_csr_sans(csr: SANs, token: SANs) -> None:
