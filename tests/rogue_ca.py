@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,12 +53,14 @@ class Issue:
 class Behaviour:
     """How the rogue CA answers one endpoint: after ``delay`` seconds, dripping one byte
     every ``drip`` seconds (0: at once), with its JSON body padded to ``pad_to`` bytes (an
-    extra field), announced with a Content-Length or, with ``declare_length=False``, chunked."""
+    extra field), announced with a Content-Length or, with ``declare_length=False``, chunked;
+    with ``gzip``, the body is sent gzip-compressed (whether asked for or not)."""
 
     delay: float = 0.0
     drip: float = 0.0
     pad_to: int = 0
     declare_length: bool = True
+    gzip: bool = False
 
 
 @dataclass
@@ -233,16 +236,20 @@ class RogueCA:
         pieces: list[bytes | _Filler] = (
             [prefix, _Filler(filler), b'",' + data[1:]] if how.pad_to else [data]
         )
+        framing = "content-type: application/json\r\n"
+        if how.gzip:
+            packer = zlib.compressobj(wbits=31)  # the gzip format
+            packed = [packer.compress(c) for p in pieces for c in _chunks(p)] + [packer.flush()]
+            pieces = [b"".join(packed)]
+            framing += "content-encoding: gzip\r\n"
         size = sum(len(p) for p in pieces)
-        framing = f"content-length: {size}" if how.declare_length else "transfer-encoding: chunked"
-        head = (
-            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
-        ).encode()
+        framing += f"content-length: {size}" if how.declare_length else "transfer-encoding: chunked"
+        head = f"HTTP/1.1 {status} X\r\n{framing}\r\n\r\n".encode()
         await asyncio.sleep(how.delay)
         self.sent[path] = 0
         await self._write(writer, head, how.drip)
         for piece in pieces:
-            for chunk in piece.chunks() if isinstance(piece, _Filler) else [piece]:
+            for chunk in _chunks(piece):
                 framed = chunk if how.declare_length else b"%x\r\n%s\r\n" % (len(chunk), chunk)
                 await self._write(writer, framed, how.drip)
                 self.sent[path] += len(chunk)
@@ -258,6 +265,10 @@ class RogueCA:
             writer.write(data[i : i + 1])
             await writer.drain()
             await asyncio.sleep(drip)
+
+
+def _chunks(piece: bytes | _Filler) -> Iterator[bytes]:
+    return piece.chunks() if isinstance(piece, _Filler) else iter([piece])
 
 
 @dataclass(frozen=True)

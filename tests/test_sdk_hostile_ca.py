@@ -142,6 +142,18 @@ async def test_answer_above_the_cap_is_refused_unread(
         assert sent < HUGE // 2
 
 
+async def test_compressed_answer_is_refused_uninflated(tmp_path: Path) -> None:
+    """A /root/{sha} answer gzip-compressed from 50 MB to some 50 kB (not asked for: the SDK
+    asks for identity) is refused with BadMaterialError before anything is inflated."""
+    how = Behaviour(pad_to=HUGE, gzip=True)
+    with _rogue(tmp_path, root=how) as rogue:
+        with pytest.raises(BadMaterialError) as refused:
+            await federatls.bootstrap(_token(rogue), timeout=10)
+        requests = list(rogue.requests)
+    assert "gzip-encoded, not asked for" in str(refused.value)
+    assert requests == [f"GET /root/{rogue.pki.fingerprint}"]
+
+
 @pytest.mark.parametrize("declared", [True, False])
 async def test_answer_at_the_cap_is_read(declared: bool, tmp_path: Path) -> None:
     """Twin: answers of exactly 1 MiB (/root/{sha} and /federation, padded) are read and used."""
