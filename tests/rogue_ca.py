@@ -90,7 +90,7 @@ class RogueCA:
         self.roots = self.roots or [self.pki.root]
         self._tasks: set[asyncio.Task[None]] = set()
         tls_key = ec.generate_private_key(ec.SECP256R1())
-        tls_cert = self._certificate(
+        tls_cert = self.certificate(
             "rogue CA", ["127.0.0.1"], tls_key.public_key(), Issue(not_after=timedelta(hours=1))
         )
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -169,14 +169,14 @@ class RogueCA:
             token = Token.parse(request["ott"])
             csr = load_pem_csr(request["csr"])
             names = list(token.sans) or [token.subject]
-            leaf = self._certificate(token.subject, names, csr.public_key(), self.issue)
+            leaf = self.certificate(token.subject, names, csr.public_key(), self.issue)
             return 201, SignResponse((leaf, self.intermediate)).to_json()
         if method == "POST" and path == "/renew":
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
             if der is None:
                 return 400, {"status": 400, "message": "missing client certificate"}
             old = x509.load_der_x509_certificate(der)
-            leaf = self._certificate(
+            leaf = self.certificate(
                 common_name(old.subject),
                 cert_sans(old).as_strings(),
                 old.public_key(),
@@ -185,9 +185,11 @@ class RogueCA:
             return 201, SignResponse((leaf, self.intermediate)).to_json()
         return 404, {"status": 404, "message": f"no route for {method} {target}"}
 
-    def _certificate(
+    def certificate(
         self, subject: str, names: list[str], public_key: object, issue: Issue
     ) -> x509.Certificate:
+        """A certificate from the PKI's intermediate for ``subject`` (CN) and ``names``, filled
+        in as ``issue`` says."""
         if issue.other_key:
             public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)

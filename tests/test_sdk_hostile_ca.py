@@ -14,11 +14,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import federatls
 from federatls import (
@@ -27,8 +28,10 @@ from federatls import (
     Identity,
     RenewalPolicy,
     RenewingIdentity,
+    TrustBundle,
 )
 from federatls._client import MAX_ANSWER_BYTES
+from federatls._issuance import CLOCK_SKEW, check_issued
 from federatls._x509 import split_sans
 from rogue_ca import Behaviour, Issue, RogueCA
 
@@ -354,3 +357,30 @@ async def test_renewal_accepts_what_an_honest_ca_issues(
     assert live.renewals == 1
     assert live.current.sans == identity.sans
     assert live.current.public_key_matches(identity.certificate)
+
+
+# 4. The pure check at its edges -----------------------------------------------------------------
+def test_validity_edges_of_the_pure_check(tmp_path: Path) -> None:
+    """check_issued accepts a start exactly CLOCK_SKEW ahead and refuses one a second further,
+    and refuses a certificate from its notAfter on (a second before, it is accepted)."""
+    rogue = RogueCA(make_pki(tmp_path, "cloud"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = rogue.certificate(SUBJECT, SANS, key.public_key(), Issue())
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+
+    def check(now: datetime) -> None:
+        check_issued(
+            (leaf, rogue.intermediate),
+            key=key.public_key(),
+            subject=SUBJECT,
+            names=split_sans(SANS),
+            roots=TrustBundle.from_ca([rogue.pki.root], []),
+            now=now,
+        )
+
+    check(start - CLOCK_SKEW)
+    check(end - timedelta(seconds=1))
+    with pytest.raises(BadMaterialError, match="not valid before"):
+        check(start - CLOCK_SKEW - timedelta(seconds=1))
+    with pytest.raises(BadMaterialError, match="expired at"):
+        check(end)
