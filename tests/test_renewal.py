@@ -254,6 +254,7 @@ def test_sleep_never_exceeds_recheck() -> None:
         ({"first_retry": timedelta(minutes=6)}, "first_retry <= max_retry"),
         ({"recheck": timedelta(0)}, "recheck"),
         ({"recheck": timedelta(seconds=-1)}, "recheck"),
+        ({"timeout": timedelta(0)}, "timeout"),
     ],
 )
 def test_policy_refuses_impossible_numbers(kwargs: dict[str, object], message: str) -> None:
@@ -270,6 +271,7 @@ def test_policy_accepts_the_edges_of_the_valid_range() -> None:
         first_retry=timedelta(microseconds=1),
         max_retry=timedelta(microseconds=1),
         recheck=timedelta(microseconds=1),
+        timeout=timedelta(microseconds=1),
     )
     assert policy.renewal_due(T0, T0 + timedelta(seconds=1), 0.9) == T0 + timedelta(milliseconds=1)
 

@@ -21,6 +21,7 @@ from ._bootstrap import bootstrap, bootstrap_sync
 from ._errors import (
     BadMaterialError,
     CARefusedError,
+    CATimeoutError,
     CAUnreachableError,
     ConfigError,
     FederatlsError,
@@ -47,6 +48,7 @@ __all__ = [
     "Authoriser",
     "BadMaterialError",
     "CARefusedError",
+    "CATimeoutError",
     "CAUnreachableError",
     "ConfigError",
     "FederatlsError",

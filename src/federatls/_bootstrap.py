@@ -3,26 +3,25 @@
 The token carries the CA URL (``aud``) and the root fingerprint (``sha``). The root is
 fetched without TLS verification and must have that fingerprint, else nothing more is sent;
 from then on the CA is reached pinned to that root. A key is made in memory, its CSR signed,
-and the CA's own roots and federation bundle fetched.
+and the CA's own roots and federation bundle fetched. All of it is over within ``timeout``,
+and what the CA issued is checked (``_issuance``) before an identity is built from it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from datetime import UTC, datetime, timedelta
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-
-from ._client import DEFAULT_TIMEOUT, CAClient, fetch_root
+from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, fetch_root
 from ._errors import BadMaterialError, CARefusedError, TokenError
 from ._identity import Identity
+from ._issuance import check_issued
 from ._keys import KeyType, build_csr, new_private_key
 from ._protocol import SignRequest, TimeDuration
 from ._sync import run_sync
 from ._token import LEEWAY, Token
 from ._trust import TrustBundle
+from ._x509 import fingerprint, split_sans
 
 __all__ = ["bootstrap", "bootstrap_sync"]
 
@@ -48,17 +47,6 @@ def _read_token(token: str, now: datetime) -> tuple[Token, str, str]:
     return parsed, ca_url, sha
 
 
-def _check_chain(chain: tuple[x509.Certificate, ...], trust: TrustBundle) -> None:
-    """The issued chain must lead, link by link, to one of the CA's own roots."""
-    for child, parent in itertools.pairwise(chain):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
-            raise BadMaterialError("the CA's certificate chain is broken") from exc
-    if trust.own().anchor_of(chain[-1]) is None:
-        raise BadMaterialError("the issued certificate does not chain to a root of its CA")
-
-
 async def bootstrap(
     token: str,
     *,
@@ -71,14 +59,18 @@ async def bootstrap(
     ``key_type``: P-256 (default), Ed25519, RSA-2048 or RSA-3072 (a ``KeyType`` or its
     name, e.g. ``"Ed25519"``), made in this process.
     ``lifetime``: the certificate lifetime to ask for (the CA's default otherwise, and the
-    CA's claims bound it). Raises ``TokenError`` (a bad or expired token),
-    ``FingerprintMismatchError`` (the CA presented another root: nothing else was sent),
-    ``CARefusedError`` (status and body of the refusal), ``CAUnreachableError``.
+    CA's claims bound it). ``timeout``: seconds for the whole bootstrap, all its calls
+    together. Raises ``TokenError`` (a bad or expired token), ``FingerprintMismatchError``
+    (the CA presented another root: nothing else was sent), ``CARefusedError`` (status and
+    body of the refusal), ``CAUnreachableError`` (``CATimeoutError`` past the deadline),
+    ``BadMaterialError`` (an answer too large, inconsistent, or a certificate that is not
+    for our key and the token's names, not valid now, or a CA's).
     """
     if isinstance(key_type, str):
         key_type = KeyType.parse(key_type)  # ValueError for an unknown name
     parsed, ca_url, sha = _read_token(token, datetime.now(UTC))
-    root = await fetch_root(ca_url, sha, timeout=timeout)
+    deadline = Deadline.after(timeout, "the bootstrap")
+    root = await fetch_root(ca_url, sha, timeout=timeout, deadline=deadline)
     key = new_private_key(key_type)
     sans = list(parsed.sans) or [parsed.subject]
     request = SignRequest(
@@ -86,7 +78,7 @@ async def bootstrap(
         token,
         not_after=TimeDuration(relative=lifetime) if lifetime is not None else None,
     )
-    async with CAClient(ca_url, [root], timeout=timeout) as ca:
+    async with CAClient(ca_url, [root], timeout=timeout, deadline=deadline) as ca:
         try:
             signed = await ca.sign(request)
         except CARefusedError as exc:
@@ -98,10 +90,20 @@ async def bootstrap(
         own = await ca.roots_bundle()
         federation = await ca.federation()
     trust = TrustBundle.from_ca(own, federation)
+    if trust.own().by_fingerprint(sha) is None:
+        raise BadMaterialError(
+            f"the CA's /roots does not list the pinned root {fingerprint(root)} that it "
+            "served at /root: its answers are inconsistent, refused"
+        )
+    check_issued(
+        signed.chain,
+        key=key.public_key(),
+        subject=parsed.subject,
+        names=split_sans(sans),
+        roots=trust.own(),
+        now=datetime.now(UTC),
+    )
     identity = Identity.from_parts(signed.chain, key, trust, ca_url)
-    if not identity.public_key_matches(signed.leaf):
-        raise BadMaterialError("the CA returned a certificate for another key")
-    _check_chain(signed.chain, trust)
     log.info(
         "enrolled %s with %s: serial %d, valid until %s, trusting %d root(s)",
         identity.common_name,

@@ -1,21 +1,34 @@
 """The client of a step-ca compatible CA (the real step-ca or the federatls CA), pinned to the
 CA's roots. Bodies are built and parsed by ``_protocol``; every httpx and ssl error is
 translated here, in ``_call``, into federatls errors.
+
+Every call is bounded by a deadline (connect, send and the read of the whole body), and
+optionally by a longer exchange's (a bootstrap's, a renewal's); answers larger than
+``MAX_ANSWER_BYTES`` are refused as they stream in, never buffered whole.
 """
 
 from __future__ import annotations
 
+import json as jsonlib
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from ._errors import BadMaterialError, CARefusedError, CAUnreachableError, FingerprintMismatchError
+from ._errors import (
+    BadMaterialError,
+    CARefusedError,
+    CATimeoutError,
+    CAUnreachableError,
+    FingerprintMismatchError,
+)
 from ._protocol import (
     ErrorBody,
     HealthResponse,
@@ -32,10 +45,32 @@ from ._sslkeys import load_cert_chain_in_memory
 from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint
 
-__all__ = ["CAClient", "fetch_root"]
+__all__ = ["MAX_ANSWER_BYTES", "CAClient", "Deadline", "fetch_root"]
 
 DEFAULT_TIMEOUT = 15.0
-_USER_AGENT = f"federatls/{__version__}"
+# Far above any step-ca answer (a chain, a bundle of roots, a page of provisioners).
+MAX_ANSWER_BYTES = 1 << 20
+# Compressed answers are neither asked for nor accepted: a small body must not inflate.
+_HEADERS = {"User-Agent": f"federatls/{__version__}", "Accept-Encoding": "identity"}
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When an exchange must be over: ``at`` on anyio's clock, having been given ``seconds``
+    for ``what`` ("the call", "the bootstrap", "the renewal"), which errors name."""
+
+    at: float
+    seconds: float
+    what: str
+
+    @classmethod
+    def after(cls, seconds: float, what: str) -> Deadline:
+        """The deadline ``seconds`` from now (call it inside the event loop)."""
+        return cls(anyio.current_time() + seconds, seconds, what)
+
+    def sooner(self, other: Deadline | None) -> Deadline:
+        """Whichever of the two comes first."""
+        return self if other is None or self.at <= other.at else other
 
 
 def _base_url(url: str) -> str:
@@ -64,28 +99,52 @@ async def _call(
     method: str,
     url: str,
     *,
+    deadline: Deadline,
     json: Any = None,
     headers: dict[str, str] | None = None,
     expect: tuple[int, ...] = (200,),
 ) -> Any:
-    """One request: the JSON answer, or a federatls error saying what went wrong."""
+    """One request, over by ``deadline`` (connect, send, the whole body): the JSON answer,
+    or a federatls error saying what went wrong."""
+    status, content = 0, b""
     try:
-        response = await client.request(method, url, json=json, headers=headers)
+        with anyio.CancelScope(deadline=deadline.at) as scope:
+            async with client.stream(method, url, json=json, headers=headers) as response:
+                status = response.status_code
+                content = await _read_capped(response, url)
     except httpx.TimeoutException as exc:
-        raise CAUnreachableError(url, "timed out") from exc
+        raise CATimeoutError(url, deadline.seconds, deadline.what) from exc
     except httpx.TransportError as exc:
         raise CAUnreachableError(url, _transport_reason(exc)) from exc
     except ssl.SSLError as exc:  # an alert after the handshake (TLS 1.3) escapes httpx
         raise CAUnreachableError(url, f"TLS failure: {exc.reason or exc}") from exc
-    if response.status_code not in expect:
-        body = ErrorBody.parse(response.status_code, response.content)
-        raise CARefusedError(
-            response.status_code, body.message, url=url, body=dict(body.extra) or None
-        )
+    if scope.cancelled_caught:
+        raise CATimeoutError(url, deadline.seconds, deadline.what)
+    if status not in expect:
+        body = ErrorBody.parse(status, content)
+        raise CARefusedError(status, body.message, url=url, body=dict(body.extra) or None)
     try:
-        return response.json()
+        return jsonlib.loads(content)
     except ValueError as exc:
         raise BadMaterialError(f"{url}: the CA's answer is not JSON") from exc
+
+
+async def _read_capped(response: httpx.Response, url: str) -> bytes:
+    """The body, read as it streams in and refused once it passes ``MAX_ANSWER_BYTES`` (or
+    announces more up front); the rest is never read."""
+    too_large = f"{url}: the CA's answer is larger than {MAX_ANSWER_BYTES} bytes: refused"
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadMaterialError(f"{url}: the CA's answer is {encoding}-encoded, not asked for")
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise BadMaterialError(f"{too_large} (Content-Length {declared})")
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise BadMaterialError(f"{too_large} (read no further)")
+    return bytes(body)
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
@@ -106,12 +165,15 @@ def _transport_reason(exc: httpx.TransportError) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def fetch_root(url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT) -> x509.Certificate:
+async def fetch_root(
+    url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT, deadline: Deadline | None = None
+) -> x509.Certificate:
     """GET ``/root/{sha}`` *without* TLS verification, then require the fingerprint to match.
 
     This is trust on first use made safe by the token: ``sha`` came from a token the user
     trusts, so a CA that answers with any other certificate is refused
-    (``FingerprintMismatchError``) and nothing more is sent to it.
+    (``FingerprintMismatchError``) and nothing more is sent to it. The call is over within
+    ``timeout`` seconds, and by ``deadline`` if one is given (``CATimeoutError``).
     """
     base = _base_url(url)
     want = sha.lower().replace("-", "").replace(":", "")
@@ -119,10 +181,9 @@ async def fetch_root(url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT) ->
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    async with httpx.AsyncClient(
-        verify=ctx, timeout=timeout, headers={"User-Agent": _USER_AGENT}
-    ) as client:
-        data = await _call(client, "GET", f"{base}/root/{want}")
+    bound = Deadline.after(timeout, "the call").sooner(deadline)
+    async with httpx.AsyncClient(verify=ctx, timeout=timeout, headers=_HEADERS) as client:
+        data = await _call(client, "GET", f"{base}/root/{want}", deadline=bound)
     root = RootResponse.parse(data).certificate
     got = fingerprint(root)
     if got != want:
@@ -132,7 +193,10 @@ async def fetch_root(url: str, sha: str, *, timeout: float = DEFAULT_TIMEOUT) ->
 
 class CAClient:
     """Talks to one CA over TLS pinned to ``roots``; ``identity`` enables mTLS (renew, rekey,
-    revoke by certificate). Use as ``async with CAClient(url, roots) as ca``."""
+    revoke by certificate). Use as ``async with CAClient(url, roots) as ca``.
+
+    Each call is over within ``timeout`` seconds, and all of them by ``deadline`` when one
+    is given (an exchange of several calls); else ``CATimeoutError``."""
 
     def __init__(
         self,
@@ -141,15 +205,16 @@ class CAClient:
         *,
         identity: tuple[Sequence[x509.Certificate], PrivateKeyTypes] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        deadline: Deadline | None = None,
     ) -> None:
         if not roots:
             raise BadMaterialError("a CA client needs at least one root certificate to trust")
         self.url = _base_url(url)
         self.roots = tuple(roots)
+        self.timeout = timeout
+        self.deadline = deadline
         self._client = httpx.AsyncClient(
-            verify=client_tls_context(roots, identity),
-            timeout=timeout,
-            headers={"User-Agent": _USER_AGENT},
+            verify=client_tls_context(roots, identity), timeout=timeout, headers=_HEADERS
         )
 
     async def __aenter__(self) -> CAClient:
@@ -166,12 +231,23 @@ class CAClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _deadline(self) -> Deadline:
+        return Deadline.after(self.timeout, "the call").sooner(self.deadline)
+
     async def _get(self, path: str, expect: tuple[int, ...] = (200,)) -> Any:
-        return await _call(self._client, "GET", self.url + path, expect=expect)
+        return await _call(
+            self._client, "GET", self.url + path, deadline=self._deadline(), expect=expect
+        )
 
     async def _post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
         return await _call(
-            self._client, "POST", self.url + path, json=body, headers=headers, expect=(200, 201)
+            self._client,
+            "POST",
+            self.url + path,
+            deadline=self._deadline(),
+            json=body,
+            headers=headers,
+            expect=(200, 201),
         )
 
     async def health(self) -> str:

@@ -12,6 +12,7 @@ caller never needs to catch another library's exceptions.
     │                            the CA served a root whose SHA-256 is not the pinned one
     ├── CARefusedError           the CA answered with an error status (status, body)
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
+    │   └── CATimeoutError       no complete answer within the deadline (silent or dripping)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
@@ -23,6 +24,7 @@ from typing import Any
 __all__ = [
     "BadMaterialError",
     "CARefusedError",
+    "CATimeoutError",
     "CAUnreachableError",
     "ConfigError",
     "FederatlsError",
@@ -97,6 +99,17 @@ class CAUnreachableError(FederatlsError):
         self.url = url
         self.reason = reason
         super().__init__(f"cannot reach the CA at {url}: {reason}")
+
+
+class CATimeoutError(CAUnreachableError):
+    """The CA's complete answer did not arrive within the deadline: ``timeout`` seconds for
+    ``what`` (one call, a whole bootstrap or a renewal). A CA that drips its answer a byte at
+    a time ends here as surely as a silent one."""
+
+    def __init__(self, url: str, timeout: float, what: str) -> None:
+        self.timeout = timeout
+        self.what = what
+        super().__init__(url, f"no complete answer within the {timeout:g} s deadline of {what}")
 
 
 class IdentityExpiredError(FederatlsError):

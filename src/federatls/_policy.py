@@ -1,8 +1,9 @@
 """When to renew: the pure renewal policy. Renew when about two thirds of a certificate's
 remaining life (counted from when we received it) has passed, minus some jitter so a fleet
 does not renew in step; after a failure retry with capped exponential backoff and jitter, but
-never so late that the certificate expires before a few more tries; and wake at least once a
-minute whatever the plan, because laptops sleep and clocks jump.
+never so late that the certificate expires before a few more tries; wake at least once a
+minute whatever the plan, because laptops sleep and clocks jump; and give one refresh (all
+its calls to the CA together) a deadline, past which it counts as a failure.
 
 Everything takes the time (and the random draw) as arguments: no clock, no sleep, no I/O.
 """
@@ -24,6 +25,7 @@ class RenewalPolicy:
     first_retry: timedelta = timedelta(seconds=1)
     max_retry: timedelta = timedelta(minutes=5)
     recheck: timedelta = timedelta(minutes=1)  # the longest single sleep
+    timeout: timedelta = timedelta(seconds=15)  # the deadline of one refresh, all calls together
 
     def __post_init__(self) -> None:
         if not 0 < self.renew_at < 1:
@@ -34,6 +36,8 @@ class RenewalPolicy:
             raise ValueError("need 0 < first_retry <= max_retry")
         if self.recheck <= timedelta(0):
             raise ValueError("recheck must be positive")
+        if self.timeout <= timedelta(0):
+            raise ValueError("timeout must be positive")
 
     def renewal_due(self, received_at: datetime, not_after: datetime, rand: float) -> datetime:
         """When to renew a certificate received at ``received_at``; ``rand`` in [0, 1)."""

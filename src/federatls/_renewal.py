@@ -3,9 +3,12 @@
 
 One refresh fetches ``/roots`` and ``/federation`` (a failure keeps the last good bundle and
 does not stop the certificate), renews the certificate over mutual TLS (``POST /renew``,
-same key), builds the new contexts, and swaps identity and contexts in as one snapshot. New
-handshakes use the new snapshot; connections already open keep theirs. When to refresh is
-``RenewalPolicy``'s business (``_policy.py``).
+same key), checks what the CA issued (``_issuance``: same key, same names, valid now, not a
+CA, chained to the CA's own roots), builds the new contexts, and swaps identity and contexts
+in as one snapshot. New handshakes use the new snapshot; connections already open keep
+theirs. When to refresh, and how long a refresh may take, is ``RenewalPolicy``'s business
+(``_policy.py``); a refresh past its deadline is a failure like any other, retried with
+backoff.
 
     async with anyio.create_task_group() as tg:
         live = await tg.start(federatls.keep_renewed, identity)
@@ -27,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._authorise import Authoriser
 from ._bootstrap import bootstrap
-from ._client import CAClient
+from ._client import CAClient, Deadline
 from ._contexts import new_server_context
 from ._errors import (
     BadMaterialError,
@@ -37,6 +40,7 @@ from ._errors import (
     IdentityExpiredError,
 )
 from ._identity import Identity, TrustChoice
+from ._issuance import check_issued
 from ._keys import KeyType
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
@@ -238,9 +242,17 @@ class RenewingIdentity:
 
     async def _renew(self, old: Identity) -> Identity:
         key = old._key
+        seconds = self.policy.timeout.total_seconds()
+        deadline = Deadline.after(seconds, "the renewal")
         # Its TLS context (about a millisecond of OpenSSL) is built off the event loop.
         client = await anyio.to_thread.run_sync(
-            lambda: CAClient(old.ca_url, old.trust.own().certificates, identity=(old.chain, key))
+            lambda: CAClient(
+                old.ca_url,
+                old.trust.own().certificates,
+                identity=(old.chain, key),
+                timeout=seconds,
+                deadline=deadline,
+            )
         )
         async with client as ca:
             trust = old.trust
@@ -250,12 +262,16 @@ class RenewingIdentity:
                 log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
                 self.last_error = exc
             signed = await ca.renew()
-        new = Identity.from_parts(signed.chain, key, trust, old.ca_url)
-        if not new.public_key_matches(signed.leaf):
-            raise BadMaterialError("the CA renewed a certificate for another key")
-        if trust.anchor_of(signed.chain[-1]) is None:
-            raise BadMaterialError("the renewed certificate does not chain to a trusted root")
-        return new
+        check_issued(
+            signed.chain,
+            key=key.public_key(),
+            subject=old.common_name,
+            names=old.sans,
+            roots=trust.own(),
+            now=self._clock(),
+            what="the renewed certificate",
+        )
+        return Identity.from_parts(signed.chain, key, trust, old.ca_url)
 
     async def _rebootstrap(self, old: Identity) -> Identity:
         if self._token_source is None:
@@ -266,7 +282,9 @@ class RenewingIdentity:
             )
         log.warning("certificate of %s expired: enrolling again with a new token", old.common_name)
         token = await self._token_source()
-        return await bootstrap(token, key_type=_key_type(old))
+        return await bootstrap(
+            token, key_type=_key_type(old), timeout=self.policy.timeout.total_seconds()
+        )
 
     async def _install(self, identity: Identity) -> None:
         """Build the new snapshot's contexts (off the event loop: OpenSSL's loading is the

@@ -1,0 +1,113 @@
+"""What a CA issued, checked before anything is built from it: the leaf is for our key and
+exactly the names asked for, valid now, not a CA, and chained link by link to one of the
+CA's own roots. Used at bootstrap and at every renewal. Pure: the time is passed in, no I/O.
+Not here: parsing the CA's answer (``_protocol``), or TLS verification of peers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from ._errors import BadMaterialError
+from ._trust import TrustBundle
+from ._x509 import SANs, cert_sans, common_name
+
+__all__ = ["CLOCK_SKEW", "check_issued"]
+
+# How far ahead of our clock a new certificate may start. step-ca backdates by a minute, so an
+# honest CA's certificate starts in the past; this allows for our clock running behind.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _normal(names: SANs) -> frozenset[str]:
+    """The names as comparable strings: a DNS name's case does not matter, the type does."""
+    return frozenset(
+        [f"DNS:{d.lower().rstrip('.')}" for d in names.dns]
+        + [f"IP:{ip}" for ip in names.ips]
+        + [f"email:{e}" for e in names.emails]
+        + [f"URI:{u}" for u in names.uris]
+    )
+
+
+def _not_a_ca(leaf: x509.Certificate, what: str) -> None:
+    try:
+        constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise BadMaterialError(f"{what} is a CA certificate (basicConstraints CA:TRUE): refused")
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if usage.key_cert_sign or usage.crl_sign:
+        raise BadMaterialError(f"{what} may sign certificates or CRLs (keyUsage): refused")
+
+
+def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> None:
+    for child, parent in itertools.pairwise(chain):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+            raise BadMaterialError(f"the CA's certificate chain for {what} is broken") from exc
+    if roots.anchor_of(chain[-1]) is None:
+        raise BadMaterialError(f"{what} does not chain to a root of its CA")
+
+
+def check_issued(
+    chain: Sequence[x509.Certificate],
+    *,
+    key: PublicKeyTypes,
+    subject: str,
+    names: SANs,
+    roots: TrustBundle,
+    now: datetime,
+    what: str = "the issued certificate",
+) -> None:
+    """Refuse (``BadMaterialError`` naming the problem) a chain whose leaf is not for ``key``,
+    not for exactly ``names`` (compared by type, in any order; a subject CN, if any, must be
+    ``subject``), not valid at ``now`` (a start up to ``CLOCK_SKEW`` ahead is allowed), that
+    is a CA or may sign certificates, or that does not chain to ``roots`` (the CA's own).
+
+    Not checked: extended key usage and extensions beyond these; TLS verification does its
+    own checks when the certificate is used.
+    """
+    if not chain:
+        raise BadMaterialError(f"the CA sent no certificate as {what}")
+    leaf = chain[0]
+    if _spki(leaf.public_key()) != _spki(key):
+        raise BadMaterialError(f"{what} is for another key than ours: refused")
+    got, want = _normal(cert_sans(leaf)), _normal(names)
+    if got != want:
+        raise BadMaterialError(
+            f"{what} is for other names: {sorted(got)} instead of the {sorted(want)} "
+            "asked for: refused"
+        )
+    cn = common_name(leaf.subject)
+    if cn and cn != subject:
+        raise BadMaterialError(f"{what} has subject CN {cn!r}, not the {subject!r} asked for")
+    if leaf.not_valid_after_utc <= now:
+        raise BadMaterialError(
+            f"{what} expired at {leaf.not_valid_after_utc.isoformat()} "
+            f"(now {now.isoformat()}): refused"
+        )
+    if leaf.not_valid_before_utc > now + CLOCK_SKEW:
+        raise BadMaterialError(
+            f"{what} is not valid before {leaf.not_valid_before_utc.isoformat()} "
+            f"(now {now.isoformat()}): refused"
+        )
+    _not_a_ca(leaf, what)
+    _chain(chain, roots, what)
