@@ -13,6 +13,8 @@ caller never needs to catch another library's exceptions.
     ├── CARefusedError           the CA answered with an error status (status, body)
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
+    ├── MissingExtraError        an optional part's dependencies are not installed (also an
+    │                            ImportError): the message names the extra, federatls[ca]
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
 
@@ -28,6 +30,7 @@ __all__ = [
     "FederatlsError",
     "FingerprintMismatchError",
     "IdentityExpiredError",
+    "MissingExtraError",
     "PeerNotAuthorisedError",
     "TokenError",
 ]
@@ -102,6 +105,21 @@ class CAUnreachableError(FederatlsError):
 class IdentityExpiredError(FederatlsError):
     """The certificate expired before it could be renewed (renewal over mutual TLS needs a
     valid certificate): enrol again with a new token, or give the renewal a token source."""
+
+
+class MissingExtraError(FederatlsError, ImportError):
+    """``what`` needs the optional dependencies of ``extra`` (``federatls[extra]``), and they
+    are not installed. ``missing`` is the module that could not be imported."""
+
+    def __init__(self, what: str, extra: str, missing: str | None) -> None:
+        self.extra = extra
+        self.missing = missing
+        super().__init__(
+            f"{what} needs the '{extra}' extra ({missing or 'its dependencies'} is not "
+            f"installed): install federatls[{extra}], or pip install -e '.[{extra}]' "
+            "in a checkout",
+            name=missing,
+        )
 
 
 class PeerNotAuthorisedError(FederatlsError):
