@@ -229,6 +229,8 @@ USAGE_ERRORS = [
     (["ca", "init"], "required: name, --dir, --address"),
     (["ca", "init", "cloud", "--dir", "d"], "required: --address"),
     (["ca", "init", "cloud", "--dir", "d", "--address", "h:1", "--bogus"], "--bogus"),
+    (["ca", "init", "cloud", "--dir", "d", "--address", "h"], "must be HOST:PORT"),
+    (["ca", "init", " ", "--dir", "d", "--address", "h:1"], "a name cannot be empty"),
     (["ca", "serve"], "required: config"),
     (["ca", "serve", "ca.json", "--port", "1"], "unrecognized arguments: --port"),
     (["ca", "token"], "required: subject"),
@@ -961,7 +963,7 @@ async def test_init_creates_missing_parent_directories(tmp_path: Path) -> None:
 
 
 async def test_init_leaves_existing_parent_modes_alone(tmp_path: Path) -> None:
-    """Twin: an existing parent keeps its mode; a failed init leaves no parent it made."""
+    """Twin: an existing parent keeps its mode; a usage mistake makes no parent."""
     password = tmp_path / "pw.txt"
     password.write_text("a long CA password\n")
     parent = tmp_path / "pki"
@@ -993,7 +995,8 @@ async def test_init_leaves_existing_parent_modes_alone(tmp_path: Path) -> None:
         "--provisioner",
         "",
     )
-    assert_one_line_error(run, "provisioner name cannot be empty")
+    assert run.code == 2, run
+    assert "--provisioner: a name cannot be empty" in run.err
     assert not (tmp_path / "new").exists()
 
 

@@ -460,9 +460,13 @@ async def test_init_under_a_file_fails_cleanly(tmp_path: Path) -> None:
     "address", ["nohost", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:https", "", "127.0.0.1:-1"]
 )
 async def test_bad_address_fails_with_one_line(tmp_path: Path, address: str) -> None:
-    """An address that is not HOST:PORT is refused with one line and nothing is written."""
+    """An address that is not HOST:PORT is a usage mistake (exit 2): one line, nothing
+    written."""
     run = await init(tmp_path, tmp_path / "cloud", address=address)
-    assert_one_line_error(run, "must be HOST:PORT")
+    assert run.code == 2, run
+    assert run.out == ""
+    assert len(run.err.splitlines()) == 1, run.err
+    assert "must be HOST:PORT" in run.err
     assert not (tmp_path / "cloud").exists()
     assert staging_leftovers(tmp_path) == []
 

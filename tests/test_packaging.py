@@ -1,13 +1,14 @@
 """What a user installs: the wheel's contents, the demo run from an installed wheel (not the
 checkout), and what the CLI and ``federatls.testing`` say when the ``ca`` extra is missing.
 
-The wheel is built with pip from this checkout (pip fetches the build backend from the
-package index, as any install from a checkout does).
+The wheel is built with pip from a copy of this checkout's sources (pip fetches the build
+backend from the package index, as any install from a checkout does).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,6 +52,17 @@ def _without_aiohttp(code: str, *args: str | Path) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy, so that the build leaves nothing (build/, *.egg-info) in the checkout.
+    tree = tmp_path_factory.mktemp("tree")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tree)
+    for name in ("src", "examples"):
+        shutil.copytree(
+            ROOT / name,
+            tree / name,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"),
+        )
     subprocess.run(
         [
             sys.executable,
@@ -62,7 +74,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--quiet",
             "--wheel-dir",
             str(out),
-            str(ROOT),
+            str(tree),
         ],
         check=True,
         timeout=300,

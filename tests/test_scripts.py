@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def _source(checkout: Path, extras: str) -> list[str]:
         [BASH, "-c", f'FEDERATLS_EXTRAS="{extras}"; source "{checkout}/scripts/_venv.sh"'],
         check=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(checkout)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(checkout), "PYTHON": sys.executable},
     )
     log = checkout / "install.log"
     return log.read_text().splitlines() if log.exists() else []

@@ -104,6 +104,22 @@ def _time_or_duration(text: str) -> TimeDuration | None:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _address(text: str) -> str:
+    from .ca._config import split_address
+
+    try:
+        split_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a name cannot be empty")
+    return text
+
+
 def _decimal_serial(text: str) -> str:
     if not re.fullmatch(r"[0-9]+", text):
         raise argparse.ArgumentTypeError(
@@ -566,9 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = ca.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("init", help="create a PKI (root, intermediate, provisioner, ca.json)")
-    p.add_argument("name", help="the CA's name, e.g. cloud")
+    p.add_argument("name", type=_name, help="the CA's name, e.g. cloud")
     p.add_argument("--dir", required=True, help="directory to create (must not exist, or be empty)")
-    p.add_argument("--address", required=True, metavar="HOST:PORT", help="where the CA listens")
+    p.add_argument(
+        "--address", required=True, type=_address, metavar="HOST:PORT", help="where the CA listens"
+    )
     p.add_argument(
         "--dns",
         action="append",
@@ -581,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--provisioner",
         default="admin",
+        type=_name,
         metavar="NAME",
         help="name of the JWK provisioner (default: admin)",
     )
