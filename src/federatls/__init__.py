@@ -26,6 +26,7 @@ from ._errors import (
     FederatlsError,
     FingerprintMismatchError,
     IdentityExpiredError,
+    MissingExtraError,
     PeerNotAuthorisedError,
     TokenError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "IdentityExpiredError",
     "KeyType",
     "LiveServerContext",
+    "MissingExtraError",
     "NamePattern",
     "PeerInfo",
     "PeerNotAuthorisedError",
