@@ -21,6 +21,7 @@ from harness import federatls
 pytestmark = pytest.mark.anyio
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+DEMO_TIMEOUT = 150  # the whole tutorial, on a loaded machine
 STEPS = ["[1]", "[2]", "[3]", "[4]", "[5]", "[6]", "[7]"]
 
 
@@ -60,11 +61,11 @@ async def _example(script: str, *args: str) -> anyio.abc.Process:
     )
 
 
-async def _read_until(proc: anyio.abc.Process, text: str) -> list[str]:
+async def _read_until(proc: anyio.abc.Process, text: str, timeout: float = 30) -> list[str]:
     assert proc.stdout is not None
     lines: list[str] = []
     buffer = b""
-    with anyio.fail_after(30):
+    with anyio.fail_after(timeout):
         async for chunk in proc.stdout:
             buffer += chunk
             *done, buffer = buffer.split(b"\n")
@@ -144,6 +145,7 @@ async def test_example_client_refused_without_federation() -> None:
     assert b"CERTIFICATE_VERIFY_FAILED" in run.stderr
 
 
+@pytest.mark.timeout(300)
 async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
     """`demo --keep` keeps everything up and prints how to reach it (the printed commands
     work); Ctrl-C then stops every process and removes the workspace."""
@@ -153,7 +155,7 @@ async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        lines = await _read_until(proc, "    curl --cacert federated.pem")
+        lines = await _read_until(proc, "    curl --cacert federated.pem", DEMO_TIMEOUT)
     finally:
         if proc.returncode is not None:
             raise AssertionError("the demo ended instead of staying up")
@@ -221,7 +223,7 @@ async def _stop_demo(signals: list[int], wait_for: str) -> tuple[int, str, set[i
         start_new_session=True,
     )
     try:
-        lines = await _read_until(proc, wait_for)
+        lines = await _read_until(proc, wait_for, DEMO_TIMEOUT)
         workspace = Path(
             next(line.split()[-1].rstrip(")") for line in lines if "(workspace: " in line)
         )
@@ -255,6 +257,7 @@ def _assert_cleaned_up(started: set[int], workspace: Path) -> None:
     assert not workspace.exists()
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["SIGHUP", "SIGINT", "SIGINT twice", "SIGINT to the group"])
 async def test_demo_stopped_midway_cleans_up(how: str) -> None:
     """However it is stopped while its CAs and server run, the demo stops every process it
@@ -266,6 +269,7 @@ async def test_demo_stopped_midway_cleans_up(how: str) -> None:
     _assert_cleaned_up(started, workspace)
 
 
+@pytest.mark.timeout(300)
 async def test_demo_keep_stopped_by_sigterm_cleans_up() -> None:
     """`kill -TERM` of `demo --keep` once it is ready: both CAs and the server are stopped,
     the workspace is gone, no traceback."""

@@ -101,6 +101,7 @@ def test_wheel_ships_license_typing_marker_and_demo_programs(wheel: Path) -> Non
     assert b"License-Expression: Apache-2.0" in metadata or b"License: Apache-2.0" in metadata
 
 
+@pytest.mark.timeout(400)
 def test_demo_runs_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
     """`federatls demo` from a virtual environment holding the wheel, run outside the
     checkout, goes through every step."""
