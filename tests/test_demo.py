@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from harness import federatls
 pytestmark = pytest.mark.anyio
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+DEMO_TIMEOUT = 150  # the whole tutorial, on a loaded machine
 STEPS = ["[1]", "[2]", "[3]", "[4]", "[5]", "[6]", "[7]"]
 
 
@@ -57,11 +61,11 @@ async def _example(script: str, *args: str) -> anyio.abc.Process:
     )
 
 
-async def _read_until(proc: anyio.abc.Process, text: str) -> list[str]:
+async def _read_until(proc: anyio.abc.Process, text: str, timeout: float = 30) -> list[str]:
     assert proc.stdout is not None
     lines: list[str] = []
     buffer = b""
-    with anyio.fail_after(30):
+    with anyio.fail_after(timeout):
         async for chunk in proc.stdout:
             buffer += chunk
             *done, buffer = buffer.split(b"\n")
@@ -141,6 +145,7 @@ async def test_example_client_refused_without_federation() -> None:
     assert b"CERTIFICATE_VERIFY_FAILED" in run.stderr
 
 
+@pytest.mark.timeout(300)
 async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
     """`demo --keep` keeps everything up and prints how to reach it (the printed commands
     work); Ctrl-C then stops every process and removes the workspace."""
@@ -150,7 +155,7 @@ async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        lines = await _read_until(proc, "    curl --cacert federated.pem")
+        lines = await _read_until(proc, "    curl --cacert federated.pem", DEMO_TIMEOUT)
     finally:
         if proc.returncode is not None:
             raise AssertionError("the demo ended instead of staying up")
@@ -169,3 +174,109 @@ async def test_demo_keep_leaves_it_running_until_interrupted() -> None:
         code = await proc.wait()
     assert code == 130
     assert not workspace.exists()
+
+
+def _children(pid: int) -> set[int]:
+    """Every live process descended from ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, waiting to be reaped, has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+STOPS: dict[str, list[int]] = {
+    "SIGTERM": [signal.SIGTERM],
+    "SIGHUP": [signal.SIGHUP],
+    "SIGINT": [signal.SIGINT],
+    "SIGINT twice": [signal.SIGINT, signal.SIGINT, signal.SIGINT],
+    "SIGINT to the group": [-signal.SIGINT],
+}
+
+
+async def _stop_demo(signals: list[int], wait_for: str) -> tuple[int, str, set[int], Path]:
+    """Start `demo --keep` in a process group of its own, wait for ``wait_for``, send
+    ``signals`` (negative: to the whole group, as a terminal's Ctrl-C does) a moment apart;
+    its exit code, everything it printed, the processes it had started and its workspace."""
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "federatls", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        lines = await _read_until(proc, wait_for, DEMO_TIMEOUT)
+        workspace = Path(
+            next(line.split()[-1].rstrip(")") for line in lines if "(workspace: " in line)
+        )
+        started = _children(proc.pid)
+        assert started, "the demo had started no process"
+        for sig in signals:
+            with contextlib.suppress(ProcessLookupError):  # it may be gone already
+                if sig < 0:
+                    os.killpg(proc.pid, -sig)
+                else:
+                    os.kill(proc.pid, sig)
+            await anyio.sleep(0.05)  # "within a moment": while it is cleaning up
+        assert proc.stdout is not None
+        rest = b""
+        with anyio.fail_after(60):
+            async for chunk in proc.stdout:
+                rest += chunk
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    return code, "\n".join(lines) + "\n" + rest.decode(errors="replace"), started, workspace
+
+
+def _assert_cleaned_up(started: set[int], workspace: Path) -> None:
+    deadline = time.monotonic() + 15
+    while any(map(_alive, started)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in started if _alive(pid)], "processes left running"
+    assert not workspace.exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGINT", "SIGINT twice", "SIGINT to the group"])
+async def test_demo_stopped_midway_cleans_up(how: str) -> None:
+    """However it is stopped while its CAs and server run, the demo stops every process it
+    started, removes its workspace (CA keys, password) and prints no traceback."""
+    signals = STOPS[how]
+    code, out, started, workspace = await _stop_demo(signals, "[3] ")
+    assert code == 128 + abs(signals[0]), out
+    assert "Traceback" not in out, out
+    _assert_cleaned_up(started, workspace)
+
+
+@pytest.mark.timeout(300)
+async def test_demo_keep_stopped_by_sigterm_cleans_up() -> None:
+    """`kill -TERM` of `demo --keep` once it is ready: both CAs and the server are stopped,
+    the workspace is gone, no traceback."""
+    code, out, started, workspace = await _stop_demo(
+        STOPS["SIGTERM"], "    curl --cacert federated.pem"
+    )
+    assert code == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out, out
+    assert len(started) >= 3  # two CAs and the server
+    _assert_cleaned_up(started, workspace)

@@ -445,21 +445,28 @@ async def test_init_refuses_a_directory_with_one_foreign_file(tmp_path: Path) ->
     assert staging_leftovers(tmp_path) == []
 
 
-async def test_init_into_a_missing_parent_fails_cleanly(tmp_path: Path) -> None:
-    """--dir under a parent that does not exist: one line, exit 1, nothing created."""
-    run = await init(tmp_path, tmp_path / "no" / "such" / "cloud")
-    assert_one_line_error(run, "does not exist")
-    assert not (tmp_path / "no").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [password_file(tmp_path).name]
+async def test_init_under_a_file_fails_cleanly(tmp_path: Path) -> None:
+    """--dir under a path that is a file: one line, exit 1, nothing created (missing parents
+    are made otherwise: tests/test_cli.py)."""
+    (tmp_path / "file").write_text("not a directory\n")
+    run = await init(tmp_path, tmp_path / "file" / "such" / "cloud")
+    assert_one_line_error(run, "cannot create directory", "Not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [password_file(tmp_path).name, "file"]
+    )
 
 
 @pytest.mark.parametrize(
     "address", ["nohost", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:https", "", "127.0.0.1:-1"]
 )
 async def test_bad_address_fails_with_one_line(tmp_path: Path, address: str) -> None:
-    """An address that is not HOST:PORT is refused with one line and nothing is written."""
+    """An address that is not HOST:PORT is a usage mistake (exit 2): one line, nothing
+    written."""
     run = await init(tmp_path, tmp_path / "cloud", address=address)
-    assert_one_line_error(run, "must be HOST:PORT")
+    assert run.code == 2, run
+    assert run.out == ""
+    assert len(run.err.splitlines()) == 1, run.err
+    assert "must be HOST:PORT" in run.err
     assert not (tmp_path / "cloud").exists()
     assert staging_leftovers(tmp_path) == []
 

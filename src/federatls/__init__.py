@@ -27,6 +27,7 @@ from ._errors import (
     FederatlsError,
     FingerprintMismatchError,
     IdentityExpiredError,
+    MissingExtraError,
     PeerNotAuthorisedError,
     TokenError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "IdentityExpiredError",
     "KeyType",
     "LiveServerContext",
+    "MissingExtraError",
     "NamePattern",
     "PeerInfo",
     "PeerNotAuthorisedError",

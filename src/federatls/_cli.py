@@ -1,14 +1,17 @@
 """The ``federatls`` command: ``federatls ca init|serve|token|certificate|renew|revoke|roots|
 federation|health`` in the spirit of ``step ca``, and ``federatls demo``.
 
-Errors are one line on stderr and a non-zero exit (1 for a failure, 2 for bad usage).
-Files are written whole or not at all; key files are created with mode 0600.
+Errors are one line on stderr and a non-zero exit: 2 for a usage mistake (argparse's own, or
+a ``UsageError``: flags missing or contradicting each other, a malformed value), 1 for a
+failure at run time. Files are written whole or not at all; key files are created with mode
+0600.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
@@ -24,13 +27,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ._client import CAClient, fetch_root
+from ._bootstrap import _REFUSAL_HINT
+from ._client import CAClient, _base_url, fetch_root
 from ._duration import parse_go_duration
-from ._errors import BadMaterialError, ConfigError, FederatlsError
+from ._errors import (
+    BadMaterialError,
+    CARefusedError,
+    ConfigError,
+    FederatlsError,
+    MissingExtraError,
+)
 from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
 from ._protocol import RevokeRequest, SignRequest, TimeDuration
-from ._token import DEFAULT_VALIDITY, Token, mint_token, revoke_audience, sign_audience
+from ._token import (
+    DEFAULT_VALIDITY,
+    MAX_VALIDITY,
+    MIN_VALIDITY,
+    Token,
+    mint_token,
+    revoke_audience,
+    sign_audience,
+)
 from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
 
@@ -44,6 +62,78 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class UsageError(ConfigError):
+    """A usage mistake argparse cannot see alone (flags that go together, a flag one verb
+    needs): reported like argparse's own, exit status 2."""
+
+
+# Argument types: a malformed value is a usage mistake (argparse reports it, exit 2).
+def _https_url(text: str) -> str:
+    try:
+        _base_url(text)
+    except BadMaterialError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _key_type(text: str) -> KeyType:
+    try:
+        return KeyType.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _token_validity(text: str) -> timedelta:
+    try:
+        validity = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not MIN_VALIDITY <= validity <= MAX_VALIDITY:
+        raise argparse.ArgumentTypeError(
+            f"token validity must be between {MIN_VALIDITY} and {MAX_VALIDITY}, not {validity}"
+        )
+    return validity
+
+
+def _time_or_duration(text: str) -> TimeDuration | None:
+    try:
+        return TimeDuration.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _address(text: str) -> str:
+    from .ca._config import split_address
+
+    try:
+        split_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a name cannot be empty")
+    return text
+
+
+def _decimal_serial(text: str) -> str:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise argparse.ArgumentTypeError(
+            f"serial {text!r} must be a decimal number, as step prints serials"
+        )
+    return text
+
+
+def _need_ca_extra(what: str) -> None:
+    """``MissingExtraError`` naming ``federatls[ca]`` when aiohttp is not installed."""
+    try:
+        import aiohttp  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError(what, "ca", exc.name) from exc
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -126,18 +216,24 @@ def _key_pem(key: PrivateKey) -> bytes:
 # Reaching a CA -----------------------------------------------------------------------------
 def _root_for(args: argparse.Namespace) -> x509.Certificate:
     if not args.root:
-        raise ConfigError("--root is required: the root certificate of the CA")
+        raise UsageError("--root is required: the root certificate of the CA")
     return _read_certs(args.root, "root certificate")[0]
+
+
+def _require_ca(args: argparse.Namespace) -> None:
+    """``UsageError`` unless --ca-url and --root are both given."""
+    if not args.ca_url:
+        raise UsageError(
+            "--ca-url is required: the URL of the CA, for example https://127.0.0.1:9000"
+        )
+    if not args.root:
+        raise UsageError("--root is required: the root certificate of the CA")
 
 
 def _client(
     args: argparse.Namespace, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
 ) -> CAClient:
-    if not args.ca_url:
-        raise ConfigError(
-            "--ca-url is required: the URL of the CA, for example https://127.0.0.1:9000"
-        )
-    _root_for(args)
+    _require_ca(args)
     return CAClient(args.ca_url, _read_certs(args.root, "root certificate"), identity=identity)
 
 
@@ -177,15 +273,6 @@ async def _choose_and_decrypt(
     return str(prov["name"]), ProvisionerKey.decrypt(encrypted, password)
 
 
-def _validity(text: str | None) -> timedelta:
-    if text is None:
-        return DEFAULT_VALIDITY
-    try:
-        return parse_go_duration(text)
-    except ValueError as exc:
-        raise ConfigError(f"--not-after: {exc}") from exc
-
-
 async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False) -> str:
     """A token for ``subject``: from a running CA (--ca-url/--root) or a ca.json (--offline)."""
     now = datetime.now(UTC)
@@ -214,26 +301,51 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
         now=now,
         sans=sans,
         root_fingerprint=fingerprint(root),
-        validity=_validity(getattr(args, "token_not_after", None)),
+        validity=getattr(args, "token_not_after", None) or DEFAULT_VALIDITY,
     )
 
 
 # Commands ----------------------------------------------------------------------------------
+def _make_parents(directory: Path) -> list[Path]:
+    """Create the missing parents of ``directory``, each with mode 0700 (they will hold CA
+    keys); existing ones are left as they are. Returns those made, outermost first."""
+    missing = [p for p in reversed(directory.absolute().parents) if not p.exists()]
+    for made, path in enumerate(missing):
+        try:
+            path.mkdir(mode=0o700)
+            path.chmod(0o700)  # mkdir's mode is masked by the umask
+        except OSError as exc:
+            _remove_made(missing[:made])
+            raise ConfigError(f"cannot create directory {path}: {exc.strerror or exc}") from exc
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only if still empty
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .ca._pki import init_pki
 
     password = read_password(
         args.password_file, "Please enter the password to encrypt the CA keys: ", confirm=True
     )
-    result = init_pki(
-        args.name,
-        Path(args.dir),
-        address=args.address,
-        password=password,
-        now=datetime.now(UTC),
-        dns_names=args.dns or (),
-        provisioner=args.provisioner,
-    )
+    made = _make_parents(Path(args.dir))
+    try:
+        result = init_pki(
+            args.name,
+            Path(args.dir),
+            address=args.address,
+            password=password,
+            now=datetime.now(UTC),
+            dns_names=args.dns or (),
+            provisioner=args.provisioner,
+        )
+    except BaseException:
+        _remove_made(made)  # a failed init leaves nothing behind, parents included
+        raise
     print(f"Root certificate: {result.root}")
     print(f"Root fingerprint: {result.root_fingerprint}")
     print(f"CA configuration: {result.config}")
@@ -242,7 +354,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NotTheReadyLine(logging.Filter):
+    """Drops the CA's own "serving HTTPS on" log record: `ca serve` prints that line once,
+    on standard output, for whoever waits for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("serving HTTPS on")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _need_ca_extra("federatls ca serve")
     from .ca._server import CAServer, serve
 
     password = read_password(
@@ -252,13 +373,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(ca: CAServer) -> None:
         print(f"Serving HTTPS on {ca.url} (root fingerprint {ca.root_fingerprint})", flush=True)
 
-    _run(serve(args.config, password, ready=ready))
+    handlers = logging.getLogger().handlers  # where every federatls record ends up
+    quiet = _NotTheReadyLine()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        _run(serve(args.config, password, ready=ready))
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
     if not args.offline and not args.ca_url:
-        raise ConfigError("give --ca-url and --root of a running CA, or --offline CA.JSON")
+        raise UsageError("give --ca-url and --root of a running CA, or --offline CA.JSON")
     print(_run(_mint(args, args.subject, revoke=args.revoke)))
     return 0
 
@@ -268,10 +397,7 @@ def cmd_certificate(args: argparse.Namespace) -> int:
     for path in (crt_path, key_path):
         if path.exists() and not args.force:
             raise ConfigError(f"{path} already exists: use --force to overwrite it")
-    try:
-        kind = KeyType.parse(args.kty)
-    except ValueError as exc:
-        raise ConfigError(f"--kty: {exc}") from exc
+    kind = args.kty
     for path in (crt_path, key_path):
         if not (path.parent if str(path.parent) else Path(".")).is_dir():
             raise ConfigError(f"directory {path.parent} does not exist")
@@ -294,13 +420,17 @@ def cmd_certificate(args: argparse.Namespace) -> int:
             roots, ca_url, sans = [_root_for(args)], args.ca_url, args.san or [args.subject]
         key = new_private_key(kind)
         request = SignRequest(
-            build_csr(key, args.subject, sans),
-            raw,
-            _time_arg(args.not_before, "--not-before"),
-            _time_arg(args.not_after, "--not-after"),
+            build_csr(key, args.subject, sans), raw, args.not_before, args.not_after
         )
         async with CAClient(ca_url, roots) as ca:
-            answer = await ca.sign(request)
+            try:
+                answer = await ca.sign(request)
+            except CARefusedError as exc:
+                if exc.status != 401 or exc.hint:
+                    raise
+                raise CARefusedError(  # the SDK's hint: why a CA refuses a token
+                    exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
+                ) from exc
         return list(answer.chain), key
 
     chain, key = _run(go())
@@ -315,14 +445,8 @@ def cmd_certificate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_arg(text: str | None, flag: str) -> TimeDuration | None:
-    try:
-        return TimeDuration.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: {exc}") from exc
-
-
 def cmd_renew(args: argparse.Namespace) -> int:
+    _require_ca(args)
     chain = _read_certs(args.crt, "certificate")
     key = _read_key(args.key)
     out = Path(args.out) if args.out else Path(args.crt)
@@ -344,8 +468,8 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     serial = args.serial
-    if not re.fullmatch(r"[0-9]+", serial):
-        raise ConfigError(f"serial {serial!r} must be a decimal number, as step prints serials")
+    if bool(args.cert) != bool(args.key):
+        raise UsageError("--cert and --key go together")
 
     async def go() -> None:
         request_args = {
@@ -353,9 +477,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             "reason_code": args.reason_code,
             "reason": args.reason or "",
         }
-        if args.cert or args.key:
-            if not (args.cert and args.key):
-                raise ConfigError("--cert and --key go together")
+        if args.cert and args.key:
             identity = (_read_certs(args.cert, "certificate"), _read_key(args.key))
             async with _client(args, identity=identity) as ca:
                 await ca.revoke(RevokeRequest(**request_args))
@@ -418,6 +540,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _need_ca_extra("federatls demo")
     from ._demo import run_demo
 
     code: int = _run(run_demo(keep=args.keep))
@@ -426,7 +549,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # The parser --------------------------------------------------------------------------------
 def _ca_flags(p: argparse.ArgumentParser, *, root_required: bool = True) -> None:
-    p.add_argument("--ca-url", metavar="URL", help="the CA's URL, e.g. https://127.0.0.1:9000")
+    p.add_argument(
+        "--ca-url",
+        type=_https_url,
+        metavar="URL",
+        help="the CA's URL, e.g. https://127.0.0.1:9000",
+    )
     p.add_argument(
         "--root",
         metavar="ROOT.crt",
@@ -454,9 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = ca.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("init", help="create a PKI (root, intermediate, provisioner, ca.json)")
-    p.add_argument("name", help="the CA's name, e.g. cloud")
+    p.add_argument("name", type=_name, help="the CA's name, e.g. cloud")
     p.add_argument("--dir", required=True, help="directory to create (must not exist, or be empty)")
-    p.add_argument("--address", required=True, metavar="HOST:PORT", help="where the CA listens")
+    p.add_argument(
+        "--address", required=True, type=_address, metavar="HOST:PORT", help="where the CA listens"
+    )
     p.add_argument(
         "--dns",
         action="append",
@@ -469,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--provisioner",
         default="admin",
+        type=_name,
         metavar="NAME",
         help="name of the JWK provisioner (default: admin)",
     )
@@ -494,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--not-after",
         dest="token_not_after",
+        type=_token_validity,
         metavar="DURATION",
         help="how long the token is valid (10s to 1h; default 5m)",
     )
@@ -509,9 +641,24 @@ def build_parser() -> argparse.ArgumentParser:
     _ca_flags(p, root_required=False)
     _token_flags(p)
     p.add_argument("--san", action="append", metavar="NAME")
-    p.add_argument("--not-before", metavar="TIME|DURATION", help="certificate validity start")
-    p.add_argument("--not-after", metavar="TIME|DURATION", help="certificate validity end")
-    p.add_argument("--kty", default="P-256", help="P-256 (default), Ed25519, RSA-2048, RSA-3072")
+    p.add_argument(
+        "--not-before",
+        type=_time_or_duration,
+        metavar="TIME|DURATION",
+        help="certificate validity start",
+    )
+    p.add_argument(
+        "--not-after",
+        type=_time_or_duration,
+        metavar="TIME|DURATION",
+        help="certificate validity end",
+    )
+    p.add_argument(
+        "--kty",
+        type=_key_type,
+        default=KeyType.P256,
+        help="P-256 (default), Ed25519, RSA-2048, RSA-3072",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_certificate)
 
@@ -524,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_renew)
 
     p = verbs.add_parser("revoke", help="revoke a certificate (by token or over mTLS)")
-    p.add_argument("serial", help="the decimal serial number")
+    p.add_argument("serial", type=_decimal_serial, help="the decimal serial number")
     _ca_flags(p)
     _token_flags(p)
     p.add_argument("--token", help="a revoke token (else one is minted with the password)")
@@ -559,9 +706,21 @@ def build_parser() -> argparse.ArgumentParser:
     _ca_flags(p)
     p.set_defaults(func=cmd_health)
 
-    p = top.add_parser("demo", help="run the federation tutorial with two local CAs")
-    p.add_argument("--keep", action="store_true", help="leave the CAs running")
+    p = top.add_parser(
+        "demo",
+        help="run the federation tutorial with two local CAs",
+        description="The step-ca federation tutorial, run for real on this machine: two CAs "
+        "(cloud and kubernetes), a server refused a client of the other CA, federation by "
+        "SIGHUP, mutual TLS across the two, and live renewal. Every command it runs is "
+        "printed. Everything lives in a temporary directory, removed when the demo ends "
+        "(also on Ctrl-C, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="leave the CAs and the server running until Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)
+    for sub in (*top.choices.values(), *verbs.choices.values()):
+        sub.set_defaults(parser=sub)  # a UsageError is reported by the verb's own parser
     return parser
 
 
@@ -575,6 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("federatls").setLevel(logging.INFO)
     try:
         code: int = args.func(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))
     except FederatlsError as exc:
         print(f"federatls: error: {exc}", file=sys.stderr)
         return 1

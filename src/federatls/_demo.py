@@ -1,7 +1,10 @@
 """``federatls demo``: the step-ca federation tutorial, on this machine, in about a minute.
 
 Every step runs what a person would type in a terminal (the ``federatls`` CLI, the example
-server and client from ``examples/``, curl) and shows the command and what it printed:
+server and client from ``examples/``, curl) and shows the command and what it printed.
+The package ships the examples as ``federatls/_examples`` (in a checkout, a symbolic link to
+``examples/``; in the wheel, copies of those files), so the demo runs from an installed
+package too, and the examples are written in one place only:
 
 1. two autonomous CAs, "cloud" and "kubernetes" (short-lived certificates, so renewals show);
 2. the demo server, enrolled with cloud;
@@ -13,6 +16,11 @@ server and client from ``examples/``, curl) and shows the command and what it pr
 7. the live renewals that happened meanwhile.
 
 Everything lives in a temporary directory and is stopped at the end, unless ``--keep``.
+However the demo is stopped (SIGINT once or repeatedly, SIGTERM, SIGHUP, or Ctrl-C in a
+terminal, which signals the whole foreground process group), it stops every process it
+started and removes the directory (CA keys, password), without a traceback. Its children run
+in sessions of their own, so a terminal's Ctrl-C reaches the demo only, which then stops
+them itself (SIGTERM, then SIGKILL for any still there after a grace period).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -27,15 +36,16 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import anyio
+from typing import Any
 
 __all__ = ["run_demo"]
 
 CLAIMS = {"minTLSCertDuration": "5s", "defaultTLSCertDuration": "12s", "maxTLSCertDuration": "1h"}
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = (Path(__file__).parent / "_examples").resolve()  # examples/ in a checkout
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE = 10.0  # seconds a child has to exit after SIGTERM before SIGKILL
 
 
 class DemoFailed(Exception):
@@ -93,15 +103,17 @@ class Process:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new.wait(), remaining)
 
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+    async def close(self) -> None:
+        """Stop reading (the process itself is stopped by ``Demo.stop_all``)."""
         self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _signal_group(proc: asyncio.subprocess.Process, signum: int) -> None:
+    """``signum`` to ``proc``'s process group (it leads a session of its own)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
 
 
 class Demo:
@@ -112,6 +124,7 @@ class Demo:
         self.password = base / "password.txt"
         self.password.write_text(secrets.token_urlsafe(24) + "\n")
         self.processes: list[Process] = []
+        self.children: list[asyncio.subprocess.Process] = []  # every one started, short or long
 
     def _shown(self, argv: Sequence[str]) -> str:
         """The command as a person would type it (short names, relative paths)."""
@@ -130,13 +143,7 @@ class Demo:
         """Run a command to its end; its output (stdout and stderr together)."""
         if show:
             _show(f"$ {self._shown(argv)}")
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=self.base,
-        )
+        proc = await self._spawn(argv)
         out, _ = await proc.communicate()
         text = out.decode(errors="replace").strip()
         if check and proc.returncode != 0:
@@ -145,23 +152,42 @@ class Demo:
 
     async def start(self, name: str, *argv: str, echo: bool = True) -> Process:
         _show(f"$ {self._shown(argv)} &")
+        proc = await self._spawn(argv)
+        process = Process(name, proc, echo)
+        self.processes.append(process)
+        return process
+
+    async def _spawn(self, argv: Sequence[str]) -> asyncio.subprocess.Process:
+        """A child in a session of its own (a terminal's Ctrl-C is for the demo, which stops
+        its children itself), remembered so that it is stopped whatever happens."""
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             cwd=self.base,
+            start_new_session=True,
         )
-        process = Process(name, proc, echo)
-        self.processes.append(process)
-        return process
+        self.children.append(proc)
+        return proc
 
     async def federatls(self, *args: str, show: bool = True) -> str:
         return await self.run(sys.executable, "-m", "federatls", *args, show=show)
 
     async def stop_all(self) -> None:
-        for process in reversed(self.processes):
-            await process.stop()
+        """SIGTERM to every child still running, SIGKILL to those still there after
+        ``STOP_GRACE`` seconds; returns when all have exited."""
+        for proc in self.children:
+            _signal_group(proc, signal.SIGTERM)
+        waits = [asyncio.ensure_future(proc.wait()) for proc in self.children]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=STOP_GRACE)
+            if late:
+                for proc in self.children:
+                    _signal_group(proc, signal.SIGKILL)
+                await asyncio.wait(late)
+        for process in self.processes:
+            await process.close()
 
 
 async def _make_ca(demo: Demo, name: str) -> tuple[Path, str]:
@@ -192,7 +218,7 @@ async def _make_ca(demo: Demo, name: str) -> tuple[Path, str]:
 
 async def _steps(demo: Demo, keep: bool) -> None:
     if not (EXAMPLES / "server" / "server.py").exists():
-        raise DemoFailed(f"the examples are not at {EXAMPLES}: run the demo from a checkout")
+        raise DemoFailed(f"the example programs are missing from the package ({EXAMPLES})")
     _say(1, "Two autonomous CAs, 'cloud' and 'kubernetes', each with its own root")
     _show(f"(certificates live {CLAIMS['defaultTLSCertDuration']} here, so renewals show)")
     cas: dict[str, tuple[Path, str, Process]] = {}
@@ -337,29 +363,54 @@ async def _steps(demo: Demo, keep: bool) -> None:
         await asyncio.Event().wait()  # until Ctrl-C; the workspace is cleaned up on the way out
 
 
-@contextlib.asynccontextmanager
-async def _workspace(keep: bool) -> AsyncIterator[Demo]:
+async def _run(keep: bool, stopped: asyncio.Future[int]) -> int:
+    """The steps in a workspace that is removed, its processes stopped, whatever happens:
+    the steps end, fail, raise, or a stop signal arrives (``stopped`` is then its number)."""
     base = Path(tempfile.mkdtemp(prefix="federatls-demo-"))
-    demo = Demo(base)
     try:
-        yield demo
+        demo = Demo(base)
+        _show(f"(workspace: {base})")
+        steps = asyncio.ensure_future(_steps(demo, keep))
+        try:
+            either: list[asyncio.Future[Any]] = [steps, stopped]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not steps.done():
+                steps.cancel()
+                await asyncio.gather(steps, return_exceptions=True)
+                name = signal.Signals(stopped.result()).name
+                print(f"\nfederatls demo: {name}: stopping", file=sys.stderr, flush=True)
+                return 128 + stopped.result()
+            try:
+                steps.result()
+            except DemoFailed as exc:
+                print(f"\nDEMO FAILED: {exc}", flush=True)
+                return 1
+        finally:
+            await demo.stop_all()  # not cancellable: nothing cancels this task
     finally:
-        with anyio.CancelScope(shield=True):  # Ctrl-C must not leave processes behind
-            await demo.stop_all()
         shutil.rmtree(base, ignore_errors=True)
+    print("\nDemo complete: federation works both ways, is required, and renews live.")
+    return 0
 
 
 async def run_demo(*, keep: bool = False) -> int:
-    """Run the demo; 0 when every step showed what it should."""
+    """Run the demo; 0 when every step showed what it should, 128 + N when stopped by
+    signal N (SIGINT, SIGTERM or SIGHUP; further ones while it cleans up are ignored)."""
     if shutil.which("curl") is None:
         print("federatls: error: the demo needs curl (apt-get install curl)", file=sys.stderr)
         return 1
     print("federatls demo: the step-ca federation tutorial, on this machine")
-    async with _workspace(keep) as demo:
-        try:
-            await _steps(demo, keep)
-        except DemoFailed as exc:
-            print(f"\nDEMO FAILED: {exc}", flush=True)
-            return 1
-    print("\nDemo complete: federation works both ways, is required, and renews live.")
-    return 0
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[int] = loop.create_future()
+
+    def on_signal(signum: int) -> None:
+        if not stopped.done():
+            stopped.set_result(signum)
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await _run(keep, stopped)
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)

@@ -6,6 +6,8 @@ caller never needs to catch another library's exceptions.
 
     FederatlsError
     ├── ConfigError              a configuration file or argument is wrong
+    ├── MissingExtraError        an optional part's dependencies are not installed (also an
+    │                            ImportError): the message names the extra, federatls[ca]
     ├── BadMaterialError         a token, PEM, key or CA answer cannot be used
     │   ├── TokenError           a one-time token is malformed or lacks a claim
     │   └── FingerprintMismatchError
@@ -30,6 +32,7 @@ __all__ = [
     "FederatlsError",
     "FingerprintMismatchError",
     "IdentityExpiredError",
+    "MissingExtraError",
     "PeerNotAuthorisedError",
     "TokenError",
 ]
@@ -41,6 +44,21 @@ class FederatlsError(Exception):
 
 class ConfigError(FederatlsError):
     """A configuration file (ca.json, a password file) or an argument is wrong."""
+
+
+class MissingExtraError(FederatlsError, ImportError):
+    """``what`` needs the optional dependencies of ``extra`` (``federatls[extra]``), and they
+    are not installed. ``missing`` is the module that could not be imported."""
+
+    def __init__(self, what: str, extra: str, missing: str | None) -> None:
+        self.extra = extra
+        self.missing = missing
+        super().__init__(
+            f"{what} needs the '{extra}' extra ({missing or 'its dependencies'} is not "
+            f"installed): install federatls[{extra}], or pip install -e '.[{extra}]' "
+            "in a checkout",
+            name=missing,
+        )
 
 
 class BadMaterialError(FederatlsError):

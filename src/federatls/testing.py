@@ -31,6 +31,13 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from cryptography import x509
 
+from ._errors import MissingExtraError
+
+try:  # the CAs these helpers run are the federatls CA, which needs the `ca` extra
+    import aiohttp  # noqa: F401
+except ModuleNotFoundError as exc:
+    raise MissingExtraError("federatls.testing", "ca", exc.name) from exc
+
 from ._bootstrap import bootstrap_sync
 from ._identity import Identity
 from ._jwk import ProvisionerKey
