@@ -57,7 +57,8 @@ class Origin:
 @contextlib.asynccontextmanager
 async def origin(identity: Identity, redirect_to: str = "") -> AsyncIterator[Origin]:
     """An aiohttp HTTPS server with ``identity``'s server context: ``/`` answers "hello" and
-    records the client, ``/away`` redirects to ``redirect_to``."""
+    records the client, ``/away`` redirects to ``redirect_to``, ``/ws`` is a WebSocket that
+    records the client and echoes one text message."""
     served = Origin("")
 
     async def hello(request: web.Request) -> web.Response:
@@ -67,9 +68,18 @@ async def origin(identity: Identity, redirect_to: str = "") -> AsyncIterator[Ori
     async def away(request: web.Request) -> web.Response:
         raise web.HTTPFound(redirect_to)
 
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        served.seen.append(identity.peer(request))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(await ws.receive_str())
+        await ws.close()
+        return ws
+
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_get("/away", away)
+    app.router.add_get("/ws", echo)
     runner = web.AppRunner(app)
     await runner.setup()
     try:

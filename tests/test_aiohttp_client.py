@@ -305,6 +305,24 @@ async def test_plain_websocket_refused(pair: Pair) -> None:
     assert plain.lines == []
 
 
+async def test_websocket_over_tls(pair: Pair) -> None:
+    """Twin: a ``wss://`` WebSocket goes through, with mutual TLS and the authoriser."""
+    calls: list[PeerInfo] = []
+
+    def authoriser(peer: PeerInfo) -> None:
+        calls.append(peer)
+
+    async with (
+        origin(pair.server) as served,
+        faiohttp.client_session(pair.client, authoriser=authoriser) as session,
+        session.ws_connect(served.url.replace("https://", "wss://") + "ws") as ws,
+    ):
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "hi"
+    assert [p.common_name for p in calls] == ["server.cloud.internal"]
+    assert [p.common_name for p in served.seen] == ["client.k8s.internal"]
+
+
 async def test_redirect_to_plain_http_refused(pair: Pair) -> None:
     """A server's redirect to ``http://`` is refused the same way: the plain server gets
     nothing."""
