@@ -4,6 +4,10 @@ every peer before any application data is exchanged.
     server = await streams.start_server(identity, handle, "127.0.0.1", 8443,
                                         authoriser=allow_names("*.k8s.internal"))
     reader, writer = await streams.open_connection(identity, "127.0.0.1", 8443)
+
+Other keyword arguments go to asyncio as they are, except ``ssl=``: the context is the
+identity's, so ``ssl=`` (another context, or ``None``/``False`` for none) is a
+``ConfigError`` rather than a way around it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, PeerNotAuthorisedError
+from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from .._identity import TrustChoice
 from ._source import Source, client_context
 
@@ -23,6 +27,18 @@ __all__ = ["open_connection", "start_server"]
 
 log = logging.getLogger("federatls.peer")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _without_ssl(function: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for ``asyncio.{function}``; ``ConfigError`` if they choose TLS themselves."""
+    if "ssl" in kwargs:
+        raise ConfigError(
+            f"federatls.integrations.streams.{function}: ssl= would replace the identity's TLS "
+            "context (and with None or False, TLS itself), so the peer would not be checked as "
+            "the identity checks it; instead choose the peers' trust with trust= and narrow it "
+            f"with authoriser= (or call asyncio.{function} yourself for plain TCP)"
+        )
+    return kwargs
 
 
 async def _drop(writer: asyncio.StreamWriter) -> None:
@@ -46,7 +62,8 @@ async def start_server(
     """``asyncio.start_server`` with ``identity``'s server context (a ``RenewingIdentity``'s
     follows renewal: each new handshake uses the newest certificate and trust). Each peer is
     checked by ``authoriser`` after the handshake; a refused peer is logged and cut off
-    before ``handler`` ever sees it."""
+    before ``handler`` ever sees it. ``kwargs`` go to asyncio (``ssl=`` is a ``ConfigError``)."""
+    options = _without_ssl("start_server", kwargs)
     ctx = identity.server_context(
         trust=trust, require_client_certificate=require_client_certificate
     )
@@ -60,7 +77,7 @@ async def start_server(
                 return
         await handler(reader, writer)
 
-    return await asyncio.start_server(checked, host, port, ssl=ctx, **kwargs)
+    return await asyncio.start_server(checked, host, port, ssl=ctx, **options)
 
 
 async def open_connection(
@@ -76,10 +93,11 @@ async def open_connection(
     """``asyncio.open_connection`` with ``identity``'s client context (mutual TLS; the server
     verified against the federation bundle, its name checked). The server is then checked by
     ``authoriser``: a refused server is cut off and ``PeerNotAuthorisedError`` raised before
-    anything is sent."""
+    anything is sent. ``kwargs`` go to asyncio (``ssl=`` is a ``ConfigError``)."""
+    options = _without_ssl("open_connection", kwargs)
     ctx = client_context(identity, trust)
     reader, writer = await asyncio.open_connection(
-        host, port, ssl=ctx, server_hostname=server_hostname or host, **kwargs
+        host, port, ssl=ctx, server_hostname=server_hostname or host, **options
     )
     try:
         identity.authorise(writer, authoriser)

@@ -7,6 +7,9 @@ after the handshake, before uvicorn reads a request from it.
     await uvicorn.Server(config).serve()
 
 Built on uvicorn's public hooks: ``ssl_context_factory`` and a protocol class for ``http``.
+uvicorn's own TLS arguments (every ``ssl_*``: files, version, ciphers, client-certificate
+mode, the context factory) are refused with ``ConfigError``: the context is the identity's,
+so they would be ignored or replace it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, PeerNotAuthorisedError
+from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from .._identity import TrustChoice
 from ._source import Source, authorise
 
@@ -59,6 +62,20 @@ def _gated(
     return Gated
 
 
+def _without_ssl(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for ``uvicorn.Config``; ``ConfigError`` for the first of uvicorn's own TLS
+    arguments (any name starting with ``ssl``, so ones uvicorn adds later too)."""
+    for name in kwargs:
+        if name.startswith("ssl"):
+            raise ConfigError(
+                f"federatls.integrations.uvicorn.config: {name}= would be ignored or replace "
+                "the identity's TLS context (its certificate, the trust bundle, renewal, client "
+                "certificates); instead choose trust= and require_client_certificate=, and "
+                "narrow clients with authoriser="
+            )
+    return kwargs
+
+
 def config(
     app: Any,
     source: Source,
@@ -70,7 +87,9 @@ def config(
     **kwargs: Any,
 ) -> uvicorn.Config:
     """A ``uvicorn.Config`` for ``app`` serving mutual TLS as ``source`` (an ``Identity`` or a
-    ``RenewingIdentity``); other keyword arguments are uvicorn's (``host``, ``port``...)."""
+    ``RenewingIdentity``); other keyword arguments are uvicorn's (``host``, ``port``...),
+    except its ``ssl_*`` arguments (a ``ConfigError``)."""
+    options = _without_ssl(kwargs)
     base = import_from_string(HTTP_PROTOCOLS[http]) if isinstance(http, str) else http
     protocol = _gated(base, source, authoriser)
 
@@ -83,4 +102,4 @@ def config(
             ctx.set_alpn_protocols(alpn)
         return ctx
 
-    return uvicorn.Config(app, http=protocol, ssl_context_factory=context, **kwargs)
+    return uvicorn.Config(app, http=protocol, ssl_context_factory=context, **options)
