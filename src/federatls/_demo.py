@@ -412,5 +412,9 @@ async def run_demo(*, keep: bool = False) -> int:
     try:
         return await _run(keep, stopped)
     finally:
+        # The demo is its process's last act: a stop signal arriving after the cleanup (a
+        # repeated Ctrl-C) must not turn into a KeyboardInterrupt or a death by signal on the
+        # way out, so the stop signals stay ignored rather than going back to their defaults.
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
