@@ -13,6 +13,7 @@ caller never needs to catch another library's exceptions.
     ├── CARefusedError           the CA answered with an error status (status, body)
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
+    ├── StoreBusyError           the CA's database stayed locked too long (the CA answers 503)
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "FingerprintMismatchError",
     "IdentityExpiredError",
     "PeerNotAuthorisedError",
+    "StoreBusyError",
     "TokenError",
 ]
 
@@ -102,6 +104,11 @@ class CAUnreachableError(FederatlsError):
 class IdentityExpiredError(FederatlsError):
     """The certificate expired before it could be renewed (renewal over mutual TLS needs a
     valid certificate): enrol again with a new token, or give the renewal a token source."""
+
+
+class StoreBusyError(FederatlsError):
+    """The CA's database could not be had in time (another process holds its lock): the
+    operation did nothing, and the CA answers 503 so that the client retries later."""
 
 
 class PeerNotAuthorisedError(FederatlsError):

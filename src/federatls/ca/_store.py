@@ -13,13 +13,14 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from .._errors import ConfigError
+from .._errors import ConfigError, StoreBusyError
 
 __all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store", "TokenUse"]
 
@@ -66,7 +67,9 @@ class Revocation:
 
 
 class Store(Protocol):
-    """What the CA needs from its database."""
+    """What the CA needs from its database. A call may block its thread (the CA makes them
+    off its event loop) but only for a bounded time: one that cannot have the database in
+    time raises ``StoreBusyError`` having changed nothing, and the CA answers 503."""
 
     def token_used(self, token_id: str) -> bool:
         """Whether a token id has been used (a read; ``record_issuances`` decides)."""
@@ -125,6 +128,7 @@ CREATE TABLE IF NOT EXISTS revocations (
 );
 """
 _SCHEMA_VERSION = 1
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite3.h)
 # A used token id is kept this long after its token expired; by then the token's own `exp`
 # refuses it, so forgetting it cannot re-open a replay.
 _TOKEN_RETENTION = timedelta(days=1)
@@ -144,24 +148,37 @@ class SQLiteStore:
     commits that must also survive a power cut (revocations, ``durable`` token uses) are
     synced to disk first (``synchronous=FULL`` for that transaction, NORMAL otherwise).
 
+    Every call waits at most ``busy_timeout`` seconds for the database (another process
+    holding its write lock, another thread's call on the same connection), then raises
+    ``StoreBusyError`` having changed nothing. The calls block their thread: the CA makes
+    them off its event loop (``_server``). Reads have a connection of their own, so in WAL
+    mode they never wait for a write.
+
     Checkpoints (copying the write-ahead log back into the database file) run in a thread
     of their own, every ``checkpoint_interval`` seconds, instead of inside whichever commit
-    crosses SQLite's threshold: a checkpoint takes milliseconds, and a commit on the CA's
-    event loop holds up every connection. ``checkpoint_interval=None`` leaves checkpoints
-    to SQLite (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
+    crosses SQLite's threshold: a checkpoint takes milliseconds, and it would hold up the
+    commits queued behind it. ``checkpoint_interval=None`` leaves checkpoints to SQLite
+    (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
 
-    def __init__(self, path: Path | str, *, checkpoint_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        checkpoint_interval: float | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=10.0, check_same_thread=False
-            )
+            conn = self._connect()
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the CA database {self.path}: {exc}") from exc
-        self._conn = conn
+        self._conn = conn  # writes
         self._lock = threading.Lock()
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # a file system without shared memory, for one
+                log.warning("%s is in %s journal mode, not WAL: reads wait for writes", path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             if checkpoint_interval is not None:
                 conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -173,51 +190,83 @@ class SQLiteStore:
                 )
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._read_conn = self._connect()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
+        self._read_lock = threading.Lock()
         self._checkpointer = (
             _Checkpointer(self.path, checkpoint_interval)
             if checkpoint_interval is not None
             else None
         )
 
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=self.busy_timeout, check_same_thread=False
+        )
+
+    @contextlib.contextmanager
+    def _using(self, lock: threading.Lock, conn: sqlite3.Connection) -> Iterator[None]:
+        """Hold ``lock`` (``conn``'s) for one call, waiting for it and then for SQLite's
+        locks ``busy_timeout`` seconds in all; SQLite's "busy" becomes ``StoreBusyError``."""
+        started = time.monotonic()
+        if not lock.acquire(timeout=self.busy_timeout):
+            raise StoreBusyError(f"{self.path}: busy for {self.busy_timeout:g} s")
+        try:
+            left = self.busy_timeout - (time.monotonic() - started)
+            shortened = left < self.busy_timeout - 0.001
+            if shortened:
+                conn.execute(f"PRAGMA busy_timeout={max(int(left * 1000), 0)}")
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                    raise
+                raise StoreBusyError(f"{self.path}: locked for {self.busy_timeout:g} s") from exc
+            finally:
+                if shortened:
+                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        finally:
+            lock.release()
+
     def prune(self, now: datetime) -> int:
         """Forget used token ids whose tokens expired long ago; returns how many."""
-        with self._lock:
+        with self._using(self._lock, self._conn):
             cur = self._conn.execute(
                 "DELETE FROM used_tokens WHERE expires_at < ?", (_ts(now - _TOKEN_RETENTION),)
             )
             return cur.rowcount
 
     def token_used(self, token_id: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
+        with self._using(self._read_lock, self._read_conn):
+            row = self._read_conn.execute(
                 "SELECT 1 FROM used_tokens WHERE token_id = ?", (token_id,)
             ).fetchone()
         return row is not None
 
     @contextlib.contextmanager
     def _transaction(self, *, durable: bool) -> Iterator[None]:
-        """One write transaction (the caller holds the lock); with ``durable`` its commit
-        returns only once the WAL is on disk."""
-        if durable:
-            self._conn.execute("PRAGMA synchronous=FULL")
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        finally:
+        """One write transaction on the write connection, all or nothing; with ``durable``
+        its commit returns only once the WAL is on disk."""
+        with self._using(self._lock, self._conn):
             if durable:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._conn.execute("COMMIT")  # may be busy too (a rollback journal)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if durable:
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
 
     def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
         results: list[bool] = []
-        with self._lock, self._transaction(durable=any(u.durable for u in issuances)):
+        with self._transaction(durable=any(u.durable for u in issuances)):
             for use in issuances:
                 cur = self._conn.execute(
                     "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
@@ -230,7 +279,7 @@ class SQLiteStore:
         return results
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
-        with self._lock:
+        with self._transaction(durable=False):
             self._insert_certificate(cert)
 
     def _insert_certificate(self, cert: IssuedCertificate) -> None:
@@ -249,8 +298,8 @@ class SQLiteStore:
         )
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._using(self._read_lock, self._read_conn):
+            row = self._read_conn.execute(
                 "SELECT serial, subject, sans, not_before, not_after, provisioner, der,"
                 " renewed_from FROM certificates WHERE serial = ?",
                 (serial,),
@@ -270,7 +319,7 @@ class SQLiteStore:
 
     def revoke(self, revocation: Revocation) -> bool:
         r = revocation
-        with self._lock, self._transaction(durable=True):
+        with self._transaction(durable=True):
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -286,23 +335,25 @@ class SQLiteStore:
             return cur.rowcount == 1
 
     def is_revoked(self, serial: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
+        with self._using(self._read_lock, self._read_conn):
+            row = self._read_conn.execute(
                 "SELECT 1 FROM revocations WHERE serial = ?", (serial,)
             ).fetchone()
         return row is not None
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for operators and tests)."""
-        with self._lock:
+        with self._using(self._read_lock, self._read_conn):
             return {
-                t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                t: self._read_conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
                 for t in ("used_tokens", "certificates", "revocations")
             }
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        with self._read_lock:
+            self._read_conn.close()
         with self._lock:
             self._conn.close()  # the last connection checkpoints and removes the log
 
