@@ -16,6 +16,7 @@ import sqlite3
 import ssl
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from federatls import CARefusedError
 from federatls._client import CAClient
+from federatls._errors import StoreBusyError
 from federatls._keys import PrivateKey, build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest
 from federatls._x509 import fingerprint
+from federatls.ca import SQLiteStore
+from federatls.ca._store import IssuedCertificate, StoreWouldWait, TokenUse, without_waiting
 
 from harness import PKI, start_serving
 
@@ -186,3 +190,38 @@ async def test_renew_and_revoke_answer_503_under_the_lock(ca_process: PKI) -> No
     assert after["certificates"] == before["certificates"] | {str(renewed.leaf.serial_number)}
     assert after["revocations"] == {serial}
     assert fingerprint(renewed.leaf) != fingerprint(chain[0])
+
+
+def _use(jti: str, *, durable: bool = False) -> TokenUse:
+    now = datetime.now(UTC)
+    cert = IssuedCertificate(jti, "svc", ("svc",), now, now, "p:k", b"der")
+    return TokenUse(jti, "p:k", now + timedelta(minutes=5), now, cert, durable=durable)
+
+
+async def test_the_store_waits_boundedly_or_not_at_all(tmp_path: Path) -> None:
+    """Under another connection's write lock, a commit inside ``without_waiting()`` raises
+    ``StoreWouldWait`` at once and one outside raises ``StoreBusyError`` after the busy
+    timeout, both recording nothing; reads go on (WAL), and once the lock is gone the same
+    commits succeed (twin)."""
+    store = SQLiteStore(tmp_path / "federatls.db", busy_timeout=0.2)
+    other = sqlite3.connect(tmp_path / "federatls.db", isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with without_waiting(), pytest.raises(StoreWouldWait):
+            store.record_issuances([_use("a")])
+        with pytest.raises(StoreBusyError) as busy:
+            store.record_issuances([_use("a")])
+        assert not isinstance(busy.value, StoreWouldWait)
+        with without_waiting():
+            assert not store.token_used("a")
+        assert store.get_certificate("a") is None
+        other.execute("ROLLBACK")
+        with without_waiting():
+            assert store.record_issuances([_use("a")]) == [True]
+            with pytest.raises(StoreWouldWait):  # a sync to disk is a wait too
+                store.record_issuances([_use("b", durable=True)])
+        assert store.record_issuances([_use("b", durable=True)]) == [True]
+        assert store.counts()["certificates"] == 2
+    finally:
+        other.close()
+        store.close()

@@ -45,7 +45,7 @@ from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, split_address
 from ._issuer import server_certificate
 from ._material import load_material
-from ._store import SQLiteStore
+from ._store import SQLiteStore, StoreWouldWait, without_waiting
 from ._tls import build_server_context
 from ._tlsconn import TLSServerConnection
 
@@ -60,17 +60,23 @@ Clock = Callable[[], datetime]
 _T = TypeVar("_T")
 
 
+_Batch = list[tuple[Authority, Issuance, "asyncio.Future[bool]"]]
+
+
 class _GroupCommit:
-    """Signed certificates waiting to be recorded are committed together, by one writer
-    thread: what arrives within one turn of the event loop, or while the previous group is
-    being written, goes into one transaction, so a busy CA pays one commit (and, when one
-    is needed, one fsync) for many certificates instead of one each. The event loop never
-    waits for the database: a commit that cannot have it in time fails with
-    ``StoreBusyError`` (503) and records nothing."""
+    """Signed certificates waiting to be recorded are committed together: what arrives
+    within one turn of the event loop, or while the previous group is being written, goes
+    into one transaction, so a busy CA pays one commit (and, when one is needed, one sync
+    to disk) for many certificates instead of one each.
+
+    The event loop never waits for the database: it commits a group itself only when that
+    needs no wait (``without_waiting``: no lock held elsewhere, no sync to disk); otherwise
+    the group goes to the writer thread, which waits a bounded time. A group that cannot
+    have the database in time fails with ``StoreBusyError`` (503) and records nothing."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Authority, Issuance, asyncio.Future[bool]]] = []
-        self._writing = False
+        self._pending: _Batch = []
+        self._writing = False  # the writer thread has a group
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="federatls-ca-commit")
 
     async def commit(self, authority: Authority, issuance: Issuance) -> None:
@@ -86,39 +92,50 @@ class _GroupCommit:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
         authority = batch[-1][0]  # all share one store, whichever reload made them
-        self._writing = True
-        written = loop.run_in_executor(
-            self._writer, authority.commit, [issuance for _, issuance, _ in batch]
-        )
-        written.add_done_callback(lambda _: self._written(loop, batch, written))
+        issuances = [issuance for _, issuance, _ in batch]
+        try:
+            with without_waiting():
+                results = authority.commit(issuances)
+        except StoreWouldWait:
+            self._writing = True
+            written = loop.run_in_executor(self._writer, authority.commit, issuances)
+            written.add_done_callback(lambda _: self._written(loop, batch, written))
+        except Exception as exc:
+            _settle(batch, exc)
+        else:
+            _settle(batch, results)
 
     def _written(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[Authority, Issuance, asyncio.Future[bool]]],
+        batch: _Batch,
         written: asyncio.Future[list[bool]],
     ) -> None:
         self._writing = False
         if self._pending:
-            self._flush(loop)
+            loop.call_soon(self._flush, loop)
         exc = written.exception()
-        for i, (_, _, done) in enumerate(batch):
-            if done.done():  # a handler cancelled meanwhile (client gone)
-                continue
-            if exc is not None:
-                done.set_exception(exc)
-            else:
-                done.set_result(written.result()[i])
+        _settle(batch, written.result() if exc is None else exc)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.shutdown)
 
 
+def _settle(batch: _Batch, outcome: list[bool] | BaseException) -> None:
+    for i, (_, _, done) in enumerate(batch):
+        if done.done():  # a handler cancelled meanwhile (client gone)
+            continue
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome[i])
+
+
 class _State:
     """What requests use: the authority (a reload replaces it for the requests that follow),
     the clock (tests pass a fake one), the group committer and the threads that make the
-    authority's other store calls (reads, renewals, revocations), so that a wait for the
-    database never holds up the event loop."""
+    authority's store calls that would wait, so that a wait for the database never holds
+    up the event loop."""
 
     def __init__(self, authority: Authority, clock: Clock) -> None:
         self.authority = authority
@@ -127,8 +144,20 @@ class _State:
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
 
     async def off_loop(self, call: Callable[[], _T]) -> _T:
-        """``call()`` in a worker thread: it may wait for the store (boundedly)."""
+        """``call()`` in a worker thread, where it may wait for the store (boundedly)."""
         return await asyncio.get_running_loop().run_in_executor(self._workers, call)
+
+    async def soon(self, call: Callable[[], _T]) -> _T:
+        """``call()`` here if it needs no wait for the store, else in a worker thread.
+
+        Only for calls whose one write, if they make one, is their last store call: a
+        first attempt stopped by ``StoreWouldWait`` has then changed nothing, and the call
+        may be made again from the start."""
+        try:
+            with without_waiting():
+                return call()
+        except StoreWouldWait:
+            return await self.off_loop(call)
 
     async def close(self) -> None:
         await self.committer.close()
@@ -278,7 +307,7 @@ async def _sign(request: web.Request) -> web.Response:
     authority = state.authority
     sign = SignRequest.parse(await _body(request))
     now = _clock(request)
-    issuance = await state.off_loop(lambda: authority.prepare_sign(sign, now))
+    issuance = await state.soon(lambda: authority.prepare_sign(sign, now))
     await state.committer.commit(authority, issuance)
     return _signed(authority, list(issuance.chain), request, "signed")
 
@@ -297,13 +326,11 @@ async def _renew(request: web.Request) -> web.Response:
         def renew() -> list[x509.Certificate]:
             return authority.renew(authority.authorize_renew_token(token, now), now)
 
-    else:
-        known = peer
-
-        def renew() -> list[x509.Certificate]:
-            return authority.renew(known, now)
-
-    return _signed(authority, await state.off_loop(renew), request, "renewed")
+        # Two writes (the token, the certificate): only from a thread.
+        return _signed(authority, await state.off_loop(renew), request, "renewed")
+    known = peer
+    chain = await state.soon(lambda: authority.renew(known, now))
+    return _signed(authority, chain, request, "renewed")
 
 
 async def _rekey(request: web.Request) -> web.Response:
@@ -315,7 +342,7 @@ async def _rekey(request: web.Request) -> web.Response:
     rekey = RekeyRequest.parse(await _body(request))
     now = _clock(request)
     key = rekey.csr.public_key()
-    chain = await state.off_loop(
+    chain = await state.soon(
         lambda: authority.renew(peer, now, public_key=key)  # type: ignore[arg-type]
     )
     return _signed(authority, chain, request, "rekeyed")
@@ -326,6 +353,7 @@ async def _revoke(request: web.Request) -> web.Response:
     authority = state.authority
     revoke = RevokeRequest.parse(await _body(request))
     peer, now = _peer_certificate(request), _clock(request)
+    # By token, two writes (the token, the revocation): only from a thread.
     await state.off_loop(lambda: authority.revoke(revoke, peer, now))
     log.info("revoked serial=%s reason_code=%d", revoke.serial, revoke.reason_code)
     return _json(RevokeResponse().to_json())

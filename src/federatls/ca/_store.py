@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,9 +23,37 @@ from typing import Protocol
 
 from .._errors import ConfigError, StoreBusyError
 
-__all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store", "TokenUse"]
+__all__ = [
+    "IssuedCertificate",
+    "Revocation",
+    "SQLiteStore",
+    "Store",
+    "StoreWouldWait",
+    "TokenUse",
+    "without_waiting",
+]
 
 log = logging.getLogger("federatls.ca")
+
+_NO_WAIT: ContextVar[bool] = ContextVar("federatls_store_no_wait", default=False)
+
+
+class StoreWouldWait(StoreBusyError):
+    """A store call inside ``without_waiting()`` would have had to wait for the database;
+    it did nothing."""
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[None]:
+    """Within the block (in this thread or task, with no ``await`` inside), a store call
+    that would wait for a lock raises ``StoreWouldWait`` at once, having done nothing: how
+    the CA's event loop calls the store. Stores that cannot tell may ignore it only if they
+    never block."""
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
 
 
 @dataclass(frozen=True)
@@ -67,9 +96,12 @@ class Revocation:
 
 
 class Store(Protocol):
-    """What the CA needs from its database. A call may block its thread (the CA makes them
-    off its event loop) but only for a bounded time: one that cannot have the database in
-    time raises ``StoreBusyError`` having changed nothing, and the CA answers 503."""
+    """What the CA needs from its database. A call may block its thread, but only for a
+    bounded time: one that cannot have the database in time raises ``StoreBusyError``
+    having changed nothing, and the CA answers 503. Inside ``without_waiting()`` (the CA's
+    event loop) a call must not block at all: where it would wait (for a lock, for a sync
+    to disk) it raises ``StoreWouldWait`` having changed nothing, and the CA makes it again
+    from a thread."""
 
     def token_used(self, token_id: str) -> bool:
         """Whether a token id has been used (a read; ``record_issuances`` decides)."""
@@ -150,9 +182,9 @@ class SQLiteStore:
 
     Every call waits at most ``busy_timeout`` seconds for the database (another process
     holding its write lock, another thread's call on the same connection), then raises
-    ``StoreBusyError`` having changed nothing. The calls block their thread: the CA makes
-    them off its event loop (``_server``). Reads have a connection of their own, so in WAL
-    mode they never wait for a write.
+    ``StoreBusyError`` having changed nothing; inside ``without_waiting()`` it waits not at
+    all and raises ``StoreWouldWait`` instead. The CA's event loop makes only calls of the
+    second kind (``_server``). In WAL mode reads never wait for a write.
 
     Checkpoints (copying the write-ahead log back into the database file) run in a thread
     of their own, every ``checkpoint_interval`` seconds, instead of inside whichever commit
@@ -174,7 +206,6 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the CA database {self.path}: {exc}") from exc
         self._conn = conn  # writes
-        self._lock = threading.Lock()
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":  # a file system without shared memory, for one
@@ -190,11 +221,15 @@ class SQLiteStore:
                 )
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            # Reads that may wait have a connection of their own, so that they do not queue
+            # behind a write waiting for a lock; the others (the event loop's) share the
+            # write connection, whose page cache a write of its own does not invalidate.
             self._read_conn = self._connect()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
-        self._read_lock = threading.Lock()
+        self._locks = {id(c): threading.Lock() for c in self._connections()}
+        self._busy_ms = dict.fromkeys(self._locks, int(busy_timeout * 1000))
         self._checkpointer = (
             _Checkpointer(self.path, checkpoint_interval)
             if checkpoint_interval is not None
@@ -206,41 +241,58 @@ class SQLiteStore:
             self.path, isolation_level=None, timeout=self.busy_timeout, check_same_thread=False
         )
 
+    def _connections(self) -> tuple[sqlite3.Connection, ...]:
+        return (self._conn, self._read_conn)
+
     @contextlib.contextmanager
-    def _using(self, lock: threading.Lock, conn: sqlite3.Connection) -> Iterator[None]:
-        """Hold ``lock`` (``conn``'s) for one call, waiting for it and then for SQLite's
-        locks ``busy_timeout`` seconds in all; SQLite's "busy" becomes ``StoreBusyError``."""
-        started = time.monotonic()
-        if not lock.acquire(timeout=self.busy_timeout):
-            raise StoreBusyError(f"{self.path}: busy for {self.busy_timeout:g} s")
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        wait = not _NO_WAIT.get()
+        conn = self._read_conn if wait else self._conn
+        with self._using(conn, wait=wait):
+            yield conn
+
+    @contextlib.contextmanager
+    def _using(self, conn: sqlite3.Connection, *, wait: bool) -> Iterator[None]:
+        """Have ``conn`` for one call. With ``wait``, wait for it and then for SQLite's
+        locks ``busy_timeout`` seconds in all, and raise ``StoreBusyError`` after that;
+        without, raise ``StoreWouldWait`` instead of waiting at all."""
+        lock = self._locks[id(conn)]
+        if not wait:
+            if not lock.acquire(blocking=False):
+                raise StoreWouldWait(f"{self.path}: in use")
+            busy_ms = 0
+        else:
+            started = time.monotonic()
+            if not lock.acquire(timeout=self.busy_timeout):
+                raise StoreBusyError(f"{self.path}: busy for {self.busy_timeout:g} s")
+            waited = time.monotonic() - started
+            busy_ms = int((self.busy_timeout - (waited if waited > 0.001 else 0)) * 1000)
         try:
-            left = self.busy_timeout - (time.monotonic() - started)
-            shortened = left < self.busy_timeout - 0.001
-            if shortened:
-                conn.execute(f"PRAGMA busy_timeout={max(int(left * 1000), 0)}")
+            if self._busy_ms[id(conn)] != busy_ms:
+                conn.execute(f"PRAGMA busy_timeout={max(busy_ms, 0)}")
+                self._busy_ms[id(conn)] = busy_ms
             try:
                 yield
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF not in (_SQLITE_BUSY, _SQLITE_LOCKED):
                     raise
+                if not wait:
+                    raise StoreWouldWait(f"{self.path}: locked") from exc
                 raise StoreBusyError(f"{self.path}: locked for {self.busy_timeout:g} s") from exc
-            finally:
-                if shortened:
-                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         finally:
             lock.release()
 
     def prune(self, now: datetime) -> int:
         """Forget used token ids whose tokens expired long ago; returns how many."""
-        with self._using(self._lock, self._conn):
+        with self._transaction(durable=False):
             cur = self._conn.execute(
                 "DELETE FROM used_tokens WHERE expires_at < ?", (_ts(now - _TOKEN_RETENTION),)
             )
             return cur.rowcount
 
     def token_used(self, token_id: str) -> bool:
-        with self._using(self._read_lock, self._read_conn):
-            row = self._read_conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT 1 FROM used_tokens WHERE token_id = ?", (token_id,)
             ).fetchone()
         return row is not None
@@ -248,8 +300,10 @@ class SQLiteStore:
     @contextlib.contextmanager
     def _transaction(self, *, durable: bool) -> Iterator[None]:
         """One write transaction on the write connection, all or nothing; with ``durable``
-        its commit returns only once the WAL is on disk."""
-        with self._using(self._lock, self._conn):
+        its commit returns only once the WAL is on disk (a wait: never without waiting)."""
+        if durable and _NO_WAIT.get():
+            raise StoreWouldWait(f"{self.path}: a durable commit waits for the disk")
+        with self._using(self._conn, wait=not _NO_WAIT.get()):
             if durable:
                 self._conn.execute("PRAGMA synchronous=FULL")
             try:
@@ -298,8 +352,8 @@ class SQLiteStore:
         )
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
-        with self._using(self._read_lock, self._read_conn):
-            row = self._read_conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT serial, subject, sans, not_before, not_after, provisioner, der,"
                 " renewed_from FROM certificates WHERE serial = ?",
                 (serial,),
@@ -335,27 +389,24 @@ class SQLiteStore:
             return cur.rowcount == 1
 
     def is_revoked(self, serial: str) -> bool:
-        with self._using(self._read_lock, self._read_conn):
-            row = self._read_conn.execute(
-                "SELECT 1 FROM revocations WHERE serial = ?", (serial,)
-            ).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT 1 FROM revocations WHERE serial = ?", (serial,)).fetchone()
         return row is not None
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for operators and tests)."""
-        with self._using(self._read_lock, self._read_conn):
+        with self._reading() as conn:
             return {
-                t: self._read_conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
                 for t in ("used_tokens", "certificates", "revocations")
             }
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
-        with self._read_lock:
-            self._read_conn.close()
-        with self._lock:
-            self._conn.close()  # the last connection checkpoints and removes the log
+        for conn in reversed(self._connections()):  # the write connection last: the last
+            with self._locks[id(conn)]:  # connection checkpoints and removes the log
+                conn.close()
 
 
 class _Checkpointer:
