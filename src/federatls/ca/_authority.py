@@ -286,7 +286,9 @@ class Authority:
         except Refusal:
             self._spend(spend)
             raise
-        record = self._record_of(leaf, prov.id, sans.as_strings())
+        record = self._record_of(
+            leaf, prov.id, sans.as_strings(), operation="sign", token_id=spend.token_id
+        )
         return Issuance(tuple(self.chain_of(leaf)), replace(spend, certificate=record))
 
     def commit(self, issuances: Sequence[Issuance]) -> list[bool]:
@@ -373,7 +375,12 @@ class Authority:
         provisioner: str,
         sans: Sequence[str],
         renewed_from: str | None = None,
+        *,
+        operation: str,
+        token_id: str = "",
     ) -> IssuedCertificate:
+        """The store's record of ``leaf``, with its audit trail: what it was issued for
+        (``operation``) and the token it spent or the certificate it replaces."""
         return IssuedCertificate(
             serial=_serial(leaf),
             subject=common_name(leaf.subject),
@@ -383,6 +390,8 @@ class Authority:
             provisioner=provisioner,
             der=leaf.public_bytes(Encoding.DER),
             renewed_from=renewed_from,
+            operation=operation,
+            token_id=token_id,
         )
 
     # Renew and rekey -----------------------------------------------------------------------
@@ -419,8 +428,11 @@ class Authority:
         leaf = renew_leaf(
             self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
         )
+        operation = "renew" if public_key is None else "rekey"
         self.store.add_certificate(
-            self._record_of(leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer))
+            self._record_of(
+                leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer), operation=operation
+            )
         )
         return self.chain_of(leaf)
 

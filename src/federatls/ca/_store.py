@@ -58,7 +58,10 @@ def without_waiting() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """What the CA remembers of a certificate it issued."""
+    """What the CA remembers of a certificate it issued, and what it was issued for (the
+    audit trail): the token that bought it (``sign``), or the certificate it replaces
+    (``renew``, ``rekey``: ``renewed_from``). Rows recorded before federatls kept the
+    trail have ``operation`` and ``token_id`` empty."""
 
     serial: str  # decimal, as step-ca writes serials
     subject: str
@@ -67,7 +70,9 @@ class IssuedCertificate:
     not_after: datetime
     provisioner: str  # "<name>:<kid>", or "" for the CA's own server certificate
     der: bytes
-    renewed_from: str | None = None
+    renewed_from: str | None = None  # the parent's serial, for a renewal or a rekey
+    operation: str = ""  # "sign", "renew" or "rekey"
+    token_id: str = ""  # the spent token's id (``TokenUse.token_id``), for a sign
 
 
 @dataclass(frozen=True)
@@ -132,14 +137,14 @@ class Store(Protocol):
         """Release the database."""
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS used_tokens (
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS used_tokens (
     token_id    TEXT PRIMARY KEY,
     provisioner TEXT NOT NULL,
     expires_at  TEXT NOT NULL,
     used_at     TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS certificates (
+)""",
+    """CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,
     subject      TEXT NOT NULL,
     sans         TEXT NOT NULL,
@@ -148,8 +153,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     provisioner  TEXT NOT NULL,
     renewed_from TEXT,
     der          BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revocations (
+)""",
+    """CREATE TABLE IF NOT EXISTS revocations (
     serial      TEXT PRIMARY KEY,
     reason_code INTEGER NOT NULL,
     reason      TEXT NOT NULL,
@@ -157,9 +162,15 @@ CREATE TABLE IF NOT EXISTS revocations (
     token_id    TEXT NOT NULL,
     mtls        INTEGER NOT NULL,
     revoked_at  TEXT NOT NULL
-);
-"""
-_SCHEMA_VERSION = 1
+)""",
+)
+# Columns added since schema version 1, in place (ALTER TABLE), so that every version's file
+# ends with the same columns. Version 2: the certificates' audit trail.
+_ADDED_COLUMNS = (
+    ("certificates", "operation", "TEXT NOT NULL DEFAULT ''"),
+    ("certificates", "token_id", "TEXT NOT NULL DEFAULT ''"),
+)
+_SCHEMA_VERSION = 2
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite3.h)
 # A used token id is kept this long after its token expired; by then the token's own `exp`
 # refuses it, so forgetting it cannot re-open a replay.
@@ -206,6 +217,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the CA database {self.path}: {exc}") from exc
         self._conn = conn  # writes
+        self._locks = {id(conn): threading.Lock()}
+        self._busy_ms = {id(conn): int(busy_timeout * 1000)}
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":  # a file system without shared memory, for one
@@ -213,28 +226,46 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             if checkpoint_interval is not None:
                 conn.execute("PRAGMA wal_autocheckpoint=0")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise ConfigError(
-                    f"{self.path} has schema version {version}; this federatls knows "
-                    f"{_SCHEMA_VERSION}"
-                )
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._migrate()
             # Reads that may wait have a connection of their own, so that they do not queue
             # behind a write waiting for a lock; the others (the event loop's) share the
             # write connection, whose page cache a write of its own does not invalidate.
             self._read_conn = self._connect()
+        except ConfigError:
+            conn.close()
+            raise
+        except StoreBusyError as exc:
+            conn.close()
+            raise ConfigError(f"{self.path} is locked by another process: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
-        self._locks = {id(c): threading.Lock() for c in self._connections()}
-        self._busy_ms = dict.fromkeys(self._locks, int(busy_timeout * 1000))
+        self._locks[id(self._read_conn)] = threading.Lock()
+        self._busy_ms[id(self._read_conn)] = self._busy_ms[id(conn)]
         self._checkpointer = (
             _Checkpointer(self.path, checkpoint_interval)
             if checkpoint_interval is not None
             else None
         )
+
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older version's up to this one, in one
+        transaction (two CAs opening one old file at once migrate it once)."""
+        with self._transaction(durable=True):
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has schema version {version}; this federatls knows "
+                    f"{_SCHEMA_VERSION} (a newer federatls wrote it)"
+                )
+            for table in _TABLES:
+                self._conn.execute(table)
+            for table, column, kind in _ADDED_COLUMNS:
+                present = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            if version != _SCHEMA_VERSION:
+                self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(
@@ -338,7 +369,9 @@ class SQLiteStore:
 
     def _insert_certificate(self, cert: IssuedCertificate) -> None:
         self._conn.execute(
-            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO certificates (serial, subject, sans, not_before, not_after,"
+            " provisioner, renewed_from, der, operation, token_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cert.serial,
                 cert.subject,
@@ -348,6 +381,8 @@ class SQLiteStore:
                 cert.provisioner,
                 cert.renewed_from,
                 cert.der,
+                cert.operation,
+                cert.token_id,
             ),
         )
 
@@ -355,7 +390,7 @@ class SQLiteStore:
         with self._reading() as conn:
             row = conn.execute(
                 "SELECT serial, subject, sans, not_before, not_after, provisioner, der,"
-                " renewed_from FROM certificates WHERE serial = ?",
+                " renewed_from, operation, token_id FROM certificates WHERE serial = ?",
                 (serial,),
             ).fetchone()
         if row is None:
@@ -369,6 +404,8 @@ class SQLiteStore:
             row[5],
             bytes(row[6]),
             row[7],
+            row[8],
+            row[9],
         )
 
     def revoke(self, revocation: Revocation) -> bool:
