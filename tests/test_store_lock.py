@@ -27,8 +27,8 @@ from federatls import CARefusedError
 from federatls._client import CAClient
 from federatls._errors import StoreBusyError
 from federatls._keys import PrivateKey, build_csr, new_private_key
-from federatls._protocol import RevokeRequest, SignRequest
-from federatls._x509 import fingerprint
+from federatls._protocol import RekeyRequest, RevokeRequest, SignRequest
+from federatls._token import mint_renew_token
 from federatls.ca import SQLiteStore
 from federatls.ca._store import IssuedCertificate, StoreWouldWait, TokenUse, without_waiting
 
@@ -159,20 +159,25 @@ async def test_a_locked_database_answers_503_and_the_ca_stays_live(ca_process: P
     assert claims["jti"] in after["used_tokens"]
 
 
-async def test_renew_and_revoke_answer_503_under_the_lock(ca_process: PKI) -> None:
-    """Renew, rekey and revoke under the lock answer 503 and change nothing; the same
-    requests (the same revoke token) succeed once the lock is released (twin)."""
+async def test_renew_rekey_and_revoke_answer_503_under_the_lock(ca_process: PKI) -> None:
+    """Renew (over mTLS and by token), rekey and revoke under the lock answer 503 and change
+    nothing; the same requests, with the same renew and revoke tokens, succeed once the
+    lock is released (twin)."""
     pki = ca_process
     db = pki.config.parent / "federatls.db"
     chain, key = await pki.enroll("svc")
     serial = str(chain[0].serial_number)
+    renew_token = mint_renew_token(chain, key, audience=f"{pki.url}/1.0/renew", now=pki.clock())
     revoke_token = pki.token(serial, revoke=True)
+    rekey = RekeyRequest(build_csr(new_private_key(), "svc", ["svc"]))
     before = _rows(pki)
     lock = await hold_lock(db)
     try:
         async with _client(pki, (chain, key)) as holder, _client(pki) as client:
             answers = await asyncio.gather(
                 holder.renew(),
+                holder.rekey(rekey),
+                client.renew_with_token(renew_token),
                 client.revoke(RevokeRequest(serial, ott=revoke_token)),
                 return_exceptions=True,
             )
@@ -182,14 +187,18 @@ async def test_renew_and_revoke_answer_503_under_the_lock(ca_process: PKI) -> No
         assert isinstance(answer, CARefusedError), answer
         _assert_503(answer)
     assert _rows(pki) == before
-    async with _client(pki, (chain, key)) as holder:
-        renewed = await holder.renew()
-    async with _client(pki) as client:
+    async with _client(pki, (chain, key)) as holder, _client(pki) as client:
+        issued = [
+            await holder.renew(),
+            await holder.rekey(rekey),
+            await client.renew_with_token(renew_token),
+        ]
         await client.revoke(RevokeRequest(serial, ott=revoke_token))
     after = _rows(pki)
-    assert after["certificates"] == before["certificates"] | {str(renewed.leaf.serial_number)}
+    new = {str(answer.leaf.serial_number) for answer in issued}
+    assert len(new) == 3
+    assert after["certificates"] == before["certificates"] | new
     assert after["revocations"] == {serial}
-    assert fingerprint(renewed.leaf) != fingerprint(chain[0])
 
 
 def _use(jti: str, *, durable: bool = False) -> TokenUse:
