@@ -279,7 +279,9 @@ class Authority:
 
         A valid token is spent whatever happens: a refused CSR spends it here (as in
         step-ca); a signed certificate spends it in ``commit``, in the same transaction that
-        records the certificate, so no certificate is handed out unrecorded."""
+        records the certificate, so no certificate is handed out unrecorded. That spend is
+        its one write, and its last store call: the server may make this call again from a
+        thread when the first attempt would have waited for the store (``_State.soon``)."""
         prov, token, spend = self._validate_token(request.ott, "sign", now)
         try:
             leaf, sans = self._issue(request, prov, token, now)
@@ -421,7 +423,9 @@ class Authority:
         now: datetime,
         public_key: CertificateIssuerPublicKeyTypes | None = None,
     ) -> list[x509.Certificate]:
-        """Renew (or rekey, given a new public key) a certificate presented by its holder."""
+        """Renew (or rekey, given a new public key) a certificate presented by its holder.
+        Recording the new certificate is its one write and last store call (``_State.soon``
+        may make the call again)."""
         prov_id = self._authorize_renew(peer, now)
         if public_key is not None:
             public_key = _checked_public_key(public_key)
