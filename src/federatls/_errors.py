@@ -16,6 +16,7 @@ caller never needs to catch another library's exceptions.
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
     │   └── CATimeoutError       no complete answer within the deadline (silent or dripping)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
+    ├── StoreBusyError           the CA's database stayed locked too long (the CA answers 503)
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "IdentityExpiredError",
     "MissingExtraError",
     "PeerNotAuthorisedError",
+    "StoreBusyError",
     "TokenError",
 ]
 
@@ -133,6 +135,11 @@ class CATimeoutError(CAUnreachableError):
 class IdentityExpiredError(FederatlsError):
     """The certificate expired before it could be renewed (renewal over mutual TLS needs a
     valid certificate): enrol again with a new token, or give the renewal a token source."""
+
+
+class StoreBusyError(FederatlsError):
+    """The CA's database could not be had in time (another process holds its lock): the
+    operation did nothing, and the CA answers 503 so that the client retries later."""
 
 
 class PeerNotAuthorisedError(FederatlsError):

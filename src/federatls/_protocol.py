@@ -59,6 +59,8 @@ _MESSAGES = {
     413: f"The request body is larger than {MAX_BODY_BYTES} bytes. " + _SEE_LOGS,
     500: "The certificate authority encountered an Internal Server Error. " + _SEE_LOGS,
     501: "The requested method is not implemented by the certificate authority. " + _SEE_LOGS,
+    # federatls's own (its database was busy; nothing was done): the same shape and tone.
+    503: "The certificate authority is temporarily unavailable; retry later. " + _SEE_LOGS,
 }
 
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._errors import StoreBusyError
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._pki import InitResult, init_pki
 from ._rotation import RotationStep, add_root, issue_from_new_root, retire_old_roots
-from ._store import IssuedCertificate, Revocation, SQLiteStore, Store, TokenUse
+from ._store import (
+    IssuedCertificate,
+    Revocation,
+    SQLiteStore,
+    Store,
+    StoreWouldWait,
+    TokenUse,
+    without_waiting,
+)
 
 if TYPE_CHECKING:
     from ._server import CAServer, serve
@@ -27,12 +36,15 @@ __all__ = [
     "RotationStep",
     "SQLiteStore",
     "Store",
+    "StoreBusyError",
+    "StoreWouldWait",
     "TokenUse",
     "add_root",
     "init_pki",
     "issue_from_new_root",
     "retire_old_roots",
     "serve",
+    "without_waiting",
 ]
 
 

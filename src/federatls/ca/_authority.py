@@ -283,10 +283,12 @@ class Authority:
 
         A valid token is spent whatever happens to the CSR: a refused CSR spends it here (as
         in step-ca); a signed certificate spends it in ``commit``, in the same transaction
-        that records the certificate, so no certificate is handed out unrecorded. Refused
-        before it is spent (403): a CSR key the CA does not certify, and a token whose own
-        names no certificate can carry (it can never buy one; nothing is gained by burning
-        it)."""
+        that records the certificate, so no certificate is handed out unrecorded. That spend
+        is its one write, and its last store call: the server may make this call again from a
+        thread when the first attempt would have waited for the store (``_State.soon``).
+        Refused before it is spent (403): a CSR key the CA does not certify, and a token whose
+        own names no certificate can carry (it can never buy one; nothing is gained by
+        burning it)."""
         public_key = _checked_public_key(request.csr.public_key())
         prov, token, spend = self._validate_token(request.ott, "sign", now)
         names = _certifiable_names(token)
@@ -295,7 +297,9 @@ class Authority:
         except Refusal:
             self._spend(spend)
             raise
-        record = self._record_of(leaf, prov.id, sans.as_strings())
+        record = self._record_of(
+            leaf, prov.id, sans.as_strings(), operation="sign", token_id=spend.token_id
+        )
         return Issuance(tuple(self.chain_of(leaf)), replace(spend, certificate=record))
 
     def commit(self, issuances: Sequence[Issuance]) -> list[bool]:
@@ -385,7 +389,12 @@ class Authority:
         provisioner: str,
         sans: Sequence[str],
         renewed_from: str | None = None,
+        *,
+        operation: str,
+        token_id: str = "",
     ) -> IssuedCertificate:
+        """The store's record of ``leaf``, with its audit trail: what it was issued for
+        (``operation``) and the token it spent or the certificate it replaces."""
         return IssuedCertificate(
             serial=_serial(leaf),
             subject=common_name(leaf.subject),
@@ -395,6 +404,8 @@ class Authority:
             provisioner=provisioner,
             der=leaf.public_bytes(Encoding.DER),
             renewed_from=renewed_from,
+            operation=operation,
+            token_id=token_id,
         )
 
     # Renew and rekey -----------------------------------------------------------------------
@@ -424,15 +435,20 @@ class Authority:
         now: datetime,
         public_key: CertificateIssuerPublicKeyTypes | None = None,
     ) -> list[x509.Certificate]:
-        """Renew (or rekey, given a new public key) a certificate presented by its holder."""
+        """Renew (or rekey, given a new public key) a certificate presented by its holder.
+        Recording the new certificate is its one write and last store call (``_State.soon``
+        may make the call again)."""
         prov_id = self._authorize_renew(peer, now)
         if public_key is not None:
             public_key = _checked_public_key(public_key)
         leaf = renew_leaf(
             self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
         )
+        operation = "renew" if public_key is None else "rekey"
         self.store.add_certificate(
-            self._record_of(leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer))
+            self._record_of(
+                leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer), operation=operation
+            )
         )
         return self.chain_of(leaf)
 

@@ -14,14 +14,15 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 
-from .._errors import ConfigError
+from .._errors import ConfigError, StoreBusyError
 from .._protocol import (
     API_PREFIX,
     MAX_BODY_BYTES,
@@ -44,7 +45,7 @@ from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, split_address
 from ._issuer import server_certificate
 from ._material import load_material
-from ._store import SQLiteStore
+from ._store import SQLiteStore, StoreWouldWait, without_waiting
 from ._tls import build_server_context
 from ._tlsconn import TLSServerConnection
 
@@ -56,49 +57,111 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 Clock = Callable[[], datetime]
+_T = TypeVar("_T")
+
+
+_Batch = list[tuple[Authority, Issuance, "asyncio.Future[bool]"]]
 
 
 class _GroupCommit:
-    """Signed certificates waiting to be recorded are committed together: everything that
-    arrives within one turn of the event loop goes into one transaction, so a busy CA pays
-    one fsync for many certificates instead of one each."""
+    """Signed certificates waiting to be recorded are committed together: what arrives
+    within one turn of the event loop, or while the previous group is being written, goes
+    into one transaction, so a busy CA pays one commit (and, when one is needed, one sync
+    to disk) for many certificates instead of one each.
+
+    The event loop never waits for the database: it commits a group itself only when that
+    needs no wait (``without_waiting``: no lock held elsewhere, no sync to disk); otherwise
+    the group goes to the writer thread, which waits a bounded time. A group that cannot
+    have the database in time fails with ``StoreBusyError`` (503) and records nothing."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Authority, Issuance, asyncio.Future[bool]]] = []
+        self._pending: _Batch = []
+        self._writing = False  # the writer thread has a group
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="federatls-ca-commit")
 
     async def commit(self, authority: Authority, issuance: Issuance) -> None:
         """Record ``issuance``; a 401 ``Refusal`` if its token was spent meanwhile."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
+        if not self._pending and not self._writing:
+            loop.call_soon(self._flush, loop)
         self._pending.append((authority, issuance, done))
         if not await done:
             raise Refusal(401, "token already used")
 
-    def _flush(self) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
         authority = batch[-1][0]  # all share one store, whichever reload made them
+        issuances = [issuance for _, issuance, _ in batch]
         try:
-            results = authority.commit([issuance for _, issuance, _ in batch])
+            with without_waiting():
+                results = authority.commit(issuances)
+        except StoreWouldWait:
+            self._writing = True
+            written = loop.run_in_executor(self._writer, authority.commit, issuances)
+            written.add_done_callback(lambda _: self._written(loop, batch, written))
         except Exception as exc:
-            for _, _, done in batch:
-                if not done.done():  # a handler cancelled meanwhile (client gone)
-                    done.set_exception(exc)
-            return
-        for (_, _, done), fresh in zip(batch, results, strict=True):
-            if not done.done():
-                done.set_result(fresh)
+            _settle(batch, exc)
+        else:
+            _settle(batch, results)
+
+    def _written(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: _Batch,
+        written: asyncio.Future[list[bool]],
+    ) -> None:
+        self._writing = False
+        if self._pending:
+            loop.call_soon(self._flush, loop)
+        exc = written.exception()
+        _settle(batch, written.result() if exc is None else exc)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.shutdown)
+
+
+def _settle(batch: _Batch, outcome: list[bool] | BaseException) -> None:
+    for i, (_, _, done) in enumerate(batch):
+        if done.done():  # a handler cancelled meanwhile (client gone)
+            continue
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome[i])
 
 
 class _State:
     """What requests use: the authority (a reload replaces it for the requests that follow),
-    the clock (tests pass a fake one) and the group committer."""
+    the clock (tests pass a fake one), the group committer and the threads that make the
+    authority's store calls that would wait, so that a wait for the database never holds
+    up the event loop."""
 
     def __init__(self, authority: Authority, clock: Clock) -> None:
         self.authority = authority
         self.clock = clock
         self.committer = _GroupCommit()
+        self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
+
+    async def off_loop(self, call: Callable[[], _T]) -> _T:
+        """``call()`` in a worker thread, where it may wait for the store (boundedly)."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, call)
+
+    async def soon(self, call: Callable[[], _T]) -> _T:
+        """``call()`` here if it needs no wait for the store, else in a worker thread.
+
+        Only for calls whose one write, if they make one, is their last store call: a
+        first attempt stopped by ``StoreWouldWait`` has then changed nothing, and the call
+        may be made again from the start."""
+        try:
+            with without_waiting():
+                return call()
+        except StoreWouldWait:
+            return await self.off_loop(call)
+
+    async def close(self) -> None:
+        await self.committer.close()
+        await asyncio.to_thread(self._workers.shutdown)
 
 
 _STATE = web.AppKey("state", _State)
@@ -153,6 +216,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Refusal as refusal:
         log.warning("refused %s: %d %s", where, refusal.status, refusal.reason)
         return _json(refusal.body.to_json(), refusal.status)
+    except StoreBusyError as exc:
+        log.warning("refused %s: 503 the database is busy (%s)", where, exc)
+        response = _json(ErrorBody.for_status(503).to_json(), 503)
+        response.headers["Retry-After"] = "1"
+        return response
     except ProtocolError as exc:
         log.warning("refused %s: %d %s", where, exc.status, exc.reason)
         return _json(ErrorBody.for_status(exc.status, exc.reason).to_json(), exc.status)
@@ -235,39 +303,58 @@ def _log_signed(what: str, path: str, leaf: x509.Certificate) -> None:
 
 
 async def _sign(request: web.Request) -> web.Response:
-    authority = _authority(request)
+    state = request.app[_STATE]
+    authority = state.authority
     sign = SignRequest.parse(await _body(request))
-    issuance = authority.prepare_sign(sign, _clock(request))
-    await request.app[_STATE].committer.commit(authority, issuance)
+    now = _clock(request)
+    issuance = await state.soon(lambda: authority.prepare_sign(sign, now))
+    await state.committer.commit(authority, issuance)
     return _signed(authority, list(issuance.chain), request, "signed")
 
 
 async def _renew(request: web.Request) -> web.Response:
-    authority = _authority(request)
+    state = request.app[_STATE]
+    authority = state.authority
     peer = _peer_certificate(request)
     now = _clock(request)
     if peer is None:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
             raise Refusal(400, "missing client certificate")
-        peer = authority.authorize_renew_token(auth[len("Bearer ") :], now)
-    return _signed(authority, authority.renew(peer, now), request, "renewed")
+        token = auth[len("Bearer ") :]
+
+        def renew() -> list[x509.Certificate]:
+            return authority.renew(authority.authorize_renew_token(token, now), now)
+
+        # Two writes (the token, the certificate): only from a thread.
+        return _signed(authority, await state.off_loop(renew), request, "renewed")
+    known = peer
+    chain = await state.soon(lambda: authority.renew(known, now))
+    return _signed(authority, chain, request, "renewed")
 
 
 async def _rekey(request: web.Request) -> web.Response:
-    authority = _authority(request)
+    state = request.app[_STATE]
+    authority = state.authority
     peer = _peer_certificate(request)
     if peer is None:
         raise Refusal(400, "missing client certificate")
     rekey = RekeyRequest.parse(await _body(request))
-    chain = authority.renew(peer, _clock(request), public_key=rekey.csr.public_key())  # type: ignore[arg-type]
+    now = _clock(request)
+    key = rekey.csr.public_key()
+    chain = await state.soon(
+        lambda: authority.renew(peer, now, public_key=key)  # type: ignore[arg-type]
+    )
     return _signed(authority, chain, request, "rekeyed")
 
 
 async def _revoke(request: web.Request) -> web.Response:
-    authority = _authority(request)
+    state = request.app[_STATE]
+    authority = state.authority
     revoke = RevokeRequest.parse(await _body(request))
-    authority.revoke(revoke, _peer_certificate(request), _clock(request))
+    peer, now = _peer_certificate(request), _clock(request)
+    # By token, two writes (the token, the revocation): only from a thread.
+    await state.off_loop(lambda: authority.revoke(revoke, peer, now))
     log.info("revoked serial=%s reason_code=%d", revoke.serial, revoke.reason_code)
     return _json(RevokeResponse().to_json())
 
@@ -275,7 +362,13 @@ async def _revoke(request: web.Request) -> web.Response:
 def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
     """The aiohttp application: every route under ``/`` and ``/1.0/``."""
     app = web.Application(middlewares=[_close_promptly, _errors], client_max_size=MAX_BODY_BYTES)
-    app[_STATE] = _State(authority, clock)
+    state = _State(authority, clock)
+    app[_STATE] = state
+
+    async def close(_: web.Application) -> None:
+        await state.close()
+
+    app.on_cleanup.append(close)
     for prefix in ("", API_PREFIX):
         app.router.add_get(prefix + "/health", _health, allow_head=False)
         app.router.add_get(prefix + "/version", _version, allow_head=False)

@@ -13,22 +13,55 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from .._errors import ConfigError
+from .._errors import ConfigError, StoreBusyError
 
-__all__ = ["IssuedCertificate", "Revocation", "SQLiteStore", "Store", "TokenUse"]
+__all__ = [
+    "IssuedCertificate",
+    "Revocation",
+    "SQLiteStore",
+    "Store",
+    "StoreWouldWait",
+    "TokenUse",
+    "without_waiting",
+]
 
 log = logging.getLogger("federatls.ca")
+
+_NO_WAIT: ContextVar[bool] = ContextVar("federatls_store_no_wait", default=False)
+
+
+class StoreWouldWait(StoreBusyError):
+    """A store call inside ``without_waiting()`` would have had to wait for the database;
+    it did nothing."""
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[None]:
+    """Within the block (in this thread or task, with no ``await`` inside), a store call
+    that would wait for a lock raises ``StoreWouldWait`` at once, having done nothing: how
+    the CA's event loop calls the store. Stores that cannot tell may ignore it only if they
+    never block."""
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
 
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """What the CA remembers of a certificate it issued."""
+    """What the CA remembers of a certificate it issued, and what it was issued for (the
+    audit trail): the token that bought it (``sign``), or the certificate it replaces
+    (``renew``, ``rekey``: ``renewed_from``). Rows recorded before federatls kept the
+    trail have ``operation`` and ``token_id`` empty."""
 
     serial: str  # decimal, as step-ca writes serials
     subject: str
@@ -37,7 +70,9 @@ class IssuedCertificate:
     not_after: datetime
     provisioner: str  # "<name>:<kid>", or "" for the CA's own server certificate
     der: bytes
-    renewed_from: str | None = None
+    renewed_from: str | None = None  # the parent's serial, for a renewal or a rekey
+    operation: str = ""  # "sign", "renew" or "rekey"
+    token_id: str = ""  # the spent token's id (``TokenUse.token_id``), for a sign
 
 
 @dataclass(frozen=True)
@@ -66,7 +101,12 @@ class Revocation:
 
 
 class Store(Protocol):
-    """What the CA needs from its database."""
+    """What the CA needs from its database. A call may block its thread, but only for a
+    bounded time: one that cannot have the database in time raises ``StoreBusyError``
+    having changed nothing, and the CA answers 503. Inside ``without_waiting()`` (the CA's
+    event loop) a call must not block at all: where it would wait (for a lock, for a sync
+    to disk) it raises ``StoreWouldWait`` having changed nothing, and the CA makes it again
+    from a thread."""
 
     def token_used(self, token_id: str) -> bool:
         """Whether a token id has been used (a read; ``record_issuances`` decides)."""
@@ -97,14 +137,14 @@ class Store(Protocol):
         """Release the database."""
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS used_tokens (
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS used_tokens (
     token_id    TEXT PRIMARY KEY,
     provisioner TEXT NOT NULL,
     expires_at  TEXT NOT NULL,
     used_at     TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS certificates (
+)""",
+    """CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,
     subject      TEXT NOT NULL,
     sans         TEXT NOT NULL,
@@ -113,8 +153,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     provisioner  TEXT NOT NULL,
     renewed_from TEXT,
     der          BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revocations (
+)""",
+    """CREATE TABLE IF NOT EXISTS revocations (
     serial      TEXT PRIMARY KEY,
     reason_code INTEGER NOT NULL,
     reason      TEXT NOT NULL,
@@ -122,9 +162,16 @@ CREATE TABLE IF NOT EXISTS revocations (
     token_id    TEXT NOT NULL,
     mtls        INTEGER NOT NULL,
     revoked_at  TEXT NOT NULL
-);
-"""
-_SCHEMA_VERSION = 1
+)""",
+)
+# Columns added since schema version 1, in place (ALTER TABLE), so that every version's file
+# ends with the same columns. Version 2: the certificates' audit trail.
+_ADDED_COLUMNS = (
+    ("certificates", "operation", "TEXT NOT NULL DEFAULT ''"),
+    ("certificates", "token_id", "TEXT NOT NULL DEFAULT ''"),
+)
+_SCHEMA_VERSION = 2
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite3.h)
 # A used token id is kept this long after its token expired; by then the token's own `exp`
 # refuses it, so forgetting it cannot re-open a replay.
 _TOKEN_RETENTION = timedelta(days=1)
@@ -144,80 +191,167 @@ class SQLiteStore:
     commits that must also survive a power cut (revocations, ``durable`` token uses) are
     synced to disk first (``synchronous=FULL`` for that transaction, NORMAL otherwise).
 
+    Every call waits at most ``busy_timeout`` seconds for the database (another process
+    holding its write lock, another thread's call on the same connection), then raises
+    ``StoreBusyError`` having changed nothing; inside ``without_waiting()`` it waits not at
+    all and raises ``StoreWouldWait`` instead. The CA's event loop makes only calls of the
+    second kind (``_server``). In WAL mode reads never wait for a write.
+
     Checkpoints (copying the write-ahead log back into the database file) run in a thread
     of their own, every ``checkpoint_interval`` seconds, instead of inside whichever commit
-    crosses SQLite's threshold: a checkpoint takes milliseconds, and a commit on the CA's
-    event loop holds up every connection. ``checkpoint_interval=None`` leaves checkpoints
-    to SQLite (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
+    crosses SQLite's threshold: a checkpoint takes milliseconds, and it would hold up the
+    commits queued behind it. ``checkpoint_interval=None`` leaves checkpoints to SQLite
+    (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
 
-    def __init__(self, path: Path | str, *, checkpoint_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        checkpoint_interval: float | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=10.0, check_same_thread=False
-            )
+            conn = self._connect()
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the CA database {self.path}: {exc}") from exc
-        self._conn = conn
-        self._lock = threading.Lock()
+        self._conn = conn  # writes
+        self._locks = {id(conn): threading.Lock()}
+        self._busy_ms = {id(conn): int(busy_timeout * 1000)}
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # a file system without shared memory, for one
+                log.warning("%s is in %s journal mode, not WAL: reads wait for writes", path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             if checkpoint_interval is not None:
                 conn.execute("PRAGMA wal_autocheckpoint=0")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise ConfigError(
-                    f"{self.path} has schema version {version}; this federatls knows "
-                    f"{_SCHEMA_VERSION}"
-                )
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._migrate()
+            # Reads that may wait have a connection of their own, so that they do not queue
+            # behind a write waiting for a lock; the others (the event loop's) share the
+            # write connection, whose page cache a write of its own does not invalidate.
+            self._read_conn = self._connect()
+        except ConfigError:
+            conn.close()
+            raise
+        except StoreBusyError as exc:
+            conn.close()
+            raise ConfigError(f"{self.path} is locked by another process: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"{self.path} is not a usable federatls database: {exc}") from exc
+        self._locks[id(self._read_conn)] = threading.Lock()
+        self._busy_ms[id(self._read_conn)] = self._busy_ms[id(conn)]
         self._checkpointer = (
             _Checkpointer(self.path, checkpoint_interval)
             if checkpoint_interval is not None
             else None
         )
 
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older version's up to this one, in one
+        transaction (two CAs opening one old file at once migrate it once)."""
+        with self._transaction(durable=True):
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has schema version {version}; this federatls knows "
+                    f"{_SCHEMA_VERSION} (a newer federatls wrote it)"
+                )
+            for table in _TABLES:
+                self._conn.execute(table)
+            for table, column, kind in _ADDED_COLUMNS:
+                present = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            if version != _SCHEMA_VERSION:
+                self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=self.busy_timeout, check_same_thread=False
+        )
+
+    def _connections(self) -> tuple[sqlite3.Connection, ...]:
+        return (self._conn, self._read_conn)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        wait = not _NO_WAIT.get()
+        conn = self._read_conn if wait else self._conn
+        with self._using(conn, wait=wait):
+            yield conn
+
+    @contextlib.contextmanager
+    def _using(self, conn: sqlite3.Connection, *, wait: bool) -> Iterator[None]:
+        """Have ``conn`` for one call. With ``wait``, wait for it and then for SQLite's
+        locks ``busy_timeout`` seconds in all, and raise ``StoreBusyError`` after that;
+        without, raise ``StoreWouldWait`` instead of waiting at all."""
+        lock = self._locks[id(conn)]
+        if not wait:
+            if not lock.acquire(blocking=False):
+                raise StoreWouldWait(f"{self.path}: in use")
+            busy_ms = 0
+        else:
+            started = time.monotonic()
+            if not lock.acquire(timeout=self.busy_timeout):
+                raise StoreBusyError(f"{self.path}: busy for {self.busy_timeout:g} s")
+            waited = time.monotonic() - started
+            busy_ms = int((self.busy_timeout - (waited if waited > 0.001 else 0)) * 1000)
+        try:
+            if self._busy_ms[id(conn)] != busy_ms:
+                conn.execute(f"PRAGMA busy_timeout={max(busy_ms, 0)}")
+                self._busy_ms[id(conn)] = busy_ms
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                    raise
+                if not wait:
+                    raise StoreWouldWait(f"{self.path}: locked") from exc
+                raise StoreBusyError(f"{self.path}: locked for {self.busy_timeout:g} s") from exc
+        finally:
+            lock.release()
+
     def prune(self, now: datetime) -> int:
         """Forget used token ids whose tokens expired long ago; returns how many."""
-        with self._lock:
+        with self._transaction(durable=False):
             cur = self._conn.execute(
                 "DELETE FROM used_tokens WHERE expires_at < ?", (_ts(now - _TOKEN_RETENTION),)
             )
             return cur.rowcount
 
     def token_used(self, token_id: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT 1 FROM used_tokens WHERE token_id = ?", (token_id,)
             ).fetchone()
         return row is not None
 
     @contextlib.contextmanager
     def _transaction(self, *, durable: bool) -> Iterator[None]:
-        """One write transaction (the caller holds the lock); with ``durable`` its commit
-        returns only once the WAL is on disk."""
-        if durable:
-            self._conn.execute("PRAGMA synchronous=FULL")
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        finally:
+        """One write transaction on the write connection, all or nothing; with ``durable``
+        its commit returns only once the WAL is on disk (a wait: never without waiting)."""
+        if durable and _NO_WAIT.get():
+            raise StoreWouldWait(f"{self.path}: a durable commit waits for the disk")
+        with self._using(self._conn, wait=not _NO_WAIT.get()):
             if durable:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._conn.execute("COMMIT")  # may be busy too (a rollback journal)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if durable:
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
 
     def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
         results: list[bool] = []
-        with self._lock, self._transaction(durable=any(u.durable for u in issuances)):
+        with self._transaction(durable=any(u.durable for u in issuances)):
             for use in issuances:
                 cur = self._conn.execute(
                     "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
@@ -230,12 +364,14 @@ class SQLiteStore:
         return results
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
-        with self._lock:
+        with self._transaction(durable=False):
             self._insert_certificate(cert)
 
     def _insert_certificate(self, cert: IssuedCertificate) -> None:
         self._conn.execute(
-            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO certificates (serial, subject, sans, not_before, not_after,"
+            " provisioner, renewed_from, der, operation, token_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cert.serial,
                 cert.subject,
@@ -245,14 +381,16 @@ class SQLiteStore:
                 cert.provisioner,
                 cert.renewed_from,
                 cert.der,
+                cert.operation,
+                cert.token_id,
             ),
         )
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT serial, subject, sans, not_before, not_after, provisioner, der,"
-                " renewed_from FROM certificates WHERE serial = ?",
+                " renewed_from, operation, token_id FROM certificates WHERE serial = ?",
                 (serial,),
             ).fetchone()
         if row is None:
@@ -266,11 +404,13 @@ class SQLiteStore:
             row[5],
             bytes(row[6]),
             row[7],
+            row[8],
+            row[9],
         )
 
     def revoke(self, revocation: Revocation) -> bool:
         r = revocation
-        with self._lock, self._transaction(durable=True):
+        with self._transaction(durable=True):
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -286,25 +426,24 @@ class SQLiteStore:
             return cur.rowcount == 1
 
     def is_revoked(self, serial: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT 1 FROM revocations WHERE serial = ?", (serial,)
-            ).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT 1 FROM revocations WHERE serial = ?", (serial,)).fetchone()
         return row is not None
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for operators and tests)."""
-        with self._lock:
+        with self._reading() as conn:
             return {
-                t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
                 for t in ("used_tokens", "certificates", "revocations")
             }
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
-        with self._lock:
-            self._conn.close()  # the last connection checkpoints and removes the log
+        for conn in reversed(self._connections()):  # the write connection last: the last
+            with self._locks[id(conn)]:  # connection checkpoints and removes the log
+                conn.close()
 
 
 class _Checkpointer:
