@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
+import re
 import resource
 import ssl
 import sys
@@ -23,7 +26,11 @@ from typing import Any
 
 import pytest
 
-from harness import PKI, wait_until
+from federatls._errors import ConfigError
+from federatls.ca import CAConfig, CAServer, ConnectionLimits
+from federatls.ca._connections import DESCRIPTOR_RESERVE, connection_limit
+
+from harness import PASSWORD, PKI, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -455,3 +462,128 @@ async def test_slow_client_with_a_timely_head_is_served(pki: PKI, tmp_path: Path
         finally:
             writer.transport.abort()
     assert status == 400, answer  # the CA read it all and judged the (bad) CSR
+
+
+# The body deadline and malformed requests ---------------------------------------------------------
+async def test_dribbled_body_is_closed_after_the_body_timeout(pki: PKI, tmp_path: Path) -> None:
+    """A whole head followed by a body sent one byte at a time is closed when the body
+    timeout has passed since the head, however steadily the bytes come."""
+    async with limited_ca(
+        pki, tmp_path, nofile=1024, connections={"requestBodyTimeout": "2s"}
+    ) as ca:
+        reader, writer = await tls_connect(ca.port)
+        sent = 0
+        try:
+            writer.write(
+                b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            )
+            reading = asyncio.ensure_future(reader.read(65536))
+            while sent < 200:  # 200 bytes at 0.1 s: 20 s if nothing stops it
+                writer.write(b" ")
+                sent += 1
+                done, _ = await asyncio.wait({reading}, timeout=0.1)
+                if done:
+                    break
+            reading.cancel()
+        finally:
+            writer.transport.abort()
+        text = ca.log_text()
+    assert 10 <= sent < 200, sent  # it sent for a while, and was cut off
+    assert "closed on request body timeout" in text, text
+    assert_quiet_log(text, 6)
+
+
+async def test_malformed_requests_are_counted_not_logged_with_tracebacks(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Malformed requests get aiohttp's 400 and one summary line between them, not one
+    traceback each; twin: a well-formed request on the same CA is answered 200."""
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        for _ in range(20):
+            reader, writer = await tls_connect(ca.port)
+            try:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n")
+                status, _ = await asyncio.wait_for(read_response(reader), 20)
+                assert status == 400
+            finally:
+                writer.transport.abort()
+        reader, writer = await tls_connect(ca.port)
+        try:
+            await keep_alive_health(reader, writer)
+        finally:
+            writer.transport.abort()
+        await asyncio.sleep(0.5)
+        text = ca.log_text()
+    assert "malformed HTTP requests answered 400" in text, text
+    assert_quiet_log(text, 6)
+
+
+# Settings ----------------------------------------------------------------------------------------
+def test_limits_are_read_from_the_federatls_block(pki: PKI) -> None:
+    """ca.json's ``federatls.connections`` sets the limit and the deadlines (Go durations);
+    twin: without the block, the defaults."""
+    data = json.loads(pki.config.read_text())
+    assert CAConfig.from_json(data, pki.config).limits == ConnectionLimits()
+    data["federatls"] = {
+        "connections": {
+            "maxConnections": 500,
+            "handshakeTimeout": "3s",
+            "requestHeadTimeout": "1500ms",
+            "requestBodyTimeout": "7s",
+            "idleTimeout": "1m",
+        }
+    }
+    limits = CAConfig.from_json(data, pki.config).limits
+    assert limits == ConnectionLimits(500, 3.0, 1.5, 7.0, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("block", "fragment"),
+    [
+        ({"connections": {"idleTimout": "5s"}}, "unknown fields ['idleTimout']"),
+        ({"connection": {}}, "unknown fields ['connection'] in 'federatls'"),
+        ({"connections": {"maxConnections": 0}}, "maxConnections must be a positive integer"),
+        ({"connections": {"maxConnections": "9"}}, "maxConnections must be a positive integer"),
+        ({"connections": {"requestHeadTimeout": 5}}, "requestHeadTimeout must be a duration"),
+        ({"connections": {"idleTimeout": "0s"}}, "idleTimeout must be greater than 0"),
+        ({"connections": []}, "federatls.connections must be an object"),
+    ],
+)
+def test_bad_limits_are_refused_naming_the_field(
+    pki: PKI, block: dict[str, Any], fragment: str
+) -> None:
+    """A wrong or misspelt setting stops the CA with the field named, rather than leaving a
+    deadline silently at its default."""
+    data = json.loads(pki.config.read_text())
+    data["federatls"] = block
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        CAConfig.from_json(data, pki.config)
+
+
+def test_connection_limit_follows_the_descriptor_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """By default the descriptor limit less the reserve, capped; a setting above it is
+    lowered with a warning; below it, kept; a descriptor limit with no room is refused."""
+    caplog.set_level(logging.WARNING, "federatls.ca")
+    assert connection_limit(None, 1024) == 1024 - DESCRIPTOR_RESERVE
+    assert connection_limit(None, 1_048_576) == 10_000
+    assert connection_limit(None, resource.RLIM_INFINITY) == 10_000
+    assert connection_limit(100, 1024) == 100
+    assert caplog.text == ""
+    assert connection_limit(5000, 1024) == 1024 - DESCRIPTOR_RESERVE
+    assert "maxConnections 5000 is above what the descriptor limit allows" in caplog.text
+    with pytest.raises(ConfigError, match="ulimit -n"):
+        connection_limit(None, DESCRIPTOR_RESERVE)
+
+
+async def test_ca_server_takes_limits_as_an_argument(pki: PKI) -> None:
+    """``CAServer(..., limits=...)`` replaces the ca.json block: an in-process CA with a 1 s
+    idle timeout closes a kept-alive connection; twin: it served it first."""
+    limits = ConnectionLimits(max_connections=50, idle_timeout=1.0)
+    async with CAServer.running(pki.config, PASSWORD, limits=limits) as ca:
+        reader, writer = await tls_connect(ca.address[1])
+        try:
+            await keep_alive_health(reader, writer)
+            assert await closed_by_peer(reader, 20)
+        finally:
+            writer.transport.abort()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
 from .._errors import ConfigError
@@ -165,6 +166,23 @@ async def _phases(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         if request.keep_alive:
             connection.answered()
+
+
+class _HTTPLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request handler logs each malformed request (a bad request line, a header
+    too long) at ERROR with a traceback, and a client can send one per connection: they
+    are counted in the connection table's summary line instead. Everything else aiohttp
+    logs passes through to ``aiohttp.server``."""
+
+    def __init__(self, table: ConnectionTable) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._table = table
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self._table.note("malformed HTTP requests answered 400")
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 @web.middleware
@@ -430,6 +448,7 @@ class CAServer:
         self._runner = web.AppRunner(
             build_app(self._authority, self.clock),
             access_log=None,
+            logger=_HTTPLog(table),
             handle_signals=False,
             # step-ca (Go) allows 1 MB of headers; a renew token header holds a chain.
             max_line_size=MAX_BODY_BYTES,
