@@ -587,3 +587,23 @@ async def test_ca_server_takes_limits_as_an_argument(pki: PKI) -> None:
             assert await closed_by_peer(reader, 20)
         finally:
             writer.transport.abort()
+
+
+async def test_sighup_reload_applies_new_limits(pki: PKI) -> None:
+    """A reload reads the block again: after ``idleTimeout`` is set to 1 s and the CA
+    reloaded, a kept-alive connection is closed; twin: before, it stayed open."""
+    async with CAServer.running(pki.config, PASSWORD) as ca:
+        reader, writer = await tls_connect(ca.address[1])
+        try:
+            await keep_alive_health(reader, writer)
+            assert not await closed_by_peer(reader, 2)  # default idle timeout: 30 s
+        finally:
+            writer.transport.abort()
+        pki.edit(lambda d: d.__setitem__("federatls", {"connections": {"idleTimeout": "1s"}}))
+        assert ca.reload()
+        reader, writer = await tls_connect(ca.address[1])
+        try:
+            await keep_alive_health(reader, writer)
+            assert await closed_by_peer(reader, 20)
+        finally:
+            writer.transport.abort()

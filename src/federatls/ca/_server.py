@@ -149,8 +149,8 @@ async def _close_promptly(request: web.Request, handler: Handler) -> web.StreamR
 @web.middleware
 async def _phases(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tell the connection's table where the request is (docs/ca.md, "Connection limits"):
-    the head is complete when this runs, the body then has its own deadline, and the CA's
-    work after it has none; the answer starts the idle timeout."""
+    the head is complete when this runs; the body then has its deadline, the CA's work and
+    the writing of the answer theirs; a kept-alive connection is idle once answered."""
     connection = request.transport
     if not isinstance(connection, TLSServerConnection):
         return await handler(request)
