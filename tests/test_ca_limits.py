@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from federatls._errors import ConfigError
 from federatls.ca import CAConfig, CAServer, ConnectionLimits
 from federatls.ca._connections import DESCRIPTOR_RESERVE, connection_limit
 
-from harness import PASSWORD, PKI, wait_until
+from harness import PASSWORD, PKI, stepca_process, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -607,3 +608,11 @@ async def test_sighup_reload_applies_new_limits(pki: PKI) -> None:
             assert await closed_by_peer(reader, 20)
         finally:
             writer.transport.abort()
+
+
+@pytest.mark.stepca
+def test_step_ca_runs_a_ca_json_with_the_federatls_block(pki: PKI, stepca_bin: str) -> None:
+    """Twin of the settings: the real step-ca starts on the same ca.json, block and all."""
+    pki.edit(lambda d: d.__setitem__("federatls", {"connections": {"idleTimeout": "5s"}}))
+    with stepca_process(stepca_bin, pki):
+        assert httpx.get(pki.url + "/health", verify=False, timeout=10).json() == {"status": "ok"}  # noqa: S501
