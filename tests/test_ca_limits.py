@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import resource
+import socket
 import ssl
 import sys
 import time
@@ -616,3 +617,35 @@ def test_step_ca_runs_a_ca_json_with_the_federatls_block(pki: PKI, stepca_bin: s
     pki.edit(lambda d: d.__setitem__("federatls", {"connections": {"idleTimeout": "5s"}}))
     with stepca_process(stepca_bin, pki):
         assert httpx.get(pki.url + "/health", verify=False, timeout=10).json() == {"status": "ok"}  # noqa: S501
+
+
+async def test_client_that_does_not_read_its_answers_is_dropped(pki: PKI) -> None:
+    """A client that pipelines requests and never reads the answers cannot hold the
+    connection (nor its descriptor, through a close waiting on unread data): once the
+    answers back up and the deadline passes, the CA drops it; it gets far fewer answers
+    than it asked for."""
+    limits = ConnectionLimits(idle_timeout=1.0)
+    request = b"GET /roots.pem HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with CAServer.running(pki.config, PASSWORD, limits=limits) as ca:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", ca.address[1]))
+        raw.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=raw, ssl=ATTACK, server_hostname="")
+        try:
+            writer.write(request * 20000)
+            await asyncio.sleep(4)  # the answers back up; the deadline passes
+            answers, closed = 0, False
+            try:
+                async with asyncio.timeout(30):
+                    while chunk := await reader.read(65536):
+                        answers += chunk.count(b"HTTP/1.1 200")
+                closed = True
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+            except TimeoutError:
+                pass
+        finally:
+            writer.transport.abort()
+    assert closed, answers
+    assert answers < 20000, answers
