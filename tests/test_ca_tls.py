@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from federatls.ca import CAServer, _tlsconn
+from federatls.ca import CAServer
+from federatls.ca._config import ConnectionLimits
+from federatls.ca._connections import ConnectionTable, Phase
 from federatls.ca._tlsconn import TLSServerConnection
 
 from harness import PKI, wait_until
@@ -64,7 +66,9 @@ class Server:
     port: int
     client_context: ssl.SSLContext
     handlers: list[Recorder] = field(default_factory=list)
-    handshaking: set[TLSServerConnection] = field(default_factory=set)
+    table: ConnectionTable = field(
+        default_factory=lambda: ConnectionTable(ConnectionLimits(handshake_timeout=0.3), 100)
+    )
     reply: bytes = b"pong"
     pause_at_first_data: bool = False
 
@@ -97,6 +101,11 @@ class Server:
         return raw
 
     @property
+    def handshaking(self) -> list[TLSServerConnection]:
+        """Connections still in their handshake (the table's view)."""
+        return self.table.in_phase(Phase.HANDSHAKE)  # type: ignore[return-value]
+
+    @property
     def handler(self) -> Recorder:
         assert len(self.handlers) == 1, self.handlers
         return self.handlers[0]
@@ -120,14 +129,16 @@ async def server() -> AsyncIterator[Server]:
 
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(
-        lambda: TLSServerConnection(make_handler, lambda: server_context, state.handshaking),
+        lambda: TLSServerConnection(make_handler, lambda: server_context, state.table),
         "127.0.0.1",
         0,
     )
     state.port = listener.sockets[0].getsockname()[1]
+    state.table.start()
     try:
         yield state
     finally:
+        state.table.stop()
         listener.close()
         for connection in list(state.handshaking):
             connection.abort()
@@ -246,25 +257,22 @@ async def test_large_writes_arrive_whole(server: Server) -> None:
 
 
 async def test_silent_connection_times_out_in_the_handshake(
-    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A client that connects and never finishes the handshake is dropped after
-    HANDSHAKE_TIMEOUT and logged; no handler is ever made for it."""
-    monkeypatch.setattr(_tlsconn, "HANDSHAKE_TIMEOUT", 0.3)
+    """A client that connects and never finishes the handshake is dropped after the
+    handshake timeout (0.3 s here) and counted in the log; no handler is ever made for it."""
     caplog.set_level(logging.INFO, "federatls.ca")
     raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", server.port), 10)
     with raw:
         assert await asyncio.to_thread(raw.recv, 100) == b""  # closed by the server
-    assert "timed out during the handshake" in caplog.text
+    await wait_until(lambda: "1 closed on handshake timeout" in caplog.text)
     assert not server.handlers
     await wait_until(lambda: not server.handshaking)
 
 
-async def test_handshake_timeout_spares_finished_handshakes(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Twin: the timeout covers the handshake only; an idle connection after it stays open."""
-    monkeypatch.setattr(_tlsconn, "HANDSHAKE_TIMEOUT", 0.3)
+async def test_handshake_timeout_spares_finished_handshakes(server: Server) -> None:
+    """Twin: the timeout covers the handshake only; an idle connection after it stays open
+    (until the request-head timeout, 5 s by default)."""
     tls = await asyncio.to_thread(server.connect)
     with tls:
         await asyncio.sleep(0.8)
@@ -304,7 +312,7 @@ async def test_client_leaving_mid_handshake_is_logged(
             raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header and one byte
 
     await asyncio.to_thread(half_hello)
-    await wait_until(lambda: "ended during the handshake" in caplog.text)
+    await wait_until(lambda: "1 ended by the client during the TLS handshake" in caplog.text)
     assert not server.handlers
     await wait_until(lambda: not server.handshaking)
 

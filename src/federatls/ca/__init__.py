@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import StoreBusyError
-from ._config import CAConfig, DurationClaims, JWKProvisioner
+from ._config import CAConfig, ConnectionLimits, DurationClaims, JWKProvisioner
 from ._pki import InitResult, init_pki
 from ._rotation import RotationStep, add_root, issue_from_new_root, retire_old_roots
 from ._store import (
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAConfig",
     "CAServer",
+    "ConnectionLimits",
     "DurationClaims",
     "InitResult",
     "IssuedCertificate",

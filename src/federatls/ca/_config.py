@@ -18,7 +18,7 @@ from .._duration import parse_go_duration
 from .._errors import BadMaterialError, ConfigError
 from .._jwk import PublicJWK
 
-__all__ = ["CAConfig", "DurationClaims", "JWKProvisioner", "split_address"]
+__all__ = ["CAConfig", "ConnectionLimits", "DurationClaims", "JWKProvisioner", "split_address"]
 
 log = logging.getLogger("federatls.ca")
 
@@ -51,8 +51,15 @@ _KNOWN_KEYS = frozenset(
         "password",
         "templates",
         "commonName",
+        "federatls",  # federatls-only settings (step-ca ignores unknown fields)
     }
 )
+_LIMIT_DURATIONS = {
+    "handshakeTimeout": "handshake_timeout",
+    "requestHeadTimeout": "head_timeout",
+    "requestBodyTimeout": "body_timeout",
+    "idleTimeout": "idle_timeout",
+}
 _CLAIM_DURATIONS = {
     "minTLSCertDuration": "min_tls",
     "maxTLSCertDuration": "max_tls",
@@ -124,6 +131,58 @@ def _duration(value: object, what: str) -> timedelta:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold (docs/ca.md, "Connection limits"): ca.json's
+    ``federatls.connections`` block, a federatls-only setting that step-ca ignores.
+
+    ``max_connections`` is None for the default, derived from the descriptor limit when the
+    CA starts (``_connections.connection_limit``); the timeouts are total deadlines in
+    seconds, not per read.
+    """
+
+    max_connections: int | None = None
+    handshake_timeout: float = 10.0  # TCP accept to a finished TLS handshake
+    head_timeout: float = 5.0  # handshake (or first byte after an answer) to a whole head
+    body_timeout: float = 10.0  # whole head to whole body
+    idle_timeout: float = 30.0  # an answer to the first byte of the next request
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> ConnectionLimits:
+        """The ``federatls`` block of ca.json; ``ConfigError`` names a bad or unknown field."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: 'federatls' must be an object")
+        unknown = sorted(set(data) - {"connections"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {unknown} in 'federatls'")
+        block = data.get("connections")
+        if block is None:
+            return cls()
+        what = f"{where}: federatls.connections"
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{what} must be an object")
+        unknown = sorted(set(block) - {"maxConnections", *_LIMIT_DURATIONS})
+        if unknown:
+            raise ConfigError(f"{what}: unknown fields {unknown}")
+        changes: dict[str, Any] = {}
+        limit = block.get("maxConnections")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ConfigError(
+                    f"{what}.maxConnections must be a positive integer, not {limit!r}"
+                )
+            changes["max_connections"] = limit
+        for key, attr in _LIMIT_DURATIONS.items():
+            if block.get(key) is not None:
+                seconds = _duration(block[key], f"{what}.{key}").total_seconds()
+                if seconds <= 0:
+                    raise ConfigError(f"{what}.{key} must be greater than 0")
+                changes[attr] = seconds
+        return replace(cls(), **changes)
+
+
+@dataclass(frozen=True)
 class JWKProvisioner:
     """A JWK provisioner: its name, public key, password-protected private key and claims."""
 
@@ -165,6 +224,7 @@ class CAConfig:
     disable_issued_at_check: bool
     tls_options: Mapping[str, Any]
     raw: Mapping[str, Any]
+    limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def store_path(self) -> Path:
@@ -234,6 +294,7 @@ class CAConfig:
             disable_issued_at_check=disable_iat,
             tls_options=_tls_options(data.get("tls"), where),
             raw=data,
+            limits=ConnectionLimits.from_json(data.get("federatls"), where),
         )
 
     @property

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
 from .._errors import ConfigError, StoreBusyError
@@ -42,7 +43,8 @@ from .._protocol import (
 )
 from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
-from ._config import CAConfig, split_address
+from ._config import CAConfig, ConnectionLimits, split_address
+from ._connections import ConnectionTable, Listener, Phase, connection_limit
 from ._issuer import server_certificate
 from ._material import load_material
 from ._store import SQLiteStore, StoreWouldWait, without_waiting
@@ -208,6 +210,45 @@ async def _close_promptly(request: web.Request, handler: Handler) -> web.StreamR
 
 
 @web.middleware
+async def _phases(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the connection's table where the request is (docs/ca.md, "Connection limits"):
+    the head is complete when this runs; the body then has its deadline, the CA's work and
+    the writing of the answer theirs; a kept-alive connection is idle once answered."""
+    connection = request.transport
+    if not isinstance(connection, TLSServerConnection):
+        return await handler(request)
+    connection.requested()
+    try:
+        if request.body_exists:
+            try:
+                await _body(request)  # read whole here, kept for the handler
+            except ConnectionError:  # closed on the body timeout, or the client left
+                return web.Response(status=408)
+        connection.working()
+        return await handler(request)
+    finally:
+        if request.keep_alive:
+            connection.answered()
+
+
+class _HTTPLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's request handler logs each malformed request (a bad request line, a header
+    too long) at ERROR with a traceback, and a client can send one per connection: they
+    are counted in the connection table's summary line instead. Everything else aiohttp
+    logs passes through to ``aiohttp.server``."""
+
+    def __init__(self, table: ConnectionTable) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._table = table
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self._table.note("malformed HTTP requests answered 400")
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
+@web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes step-ca's JSON error body; the specific reason goes to the log."""
     where = f"{request.method} {request.path}"
@@ -361,7 +402,9 @@ async def _revoke(request: web.Request) -> web.Response:
 
 def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
     """The aiohttp application: every route under ``/`` and ``/1.0/``."""
-    app = web.Application(middlewares=[_close_promptly, _errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[_close_promptly, _errors, _phases], client_max_size=MAX_BODY_BYTES
+    )
     state = _State(authority, clock)
     app[_STATE] = state
 
@@ -405,16 +448,18 @@ class CAServer:
         host: str | None = None,
         port: int | None = None,
         clock: Clock = _now,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._password = password
         self._host = host
         self._port = port
+        self._limits = limits  # None: ca.json's federatls.connections block
         self._store: SQLiteStore | None = None
         self._authority: Authority | None = None
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
-        self._listener: asyncio.Server | None = None
-        self._handshakes: set[TLSServerConnection] = set()
+        self._listener: Listener | None = None
+        self._connections: ConnectionTable | None = None
         self._runner: web.AppRunner | None = None
         self._renewal: asyncio.Task[None] | None = None
         self.clock = clock
@@ -432,9 +477,11 @@ class CAServer:
         host: str | None = None,
         port: int | None = None,
         clock: Clock = _now,
+        limits: ConnectionLimits | None = None,
     ) -> AsyncIterator[CAServer]:
-        """Start the CA, yield it while it serves, stop it cleanly."""
-        server = cls(Path(config_path), password, host=host, port=port, clock=clock)
+        """Start the CA, yield it while it serves, stop it cleanly. ``limits`` replaces
+        ca.json's ``federatls.connections`` block."""
+        server = cls(Path(config_path), password, host=host, port=port, clock=clock, limits=limits)
         await server.start()
         try:
             yield server
@@ -487,9 +534,14 @@ class CAServer:
         host = self._host if self._host is not None else host
         port = self._port if self._port is not None else port
         self._tls = self._new_context(self._authority)
+        limits = self._connection_limits(config)
+        table = self._connections = ConnectionTable(
+            limits, connection_limit(limits.max_connections)
+        )
         self._runner = web.AppRunner(
             build_app(self._authority, self.clock),
             access_log=None,
+            logger=_HTTPLog(table),
             handle_signals=False,
             # step-ca (Go) allows 1 MB of headers; a renew token header holds a chain.
             max_line_size=MAX_BODY_BYTES,
@@ -500,29 +552,40 @@ class CAServer:
         assert handlers is not None
 
         def accept() -> TLSServerConnection:
-            return TLSServerConnection(handlers, self._current_tls, self._handshakes)
+            return TLSServerConnection(handlers, self._current_tls, table)
 
         try:
-            self._listener = await asyncio.get_running_loop().create_server(
-                accept, host or None, port, reuse_address=True, backlog=1024
-            )
+            self._listener = Listener.bind(host or None, port, accept, table)
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(f"cannot listen on {config.address}: {exc.strerror}") from exc
+        table.start()
         bound = self._listener.sockets[0].getsockname()
         self.address = (str(bound[0]), int(bound[1]))
         self._renewal = asyncio.create_task(self._renew_server_certificate())
-        log.info("serving HTTPS on %s (root %s)", self.url, self.root_fingerprint)
+        log.info(
+            "serving HTTPS on %s (root %s, at most %d connections)",
+            self.url,
+            self.root_fingerprint,
+            table.max_connections,
+        )
+
+    def _connection_limits(self, config: CAConfig) -> ConnectionLimits:
+        return self._limits if self._limits is not None else config.limits
 
     def reload(self) -> bool:
         """Re-read ca.json and its files (SIGHUP). On error the old configuration stays."""
         try:
             authority = self._load()
             ctx = self._new_context(authority)
+            limits = self._connection_limits(authority.config)
+            max_connections = connection_limit(limits.max_connections)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
         assert self._runner is not None
+        assert self._connections is not None
+        self._connections.configure(limits, max_connections)
         self._runner.app[_STATE].authority = authority
         self._authority = authority
         self._tls = ctx
@@ -570,9 +633,11 @@ class CAServer:
             self._renewal = None
         if self._listener is not None:
             self._listener.close()
-            for connection in list(self._handshakes):
-                connection.abort()
             self._listener = None
+        if self._connections is not None:
+            self._connections.stop()
+            for connection in self._connections.in_phase(Phase.HANDSHAKE):
+                connection.abort()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

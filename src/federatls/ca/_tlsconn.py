@@ -8,8 +8,11 @@ every bootstrapping client opens a new connection: this class is the TCP protoco
 the TLS transport that aiohttp's request handler writes to.
 
 - The handshake runs on an :class:`ssl.SSLObject` with memory BIOs, fed by
-  ``data_received``; a failed or timed-out handshake is logged with its reason and the
-  connection closed; the HTTP handler is made only after the handshake succeeds.
+  ``data_received``; a failed handshake is logged with its reason and the connection
+  closed; the HTTP handler is made only after the handshake succeeds.
+- Each connection reports its phases (accepted, handshake done, first bytes of a request,
+  closed) to the ``ConnectionTable`` (``_connections``), which holds the deadlines (the
+  handshake's among them) and closes the connections past them.
 - Plaintext is decrypted as records arrive and handed to the handler at once; what the
   handler writes is encrypted at once and passed to the TCP transport, whose buffer and
   flow control (``pause_writing``) apply unchanged.
@@ -24,15 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["HANDSHAKE_TIMEOUT", "TLSServerConnection"]
+from ._connections import ConnectionTable, Phase
+
+__all__ = ["TLSServerConnection"]
 
 log = logging.getLogger("federatls.ca")
-HANDSHAKE_TIMEOUT = 30.0  # seconds from TCP accept to a finished TLS handshake
 _READ_SIZE = 65536
+_WAITING = (Phase.WAITING, Phase.IDLE)
+_ENDED = "ended by the client during the TLS handshake"
 
 
 class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
@@ -40,27 +47,31 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
 
     ``make_handler`` builds the HTTP protocol once the handshake is done; ``context`` gives
     the server context, read when the connection is accepted (so a reload or a renewed
-    server certificate applies to the next handshake at once). The connection sits in
-    ``handshaking`` from accept until its handshake ends, so a stopping server can abort
-    the handshakes still running.
+    server certificate applies to the next handshake at once). ``table`` is told of each
+    phase (``phase`` and ``deadline`` are its to set), so that it can close the connection
+    when a deadline passes, and a stopping server can abort the handshakes still running.
+    The HTTP layer reports the phases it sees through ``requested``, ``working`` and
+    ``answered``.
     """
+
+    phase: int = Phase.HANDSHAKE
+    deadline: float = math.inf
 
     def __init__(
         self,
         make_handler: Callable[[], asyncio.Protocol],
         context: Callable[[], ssl.SSLContext],
-        handshaking: set[TLSServerConnection],
+        table: ConnectionTable,
     ) -> None:
         super().__init__()
         self._make_handler = make_handler
-        self._handshaking = handshaking
+        self.table = table
         self._context = context()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = self._context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._tcp: asyncio.Transport | None = None
         self._app: asyncio.Protocol | None = None  # set when the handshake is done
-        self._timeout: asyncio.TimerHandle | None = None
         self._closing = False
         self._reading_paused = False
         self._pending: list[bytes] = []  # plaintext held while reading is paused
@@ -75,9 +86,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self._peer = f"{peer[0]}:{peer[1]}"
-        loop = asyncio.get_running_loop()
-        self._timeout = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
-        self._handshaking.add(self)
+        self.table.opened(self)
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
@@ -88,25 +97,22 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
     def eof_received(self) -> bool:
         if self._app is None:
             self._end_logged = True
-            log.info("TLS connection from %s ended during the handshake", self._peer)
+            self.table.note(_ENDED, logging.INFO)  # counted: a client can make many
         else:
             self._app.eof_received()
         self._closing = True
         return False  # the TCP transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
         self._closing = True
         app, self._app = self._app, None
         self._pending.clear()
         self._tcp = None
-        self._handshaking.discard(self)
+        self.table.closed(self)
         if app is not None:
             app.connection_lost(exc)
         elif exc is not None and not self._end_logged:
-            log.info("TLS connection from %s ended during the handshake: %s", self._peer, exc)
+            self.table.note(_ENDED, logging.INFO)
 
     def pause_writing(self) -> None:
         if self._app is not None:
@@ -130,20 +136,11 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
             self._flush()  # the alert tells the client why
             self._abort_handshake()
             return False
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
-        self._handshaking.discard(self)
+        self.table.established(self)
         self._flush()
         self._app = self._make_handler()
         self._app.connection_made(self)
         return True
-
-    def _handshake_timed_out(self) -> None:
-        self._timeout = None
-        if self._app is None:
-            log.info("TLS connection from %s timed out during the handshake", self._peer)
-            self._abort_handshake()
 
     def _abort_handshake(self) -> None:
         self._end_logged = True
@@ -173,10 +170,26 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
         self._flush()  # post-handshake messages (alerts, key updates) the read produced
 
     def _deliver(self, data: bytes) -> None:
+        if self.phase in _WAITING:
+            self.table.reading(self)
         if self._reading_paused or self._pending:
             self._pending.append(data)
         elif self._app is not None:
             self._app.data_received(data)
+
+    # -- phases the HTTP layer sees ------------------------------------------------------------
+
+    def requested(self) -> None:
+        """A whole request head has arrived (the body may follow)."""
+        self.table.requested(self)
+
+    def working(self) -> None:
+        """The whole request has arrived."""
+        self.table.working(self)
+
+    def answered(self) -> None:
+        """The answer is out and the connection stays open for the next request."""
+        self.table.answered(self)
 
     def _peer_closed(self) -> None:
         if self._app is not None:
