@@ -151,18 +151,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Refusal as refusal:
-        log.warning("refused %s: %d %s", where, refusal.status, refusal.reason)
+        log.warning("refused %r: %d %r", where, refusal.status, refusal.reason)
         return _json(refusal.body.to_json(), refusal.status)
     except ProtocolError as exc:
-        log.warning("refused %s: %d %s", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
         return _json(ErrorBody.for_status(exc.status, exc.reason).to_json(), exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        log.warning("refused %s: %d %s", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
         return _json(ErrorBody.for_status(exc.status).to_json(), exc.status)
     except Exception:
-        log.exception("internal error on %s", where)
+        log.exception("internal error on %r", where)
         return _json(ErrorBody.for_status(500).to_json(), 500)
 
 
@@ -225,7 +225,7 @@ def _signed(
 def _log_signed(what: str, path: str, leaf: x509.Certificate) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(
-            "%s %s: serial=%d subject=%s not_after=%s",
+            "%s %s: serial=%d subject=%r not_after=%s",
             what,
             path,
             leaf.serial_number,
@@ -268,7 +268,7 @@ async def _revoke(request: web.Request) -> web.Response:
     authority = _authority(request)
     revoke = RevokeRequest.parse(await _body(request))
     authority.revoke(revoke, _peer_certificate(request), _clock(request))
-    log.info("revoked serial=%s reason_code=%d", revoke.serial, revoke.reason_code)
+    log.info("revoked serial=%r reason_code=%d", revoke.serial, revoke.reason_code)
     return _json(RevokeResponse().to_json())
 
 
