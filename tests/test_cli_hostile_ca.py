@@ -101,6 +101,19 @@ async def test_certificate_from_an_honest_ca_is_written(tmp_path: Path) -> None:
     assert leaf.subject.rfc4514_string() == f"CN={SUBJECT}"
 
 
+async def test_certificate_that_cannot_be_put_in_place_leaves_no_key(tmp_path: Path) -> None:
+    """Twin of the refusals: a good certificate whose CRT path cannot be replaced (it is a
+    directory, --force given): one line, exit 1, and no key nor temporary file left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "svc.crt").mkdir()
+    with _rogue(tmp_path) as rogue:
+        run = await _certificate(rogue, out / "svc.crt", out / "svc.key", "--force")
+    assert_one_line_error(run, "svc.crt")
+    assert _files(out) == ["svc.crt"]
+    assert (out / "svc.crt").is_dir()
+
+
 async def test_certificate_timeout_bounds_the_whole_command(tmp_path: Path) -> None:
     """A CA dripping /sign one byte every 0.2 s: `ca certificate --timeout 2` ends with one
     line naming the deadline, exit 1, in bounded time, and writes nothing."""
