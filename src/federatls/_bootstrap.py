@@ -10,20 +10,23 @@ and what the CA issued is checked (``_issuance``) before an identity is built fr
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
 
 from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, fetch_root
 from ._errors import BadMaterialError, CARefusedError, TokenError
 from ._identity import Identity
 from ._issuance import check_issued
-from ._keys import KeyType, build_csr, new_private_key
+from ._keys import KeyType, PrivateKey, build_csr, new_private_key
 from ._protocol import SignRequest, TimeDuration
 from ._sync import run_sync
 from ._token import LEEWAY, Token
 from ._trust import TrustBundle
-from ._x509 import fingerprint, split_sans
+from ._x509 import common_name, fingerprint, split_sans
 
-__all__ = ["bootstrap", "bootstrap_sync"]
+__all__ = ["bootstrap", "bootstrap_sync", "sign_checked"]
 
 log = logging.getLogger("federatls")
 _REFUSAL_HINT = (
@@ -45,6 +48,49 @@ def _read_token(token: str, now: datetime) -> tuple[Token, str, str]:
         when = datetime.fromtimestamp(exp, UTC).isoformat()
         raise TokenError(f"the token expired at {when}: ask for a new one")
     return parsed, ca_url, sha
+
+
+async def sign_checked(
+    ca: CAClient,
+    request: SignRequest,
+    *,
+    key: PrivateKey,
+    names: Sequence[str],
+    pinned: x509.Certificate,
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+    """Have ``ca`` (reached pinned to ``pinned``) sign ``request`` (a CSR of ``key`` for
+    ``names``), fetch its own roots, and check the answers: ``pinned`` must be among them,
+    and the chain must be what was asked for (``check_issued``). Returns the chain and the
+    CA's own roots. Bootstrap and ``federatls ca certificate`` both enrol through here.
+
+    Raises ``CARefusedError`` (a 401 carries the hint why a CA refuses a token),
+    ``BadMaterialError`` (answers inconsistent, or the certificate not what was asked for),
+    ``CAUnreachableError``.
+    """
+    try:
+        signed = await ca.sign(request)
+    except CARefusedError as exc:
+        if exc.status != 401 or exc.hint:
+            raise
+        raise CARefusedError(
+            exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
+        ) from exc
+    own = await ca.roots_bundle()
+    roots = TrustBundle.from_ca(own, ())
+    if roots.by_fingerprint(fingerprint(pinned)) is None:
+        raise BadMaterialError(
+            f"the CA's /roots does not list the pinned root {fingerprint(pinned)} that it "
+            "served at /root: its answers are inconsistent, refused"
+        )
+    check_issued(
+        signed.chain,
+        key=key.public_key(),
+        subject=common_name(request.csr.subject),
+        names=split_sans(names),
+        roots=roots,
+        now=datetime.now(UTC),
+    )
+    return signed.chain, own
 
 
 async def bootstrap(
@@ -79,31 +125,10 @@ async def bootstrap(
         not_after=TimeDuration(relative=lifetime) if lifetime is not None else None,
     )
     async with CAClient(ca_url, [root], timeout=timeout, deadline=deadline) as ca:
-        try:
-            signed = await ca.sign(request)
-        except CARefusedError as exc:
-            if exc.status != 401:
-                raise
-            raise CARefusedError(
-                exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
-            ) from exc
-        own = await ca.roots_bundle()
+        chain, own = await sign_checked(ca, request, key=key, names=sans, pinned=root)
         federation = await ca.federation()
     trust = TrustBundle.from_ca(own, federation)
-    if trust.own().by_fingerprint(sha) is None:
-        raise BadMaterialError(
-            f"the CA's /roots does not list the pinned root {fingerprint(root)} that it "
-            "served at /root: its answers are inconsistent, refused"
-        )
-    check_issued(
-        signed.chain,
-        key=key.public_key(),
-        subject=parsed.subject,
-        names=split_sans(sans),
-        roots=trust.own(),
-        now=datetime.now(UTC),
-    )
-    identity = Identity.from_parts(signed.chain, key, trust, ca_url)
+    identity = Identity.from_parts(chain, key, trust, ca_url)
     log.info(
         "enrolled %s with %s: serial %d, valid until %s, trusting %d root(s)",
         identity.common_name,

@@ -27,16 +27,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ._bootstrap import _REFUSAL_HINT
-from ._client import CAClient, _base_url, fetch_root
+from ._bootstrap import sign_checked
+from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, _base_url, fetch_root
 from ._duration import parse_go_duration
 from ._errors import (
     BadMaterialError,
-    CARefusedError,
     ConfigError,
     FederatlsError,
     MissingExtraError,
 )
+from ._issuance import check_renewed
 from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
 from ._protocol import RevokeRequest, SignRequest, TimeDuration
@@ -49,6 +49,7 @@ from ._token import (
     revoke_audience,
     sign_audience,
 )
+from ._trust import TrustBundle
 from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
 
@@ -112,6 +113,16 @@ def _address(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return seconds
 
 
 def _name(text: str) -> str:
@@ -189,21 +200,38 @@ def _read_key(path: str) -> PrivateKey:
 def _write_atomic(path: Path, data: bytes, *, private: bool, force: bool) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename:
     readers see the old file or the new one, never half of one."""
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists: use --force to overwrite it")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ConfigError(f"directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    _write_all([(path, data, private)], force=force)
+
+
+def _write_all(files: Sequence[tuple[Path, bytes, bool]], *, force: bool) -> None:
+    """Write each ``(path, data, private)`` as ``_write_atomic`` does, all or none: every
+    file is written whole to its temporary file first, then each is renamed into place; a
+    failure removes the temporary files and whatever was already renamed."""
+    for path, _, _ in files:
+        if path.exists() and not force:
+            raise ConfigError(f"{path} already exists: use --force to overwrite it")
+        directory = path.parent if str(path.parent) else Path(".")
+        if not directory.is_dir():
+            raise ConfigError(f"directory {directory} does not exist")
+    staged: list[tuple[str, Path]] = []
+    placed: list[Path] = []
     try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data, private in files:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600 if private else 0o644)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            placed.append(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        for path in placed:  # a key without its certificate is of no use
+            path.unlink(missing_ok=True)
         raise
 
 
@@ -230,11 +258,26 @@ def _require_ca(args: argparse.Namespace) -> None:
         raise UsageError("--root is required: the root certificate of the CA")
 
 
+def _deadline(args: argparse.Namespace) -> Deadline:
+    """--timeout from now: the deadline of the command's exchange with the CA, all its calls
+    together (started after any password prompt; call it in the event loop)."""
+    return Deadline.after(args.timeout, "the command (--timeout)")
+
+
 def _client(
-    args: argparse.Namespace, identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None
+    args: argparse.Namespace,
+    identity: tuple[Sequence[x509.Certificate], PrivateKey] | None = None,
+    *,
+    deadline: Deadline | None = None,
 ) -> CAClient:
     _require_ca(args)
-    return CAClient(args.ca_url, _read_certs(args.root, "root certificate"), identity=identity)
+    return CAClient(
+        args.ca_url,
+        _read_certs(args.root, "root certificate"),
+        identity=identity,
+        timeout=args.timeout,
+        deadline=deadline,
+    )
 
 
 async def _provisioner_key(
@@ -402,44 +445,39 @@ def cmd_certificate(args: argparse.Namespace) -> int:
         if not (path.parent if str(path.parent) else Path(".")).is_dir():
             raise ConfigError(f"directory {path.parent} does not exist")
 
-    async def go() -> tuple[list[x509.Certificate], PrivateKey]:
+    async def go() -> tuple[Sequence[x509.Certificate], PrivateKey]:
         if args.token:
             token = Token.parse(args.token)
             if token.subject != args.subject:
                 raise ConfigError(f"the token is for {token.subject!r}, not {args.subject!r}")
+            deadline = _deadline(args)
             ca_url = args.ca_url or token.ca_url()
             if args.root:
-                roots = [_root_for(args)]
+                root = _root_for(args)
             elif token.root_fingerprint:
-                roots = [await fetch_root(ca_url, token.root_fingerprint)]
+                root = await fetch_root(
+                    ca_url, token.root_fingerprint, timeout=args.timeout, deadline=deadline
+                )
             else:
                 raise ConfigError("the token has no 'sha' claim: give --root")
             raw, sans = args.token, list(token.sans) or [token.subject]
         else:
             raw = await _mint(args, args.subject)
-            roots, ca_url, sans = [_root_for(args)], args.ca_url, args.san or [args.subject]
+            deadline = _deadline(args)
+            root, ca_url, sans = _root_for(args), args.ca_url, args.san or [args.subject]
         key = new_private_key(kind)
         request = SignRequest(
             build_csr(key, args.subject, sans), raw, args.not_before, args.not_after
         )
-        async with CAClient(ca_url, roots) as ca:
-            try:
-                answer = await ca.sign(request)
-            except CARefusedError as exc:
-                if exc.status != 401 or exc.hint:
-                    raise
-                raise CARefusedError(  # the SDK's hint: why a CA refuses a token
-                    exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
-                ) from exc
-        return list(answer.chain), key
+        async with CAClient(ca_url, [root], timeout=args.timeout, deadline=deadline) as ca:
+            chain, _ = await sign_checked(ca, request, key=key, names=sans, pinned=root)
+        return chain, key
 
     chain, key = _run(go())
-    _write_atomic(key_path, _key_pem(key), private=True, force=args.force)
-    try:
-        _write_atomic(crt_path, certs_to_pem(chain).encode(), private=False, force=args.force)
-    except BaseException:
-        key_path.unlink(missing_ok=True)  # a key without its certificate is of no use
-        raise
+    _write_all(
+        [(key_path, _key_pem(key), True), (crt_path, certs_to_pem(chain).encode(), False)],
+        force=args.force,
+    )
     print(f"Certificate: {crt_path}")
     print(f"Private Key: {key_path}")
     return 0
@@ -451,9 +489,12 @@ def cmd_renew(args: argparse.Namespace) -> int:
     key = _read_key(args.key)
     out = Path(args.out) if args.out else Path(args.crt)
 
-    async def go() -> list[x509.Certificate]:
-        async with _client(args, identity=(chain, key)) as ca:
-            return list((await ca.renew()).chain)
+    async def go() -> Sequence[x509.Certificate]:
+        async with _client(args, identity=(chain, key), deadline=_deadline(args)) as ca:
+            roots = TrustBundle.from_ca(await ca.roots_bundle(), ())
+            renewed = (await ca.renew()).chain
+        check_renewed(renewed, old=chain[0], roots=roots, now=datetime.now(UTC))
+        return renewed
 
     renewed = _run(go())
     _write_atomic(
@@ -560,6 +601,14 @@ def _ca_flags(p: argparse.ArgumentParser, *, root_required: bool = True) -> None
         metavar="ROOT.crt",
         help="the CA's root certificate (PEM)"
         + ("" if root_required else "; taken from the token if absent"),
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds for the exchange with the CA, all its calls together "
+        f"(default {DEFAULT_TIMEOUT:g}; a password prompt does not count)",
     )
 
 

@@ -19,7 +19,7 @@ from ._errors import BadMaterialError
 from ._trust import TrustBundle
 from ._x509 import SANs, cert_sans, common_name
 
-__all__ = ["CLOCK_SKEW", "check_issued"]
+__all__ = ["CLOCK_SKEW", "check_issued", "check_renewed"]
 
 # How far ahead of our clock a new certificate may start. step-ca backdates by a minute, so an
 # honest CA's certificate starts in the past; this allows for our clock running behind.
@@ -111,3 +111,22 @@ def check_issued(
         )
     _not_a_ca(leaf, what)
     _chain(chain, roots, what)
+
+
+def check_renewed(
+    chain: Sequence[x509.Certificate],
+    *,
+    old: x509.Certificate,
+    roots: TrustBundle,
+    now: datetime,
+) -> None:
+    """``check_issued`` for a renewal of ``old``: the same key, subject and names."""
+    check_issued(
+        chain,
+        key=old.public_key(),
+        subject=common_name(old.subject),
+        names=cert_sans(old),
+        roots=roots,
+        now=now,
+        what="the renewed certificate",
+    )

@@ -40,7 +40,7 @@ from ._errors import (
     IdentityExpiredError,
 )
 from ._identity import Identity, TrustChoice
-from ._issuance import check_issued
+from ._issuance import check_renewed
 from ._keys import KeyType
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
@@ -262,15 +262,7 @@ class RenewingIdentity:
                 log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
                 self.last_error = exc
             signed = await ca.renew()
-        check_issued(
-            signed.chain,
-            key=key.public_key(),
-            subject=old.common_name,
-            names=old.sans,
-            roots=trust.own(),
-            now=self._clock(),
-            what="the renewed certificate",
-        )
+        check_renewed(signed.chain, old=old.chain[0], roots=trust.own(), now=self._clock())
         return Identity.from_parts(signed.chain, key, trust, old.ca_url)
 
     async def _rebootstrap(self, old: Identity) -> Identity:

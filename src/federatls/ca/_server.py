@@ -255,23 +255,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Refusal as refusal:
-        log.warning("refused %s: %d %s", where, refusal.status, refusal.reason)
+        log.warning("refused %r: %d %r", where, refusal.status, refusal.reason)
         return _json(refusal.body.to_json(), refusal.status)
     except StoreBusyError as exc:
-        log.warning("refused %s: 503 the database is busy (%s)", where, exc)
+        log.warning("refused %r: 503 the database is busy (%s)", where, exc)
         response = _json(ErrorBody.for_status(503).to_json(), 503)
         response.headers["Retry-After"] = "1"
         return response
     except ProtocolError as exc:
-        log.warning("refused %s: %d %s", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
         return _json(ErrorBody.for_status(exc.status, exc.reason).to_json(), exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        log.warning("refused %s: %d %s", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
         return _json(ErrorBody.for_status(exc.status).to_json(), exc.status)
     except Exception:
-        log.exception("internal error on %s", where)
+        log.exception("internal error on %r", where)
         return _json(ErrorBody.for_status(500).to_json(), 500)
 
 
@@ -334,7 +334,7 @@ def _signed(
 def _log_signed(what: str, path: str, leaf: x509.Certificate) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(
-            "%s %s: serial=%d subject=%s not_after=%s",
+            "%s %s: serial=%d subject=%r not_after=%s",
             what,
             path,
             leaf.serial_number,
@@ -396,7 +396,7 @@ async def _revoke(request: web.Request) -> web.Response:
     peer, now = _peer_certificate(request), _clock(request)
     # By token, two writes (the token, the revocation): only from a thread.
     await state.off_loop(lambda: authority.revoke(revoke, peer, now))
-    log.info("revoked serial=%s reason_code=%d", revoke.serial, revoke.reason_code)
+    log.info("revoked serial=%r reason_code=%d", revoke.serial, revoke.reason_code)
     return _json(RevokeResponse().to_json())
 
 

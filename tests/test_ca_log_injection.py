@@ -1,0 +1,123 @@
+"""Log injection against the CA (`federatls ca serve`, a real process on 127.0.0.1): values a
+client chooses (a validly signed token's ``aud`` and ``sub``, a CSR's common name, the request
+path and query, with newlines decoded from ``%0a``) reach the log quoted, so that one request
+can never write a line of its own into the CA's log.
+"""
+
+from __future__ import annotations
+
+import signal
+import ssl
+
+import anyio
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from harness import PKI, free_port, start_serving
+
+pytestmark = pytest.mark.anyio
+
+SUBJECT = "svc.cloud.internal"
+FORGED = "2026-12-04 22:00:00,000 WARNING federatls.ca: FORGED"
+
+
+def _forged(marker: str) -> str:
+    """A newline, then what a forged log line would say, naming ``marker``."""
+    return f"\n{FORGED}-{marker}"
+
+
+def _csr(common_name: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def _attack(pki: PKI) -> dict[str, int]:
+    """Send each injecting request; the status each got, by marker."""
+    ctx = ssl.create_default_context(cadata=pki.root_path.read_text())
+    token_for = {
+        "aud": pki.forge(pki.claims(SUBJECT, aud=pki.url + "/1.0/sign" + _forged("aud"))),
+        "sub": pki.forge(pki.claims(SUBJECT + _forged("sub"))),
+        "cn": pki.forge(pki.claims(SUBJECT)),
+    }
+    csr_for = {"aud": _csr(SUBJECT), "sub": _csr(SUBJECT), "cn": _csr("svc" + _forged("cn"))}
+    got: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=pki.url, verify=ctx, timeout=30) as http:
+        for marker, token in token_for.items():
+            answer = await http.post("/1.0/sign", json={"csr": csr_for[marker], "ott": token})
+            got[marker] = answer.status_code
+        nl = "%0a" + FORGED.replace(" ", "%20")
+        for marker, path in {
+            "root": f"/root/abc{nl}-root",
+            "route": f"/nothing{nl}-route",
+            "kid": f"/provisioners/kid{nl}-kid/encrypted-key",
+            "limit": f"/provisioners?limit=1{nl}-limit",
+        }.items():
+            got[marker] = (await http.get(path)).status_code
+    return got
+
+
+async def test_attacker_values_cannot_forge_a_ca_log_line(pki: PKI) -> None:
+    """Injected newlines in a signed token's aud and sub, a CSR's CN, a path and a query:
+    each request is refused and logged, and no line of the CA's log starts with the forged
+    text."""
+    port = free_port()
+    pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
+    pki.url = f"https://127.0.0.1:{port}"
+    proc, _ = await start_serving(pki)
+    try:
+        statuses = await _attack(pki)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    log = err.decode(errors="replace")
+    assert statuses == {
+        "aud": 401,
+        "sub": 403,
+        "cn": 403,
+        "root": 404,
+        "route": 404,
+        "kid": 404,
+        "limit": 400,
+    }, log
+    for marker in statuses:
+        assert f"FORGED-{marker}" in log, (marker, log)  # the value did reach the log
+    forged = [line for line in log.splitlines() if line.lstrip().startswith(FORGED)]
+    assert forged == [], log
+
+
+async def test_ordinary_refusals_are_logged_on_one_line(pki: PKI) -> None:
+    """Twin: a plain refusal (an unknown fingerprint) is logged as one line naming the path
+    and the reason."""
+    port = free_port()
+    pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
+    pki.url = f"https://127.0.0.1:{port}"
+    proc, _ = await start_serving(pki)
+    try:
+        ctx = ssl.create_default_context(cadata=pki.root_path.read_text())
+        async with httpx.AsyncClient(base_url=pki.url, verify=ctx, timeout=30) as http:
+            assert (await http.get("/root/abc")).status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    lines = [line for line in err.decode().splitlines() if "refused" in line]
+    assert len(lines) == 1, lines
+    assert "GET /root/abc" in lines[0]
+    assert "404" in lines[0]
+    assert "certificate with fingerprint abc was not found" in lines[0]
