@@ -5,14 +5,16 @@ A block's info string says what it is. ``python`` is a complete program, ``pytho
 test module and ``sh`` a series of commands: the test runs them, in order, in one temporary
 directory per document, against real CAs on 127.0.0.1 (Python in development mode, warnings
 as errors). ``python norun`` and ``sh norun`` are not run here (a fragment, or a command
-that needs a checkout, the network or minutes), only checked to parse. ``text`` is output or
-prose. Any other info string, or none, fails the test, so that no block rots unseen.
+that needs a checkout, the network or minutes), only checked to parse; ``json`` is a piece
+of a configuration file, checked to parse. ``text`` is output or prose. Any other info
+string, or none, fails the test, so that no block rots unseen.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -42,7 +44,7 @@ RUNNERS = {
     "sh": [BASH, "-euo", "pipefail"],
 }
 RUN = set(RUNNERS)
-NORUN = {"python norun", "sh norun", "text"}
+NORUN = {"python norun", "sh norun", "json", "text"}
 # The documents whose runnable blocks the tests below run (each one, all its blocks).
 RUN_DOCS = {
     ROOT / "README.md",
@@ -255,11 +257,13 @@ def test_every_runnable_block_is_run() -> None:
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_blocks_not_run_still_parse(path: Path) -> None:
-    """A ``python norun`` block compiles (top-level await allowed) and ``sh norun`` passes
-    `bash -n`: a fragment can stay a fragment, but not a broken one."""
+    """A ``python norun`` block compiles (top-level await allowed), ``sh norun`` passes
+    `bash -n` and ``json`` parses: a fragment can stay a fragment, but not a broken one."""
     for block in code_blocks(path):
         if block.info == "python norun":
             compile(block.code, str(block), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        elif block.info == "json":
+            json.loads(block.code)
         elif block.info == "sh norun":
             check = subprocess.run(
                 [BASH, "-n"], input=block.code.encode(), capture_output=True, check=False
