@@ -402,7 +402,9 @@ class _NotTheReadyLine(logging.Filter):
     on standard output, for whoever waits for it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("serving HTTPS on")
+        from .ca._server import READY_RECORD
+
+        return not getattr(record, READY_RECORD, False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -54,6 +54,8 @@ from ._tlsconn import TLSServerConnection
 __all__ = ["CAServer", "serve"]
 
 log = logging.getLogger("federatls.ca")
+# Marks the "serving HTTPS on" record, for a front end that announces readiness itself.
+READY_RECORD = "federatls_ready"
 CHECKPOINT_INTERVAL = 0.1  # seconds between checkpoints of the database's write-ahead log
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -568,6 +570,7 @@ class CAServer:
             self.url,
             self.root_fingerprint,
             table.max_connections,
+            extra={READY_RECORD: True},
         )
 
     def _connection_limits(self, config: CAConfig) -> ConnectionLimits:
