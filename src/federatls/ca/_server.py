@@ -365,10 +365,11 @@ async def _renew(request: web.Request) -> web.Response:
         token = auth[len("Bearer ") :]
 
         def renew() -> list[x509.Certificate]:
-            return authority.renew(authority.authorize_renew_token(token, now), now)
+            leaf, spend = authority.authorize_renew_token(token, now)
+            return authority.renew(leaf, now, spend=spend)
 
-        # Two writes (the token, the certificate): only from a thread.
-        return _signed(authority, await state.off_loop(renew), request, "renewed")
+        # One write, last: the token spent with the certificate it buys.
+        return _signed(authority, await state.soon(renew), request, "renewed")
     known = peer
     chain = await state.soon(lambda: authority.renew(known, now))
     return _signed(authority, chain, request, "renewed")
@@ -394,7 +395,7 @@ async def _revoke(request: web.Request) -> web.Response:
     authority = state.authority
     revoke = RevokeRequest.parse(await _body(request))
     peer, now = _peer_certificate(request), _clock(request)
-    # By token, two writes (the token, the revocation): only from a thread.
+    # One write (the revocation, with its token), durable: always from a thread.
     await state.off_loop(lambda: authority.revoke(revoke, peer, now))
     log.info("revoked serial=%r reason_code=%d", revoke.serial, revoke.reason_code)
     return _json(RevokeResponse().to_json())
