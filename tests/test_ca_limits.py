@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import resource
 import socket
@@ -649,3 +650,66 @@ async def test_client_that_does_not_read_its_answers_is_dropped(pki: PKI) -> Non
             writer.transport.abort()
     assert closed, answers
     assert answers < 20000, answers
+
+
+async def test_a_flood_of_refused_handshakes_is_counted_not_logged_per_connection(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """300 plain-HTTP connections fail the TLS handshake: the first few are logged with the
+    peer and OpenSSL's reason, the rest counted in a summary line that keeps the reason; twin:
+    a good client on the same CA gets its certificate."""
+
+    async def plain_http() -> None:
+        async with asyncio.timeout(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", ca.port)
+        try:
+            writer.write(HEALTH)
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(100), 20)
+        finally:
+            writer.transport.abort()
+
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        gate = asyncio.Semaphore(32)
+
+        async def one() -> None:
+            async with gate:
+                await plain_http()
+
+        await asyncio.gather(*(one() for _ in range(300)))
+        code, _, err = await certificate(pki, tmp_path, "good")
+        assert code == 0, (err, ca.log_text()[:3000])
+        # The summary comes at once, or within LOG_INTERVAL (20 s) of the last line.
+        await wait_until(lambda: "TLS handshakes refused" in ca.log_text(), 45)
+        text = ca.log_text()
+    assert "refused TLS connection from 127.0.0.1" in text  # the first ones, with the peer
+    assert "TLS handshakes refused (HTTP_REQUEST)" in text, text[-3000:]  # the rest, counted
+    assert_quiet_log(text, 15)
+
+
+def _junk_after_handshake(port: int) -> None:
+    """A TLS connection that completes its handshake, then sends a record no key decrypts."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+        ATTACK.wrap_socket(raw) as tls,
+    ):
+        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        with contextlib.suppress(OSError, ssl.SSLError):
+            tls.recv(100)
+
+
+async def test_tls_errors_after_the_handshake_are_counted_not_logged_per_connection(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """100 connections send a forged record after their handshake: each is closed, and the
+    log counts them in a summary line with OpenSSL's reason instead of a line each; twin: a
+    good client on the same CA gets its certificate."""
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        for _ in range(100):
+            await asyncio.to_thread(_junk_after_handshake, ca.port)
+        code, _, err = await certificate(pki, tmp_path, "good")
+        assert code == 0, (err, ca.log_text()[:3000])
+        await wait_until(lambda: "TLS errors after the handshake" in ca.log_text(), 45)
+        text = ca.log_text()
+    assert "BAD_RECORD_MAC" in text, text[-3000:]
+    assert_quiet_log(text, 15)

@@ -40,6 +40,7 @@ DEFAULT_CEILING = 10_000  # the default limit never exceeds this (memory, not de
 ANSWER_TIMEOUT = 60.0  # whole request to the answer written (the CA's work, a slow reader)
 SWEEP_INTERVAL = 0.5  # seconds between two sweeps for connections past their deadline
 LOG_INTERVAL = 20.0  # at most one summary line about closed or refused connections this often
+REFUSAL_LINES = 5  # refused handshakes logged one by one (with the peer) per LOG_INTERVAL
 ACCEPT_BATCH = 32  # connections accepted per readiness of a listening socket
 ACCEPT_PAUSE = (0.1, 2.0)  # first and longest pause of accepting after a descriptor shortage
 _SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -152,6 +153,8 @@ class ConnectionTable:
         self._summary = _Summary()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._refusal_lines = 0  # refused handshakes logged one by one in this window
+        self._refusal_window = -math.inf
 
     def configure(self, limits: ConnectionLimits, max_connections: int) -> None:
         """New limits (a reload): deadlines set from now on use them."""
@@ -268,6 +271,19 @@ class ConnectionTable:
         self._summary.tick(now)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def refused_handshake(self, peer: str, reason: str) -> None:
+        """A TLS handshake refused (a bad client certificate, plain HTTP, junk): logged with
+        the peer, up to ``REFUSAL_LINES`` per ``LOG_INTERVAL``; past that, counted by reason
+        in the summary line, so that a flood of bad handshakes cannot flood the log."""
+        now = self._now()
+        if now - self._refusal_window >= LOG_INTERVAL:
+            self._refusal_window, self._refusal_lines = now, 0
+        if self._refusal_lines < REFUSAL_LINES:
+            self._refusal_lines += 1
+            log.warning("refused TLS connection from %s: %s", peer, reason)
+        else:
+            self._summary.note(f"TLS handshakes refused ({reason})", now)
 
     def note(self, what: str, level: int = logging.WARNING) -> None:
         """Count ``what`` in the next summary line (logged at the highest level noted)."""
