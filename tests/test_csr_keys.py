@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import secrets
 import ssl
 import textwrap
@@ -83,6 +84,39 @@ def oversized_rsa_csr(bits: int) -> str:
     return _pem("CERTIFICATE REQUEST", _der(0x30, info + sha256_with_rsa + signature))
 
 
+def _int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def rsa_exponent_csr(exponent: int, bits: int = 2048) -> str:
+    """A CSR for an RSA key with public exponent ``exponent``, its signature zeros."""
+    n = secrets.randbits(bits) | (1 << (bits - 1)) | 1
+    rsa_encryption = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + b"\x05\x00")
+    key = _der(0x30, _int(n) + _int(exponent))
+    spki = _der(0x30, rsa_encryption + _der(0x03, b"\x00" + key))
+    info = _der(0x30, _der(0x02, b"\x00") + _der(0x30, b"") + spki + b"\xa0\x00")
+    sha256_with_rsa = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
+    signature = _der(0x03, b"\x00" + bytes(bits // 8))
+    return _pem("CERTIFICATE REQUEST", _der(0x30, info + sha256_with_rsa + signature))
+
+
+def huge_exponent_key() -> rsa.RSAPrivateKey:
+    """A 3072-bit RSA key whose public exponent is as long as its modulus (a short private
+    exponent): validly signs, and every verification with it costs a private-key operation."""
+    base = rsa.generate_private_key(65537, 3072).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while True:
+        d = secrets.randbits(320) | 1
+        if math.gcd(d, lam) == 1:
+            break
+    e = pow(d, -1, lam)
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+    )
+    return numbers.private_key(unsafe_skip_rsa_key_validation=True)
+
+
 def _signed_csr(make: Callable[[], SigningKey]) -> Callable[[], str]:
     return lambda: _csr(make()).public_bytes(serialization.Encoding.PEM).decode()
 
@@ -101,6 +135,14 @@ WEAK: dict[str, tuple[Callable[[], str], str]] = {
     ),
     "Ed448": (_signed_csr(ed448.Ed448PrivateKey.generate), "Ed448PublicKey"),
     "DSA": (_signed_csr(lambda: dsa.generate_private_key(1024)), "DSAPublicKey"),  # noqa: S505
+    "RSA, 3069-bit exponent": (
+        _signed_csr(huge_exponent_key),
+        "RSA key must have an odd public exponent from 3 to 2147483647",
+    ),
+    "RSA, exponent 2**31 + 1, zero signature": (
+        lambda: rsa_exponent_csr(2**31 + 1),
+        "RSA key must have an odd public exponent from 3 to 2147483647",
+    ),
     "RSA-8200, zero signature": (
         lambda: oversized_rsa_csr(8200),
         "RSA key must be at most 8192 bits (1024 bytes)",
@@ -192,9 +234,32 @@ def test_rsa_size_limits(bits: int, accepted: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("exponent", "accepted"), [(3, True), (65537, True), (2**31 - 1, True), (2**31 + 1, False)]
+)
+def test_rsa_exponent_limits(exponent: int, accepted: bool) -> None:
+    """Odd public exponents from 3 to 2**31 - 1 (what Go peers parse) are accepted; a larger
+    one is refused."""
+    n = _rsa_modulus(2048).public_numbers().n
+    key = rsa.RSAPublicNumbers(exponent, n).public_key()
+    assert (csr_key_refusal(key) is None) is accepted
+
+
+@pytest.mark.parametrize(
     "case",
-    [WEAK["P-192"], WEAK["brainpoolP256r1"], WEAK["RSA-16384, zero signature"]],
-    ids=["P-192", "brainpoolP256r1", "RSA-16384, zero signature"],
+    [
+        WEAK["P-192"],
+        WEAK["brainpoolP256r1"],
+        WEAK["RSA-16384, zero signature"],
+        WEAK["RSA, 3069-bit exponent"],
+        WEAK["RSA, exponent 2**31 + 1, zero signature"],
+    ],
+    ids=[
+        "P-192",
+        "brainpoolP256r1",
+        "RSA-16384, zero signature",
+        "RSA, 3069-bit exponent",
+        "RSA, exponent 2**31 + 1",
+    ],
 )
 async def test_rekey_to_a_weak_or_oversized_key_is_refused(
     ca: CAServer, pki: PKI, case: tuple[Callable[[], str], str]
