@@ -39,6 +39,7 @@ pytestmark = pytest.mark.anyio
 
 SVC = "svc.cloud.internal"
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+BODY_HEAD = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
 DRIBBLE = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 60000
 
 
@@ -354,12 +355,16 @@ async def test_dribbled_request_heads_are_closed_while_a_keep_alive_client_is_se
     assert_quiet_log(text, 10)
 
 
-async def test_at_the_limit_with_nothing_idle_new_connections_are_refused_at_once(
+async def test_at_the_limit_with_nothing_idle_the_oldest_unfinished_request_is_evicted(
     pki: PKI, tmp_path: Path
 ) -> None:
-    """With every slot held by a connection mid-request, a new connection is closed at once
-    (no handshake); twin: once a slot frees, the next connection is served."""
-    connections = {"maxConnections": 8, "requestHeadTimeout": "60s"}
+    """With every slot held by a connection mid-request (head or body), a new connection
+    evicts the oldest of them and is served; the others stay until their deadline."""
+    connections = {
+        "maxConnections": 8,
+        "requestHeadTimeout": "60s",
+        "requestBodyTimeout": "60s",
+    }
     async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
         crowd = Crowd(ca.port)
 
@@ -367,22 +372,48 @@ async def test_at_the_limit_with_nothing_idle_new_connections_are_refused_at_onc
             writer.write(DRIBBLE[:10])
             await writer.drain()
 
+        async def start_body(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(BODY_HEAD + b"{")
+            await writer.drain()
+
         try:
-            await crowd.open(8, start_head)
+            await crowd.open(1, start_body)
+            await asyncio.sleep(0.2)
+            await crowd.open(7, start_head)
             assert len(crowd.held) == 8
-            await asyncio.sleep(0.5)
-            with pytest.raises((OSError, ssl.SSLError, asyncio.IncompleteReadError)):
-                await tls_connect(ca.port)
-            reader, writer = crowd.held.pop()
-            writer.transport.abort()
             await asyncio.sleep(0.5)
             reader, writer = await tls_connect(ca.port)
             await keep_alive_health(reader, writer)
             writer.close()
+            oldest, *others = crowd.held
+            assert await closed_by_peer(oldest[0], 10)
+            assert not any(await asyncio.gather(*(closed_by_peer(r, 0.5) for r, _ in others)))
         finally:
             crowd.close()
         text = ca.log_text()
-    assert "refused at the limit of 8 (none idle)" in text, text
+    assert "unfinished requests evicted at the limit of 8 (none idle)" in text, text
+    assert_quiet_log(text, 10)
+
+
+async def test_silent_connections_at_the_limit_do_not_lock_out_a_good_client(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Every slot held by a TCP connection that never starts its TLS handshake: a good client
+    still gets its certificate, evicting the oldest of them."""
+    connections = {"maxConnections": 50}
+    async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
+        silent: list[socket.socket] = []
+        try:
+            for _ in range(50):
+                silent.append(socket.create_connection(("127.0.0.1", ca.port), timeout=20))
+            await asyncio.sleep(1.0)  # all accepted: a 51st is past the limit
+            code, _, err = await certificate(pki, tmp_path, "good")
+            assert code == 0, (err, ca.log_text()[:3000])
+        finally:
+            for sock in silent:
+                sock.close()
+        text = ca.log_text()
+    assert "unfinished requests evicted at the limit of 50" in text, text
     assert_quiet_log(text, 10)
 
 

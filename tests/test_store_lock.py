@@ -306,3 +306,32 @@ async def test_a_lock_after_one_write_leaves_nothing_half_done(ca: CAServer, pki
     rows = _table_rows(store)
     assert {renew_id, revoke_id} <= rows["used_tokens"]
     assert serial in rows["revocations"]
+
+
+async def test_many_signs_under_a_long_lock_all_answer_503(ca_process: PKI) -> None:
+    """Forty signs at once while the lock is held past the busy timeout: every one answers
+    503 (none hangs, none is issued, no token is spent) and ``/health`` stays live; twin:
+    once the lock is gone the same forty requests each get a certificate."""
+    pki = ca_process
+    db = pki.config.parent / "federatls.db"
+    requests = [
+        SignRequest(build_csr(new_private_key(), "svc", ["svc"]), pki.forge(pki.claims("svc")))
+        for _ in range(40)
+    ]
+    before = _rows(pki)
+    lock = await hold_lock(db)
+    try:
+        async with _client(pki) as client:
+            signs = asyncio.gather(*(client.sign(r) for r in requests), return_exceptions=True)
+            await asyncio.sleep(1.0)
+            await _assert_live(pki)
+            answers = await asyncio.wait_for(signs, 50)
+    finally:
+        await lock.release()
+    for answer in answers:
+        assert isinstance(answer, CARefusedError), answer
+        _assert_503(answer)
+    assert _rows(pki) == before
+    async with _client(pki) as client:
+        issued = await asyncio.gather(*(client.sign(r) for r in requests))
+    assert len({answer.leaf.serial_number for answer in issued}) == 40

@@ -1,7 +1,7 @@
 """What clients can hold on the CA (docs/ca.md, "Connection limits"): a connection limit kept
 below the descriptor limit, a total deadline for each phase of a connection, idle
-connections evicted first when the limit is reached, and an accept loop that pauses, and
-logs a line, when the process runs out of descriptors.
+connections evicted first when the limit is reached (then the oldest unfinished request),
+and an accept loop that pauses, and logs a line, when the process runs out of descriptors.
 
 Belongs here: counting, timing and choosing connections to close; the listening sockets.
 Not here: TLS (``_tlsconn``), HTTP (``_server``), reading ca.json (``_config``).
@@ -47,7 +47,9 @@ _SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Phase:
-    """Where a connection is; only ``WAITING`` and ``IDLE`` connections may be evicted."""
+    """Where a connection is. At the limit ``WAITING`` and ``IDLE`` connections are evicted
+    first, then those whose client is still sending (``HANDSHAKE``, ``HEAD``, ``BODY``),
+    oldest first; never one the CA is answering (``BUSY``)."""
 
     HANDSHAKE = 0  # TCP accepted, TLS handshake running: handshake deadline
     WAITING = 1  # handshake done, no byte of a request yet: head deadline (evictable)
@@ -150,6 +152,8 @@ class ConnectionTable:
         self._live: set[Tracked] = set()
         self._admitted = 0  # admitted, not yet opened
         self._idle: OrderedDict[Tracked, None] = OrderedDict()  # oldest idle first
+        # Handshake, head or body still arriving, oldest first: evicted after the idle ones.
+        self._unfinished: OrderedDict[Tracked, None] = OrderedDict()
         self._summary = _Summary()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,7 +176,10 @@ class ConnectionTable:
 
     def admit(self) -> bool:
         """Room for one more connection? At the limit the oldest idle connection is closed to
-        make room; with none idle the answer is no (the caller closes the new socket)."""
+        make room; with none idle, the oldest one whose handshake or request is still
+        arriving (a client that holds its slot without finishing a request: a good client
+        finishes in moments, so it is the youngest); with none of those either (every slot
+        busy with an answer) the answer is no (the caller closes the new socket)."""
         if len(self) < self.max_connections:
             self._admitted += 1
             return True
@@ -184,6 +191,20 @@ class ConnectionTable:
             )
             self._drop(oldest)
             _end(oldest)
+            self._admitted += 1
+            return True
+        if self._unfinished:
+            oldest, _ = self._unfinished.popitem(last=False)
+            self._summary.note(
+                f"unfinished requests evicted at the limit of {self.max_connections} (none idle)",
+                now,
+            )
+            phase = oldest.phase
+            self._drop(oldest)
+            if phase == Phase.HANDSHAKE:
+                oldest.abort()
+            else:
+                _end(oldest)
             self._admitted += 1
             return True
         self._summary.note(
@@ -202,10 +223,12 @@ class ConnectionTable:
         conn.phase = Phase.HANDSHAKE
         conn.deadline = self._now() + self.limits.handshake_timeout
         self._live.add(conn)
+        self._unfinished[conn] = None
 
     def established(self, conn: Tracked) -> None:
         conn.phase = Phase.WAITING
         conn.deadline = self._now() + self.limits.head_timeout
+        self._unfinished.pop(conn, None)
         self._idle[conn] = None
 
     def reading(self, conn: Tracked) -> None:
@@ -214,17 +237,20 @@ class ConnectionTable:
             conn.deadline = self._now() + self.limits.head_timeout
         conn.phase = Phase.HEAD
         self._idle.pop(conn, None)
+        self._unfinished[conn] = None
 
     def requested(self, conn: Tracked) -> None:
         """A whole request head has arrived; its body has the body timeout."""
         conn.phase = Phase.BODY
         conn.deadline = self._now() + self.limits.body_timeout
         self._idle.pop(conn, None)
+        self._unfinished.setdefault(conn, None)
 
     def working(self, conn: Tracked) -> None:
         """The whole request has arrived: the CA works on it and writes the answer."""
         conn.phase = Phase.BUSY
         conn.deadline = self._now() + ANSWER_TIMEOUT
+        self._unfinished.pop(conn, None)
 
     def answered(self, conn: Tracked) -> None:
         """The answer is written and the connection kept alive: idle until the next request."""
@@ -232,6 +258,7 @@ class ConnectionTable:
             return
         conn.phase = Phase.IDLE
         conn.deadline = self._now() + self.limits.idle_timeout
+        self._unfinished.pop(conn, None)
         self._idle[conn] = None
 
     def closed(self, conn: Tracked) -> None:
@@ -241,6 +268,7 @@ class ConnectionTable:
         conn.phase = Phase.CLOSED
         self._live.discard(conn)
         self._idle.pop(conn, None)
+        self._unfinished.pop(conn, None)
 
     # -- the sweep ---------------------------------------------------------------------------
 
