@@ -39,6 +39,7 @@ pytestmark = pytest.mark.anyio
 
 SVC = "svc.cloud.internal"
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+ROOTS = b"GET /roots HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 BODY_HEAD = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
 DRIBBLE = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 60000
 
@@ -744,3 +745,32 @@ async def test_tls_errors_after_the_handshake_are_counted_not_logged_per_connect
         text = ca.log_text()
     assert "BAD_RECORD_MAC" in text, text[-3000:]
     assert_quiet_log(text, 15)
+
+
+async def test_pipelining_clients_that_never_read_do_not_lock_out_a_good_client(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Every slot held by a client that pipelines thousands of requests and never reads the
+    answers (the CA's writes blocked on the client): a good client still gets its
+    certificate, evicting the oldest of them."""
+    connections = {"maxConnections": 10}
+    async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
+        crowd = Crowd(ca.port)
+
+        async def flood(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.pause_reading()  # never read: the CA's answers pile up
+            for _ in range(40):
+                writer.write(ROOTS * 500)
+                await writer.drain()
+
+        try:
+            await crowd.open(10, flood)
+            assert len(crowd.held) == 10, crowd.failed
+            await asyncio.sleep(2.0)  # the CA has written what the sockets hold and waits
+            code, _, err = await certificate(pki, tmp_path, "good")
+            assert code == 0, (err, ca.log_text()[:3000])
+        finally:
+            crowd.close()
+        text = ca.log_text()
+    assert "evicted at the limit of 10" in text, text
+    assert_quiet_log(text, 10)
