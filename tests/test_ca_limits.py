@@ -758,8 +758,10 @@ async def test_pipelining_clients_that_never_read_do_not_lock_out_a_good_client(
         crowd = Crowd(ca.port)
 
         async def flood(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.transport.pause_reading()  # never read: the CA's answers pile up
-            for _ in range(40):
+            transport = writer.transport
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # never read: the CA's answers pile up
+            for _round in range(40):
                 writer.write(ROOTS * 500)
                 await writer.drain()
 

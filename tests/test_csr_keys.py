@@ -14,6 +14,7 @@ import secrets
 import ssl
 import textwrap
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import anyio
 import httpx
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from federatls import CARefusedError
 from federatls._keys import csr_key_refusal
 from federatls._protocol import RekeyRequest
+from federatls._token import mint_renew_token
 from federatls.ca import CAServer, SQLiteStore
 
 from harness import PKI
@@ -284,3 +286,44 @@ async def test_rekey_to_p384_is_issued(ca: CAServer, pki: PKI) -> None:
         answer = await client.rekey(RekeyRequest(_csr(fresh)))
     assert answer.leaf.public_key() == fresh.public_key()
     assert _store(ca).counts()["certificates"] == 2
+
+
+async def test_renew_token_chain_with_a_costly_key_is_refused_before_any_check(
+    ca: CAServer, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renew token whose ``x5cInsecure`` chain carries a CA certificate with a huge-exponent
+    RSA key (each signature check with it a private-key operation) is refused (401) naming the
+    key, before the chain is walked; twin: the holder's real chain renews."""
+    caplog.set_level(logging.WARNING, "federatls.ca")
+    costly = huge_exponent_key()
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, SUBJECT)])
+    now = pki.clock()
+
+    def certificate(key: SigningKey, issuer_key: rsa.RSAPrivateKey, ca_: bool) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca_, path_length=None), critical=True)
+            .sign(issuer_key, hashes.SHA256())
+        )
+
+    chain = [certificate(leaf_key, costly, False), certificate(costly, costly, True)]
+    audience = f"{pki.url}/1.0/renew"
+    async with pki.client() as client:
+        with pytest.raises(CARefusedError) as refused:
+            await client.renew_with_token(
+                mint_renew_token(chain, leaf_key, audience=audience, now=now)
+            )
+        assert refused.value.status == 401
+        assert "x5cInsecure chain holds a key this CA does not accept" in caplog.text
+        real_chain, real_key = await pki.enroll(SUBJECT)
+        renewed = await client.renew_with_token(
+            mint_renew_token(real_chain, real_key, audience=audience, now=now)
+        )
+    assert renewed.leaf.serial_number != real_chain[0].serial_number

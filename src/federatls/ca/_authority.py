@@ -471,6 +471,16 @@ class Authority:
             ]
         except (TokenError, ValueError, TypeError) as exc:
             raise _unauthorized(f"error validating renew token: {exc}") from exc
+        for cert in chain:
+            # Before any signature is checked with them: a key outside the accepted set (an
+            # RSA exponent as long as the modulus, say) makes each check cost a private-key
+            # operation, and no certificate this CA issued carries one.
+            refusal = csr_key_refusal(cert.public_key())
+            if refusal is not None:
+                raise _unauthorized(
+                    "error validating renew token: x5cInsecure chain holds a key this CA does "
+                    f"not accept ({refusal.removeprefix('certificate request ')})"
+                )
         if not self._chains_to_root(chain):
             raise _unauthorized(
                 "error validating renew token: x5cInsecure chain does not lead to a root of this CA"
@@ -503,15 +513,21 @@ class Authority:
         return leaf, spend
 
     def _chains_to_root(self, chain: Sequence[x509.Certificate]) -> bool:
+        """Whether ``chain[0]`` leads to a root through the chain's and the CA's own
+        intermediates. Each step tries only certificates named as its issuer, each at most
+        once, so a crafted chain costs at most one signature check per certificate (and one
+        per root at each step)."""
         pool = [*chain[1:], *self.material.intermediates]
         cert = chain[0]
         for _ in range(len(pool) + 1):
             for root in self.material.roots:
                 if _issued_by(cert, root):
                     return True
-            parent = next((c for c in pool if _is_ca(c) and _issued_by(cert, c)), None)
+            candidates = [c for c in pool if c.subject == cert.issuer and _is_ca(c)]
+            parent = next((c for c in candidates if _issued_by(cert, c)), None)
             if parent is None:
                 return False
+            pool = [c for c in pool if c not in candidates]
             cert = parent
         return False
 
