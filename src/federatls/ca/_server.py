@@ -248,14 +248,21 @@ class _HTTPLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
 
+def _clipped(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters for the log (a client chooses paths and claims)."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes step-ca's JSON error body; the specific reason goes to the log."""
-    where = f"{request.method} {request.path}"
+    """Every failure becomes step-ca's JSON error body; the specific reason goes to the log,
+    quoted and clipped, so that a refusal is one line of bounded length whatever a client
+    puts in its path or its token."""
+    where = _clipped(f"{request.method} {request.path}", 200)
     try:
         return await handler(request)
     except Refusal as refusal:
-        log.warning("refused %r: %d %r", where, refusal.status, refusal.reason)
+        log.warning("refused %r: %d %r", where, refusal.status, _clipped(refusal.reason, 600))
         return _json(refusal.body.to_json(), refusal.status)
     except StoreBusyError as exc:
         log.warning("refused %r: 503 the database is busy (%s)", where, exc)
@@ -263,12 +270,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers["Retry-After"] = "1"
         return response
     except ProtocolError as exc:
-        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, _clipped(exc.reason, 600))
         return _json(ErrorBody.for_status(exc.status, exc.reason).to_json(), exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        log.warning("refused %r: %d %r", where, exc.status, exc.reason)
+        log.warning("refused %r: %d %r", where, exc.status, _clipped(exc.reason, 600))
         return _json(ErrorBody.for_status(exc.status).to_json(), exc.status)
     except Exception:
         log.exception("internal error on %r", where)
