@@ -27,7 +27,9 @@ from federatls import CARefusedError
 from federatls._keys import csr_key_refusal
 from federatls._protocol import RekeyRequest
 from federatls._token import mint_renew_token
+from federatls._x509 import split_sans
 from federatls.ca import CAServer, SQLiteStore
+from federatls.ca._issuer import ProvisionerRef, issue_leaf
 
 from harness import PKI
 
@@ -327,3 +329,44 @@ async def test_renew_token_chain_with_a_costly_key_is_refused_before_any_check(
             mint_renew_token(real_chain, real_key, audience=audience, now=now)
         )
     assert renewed.leaf.serial_number != real_chain[0].serial_number
+
+
+def _issued_before_the_rule(ca: CAServer, pki: PKI, key: rsa.RSAPrivateKey) -> x509.Certificate:
+    """A leaf for ``key`` signed by the running CA's own material, as a federatls that did
+    not check keys yet could have issued it, and recorded in its store."""
+    now = pki.clock()
+    leaf = issue_leaf(
+        ca.authority.material,
+        public_key=key.public_key(),
+        common_name=SUBJECT,
+        sans=split_sans([SUBJECT]),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(hours=1),
+        provisioner=ProvisionerRef(pki.provisioner, pki.key.kid),
+    )
+    _store(ca).add_certificate(
+        ca.authority._record_of(
+            leaf, f"{pki.provisioner}:{pki.key.kid}", [SUBJECT], operation="sign"
+        )
+    )
+    return leaf
+
+
+async def test_a_certificate_with_a_refused_key_is_not_renewed_but_may_be_rekeyed(
+    ca: CAServer, pki: PKI
+) -> None:
+    """A certificate issued before the key rule, for a key the CA now refuses (a huge RSA
+    exponent), is not renewed for that key again (403, nothing stored); twin: its holder
+    may rekey it to an accepted key."""
+    key = huge_exponent_key()
+    leaf = _issued_before_the_rule(ca, pki, key)
+    holder = ([leaf, *ca.authority.material.intermediates], key)
+    async with pki.client(identity=holder) as client:
+        with pytest.raises(CARefusedError) as refused:
+            await client.renew()
+        assert refused.value.status == 403
+        assert "public exponent" in refused.value.message
+        assert _store(ca).counts()["certificates"] == 1
+        fresh = ec.generate_private_key(ec.SECP256R1())
+        answer = await client.rekey(RekeyRequest(_csr(fresh)))
+    assert answer.leaf.public_key() == fresh.public_key()

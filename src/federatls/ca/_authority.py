@@ -436,6 +436,8 @@ class Authority:
         prov_id = self._authorize_renew(peer, now)
         if public_key is not None:
             public_key = _checked_public_key(public_key)
+        else:  # a certificate issued before the key rule is not renewed for a refused key
+            _checked_public_key(peer.public_key())
         leaf = renew_leaf(
             self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
         )
