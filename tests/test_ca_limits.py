@@ -21,6 +21,7 @@ import socket
 import ssl
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -776,3 +777,42 @@ async def test_pipelining_clients_that_never_read_do_not_lock_out_a_good_client(
         text = ca.log_text()
     assert "evicted at the limit of 10" in text, text
     assert_quiet_log(text, 10)
+
+
+def _zeros(encoding: str, size: int) -> bytes:
+    """``size`` zero bytes compressed with ``wbits`` for gzip (31) or zlib (15) framing."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    return packer.compress(bytes(size)) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [("gzip", _zeros("gzip", 16 << 20)), ("deflate", _zeros("gzip", 1 << 20))],
+    ids=["gzip bomb", "mislabelled deflate"],
+)
+async def test_compressed_request_bodies_are_not_inflated(
+    pki: PKI, tmp_path: Path, encoding: str, body: bytes
+) -> None:
+    """A sign request whose body claims a Content-Encoding (16 KB inflating to 16 MB, or gzip
+    bytes labelled deflate) is read as the bytes it is, as step-ca reads a body: 400, not a
+    413 after inflating past the limit, nor a 500 and a traceback; twin: /health on the same
+    connection afterwards is answered."""
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        reader, writer = await tls_connect(ca.port)
+        try:
+            for _ in range(3):
+                writer.write(
+                    b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Encoding: "
+                    + encoding.encode()
+                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body
+                )
+                status, answer = await asyncio.wait_for(read_response(reader), 20)
+                assert status == 400, answer
+            await keep_alive_health(reader, writer)
+        finally:
+            writer.transport.abort()
+        await asyncio.sleep(0.5)
+        text = ca.log_text()
+    assert_quiet_log(text, 8)

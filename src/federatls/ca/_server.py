@@ -555,6 +555,10 @@ class CAServer:
             # step-ca (Go) allows 1 MB of headers; a renew token header holds a chain.
             max_line_size=MAX_BODY_BYTES,
             max_field_size=MAX_BODY_BYTES,
+            # A body is read as the bytes sent, as Go's server reads it: aiohttp would inflate
+            # a Content-Encoding (a 16 KB gzip bomb is 16 MB of work, drained even after the
+            # 413) and answer a body that does not inflate with a 500 and a traceback.
+            auto_decompress=False,
         )
         await self._runner.setup()
         handlers = self._runner.server
