@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import resource
 import socket
 import ssl
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.anyio
 
 SVC = "svc.cloud.internal"
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+ROOTS = b"GET /roots HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+BODY_HEAD = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
 DRIBBLE = b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 60000
 
 
@@ -353,12 +357,16 @@ async def test_dribbled_request_heads_are_closed_while_a_keep_alive_client_is_se
     assert_quiet_log(text, 10)
 
 
-async def test_at_the_limit_with_nothing_idle_new_connections_are_refused_at_once(
+async def test_at_the_limit_with_nothing_idle_the_oldest_unfinished_request_is_evicted(
     pki: PKI, tmp_path: Path
 ) -> None:
-    """With every slot held by a connection mid-request, a new connection is closed at once
-    (no handshake); twin: once a slot frees, the next connection is served."""
-    connections = {"maxConnections": 8, "requestHeadTimeout": "60s"}
+    """With every slot held by a connection mid-request (head or body), a new connection
+    evicts the oldest of them and is served; the others stay until their deadline."""
+    connections = {
+        "maxConnections": 8,
+        "requestHeadTimeout": "60s",
+        "requestBodyTimeout": "60s",
+    }
     async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
         crowd = Crowd(ca.port)
 
@@ -366,22 +374,48 @@ async def test_at_the_limit_with_nothing_idle_new_connections_are_refused_at_onc
             writer.write(DRIBBLE[:10])
             await writer.drain()
 
+        async def start_body(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(BODY_HEAD + b"{")
+            await writer.drain()
+
         try:
-            await crowd.open(8, start_head)
+            await crowd.open(1, start_body)
+            await asyncio.sleep(0.2)
+            await crowd.open(7, start_head)
             assert len(crowd.held) == 8
-            await asyncio.sleep(0.5)
-            with pytest.raises((OSError, ssl.SSLError, asyncio.IncompleteReadError)):
-                await tls_connect(ca.port)
-            reader, writer = crowd.held.pop()
-            writer.transport.abort()
             await asyncio.sleep(0.5)
             reader, writer = await tls_connect(ca.port)
             await keep_alive_health(reader, writer)
             writer.close()
+            oldest, *others = crowd.held
+            assert await closed_by_peer(oldest[0], 10)
+            assert not any(await asyncio.gather(*(closed_by_peer(r, 0.5) for r, _ in others)))
         finally:
             crowd.close()
         text = ca.log_text()
-    assert "refused at the limit of 8 (none idle)" in text, text
+    assert "unfinished requests evicted at the limit of 8 (none idle)" in text, text
+    assert_quiet_log(text, 10)
+
+
+async def test_silent_connections_at_the_limit_do_not_lock_out_a_good_client(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Every slot held by a TCP connection that never starts its TLS handshake: a good client
+    still gets its certificate, evicting the oldest of them."""
+    connections = {"maxConnections": 50}
+    async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
+        silent: list[socket.socket] = []
+        try:
+            for _ in range(50):
+                silent.append(socket.create_connection(("127.0.0.1", ca.port), timeout=20))
+            await asyncio.sleep(1.0)  # all accepted: a 51st is past the limit
+            code, _, err = await certificate(pki, tmp_path, "good")
+            assert code == 0, (err, ca.log_text()[:3000])
+        finally:
+            for sock in silent:
+                sock.close()
+        text = ca.log_text()
+    assert "unfinished requests evicted at the limit of 50" in text, text
     assert_quiet_log(text, 10)
 
 
@@ -649,3 +683,136 @@ async def test_client_that_does_not_read_its_answers_is_dropped(pki: PKI) -> Non
             writer.transport.abort()
     assert closed, answers
     assert answers < 20000, answers
+
+
+async def test_a_flood_of_refused_handshakes_is_counted_not_logged_per_connection(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """300 plain-HTTP connections fail the TLS handshake: the first few are logged with the
+    peer and OpenSSL's reason, the rest counted in a summary line that keeps the reason; twin:
+    a good client on the same CA gets its certificate."""
+
+    async def plain_http() -> None:
+        async with asyncio.timeout(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", ca.port)
+        try:
+            writer.write(HEALTH)
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(100), 20)
+        finally:
+            writer.transport.abort()
+
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        gate = asyncio.Semaphore(32)
+
+        async def one() -> None:
+            async with gate:
+                await plain_http()
+
+        await asyncio.gather(*(one() for _ in range(300)))
+        code, _, err = await certificate(pki, tmp_path, "good")
+        assert code == 0, (err, ca.log_text()[:3000])
+        # The summary comes at once, or within LOG_INTERVAL (20 s) of the last line.
+        await wait_until(lambda: "TLS handshakes refused" in ca.log_text(), 45)
+        text = ca.log_text()
+    assert "refused TLS connection from 127.0.0.1" in text  # the first ones, with the peer
+    assert "TLS handshakes refused (HTTP_REQUEST)" in text, text[-3000:]  # the rest, counted
+    assert_quiet_log(text, 15)
+
+
+def _junk_after_handshake(port: int) -> None:
+    """A TLS connection that completes its handshake, then sends a record no key decrypts."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+        ATTACK.wrap_socket(raw) as tls,
+    ):
+        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        with contextlib.suppress(OSError, ssl.SSLError):
+            tls.recv(100)
+
+
+async def test_tls_errors_after_the_handshake_are_counted_not_logged_per_connection(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """100 connections send a forged record after their handshake: each is closed, and the
+    log counts them in a summary line with OpenSSL's reason instead of a line each; twin: a
+    good client on the same CA gets its certificate."""
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        for _ in range(100):
+            await asyncio.to_thread(_junk_after_handshake, ca.port)
+        code, _, err = await certificate(pki, tmp_path, "good")
+        assert code == 0, (err, ca.log_text()[:3000])
+        await wait_until(lambda: "TLS errors after the handshake" in ca.log_text(), 45)
+        text = ca.log_text()
+    assert "BAD_RECORD_MAC" in text, text[-3000:]
+    assert_quiet_log(text, 15)
+
+
+async def test_pipelining_clients_that_never_read_do_not_lock_out_a_good_client(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Every slot held by a client that pipelines thousands of requests and never reads the
+    answers (the CA's writes blocked on the client): a good client still gets its
+    certificate, evicting the oldest of them."""
+    connections = {"maxConnections": 10}
+    async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
+        crowd = Crowd(ca.port)
+
+        async def flood(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            transport = writer.transport
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # never read: the CA's answers pile up
+            for _round in range(40):
+                writer.write(ROOTS * 500)
+                await writer.drain()
+
+        try:
+            await crowd.open(10, flood)
+            assert len(crowd.held) == 10, crowd.failed
+            await asyncio.sleep(2.0)  # the CA has written what the sockets hold and waits
+            code, _, err = await certificate(pki, tmp_path, "good")
+            assert code == 0, (err, ca.log_text()[:3000])
+        finally:
+            crowd.close()
+        text = ca.log_text()
+    assert "evicted at the limit of 10" in text, text
+    assert_quiet_log(text, 10)
+
+
+def _zeros(encoding: str, size: int) -> bytes:
+    """``size`` zero bytes compressed with ``wbits`` for gzip (31) or zlib (15) framing."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    return packer.compress(bytes(size)) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [("gzip", _zeros("gzip", 16 << 20)), ("deflate", _zeros("gzip", 1 << 20))],
+    ids=["gzip bomb", "mislabelled deflate"],
+)
+async def test_compressed_request_bodies_are_not_inflated(
+    pki: PKI, tmp_path: Path, encoding: str, body: bytes
+) -> None:
+    """A sign request whose body claims a Content-Encoding (16 KB inflating to 16 MB, or gzip
+    bytes labelled deflate) is read as the bytes it is, as step-ca reads a body: 400, not a
+    413 after inflating past the limit, nor a 500 and a traceback; twin: /health on the same
+    connection afterwards is answered."""
+    async with limited_ca(pki, tmp_path, nofile=1024) as ca:
+        reader, writer = await tls_connect(ca.port)
+        try:
+            for _ in range(3):
+                writer.write(
+                    b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Encoding: "
+                    + encoding.encode()
+                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body
+                )
+                status, answer = await asyncio.wait_for(read_response(reader), 20)
+                assert status == 400, answer
+            await keep_alive_health(reader, writer)
+        finally:
+            writer.transport.abort()
+        await asyncio.sleep(0.5)
+        text = ca.log_text()
+    assert_quiet_log(text, 8)

@@ -121,3 +121,32 @@ async def test_ordinary_refusals_are_logged_on_one_line(pki: PKI) -> None:
     assert "GET /root/abc" in lines[0]
     assert "404" in lines[0]
     assert "certificate with fingerprint abc was not found" in lines[0]
+
+
+async def test_long_attacker_values_are_clipped_in_the_log(pki: PKI) -> None:
+    """A 6,000-character path and a token whose ``aud`` is 11,000 characters long are each
+    refused with one log line of at most ~1,000 characters, which still names the start of
+    the value; twin: the short refusal above is logged whole."""
+    port = free_port()
+    pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
+    pki.url = f"https://127.0.0.1:{port}"
+    proc, _ = await start_serving(pki)
+    try:
+        ctx = ssl.create_default_context(cadata=pki.root_path.read_text())
+        token = pki.forge(pki.claims(SUBJECT, aud="https://aud.example/" + "a" * 11000))
+        async with httpx.AsyncClient(base_url=pki.url, verify=ctx, timeout=30) as http:
+            assert (await http.get("/root/" + "b" * 6000)).status_code == 404
+            answer = await http.post("/1.0/sign", json={"csr": _csr(SUBJECT), "ott": token})
+            assert answer.status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    lines = [line for line in err.decode().splitlines() if "refused" in line]
+    assert len(lines) == 2, lines
+    assert "GET /root/bbbb" in lines[0]
+    assert "https://aud.example/aaaa" in lines[1]
+    assert all(len(line) <= 1200 for line in lines), [len(line) for line in lines]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import secrets
 import ssl
 import textwrap
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import anyio
 import httpx
@@ -24,7 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from federatls import CARefusedError
 from federatls._keys import csr_key_refusal
 from federatls._protocol import RekeyRequest
+from federatls._token import mint_renew_token
+from federatls._x509 import split_sans
 from federatls.ca import CAServer, SQLiteStore
+from federatls.ca._issuer import ProvisionerRef, issue_leaf
 
 from harness import PKI
 
@@ -83,6 +88,39 @@ def oversized_rsa_csr(bits: int) -> str:
     return _pem("CERTIFICATE REQUEST", _der(0x30, info + sha256_with_rsa + signature))
 
 
+def _int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def rsa_exponent_csr(exponent: int, bits: int = 2048) -> str:
+    """A CSR for an RSA key with public exponent ``exponent``, its signature zeros."""
+    n = secrets.randbits(bits) | (1 << (bits - 1)) | 1
+    rsa_encryption = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + b"\x05\x00")
+    key = _der(0x30, _int(n) + _int(exponent))
+    spki = _der(0x30, rsa_encryption + _der(0x03, b"\x00" + key))
+    info = _der(0x30, _der(0x02, b"\x00") + _der(0x30, b"") + spki + b"\xa0\x00")
+    sha256_with_rsa = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
+    signature = _der(0x03, b"\x00" + bytes(bits // 8))
+    return _pem("CERTIFICATE REQUEST", _der(0x30, info + sha256_with_rsa + signature))
+
+
+def huge_exponent_key() -> rsa.RSAPrivateKey:
+    """A 3072-bit RSA key whose public exponent is as long as its modulus (a short private
+    exponent): validly signs, and every verification with it costs a private-key operation."""
+    base = rsa.generate_private_key(65537, 3072).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while True:
+        d = secrets.randbits(320) | 1
+        if math.gcd(d, lam) == 1:
+            break
+    e = pow(d, -1, lam)
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+    )
+    return numbers.private_key(unsafe_skip_rsa_key_validation=True)
+
+
 def _signed_csr(make: Callable[[], SigningKey]) -> Callable[[], str]:
     return lambda: _csr(make()).public_bytes(serialization.Encoding.PEM).decode()
 
@@ -101,6 +139,14 @@ WEAK: dict[str, tuple[Callable[[], str], str]] = {
     ),
     "Ed448": (_signed_csr(ed448.Ed448PrivateKey.generate), "Ed448PublicKey"),
     "DSA": (_signed_csr(lambda: dsa.generate_private_key(1024)), "DSAPublicKey"),  # noqa: S505
+    "RSA, 3069-bit exponent": (
+        _signed_csr(huge_exponent_key),
+        "RSA key must have an odd public exponent from 3 to 2147483647",
+    ),
+    "RSA, exponent 2**31 + 1, zero signature": (
+        lambda: rsa_exponent_csr(2**31 + 1),
+        "RSA key must have an odd public exponent from 3 to 2147483647",
+    ),
     "RSA-8200, zero signature": (
         lambda: oversized_rsa_csr(8200),
         "RSA key must be at most 8192 bits (1024 bytes)",
@@ -192,9 +238,32 @@ def test_rsa_size_limits(bits: int, accepted: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("exponent", "accepted"), [(3, True), (65537, True), (2**31 - 1, True), (2**31 + 1, False)]
+)
+def test_rsa_exponent_limits(exponent: int, accepted: bool) -> None:
+    """Odd public exponents from 3 to 2**31 - 1 (what Go peers parse) are accepted; a larger
+    one is refused."""
+    n = _rsa_modulus(2048).public_numbers().n
+    key = rsa.RSAPublicNumbers(exponent, n).public_key()
+    assert (csr_key_refusal(key) is None) is accepted
+
+
+@pytest.mark.parametrize(
     "case",
-    [WEAK["P-192"], WEAK["brainpoolP256r1"], WEAK["RSA-16384, zero signature"]],
-    ids=["P-192", "brainpoolP256r1", "RSA-16384, zero signature"],
+    [
+        WEAK["P-192"],
+        WEAK["brainpoolP256r1"],
+        WEAK["RSA-16384, zero signature"],
+        WEAK["RSA, 3069-bit exponent"],
+        WEAK["RSA, exponent 2**31 + 1, zero signature"],
+    ],
+    ids=[
+        "P-192",
+        "brainpoolP256r1",
+        "RSA-16384, zero signature",
+        "RSA, 3069-bit exponent",
+        "RSA, exponent 2**31 + 1",
+    ],
 )
 async def test_rekey_to_a_weak_or_oversized_key_is_refused(
     ca: CAServer, pki: PKI, case: tuple[Callable[[], str], str]
@@ -219,3 +288,85 @@ async def test_rekey_to_p384_is_issued(ca: CAServer, pki: PKI) -> None:
         answer = await client.rekey(RekeyRequest(_csr(fresh)))
     assert answer.leaf.public_key() == fresh.public_key()
     assert _store(ca).counts()["certificates"] == 2
+
+
+async def test_renew_token_chain_with_a_costly_key_is_refused_before_any_check(
+    ca: CAServer, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renew token whose ``x5cInsecure`` chain carries a CA certificate with a huge-exponent
+    RSA key (each signature check with it a private-key operation) is refused (401) naming the
+    key, before the chain is walked; twin: the holder's real chain renews."""
+    caplog.set_level(logging.WARNING, "federatls.ca")
+    costly = huge_exponent_key()
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, SUBJECT)])
+    now = pki.clock()
+
+    def certificate(key: SigningKey, issuer_key: rsa.RSAPrivateKey, ca_: bool) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca_, path_length=None), critical=True)
+            .sign(issuer_key, hashes.SHA256())
+        )
+
+    chain = [certificate(leaf_key, costly, False), certificate(costly, costly, True)]
+    audience = f"{pki.url}/1.0/renew"
+    async with pki.client() as client:
+        with pytest.raises(CARefusedError) as refused:
+            await client.renew_with_token(
+                mint_renew_token(chain, leaf_key, audience=audience, now=now)
+            )
+        assert refused.value.status == 401
+        assert "x5cInsecure chain holds a key this CA does not accept" in caplog.text
+        real_chain, real_key = await pki.enroll(SUBJECT)
+        renewed = await client.renew_with_token(
+            mint_renew_token(real_chain, real_key, audience=audience, now=now)
+        )
+    assert renewed.leaf.serial_number != real_chain[0].serial_number
+
+
+def _issued_before_the_rule(ca: CAServer, pki: PKI, key: rsa.RSAPrivateKey) -> x509.Certificate:
+    """A leaf for ``key`` signed by the running CA's own material, as a federatls that did
+    not check keys yet could have issued it, and recorded in its store."""
+    now = pki.clock()
+    leaf = issue_leaf(
+        ca.authority.material,
+        public_key=key.public_key(),
+        common_name=SUBJECT,
+        sans=split_sans([SUBJECT]),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(hours=1),
+        provisioner=ProvisionerRef(pki.provisioner, pki.key.kid),
+    )
+    _store(ca).add_certificate(
+        ca.authority._record_of(
+            leaf, f"{pki.provisioner}:{pki.key.kid}", [SUBJECT], operation="sign"
+        )
+    )
+    return leaf
+
+
+async def test_a_certificate_with_a_refused_key_is_not_renewed_but_may_be_rekeyed(
+    ca: CAServer, pki: PKI
+) -> None:
+    """A certificate issued before the key rule, for a key the CA now refuses (a huge RSA
+    exponent), is not renewed for that key again (403, nothing stored); twin: its holder
+    may rekey it to an accepted key."""
+    key = huge_exponent_key()
+    leaf = _issued_before_the_rule(ca, pki, key)
+    holder = ([leaf, *ca.authority.material.intermediates], key)
+    async with pki.client(identity=holder) as client:
+        with pytest.raises(CARefusedError) as refused:
+            await client.renew()
+        assert refused.value.status == 403
+        assert "public exponent" in refused.value.message
+        assert _store(ca).counts()["certificates"] == 1
+        fresh = ec.generate_private_key(ec.SECP256R1())
+        answer = await client.rekey(RekeyRequest(_csr(fresh)))
+    assert answer.leaf.public_key() == fresh.public_key()

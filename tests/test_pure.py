@@ -118,7 +118,7 @@ def test_go_durations_parse_and_format_like_go(text: str, value: timedelta, go_s
 @pytest.mark.parametrize(
     "text",
     ["", "5", "00", "0.5", "-", "+", "m", "1d", "1e3s", ".s", "1..2s", " 5m", "5m ", "--5m",
-     "5 m", "9223372036854775808ns", "1h-5m"],
+     "5 m", "9223372036854775808ns", "1h-5m", "\u0661h", "\uff11h", "1.\u0665s"],
 )  # fmt: skip
 def test_invalid_go_durations_raise_value_error(text: str) -> None:
     """Strings Go's time.ParseDuration refuses raise ValueError quoting the text."""

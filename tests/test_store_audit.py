@@ -3,14 +3,20 @@ token it spent, or the certificate it replaces), and databases written before th
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc import jws
+from joserfc.jwk import ECKey
+from joserfc.registry import HeaderParameter
 
 from federatls._errors import ConfigError
-from federatls._keys import build_csr, new_private_key
-from federatls._protocol import RekeyRequest, SignRequest
+from federatls._keys import PrivateKey, build_csr, new_private_key
+from federatls._protocol import RekeyRequest, RevokeRequest, SignRequest
+from federatls._token import Token, mint_renew_token
 from federatls.ca import CAServer, IssuedCertificate, SQLiteStore
 
 from harness import PKI, serving
@@ -196,3 +202,51 @@ async def test_a_ca_serves_from_an_old_database(pki: PKI) -> None:
         assert _record(ca, answer.leaf.serial_number).token_id == claims["jti"]
         assert _record(ca, 12345).subject == "old"
         assert ca.authority.store.is_revoked("12345")
+
+
+async def test_renew_by_token_records_the_token_it_spent(ca: CAServer, pki: PKI) -> None:
+    """A renewal bought with a ``Bearer`` renew token names that token (its ``jti``, or the
+    replay key spent for it) beside the certificate it replaces."""
+    chain, key = await pki.enroll("svc")
+    for drop_jti in (False, True):
+        token = mint_renew_token(chain, key, audience=f"{pki.url}/1.0/renew", now=pki.clock())
+        if drop_jti:
+            token = _without_jti(token, key)
+        async with pki.client() as client:
+            renewed = await client.renew_with_token(token)
+        record = _record(ca, renewed.leaf.serial_number)
+        spent = Token.parse(token).token_id or Token.parse(token).digest
+        assert (record.operation, record.renewed_from) == ("renew", str(chain[0].serial_number))
+        assert record.token_id == spent != ""
+        assert spent in _spent(ca)
+
+
+def _without_jti(token: str, key: PrivateKey) -> str:
+    """The same renew token re-signed with its ``jti`` removed."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    parsed = Token.parse(token)
+    claims = {k: v for k, v in parsed.claims.items() if k != "jti"}
+    registry = jws.JWSRegistry(header_registry={"x5cInsecure": HeaderParameter("x5c", "list[str]")})
+    registry.max_header_length = 8 * 1024
+    return jws.serialize_compact(
+        dict(parsed.header), json.dumps(claims), ECKey.import_key(key), registry=registry
+    )
+
+
+async def test_revoke_by_token_records_the_token_it_spent(ca: CAServer, pki: PKI) -> None:
+    """A revocation by a token without ``jti`` names the replay key it spent, not an empty
+    id; with a ``jti`` it names the ``jti`` (twin)."""
+    for jti in (None, "revoke-jti"):
+        chain, _ = await pki.enroll("svc")
+        serial = str(chain[0].serial_number)
+        token = pki.forge(pki.claims(serial, jti=jti, aud=f"{pki.url}/1.0/revoke", sans=None))
+        async with pki.client() as client:
+            await client.revoke(RevokeRequest(serial, ott=token))
+        store = ca.authority.store
+        assert isinstance(store, SQLiteStore)
+        row = store._conn.execute(
+            "SELECT token_id FROM revocations WHERE serial = ?", (serial,)
+        ).fetchone()
+        spent = jti or Token.parse(token).digest
+        assert row == (spent,)
+        assert spent in _spent(ca)

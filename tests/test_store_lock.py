@@ -11,11 +11,12 @@ same request succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from federatls._client import CAClient
 from federatls._errors import StoreBusyError
 from federatls._keys import PrivateKey, build_csr, new_private_key
 from federatls._protocol import RekeyRequest, RevokeRequest, SignRequest
-from federatls._token import mint_renew_token
-from federatls.ca import SQLiteStore
+from federatls._token import Token, mint_renew_token
+from federatls.ca import CAServer, SQLiteStore
 from federatls.ca._store import IssuedCertificate, StoreWouldWait, TokenUse, without_waiting
 
 from harness import PKI, start_serving
@@ -234,3 +235,103 @@ async def test_the_store_waits_boundedly_or_not_at_all(tmp_path: Path) -> None:
     finally:
         other.close()
         store.close()
+
+
+@contextlib.contextmanager
+def _locked_after_first_write(store: SQLiteStore) -> Iterator[sqlite3.Connection]:
+    """Another connection takes the file's write lock the moment the store's first write
+    transaction ends: any second transaction of the same request finds the lock."""
+    locker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    transaction = store._transaction
+
+    @contextlib.contextmanager
+    def then_lock(*, durable: bool) -> Iterator[None]:
+        with transaction(durable=durable):
+            yield
+        if not locker.in_transaction:
+            locker.execute("BEGIN EXCLUSIVE")
+
+    store._transaction = then_lock  # type: ignore[method-assign]
+    store.busy_timeout = 0.5
+    try:
+        yield locker
+    finally:
+        del store._transaction
+        store.busy_timeout = 5.0
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+
+
+def _table_rows(store: SQLiteStore) -> dict[str, set[str]]:
+    return {
+        "used_tokens": {r[0] for r in store._conn.execute("SELECT token_id FROM used_tokens")},
+        "certificates": {r[0] for r in store._conn.execute("SELECT serial FROM certificates")},
+        "revocations": {r[0] for r in store._conn.execute("SELECT serial FROM revocations")},
+    }
+
+
+async def test_a_lock_after_one_write_leaves_nothing_half_done(ca: CAServer, pki: PKI) -> None:
+    """A lock taken right after the first write of a renew or a revoke by token leaves it
+    done whole (token spent with its certificate or revocation) or not at all (503, token
+    unspent), never a spent token with nothing to show for it; twin: the tokens then work."""
+    store = ca.authority.store
+    assert isinstance(store, SQLiteStore)
+    chain, key = await pki.enroll("svc")
+    serial = str(chain[0].serial_number)
+    renew_token = mint_renew_token(chain, key, audience=f"{pki.url}/1.0/renew", now=pki.clock())
+    revoke_token = pki.token(serial, revoke=True)
+    renew_id = Token.parse(renew_token).token_id
+    revoke_id = Token.parse(revoke_token).token_id
+    for what in ("renew", "revoke"):
+        before = _table_rows(store)
+        with _locked_after_first_write(store):
+            async with _client(pki) as client:
+                try:
+                    if what == "renew":
+                        await client.renew_with_token(renew_token)
+                    else:
+                        await client.revoke(RevokeRequest(serial, ott=revoke_token))
+                except CARefusedError as exc:
+                    _assert_503(exc)
+        after = _table_rows(store)
+        changed = {table for table in after if after[table] != before[table]}
+        assert changed in (set(), {"used_tokens", "certificates"}, {"used_tokens", "revocations"})
+    # Twin: once the lock is gone, the same tokens renew and revoke (once each).
+    async with _client(pki) as client:
+        if renew_id not in _table_rows(store)["used_tokens"]:
+            await client.renew_with_token(renew_token)
+        if serial not in _table_rows(store)["revocations"]:
+            await client.revoke(RevokeRequest(serial, ott=revoke_token))
+    rows = _table_rows(store)
+    assert {renew_id, revoke_id} <= rows["used_tokens"]
+    assert serial in rows["revocations"]
+
+
+async def test_many_signs_under_a_long_lock_all_answer_503(ca_process: PKI) -> None:
+    """Forty signs at once while the lock is held past the busy timeout: every one answers
+    503 (none hangs, none is issued, no token is spent) and ``/health`` stays live; twin:
+    once the lock is gone the same forty requests each get a certificate."""
+    pki = ca_process
+    db = pki.config.parent / "federatls.db"
+    requests = [
+        SignRequest(build_csr(new_private_key(), "svc", ["svc"]), pki.forge(pki.claims("svc")))
+        for _ in range(40)
+    ]
+    before = _rows(pki)
+    lock = await hold_lock(db)
+    try:
+        async with _client(pki) as client:
+            signs = asyncio.gather(*(client.sign(r) for r in requests), return_exceptions=True)
+            await asyncio.sleep(1.0)
+            await _assert_live(pki)
+            answers = await asyncio.wait_for(signs, 50)
+    finally:
+        await lock.release()
+    for answer in answers:
+        assert isinstance(answer, CARefusedError), answer
+        _assert_503(answer)
+    assert _rows(pki) == before
+    async with _client(pki) as client:
+        issued = await asyncio.gather(*(client.sign(r) for r in requests))
+    assert len({answer.leaf.serial_number for answer in issued}) == 40

@@ -19,6 +19,9 @@ __all__ = ["KeyType", "PrivateKey", "build_csr", "csr_key_refusal", "new_private
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 MIN_RSA_BITS, MAX_RSA_BITS = 2048, 8192
+# Go's crypto/rsa refuses public exponents above 2**31 - 1 (so Go peers cannot use such a
+# certificate), and a longer one makes every verification cost up to a private-key operation.
+MAX_RSA_EXPONENT = 2**31 - 1
 ACCEPTED_KEYS = "P-256, P-384, P-521, Ed25519 or RSA of 2048 to 8192 bits"
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
@@ -72,11 +75,12 @@ def build_csr(key: PrivateKey, subject: str, sans: Sequence[str]) -> x509.Certif
 def csr_key_refusal(key: object) -> str | None:
     """Why the CA does not certify this public key, or None if it does.
 
-    Accepted: P-256, P-384, P-521, Ed25519 and RSA of 2048 to 8192 bits. Smaller curves
-    (P-192, P-224) and RSA keys are weak; other curves (secp256k1, brainpool) are not what
-    TLS peers expect; a larger RSA key makes its verifiers (the CA first, then every peer)
-    pay for nothing. The short-RSA reason is step-ca's. Only the key's type and size are
-    read: no signature is checked, so this is cheap enough to run before anything else.
+    Accepted: P-256, P-384, P-521, Ed25519 and RSA of 2048 to 8192 bits with an odd public
+    exponent from 3 to 2**31 - 1. Smaller curves (P-192, P-224) and RSA keys are weak; other
+    curves (secp256k1, brainpool) are not what TLS peers expect; a larger RSA key, or a
+    longer exponent, makes its verifiers (the CA first, then every peer) pay for nothing.
+    The short-RSA reason is step-ca's. Only the key's type, size and exponent are read: no
+    signature is checked, so this is cheap enough to run before anything else.
     """
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
@@ -88,6 +92,12 @@ def csr_key_refusal(key: object) -> str | None:
             return (
                 f"certificate request RSA key must be at most {MAX_RSA_BITS} bits "
                 f"({MAX_RSA_BITS // 8} bytes)"
+            )
+        e = key.public_numbers().e
+        if e % 2 == 0 or not 3 <= e <= MAX_RSA_EXPONENT:
+            return (
+                "certificate request RSA key must have an odd public exponent from 3 to "
+                f"{MAX_RSA_EXPONENT} (65537 is usual)"
             )
         return None
     if isinstance(key, ec.EllipticCurvePublicKey):

@@ -15,6 +15,7 @@ from ._rotation import RotationStep, add_root, issue_from_new_root, retire_old_r
 from ._store import (
     IssuedCertificate,
     Revocation,
+    RevokeOutcome,
     SQLiteStore,
     Store,
     StoreWouldWait,
@@ -34,6 +35,7 @@ __all__ = [
     "IssuedCertificate",
     "JWKProvisioner",
     "Revocation",
+    "RevokeOutcome",
     "RotationStep",
     "SQLiteStore",
     "Store",

@@ -215,14 +215,6 @@ class Authority:
         return [leaf, *self.material.intermediates]
 
     # Tokens --------------------------------------------------------------------------------
-    def authorize_token(
-        self, raw: str, kind: TokenKind, now: datetime
-    ) -> tuple[JWKProvisioner, Token]:
-        """Validate a one-time token and burn its id (see ``_validate_token``)."""
-        prov, token, spend = self._validate_token(raw, kind, now)
-        self._spend(spend)
-        return prov, token
-
     def _validate_token(
         self, raw: str, kind: TokenKind, now: datetime
     ) -> tuple[JWKProvisioner, Token, TokenUse]:
@@ -434,26 +426,38 @@ class Authority:
         peer: x509.Certificate,
         now: datetime,
         public_key: CertificateIssuerPublicKeyTypes | None = None,
+        *,
+        spend: TokenUse | None = None,
     ) -> list[x509.Certificate]:
-        """Renew (or rekey, given a new public key) a certificate presented by its holder.
-        Recording the new certificate is its one write and last store call (``_State.soon``
-        may make the call again)."""
+        """Renew (or rekey, given a new public key) a certificate presented by its holder,
+        or by a renew token (``spend``, from ``authorize_renew_token``). Recording the new
+        certificate, and spending the token with it, is its one write and last store call
+        (``_State.soon`` may make the call again), so a failed write spends nothing."""
         prov_id = self._authorize_renew(peer, now)
         if public_key is not None:
             public_key = _checked_public_key(public_key)
+        else:  # a certificate issued before the key rule is not renewed for a refused key
+            _checked_public_key(peer.public_key())
         leaf = renew_leaf(
             self.material, peer, now=now, backdate=self.config.backdate, public_key=public_key
         )
-        operation = "renew" if public_key is None else "rekey"
-        self.store.add_certificate(
-            self._record_of(
-                leaf, prov_id, cert_sans(leaf).as_strings(), _serial(peer), operation=operation
-            )
+        record = self._record_of(
+            leaf,
+            prov_id,
+            cert_sans(leaf).as_strings(),
+            _serial(peer),
+            operation="renew" if public_key is None else "rekey",
+            token_id=spend.token_id if spend is not None else "",
         )
+        if spend is None:
+            self.store.add_certificate(record)
+        elif not self.store.record_issuances([replace(spend, certificate=record)])[0]:
+            raise _unauthorized("token already used")
         return self.chain_of(leaf)
 
-    def authorize_renew_token(self, raw: str, now: datetime) -> x509.Certificate:
-        """The certificate a ``Bearer`` renew token (``x5cInsecure`` header) stands for.
+    def authorize_renew_token(self, raw: str, now: datetime) -> tuple[x509.Certificate, TokenUse]:
+        """The certificate a ``Bearer`` renew token (``x5cInsecure`` header) stands for, and
+        the spending of the token, which ``renew`` records with the new certificate.
 
         The chain must lead to one of this CA's roots (validity periods are not checked here:
         the renewal rules decide about expiry); the token must be signed by the leaf's key.
@@ -469,6 +473,16 @@ class Authority:
             ]
         except (TokenError, ValueError, TypeError) as exc:
             raise _unauthorized(f"error validating renew token: {exc}") from exc
+        for cert in chain:
+            # Before any signature is checked with them: a key outside the accepted set (an
+            # RSA exponent as long as the modulus, say) makes each check cost a private-key
+            # operation, and no certificate this CA issued carries one.
+            refusal = csr_key_refusal(cert.public_key())
+            if refusal is not None:
+                raise _unauthorized(
+                    "error validating renew token: x5cInsecure chain holds a key this CA does "
+                    f"not accept ({refusal.removeprefix('certificate request ')})"
+                )
         if not self._chains_to_root(chain):
             raise _unauthorized(
                 "error validating renew token: x5cInsecure chain does not lead to a root of this CA"
@@ -496,33 +510,44 @@ class Authority:
             raise _unauthorized("error validating renew token: invalid issuer claim (iss)")
         # Renew tokens are not checked against the CA's start time: always durable.
         spend = _token_use(token, prov.id, now, iat_checked=False)
-        self._spend(spend)
-        return leaf
+        if self.store.token_used(spend.token_id):
+            raise _unauthorized("token already used")
+        return leaf, spend
 
     def _chains_to_root(self, chain: Sequence[x509.Certificate]) -> bool:
+        """Whether ``chain[0]`` leads to a root through the chain's and the CA's own
+        intermediates. Each step tries only certificates named as its issuer, each at most
+        once, so a crafted chain costs at most one signature check per certificate (and one
+        per root at each step)."""
         pool = [*chain[1:], *self.material.intermediates]
         cert = chain[0]
         for _ in range(len(pool) + 1):
             for root in self.material.roots:
                 if _issued_by(cert, root):
                     return True
-            parent = next((c for c in pool if _is_ca(c) and _issued_by(cert, c)), None)
+            candidates = [c for c in pool if c.subject == cert.issuer and _is_ca(c)]
+            parent = next((c for c in candidates if _issued_by(cert, c)), None)
             if parent is None:
                 return False
+            pool = [c for c in pool if c not in candidates]
             cert = parent
         return False
 
     # Revoke --------------------------------------------------------------------------------
     def revoke(self, request: RevokeRequest, peer: x509.Certificate | None, now: datetime) -> None:
-        """Passively revoke a certificate this CA issued, by token or by its holder over mTLS."""
-        provisioner, token_id, mtls = "", "", False
+        """Passively revoke a certificate this CA issued, by token or by its holder over mTLS.
+
+        A revoke token is spent in the transaction that records the revocation (its one
+        write, last store call), so a write that fails (503) spends nothing, and a refusal
+        (a certificate not issued here, or already revoked) leaves the token unspent."""
+        provisioner, spend, mtls = "", None, False
         if request.ott:
-            prov, token = self.authorize_token(request.ott, "revoke", now)
+            prov, token, spend = self._validate_token(request.ott, "revoke", now)
             if token.subject != request.serial:
                 raise _unauthorized(
                     f"revoke token is for serial {token.subject}, not {request.serial}"
                 )
-            provisioner, token_id = prov.id, token.token_id
+            provisioner = prov.id
         elif peer is None:
             raise Refusal(400, "missing ott or client certificate")
         else:
@@ -536,18 +561,21 @@ class Authority:
                 f"certificate with serial number '{request.serial}' was not "
                 "issued by this certificate authority",
             )
-        revoked = self.store.revoke(
+        outcome = self.store.revoke(
             Revocation(
                 serial=request.serial,
                 reason_code=request.reason_code,
                 reason=request.reason,
                 revoked_at=now,
                 provisioner=provisioner,
-                token_id=token_id,
+                token_id=spend.token_id if spend is not None else "",
                 mtls=mtls,
-            )
+            ),
+            spend,
         )
-        if not revoked:
+        if outcome == "token used":
+            raise _unauthorized("token already used")
+        if outcome == "already revoked":
             raise Refusal(
                 400, f"certificate with serial number '{request.serial}' is already revoked"
             )

@@ -1,7 +1,7 @@
 """What clients can hold on the CA (docs/ca.md, "Connection limits"): a connection limit kept
 below the descriptor limit, a total deadline for each phase of a connection, idle
-connections evicted first when the limit is reached, and an accept loop that pauses, and
-logs a line, when the process runs out of descriptors.
+connections evicted first when the limit is reached (then the oldest unfinished request),
+and an accept loop that pauses, and logs a line, when the process runs out of descriptors.
 
 Belongs here: counting, timing and choosing connections to close; the listening sockets.
 Not here: TLS (``_tlsconn``), HTTP (``_server``), reading ca.json (``_config``).
@@ -40,13 +40,16 @@ DEFAULT_CEILING = 10_000  # the default limit never exceeds this (memory, not de
 ANSWER_TIMEOUT = 60.0  # whole request to the answer written (the CA's work, a slow reader)
 SWEEP_INTERVAL = 0.5  # seconds between two sweeps for connections past their deadline
 LOG_INTERVAL = 20.0  # at most one summary line about closed or refused connections this often
+REFUSAL_LINES = 5  # refused handshakes logged one by one (with the peer) per LOG_INTERVAL
 ACCEPT_BATCH = 32  # connections accepted per readiness of a listening socket
 ACCEPT_PAUSE = (0.1, 2.0)  # first and longest pause of accepting after a descriptor shortage
 _SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Phase:
-    """Where a connection is; only ``WAITING`` and ``IDLE`` connections may be evicted."""
+    """Where a connection is. At the limit ``WAITING`` and ``IDLE`` connections are evicted
+    first, then those whose client is still sending (``HANDSHAKE``, ``HEAD``, ``BODY``),
+    oldest first; never one the CA is answering (``BUSY``)."""
 
     HANDSHAKE = 0  # TCP accepted, TLS handshake running: handshake deadline
     WAITING = 1  # handshake done, no byte of a request yet: head deadline (evictable)
@@ -149,9 +152,13 @@ class ConnectionTable:
         self._live: set[Tracked] = set()
         self._admitted = 0  # admitted, not yet opened
         self._idle: OrderedDict[Tracked, None] = OrderedDict()  # oldest idle first
+        # Handshake, head or body still arriving, oldest first: evicted after the idle ones.
+        self._unfinished: OrderedDict[Tracked, None] = OrderedDict()
         self._summary = _Summary()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._refusal_lines = 0  # refused handshakes logged one by one in this window
+        self._refusal_window = -math.inf
 
     def configure(self, limits: ConnectionLimits, max_connections: int) -> None:
         """New limits (a reload): deadlines set from now on use them."""
@@ -169,7 +176,10 @@ class ConnectionTable:
 
     def admit(self) -> bool:
         """Room for one more connection? At the limit the oldest idle connection is closed to
-        make room; with none idle the answer is no (the caller closes the new socket)."""
+        make room; with none idle, the oldest one whose handshake or request is still
+        arriving (a client that holds its slot without finishing a request: a good client
+        finishes in moments, so it is the youngest); with none of those either (every slot
+        busy with an answer) the answer is no (the caller closes the new socket)."""
         if len(self) < self.max_connections:
             self._admitted += 1
             return True
@@ -181,6 +191,20 @@ class ConnectionTable:
             )
             self._drop(oldest)
             _end(oldest)
+            self._admitted += 1
+            return True
+        if self._unfinished:
+            oldest, _ = self._unfinished.popitem(last=False)
+            self._summary.note(
+                f"unfinished requests evicted at the limit of {self.max_connections} (none idle)",
+                now,
+            )
+            phase = oldest.phase
+            self._drop(oldest)
+            if phase == Phase.HANDSHAKE:
+                oldest.abort()
+            else:
+                _end(oldest)
             self._admitted += 1
             return True
         self._summary.note(
@@ -199,10 +223,12 @@ class ConnectionTable:
         conn.phase = Phase.HANDSHAKE
         conn.deadline = self._now() + self.limits.handshake_timeout
         self._live.add(conn)
+        self._unfinished[conn] = None
 
     def established(self, conn: Tracked) -> None:
         conn.phase = Phase.WAITING
         conn.deadline = self._now() + self.limits.head_timeout
+        self._unfinished.pop(conn, None)
         self._idle[conn] = None
 
     def reading(self, conn: Tracked) -> None:
@@ -211,17 +237,20 @@ class ConnectionTable:
             conn.deadline = self._now() + self.limits.head_timeout
         conn.phase = Phase.HEAD
         self._idle.pop(conn, None)
+        self._unfinished[conn] = None
 
     def requested(self, conn: Tracked) -> None:
         """A whole request head has arrived; its body has the body timeout."""
         conn.phase = Phase.BODY
         conn.deadline = self._now() + self.limits.body_timeout
         self._idle.pop(conn, None)
+        self._unfinished.setdefault(conn, None)
 
     def working(self, conn: Tracked) -> None:
         """The whole request has arrived: the CA works on it and writes the answer."""
         conn.phase = Phase.BUSY
         conn.deadline = self._now() + ANSWER_TIMEOUT
+        self._unfinished.pop(conn, None)
 
     def answered(self, conn: Tracked) -> None:
         """The answer is written and the connection kept alive: idle until the next request."""
@@ -229,6 +258,7 @@ class ConnectionTable:
             return
         conn.phase = Phase.IDLE
         conn.deadline = self._now() + self.limits.idle_timeout
+        self._unfinished.pop(conn, None)
         self._idle[conn] = None
 
     def closed(self, conn: Tracked) -> None:
@@ -238,6 +268,7 @@ class ConnectionTable:
         conn.phase = Phase.CLOSED
         self._live.discard(conn)
         self._idle.pop(conn, None)
+        self._unfinished.pop(conn, None)
 
     # -- the sweep ---------------------------------------------------------------------------
 
@@ -268,6 +299,19 @@ class ConnectionTable:
         self._summary.tick(now)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def refused_handshake(self, peer: str, reason: str) -> None:
+        """A TLS handshake refused (a bad client certificate, plain HTTP, junk): logged with
+        the peer, up to ``REFUSAL_LINES`` per ``LOG_INTERVAL``; past that, counted by reason
+        in the summary line, so that a flood of bad handshakes cannot flood the log."""
+        now = self._now()
+        if now - self._refusal_window >= LOG_INTERVAL:
+            self._refusal_window, self._refusal_lines = now, 0
+        if self._refusal_lines < REFUSAL_LINES:
+            self._refusal_lines += 1
+            log.warning("refused TLS connection from %s: %s", peer, reason)
+        else:
+            self._summary.note(f"TLS handshakes refused ({reason})", now)
 
     def note(self, what: str, level: int = logging.WARNING) -> None:
         """Count ``what`` in the next summary line (logged at the highest level noted)."""

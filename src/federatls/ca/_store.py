@@ -19,13 +19,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from .._errors import ConfigError, StoreBusyError
 
 __all__ = [
     "IssuedCertificate",
     "Revocation",
+    "RevokeOutcome",
     "SQLiteStore",
     "Store",
     "StoreWouldWait",
@@ -89,6 +90,13 @@ class TokenUse:
     durable: bool = True
 
 
+RevokeOutcome = Literal["revoked", "already revoked", "token used"]
+
+
+class _AlreadyRevoked(Exception):
+    """Inside ``SQLiteStore._revoke``: undo the transaction, the serial was revoked before."""
+
+
 @dataclass(frozen=True)
 class Revocation:
     serial: str
@@ -124,8 +132,10 @@ class Store(Protocol):
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
         """The record of an issued certificate, or None."""
 
-    def revoke(self, revocation: Revocation) -> bool:
-        """Record a revocation, synced to disk; False if the serial was already revoked."""
+    def revoke(self, revocation: Revocation, spend: TokenUse | None = None) -> RevokeOutcome:
+        """Record a revocation and spend its token (``spend``, if any) in one transaction,
+        synced to disk: "revoked"; or record nothing and say why: "already revoked" (the
+        serial), "token used" (a replay)."""
 
     def is_revoked(self, serial: str) -> bool:
         """Whether the serial has been revoked."""
@@ -353,15 +363,19 @@ class SQLiteStore:
         results: list[bool] = []
         with self._transaction(durable=any(u.durable for u in issuances)):
             for use in issuances:
-                cur = self._conn.execute(
-                    "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
-                    (use.token_id, use.provisioner, _ts(use.expires_at), _ts(use.used_at)),
-                )
-                fresh = cur.rowcount == 1
+                fresh = self._spend(use)
                 if fresh and use.certificate is not None:
                     self._insert_certificate(use.certificate)
                 results.append(fresh)
         return results
+
+    def _spend(self, use: TokenUse) -> bool:
+        """Mark a token used, inside a transaction; False if it was used before."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO used_tokens VALUES (?, ?, ?, ?)",
+            (use.token_id, use.provisioner, _ts(use.expires_at), _ts(use.used_at)),
+        )
+        return cur.rowcount == 1
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
         with self._transaction(durable=False):
@@ -408,9 +422,17 @@ class SQLiteStore:
             row[9],
         )
 
-    def revoke(self, revocation: Revocation) -> bool:
+    def revoke(self, revocation: Revocation, spend: TokenUse | None = None) -> RevokeOutcome:
+        try:
+            return self._revoke(revocation, spend)
+        except _AlreadyRevoked:
+            return "already revoked"
+
+    def _revoke(self, revocation: Revocation, spend: TokenUse | None) -> RevokeOutcome:
         r = revocation
         with self._transaction(durable=True):
+            if spend is not None and not self._spend(spend):
+                return "token used"
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -423,7 +445,9 @@ class SQLiteStore:
                     _ts(r.revoked_at),
                 ),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                raise _AlreadyRevoked  # rolls the token's spending back
+        return "revoked"
 
     def is_revoked(self, serial: str) -> bool:
         with self._reading() as conn:

@@ -132,7 +132,7 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
             self._flush()
             return False
         except ssl.SSLError as exc:
-            log.warning("refused TLS connection from %s: %s", self._peer, exc.reason or exc)
+            self.table.refused_handshake(self._peer, str(exc.reason or exc))
             self._flush()  # the alert tells the client why
             self._abort_handshake()
             return False
@@ -160,7 +160,10 @@ class TLSServerConnection(asyncio.Protocol, asyncio.Transport):
                 self._peer_closed()
                 return
             except ssl.SSLError as exc:
-                log.info("TLS error on the connection from %s: %s", self._peer, exc.reason or exc)
+                # Counted: any client can make one per connection.
+                self.table.note(
+                    f"TLS errors after the handshake ({exc.reason or exc})", logging.INFO
+                )
                 self.abort()
                 return
             if not data:  # the peer's close_notify (SSLObject.read returns b"" for it)
