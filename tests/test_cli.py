@@ -727,6 +727,23 @@ async def test_certificate_into_a_missing_directory_writes_nothing(
     assert not key.exists()
 
 
+async def test_certificate_onto_a_directory_spends_no_token(
+    ca: CAServer, pki: PKI, tmp_path: Path
+) -> None:
+    """CRT or KEY naming a directory, even with --force: exit 1 naming it before the CA is
+    asked, nothing written, and the token still works."""
+    token = token_from(await federatls("ca", "token", SVC, *mint_flags(pki)))
+    here = tmp_path / "out"
+    crt, key, folder = here / "svc.crt", here / "svc.key", here / "folder"
+    folder.mkdir(parents=True)
+    for paths in ((folder, key), (crt, folder)):
+        run = await federatls("ca", "certificate", SVC, *paths, "--token", token, "--force")
+        assert_one_line_error(run, str(folder), "is a directory")
+        assert sorted(p.name for p in here.iterdir()) == ["folder"]
+    assert_ok(await federatls("ca", "certificate", SVC, crt, key, "--token", token))
+    issued(pki, crt, key, SVC)
+
+
 # ca renew ------------------------------------------------------------------------------------
 async def test_renew_over_mtls(any_ca: str, pki: PKI, tmp_path: Path) -> None:
     """`ca renew` presents the certificate over mTLS and writes the renewal over CRT: a new
@@ -880,6 +897,18 @@ async def test_bundle_out_refuses_to_overwrite(ca: CAServer, pki: PKI, tmp_path:
         assert out.read_text() == "mine\n"
         assert_ok(await federatls("ca", verb, out, *ca_flags(pki), "--force"))
         assert load_pem_certificates(out.read_bytes()) == [pki.root]
+
+
+async def test_bundle_out_onto_a_directory(ca: CAServer, pki: PKI, tmp_path: Path) -> None:
+    """OUT naming a directory, even with --force: exit 1 naming it (not a temporary file),
+    and nothing left in it."""
+    for verb in ("roots", "federation"):
+        out = tmp_path / verb
+        out.mkdir()
+        run = await federatls("ca", verb, out, *ca_flags(pki), "--force")
+        assert_one_line_error(run, str(out), "is a directory")
+        assert list(out.iterdir()) == []
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{verb}.")] == []
 
 
 async def test_bundles_with_wrong_root(ca: CAServer, pki: PKI, other: PKI) -> None:
