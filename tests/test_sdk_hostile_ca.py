@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import federatls
 from federatls import (
@@ -55,6 +56,7 @@ QUICK = RenewalPolicy(
     timeout=timedelta(seconds=1),
 )
 SHORT = Issue(not_after=timedelta(seconds=30))
+CLIENT_AUTH, CODE_SIGNING = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.CODE_SIGNING
 
 
 @contextlib.contextmanager
@@ -180,6 +182,8 @@ BAD_ISSUES = {
     "a name missing": (Issue(names=(SUBJECT,)), "is for other names"),
     "CA:TRUE": (Issue(ca=True), "CA certificate (basicConstraints CA:TRUE)"),
     "another key": (Issue(other_key=True), "for another key"),
+    "for code signing only": (Issue(purposes=(CODE_SIGNING,)), "neither serverAuth nor"),
+    "an intermediate that is no CA": (Issue(issuer_is_ca=False), "is not a CA"),
 }
 
 
@@ -188,7 +192,8 @@ async def test_bootstrap_refuses_what_the_ca_had_no_business_issuing(
     case: str, tmp_path: Path
 ) -> None:
     """A CA issuing an expired certificate, one ten years ahead, one for other names (or one
-    too many or too few), a CA certificate, or one for another key: BadMaterialError naming it."""
+    too many or too few), a CA certificate, one for another key, one no TLS use allows, or
+    one signed by a certificate that is no CA: BadMaterialError naming it."""
     issue, problem = BAD_ISSUES[case]
     with _rogue(tmp_path) as rogue:
         rogue.issue = issue
@@ -204,13 +209,15 @@ async def test_bootstrap_refuses_what_the_ca_had_no_business_issuing(
     [
         ("backdated a minute (step-ca's default)", Issue()),
         ("valid two minutes from now (clock skew)", Issue(not_before=timedelta(minutes=2))),
+        ("for clients only", Issue(purposes=(CLIENT_AUTH,))),
+        ("without extended key usage (any use)", Issue(purposes=None)),
     ],
 )
 async def test_bootstrap_accepts_what_an_honest_ca_issues(
     case: str, issue: Issue, tmp_path: Path
 ) -> None:
     """Twin: a certificate backdated a minute, or starting within the allowed clock skew, for
-    exactly the token's names and our key, is accepted."""
+    exactly the token's names and our key, for TLS clients only or any use, is accepted."""
     with _rogue(tmp_path) as rogue:
         rogue.issue = issue
         identity = await federatls.bootstrap(_token(rogue))
@@ -326,6 +333,8 @@ BAD_RENEWALS = {
     "CA:TRUE": (Issue(ca=True, not_after=timedelta(seconds=30)), "CA:TRUE"),
     "expired": (Issue(not_before=timedelta(days=-2), not_after=timedelta(days=-1)), "expired at"),
     "another key": (Issue(other_key=True), "for another key"),
+    "an intermediate that is no CA": (Issue(issuer_is_ca=False), "is not a CA"),
+    "no longer for servers": (Issue(purposes=(CLIENT_AUTH,)), "no longer allows serverAuth"),
 }
 
 
@@ -333,8 +342,9 @@ BAD_RENEWALS = {
 async def test_renewal_refuses_what_the_ca_had_no_business_issuing(
     case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A CA renewing into a certificate for other names, a CA certificate, an expired one or
-    one for another key: refused, retried with backoff, last_error names it, and the old
+    """A CA renewing into a certificate for other names, a CA certificate, an expired one,
+    one for another key, one signed by a certificate that is no CA, or one that drops a TLS
+    use the old one had: refused, retried with backoff, last_error names it, and the old
     identity stays in place."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     issue, problem = BAD_RENEWALS[case]
