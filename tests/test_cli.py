@@ -264,6 +264,9 @@ USAGE_ERRORS = [
     (["ca", "federation", "--ca-url", "https://127.0.0.1:1"], "--root is required"),
     (["ca", "health", "--root", "r.crt"], "--ca-url is required"),
     (["ca", "health", "--ca-url", "http://127.0.0.1:1", "--root", "r.crt"], "https:// URL"),
+    (["ca", "health", "--ca-url", "https://127.0.0.1:99999", "--root", "r.crt"], "invalid port"),
+    (["ca", "health", "--ca-url", "https://[::1", "--root", "r.crt"], "https://[::1"),
+    (["ca", "roots", "--ca-url", "https://:9000", "--root", "r.crt"], "has no host"),
 ]
 
 

@@ -74,9 +74,22 @@ class Deadline:
 
 
 def _base_url(url: str) -> str:
-    parts = urlsplit(url)
+    """``https://host[:port]`` of ``url``; ``BadMaterialError`` for anything that is not an
+    https:// URL with a host and a port in range (before a socket is ever opened)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise BadMaterialError(f"CA URL {url!r} is not a URL ({exc})") from exc
     if parts.scheme != "https" or not parts.netloc:
         raise BadMaterialError(f"CA URL {url!r} must be an https:// URL")
+    if not parts.hostname:
+        raise BadMaterialError(f"CA URL {url!r} has no host")
+    try:
+        port = parts.port  # a ValueError when out of range or not a number
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise BadMaterialError(f"CA URL {url!r} has an invalid port")
     return f"https://{parts.netloc}"
 
 
