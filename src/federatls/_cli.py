@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(cloud and kubernetes), a server refused a client of the other CA, federation by "
         "SIGHUP, mutual TLS across the two, and live renewal. Every command it runs is "
         "printed. Everything lives in a temporary directory, removed when the demo ends "
-        "(also on Ctrl-C, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
+        "(also on Ctrl-C, Ctrl-\\, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
     )
     p.add_argument(
         "--keep", action="store_true", help="leave the CAs and the server running until Ctrl-C"
