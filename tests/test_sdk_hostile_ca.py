@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -26,12 +27,13 @@ import federatls
 from federatls import (
     BadMaterialError,
     CATimeoutError,
+    ConfigError,
     Identity,
     RenewalPolicy,
     RenewingIdentity,
     TrustBundle,
 )
-from federatls._client import MAX_ANSWER_BYTES
+from federatls._client import MAX_ANSWER_BYTES, CAClient
 from federatls._issuance import CLOCK_SKEW, check_issued
 from federatls._x509 import split_sans
 from rogue_ca import Behaviour, Issue, RogueCA
@@ -109,6 +111,21 @@ async def test_bootstrap_deadline_bounds_all_its_calls_together(tmp_path: Path) 
     assert "deadline of the bootstrap" in str(overrun.value)
     assert "federation" not in requests
     assert requests[:2] == ["root", "sign"]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "3"], ids=repr)
+async def test_a_timeout_that_is_no_deadline_is_refused_before_any_call(
+    timeout: Any, tmp_path: Path
+) -> None:
+    """timeout= zero, negative, NaN or not a number: ConfigError naming it, and nothing is
+    sent to the CA (NaN made no deadline at all)."""
+    with _rogue(tmp_path) as rogue:
+        with pytest.raises(ConfigError, match="timeout must be a positive number of seconds"):
+            await federatls.bootstrap(_token(rogue), timeout=timeout)
+        with pytest.raises(ConfigError, match="timeout must be a positive number of seconds"):
+            CAClient(rogue.url, [rogue.pki.root], timeout=timeout)
+        requests = list(rogue.requests)
+    assert requests == []
 
 
 async def test_slow_but_in_time_ca_works(tmp_path: Path) -> None:
