@@ -994,6 +994,20 @@ async def test_init_creates_missing_parent_directories(tmp_path: Path) -> None:
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
 
 
+@pytest.mark.parametrize("below", ["cloud", "deeper/cloud"])
+async def test_init_below_a_file_names_the_file(below: str, tmp_path: Path) -> None:
+    """`ca init --dir pw.txt/cloud` (a file where a directory should be): exit 1 with one
+    line saying that file is not a directory (not that it "does not exist"), nothing made."""
+    password = tmp_path / "pw.txt"
+    password.write_text("a long CA password\n")
+    run = await federatls(
+        "ca", "init", "cloud", "--dir", password / below, "--address", "127.0.0.1:9000",
+        "--password-file", password,
+    )  # fmt: skip
+    assert_one_line_error(run, f"{password} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pw.txt"]
+
+
 async def test_init_leaves_existing_parent_modes_alone(tmp_path: Path) -> None:
     """Twin: an existing parent keeps its mode; a usage mistake makes no parent."""
     password = tmp_path / "pw.txt"

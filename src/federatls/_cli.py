@@ -360,8 +360,12 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
 # Commands ----------------------------------------------------------------------------------
 def _make_parents(directory: Path) -> list[Path]:
     """Create the missing parents of ``directory``, each with mode 0700 (they will hold CA
-    keys); existing ones are left as they are. Returns those made, outermost first."""
+    keys); existing ones are left as they are. Returns those made, outermost first.
+    ``ConfigError`` when the nearest existing one is not a directory (a file in the way)."""
     missing = [p for p in reversed(directory.absolute().parents) if not p.exists()]
+    nearest = next((p for p in directory.absolute().parents if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise ConfigError(f"{nearest} is not a directory: cannot make {directory} in it")
     for made, path in enumerate(missing):
         try:
             path.mkdir(mode=0o700)
