@@ -11,6 +11,7 @@ just under the size cap, works.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -290,10 +291,11 @@ async def _renew_against(
     *,
     fail: bool,
     issue: Issue = SHORT,
+    policy: RenewalPolicy = QUICK,
     **behaviour: Behaviour,
 ) -> tuple[Identity, RenewingIdentity]:
     """Enrol honestly (a 30 s certificate), then let the CA issue ``issue`` and answer
-    ``behaviour`` (``renew=``...), and keep renewing under QUICK until two failures
+    ``behaviour`` (``renew=``...), and keep renewing under ``policy`` until two failures
     (``fail``) or a renewal; returns the enrolled identity and the live one."""
     rogue.issue = SHORT
     identity = await federatls.bootstrap(_token(rogue))
@@ -301,7 +303,7 @@ async def _renew_against(
     rogue.behaviour.update({f"/{path}": how for path, how in behaviour.items()})
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, QUICK)
+            live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, policy)
             if fail:
                 await wait_until(lambda: len(_failures(caplog)) >= 2, timeout=20)
             else:
@@ -328,6 +330,24 @@ async def test_renewal_against_a_dripping_ca_fails_and_backs_off(
     assert live.current is identity
     assert live.renewals == 0
     assert live.stopped is None
+
+
+async def test_renewal_outlives_a_dripping_trust_bundle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA dripping /roots and /federation while /renew answers at once: the bundle fetch
+    gives up within its share of the deadline, the last good bundle is kept, and the
+    certificate still renews (a slow bundle must not stop the certificate)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    patient = dataclasses.replace(QUICK, timeout=timedelta(seconds=6))
+    with _rogue(tmp_path) as rogue:
+        identity, live = await _renew_against(
+            rogue, caplog, fail=False, policy=patient, roots=DRIP, federation=DRIP
+        )
+    assert live.renewals == 1
+    assert live.current.serial != identity.serial
+    assert isinstance(live.last_error, CATimeoutError)  # the bundle, not the certificate
+    assert live.current.trust == identity.trust
 
 
 async def test_renewal_against_a_slow_but_in_time_ca_works(
