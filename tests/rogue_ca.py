@@ -47,6 +47,12 @@ class Issue:
     names: tuple[str, ...] | None = None
     ca: bool = False  # basicConstraints CA:TRUE and keyUsage keyCertSign
     other_key: bool = False  # a key of the CA's choosing instead of the requester's
+    # The extended key usages (None: no such extension, which allows any use).
+    purposes: tuple[x509.ObjectIdentifier, ...] | None = (
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    issuer_is_ca: bool = True  # False: signed by an intermediate of the root marked CA:FALSE
 
 
 @dataclass(frozen=True)
@@ -169,41 +175,63 @@ class RogueCA:
             token = Token.parse(request["ott"])
             csr = load_pem_csr(request["csr"])
             names = list(token.sans) or [token.subject]
-            leaf = self.certificate(token.subject, names, csr.public_key(), self.issue)
-            return 201, SignResponse((leaf, self.intermediate)).to_json()
+            chain = self.chain(token.subject, names, csr.public_key(), self.issue)
+            return 201, SignResponse(chain).to_json()
         if method == "POST" and path == "/renew":
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
             if der is None:
                 return 400, {"status": 400, "message": "missing client certificate"}
             old = x509.load_der_x509_certificate(der)
-            leaf = self.certificate(
-                common_name(old.subject),
-                cert_sans(old).as_strings(),
-                old.public_key(),
-                self.issue,
+            chain = self.chain(
+                common_name(old.subject), cert_sans(old).as_strings(), old.public_key(), self.issue
             )
-            return 201, SignResponse((leaf, self.intermediate)).to_json()
+            return 201, SignResponse(chain).to_json()
         return 404, {"status": 404, "message": f"no route for {method} {target}"}
 
-    def certificate(
+    def chain(
         self, subject: str, names: list[str], public_key: object, issue: Issue
+    ) -> tuple[x509.Certificate, ...]:
+        """The chain the CA answers with: ``certificate(...)`` and the intermediate that
+        signed it (with ``issue.issuer_is_ca=False``, one the root made CA:FALSE)."""
+        if issue.issuer_is_ca:
+            return self.certificate(subject, names, public_key, issue), self.intermediate
+        root_key = serialization.load_pem_private_key(
+            (self.pki.directory / "secrets" / "root_ca_key").read_bytes(), PASSWORD
+        )
+        assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+        key = ec.generate_private_key(ec.SECP256R1())
+        not_a_ca = Issue(names=(), purposes=None)
+        inter = self.certificate(
+            "not a CA", [], key.public_key(), not_a_ca, signer=(self.pki.root.subject, root_key)
+        )
+        leaf = self.certificate(subject, names, public_key, issue, signer=(inter.subject, key))
+        return leaf, inter
+
+    def certificate(
+        self,
+        subject: str,
+        names: list[str],
+        public_key: object,
+        issue: Issue,
+        *,
+        signer: tuple[x509.Name, CertificateIssuerPrivateKeyTypes] | None = None,
     ) -> x509.Certificate:
-        """A certificate from the PKI's intermediate for ``subject`` (CN) and ``names``, filled
-        in as ``issue`` says."""
+        """A certificate from the PKI's intermediate (or ``signer``: its name and key) for
+        ``subject`` (CN) and ``names``, filled in as ``issue`` says."""
         if issue.other_key:
             public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        issuer, signing_key = signer or (self.intermediate.subject, self._key)
         now = datetime.now(UTC)
         sans = split_sans(list(issue.names) if issue.names is not None else names)
-        return (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(self.intermediate.subject)
+            .issuer_name(issuer)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now + issue.not_before)
             .not_valid_after(now + issue.not_after)
-            .add_extension(x509.SubjectAlternativeName(sans.general_names()), critical=False)
             .add_extension(x509.BasicConstraints(ca=issue.ca, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -219,14 +247,16 @@ class RogueCA:
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
         )
+        if sans:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(sans.general_names()), critical=False
+            )
+        if issue.purposes is not None:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage(list(issue.purposes)), critical=False
+            )
+        return builder.sign(signing_key, hashes.SHA256())
 
     async def _send(
         self, writer: asyncio.StreamWriter, path: str, status: int, answer: dict[str, object]

@@ -264,6 +264,9 @@ USAGE_ERRORS = [
     (["ca", "federation", "--ca-url", "https://127.0.0.1:1"], "--root is required"),
     (["ca", "health", "--root", "r.crt"], "--ca-url is required"),
     (["ca", "health", "--ca-url", "http://127.0.0.1:1", "--root", "r.crt"], "https:// URL"),
+    (["ca", "health", "--ca-url", "https://127.0.0.1:99999", "--root", "r.crt"], "invalid port"),
+    (["ca", "health", "--ca-url", "https://[::1", "--root", "r.crt"], "https://[::1"),
+    (["ca", "roots", "--ca-url", "https://:9000", "--root", "r.crt"], "has no host"),
 ]
 
 
@@ -727,6 +730,23 @@ async def test_certificate_into_a_missing_directory_writes_nothing(
     assert not key.exists()
 
 
+async def test_certificate_onto_a_directory_spends_no_token(
+    ca: CAServer, pki: PKI, tmp_path: Path
+) -> None:
+    """CRT or KEY naming a directory, even with --force: exit 1 naming it before the CA is
+    asked, nothing written, and the token still works."""
+    token = token_from(await federatls("ca", "token", SVC, *mint_flags(pki)))
+    here = tmp_path / "out"
+    crt, key, folder = here / "svc.crt", here / "svc.key", here / "folder"
+    folder.mkdir(parents=True)
+    for paths in ((folder, key), (crt, folder)):
+        run = await federatls("ca", "certificate", SVC, *paths, "--token", token, "--force")
+        assert_one_line_error(run, str(folder), "is a directory")
+        assert sorted(p.name for p in here.iterdir()) == ["folder"]
+    assert_ok(await federatls("ca", "certificate", SVC, crt, key, "--token", token))
+    issued(pki, crt, key, SVC)
+
+
 # ca renew ------------------------------------------------------------------------------------
 async def test_renew_over_mtls(any_ca: str, pki: PKI, tmp_path: Path) -> None:
     """`ca renew` presents the certificate over mTLS and writes the renewal over CRT: a new
@@ -882,6 +902,18 @@ async def test_bundle_out_refuses_to_overwrite(ca: CAServer, pki: PKI, tmp_path:
         assert load_pem_certificates(out.read_bytes()) == [pki.root]
 
 
+async def test_bundle_out_onto_a_directory(ca: CAServer, pki: PKI, tmp_path: Path) -> None:
+    """OUT naming a directory, even with --force: exit 1 naming it (not a temporary file),
+    and nothing left in it."""
+    for verb in ("roots", "federation"):
+        out = tmp_path / verb
+        out.mkdir()
+        run = await federatls("ca", verb, out, *ca_flags(pki), "--force")
+        assert_one_line_error(run, str(out), "is a directory")
+        assert list(out.iterdir()) == []
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{verb}.")] == []
+
+
 async def test_bundles_with_wrong_root(ca: CAServer, pki: PKI, other: PKI) -> None:
     """A --root that is not the CA's: roots, federation and health fail with a TLS failure."""
     for verb in ("roots", "federation", "health"):
@@ -960,6 +992,20 @@ async def test_init_creates_missing_parent_directories(tmp_path: Path) -> None:
     assert (target / "config" / "ca.json").is_file()
     for made in (tmp_path / "pki", tmp_path / "pki" / "deeper"):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+
+
+@pytest.mark.parametrize("below", ["cloud", "deeper/cloud"])
+async def test_init_below_a_file_names_the_file(below: str, tmp_path: Path) -> None:
+    """`ca init --dir pw.txt/cloud` (a file where a directory should be): exit 1 with one
+    line saying that file is not a directory (not that it "does not exist"), nothing made."""
+    password = tmp_path / "pw.txt"
+    password.write_text("a long CA password\n")
+    run = await federatls(
+        "ca", "init", "cloud", "--dir", password / below, "--address", "127.0.0.1:9000",
+        "--password-file", password,
+    )  # fmt: skip
+    assert_one_line_error(run, f"{password} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pw.txt"]
 
 
 async def test_init_leaves_existing_parent_modes_alone(tmp_path: Path) -> None:

@@ -209,6 +209,7 @@ STOPS: dict[str, list[int]] = {
     "SIGINT": [signal.SIGINT],
     "SIGINT twice": [signal.SIGINT, signal.SIGINT, signal.SIGINT],
     "SIGINT to the group": [-signal.SIGINT],
+    "SIGQUIT to the group": [-signal.SIGQUIT],  # Ctrl-\ in a terminal
 }
 
 
@@ -258,7 +259,9 @@ def _assert_cleaned_up(started: set[int], workspace: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("how", ["SIGHUP", "SIGINT", "SIGINT twice", "SIGINT to the group"])
+@pytest.mark.parametrize(
+    "how", ["SIGHUP", "SIGINT", "SIGINT twice", "SIGINT to the group", "SIGQUIT to the group"]
+)
 async def test_demo_stopped_midway_cleans_up(how: str) -> None:
     """However it is stopped while its CAs and server run, the demo stops every process it
     started, removes its workspace (CA keys, password) and prints no traceback."""

@@ -104,6 +104,34 @@ async def test_server_on_a_busy_port_is_one_line(cloud: TestCA) -> None:
     _assert_one_line(code, err, port)
 
 
+BAD_ARGUMENTS = {
+    "server port too large": (SERVER, "127.0.0.1", ["--port", "99999"], "--port"),
+    "server port negative": (SERVER, "127.0.0.1", ["--port", "-5"], "--port"),
+    "client port too large": (CLIENT, "sdk_client", ["https://127.0.0.1:70000/"], "url"),
+    "client URL unparsable": (CLIENT, "sdk_client", ["https://[::1"], "url"),
+    "client URL without https": (CLIENT, "sdk_client", ["127.0.0.1:8443"], "https://"),
+    "client URL plain http": (CLIENT, "sdk_client", ["http://127.0.0.1:8443/"], "https://"),
+    "client URL without host": (CLIENT, "sdk_client", ["https:///x"], "url"),
+    "client count negative": (CLIENT, "sdk_client", ["https://a:1/", "--count", "-1"], "count"),
+    "client every negative": (CLIENT, "sdk_client", ["https://a:1/", "--every", "-1"], "every"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+async def test_bad_arguments_are_usage_errors_that_spend_no_token(case: str, cloud: TestCA) -> None:
+    """A port out of range, a URL that is not https:// with a host and a valid port, or a
+    negative count or interval: exit 2 naming it, no traceback, and the token is not spent."""
+    script, subject, args, fragment = BAD_ARGUMENTS[case]
+    token = cloud.token(subject)
+    code, _, err = await _run(script, token, *args)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"{script.name}: error: "), err
+    assert fragment in err.splitlines()[-1], err
+    identity = await bootstrap(token)  # still unspent
+    assert identity.common_name == subject
+
+
 async def _interrupt_after(args: list[str], ready: str) -> tuple[int, str]:
     proc = await anyio.open_process(
         [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from joserfc import jws
 from joserfc.jwk import ECKey
 
+from federatls._client import _base_url
 from federatls._duration import format_go_duration, parse_go_duration
 from federatls._errors import BadMaterialError, TokenError
 from federatls._jwk import ProvisionerKey, PublicJWK, jwk_thumbprint
@@ -734,3 +735,26 @@ def test_split_sans_of_a_list_is_the_split_of_each_name(sans: list[str]) -> None
     for bucket in ("dns", "ips", "emails", "uris"):
         assert getattr(split, bucket) == tuple(n for one in singles for n in getattr(one, bucket))
     assert sum(len(one.as_strings()) for one in singles) == len(sans)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://127.0.0.1:99999", "invalid port"),
+        ("https://127.0.0.1:-1", "invalid port"),
+        ("https://[::1", "is not a URL"),
+        ("https://:9000", "has no host"),
+        ("http://127.0.0.1:9000", "must be an https:// URL"),
+    ],
+)
+def test_a_ca_url_that_cannot_be_reached_is_bad_material(url: str, problem: str) -> None:
+    """A CA URL with a port out of range, no host, or unparsable: BadMaterialError naming it
+    when the client is made, not an OverflowError or ValueError from the socket later."""
+    with pytest.raises(BadMaterialError, match=problem):
+        _base_url(url)
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:9000", "https://[::1]:443/x", "https://ca"])
+def test_a_good_ca_url_gives_its_base(url: str) -> None:
+    """Twin: an https:// URL with a host (and a port, if any, in range) gives its base."""
+    assert _base_url(url) == url.removesuffix("/x")

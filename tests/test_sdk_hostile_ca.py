@@ -11,26 +11,30 @@ just under the size cap, works.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import federatls
 from federatls import (
     BadMaterialError,
     CATimeoutError,
+    ConfigError,
     Identity,
     RenewalPolicy,
     RenewingIdentity,
     TrustBundle,
 )
-from federatls._client import MAX_ANSWER_BYTES
+from federatls._client import MAX_ANSWER_BYTES, CAClient
 from federatls._issuance import CLOCK_SKEW, check_issued
 from federatls._x509 import split_sans
 from rogue_ca import Behaviour, Issue, RogueCA
@@ -55,6 +59,7 @@ QUICK = RenewalPolicy(
     timeout=timedelta(seconds=1),
 )
 SHORT = Issue(not_after=timedelta(seconds=30))
+CLIENT_AUTH, CODE_SIGNING = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.CODE_SIGNING
 
 
 @contextlib.contextmanager
@@ -107,6 +112,21 @@ async def test_bootstrap_deadline_bounds_all_its_calls_together(tmp_path: Path) 
     assert "deadline of the bootstrap" in str(overrun.value)
     assert "federation" not in requests
     assert requests[:2] == ["root", "sign"]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "3"], ids=repr)
+async def test_a_timeout_that_is_no_deadline_is_refused_before_any_call(
+    timeout: Any, tmp_path: Path
+) -> None:
+    """timeout= zero, negative, NaN or not a number: ConfigError naming it, and nothing is
+    sent to the CA (NaN made no deadline at all)."""
+    with _rogue(tmp_path) as rogue:
+        with pytest.raises(ConfigError, match="timeout must be a positive number of seconds"):
+            await federatls.bootstrap(_token(rogue), timeout=timeout)
+        with pytest.raises(ConfigError, match="timeout must be a positive number of seconds"):
+            CAClient(rogue.url, [rogue.pki.root], timeout=timeout)
+        requests = list(rogue.requests)
+    assert requests == []
 
 
 async def test_slow_but_in_time_ca_works(tmp_path: Path) -> None:
@@ -180,6 +200,8 @@ BAD_ISSUES = {
     "a name missing": (Issue(names=(SUBJECT,)), "is for other names"),
     "CA:TRUE": (Issue(ca=True), "CA certificate (basicConstraints CA:TRUE)"),
     "another key": (Issue(other_key=True), "for another key"),
+    "for code signing only": (Issue(purposes=(CODE_SIGNING,)), "neither serverAuth nor"),
+    "an intermediate that is no CA": (Issue(issuer_is_ca=False), "is not a CA"),
 }
 
 
@@ -188,7 +210,8 @@ async def test_bootstrap_refuses_what_the_ca_had_no_business_issuing(
     case: str, tmp_path: Path
 ) -> None:
     """A CA issuing an expired certificate, one ten years ahead, one for other names (or one
-    too many or too few), a CA certificate, or one for another key: BadMaterialError naming it."""
+    too many or too few), a CA certificate, one for another key, one no TLS use allows, or
+    one signed by a certificate that is no CA: BadMaterialError naming it."""
     issue, problem = BAD_ISSUES[case]
     with _rogue(tmp_path) as rogue:
         rogue.issue = issue
@@ -204,13 +227,15 @@ async def test_bootstrap_refuses_what_the_ca_had_no_business_issuing(
     [
         ("backdated a minute (step-ca's default)", Issue()),
         ("valid two minutes from now (clock skew)", Issue(not_before=timedelta(minutes=2))),
+        ("for clients only", Issue(purposes=(CLIENT_AUTH,))),
+        ("without extended key usage (any use)", Issue(purposes=None)),
     ],
 )
 async def test_bootstrap_accepts_what_an_honest_ca_issues(
     case: str, issue: Issue, tmp_path: Path
 ) -> None:
     """Twin: a certificate backdated a minute, or starting within the allowed clock skew, for
-    exactly the token's names and our key, is accepted."""
+    exactly the token's names and our key, for TLS clients only or any use, is accepted."""
     with _rogue(tmp_path) as rogue:
         rogue.issue = issue
         identity = await federatls.bootstrap(_token(rogue))
@@ -266,10 +291,11 @@ async def _renew_against(
     *,
     fail: bool,
     issue: Issue = SHORT,
+    policy: RenewalPolicy = QUICK,
     **behaviour: Behaviour,
 ) -> tuple[Identity, RenewingIdentity]:
     """Enrol honestly (a 30 s certificate), then let the CA issue ``issue`` and answer
-    ``behaviour`` (``renew=``...), and keep renewing under QUICK until two failures
+    ``behaviour`` (``renew=``...), and keep renewing under ``policy`` until two failures
     (``fail``) or a renewal; returns the enrolled identity and the live one."""
     rogue.issue = SHORT
     identity = await federatls.bootstrap(_token(rogue))
@@ -277,7 +303,7 @@ async def _renew_against(
     rogue.behaviour.update({f"/{path}": how for path, how in behaviour.items()})
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, QUICK)
+            live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, policy)
             if fail:
                 await wait_until(lambda: len(_failures(caplog)) >= 2, timeout=20)
             else:
@@ -306,6 +332,24 @@ async def test_renewal_against_a_dripping_ca_fails_and_backs_off(
     assert live.stopped is None
 
 
+async def test_renewal_outlives_a_dripping_trust_bundle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA dripping /roots and /federation while /renew answers at once: the bundle fetch
+    gives up within its share of the deadline, the last good bundle is kept, and the
+    certificate still renews (a slow bundle must not stop the certificate)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    patient = dataclasses.replace(QUICK, timeout=timedelta(seconds=6))
+    with _rogue(tmp_path) as rogue:
+        identity, live = await _renew_against(
+            rogue, caplog, fail=False, policy=patient, roots=DRIP, federation=DRIP
+        )
+    assert live.renewals == 1
+    assert live.current.serial != identity.serial
+    assert isinstance(live.last_error, CATimeoutError)  # the bundle, not the certificate
+    assert live.current.trust == identity.trust
+
+
 async def test_renewal_against_a_slow_but_in_time_ca_works(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -326,6 +370,8 @@ BAD_RENEWALS = {
     "CA:TRUE": (Issue(ca=True, not_after=timedelta(seconds=30)), "CA:TRUE"),
     "expired": (Issue(not_before=timedelta(days=-2), not_after=timedelta(days=-1)), "expired at"),
     "another key": (Issue(other_key=True), "for another key"),
+    "an intermediate that is no CA": (Issue(issuer_is_ca=False), "is not a CA"),
+    "no longer for servers": (Issue(purposes=(CLIENT_AUTH,)), "no longer allows serverAuth"),
 }
 
 
@@ -333,8 +379,9 @@ BAD_RENEWALS = {
 async def test_renewal_refuses_what_the_ca_had_no_business_issuing(
     case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A CA renewing into a certificate for other names, a CA certificate, an expired one or
-    one for another key: refused, retried with backoff, last_error names it, and the old
+    """A CA renewing into a certificate for other names, a CA certificate, an expired one,
+    one for another key, one signed by a certificate that is no CA, or one that drops a TLS
+    use the old one had: refused, retried with backoff, last_error names it, and the old
     identity stays in place."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     issue, problem = BAD_RENEWALS[case]

@@ -7,8 +7,9 @@
 
 It enrolls with the CA the token names, keeps its certificate and trust bundle renewed, and
 answers every mutually authenticated client with its name and the root that vouched for it.
-A bad or spent token, an unreachable CA or a busy port end it with one line on stderr and
-status 1; Ctrl-C stops it quietly with status 130.
+A port out of range is a usage error (status 2) before the token is spent; a bad or spent
+token, an unreachable CA or a busy port end it with one line on stderr and status 1; Ctrl-C
+stops it quietly with status 130.
 """
 
 import argparse
@@ -55,6 +56,13 @@ async def main(token: str, port: int) -> None:
                     print(f"Now accepting certs anchored in {root.subject}", flush=True)
 
 
+def _port(text: str) -> int:
+    """A TCP port (0: any free one), checked before the token is spent."""
+    if not (text.isascii() and text.isdigit()) or not 0 <= (port := int(text)) <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text} is not between 0 and 65535")
+    return port
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The one exception inside the task group's exception groups (``exc`` if several)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -65,7 +73,7 @@ def _cause(exc: BaseException) -> BaseException:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the federation tutorial's demo server")
     parser.add_argument("token", help="a one-time token from the server's CA")
-    parser.add_argument("--port", type=int, default=8443)
+    parser.add_argument("--port", type=_port, default=8443)
     args = parser.parse_args()
     try:
         asyncio.run(main(args.token, args.port))

@@ -203,16 +203,25 @@ def _write_atomic(path: Path, data: bytes, *, private: bool, force: bool) -> Non
     _write_all([(path, data, private)], force=force)
 
 
+def _check_writable(path: Path, *, force: bool) -> None:
+    """Refuse, before anything is asked of a CA, a ``path`` that cannot be written: one that
+    exists (without ``force``) or is a directory (whatever ``force``), or whose directory
+    does not exist."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: give the path of a file")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists: use --force to overwrite it")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ConfigError(f"directory {directory} does not exist")
+
+
 def _write_all(files: Sequence[tuple[Path, bytes, bool]], *, force: bool) -> None:
     """Write each ``(path, data, private)`` as ``_write_atomic`` does, all or none: every
     file is written whole to its temporary file first, then each is renamed into place; a
     failure removes the temporary files and whatever was already renamed."""
     for path, _, _ in files:
-        if path.exists() and not force:
-            raise ConfigError(f"{path} already exists: use --force to overwrite it")
-        directory = path.parent if str(path.parent) else Path(".")
-        if not directory.is_dir():
-            raise ConfigError(f"directory {directory} does not exist")
+        _check_writable(path, force=force)
     staged: list[tuple[str, Path]] = []
     placed: list[Path] = []
     try:
@@ -351,8 +360,12 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
 # Commands ----------------------------------------------------------------------------------
 def _make_parents(directory: Path) -> list[Path]:
     """Create the missing parents of ``directory``, each with mode 0700 (they will hold CA
-    keys); existing ones are left as they are. Returns those made, outermost first."""
+    keys); existing ones are left as they are. Returns those made, outermost first.
+    ``ConfigError`` when the nearest existing one is not a directory (a file in the way)."""
     missing = [p for p in reversed(directory.absolute().parents) if not p.exists()]
+    nearest = next((p for p in directory.absolute().parents if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise ConfigError(f"{nearest} is not a directory: cannot make {directory} in it")
     for made, path in enumerate(missing):
         try:
             path.mkdir(mode=0o700)
@@ -439,13 +452,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_certificate(args: argparse.Namespace) -> int:
     crt_path, key_path = Path(args.crt), Path(args.key)
-    for path in (crt_path, key_path):
-        if path.exists() and not args.force:
-            raise ConfigError(f"{path} already exists: use --force to overwrite it")
+    for path in (crt_path, key_path):  # before the token is spent
+        _check_writable(path, force=args.force)
     kind = args.kty
-    for path in (crt_path, key_path):
-        if not (path.parent if str(path.parent) else Path(".")).is_dir():
-            raise ConfigError(f"directory {path.parent} does not exist")
 
     async def go() -> tuple[Sequence[x509.Certificate], PrivateKey]:
         if args.token:
@@ -490,6 +499,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     chain = _read_certs(args.crt, "certificate")
     key = _read_key(args.key)
     out = Path(args.out) if args.out else Path(args.crt)
+    _check_writable(out, force=args.force or out == Path(args.crt))
 
     async def go() -> Sequence[x509.Certificate]:
         async with _client(args, identity=(chain, key), deadline=_deadline(args)) as ca:
@@ -538,6 +548,9 @@ def _bundle_command(
     fetch: Callable[[CAClient], Coroutine[Any, Any, Sequence[x509.Certificate]]], what: str
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        if args.out:
+            _check_writable(Path(args.out), force=args.force)
+
         async def go() -> Sequence[x509.Certificate]:
             async with _client(args) as ca:
                 return await fetch(ca)
@@ -764,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(cloud and kubernetes), a server refused a client of the other CA, federation by "
         "SIGHUP, mutual TLS across the two, and live renewal. Every command it runs is "
         "printed. Everything lives in a temporary directory, removed when the demo ends "
-        "(also on Ctrl-C, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
+        "(also on Ctrl-C, Ctrl-\\, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
     )
     p.add_argument(
         "--keep", action="store_true", help="leave the CAs and the server running until Ctrl-C"

@@ -27,6 +27,7 @@ from ._errors import (
     CARefusedError,
     CATimeoutError,
     CAUnreachableError,
+    ConfigError,
     FingerprintMismatchError,
 )
 from ._protocol import (
@@ -65,18 +66,40 @@ class Deadline:
 
     @classmethod
     def after(cls, seconds: float, what: str) -> Deadline:
-        """The deadline ``seconds`` from now (call it inside the event loop)."""
-        return cls(anyio.current_time() + seconds, seconds, what)
+        """The deadline ``seconds`` from now (call it inside the event loop); ``ConfigError``
+        unless ``seconds`` is a positive number."""
+        return cls(anyio.current_time() + _positive(seconds), seconds, what)
 
     def sooner(self, other: Deadline | None) -> Deadline:
         """Whichever of the two comes first."""
         return self if other is None or self.at <= other.at else other
 
 
+def _positive(seconds: float) -> float:
+    """``seconds`` if it is a positive number (not NaN, not a string), else ``ConfigError``:
+    a timeout that cannot be a deadline must not quietly become none."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ConfigError(f"a timeout must be a positive number of seconds, not {seconds!r}")
+    return seconds
+
+
 def _base_url(url: str) -> str:
-    parts = urlsplit(url)
+    """``https://host[:port]`` of ``url``; ``BadMaterialError`` for anything that is not an
+    https:// URL with a host and a port in range (before a socket is ever opened)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise BadMaterialError(f"CA URL {url!r} is not a URL ({exc})") from exc
     if parts.scheme != "https" or not parts.netloc:
         raise BadMaterialError(f"CA URL {url!r} must be an https:// URL")
+    if not parts.hostname:
+        raise BadMaterialError(f"CA URL {url!r} has no host")
+    try:
+        port = parts.port  # a ValueError when out of range or not a number
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise BadMaterialError(f"CA URL {url!r} has an invalid port")
     return f"https://{parts.netloc}"
 
 
@@ -211,7 +234,7 @@ class CAClient:
             raise BadMaterialError("a CA client needs at least one root certificate to trust")
         self.url = _base_url(url)
         self.roots = tuple(roots)
-        self.timeout = timeout
+        self.timeout = _positive(timeout)
         self.deadline = deadline
         self._client = httpx.AsyncClient(
             verify=client_tls_context(roots, identity), timeout=timeout, headers=_HEADERS

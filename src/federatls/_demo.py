@@ -16,11 +16,11 @@ package too, and the examples are written in one place only:
 7. the live renewals that happened meanwhile.
 
 Everything lives in a temporary directory and is stopped at the end, unless ``--keep``.
-However the demo is stopped (SIGINT once or repeatedly, SIGTERM, SIGHUP, or Ctrl-C in a
-terminal, which signals the whole foreground process group), it stops every process it
-started and removes the directory (CA keys, password), without a traceback. Its children run
-in sessions of their own, so a terminal's Ctrl-C reaches the demo only, which then stops
-them itself (SIGTERM, then SIGKILL for any still there after a grace period).
+However the demo is stopped (SIGINT once or repeatedly, SIGTERM, SIGHUP, SIGQUIT, or Ctrl-C
+or Ctrl-backslash in a terminal, which signal the whole foreground process group), it stops
+every process it started and removes the directory (CA keys, password), without a traceback.
+Its children run in sessions of their own, so a terminal's Ctrl-C reaches the demo only,
+which then stops them itself (SIGTERM, then SIGKILL for any still there after a grace period).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["run_demo"]
 
 CLAIMS = {"minTLSCertDuration": "5s", "defaultTLSCertDuration": "12s", "maxTLSCertDuration": "1h"}
 EXAMPLES = (Path(__file__).parent / "_examples").resolve()  # examples/ in a checkout
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 STOP_GRACE = 10.0  # seconds a child has to exit after SIGTERM before SIGKILL
 
 
@@ -395,7 +395,8 @@ async def _run(keep: bool, stopped: asyncio.Future[int]) -> int:
 
 async def run_demo(*, keep: bool = False) -> int:
     """Run the demo; 0 when every step showed what it should, 128 + N when stopped by
-    signal N (SIGINT, SIGTERM or SIGHUP; further ones while it cleans up are ignored)."""
+    signal N (SIGINT, SIGTERM, SIGHUP or SIGQUIT; further ones while it cleans up are
+    ignored)."""
     if shutil.which("curl") is None:
         print("federatls: error: the demo needs curl (apt-get install curl)", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """What a CA issued, checked before anything is built from it: the leaf is for our key and
-exactly the names asked for, valid now, not a CA, and chained link by link to one of the
-CA's own roots. Used at bootstrap and at every renewal. Pure: the time is passed in, no I/O.
+exactly the names asked for, valid now, not a CA, good for TLS, and chained link by link, each
+link signed by a CA, to one of the CA's own roots. Used at bootstrap and at every renewal.
+Pure: the time is passed in, no I/O.
 Not here: parsing the CA's answer (``_protocol``), or TLS verification of peers.
 """
 
@@ -14,6 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle
@@ -57,12 +59,52 @@ def _not_a_ca(leaf: x509.Certificate, what: str) -> None:
         raise BadMaterialError(f"{what} may sign certificates or CRLs (keyUsage): refused")
 
 
+# What a TLS certificate may be for: a leaf whose extended key usage allows none of these is of
+# no use to a TLS client or server (peers refuse it at the handshake).
+_TLS_PURPOSES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+}
+
+
+def _tls_purposes(leaf: x509.Certificate) -> frozenset[str]:
+    """The TLS uses ``leaf`` allows: both without an extended key usage (any use), or with
+    anyExtendedKeyUsage; else those it lists."""
+    try:
+        usages = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return frozenset(_TLS_PURPOSES.values())
+    if ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        return frozenset(_TLS_PURPOSES.values())
+    return frozenset(name for oid, name in _TLS_PURPOSES.items() if oid in usages)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` may sign certificates: basicConstraints CA:TRUE, and keyCertSign in
+    its key usage if it has one."""
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
 def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> None:
     for child, parent in itertools.pairwise(chain):
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             raise BadMaterialError(f"the CA's certificate chain for {what} is broken") from exc
+        if not _is_ca(parent):
+            signer = parent.subject.rfc4514_string()
+            raise BadMaterialError(
+                f"the CA's certificate chain for {what} is signed by {signer!r}, which is not "
+                "a CA (basicConstraints CA:TRUE with keyCertSign): refused"
+            )
     if roots.anchor_of(chain[-1]) is None:
         raise BadMaterialError(f"{what} does not chain to a root of its CA")
 
@@ -82,8 +124,11 @@ def check_issued(
     ``subject``), not valid at ``now`` (a start up to ``CLOCK_SKEW`` ahead is allowed), that
     is a CA or may sign certificates, or that does not chain to ``roots`` (the CA's own).
 
-    Not checked: extended key usage and extensions beyond these; TLS verification does its
-    own checks when the certificate is used.
+    Also refused: a leaf whose extended key usage allows neither serverAuth nor clientAuth,
+    and a chain in which a certificate is signed by one that is not a CA (basicConstraints
+    CA:TRUE, keyCertSign): peers would refuse either at every handshake. Not checked:
+    extensions beyond these; TLS verification does its own checks when the certificate is
+    used.
     """
     if not chain:
         raise BadMaterialError(f"the CA sent no certificate as {what}")
@@ -110,6 +155,10 @@ def check_issued(
             f"(now {now.isoformat()}): refused"
         )
     _not_a_ca(leaf, what)
+    if not _tls_purposes(leaf):
+        raise BadMaterialError(
+            f"{what} allows neither serverAuth nor clientAuth (extended key usage): refused"
+        )
     _chain(chain, roots, what)
 
 
@@ -120,7 +169,9 @@ def check_renewed(
     roots: TrustBundle,
     now: datetime,
 ) -> None:
-    """``check_issued`` for a renewal of ``old``: the same key, subject and names."""
+    """``check_issued`` for a renewal of ``old``: the same key, subject and names, and every
+    TLS use (serverAuth, clientAuth) that ``old`` allowed."""
+    what = "the renewed certificate"
     check_issued(
         chain,
         key=old.public_key(),
@@ -128,5 +179,11 @@ def check_renewed(
         names=cert_sans(old),
         roots=roots,
         now=now,
-        what="the renewed certificate",
+        what=what,
     )
+    lost = _tls_purposes(old) - _tls_purposes(chain[0])
+    if lost:
+        raise BadMaterialError(
+            f"{what} no longer allows {' or '.join(sorted(lost))} (extended key usage), as "
+            "the old one did: refused"
+        )

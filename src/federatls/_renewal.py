@@ -1,14 +1,14 @@
 """Keeping an identity fresh: a renewal task in the caller's anyio task group, and the
 ``RenewingIdentity`` that live servers and clients draw their TLS contexts from.
 
-One refresh fetches ``/roots`` and ``/federation`` (a failure keeps the last good bundle and
-does not stop the certificate), renews the certificate over mutual TLS (``POST /renew``,
-same key), checks what the CA issued (``_issuance``: same key, same names, valid now, not a
-CA, chained to the CA's own roots), builds the new contexts, and swaps identity and contexts
-in as one snapshot. New handshakes use the new snapshot; connections already open keep
-theirs. When to refresh, and how long a refresh may take, is ``RenewalPolicy``'s business
-(``_policy.py``); a refresh past its deadline is a failure like any other, retried with
-backoff.
+One refresh renews the certificate over mutual TLS (``POST /renew``, same key), then fetches
+``/roots`` and ``/federation`` in what is left of its deadline (a failure keeps the last good
+bundle and does not stop the certificate), checks what the CA issued (``_issuance``: same
+key, same names, valid now, not a CA, chained to the CA's own roots), builds the new
+contexts, and swaps identity and contexts in as one snapshot. New handshakes use the new
+snapshot; connections already open keep theirs. When to refresh, and how long a refresh may
+take, is ``RenewalPolicy``'s business (``_policy.py``); a refresh past its deadline is a
+failure like any other, retried with backoff.
 
     async with anyio.create_task_group() as tg:
         live = await tg.start(federatls.keep_renewed, identity)
@@ -255,13 +255,15 @@ class RenewingIdentity:
             )
         )
         async with client as ca:
+            # The certificate first: a CA slow to answer /roots or /federation must not use
+            # up the deadline the renewal needs. The bundle gets what is left.
+            signed = await ca.renew()
             trust = old.trust
             try:
                 trust = TrustBundle.from_ca(await ca.roots_bundle(), await ca.federation())
             except (CAUnreachableError, CARefusedError, BadMaterialError) as exc:
                 log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
                 self.last_error = exc
-            signed = await ca.renew()
         check_renewed(signed.chain, old=old.chain[0], roots=trust.own(), now=self._clock())
         return Identity.from_parts(signed.chain, key, trust, old.ca_url)
 
