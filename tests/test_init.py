@@ -450,7 +450,7 @@ async def test_init_under_a_file_fails_cleanly(tmp_path: Path) -> None:
     are made otherwise: tests/test_cli.py)."""
     (tmp_path / "file").write_text("not a directory\n")
     run = await init(tmp_path, tmp_path / "file" / "such" / "cloud")
-    assert_one_line_error(run, "cannot create directory", "Not a directory")
+    assert_one_line_error(run, f"{tmp_path / 'file'} is not a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [password_file(tmp_path).name, "file"]
     )

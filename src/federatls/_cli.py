@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import getpass
 import logging
 import os
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -70,48 +71,59 @@ class UsageError(ConfigError):
     needs): reported like argparse's own, exit status 2."""
 
 
+_T = TypeVar("_T")
+
+
 # Argument types: a malformed value is a usage mistake (argparse reports it, exit 2).
+def _usage_type(
+    *errors: type[Exception],
+) -> Callable[[Callable[[str], _T]], Callable[[str], _T]]:
+    """An argparse type from a parser: the ``errors`` it raises become usage mistakes."""
+
+    def wrap(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+        @functools.wraps(parse)
+        def checked(text: str) -> _T:
+            try:
+                return parse(text)
+            except errors as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from exc
+
+        return checked
+
+    return wrap
+
+
+@_usage_type(BadMaterialError)
 def _https_url(text: str) -> str:
-    try:
-        _base_url(text)
-    except BadMaterialError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    _base_url(text)
     return text
 
 
+@_usage_type(ValueError)
 def _key_type(text: str) -> KeyType:
-    try:
-        return KeyType.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return KeyType.parse(text)
 
 
+@_usage_type(ValueError)
 def _token_validity(text: str) -> timedelta:
-    try:
-        validity = parse_go_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    validity = parse_go_duration(text)
     if not MIN_VALIDITY <= validity <= MAX_VALIDITY:
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"token validity must be between {MIN_VALIDITY} and {MAX_VALIDITY}, not {validity}"
         )
     return validity
 
 
+@_usage_type(ValueError)
 def _time_or_duration(text: str) -> TimeDuration | None:
-    try:
-        return TimeDuration.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return TimeDuration.parse(text)
 
 
+@_usage_type(ConfigError)
 def _address(text: str) -> str:
     from .ca._config import split_address
 
-    try:
-        split_address(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    split_address(text)
     return text
 
 
