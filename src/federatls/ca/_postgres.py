@@ -307,10 +307,7 @@ class PostgresStore:
         def body(conn: Conn) -> list[bool]:
             results = []
             for use in issuances:
-                fresh = _spend(conn, use)
-                if fresh and use.certificate is not None:
-                    _insert_certificate(conn, use.certificate)
-                results.append(fresh)
+                results.append(_spend(conn, use))
             return results
 
         return self._call(body, transaction=True)
@@ -468,22 +465,49 @@ def _schema_version(conn: Conn) -> int:
     return 0 if row is None else int(row[0])
 
 
+_SPEND = "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING"
+# The spend and the certificate it bought in one statement (one round trip): the certificate
+# is inserted only from the spend's RETURNING row, so a replay records nothing.
+_SPEND_AND_RECORD = (
+    "WITH spent AS (" + _SPEND + " RETURNING 1),"  # noqa: S608 (constants only)
+    f" recorded AS (INSERT INTO certificates ({_CERT_COLUMNS})"
+    "  SELECT %s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s FROM spent)"
+    " SELECT count(*) FROM spent"
+)
+
+
 def _spend(conn: Conn, use: TokenUse) -> bool:
-    """Mark a token used: True for the one insert that wins, False for every replay."""
-    cur = conn.execute(
-        "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING",
-        (use.token_id, use.provisioner, use.expires_at, use.used_at),
+    """Mark a token used, and record the certificate it bought if any: True for the one
+    insert that wins, False (nothing recorded) for every replay."""
+    token = (use.token_id, use.provisioner, use.expires_at, use.used_at)
+    cert = use.certificate
+    if cert is None:
+        return conn.execute(_SPEND, token).rowcount == 1
+    row = conn.execute(_SPEND_AND_RECORD, (*token, *_certificate_row(cert))).fetchone()
+    return row is not None and row[0] == 1
+
+
+def _certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
+    return (
+        cert.serial,
+        cert.subject,
+        list(cert.sans),
+        cert.not_before,
+        cert.not_after,
+        cert.provisioner,
+        cert.renewed_from,
+        cert.der,
+        cert.operation,
+        cert.token_id,
     )
-    return cur.rowcount == 1
 
 
 def _insert_certificate(conn: Conn, cert: IssuedCertificate) -> None:
     conn.execute(
         f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608
         " VALUES (%s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s)",
-        (cert.serial, cert.subject, list(cert.sans), cert.not_before, cert.not_after,
-         cert.provisioner, cert.renewed_from, cert.der, cert.operation, cert.token_id),
-    )  # fmt: skip
+        _certificate_row(cert),
+    )
 
 
 # -- schema and migration -------------------------------------------------------------------
