@@ -249,6 +249,15 @@ def test_check_passes_on_a_usable_store(store: Store) -> None:
     store.check()
 
 
+def test_check_fails_on_a_closed_store(database: Database) -> None:
+    """Twin of the above: ``check`` on a store that was closed raises
+    ``StoreUnavailableError``."""
+    store = open_store(database)
+    store.close()
+    with pytest.raises(StoreUnavailableError):
+        store.check()
+
+
 def test_a_newer_schema_version_is_refused(database: Database, store: Store) -> None:
     """A database whose schema a newer federatls wrote is refused at open with a one-line
     ConfigError naming the version. Twin: the same database at this version opens (the
@@ -274,6 +283,55 @@ def test_init_schema_is_idempotent(database: Database, store: Store) -> None:
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "described", "endpoint"),
+    [
+        (
+            "postgresql://ca:pw@db.example:5433/federatls",
+            "postgresql://ca@db.example:5433/federatls",
+            "db.example:5433",
+        ),
+        (
+            "postgres://ca:pw@db.example/federatls?sslmode=verify-full&password=pw",
+            "postgres://ca@db.example/federatls",
+            "db.example:5432",
+        ),
+        (
+            "postgresql:///federatls?host=/run/postgresql",
+            "postgresql:///federatls",
+            "/run/postgresql:5432",
+        ),
+        (
+            "postgresql://ca:pw@[::1]:6432/federatls",
+            "postgresql://ca@[::1]:6432/federatls",
+            "[::1]:6432",
+        ),
+    ],
+)
+def test_a_database_is_described_without_its_password(
+    url: str, described: str, endpoint: str
+) -> None:
+    """A PostgreSQL database is described by its URL without password or parameters, and
+    its server by HOST:PORT. Twin: the location itself still holds the password."""
+    db = Database.postgresql(url)
+    assert (db.describe(), db.endpoint) == (described, endpoint)
+    assert "pw" not in db.describe()
+    assert db.kind == "postgresql"
+    assert ":pw@" in db.location or "?host=" in db.location
+
+
+def test_step_cas_data_source_and_database_make_one_url() -> None:
+    """ca.json's ``dataSource`` (no database) and ``database`` make one URL. Twin: a
+    dataSource alone names no database and is refused; so is another scheme."""
+    db = Database.postgresql("postgresql://ca:pw@127.0.0.1:5432/", "federatls")
+    assert db.describe() == "postgresql://ca@127.0.0.1:5432/federatls"
+    with pytest.raises(ConfigError, match="names no database"):
+        Database.postgresql("postgresql://ca:pw@127.0.0.1:5432/")
+    with pytest.raises(ConfigError, match="not a PostgreSQL URL") as refused:
+        Database.postgresql("mysql://ca:pw@127.0.0.1:3306/federatls")
+    assert "pw" not in str(refused.value)
 
 
 def test_postgres_without_schema_is_refused(postgres: PostgresCluster) -> None:

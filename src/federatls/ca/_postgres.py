@@ -119,6 +119,8 @@ _CONNECT_DEFAULTS = {
 _SESSION = (
     "SET synchronous_commit = on",  # durable before the answer, whatever the server default
     "SET TimeZone = 'UTC'",
+)
+_BOUNDED = (  # the CA's calls, not an operator's copy of a million rows
     "SET statement_timeout = '15s'",  # no call holds a thread for ever (StoreBusyError)
     "SET idle_in_transaction_session_timeout = '60s'",
 )
@@ -150,6 +152,7 @@ class PostgresStore:
         self._state = threading.Lock()  # guards _pool and _down
         self._gate = threading.Lock()  # held by the one call that tries a down server
         self._down: str | None = None  # why the database is unusable, while it is
+        self._closed = False
         self._pool: ConnectionPool[Conn] | None = self._new_pool()
         try:
             self._pool.wait(timeout=timeout + 5)
@@ -209,8 +212,8 @@ class PostgresStore:
         is down until a later call finds it back."""
         if _NO_WAIT.get():
             raise StoreWouldWait(f"{self.database.describe()}: a PostgreSQL call waits")
-        pool = self._usable_pool()
         for attempt in (1, 2):
+            pool = self._usable_pool()
             try:
                 with pool.connection(timeout=self.timeout) as conn:
                     return _run(conn, body, transaction)
@@ -242,6 +245,8 @@ class PostgresStore:
         pool = self._pool
         if pool is not None:
             return pool
+        if self._closed:
+            raise StoreUnavailableError(f"{self.database.describe()}: the store is closed")
         if not self._gate.acquire(blocking=False):
             raise StoreUnavailableError(self._down or "PostgreSQL is unreachable")
         try:
@@ -252,6 +257,8 @@ class PostgresStore:
             if failure is not None:
                 raise StoreUnavailableError(self._fail(failure)) from failure
             with self._state:
+                if self._closed:
+                    raise StoreUnavailableError(f"{self.database.describe()}: closed")
                 self._pool = self._new_pool()
                 self._down = None
             log.warning("PostgreSQL at %s is reachable again", self.database.endpoint)
@@ -398,7 +405,7 @@ class PostgresStore:
     def close(self) -> None:
         with self._state:
             pool, self._pool = self._pool, None
-            self._down = f"{self.database.describe()}: the store is closed"
+            self._closed = True
         if pool is not None:
             pool.close()
 
@@ -435,7 +442,7 @@ def _lost(exc: psycopg.Error) -> bool:
 
 
 def _configure(conn: Conn) -> None:
-    for statement in _SESSION:
+    for statement in (*_SESSION, *_BOUNDED):
         conn.execute(statement)  # constant SQL
 
 
