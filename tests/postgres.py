@@ -96,11 +96,14 @@ class PostgresCluster:
         self.bindir = bindir if bindir is not None else find_bindir()
         self.password = secrets.token_hex(16)
         self.port = _free_port()
-        self._base = Path(tempfile.mkdtemp(prefix="federatls-pg-"))
+        self._as_root = os.geteuid() == 0
+        # As root, under /tmp: ``nobody`` must be able to reach the directory, and TMPDIR may
+        # be private to root.
+        parent = "/tmp" if self._as_root and Path("/tmp").is_dir() else None
+        self._base = Path(tempfile.mkdtemp(prefix="federatls-pg-", dir=parent))
         self.data = self._base / "data"
         self.socket_dir = self._base / "run"
         self.log_path = self._base / "server.log"
-        self._as_root = os.geteuid() == 0
         self._prefix = ["runuser", "-u", "nobody", "--"] if self._as_root else []
         self._names = itertools.count(1)
         self._lock = threading.Lock()

@@ -620,6 +620,42 @@ def test_copy_store_copies_everything(tmp_path: Path, postgres: PostgresCluster)
         store.close()
 
 
+def test_copy_store_reads_a_schema_1_file(tmp_path: Path, postgres: PostgresCluster) -> None:
+    """A SQLite file from before the audit trail (schema 1) is copied as it is, its
+    certificates with an empty trail, and is not changed. Twin: a SQLite file that is not a
+    federatls database (schema 0) is refused and copies nothing."""
+    source = tmp_path / "old.db"
+    with sqlite3.connect(source) as conn:
+        conn.executescript(
+            "CREATE TABLE used_tokens (token_id TEXT PRIMARY KEY, provisioner TEXT,"
+            " expires_at TEXT, used_at TEXT);"
+            "CREATE TABLE certificates (serial TEXT PRIMARY KEY, subject TEXT, sans TEXT,"
+            " not_before TEXT, not_after TEXT, provisioner TEXT, renewed_from TEXT, der BLOB);"
+            "CREATE TABLE revocations (serial TEXT PRIMARY KEY, reason_code INTEGER,"
+            " reason TEXT, provisioner TEXT, token_id TEXT, mtls INTEGER, revoked_at TEXT);"
+            "INSERT INTO certificates VALUES ('7', 'old', '[\"old\"]',"
+            " '2026-01-01T00:00:00+00:00', '2026-01-02T00:00:00+00:00', 'p:k', NULL, x'3082');"
+            "PRAGMA user_version=1;"
+        )
+    target = Database.postgresql(postgres.new_database())
+    assert copy_store(source, target) == {"used_tokens": 0, "certificates": 1, "revocations": 0}
+    store = open_store(target)
+    try:
+        old = store.get_certificate("7")
+        assert old is not None
+        assert (old.sans, old.der, old.operation, old.token_id) == (("old",), b"\x30\x82", "", "")
+    finally:
+        store.close()
+    with sqlite3.connect(source) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        conn.execute("PRAGMA user_version=0")
+    empty = Database.postgresql(postgres.new_database())
+    with pytest.raises(ConfigError, match="schema version 0: not a federatls database"):
+        copy_store(source, empty)
+    with psycopg.connect(empty.location) as conn:
+        assert conn.execute("SELECT to_regclass('used_tokens')").fetchone() == (None,)
+
+
 def test_copy_store_refuses_a_database_with_rows(tmp_path: Path, postgres: PostgresCluster) -> None:
     """A target holding any row is refused with a ConfigError naming what it holds, and is
     left as it was. Twin: the same copy into an empty database succeeds (above)."""
