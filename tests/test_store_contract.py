@@ -414,6 +414,32 @@ def test_postgres_commits_are_durable_whatever_the_default(postgres: PostgresClu
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
 
 
+def test_postgres_purge_skips_rows_another_replica_holds(postgres: PostgresCluster) -> None:
+    """While another session (a replica purging too) holds the oldest expired ids, a purge
+    takes the others at once instead of queueing behind it. Twin: once that session ends,
+    the next purge takes the ids it held."""
+    url = postgres.new_database()
+    db = Database.postgresql(url)
+    init_schema(db)
+    store = open_store(db)
+    cutoff = NOW - TOKEN_RETENTION
+    try:
+        store.record_issuances(
+            [_use(f"old-{i}", expires=cutoff - timedelta(minutes=10 - i)) for i in range(10)]
+        )
+        with psycopg.connect(url) as other:
+            held = other.execute(
+                "SELECT token_id FROM used_tokens ORDER BY expires_at LIMIT 4 FOR UPDATE"
+            ).fetchall()
+            assert [row[0] for row in held] == ["old-0", "old-1", "old-2", "old-3"]
+            assert store.purge_expired(NOW, limit=100) == 6
+            assert all(store.token_used(f"old-{i}") for i in range(4))
+        assert store.purge_expired(NOW, limit=100) == 4
+        assert store.counts()["used_tokens"] == 0
+    finally:
+        store.close()
+
+
 def test_postgres_calls_never_wait_inside_without_waiting(postgres: PostgresCluster) -> None:
     """Inside ``without_waiting()`` every PostgreSQL call raises ``StoreWouldWait`` and does
     nothing (it would block on the network). Twin: outside, the same calls work."""

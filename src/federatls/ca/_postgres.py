@@ -234,7 +234,8 @@ class PostgresStore:
                 if not _lost(exc):
                     raise self._translated(exc) from exc
                 if attempt == 1 and self._probe() is None:
-                    pool.check()  # drop the other connections the server lost
+                    with contextlib.suppress(psycopg.Error):  # closed meanwhile, say
+                        pool.check()  # drop the other connections the server lost
                     continue
                 raise StoreUnavailableError(self._fail(exc)) from exc
         raise AssertionError("unreachable")
