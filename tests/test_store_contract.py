@@ -6,6 +6,8 @@ and coming back under the same store, and the copy of a SQLite file into it."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -320,6 +322,27 @@ def test_a_database_is_described_without_its_password(
     assert "pw" not in db.describe()
     assert db.kind == "postgresql"
     assert ":pw@" in db.location or "?host=" in db.location
+
+
+@pytest.mark.parametrize("driver", [True, False], ids=["with-psycopg", "without-psycopg"])
+def test_postgres_without_its_driver_names_the_extra(driver: bool) -> None:
+    """Without psycopg, opening a PostgreSQL database raises MissingExtraError naming
+    federatls[ca], and importing federatls.ca never needed it. Twin: with psycopg, the same
+    call gets as far as the (absent) server."""
+    block = "" if driver else "sys.modules['psycopg'] = None; "
+    code = (
+        f"import sys; {block}import federatls.ca as ca\n"
+        "try:\n"
+        f"    ca.open_store(ca.Database.postgresql('postgresql://u:p@127.0.0.1:{free_port()}/d'))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if driver:
+        assert run.stdout.startswith("ConfigError cannot reach PostgreSQL at 127.0.0.1:")
+    else:
+        assert run.stdout.startswith("MissingExtraError a PostgreSQL database needs the 'ca'")
+        assert "federatls[ca]" in run.stdout
 
 
 def test_step_cas_data_source_and_database_make_one_url() -> None:
