@@ -195,10 +195,24 @@ class PostgresCluster:
             if self._running:
                 return
             started = time.monotonic()
-            self._run(
-                self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w", "-t", "90",
-                "start",
-            )  # fmt: skip
+            for attempt in range(3):
+                try:
+                    self._run(
+                        self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w",
+                        "-t", "90", "start",
+                    )  # fmt: skip
+                    break
+                except RuntimeError:
+                    # The free port was taken meanwhile (a busy machine): before the first
+                    # start only, another one will do.
+                    log = (
+                        self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                    )
+                    if self.start_seconds or attempt == 2 or "could not bind" not in log:
+                        raise
+                    self.port = _free_port()
+                    with (self.data / "postgresql.conf").open("a") as conf:
+                        conf.write(f"port = {self.port}\n")
             if not self.start_seconds:
                 self.start_seconds = time.monotonic() - started
             self._running = True
