@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -304,6 +306,45 @@ async def test_sigterm_stops_every_worker(pki: PKI) -> None:
         for pid in workers:
             assert not Path(f"/proc/{pid}").exists(), pid
         await ca.logged(r"stopping 2 workers")
+
+
+async def test_sigterm_lets_a_running_request_finish(pki: PKI) -> None:
+    """A sign request that is running when the supervisor gets SIGTERM (its commit waits for
+    the database, locked by the test): new connections are refused from then on, the
+    request is answered 201 once the lock is released, and the supervisor then exits 0."""
+    async with supervised(pki, 2) as ca:
+        body = json.dumps(_sign_body(pki.token("late.internal"), "late.internal")).encode()
+        lock = sqlite3.connect(pki.config.parent / "federatls.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", ca.port, ssl=_tls(pki), server_hostname="127.0.0.1"
+            )
+            head = (
+                "POST /sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+            await asyncio.sleep(1.0)  # the worker has the request; its commit waits
+            ca.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 1.5
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", ca.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "new connections still accepted"
+                await asyncio.sleep(0.02)
+            assert ca.process.returncode is None
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+        assert await asyncio.wait_for(ca.process.wait(), 60) == 0
 
 
 async def test_a_killed_supervisor_leaves_no_worker(pki: PKI) -> None:

@@ -306,13 +306,19 @@ class Supervisor:
 
     async def terminate(self, *, grace: float = STOP_GRACE) -> None:
         """SIGTERM every worker (each finishes its running requests), SIGKILL those still
-        there after ``grace`` seconds, and wait for all."""
+        there after ``grace`` seconds, and wait for all. The restarting stops first, so no
+        worker is started meanwhile (one being started is ended with the others)."""
         self._stopping.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in self._sockets:  # new connections are refused once the workers close theirs
+            sock.close()
         running = [w for w in self.workers if w.alive()]
         for worker in running:
             worker.signal(signal.SIGTERM)
-        waits = [w.process.wait() for w in running if w.process is not None]
-        done = asyncio.gather(*waits)
+        done = asyncio.gather(*(w.process.wait() for w in running if w.process is not None))
         try:
             await asyncio.wait_for(asyncio.shield(done), grace)
         except TimeoutError:
@@ -323,9 +329,6 @@ class Supervisor:
                     )
                     worker.signal(signal.SIGKILL)
             await done
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _prepare(config_path: Path, password: bytes) -> tuple[list[socket.socket], str, str]:
@@ -383,7 +386,7 @@ async def supervise(
         for sig in signals:
             loop.remove_signal_handler(sig)
         for sock in sockets:
-            sock.close()
+            sock.close()  # also when the supervisor was never made
 
 
 # The worker's side ------------------------------------------------------------------------------
