@@ -228,6 +228,7 @@ class Supervisor:
                     )
                     continue
                 log.info("worker %d (pid %d) serves again", worker.index, worker.pid)
+                failures = 0
                 if served < STABLE_AFTER:  # it died young: keep the pause growing
                     pause = min(pause * 2, RESTART_PAUSE[1])
                 break
