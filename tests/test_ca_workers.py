@@ -362,12 +362,15 @@ async def test_a_killed_supervisor_leaves_no_worker(pki: PKI) -> None:
 
 
 async def test_a_killed_worker_is_restarted(pki: PKI) -> None:
-    """kill -9 of a worker: the supervisor logs it with its pid and signal, starts a new
-    worker that answers connections, and no request after the restart fails."""
+    """kill -9 of a worker: requests made at once are answered by the other worker (the
+    accept queue is shared), the supervisor logs the death with its pid and signal, starts
+    a new worker that answers connections, and no request after the restart fails."""
     async with supervised(pki, 2) as ca:
         victim, survivor = ca.workers()
         before = len(ca.lines)
         os.kill(victim, signal.SIGKILL)
+        tokens = [pki.token("meanwhile.internal") for _ in range(10)]
+        assert await _sign_all(pki, tokens, "meanwhile.internal") == [201] * 10
         await ca.logged(
             rf"worker \d \(pid {victim}\) was killed by signal 9 \(SIGKILL\); restarting",
             after=before,
