@@ -137,6 +137,16 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _workers(text: str) -> int:
+    from .ca._workers import MAX_WORKERS
+
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of worker processes from 1 to {MAX_WORKERS}"
+        )
+    return int(text)
+
+
 def _name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("a name cannot be empty")
@@ -434,13 +444,13 @@ class _NotTheReadyLine(logging.Filter):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_ca_extra("federatls ca serve")
-    from .ca._server import CAServer, serve
+    from .ca._server import Serving, serve
 
     password = read_password(
         args.password_file, "Please enter the password to decrypt the intermediate CA key: "
     )
 
-    def ready(ca: CAServer) -> None:
+    def ready(ca: Serving) -> None:
         print(f"Serving HTTPS on {ca.url} (root fingerprint {ca.root_fingerprint})", flush=True)
 
     handlers = logging.getLogger().handlers  # where every federatls record ends up
@@ -448,7 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in handlers:
         handler.addFilter(quiet)
     try:
-        _run(serve(args.config, password, ready=ready))
+        _run(serve(args.config, password, ready=ready, workers=args.workers))
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
@@ -685,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path of ca.json")
     p.add_argument(
         "--password-file", metavar="FILE", help="file with the password of the intermediate key"
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port and the database (default 1: this process)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -30,6 +30,7 @@ __all__ = [
     "ConnectionTable",
     "Listener",
     "Phase",
+    "bind_sockets",
     "connection_limit",
 ]
 
@@ -322,6 +323,29 @@ class ConnectionTable:
         return loop.time()
 
 
+def bind_sockets(host: str | None, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (all interfaces when None), made as
+    ``create_server`` makes them: SO_REUSEADDR, IPv6 sockets IPv6-only, non-blocking.
+    ``OSError`` if one cannot be bound (and none is left open)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class Listener:
     """The CA's listening sockets and its own accept loop.
 
@@ -356,24 +380,20 @@ class Listener:
         table: ConnectionTable,
         backlog: int = 1024,
     ) -> Listener:
-        """Listen on every address of ``host`` (all interfaces when None) as ``create_server``
-        does: SO_REUSEADDR, IPv6 sockets IPv6-only. ``OSError`` if one cannot be bound."""
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        sockets: list[socket.socket] = []
-        try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-        except OSError:
-            for sock in sockets:
-                sock.close()
-            raise
+        """Listen on every address of ``host`` (``bind_sockets``) and accept on them."""
+        return cls.serving(bind_sockets(host, port, backlog), make_connection, table)
+
+    @classmethod
+    def serving(
+        cls,
+        sockets: list[socket.socket],
+        make_connection: Callable[[], asyncio.Protocol],
+        table: ConnectionTable,
+    ) -> Listener:
+        """Accept on sockets already listening (``bind_sockets``, maybe in another process:
+        worker processes share their supervisor's). Closing the listener closes them."""
+        for sock in sockets:
+            sock.setblocking(False)
         listener = cls(sockets, make_connection, table)
         listener._start()
         return listener

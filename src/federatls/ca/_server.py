@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -51,7 +52,7 @@ from ._store import SQLiteStore, StoreWouldWait, without_waiting
 from ._tls import build_server_context
 from ._tlsconn import TLSServerConnection
 
-__all__ = ["CAServer", "serve"]
+__all__ = ["CAServer", "Serving", "serve"]
 
 log = logging.getLogger("federatls.ca")
 # Marks the "serving HTTPS on" record, for a front end that announces readiness itself.
@@ -460,12 +461,23 @@ class CAServer:
         port: int | None = None,
         clock: Clock = _now,
         limits: ConnectionLimits | None = None,
+        sockets: list[socket.socket] | None = None,
+        started_at: datetime | None = None,
+        checkpoints: bool = True,
     ) -> None:
+        """``sockets``: listening sockets to serve on instead of binding ca.json's address
+        (a worker's, from its supervisor); ``started_at``: when the CA started, for step-ca's
+        "token issued before the CA started" rule (a worker's is its supervisor's);
+        ``checkpoints``: whether this process runs the database's checkpoint thread (one
+        worker does; the others leave checkpoints to SQLite)."""
         self.config_path = Path(config_path)
         self._password = password
         self._host = host
         self._port = port
         self._limits = limits  # None: ca.json's federatls.connections block
+        self._sockets = sockets
+        self._checkpoints = checkpoints
+        self.reload_error = ""  # why the last reload failed ("" if it did not)
         self._store: SQLiteStore | None = None
         self._authority: Authority | None = None
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
@@ -474,7 +486,7 @@ class CAServer:
         self._runner: web.AppRunner | None = None
         self._renewal: asyncio.Task[None] | None = None
         self.clock = clock
-        self._started = clock()
+        self._started = started_at if started_at is not None else clock()
         self.address: tuple[str, int] = ("", 0)
         self.server_certificate: x509.Certificate | None = None
 
@@ -518,7 +530,8 @@ class CAServer:
         config = CAConfig.load(self.config_path)
         material = load_material(config, self._password)
         if self._store is None:
-            self._store = SQLiteStore(config.store_path, checkpoint_interval=CHECKPOINT_INTERVAL)
+            interval = CHECKPOINT_INTERVAL if self._checkpoints else None
+            self._store = SQLiteStore(config.store_path, checkpoint_interval=interval)
             self._store.prune(self.clock())
         elif self._store.path != config.store_path:
             raise ConfigError("the database location cannot change on reload")
@@ -570,7 +583,10 @@ class CAServer:
             return TLSServerConnection(handlers, self._current_tls, table)
 
         try:
-            self._listener = Listener.bind(host or None, port, accept, table)
+            if self._sockets is not None:
+                self._listener = Listener.serving(self._sockets, accept, table)
+            else:
+                self._listener = Listener.bind(host or None, port, accept, table)
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(f"cannot listen on {config.address}: {exc.strerror}") from exc
@@ -598,7 +614,9 @@ class CAServer:
             max_connections = connection_limit(limits.max_connections)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            self.reload_error = str(exc)
             return False
+        self.reload_error = ""
         assert self._runner is not None
         assert self._connections is not None
         self._connections.configure(limits, max_connections)
@@ -662,12 +680,31 @@ class CAServer:
             self._store = None
 
 
+class Serving(Protocol):
+    """What ``serve`` hands its ``ready`` callback once the CA serves: the ``CAServer``, or
+    with worker processes their supervisor's account of them."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def root_fingerprint(self) -> str: ...
+
+
 async def serve(
     config_path: Path | str,
     password: bytes,
-    ready: Callable[[CAServer], None] | None = None,
+    ready: Callable[[Serving], None] | None = None,
+    *,
+    workers: int = 1,
 ) -> None:
-    """Run a CA until SIGTERM or SIGINT; SIGHUP reloads ca.json."""
+    """Run a CA until SIGTERM or SIGINT; SIGHUP reloads ca.json. With ``workers`` above 1,
+    that many processes share the port and the store (docs/ca.md, "Worker processes")."""
+    if workers != 1:
+        from ._workers import supervise
+
+        await supervise(config_path, password, workers, ready)
+        return
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     async with CAServer.running(config_path, password) as ca:
