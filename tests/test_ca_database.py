@@ -342,6 +342,8 @@ async def test_database_lost_while_serving_then_back(
             assert "cannot use its database" in health.json()["message"]
             assert f"127.0.0.1:{postgres.port}" in health.json()["message"]
             assert postgres.password not in health.text
+            said = await federatls("ca", "health", "--ca-url", pki.url, "--root", pki.root_path)
+            assert_one_line_error(said, "503", "cannot use its database")
             assert ca.purge is not None
             runs = ca.purge.runs
             await asyncio.sleep(1.0)  # several purge runs fail meanwhile
@@ -465,3 +467,18 @@ async def test_expired_token_ids_are_purged_while_serving(
         await wait_until(lambda: purge.purged == 2501)
         assert store_.counts()["used_tokens"] == 1
         assert store_.counts()["certificates"] == 2
+
+
+async def test_the_database_cannot_change_on_reload(
+    pki: PKI, clock: FakeClock, postgres: PostgresCluster, pg: str
+) -> None:
+    """A reload (SIGHUP) whose db block names another database is refused and logged; the
+    CA keeps serving from the first. Twin: a reload with the same block is applied."""
+    async with serving(pki, clock) as ca:
+        assert ca.reload()
+        other = postgres.new_database()
+        init_schema(Database("postgresql", other))
+        use_postgres(pki, other)
+        assert not ca.reload()
+        await sign(pki, pki.token("svc"))
+    assert (rows(pg, "certificates"), rows(other, "certificates")) == (1, 0)
