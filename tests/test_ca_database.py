@@ -33,7 +33,7 @@ from cryptography import x509
 from federatls import CARefusedError
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import ErrorBody, RekeyRequest, RevokeRequest, SignRequest
-from federatls._x509 import fingerprint
+from federatls._x509 import common_name, fingerprint
 from federatls.ca import CAServer
 from federatls.ca._database import Database, init_schema
 from federatls.ca._store import TokenUse
@@ -482,3 +482,35 @@ async def test_the_database_cannot_change_on_reload(
         assert not ca.reload()
         await sign(pki, pki.token("svc"))
     assert (rows(pg, "certificates"), rows(other, "certificates")) == (1, 0)
+
+
+async def test_a_commit_that_fails_hands_out_nothing(pki: PKI, clock: FakeClock, pg: str) -> None:
+    """Certificates signed together whose transaction fails at COMMIT (a deferred trigger
+    raises there) are answered 503 with step-ca's body: none is handed out, none recorded,
+    no token spent. Twin: with the trigger gone, the very same tokens buy their
+    certificates, each with its record."""
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'injected failure at commit'; END $$"
+        )
+        conn.execute(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON certificates"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    names = [f"svc-{i}" for i in range(4)]
+    async with serving(pki, clock):
+        requests = [SignRequest(build_csr(new_private_key(), n, [n]), pki.token(n)) for n in names]
+        async with pki.client() as client:
+            answers = await asyncio.gather(
+                *(client.sign(r) for r in requests), return_exceptions=True
+            )
+            for answer in answers:
+                assert isinstance(answer, CARefusedError), answer
+                assert (answer.status, answer.body) == (503, UNAVAILABLE)
+            assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (0, 0)
+            with psycopg.connect(pg, autocommit=True) as conn:
+                conn.execute("DROP TRIGGER refuse_at_commit ON certificates")
+            signed = await asyncio.gather(*(client.sign(r) for r in requests))
+    assert [common_name(s.chain[0].subject) for s in signed] == names
+    assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (4, 4)
