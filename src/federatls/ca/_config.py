@@ -17,8 +17,15 @@ from typing import Any
 from .._duration import parse_go_duration
 from .._errors import BadMaterialError, ConfigError
 from .._jwk import PublicJWK
+from ._database import Database
 
-__all__ = ["CAConfig", "ConnectionLimits", "DurationClaims", "JWKProvisioner", "split_address"]
+__all__ = [
+    "CAConfig",
+    "ConnectionLimits",
+    "DurationClaims",
+    "JWKProvisioner",
+    "split_address",
+]
 
 log = logging.getLogger("federatls.ca")
 
@@ -224,11 +231,12 @@ class CAConfig:
     disable_issued_at_check: bool
     tls_options: Mapping[str, Any]
     raw: Mapping[str, Any]
+    database: Database  # from the `db` block: PostgreSQL, or the SQLite file beside ca.json
     limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def store_path(self) -> Path:
-        """federatls keeps its state in one SQLite file beside ca.json."""
+        """The embedded store's SQLite file beside ca.json (whatever ``database`` says)."""
         return self.path.parent / "federatls.db"
 
     @classmethod
@@ -294,6 +302,7 @@ class CAConfig:
             disable_issued_at_check=disable_iat,
             tls_options=_tls_options(data.get("tls"), where),
             raw=data,
+            database=_database(data.get("db"), path, where),
             limits=ConnectionLimits.from_json(data.get("federatls"), where),
         )
 
@@ -361,6 +370,31 @@ def _provisioners(
         seen.add(prov.id)
         out.append(prov)
     return tuple(out)
+
+
+def _database(value: object, path: Path, where: str) -> Database:
+    """ca.json's ``db`` block as step-ca reads it: type ``postgresql`` is PostgreSQL at
+    ``dataSource``, in the database ``database`` names if set (step-ca 0.19's driver,
+    smallstep/nosql 0.4: an explicit name replaces the one in the URL; with neither,
+    PostgreSQL's default, the user's name). Any other type (badgerv2, none, absent) keeps
+    the embedded SQLite file beside ca.json."""
+    sqlite = Database("sqlite", str(path.parent / "federatls.db"))
+    if value is None:
+        return sqlite
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: 'db' must be an object")
+    kind = value.get("type")
+    if not isinstance(kind, str) or kind.lower() != "postgresql":
+        return sqlite
+    source = value.get("dataSource")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(
+            f'{where}: db.dataSource must be a URL such as "postgresql://USER:PASSWORD@HOST:5432/"'
+        )
+    name = value.get("database")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}: db.database must be a string (the database's name)")
+    return Database.postgresql(source, name or None, what=f"{where}: db.dataSource")
 
 
 def _tls_options(value: object, where: str) -> Mapping[str, Any]:

@@ -6,6 +6,7 @@ PostgreSQL database is used, so the embedded CA needs none of it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,8 +16,6 @@ from .._errors import ConfigError, MissingExtraError
 from ._store import _SCHEMA_VERSION, SQLiteStore, Store
 
 __all__ = ["Database", "copy_store", "init_schema", "open_store"]
-
-_SCHEMES = ("postgresql", "postgres")
 
 
 @dataclass(frozen=True)
@@ -33,31 +32,44 @@ class Database:
         return cls("sqlite", str(path))
 
     @classmethod
-    def postgresql(cls, url: str, database: str | None = None) -> Database:
-        """A PostgreSQL database from a URL; ``database`` (ca.json's ``db.database``, beside
-        step-ca's ``dataSource``) names the database when given, replacing the URL's path.
-        ConfigError for another scheme, or a URL that names no database."""
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:
-            raise ConfigError(f"not a PostgreSQL URL: {exc}") from exc
-        if parts.scheme not in _SCHEMES:
+    def postgresql(
+        cls, url: str, database: str | None = None, *, what: str = "the database URL"
+    ) -> Database:
+        """A PostgreSQL database from a URL (``postgresql://`` or ``postgres://``), with its
+        user name and password percent-encoded as libpq reads them; ``database`` (ca.json's
+        ``db.database``, beside step-ca's ``dataSource``) replaces the URL's database name.
+        With neither, libpq connects to the database named as the user, as step-ca does.
+        ``ConfigError`` names ``what`` (never the password). Key=value connection strings
+        are not read: give the same settings as a URL."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in ("postgresql", "postgres"):
             raise ConfigError(
-                f"not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/NAME): "
-                f"scheme {parts.scheme!r}"
+                f"{what} must be a postgresql:// URL, for example "
+                "postgresql://USER:PASSWORD@HOST:5432/NAME"
             )
+        parts = urlsplit("postgresql://" + rest)
+        if parts.fragment:
+            raise ConfigError(f"{what}: a database URL has no #fragment")
+        # A password may hold "@": Go's URL parser (step-ca's) splits at the last one. libpq
+        # splits at the first, so the user name and password are written back percent-encoded.
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        netloc = hosts
+        if at:
+            user, colon, password = userinfo.partition(":")
+            user = quote(_decoded(user, f"{what}: the user name"), safe="")
+            password = quote(_decoded(password, f"{what}: the password"), safe="")
+            netloc = f"{user}:{password}@{hosts}" if colon else f"{user}@{hosts}"
+        for host in hosts.split(","):
+            port = host.rpartition("]")[2].partition(":")[2] if host else ""
+            if port and (not port.isdigit() or not 0 < int(port) < 65536):
+                raise ConfigError(f"{what}: port {port!r} is not a number from 1 to 65535")
+        path = parts.path
         if database is not None:
-            parts = parts._replace(path="/" + quote(database, safe=""))
-        if not unquote(parts.path.lstrip("/")):
-            raise ConfigError(
-                f"{_describe(parts.geturl())} names no database (…/NAME, or ca.json's db.database)"
-            )
-        return cls("postgresql", urlunsplit(parts))
-
-    @classmethod
-    def from_url(cls, text: str) -> Database:
-        """``--db``: a PostgreSQL URL (postgresql:// or postgres://)."""
-        return cls.postgresql(text)
+            path = "/" + quote(database, safe="")
+        elif path not in ("", "/"):
+            name = _decoded(path[1:], f"{what}: the database name")
+            path = "/" + quote(name, safe="")
+        return cls("postgresql", urlunsplit(("postgresql", netloc, path, parts.query, "")))
 
     def describe(self) -> str:
         """The database for messages and logs: the file, or the URL without its password
@@ -79,6 +91,16 @@ class Database:
         host = host or query.get("host", ["localhost"])[0]
         port = port or query.get("port", ["5432"])[0]
         return f"{host}:{port}"
+
+
+def _decoded(text: str, what: str) -> str:
+    """Percent-decoded ``text``; a malformed escape (``%zz``) is a ``ConfigError``."""
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise ConfigError(f"{what} holds a malformed percent-escape (write % as %25)")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 once percent-decoded") from None
 
 
 def _describe(url: str) -> str:

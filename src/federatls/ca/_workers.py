@@ -39,9 +39,9 @@ from .._errors import ConfigError, FederatlsError
 from .._x509 import fingerprint
 from ._config import CAConfig, split_address
 from ._connections import bind_sockets
+from ._database import Database, open_store
 from ._material import load_material
 from ._server import READY_RECORD, CAServer, Serving
-from ._store import SQLiteStore
 
 __all__ = ["MAX_WORKERS", "Supervisor", "supervise", "worker_main"]
 
@@ -113,9 +113,11 @@ class Supervisor:
         *,
         started_at: datetime,
         verbose: bool = False,
+        database: Database | None = None,
     ) -> None:
         self.config_path = config_path
         self._password = password
+        self._database = database
         self._sockets = list(sockets)
         self._started_at = started_at
         self._verbose = verbose
@@ -168,7 +170,8 @@ class Supervisor:
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         assert worker.process.stdin is not None
-        worker.process.stdin.write(len(self._password).to_bytes(4, "big") + self._password)
+        database = b"" if self._database is None else _encode_database(self._database)
+        worker.process.stdin.write(_frame(self._password) + _frame(database))
         log.info("worker %d started (pid %d)", worker.index, worker.pid)
         try:
             line = await asyncio.wait_for(reader.readline(), START_TIMEOUT)
@@ -332,14 +335,16 @@ class Supervisor:
             await done
 
 
-def _prepare(config_path: Path, password: bytes) -> tuple[list[socket.socket], str, str]:
+def _prepare(
+    config_path: Path, password: bytes, database: Database | None
+) -> tuple[list[socket.socket], str, str]:
     """What the supervisor checks before it starts any worker, each failure a ``ConfigError``
     in one line: ca.json, the password (the intermediate key decrypts), the database (it
     opens, and is created or migrated once here); then the listening sockets, bound. Returns
     them, the CA's URL and its root's fingerprint."""
     config = CAConfig.load(config_path)
     material = load_material(config, password)
-    SQLiteStore(config.store_path).close()
+    open_store(database or config.database).close()
     host, port = split_address(config.address)
     try:
         sockets = bind_sockets(host or None, port)
@@ -356,19 +361,28 @@ async def supervise(
     password: bytes,
     workers: int,
     ready: Callable[[Serving], None] | None = None,
+    *,
+    database: Database | None = None,
 ) -> None:
     """Run ``workers`` worker processes on ca.json until SIGTERM or SIGINT; SIGHUP reloads
-    every one. ``ConfigError`` before any worker starts for a bad ca.json, password,
-    database or address, and when a worker cannot start at all."""
+    every one. ``database`` replaces ca.json's ``db`` block in every worker. ``ConfigError``
+    before any worker starts for a bad ca.json, password, database or address, and when a
+    worker cannot start at all."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"workers must be from 1 to {MAX_WORKERS}, not {workers}")
     started_at = datetime.now(UTC)
     config_path = Path(config_path)
-    sockets, url, root = _prepare(config_path, password)
+    sockets, url, root = _prepare(config_path, password, database)
     loop = asyncio.get_running_loop()
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
     supervisor = Supervisor(
-        config_path, password, workers, sockets, started_at=started_at, verbose=verbose
+        config_path,
+        password,
+        workers,
+        sockets,
+        started_at=started_at,
+        verbose=verbose,
+        database=database,
     )
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
@@ -401,17 +415,41 @@ class _NotTheReadyLine(logging.Filter):
         return not getattr(record, READY_RECORD, False)
 
 
-def _read_password(fd: int) -> bytes:
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _encode_database(db: Database) -> bytes:
+    """A ``--db`` override for a worker: on its standard input, as the password (a
+    PostgreSQL URL may hold one), never in its argv."""
+    return f"{db.kind} {db.location}".encode()
+
+
+def _read_frame(fd: int) -> bytes:
     def exactly(n: int) -> bytes:
         data = b""
         while len(data) < n:
             chunk = os.read(fd, n - len(data))
             if not chunk:
-                raise ConfigError("the supervisor closed the pipe before sending the password")
+                raise ConfigError("the supervisor closed the pipe before sending the settings")
             data += chunk
         return data
 
     return exactly(int.from_bytes(exactly(4), "big"))
+
+
+def _read_settings(fd: int) -> tuple[bytes, Database | None]:
+    """The password and the ``--db`` override (if any), as the supervisor sent them."""
+    password = _read_frame(fd)
+    database = _read_frame(fd).decode()
+    if not database:
+        return password, None
+    kind, _, location = database.partition(" ")
+    if kind not in ("sqlite", "postgresql"):  # the same federatls wrote it: cannot happen
+        raise ConfigError(f"the supervisor sent an unknown database kind {kind!r}")
+    if kind == "sqlite":
+        return password, Database.sqlite(location)
+    return password, Database("postgresql", location)
 
 
 async def _work(
@@ -421,10 +459,18 @@ async def _work(
     started_at: datetime,
     index: int,
     status: Callable[[str], None],
+    database: Database | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    ca = CAServer(config, password, sockets=sockets, started_at=started_at, checkpoints=index == 1)
+    ca = CAServer(
+        config,
+        password,
+        sockets=sockets,
+        started_at=started_at,
+        checkpoints=index == 1,
+        database=database,
+    )
     await ca.start()
     try:
 
@@ -472,9 +518,11 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             status_file.write(" ".join(line.split()) + "\n")
 
         try:
-            password = _read_password(0)
+            password, database = _read_settings(0)
             sockets = [socket.socket(fileno=int(fd)) for fd in args.sockets.split(",")]
-            asyncio.run(_work(args.config, password, sockets, args.started_at, args.index, status))
+            asyncio.run(
+                _work(args.config, password, sockets, args.started_at, args.index, status, database)
+            )
         except FederatlsError as exc:
             status(f"error {exc}")
             return 1
