@@ -27,9 +27,10 @@ import pytest
 
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import SignRequest
-from federatls.ca import SQLiteStore
+from federatls.ca import Database, SQLiteStore, init_schema, open_store
 
 from harness import PKI, federatls, make_pki
+from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -72,9 +73,11 @@ async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def supervised(pki: PKI, workers: int = 2) -> AsyncIterator[Supervised]:
-    """`federatls ca serve CONFIG --workers N` until the block ends (then SIGTERM, and kill
-    whatever is left); ``pki.url`` points at it."""
+async def supervised(
+    pki: PKI, workers: int = 2, *, db: str | None = None
+) -> AsyncIterator[Supervised]:
+    """`federatls ca serve CONFIG --workers N [--db URL]` until the block ends (then SIGTERM,
+    and kill whatever is left); ``pki.url`` points at it."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -86,6 +89,7 @@ async def supervised(pki: PKI, workers: int = 2) -> AsyncIterator[Supervised]:
         str(pki.password_file),
         "--workers",
         str(workers),
+        *(["--db", db] if db is not None else []),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -265,6 +269,28 @@ async def test_distinct_tokens_across_workers_are_all_signed(pki: PKI) -> None:
         assert store.counts()["certificates"] == 20
     finally:
         store.close()
+
+
+async def test_workers_serve_the_database_given_by_db(pki: PKI, postgres: PostgresCluster) -> None:
+    """With ``--db``, every worker serves from that PostgreSQL database, whose URL (and
+    password) reaches them on their standard input, never in their argv. Twin: nothing is
+    written to the SQLite file beside ca.json (workers that ignored --db would fill it)."""
+    url = postgres.new_database()
+    init_schema(Database.postgresql(url))
+    async with supervised(pki, 2, db=url) as ca:
+        for pid in ca.workers():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert postgres.password.encode() not in argv
+            assert b"postgresql" not in argv
+        tokens = [pki.token("pg-workers.internal") for _ in range(12)]
+        codes = await _sign_all(pki, tokens, "pg-workers.internal")
+        assert codes == [201] * 12, codes
+    store = open_store(Database.postgresql(url))
+    try:
+        assert store.counts()["certificates"] == 12
+    finally:
+        store.close()
+    assert not (pki.config.parent / "federatls.db").exists()
 
 
 async def test_sighup_reloads_every_worker(pki: PKI, tmp_path: Path) -> None:
