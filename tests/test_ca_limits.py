@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import resource
+import signal
 import socket
 import ssl
 import sys
@@ -528,6 +529,32 @@ async def test_dribbled_body_is_closed_after_the_body_timeout(pki: PKI, tmp_path
     assert 10 <= sent < 200, sent  # it sent for a while, and was cut off
     assert "closed on request body timeout" in text, text
     assert_quiet_log(text, 6)
+
+
+async def test_sigterm_closes_a_request_whose_body_is_still_arriving(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """SIGTERM while a client is half-way through a request body: the CA closes that
+    connection (it would never be answered: the server reads nothing more once it stops)
+    and exits 0 at once, not when the body timeout or the server's 60 s grace runs out.
+    Twin: tests/test_ca_workers.py::test_sigterm_lets_a_running_request_finish, a request
+    the CA is already answering gets its answer."""
+    connections = {"requestBodyTimeout": "120s"}
+    async with limited_ca(pki, tmp_path, nofile=1024, connections=connections) as ca:
+        reader, writer = await tls_connect(ca.port)
+        try:
+            writer.write(
+                b"POST /1.0/sign HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            ca.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(ca.proc.wait(), 20) == 0, ca.log_text()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert await asyncio.wait_for(reader.read(65536), 5) == b""
+        finally:
+            writer.transport.abort()
 
 
 async def test_malformed_requests_are_counted_not_logged_with_tracebacks(

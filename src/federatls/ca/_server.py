@@ -196,6 +196,7 @@ class _State:
 
 
 _STATE = web.AppKey("state", _State)
+_UNANSWERED = (Phase.HANDSHAKE, Phase.WAITING, Phase.HEAD, Phase.BODY, Phase.IDLE)
 
 
 def _now() -> datetime:
@@ -744,8 +745,12 @@ class CAServer:
             self._listener = None
         if self._connections is not None:
             self._connections.stop()
-            for connection in self._connections.in_phase(Phase.HANDSHAKE):
-                connection.abort()
+            # Connections whose request has not fully arrived will never be answered (the
+            # HTTP server reads nothing more once it shuts down): closed now, not left to
+            # hold the stop until its grace runs out. Requests being answered finish.
+            for phase in _UNANSWERED:
+                for connection in self._connections.in_phase(phase):
+                    connection.abort()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
