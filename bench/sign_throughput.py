@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib
 import json
 import math
 import multiprocessing
@@ -460,17 +459,15 @@ def postgres_cas(base: Path, new_database: Callable[[], str]) -> list[CA]:
 
 
 @contextlib.contextmanager
-def postgres_cluster(base: Path) -> Iterator[tuple[int, Callable[[], str]]]:
-    """A throwaway PostgreSQL server (the test suite's, ``tests/postgres.py``): its
+def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
+    """A throwaway PostgreSQL server (the test suite's ``tests/postgres.py``): its
     postmaster's pid and a function that makes a fresh database and returns its URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    postgres: Any = importlib.import_module("postgres")  # only for --postgres
+    from postgres import PostgresCluster
 
-    cluster = postgres.Cluster.start(base / "postgres")
-    try:
-        yield cluster.pid, cluster.new_database
-    finally:
-        cluster.stop()
+    with PostgresCluster.started() as cluster:
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield pid, cluster.new_database
 
 
 # --- One measurement: one CA, one concurrency level -----------------------------------------
@@ -736,7 +733,7 @@ def run_benchmark(
         ours.database = "SQLite"
         cas = [real, ours]
         if settings.postgres:
-            pid, new_database = stack.enter_context(postgres_cluster(base))
+            pid, new_database = stack.enter_context(postgres_cluster())
             for ca in postgres_cas(base, new_database):
                 ca.database_pid = pid
                 cas.append(ca)

@@ -235,16 +235,15 @@ def summarise(config: Config, slices: Sequence[Slice], ca_ms_per_cert: float) ->
 
 # --- PostgreSQL (the test suite's throwaway cluster and the CA's store) ---------------------
 @contextlib.contextmanager
-def postgres_cluster(base: Path) -> Iterator[tuple[int, Callable[[], str]]]:
-    """A throwaway PostgreSQL server (``tests/postgres.py``): its postmaster's pid and a
-    function that makes a fresh database and returns its URL."""
+def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
+    """A throwaway PostgreSQL server (the test suite's ``tests/postgres.py``): its
+    postmaster's pid and a function that makes a fresh database and returns its URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    postgres: Any = importlib.import_module("postgres")
-    cluster = postgres.Cluster.start(base / "postgres")
-    try:
-        yield cluster.pid, cluster.new_database
-    finally:
-        cluster.stop()
+    from postgres import PostgresCluster
+
+    with PostgresCluster.started() as cluster:
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield pid, cluster.new_database
 
 
 def open_postgres(url: str) -> Store:
@@ -311,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             db_pid, new_database = 0, None
             if "postgresql" in kinds:
-                db_pid, new_database = stack.enter_context(postgres_cluster(base))
+                db_pid, new_database = stack.enter_context(postgres_cluster())
             for r in range(args.rounds):
                 for config in configs if r % 2 == 0 else reversed(configs):
                     stores: list[Store] = []
