@@ -24,6 +24,12 @@ duration. A shared machine's speed drifts by tens of percent over a minute; alte
 slices gives both CAs the same drift, and the per-round ratios printed beside the overall
 one show how steady the run was.
 
+``--postgres`` adds two CAs to the same run: the federatls CA on a throwaway PostgreSQL
+server (``tests/postgres.py``), with one process, and with two processes (replicas of one
+ca.json, same keys, same database) that the client sends its requests to in turn. The
+database server's CPU is counted apart. ``--pinned`` measures per-core efficiency: every CA
+process on core 0 (step-ca with ``GOMAXPROCS=1``), the load client on core 1.
+
 What is not measured
 --------------------
 * Other endpoints (renew, revoke, roots), HTTP keep-alive, TLS resumption, HTTP/2.
