@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import json
 import os
@@ -47,13 +46,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from federatls.ca._database import Database, init_schema, open_store
 from federatls.ca._store import IssuedCertificate, SQLiteStore, Store, TokenUse
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -246,12 +245,12 @@ def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
         yield pid, cluster.new_database
 
 
-def open_postgres(url: str) -> Store:
-    database: Any = importlib.import_module("federatls.ca._database")
-    db = database.Database("postgresql", url)
-    database.init_schema(db)
-    store: Store = database.open_store(db)
-    return store
+def open_postgres(url: str, *, init: bool) -> Store:
+    """The CA's PostgreSQL store on ``url`` (its schema made first when ``init``)."""
+    db = Database.from_url(url)
+    if init:
+        init_schema(db)
+    return open_store(db)
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -317,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if config.store == "postgresql":
                         assert new_database is not None
                         url = new_database()
-                        stores = [open_postgres(url) for _ in range(config.threads)]
+                        stores = [open_postgres(url, init=i == 0) for i in range(config.threads)]
                     else:
                         path = base / f"{config.store}-{config.batch}-{config.threads}-{r}.db"
                         stores = [
