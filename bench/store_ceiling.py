@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,8 +54,8 @@ from cryptography.x509.oid import NameOID
 
 from federatls.ca._database import Database, init_schema, open_store
 from federatls.ca._store import IssuedCertificate, SQLiteStore, Store, TokenUse
+from sign_throughput import RESULTS_DIR, postgres_cluster, process_cpu_seconds, tree_cpu_seconds
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHECKPOINT_INTERVAL = 0.1  # seconds, as the CA's server opens its store
 
 
@@ -143,26 +143,6 @@ class Slice:
     db_cpu: float  # the PostgreSQL server's CPU seconds
 
 
-def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of ``pid`` and each of its children, by pid (a PostgreSQL server)."""
-    found: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return found
-
-
 def run_slice(
     stores: Sequence[Store], records: Records, batch: int, seconds: float, db_pid: int
 ) -> Slice:
@@ -233,18 +213,6 @@ def summarise(config: Config, slices: Sequence[Slice], ca_ms_per_cert: float) ->
 
 
 # --- PostgreSQL (the test suite's throwaway cluster and the CA's store) ---------------------
-@contextlib.contextmanager
-def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
-    """A throwaway PostgreSQL server (the test suite's ``tests/postgres.py``): its
-    postmaster's pid and a function that makes a fresh database and returns its URL."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from postgres import PostgresCluster
-
-    with PostgresCluster.started() as cluster:
-        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
-        yield pid, cluster.new_database
-
-
 def open_postgres(url: str, *, init: bool) -> Store:
     """The CA's PostgreSQL store on ``url`` (its schema made first when ``init``)."""
     db = Database.from_url(url)
