@@ -469,8 +469,13 @@ def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
     """A throwaway PostgreSQL server (the test suite's ``tests/postgres.py``): its
     postmaster's pid and a function that makes a fresh database and returns its URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from postgres import PostgresCluster
+    from postgres import PostgresCluster, PostgresUnavailable, find_bindir
 
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
     with PostgresCluster.started() as cluster:
         pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
         yield pid, cluster.new_database
