@@ -24,6 +24,12 @@ duration. A shared machine's speed drifts by tens of percent over a minute; alte
 slices gives both CAs the same drift, and the per-round ratios printed beside the overall
 one show how steady the run was.
 
+``--postgres`` adds two CAs to the same run: the federatls CA on a throwaway PostgreSQL
+server (``tests/postgres.py``), with one process, and with two processes (replicas of one
+ca.json, same keys, same database) that the client sends its requests to in turn. The
+database server's CPU is counted apart. ``--pinned`` measures per-core efficiency: every CA
+process on core 0 (step-ca with ``GOMAXPROCS=1``), the load client on core 1.
+
 What is not measured
 --------------------
 * Other endpoints (renew, revoke, roots), HTTP keep-alive, TLS resumption, HTTP/2.
@@ -54,7 +60,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +102,20 @@ class CA:
     process: subprocess.Popen[bytes] | None = None
     version: str = ""
     tls: str = ""  # negotiated TLS version and cipher, for the report
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
+    # More processes of the same CA (same keys, same database), each on its own port; the
+    # client sends its requests to all of them in turn (round-robin).
+    replicas: list[CA] = field(default_factory=list)
+    database: str = ""  # where its records go, for the report
+    database_pid: int = 0  # the PostgreSQL server's postmaster, whose CPU is counted apart
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, *(r.port for r in self.replicas)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.process, *(r.process for r in self.replicas)) if p]
 
     @property
     def url(self) -> str:
@@ -163,10 +184,19 @@ def client_context(root_pem: bytes) -> ssl.SSLContext:
 
 @contextlib.contextmanager
 def running(ca: CA) -> Iterator[CA]:
-    """Start the CA (``ca.command``) with its output in a log file; wait until /health
-    answers."""
+    """Start the CA (``ca.command``, and its replicas) with its output in a log file; wait
+    until /health answers on each."""
+    with contextlib.ExitStack() as stack:
+        for replica in ca.replicas:
+            stack.enter_context(_running_one(replica))
+        yield stack.enter_context(_running_one(ca))
+
+
+@contextlib.contextmanager
+def _running_one(ca: CA) -> Iterator[CA]:
     log = (ca.directory / "ca.log").open("wb")
-    ca.process = subprocess.Popen(ca.command, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, **ca.env}
+    ca.process = subprocess.Popen(ca.command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         ctx = client_context(ca.root_pem)
         deadline = time.monotonic() + 60
@@ -269,7 +299,7 @@ class LoadJob:
     one clock for all processes."""
 
     host: str
-    port: int
+    ports: list[int]  # one per replica: request number ``i`` goes to ``ports[i % len]``
     root_pem: bytes
     concurrency: int
     requests: list[bytes]
@@ -300,17 +330,18 @@ async def sign_once(host: str, port: int, ctx: ssl.SSLContext, request: bytes) -
 
 async def _run_load(job: LoadJob) -> LoadResult:
     ctx = client_context(job.root_pem)
-    pending = iter(job.requests)
+    pending = enumerate(job.requests)
     result = LoadResult()
 
     async def client() -> None:
-        for request in pending:  # shared iterator: each request is sent once
+        for i, request in pending:  # shared iterator: each request is sent once
             if time.monotonic() >= job.stop_at:
                 return
+            port = job.ports[i % len(job.ports)]
             started = time.monotonic()
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    response = await sign_once(job.host, job.port, ctx, request)
+                    response = await sign_once(job.host, port, ctx, request)
                 ok = response.startswith(b"HTTP/1.1 201 ") and b'"crt"' in response
                 problem = "" if ok else response[:300].decode(errors="replace")
             except (OSError, TimeoutError, ssl.SSLError) as exc:
@@ -337,6 +368,12 @@ def run_load(job: LoadJob) -> LoadResult:
     return asyncio.run(_run_load(job))
 
 
+def pin_client() -> None:
+    """Initializer of the load-generator processes under ``--pinned``: core 1 only (the
+    CAs have core 0)."""
+    os.sched_setaffinity(0, {1})
+
+
 # --- CPU accounting from /proc ------------------------------------------------------------
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
@@ -345,12 +382,103 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each of its children (a PostgreSQL server: the
+    postmaster and its backends), by pid."""
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # field 4 of proc(5): ppid
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has been busy, summed over all cores (/proc/stat:
     user, nice, system, irq and softirq; not idle, iowait or steal)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     user, nice, system, _idle, _iowait, irq, softirq = values
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+# --- PostgreSQL: the federatls CA with one replica and two --------------------------------
+def set_database(config: Path, url: str) -> None:
+    """Point a ca.json at a PostgreSQL database, in the ``db`` block step-ca writes
+    (``dataSource`` the server, ``database`` the name)."""
+    parts = urllib.parse.urlsplit(url)
+    server = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
+    data = json.loads(config.read_text())
+    data["db"] = {"type": "postgresql", "dataSource": server, "database": parts.path.lstrip("/")}
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def add_replica(ca: CA, directory: Path) -> CA:
+    """Another process of ``ca``: a copy of its ca.json (same keys, same database) that
+    listens on a port of its own."""
+    port = free_port()
+    config = directory / "config" / "ca.json"
+    config.parent.mkdir(parents=True)
+    data = json.loads(ca.config.read_text())
+    data["address"] = f"127.0.0.1:{port}"
+    config.write_text(json.dumps(data, indent=2) + "\n")
+    shutil.copy(ca.password, directory / "password")
+    replica = CA(
+        name=f"{ca.name} replica {len(ca.replicas) + 2}",
+        directory=directory,
+        host=ca.host,
+        port=port,
+        root_pem=ca.root_pem,
+        root_fingerprint=ca.root_fingerprint,
+        provisioner=ca.provisioner,
+        key=ca.key,
+    )
+    ca.replicas.append(replica)
+    return replica
+
+
+def federatls_command(ca: CA, pinned: bool) -> list[str]:
+    command = [sys.executable, "-m", "federatls", "ca", "serve", str(ca.config)]
+    command += ["--password-file", str(ca.password)]
+    return ["taskset", "-c", "0", *command] if pinned else command
+
+
+def postgres_cas(base: Path, new_database: Callable[[], str]) -> list[CA]:
+    """Two federatls CAs on PostgreSQL, each on a fresh database whose schema
+    ``federatls ca db init`` made: one process, and two processes behind the client."""
+    cas = []
+    for name, processes in (("federatls-pg", 1), ("federatls-pg-x2", 2)):
+        ca = make_pki(base, name)
+        url = new_database()
+        set_database(ca.config, url)
+        init = [sys.executable, "-m", "federatls", "ca", "db", "init", str(ca.config)]
+        subprocess.run(init, check=True, capture_output=True)
+        for k in range(1, processes):
+            add_replica(ca, base / f"{name}-{k + 1}")
+        ca.database = f"PostgreSQL, {processes} process(es)"
+        cas.append(ca)
+    return cas
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[tuple[int, Callable[[], str]]]:
+    """A throwaway PostgreSQL server (the test suite's ``tests/postgres.py``): its
+    postmaster's pid and a function that makes a fresh database and returns its URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from postgres import PostgresCluster, PostgresUnavailable, find_bindir
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
+    with PostgresCluster.started() as cluster:
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield pid, cluster.new_database
 
 
 # --- One measurement: one CA, one concurrency level -----------------------------------------
@@ -364,10 +492,12 @@ class LevelResult:
     rps: float
     p50_ms: float
     p99_ms: float
-    server_cpu: float  # CPU seconds / wall seconds: 1.0 = one core busy
+    server_cpu: float  # CPU seconds / wall seconds: 1.0 = one core busy (all its processes)
     client_cpu: float  # the load-generator processes together
+    db_cpu: float  # the PostgreSQL server (0 for the others)
     other_cpu: float  # the rest of the machine: kernel networking, other users' work
     server_ms_per_cert: float  # CA CPU milliseconds per certificate: the least noisy figure
+    db_ms_per_cert: float  # the PostgreSQL server's CPU milliseconds per certificate
     ran_out: bool
     error_samples: list[str]
     round_rps: list[float]  # cert/s in each round, in order
@@ -389,6 +519,8 @@ class Settings:
     warmup: int
     client_processes: int
     rounds: int = 5  # alternating slices per level
+    postgres: bool = False  # add the CA on PostgreSQL, one process and two
+    pinned: bool = False  # every CA on core 0 (step-ca with GOMAXPROCS=1), the client on 1
 
 
 @dataclass
@@ -399,6 +531,7 @@ class LoadRun:
     start: float
     server_cpu: float  # seconds
     machine_busy: float  # seconds, all cores
+    db_cpu: float = 0.0  # seconds, the PostgreSQL server's processes
 
     @property
     def seconds(self) -> float:
@@ -426,7 +559,7 @@ def generate_load(
     jobs = [
         LoadJob(
             ca.host,
-            ca.port,
+            ca.ports,
             ca.root_pem,
             shares[i],
             requests[cuts[i] : cuts[i + 1]],
@@ -438,13 +571,15 @@ def generate_load(
     futures = [pool.submit(run_load, job) for job in jobs]
     while time.monotonic() < start_at:
         time.sleep(0.001)
-    assert ca.process is not None
-    server_before = process_cpu_seconds(ca.process.pid)
+    server_before = sum(process_cpu_seconds(pid) for pid in ca.pids)
+    db_before = tree_cpu_seconds(ca.database_pid) if ca.database_pid else {}
     busy_before = machine_busy_seconds()
     results = [f.result() for f in futures]
-    server = process_cpu_seconds(ca.process.pid) - server_before
+    server = sum(process_cpu_seconds(pid) for pid in ca.pids) - server_before
+    db_after = tree_cpu_seconds(ca.database_pid) if ca.database_pid else {}
     busy = machine_busy_seconds() - busy_before
-    return LoadRun(results, start_at, server, busy)
+    db = sum(cpu - db_before.get(pid, 0.0) for pid, cpu in db_after.items())
+    return LoadRun(results, start_at, server, busy, db)
 
 
 def measure(
@@ -481,6 +616,7 @@ def summarise(ca: CA, concurrency: int, runs: Sequence[tuple[LoadRun, bool]]) ->
     latencies = sorted(x for run, _ in runs for x in run.latencies)
     server = sum(run.server_cpu for run, _ in runs)
     client = sum(r.cpu_seconds for run, _ in runs for r in run.results)
+    db = sum(run.db_cpu for run, _ in runs)
     busy = sum(run.machine_busy for run, _ in runs)
     samples = [s for run, _ in runs for r in run.results for s in r.error_samples]
     return LevelResult(
@@ -494,8 +630,10 @@ def summarise(ca: CA, concurrency: int, runs: Sequence[tuple[LoadRun, bool]]) ->
         p99_ms=percentile(latencies, 99) * 1000,
         server_cpu=server / window,
         client_cpu=client / window,
-        other_cpu=max(0.0, busy - server - client) / window,
+        db_cpu=db / window,
+        other_cpu=max(0.0, busy - server - client - db) / window,
         server_ms_per_cert=server / max(1, len(latencies)) * 1000,
+        db_ms_per_cert=db / max(1, len(latencies)) * 1000,
         ran_out=any(ran_out for _, ran_out in runs),
         error_samples=samples[:MAX_ERROR_SAMPLES],
         round_rps=[len(run.latencies) / run.seconds for run, _ in runs],
@@ -507,14 +645,15 @@ def print_table(title: str, rows: Sequence[LevelResult]) -> None:
     print(f"\n{title}")
     print(
         f"{'clients':>7} {'cert/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'requests':>8} {'CA cpu':>6} {'client':>6} {'other':>6} {'CA ms/cert':>10}"
+        f"{'requests':>8} {'CA cpu':>6} {'client':>6} {'db':>6} {'other':>6} "
+        f"{'CA ms/cert':>10} {'db ms/cert':>10}"
     )
     for r in rows:
         note = "  (ran out of prepared requests early)" if r.ran_out else ""
         print(
             f"{r.concurrency:>7} {r.rps:>8.1f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.errors:>6} "
-            f"{r.requests:>8} {r.server_cpu:>6.0%} {r.client_cpu:>6.0%} {r.other_cpu:>6.0%} "
-            f"{r.server_ms_per_cert:>10.2f}{note}"
+            f"{r.requests:>8} {r.server_cpu:>6.0%} {r.client_cpu:>6.0%} {r.db_cpu:>6.0%} "
+            f"{r.other_cpu:>6.0%} {r.server_ms_per_cert:>10.2f} {r.db_ms_per_cert:>10.2f}{note}"
         )
 
 
@@ -527,22 +666,24 @@ def ratios(ours: Sequence[LevelResult], theirs: Sequence[LevelResult]) -> list[d
             "p50": a.p50_ms / b.p50_ms,
             "p99": a.p99_ms / b.p99_ms,
             "ca_cpu_per_cert": a.server_ms_per_cert / b.server_ms_per_cert,
+            "ca_and_db_cpu_per_cert": (a.server_ms_per_cert + a.db_ms_per_cert)
+            / (b.server_ms_per_cert + b.db_ms_per_cert),
         }
         for a, b in zip(ours, theirs, strict=True)
     ]
 
 
-def print_ratios(rows: Sequence[dict[str, Any]]) -> None:
-    print("\nfederatls / step-ca: cert/s above 1 and the others below 1 favour federatls")
+def print_ratios(name: str, rows: Sequence[dict[str, Any]]) -> None:
+    print(f"\n{name} / step-ca: cert/s above 1 and the others below 1 favour {name}")
     print(
-        f"{'clients':>7} {'cert/s':>8} {'p50':>7} {'p99':>7} {'CA ms/cert':>10}"
+        f"{'clients':>7} {'cert/s':>8} {'p50':>7} {'p99':>7} {'CA ms/cert':>10} {'+db':>7}"
         "  cert/s in each round"
     )
     for r in rows:
         rounds = " ".join(f"{x:.2f}" for x in r["throughput_per_round"])
         print(
             f"{r['concurrency']:>7} {r['throughput']:>7.2f}x {r['p50']:>6.2f}x {r['p99']:>6.2f}x "
-            f"{r['ca_cpu_per_cert']:>9.2f}x  {rounds}"
+            f"{r['ca_cpu_per_cert']:>9.2f}x {r['ca_and_db_cpu_per_cert']:>6.2f}x  {rounds}"
         )
 
 
@@ -571,6 +712,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--client-processes", type=int, default=1, help="load-generator processes (default 1)"
     )
     p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="add the federatls CA on PostgreSQL: one process, and two behind the client",
+    )
+    p.add_argument(
+        "--pinned",
+        action="store_true",
+        help="per-core efficiency: every CA on core 0 (step-ca with GOMAXPROCS=1), "
+        "the load client on core 1",
+    )
+    p.add_argument(
         "--stepca",
         default=os.environ.get("FEDERATLS_STEPCA", DEFAULT_STEPCA),
         help=f"step-ca binary (default $FEDERATLS_STEPCA or {DEFAULT_STEPCA})",
@@ -584,39 +736,65 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_benchmark(
     settings: Settings, stepca: str, base: Path
 ) -> tuple[list[CA], dict[str, list[LevelResult]]]:
-    """Start both CAs on fresh PKIs under ``base`` and measure them level by level."""
-    real, ours = make_pki(base, "step-ca"), make_pki(base, "federatls")
-    real.command = [stepca, str(real.config), "--password-file", str(real.password)]
-    ours.command = [sys.executable, "-m", "federatls", "ca", "serve", str(ours.config)]
-    ours.command += ["--password-file", str(ours.password)]
-    results: dict[str, list[LevelResult]] = {"step-ca": [], "federatls": []}
-    spawn = multiprocessing.get_context("spawn")
-    with (
-        running(real),
-        running(ours),
-        concurrent.futures.ProcessPoolExecutor(settings.client_processes, spawn) as pool,
-    ):
-        for ca in (real, ours):
-            check_one_sign(ca)
-            print(f"{ca.name} {ca.version} at {ca.url}, {ca.tls}", flush=True)
-        rounds = settings.rounds
-        seconds = settings.duration / rounds
-        requests = math.ceil(settings.requests / rounds) if settings.requests else 0
-        for concurrency in settings.levels:
-            runs: dict[str, list[tuple[LoadRun, bool]]] = {"step-ca": [], "federatls": []}
-            print(f"  {concurrency} client(s), {rounds} rounds:", end="", flush=True)
-            for i in range(rounds):
-                for ca in (real, ours) if i % 2 == 0 else (ours, real):
-                    runs[ca.name].append(
-                        measure(pool, ca, concurrency, settings, seconds=seconds, requests=requests)
-                    )
-                print(".", end="", flush=True)
-            for ca in (real, ours):
-                row = summarise(ca, concurrency, runs[ca.name])
-                results[ca.name].append(row)
-                print(f" {ca.name} {row.rps:.0f} cert/s, {row.errors} errors;", end="")
-            print(flush=True)
-    return [real, ours], results
+    """Start the CAs on fresh PKIs under ``base`` and measure them level by level, in
+    rounds that rotate the order of the CAs."""
+    with contextlib.ExitStack() as stack:
+        real, ours = make_pki(base, "step-ca"), make_pki(base, "federatls")
+        real.command = [stepca, str(real.config), "--password-file", str(real.password)]
+        ours.database = "SQLite"
+        cas = [real, ours]
+        if settings.postgres:
+            pid, new_database = stack.enter_context(postgres_cluster())
+            for ca in postgres_cas(base, new_database):
+                ca.database_pid = pid
+                cas.append(ca)
+        for ca in cas[1:]:
+            for process in (ca, *ca.replicas):
+                process.command = federatls_command(process, settings.pinned)
+        if settings.pinned:
+            real.command = ["taskset", "-c", "0", *real.command]
+            real.env["GOMAXPROCS"] = "1"
+        for ca in cas:
+            stack.enter_context(running(ca))
+        spawn = multiprocessing.get_context("spawn")
+        pool = stack.enter_context(
+            concurrent.futures.ProcessPoolExecutor(
+                settings.client_processes,
+                spawn,
+                initializer=pin_client if settings.pinned else None,
+            )
+        )
+        return cas, measure_levels(pool, cas, settings)
+    raise AssertionError("unreachable")  # mypy: ExitStack may swallow exceptions
+
+
+def measure_levels(
+    pool: concurrent.futures.Executor, cas: Sequence[CA], settings: Settings
+) -> dict[str, list[LevelResult]]:
+    for ca in cas:
+        check_one_sign(ca)
+        print(f"{ca.name} {ca.version} at {' '.join(map(str, ca.ports))}, {ca.tls}", flush=True)
+    results: dict[str, list[LevelResult]] = {ca.name: [] for ca in cas}
+    rounds = settings.rounds
+    seconds = settings.duration / rounds
+    requests = math.ceil(settings.requests / rounds) if settings.requests else 0
+    for concurrency in settings.levels:
+        runs: dict[str, list[tuple[LoadRun, bool]]] = {ca.name: [] for ca in cas}
+        print(f"  {concurrency} client(s), {rounds} rounds:", end="", flush=True)
+        for i in range(rounds):
+            # Each CA goes first in turn; with two CAs this is A B, B A, A B, ...
+            order = list(cas[i % len(cas) :]) + list(cas[: i % len(cas)])
+            for ca in order if i % 2 == 0 or len(cas) > 2 else reversed(order):
+                runs[ca.name].append(
+                    measure(pool, ca, concurrency, settings, seconds=seconds, requests=requests)
+                )
+            print(".", end="", flush=True)
+        for ca in cas:
+            row = summarise(ca, concurrency, runs[ca.name])
+            results[ca.name].append(row)
+            print(f" {ca.name} {row.rps:.0f} cert/s, {row.errors} errors;", end="")
+        print(flush=True)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -628,9 +806,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         client_processes=args.client_processes,
         rounds=args.rounds,
+        postgres=args.postgres,
+        pinned=args.pinned,
     )
     if settings.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
+        return 2
+    if settings.pinned and (os.cpu_count() or 1) < 2:
+        print("--pinned needs two cores", file=sys.stderr)
         return 2
     stepca = find_stepca(args.stepca)
     if stepca is None:
@@ -650,11 +833,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\n{os.cpu_count()} CPUs, load average before the run {load_before[0]:.2f}; "
         f"CPU columns: 100% = one core busy for the whole window"
+        + ("; pinned: each CA on core 0, the client on core 1" if settings.pinned else "")
     )
     for ca in cas:
-        print_table(f"{ca.name} ({ca.version})", results[ca.name])
-    table = ratios(results["federatls"], results["step-ca"])
-    print_ratios(table)
+        print_table(f"{ca.name} ({ca.version}, {ca.database or 'badger'})", results[ca.name])
+    tables = {ca.name: ratios(results[ca.name], results["step-ca"]) for ca in cas[1:]}
+    for name, table in tables.items():
+        print_ratios(name, table)
 
     report = {
         "benchmark": "sign_throughput",
@@ -668,12 +853,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "filesystem": filesystem_of(base.parent),
         },
         "cas": {
-            ca.name: {"version": ca.version, "tls": ca.tls, "command": " ".join(ca.command)}
+            ca.name: {
+                "version": ca.version,
+                "tls": ca.tls,
+                "command": " ".join(ca.command),
+                "processes": len(ca.ports),
+                "database": ca.database,
+            }
             for ca in cas
         },
         "federatls_version": federatls.__version__,
         "results": {name: [asdict(r) for r in rows] for name, rows in results.items()},
-        "ratios_federatls_over_stepca": table,
+        "ratios_over_stepca": tables,
     }
     out = args.json or RESULTS_DIR / f"sign_throughput-{started:%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
