@@ -215,7 +215,7 @@ def summarise(config: Config, slices: Sequence[Slice], ca_ms_per_cert: float) ->
 # --- PostgreSQL (the test suite's throwaway cluster and the CA's store) ---------------------
 def open_postgres(url: str, *, init: bool) -> Store:
     """The CA's PostgreSQL store on ``url`` (its schema made first when ``init``)."""
-    db = Database.from_url(url)
+    db = Database.postgresql(url)
     if init:
         init_schema(db)
     return open_store(db)

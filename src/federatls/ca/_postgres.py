@@ -141,6 +141,7 @@ class PostgresStore:
     seconds for a connection."""
 
     every_commit_durable = True
+    always_waits = True  # every call is a round trip to the server
 
     def __init__(self, db: Database, *, pool_size: int = 8, timeout: float = 5.0) -> None:
         self.database = db

@@ -163,7 +163,10 @@ class _State:
 
         Only for calls whose one write, if they make one, is their last store call: a
         first attempt stopped by ``StoreWouldWait`` has then changed nothing, and the call
-        may be made again from the start."""
+        may be made again from the start. A store that always waits (PostgreSQL) has it
+        made in a thread straight away: a first attempt here would only be thrown away."""
+        if self.authority.store.always_waits:
+            return await self.off_loop(call)
         try:
             with without_waiting():
                 return call()

@@ -162,6 +162,9 @@ class Store(Protocol):
     # with synchronous_commit on), so a restarted CA needs no "token issued before I
     # started" rule (docs/ca.md); False when only some commits are (``TokenUse.durable``).
     every_commit_durable: bool
+    # Every call waits (for a server across the network): the CA makes its calls from a
+    # thread at once, never trying them on its event loop first (``without_waiting``).
+    always_waits: bool
 
 
 _TABLES = (
@@ -233,6 +236,7 @@ class SQLiteStore:
     (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
 
     every_commit_durable = False  # only revocations and ``durable`` token uses are synced
+    always_waits = False  # reads and many commits need no wait
 
     def __init__(
         self,
