@@ -83,8 +83,8 @@ class Cluster:
         return self.replicas[i]
 
     def urls(self) -> list[str]:
-        """The URLs of the replicas running now."""
-        return [r.url for r in self.replicas if r.running]
+        """The URLs of the replicas serving now (running, and ready since their start)."""
+        return [r.url for r in self.replicas if r.running and r.url]
 
     def _command(self) -> list[str]:
         command = [sys.executable, "-m", "federatls", "ca", "serve", str(self.pki.config)]
@@ -247,7 +247,7 @@ async def sign(client: httpx.AsyncClient, url: str, token: str, csr: str = CSR) 
     return answer_of(url, response)
 
 
-@dataclass
+@dataclass(repr=False)
 class Load:
     """A bounded concurrent sign load over whatever replicas ``targets()`` names at each
     request (round robin), each request with a fresh token (or the next of ``tokens``).
@@ -258,6 +258,8 @@ class Load:
     concurrency: int = 8
     tokens: Iterator[str] | None = None
     pause: float = 0.0  # seconds each worker waits after an answer (keeps the load bounded)
+    # The statuses the test expects: ``wait_for`` fails as soon as another one arrives.
+    expect: frozenset[int] | None = None
     answers: list[Answer] = field(default_factory=list)
     _turn: int = 0
 
@@ -329,12 +331,15 @@ class Load:
         goal = seen() + count
         deadline = time.monotonic() + timeout
         while seen() < goal:
+            if self.expect is not None and not set(self.statuses()) <= self.expect:
+                raise AssertionError(f"unexpected answers: {self!r}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {count} more {status}s in {timeout}s: {self}")
+                raise TimeoutError(f"fewer than {count} more {status}s in {timeout}s: {self!r}")
             await asyncio.sleep(0.05)
 
-    def __str__(self) -> str:
-        return f"load answers {dict(self.statuses())}"
+    def __repr__(self) -> str:
+        failed = [a for a in self.answers if a.status not in (200, 201)][:2]
+        return f"load answers {dict(self.statuses())}, first failures {failed}"
 
 
 def fresh_tokens(pki: PKI, *, issued: datetime | None = None) -> Iterator[str]:

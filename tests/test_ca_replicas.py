@@ -1,0 +1,483 @@
+"""Several ``federatls ca serve`` processes behind one name on one PostgreSQL database: what
+the cluster guarantees (issue 14, point 3) and what each fault does (point 5), measured from
+outside with real processes, real TLS on 127.0.0.1 and a real PostgreSQL server.
+
+Every replica runs the same ca.json (its keys, its password) with a role that may read and
+write but not create tables; the schema is made once by ``federatls ca db init``. Clients
+trust the one root and dial the one name the replicas' server certificates carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from federatls._client import client_tls_context
+from federatls._keys import PrivateKey, build_csr, new_private_key
+from federatls._protocol import error_message
+from federatls.ca import CAServer
+from federatls.ca._store import TOKEN_RETENTION
+
+from harness import PASSWORD, PKI, FakeClock, federatls, make_pki, wait_until
+from postgres import PostgresCluster
+from replicas import (
+    NAME,
+    SUBJECT,
+    Answer,
+    Cluster,
+    Load,
+    Replica,
+    chain_of,
+    cluster,
+    count,
+    fresh_tokens,
+    recorded_serials,
+    sign,
+)
+
+pytestmark = pytest.mark.anyio
+
+STORM = 48  # concurrent copies of one token
+
+
+async def _database(pki: PKI, postgres: PostgresCluster) -> str:
+    """A fresh database named in ``pki``'s ca.json ``db`` block (as step-ca writes it), its
+    schema made by ``federatls ca db init``; the URL of a role that cannot create tables,
+    for the replicas' ``--db``."""
+    url = postgres.new_database()
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    source = f"postgresql://{parts.netloc}/"
+
+    def block(data: dict[str, object]) -> None:
+        data["db"] = {"type": "postgresql", "dataSource": source, "database": name}
+
+    pki.edit(block)
+    run = await federatls("ca", "db", "init", pki.config)
+    assert run.code == 0, run
+    return postgres.new_role(f"replica_{name}", url)
+
+
+@pytest.fixture
+async def two(tmp_path: Path, postgres: PostgresCluster) -> AsyncIterator[Cluster]:
+    """Two replicas of one CA on one PostgreSQL database."""
+    pki = make_pki(tmp_path, "cloud")
+    url = await _database(pki, postgres)
+    async with cluster(pki, 2, db=url) as made:
+        yield made
+
+
+@pytest.fixture
+async def three(tmp_path: Path, postgres: PostgresCluster) -> AsyncIterator[Cluster]:
+    """Three replicas of one CA on one PostgreSQL database."""
+    pki = make_pki(tmp_path, "cloud")
+    url = await _database(pki, postgres)
+    async with cluster(pki, 3, db=url) as made:
+        yield made
+
+
+async def _storm(made: Cluster, tokens: list[str]) -> list[Answer]:
+    """Send every token at once, spread over the replicas, on connections opened
+    beforehand so that the requests arrive together."""
+    urls = made.urls()
+    async with made.client(connections=len(tokens)) as client:
+        warm = await asyncio.gather(
+            *(client.get(urls[i % len(urls)] + "/health") for i in range(len(tokens)))
+        )
+        assert {r.status_code for r in warm} == {200}
+        return list(
+            await asyncio.gather(
+                *(sign(client, urls[i % len(urls)], t) for i, t in enumerate(tokens))
+            )
+        )
+
+
+def _unauthorized(answers: list[Answer]) -> list[Answer]:
+    return [a for a in answers if a.status == 401]
+
+
+# A token is spent once ------------------------------------------------------------------------
+async def test_replay_storm_over_replicas_buys_one_certificate(three: Cluster) -> None:
+    """48 concurrent copies of one token spread over three replicas: exactly one 201 and one
+    certificate recorded; the 47 others get step-ca's 401 body. Twin:
+    test_distinct_tokens_over_replicas_all_buy_certificates."""
+    token = three.pki.token(SUBJECT)
+    answers = await _storm(three, [token] * STORM)
+    assert Counter(a.status for a in answers) == {201: 1, 401: STORM - 1}, answers
+    assert all(a.step_body for a in _unauthorized(answers))
+    assert {a.url for a in answers} == set(three.urls())
+    assert count(three, "certificates") == 1
+    assert count(three, "used_tokens") == 1
+    assert recorded_serials(three) == {a.serial for a in answers if a.serial is not None}
+
+
+async def test_distinct_tokens_over_replicas_all_buy_certificates(three: Cluster) -> None:
+    """Twin of the replay storm: 48 distinct tokens at once over the same replicas buy 48
+    certificates, 48 records, 48 distinct serials."""
+    tokens = [three.pki.token(SUBJECT) for _ in range(STORM)]
+    answers = await _storm(three, tokens)
+    assert Counter(a.status for a in answers) == {201: STORM}, answers
+    serials = {a.serial for a in answers}
+    assert len(serials) == STORM
+    assert count(three, "certificates") == STORM
+    assert count(three, "used_tokens") == STORM
+    assert recorded_serials(three) == serials
+
+
+# A revocation holds on every replica at once ---------------------------------------------------
+async def _enroll(made: Cluster, url: str) -> tuple[list[x509.Certificate], PrivateKey]:
+    """A certificate and its key, signed by the replica at ``url``."""
+    key = new_private_key()
+    csr = build_csr(key, SUBJECT, [SUBJECT]).public_bytes(serialization.Encoding.PEM).decode()
+    async with made.client() as client:
+        response = await client.post(
+            url + "/1.0/sign", json={"csr": csr, "ott": made.pki.token(SUBJECT)}
+        )
+    assert response.status_code == 201, response.text
+    return chain_of(response), key
+
+
+def _rekey_body() -> dict[str, str]:
+    csr = build_csr(new_private_key(), SUBJECT, [SUBJECT])
+    return {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+
+
+def _step_error(response: httpx.Response, status: int) -> bool:
+    return response.status_code == status and response.json() == {
+        "status": status,
+        "message": error_message(status),
+    }
+
+
+async def test_revoked_on_one_replica_is_refused_by_the_other_at_once(two: Cluster) -> None:
+    """A certificate revoked through replica A is refused by replica B in the next request:
+    renew and rekey over mTLS get step-ca's 401, a second revocation a 400. Twin:
+    test_a_certificate_not_revoked_renews_and_rekeys_on_the_other_replica."""
+    a, b = two[0].url, two[1].url
+    chain, key = await _enroll(two, a)
+    serial = str(chain[0].serial_number)
+    async with two.client() as client:
+        revoked = await client.post(
+            a + "/1.0/revoke",
+            json={"serial": serial, "ott": two.pki.token(serial, revoke=True), "passive": True},
+        )
+        assert revoked.status_code == 200, revoked.text
+        again = await client.post(
+            b + "/1.0/revoke",
+            json={"serial": serial, "ott": two.pki.token(serial, revoke=True), "passive": True},
+        )
+    async with two.client(identity=(chain, key)) as holder:
+        renewed = await holder.post(b + "/1.0/renew")
+        rekeyed = await holder.post(b + "/1.0/rekey", json=_rekey_body())
+        revoked_by_holder = await holder.post(
+            b + "/1.0/revoke", json={"serial": serial, "passive": True}
+        )
+    assert _step_error(renewed, 401), renewed.text
+    assert _step_error(rekeyed, 401), rekeyed.text
+    for response in (again, revoked_by_holder):
+        assert response.status_code == 400, response.text
+        assert "is already revoked" in response.json()["message"]
+    assert count(two, "revocations") == 1
+    assert count(two, "certificates") == 1  # nothing issued after the revocation
+
+
+async def test_a_certificate_not_revoked_renews_and_rekeys_on_the_other_replica(
+    two: Cluster,
+) -> None:
+    """Twin of the revocation test: a certificate signed by replica A (not revoked) renews
+    and rekeys over mTLS on replica B, then is revoked there by its holder."""
+    a, b = two[0].url, two[1].url
+    chain, key = await _enroll(two, a)
+    serial = str(chain[0].serial_number)
+    async with two.client(identity=(chain, key)) as holder:
+        renewed = await holder.post(b + "/1.0/renew")
+        rekeyed = await holder.post(b + "/1.0/rekey", json=_rekey_body())
+        revoked = await holder.post(b + "/1.0/revoke", json={"serial": serial, "passive": True})
+    assert renewed.status_code == 201, renewed.text
+    assert rekeyed.status_code == 201, rekeyed.text
+    assert revoked.status_code == 200, revoked.text
+    assert count(two, "certificates") == 3
+    assert count(two, "revocations") == 1
+
+
+# Serials -----------------------------------------------------------------------------------------
+async def test_serials_never_collide_across_replicas_under_load(three: Cluster) -> None:
+    """150 signs, 16 at a time, over three replicas: 150 certificates with 150 distinct
+    serials, every one recorded. Twin: test_the_database_refuses_a_second_record_of_a_serial."""
+    load = Load(three, three.urls, concurrency=16)
+    await load.run(total=150)
+    assert load.statuses() == {201: 150}, load
+    serials = load.serials()
+    assert len(set(serials)) == 150
+    assert recorded_serials(three) == set(serials)
+    assert {a.url for a in load.answers} == set(three.urls())
+
+
+async def test_the_database_refuses_a_second_record_of_a_serial(two: Cluster) -> None:
+    """Twin of the serial test: a colliding serial could not pass unseen, the database
+    refuses a second certificate record under a serial already recorded."""
+    import psycopg
+
+    chain, _ = await _enroll(two, two[0].url)
+    assert two.db is not None
+    with psycopg.connect(two.db) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(
+            "INSERT INTO certificates SELECT * FROM certificates WHERE serial = %s",
+            (str(chain[0].serial_number),),
+        )
+    assert count(two, "certificates") == 1
+
+
+# A rolling restart refuses no fresh token --------------------------------------------------------
+async def test_rolling_restart_under_load_refuses_no_fresh_token(two: Cluster) -> None:
+    """Each replica in turn stopped (SIGTERM) and started again while the load goes to the
+    other: every fresh token is accepted, those issued before the restarted replica
+    started included, wherever they arrive. Twin:
+    test_sqlite_ca_refuses_a_token_issued_before_its_restart."""
+    issued = datetime.now(UTC)  # after the first start, before any restart below
+    tokens = fresh_tokens(two.pki, issued=issued)
+    draining: set[str] = set()
+    load = Load(
+        two,
+        lambda: [u for u in two.urls() if u not in draining],
+        concurrency=4,
+        tokens=tokens,
+        pause=0.05,
+        expect=frozenset({201}),
+    )
+    async with load.running():
+        await load.wait_for(20)
+        for i in range(2):
+            # A restart in a later second than the tokens' iat (step-ca's rule compares
+            # seconds): the rule, if it held, would refuse them.
+            await asyncio.sleep(max(0.0, issued.timestamp() + 1.1 - time.time()))
+            draining.add(two[i].url)
+            await asyncio.sleep(0.3)  # the answers in flight there arrive
+            await two.restart(i)
+            draining.clear()
+            async with two.client() as client:
+                direct = [await sign(client, two[i].url, next(tokens)) for _ in range(5)]
+            assert [a.status for a in direct] == [201] * 5, direct
+            await load.wait_for(10, url=two[i].url)
+    assert set(load.statuses()) == {201}, load
+    assert two[0].starts == two[1].starts == 2
+    assert recorded_serials(two) >= set(load.serials())
+
+
+async def test_sqlite_ca_refuses_a_token_issued_before_its_restart(tmp_path: Path) -> None:
+    """Twin of the rolling restart: on SQLite, where step-ca's rule holds, a token issued
+    before the CA's restart is refused by the restarted CA (401), though never spent."""
+    pki = make_pki(tmp_path, "cloud")
+    async with cluster(pki, 1) as made:
+        token = next(fresh_tokens(pki, issued=datetime.now(UTC) - timedelta(seconds=2)))
+        await made.restart(0)
+        async with made.client() as client:
+            answer = await sign(client, made[0].url, token)
+            fresh = await sign(client, made[0].url, pki.token(SUBJECT))
+    assert answer.status == 401, answer
+    assert answer.step_body, answer
+    assert "token issued before the bootstrap of certificate authority" in made[0].log()
+    assert fresh.status == 201, fresh
+    assert count(made, "used_tokens") == 1  # the refused token was not spent
+
+
+# Faults ------------------------------------------------------------------------------------------
+async def _statuses(made: Cluster, path: str) -> list[tuple[int, object]]:
+    async with made.client() as client:
+        responses = [await client.get(url + path) for url in made.urls()]
+    return [(r.status_code, r.json()) for r in responses]
+
+
+async def _healthy(made: Cluster, timeout: float = 30.0) -> list[tuple[int, object]]:
+    """/health of every replica, once all answer 200 (a replica may keep its last look at
+    the database for a moment)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        answers = await _statuses(made, "/health")
+        if all(status == 200 for status, _ in answers):
+            return answers
+        if asyncio.get_running_loop().time() > deadline:
+            return answers
+        await asyncio.sleep(0.2)
+
+
+async def test_database_stopped_and_started_under_load(
+    two: Cluster, postgres: PostgresCluster
+) -> None:
+    """PostgreSQL stopped under load: the replicas answer 503 with step-ca's body (and 503
+    on /health) while it is down, keep serving /roots, return no certificate whose record
+    is missing, and sign again once it is back, without a restart."""
+    load = Load(two, two.urls, concurrency=4, pause=0.02, expect=frozenset({201, 503}))
+    pids = [r.proc.pid for r in two.replicas if r.proc is not None]
+    try:
+        async with load.running():
+            await load.wait_for(20)
+            up = len(load.answers)  # answered before the database was stopped
+            await asyncio.to_thread(postgres.stop)
+            await load.wait_for(4, 503)
+            health_down = await _statuses(two, "/health")
+            roots_down = [
+                status
+                for path in ("/roots", "/federation", f"/root/{two.pki.fingerprint}")
+                for status, _ in await _statuses(two, path)
+            ]
+            await asyncio.to_thread(postgres.start)
+            for replica in two.replicas:
+                await load.wait_for(10, url=replica.url)
+            health_up = await _healthy(two)
+    finally:
+        await asyncio.to_thread(postgres.start)
+    statuses = load.statuses()
+    assert set(statuses) == {201, 503}, load
+    assert all(a.step_body for a in load.answers if a.status == 503)
+    assert all(a.status == 201 for a in load.answers[:up])
+    assert recorded_serials(two) >= set(load.serials())  # no certificate without its record
+    assert [status for status, _ in health_down] == [503, 503], health_down
+    assert roots_down == [201, 201, 201, 201, 200, 200], roots_down
+    assert health_up == [(200, {"status": "ok"})] * 2
+    assert [r.proc.pid for r in two.replicas if r.proc is not None] == pids
+    assert all(r.running and r.starts == 1 for r in two.replicas)
+
+
+async def test_kill_9_of_a_replica_under_load_loses_no_record(two: Cluster) -> None:
+    """One replica killed (SIGKILL) under load: every certificate a client received is
+    recorded, the other replica keeps signing, and the killed one serves again when
+    started."""
+    load = Load(two, two.urls, concurrency=8, pause=0.01, expect=frozenset({201, 0}))
+    async with load.running():
+        await load.wait_for(30)
+        await two.kill(0)
+        killed_at = len(load.answers)
+        await load.wait_for(30, url=two[1].url)
+    after = load.answers[killed_at:]
+    assert set(load.statuses()) <= {201, 0}, load
+    assert {a.url for a in after if a.status == 201} == {two[1].url}
+    assert recorded_serials(two) >= set(load.serials())
+    assert two[0].proc is not None
+    assert two[0].proc.returncode == -signal.SIGKILL
+    await two.start(0)
+    async with two.client() as client:
+        again = await sign(client, two[0].url, two.pki.token(SUBJECT))
+    assert again.status == 201, again
+
+
+# The token table stays bounded -----------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _in_process(pki: PKI, clock: FakeClock, count: int) -> AsyncIterator[list[CAServer]]:
+    """``count`` replicas of ``pki`` in this process (ca.json's database), all on ``clock``,
+    each purging expired token ids every 0.1 s."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(
+                CAServer.running(pki.config, PASSWORD, clock=clock, purge_interval=0.1)
+            )
+            for _ in range(count)
+        ]
+        pki.url, pki.clock = f"https://{NAME}", clock
+        yield servers
+
+
+async def _purged(servers: list[CAServer]) -> None:
+    """Wait until every replica has finished a purge run that started after this call."""
+    runs = [s.purge.runs if s.purge is not None else 0 for s in servers]
+
+    def done() -> bool:
+        return all(
+            s.purge is not None and s.purge.runs >= r + 2
+            for s, r in zip(servers, runs, strict=True)
+        )
+
+    await wait_until(done, timeout=30)
+
+
+async def _sign_round(servers: list[CAServer], pki: PKI, tokens: list[str]) -> list[Answer]:
+    ctx = client_tls_context([pki.root])
+    async with httpx.AsyncClient(verify=ctx, timeout=60) as client:
+        return list(
+            await asyncio.gather(
+                *(sign(client, servers[i % len(servers)].url, t) for i, t in enumerate(tokens))
+            )
+        )
+
+
+async def test_purge_keeps_the_token_table_bounded_while_serving(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """Two replicas sign 5 rounds of 30 tokens; between rounds their clock passes the
+    tokens' expiry and the retention: the used-token table never holds more than one round
+    while every certificate stays recorded. Twin:
+    test_purge_keeps_unexpired_token_ids_and_their_replays_are_refused."""
+    pki = make_pki(tmp_path, "cloud")
+    url = await _database(pki, postgres)
+    clock = FakeClock()
+    sizes = []
+    async with _in_process(pki, clock, 2) as servers:
+        for _ in range(5):
+            tokens = [pki.token(SUBJECT) for _ in range(30)]
+            answers = await _sign_round(servers, pki, tokens)
+            assert [a.status for a in answers] == [201] * 30, answers
+            sizes.append(count(url, "used_tokens"))
+            clock.advance((TOKEN_RETENTION + timedelta(minutes=6)).total_seconds())
+            await _purged(servers)
+        sizes.append(count(url, "used_tokens"))
+    assert sizes == [30, 30, 30, 30, 30, 0], sizes
+    assert count(url, "certificates") == 150
+
+
+async def test_purge_keeps_unexpired_token_ids_and_their_replays_are_refused(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """Twin of the bounded table: ids of tokens not past their expiry plus the retention
+    survive purge runs on both replicas (a minute short of it included), and a replay of
+    such a token on the other replica is refused with step-ca's 401."""
+    pki = make_pki(tmp_path, "cloud")
+    url = await _database(pki, postgres)
+    clock = FakeClock()
+    async with _in_process(pki, clock, 2) as servers:
+        tokens = [pki.token(SUBJECT) for _ in range(20)]  # valid for 5 minutes
+        first = await _sign_round(servers, pki, tokens)
+        assert [a.status for a in first] == [201] * 20, first
+        await _purged(servers)
+        replays = await _sign_round(servers[::-1], pki, tokens)
+        assert all(a.status == 401 and a.step_body for a in replays), replays
+        clock.advance((TOKEN_RETENTION + timedelta(minutes=4)).total_seconds())
+        await _purged(servers)
+        kept = count(url, "used_tokens")
+    assert kept == 20
+
+
+# Configuration reaches every replica ---------------------------------------------------------
+async def _lifetime(made: Cluster, url: str) -> timedelta:
+    chain, _ = await _enroll(made, url)
+    return chain[0].not_valid_after_utc - chain[0].not_valid_before_utc
+
+
+async def _reloaded(replica: Replica, times: int) -> None:
+    await wait_until(lambda: replica.log().count("configuration reloaded from") >= times, 30)
+
+
+async def test_a_configuration_change_reaches_each_replica_at_its_sighup(two: Cluster) -> None:
+    """ca.json changed once (the provisioner's default certificate lifetime: 24 h to 1 h):
+    each replica signs with the new lifetime from its SIGHUP on, and the replica not yet
+    signalled keeps the old one (the twin inside the test)."""
+    assert await _lifetime(two, two[0].url) > timedelta(hours=23)
+    two.pki.set_claims(defaultTLSCertDuration="1h")
+    for i, replica in enumerate(two.replicas):
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGHUP)
+        await _reloaded(replica, 1)
+        assert await _lifetime(two, replica.url) < timedelta(hours=2)
+        for other in two.replicas[i + 1 :]:
+            assert await _lifetime(two, other.url) > timedelta(hours=23)
