@@ -193,6 +193,63 @@ async def cluster(pki: PKI, count: int, *, db: str | None = None) -> AsyncIterat
         made.close()
 
 
+class Balancer:
+    """One address in front of the cluster, as a TCP load balancer gives it: each
+    connection is passed, bytes as they are (TLS through, not ended), to the next serving
+    replica in turn. ``served`` counts the connections each replica got."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.served: Counter[str] = Counter()
+        self._turn = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.url = ""
+
+    async def __aenter__(self) -> Balancer:
+        self._server = await asyncio.start_server(self._accept, NAME, 0)
+        self.url = f"https://{NAME}:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        urls = self.cluster.urls()
+        self._turn += 1
+        url = urls[self._turn % len(urls)]
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            up_reader, up_writer = await asyncio.open_connection(NAME, port)
+        except OSError:
+            writer.close()
+            return
+        self.served[url] += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._pipes.discard(task)
+            for w in (writer, up_writer):
+                w.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
 # Requests and their answers -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Answer:

@@ -27,8 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from federatls._client import client_tls_context
+from federatls._errors import CARefusedError
 from federatls._keys import PrivateKey, build_csr, new_private_key
-from federatls._protocol import error_message
+from federatls._protocol import RekeyRequest, SignRequest, error_message
 from federatls.ca import CAServer
 from federatls.ca._store import TOKEN_RETENTION
 
@@ -38,6 +39,7 @@ from replicas import (
     NAME,
     SUBJECT,
     Answer,
+    Balancer,
     Cluster,
     Load,
     Replica,
@@ -531,3 +533,30 @@ async def test_every_replica_is_valid_for_the_one_name_with_its_own_certificate(
             await asyncio.to_thread(
                 _server_certificate, replica.url, two.pki.root_path, "elsewhere.internal"
             )
+
+
+async def test_the_sdk_client_behind_one_address_signs_renews_and_is_refused_a_replay(
+    two: Cluster,
+) -> None:
+    """Behind one address (a TCP balancer passing TLS through to each replica in turn) the
+    SDK's CA client signs, renews over mTLS and rekeys, whichever replica each connection
+    reaches. Twin: a token spent through one replica is refused (401) through the other."""
+    async with Balancer(two) as balancer:
+        two.pki.url = balancer.url  # the one address, in the tokens' audience
+        token = two.pki.token(SUBJECT)
+        key = new_private_key()
+        request = SignRequest(build_csr(key, SUBJECT, [SUBJECT]), token)
+        async with two.pki.client() as ca:  # one connection: one replica
+            signed = await ca.sign(request)
+        async with two.pki.client() as ca:  # the next connection: the other replica
+            with pytest.raises(CARefusedError) as refused:
+                await ca.sign(request)
+        identity = (list(signed.chain), key)
+        async with two.pki.client(identity) as ca:
+            renewed = await ca.renew()
+        async with two.pki.client(identity) as ca:
+            rekeyed = await ca.rekey(RekeyRequest(build_csr(new_private_key(), SUBJECT, [SUBJECT])))
+    assert refused.value.status == 401
+    assert set(balancer.served) == set(two.urls())
+    assert renewed.leaf.subject == rekeyed.leaf.subject == signed.leaf.subject
+    assert recorded_serials(two) == {c.leaf.serial_number for c in (signed, renewed, rekeyed)}
