@@ -216,6 +216,40 @@ async def test_a_certificate_not_revoked_renews_and_rekeys_on_the_other_replica(
     assert count(two, "revocations") == 1
 
 
+@pytest.mark.parametrize("tokens", ["one token", "distinct tokens"])
+async def test_concurrent_revocations_over_replicas_record_one(three: Cluster, tokens: str) -> None:
+    """24 revocations of one certificate at once over three replicas record one revocation
+    and answer one 200: the others get step-ca's 401 (copies of one token: a replay) or a
+    400 saying it is already revoked (distinct tokens). Twin: each case is the other's (the
+    same race refused for its own reason)."""
+    chain, _ = await _enroll(three, three[0].url)
+    serial = str(chain[0].serial_number)
+    one = three.pki.token(serial, revoke=True)
+    bodies = [
+        {
+            "serial": serial,
+            "ott": one if tokens == "one token" else three.pki.token(serial, revoke=True),
+            "passive": True,
+        }
+        for _ in range(24)
+    ]
+    urls = three.urls()
+    async with three.client(connections=len(bodies)) as client:
+        await asyncio.gather(*(client.get(urls[i % 3] + "/health") for i in range(len(bodies))))
+        answers = await asyncio.gather(
+            *(client.post(urls[i % 3] + "/1.0/revoke", json=b) for i, b in enumerate(bodies))
+        )
+    refusal = 401 if tokens == "one token" else 400
+    assert Counter(r.status_code for r in answers) == {200: 1, refusal: 23}
+    refused = [r.json() for r in answers if r.status_code == refusal]
+    if refusal == 401:
+        assert all(body == {"status": 401, "message": error_message(401)} for body in refused)
+    else:
+        assert all("is already revoked" in body["message"] for body in refused)
+    assert count(three, "revocations") == 1
+    assert count(three, "used_tokens") == 2  # the sign token and one revoke token
+
+
 # Serials -----------------------------------------------------------------------------------------
 async def test_serials_never_collide_across_replicas_under_load(three: Cluster) -> None:
     """150 signs, 16 at a time, over three replicas: 150 certificates with 150 distinct
