@@ -96,11 +96,14 @@ class PostgresCluster:
         self.bindir = bindir if bindir is not None else find_bindir()
         self.password = secrets.token_hex(16)
         self.port = _free_port()
-        self._base = Path(tempfile.mkdtemp(prefix="federatls-pg-"))
+        self._as_root = os.geteuid() == 0
+        # As root, under /tmp: ``nobody`` must be able to reach the directory, and TMPDIR may
+        # be private to root.
+        parent = "/tmp" if self._as_root and Path("/tmp").is_dir() else None
+        self._base = Path(tempfile.mkdtemp(prefix="federatls-pg-", dir=parent))
         self.data = self._base / "data"
         self.socket_dir = self._base / "run"
         self.log_path = self._base / "server.log"
-        self._as_root = os.geteuid() == 0
         self._prefix = ["runuser", "-u", "nobody", "--"] if self._as_root else []
         self._names = itertools.count(1)
         self._lock = threading.Lock()
@@ -192,10 +195,24 @@ class PostgresCluster:
             if self._running:
                 return
             started = time.monotonic()
-            self._run(
-                self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w", "-t", "90",
-                "start",
-            )  # fmt: skip
+            for attempt in range(3):
+                try:
+                    self._run(
+                        self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w",
+                        "-t", "90", "start",
+                    )  # fmt: skip
+                    break
+                except RuntimeError:
+                    # The free port was taken meanwhile (a busy machine): before the first
+                    # start only, another one will do.
+                    log = (
+                        self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                    )
+                    if self.start_seconds or attempt == 2 or "could not bind" not in log:
+                        raise
+                    self.port = _free_port()
+                    with (self.data / "postgresql.conf").open("a") as conf:
+                        conf.write(f"port = {self.port}\n")
             if not self.start_seconds:
                 self.start_seconds = time.monotonic() - started
             self._running = True

@@ -13,25 +13,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import httpx
 import psycopg
 import pytest
 from cryptography import x509
 
 from federatls import CARefusedError
 from federatls._keys import build_csr, new_private_key
-from federatls._protocol import ErrorBody, RevokeRequest, SignRequest
+from federatls._protocol import ErrorBody, RekeyRequest, RevokeRequest, SignRequest
+from federatls._x509 import common_name, fingerprint
 from federatls.ca import CAServer
 from federatls.ca._database import Database, init_schema
+from federatls.ca._store import TokenUse
 
-from harness import PASSWORD, PKI, FakeClock, assert_one_line_error, federatls, free_port
+from harness import (
+    PASSWORD,
+    PKI,
+    FakeClock,
+    assert_one_line_error,
+    federatls,
+    free_port,
+    wait_until,
+)
 from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
@@ -290,3 +305,212 @@ async def test_migrate_refuses_a_database_that_is_not_empty(
     run = await federatls("ca", "db", "migrate", pki.config, "--to", pg_url)
     assert_one_line_error(run, "is not empty", "1 certificates")
     assert rows(pg_url, "certificates") == 1
+
+
+# The database lost while serving ---------------------------------------------------------------
+async def test_database_lost_while_serving_then_back(
+    pki: PKI, clock: FakeClock, postgres: PostgresCluster, pg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL stopped under a serving CA: sign, renew, rekey and revoke answer 503 with
+    step-ca's body and spend nothing; /roots, /federation, /root/{sha}, /provisioners and
+    /version answer as before; /health is 503 saying what is wrong; the purge logs its
+    failure once. Twin: once the server is back, with no restart of the CA, /health is 200
+    and the very same requests (same tokens) succeed; every certificate handed out has its
+    record."""
+    caplog.set_level(logging.INFO, "federatls.ca")
+    async with serving(pki, clock, purge_interval=0.2) as ca:
+        chain, key = await sign(pki, pki.token("held"), "held")
+        token, revoke_token = pki.token("svc"), pki.token(str(chain[0].serial_number), revoke=True)
+        csr_key = new_private_key()
+        request = SignRequest(build_csr(csr_key, "svc", ["svc"]), token)
+        rekey = RekeyRequest(build_csr(new_private_key(), "held", ["held"]))
+        revoke = RevokeRequest(str(chain[0].serial_number), ott=revoke_token)
+        postgres.stop()
+        try:
+            async with pki.client() as client:
+                for call in (client.sign(request), client.revoke(revoke)):
+                    refusal = await refused(call)
+                    assert (refusal.status, refusal.body) == (503, UNAVAILABLE)
+            async with pki.client((chain, key)) as client:
+                for call in (client.renew(), client.rekey(rekey)):
+                    refusal = await refused(call)
+                    assert (refusal.status, refusal.body) == (503, UNAVAILABLE)
+            await _read_only_routes_answer(pki)
+            health = await _health(pki)
+            assert health.status_code == 503
+            assert health.json()["status"] == 503
+            assert "cannot use its database" in health.json()["message"]
+            assert f"127.0.0.1:{postgres.port}" in health.json()["message"]
+            assert postgres.password not in health.text
+            said = await federatls("ca", "health", "--ca-url", pki.url, "--root", pki.root_path)
+            assert_one_line_error(said, "503", "cannot use its database")
+            assert ca.purge is not None
+            runs = ca.purge.runs
+            await asyncio.sleep(1.0)  # several purge runs fail meanwhile
+            assert ca.purge.runs == runs
+        finally:
+            postgres.start()
+        await _until_healthy(pki)
+        async with pki.client() as client:
+            signed = await client.sign(request)
+        async with pki.client((chain, key)) as client:
+            renewed = await client.renew()
+            await client.rekey(rekey)
+        async with pki.client() as client:
+            await client.revoke(revoke)
+        await wait_until(lambda: ca.purge is not None and ca.purge.runs > runs, 30)
+    served = {c.serial_number for c in (chain[0], signed.chain[0], renewed.chain[0])}
+    with psycopg.connect(pg, autocommit=True) as conn:
+        recorded = {int(r[0]) for r in conn.execute("SELECT serial FROM certificates")}
+    assert served <= recorded
+    assert len(recorded) == 4  # held, svc, its renewal and its rekey: nothing else
+    assert rows(pg, "revocations") == 1
+    failures = [r for r in caplog.records if "purging expired token ids failed" in r.message]
+    assert len(failures) == 1
+    assert any("purging expired token ids works again" in r.message for r in caplog.records)
+
+
+async def _read_only_routes_answer(pki: PKI) -> None:
+    async with httpx.AsyncClient(base_url=pki.url, verify=_verify(pki), timeout=10) as http:
+        for path, status in [
+            ("/roots", 201),
+            ("/federation", 201),
+            (f"/root/{fingerprint(pki.root)}", 200),
+            ("/provisioners", 200),
+            ("/version", 200),
+            ("/1.0/roots", 201),
+        ]:
+            answer = await http.get(path)
+            assert answer.status_code == status, (path, answer.text)
+
+
+def _verify(pki: PKI) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.root_path))
+
+
+async def _health(pki: PKI) -> httpx.Response:
+    async with httpx.AsyncClient(verify=_verify(pki), timeout=30) as http:
+        return await http.get(pki.url + "/health")
+
+
+async def _until_healthy(pki: PKI) -> None:
+    """Until /health is 200 (bounded: the store tries the server again at most every few
+    seconds)."""
+    deadline = time.monotonic() + 60
+    while (health := await _health(pki)).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"/health still {health.status_code}: {health.text}")
+        await asyncio.sleep(0.2)
+    assert health.json() == {"status": "ok"}
+
+
+# Which replay rule holds for which store --------------------------------------------------------
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_token_issued_before_a_restart(
+    pki: PKI, clock: FakeClock, postgres: PostgresCluster, store: str
+) -> None:
+    """On PostgreSQL (every commit durable) a restarted CA accepts a fresh token issued
+    before its restart: a replica's restart refuses nothing the cluster has not seen.
+    Twin: on SQLite it is refused, as step-ca refuses it ("issued before the bootstrap")."""
+    if store == "postgresql":
+        url = postgres.new_database()
+        init_schema(Database("postgresql", url))
+        use_postgres(pki, url)
+    async with serving(pki, clock):
+        token = pki.token("svc")
+    clock.advance(5)  # the CA restarts some seconds later
+    async with serving(pki, clock) as ca:
+        assert ca.authority.iat_checked == (store == "sqlite")
+        if store == "postgresql":
+            await sign(pki, token)
+        else:
+            refusal = await refused(sign(pki, token))
+            assert refusal.status == 401
+
+
+# The purge of expired token ids ----------------------------------------------------------------
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_expired_token_ids_are_purged_while_serving(
+    pki: PKI, clock: FakeClock, postgres: PostgresCluster, store: str
+) -> None:
+    """While the CA serves, token ids past their ``exp`` and the day of retention go, in
+    batches (2,500 of them: three batches of 1,000), and certificates stay. Twin: ids spent
+    within the retention stay, the last one spent at the moment the purge runs included."""
+    database: Database | None = None
+    if store == "postgresql":
+        url = postgres.new_database()
+        database = Database("postgresql", url)
+        init_schema(database)
+    async with serving(pki, clock, database=database) as ca:
+        await sign(pki, pki.token("old"), "old")
+        long_ago = clock() - timedelta(days=3)
+        expired = [
+            TokenUse(f"expired-{i}", "admin:kid", long_ago, long_ago - timedelta(minutes=5))
+            for i in range(2500)
+        ]
+        await asyncio.to_thread(ca.authority.store.record_issuances, expired)
+        assert ca.purge is not None
+        assert ca.purge.purged == 0  # the first run is a minute after the start
+    async with serving(pki, clock, database=database, purge_interval=0.5) as ca:
+        purge, store_ = ca.purge, ca.authority.store
+        assert purge is not None
+        assert store_.counts()["used_tokens"] == 2501
+        await wait_until(lambda: purge.purged >= 2500)
+        assert purge.runs <= 1  # one run went on, batch after batch, until none was left
+        assert store_.counts() == {"used_tokens": 1, "certificates": 1, "revocations": 0}
+        clock.advance(24 * 3600 + 5 * 60 - 30)  # "old" expires in 5 min: within retention
+        await sign(pki, pki.token("new"), "new")
+        runs = purge.runs
+        await wait_until(lambda: purge.runs >= runs + 2)
+        assert store_.counts()["used_tokens"] == 2
+        clock.advance(60)  # now "old" is past exp + retention; "new" is not
+        await wait_until(lambda: purge.purged == 2501)
+        assert store_.counts()["used_tokens"] == 1
+        assert store_.counts()["certificates"] == 2
+
+
+async def test_the_database_cannot_change_on_reload(
+    pki: PKI, clock: FakeClock, postgres: PostgresCluster, pg: str
+) -> None:
+    """A reload (SIGHUP) whose db block names another database is refused and logged; the
+    CA keeps serving from the first. Twin: a reload with the same block is applied."""
+    async with serving(pki, clock) as ca:
+        assert ca.reload()
+        other = postgres.new_database()
+        init_schema(Database("postgresql", other))
+        use_postgres(pki, other)
+        assert not ca.reload()
+        await sign(pki, pki.token("svc"))
+    assert (rows(pg, "certificates"), rows(other, "certificates")) == (1, 0)
+
+
+async def test_a_commit_that_fails_hands_out_nothing(pki: PKI, clock: FakeClock, pg: str) -> None:
+    """Certificates signed together whose transaction fails at COMMIT (a deferred trigger
+    raises there) are answered 503 with step-ca's body: none is handed out, none recorded,
+    no token spent. Twin: with the trigger gone, the very same tokens buy their
+    certificates, each with its record."""
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'injected failure at commit'; END $$"
+        )
+        conn.execute(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON certificates"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    names = [f"svc-{i}" for i in range(4)]
+    async with serving(pki, clock):
+        requests = [SignRequest(build_csr(new_private_key(), n, [n]), pki.token(n)) for n in names]
+        async with pki.client() as client:
+            answers = await asyncio.gather(
+                *(client.sign(r) for r in requests), return_exceptions=True
+            )
+            for answer in answers:
+                assert isinstance(answer, CARefusedError), answer
+                assert (answer.status, answer.body) == (503, UNAVAILABLE)
+            assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (0, 0)
+            with psycopg.connect(pg, autocommit=True) as conn:
+                conn.execute("DROP TRIGGER refuse_at_commit ON certificates")
+            signed = await asyncio.gather(*(client.sign(r) for r in requests))
+    assert [common_name(s.chain[0].subject) for s in signed] == names
+    assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (4, 4)

@@ -184,3 +184,15 @@ async def test_migrate_without_sqlite_state_is_one_line(pki: PKI, tmp_path: Path
     )
     assert_one_line_error(run, str(pki.config.parent / "federatls.db"), "does not exist")
     assert "pw@" not in run.err
+
+
+async def test_db_init_on_sqlite_creates_then_finds_it_current(pki: PKI) -> None:
+    """``ca db init`` on ca.json's default block makes the SQLite file beside it and says so
+    in one line; run again it changes nothing and says the schema is up to date (the twin:
+    the same command, a different line)."""
+    store = pki.config.parent / "federatls.db"
+    run = await federatls("ca", "db", "init", pki.config)
+    assert (run.code, run.err) == (0, ""), run
+    assert run.out == f"{store}: created the federatls schema (version 3)\n"
+    again = await federatls("ca", "db", "init", pki.config)
+    assert again.out == f"{store}: the federatls schema is up to date (version 3)\n", again

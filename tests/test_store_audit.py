@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,35 @@ def test_an_old_database_is_migrated_in_place(tmp_path: Path) -> None:
         assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         reopened.close()
+
+
+def _purge_plan(conn: sqlite3.Connection) -> str:
+    rows = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT token_id FROM used_tokens WHERE expires_at < ?"
+        " ORDER BY expires_at LIMIT 1000",
+        ("2026-01-02T00:00:00+00:00",),
+    ).fetchall()
+    return " ".join(row[-1] for row in rows)
+
+
+def test_an_old_database_gains_the_purge_index(tmp_path: Path) -> None:
+    """Opening a database of schema version 1 adds the index on the tokens' expiry (version
+    3), which the purge's query then uses, and purges through it. Twin: before, the same
+    query scans the table."""
+    path = tmp_path / "federatls.db"
+    _old_database(path)
+    with sqlite3.connect(path) as conn:
+        assert "used_tokens_expires_at" not in _purge_plan(conn)
+    store = SQLiteStore(path)
+    try:
+        assert store.opened_version == 1
+        assert "USING INDEX used_tokens_expires_at" in _purge_plan(store._conn)
+        assert store.purge_expired(datetime(2026, 1, 3, tzinfo=UTC)) == 1
+        assert not store.token_used("old-jti")
+    finally:
+        store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ and coming back under the same store, and the copy of a SQLite file into it."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -249,6 +251,15 @@ def test_check_passes_on_a_usable_store(store: Store) -> None:
     store.check()
 
 
+def test_check_fails_on_a_closed_store(database: Database) -> None:
+    """Twin of the above: ``check`` on a store that was closed raises
+    ``StoreUnavailableError``."""
+    store = open_store(database)
+    store.close()
+    with pytest.raises(StoreUnavailableError):
+        store.check()
+
+
 def test_a_newer_schema_version_is_refused(database: Database, store: Store) -> None:
     """A database whose schema a newer federatls wrote is refused at open with a one-line
     ConfigError naming the version. Twin: the same database at this version opens (the
@@ -274,6 +285,76 @@ def test_init_schema_is_idempotent(database: Database, store: Store) -> None:
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "described", "endpoint"),
+    [
+        (
+            "postgresql://ca:pw@db.example:5433/federatls",
+            "postgresql://ca@db.example:5433/federatls",
+            "db.example:5433",
+        ),
+        (
+            "postgres://ca:pw@db.example/federatls?sslmode=verify-full&password=pw",
+            "postgres://ca@db.example/federatls",
+            "db.example:5432",
+        ),
+        (
+            "postgresql:///federatls?host=/run/postgresql",
+            "postgresql:///federatls",
+            "/run/postgresql:5432",
+        ),
+        (
+            "postgresql://ca:pw@[::1]:6432/federatls",
+            "postgresql://ca@[::1]:6432/federatls",
+            "[::1]:6432",
+        ),
+    ],
+)
+def test_a_database_is_described_without_its_password(
+    url: str, described: str, endpoint: str
+) -> None:
+    """A PostgreSQL database is described by its URL without password or parameters, and
+    its server by HOST:PORT. Twin: the location itself still holds the password."""
+    db = Database.postgresql(url)
+    assert (db.describe(), db.endpoint) == (described, endpoint)
+    assert "pw" not in db.describe()
+    assert db.kind == "postgresql"
+    assert ":pw@" in db.location or "?host=" in db.location
+
+
+@pytest.mark.parametrize("driver", [True, False], ids=["with-psycopg", "without-psycopg"])
+def test_postgres_without_its_driver_names_the_extra(driver: bool) -> None:
+    """Without psycopg, opening a PostgreSQL database raises MissingExtraError naming
+    federatls[ca], and importing federatls.ca never needed it. Twin: with psycopg, the same
+    call gets as far as the (absent) server."""
+    block = "" if driver else "sys.modules['psycopg'] = None; "
+    code = (
+        f"import sys; {block}import federatls.ca as ca\n"
+        "try:\n"
+        f"    ca.open_store(ca.Database.postgresql('postgresql://u:p@127.0.0.1:{free_port()}/d'))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if driver:
+        assert run.stdout.startswith("ConfigError cannot reach PostgreSQL at 127.0.0.1:")
+    else:
+        assert run.stdout.startswith("MissingExtraError a PostgreSQL database needs the 'ca'")
+        assert "federatls[ca]" in run.stdout
+
+
+def test_step_cas_data_source_and_database_make_one_url() -> None:
+    """ca.json's ``dataSource`` (no database) and ``database`` make one URL. Twin: a
+    dataSource alone names no database and is refused; so is another scheme."""
+    db = Database.postgresql("postgresql://ca:pw@127.0.0.1:5432/", "federatls")
+    assert db.describe() == "postgresql://ca@127.0.0.1:5432/federatls"
+    with pytest.raises(ConfigError, match="names no database"):
+        Database.postgresql("postgresql://ca:pw@127.0.0.1:5432/")
+    with pytest.raises(ConfigError, match="not a PostgreSQL URL") as refused:
+        Database.postgresql("mysql://ca:pw@127.0.0.1:3306/federatls")
+    assert "pw" not in str(refused.value)
 
 
 def test_postgres_without_schema_is_refused(postgres: PostgresCluster) -> None:
@@ -356,6 +437,32 @@ def test_postgres_commits_are_durable_whatever_the_default(postgres: PostgresClu
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
 
 
+def test_postgres_purge_skips_rows_another_replica_holds(postgres: PostgresCluster) -> None:
+    """While another session (a replica purging too) holds the oldest expired ids, a purge
+    takes the others at once instead of queueing behind it. Twin: once that session ends,
+    the next purge takes the ids it held."""
+    url = postgres.new_database()
+    db = Database.postgresql(url)
+    init_schema(db)
+    store = open_store(db)
+    cutoff = NOW - TOKEN_RETENTION
+    try:
+        store.record_issuances(
+            [_use(f"old-{i}", expires=cutoff - timedelta(minutes=10 - i)) for i in range(10)]
+        )
+        with psycopg.connect(url) as other:
+            held = other.execute(
+                "SELECT token_id FROM used_tokens ORDER BY expires_at LIMIT 4 FOR UPDATE"
+            ).fetchall()
+            assert [row[0] for row in held] == ["old-0", "old-1", "old-2", "old-3"]
+            assert store.purge_expired(NOW, limit=100) == 6
+            assert all(store.token_used(f"old-{i}") for i in range(4))
+        assert store.purge_expired(NOW, limit=100) == 4
+        assert store.counts()["used_tokens"] == 0
+    finally:
+        store.close()
+
+
 def test_postgres_calls_never_wait_inside_without_waiting(postgres: PostgresCluster) -> None:
     """Inside ``without_waiting()`` every PostgreSQL call raises ``StoreWouldWait`` and does
     nothing (it would block on the network). Twin: outside, the same calls work."""
@@ -420,6 +527,63 @@ def test_postgres_down_and_back(postgres: PostgresCluster) -> None:
         assert not store.token_used("during")
         assert store.record_issuances([_use("after")]) == [True]
         assert not store.is_revoked("80")
+    finally:
+        store.close()
+
+
+def test_postgres_killed_under_load_keeps_every_acknowledged_commit(
+    postgres: PostgresCluster,
+) -> None:
+    """Four threads spend tokens through one store while the server is killed (SIGKILL) and
+    started again: every spend the store acknowledged is there after the crash recovery,
+    every call in between raised ``StoreUnavailableError`` (never a driver error), and the
+    same store serves again. Twin: a token the threads never sent reads as unused."""
+    db = Database.postgresql(postgres.new_database())
+    init_schema(db)
+    store = open_store(db)
+    acknowledged: list[str] = []
+    refused: list[BaseException] = []
+    stop = threading.Event()
+
+    def spend(worker: int) -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            token_id = f"w{worker}-{i}"
+            try:
+                if store.record_issuances([_use(token_id, _cert(f"{worker}{i:06d}", token_id))]):
+                    acknowledged.append(token_id)
+            except StoreUnavailableError as exc:
+                refused.append(exc)
+                time.sleep(0.01)
+            except BaseException as exc:  # a driver error would end up here
+                refused.append(exc)
+                raise
+
+    threads = [threading.Thread(target=spend, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        postgres.kill()
+        postgres.start()
+        after = len(acknowledged)
+        while len(acknowledged) < after + 50 and time.monotonic() < deadline + 30:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    try:
+        assert refused, "the kill was not noticed"
+        assert all(isinstance(exc, StoreUnavailableError) for exc in refused)
+        assert len(acknowledged) >= after + 50  # served again, by the same store
+        missing = [t for t in acknowledged if not store.token_used(t)]
+        assert missing == []
+        assert store.counts()["certificates"] >= len(acknowledged)
+        assert not store.token_used("w9-0")
     finally:
         store.close()
 
@@ -503,6 +667,42 @@ def test_copy_store_copies_everything(tmp_path: Path, postgres: PostgresCluster)
         assert not store.token_used("t4")
     finally:
         store.close()
+
+
+def test_copy_store_reads_a_schema_1_file(tmp_path: Path, postgres: PostgresCluster) -> None:
+    """A SQLite file from before the audit trail (schema 1) is copied as it is, its
+    certificates with an empty trail, and is not changed. Twin: a SQLite file that is not a
+    federatls database (schema 0) is refused and copies nothing."""
+    source = tmp_path / "old.db"
+    with sqlite3.connect(source) as conn:
+        conn.executescript(
+            "CREATE TABLE used_tokens (token_id TEXT PRIMARY KEY, provisioner TEXT,"
+            " expires_at TEXT, used_at TEXT);"
+            "CREATE TABLE certificates (serial TEXT PRIMARY KEY, subject TEXT, sans TEXT,"
+            " not_before TEXT, not_after TEXT, provisioner TEXT, renewed_from TEXT, der BLOB);"
+            "CREATE TABLE revocations (serial TEXT PRIMARY KEY, reason_code INTEGER,"
+            " reason TEXT, provisioner TEXT, token_id TEXT, mtls INTEGER, revoked_at TEXT);"
+            "INSERT INTO certificates VALUES ('7', 'old', '[\"old\"]',"
+            " '2026-01-01T00:00:00+00:00', '2026-01-02T00:00:00+00:00', 'p:k', NULL, x'3082');"
+            "PRAGMA user_version=1;"
+        )
+    target = Database.postgresql(postgres.new_database())
+    assert copy_store(source, target) == {"used_tokens": 0, "certificates": 1, "revocations": 0}
+    store = open_store(target)
+    try:
+        old = store.get_certificate("7")
+        assert old is not None
+        assert (old.sans, old.der, old.operation, old.token_id) == (("old",), b"\x30\x82", "", "")
+    finally:
+        store.close()
+    with sqlite3.connect(source) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        conn.execute("PRAGMA user_version=0")
+    empty = Database.postgresql(postgres.new_database())
+    with pytest.raises(ConfigError, match="schema version 0: not a federatls database"):
+        copy_store(source, empty)
+    with psycopg.connect(empty.location) as conn:
+        assert conn.execute("SELECT to_regclass('used_tokens')").fetchone() == (None,)
 
 
 def test_copy_store_refuses_a_database_with_rows(tmp_path: Path, postgres: PostgresCluster) -> None:

@@ -65,6 +65,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(_server, name)
     if name == "PostgresStore":  # imports psycopg, which only a PostgreSQL database needs
+        from ._database import _need_driver
+
+        _need_driver()
         from ._postgres import PostgresStore
 
         return PostgresStore

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 from .._errors import ConfigError, MissingExtraError
 from ._store import _SCHEMA_VERSION, SQLiteStore, Store
@@ -68,11 +68,17 @@ class Database:
 
     @property
     def endpoint(self) -> str:
-        """PostgreSQL's ``HOST:PORT`` (5432 when the URL gives none)."""
-        netloc = urlsplit(self.location).netloc.rsplit("@", 1)[-1]
-        if not netloc:
-            return "localhost:5432"
-        return netloc if netloc.rsplit(":", 1)[-1].isdigit() else f"{netloc}:5432"
+        """PostgreSQL's ``HOST:PORT`` for messages: the URL's, or its ``host`` and ``port``
+        parameters (a socket directory, say), libpq's defaults otherwise."""
+        parts = urlsplit(self.location)
+        query = parse_qs(parts.query)
+        hostport = parts.netloc.rpartition("@")[2]
+        host, colon, port = hostport.rpartition(":")
+        if not colon or not port.isdigit() or host.endswith(":"):  # no port, or bare IPv6
+            host, port = hostport, ""
+        host = host or query.get("host", ["localhost"])[0]
+        port = port or query.get("port", ["5432"])[0]
+        return f"{host}:{port}"
 
 
 def _describe(url: str) -> str:
@@ -80,7 +86,7 @@ def _describe(url: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.split(":", 1)[0]
     netloc = f"{user}@{hostport}" if user else hostport
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def open_store(db: Database, *, checkpoint_interval: float | None = None) -> Store:

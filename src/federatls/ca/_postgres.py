@@ -119,6 +119,8 @@ _CONNECT_DEFAULTS = {
 _SESSION = (
     "SET synchronous_commit = on",  # durable before the answer, whatever the server default
     "SET TimeZone = 'UTC'",
+)
+_BOUNDED = (  # the CA's calls, not an operator's copy of a million rows
     "SET statement_timeout = '15s'",  # no call holds a thread for ever (StoreBusyError)
     "SET idle_in_transaction_session_timeout = '60s'",
 )
@@ -150,6 +152,7 @@ class PostgresStore:
         self._state = threading.Lock()  # guards _pool and _down
         self._gate = threading.Lock()  # held by the one call that tries a down server
         self._down: str | None = None  # why the database is unusable, while it is
+        self._closed = False
         self._pool: ConnectionPool[Conn] | None = self._new_pool()
         try:
             self._pool.wait(timeout=timeout + 5)
@@ -209,8 +212,8 @@ class PostgresStore:
         is down until a later call finds it back."""
         if _NO_WAIT.get():
             raise StoreWouldWait(f"{self.database.describe()}: a PostgreSQL call waits")
-        pool = self._usable_pool()
         for attempt in (1, 2):
+            pool = self._usable_pool()
             try:
                 with pool.connection(timeout=self.timeout) as conn:
                     return _run(conn, body, transaction)
@@ -231,7 +234,8 @@ class PostgresStore:
                 if not _lost(exc):
                     raise self._translated(exc) from exc
                 if attempt == 1 and self._probe() is None:
-                    pool.check()  # drop the other connections the server lost
+                    with contextlib.suppress(psycopg.Error):  # closed meanwhile, say
+                        pool.check()  # drop the other connections the server lost
                     continue
                 raise StoreUnavailableError(self._fail(exc)) from exc
         raise AssertionError("unreachable")
@@ -242,6 +246,8 @@ class PostgresStore:
         pool = self._pool
         if pool is not None:
             return pool
+        if self._closed:
+            raise StoreUnavailableError(f"{self.database.describe()}: the store is closed")
         if not self._gate.acquire(blocking=False):
             raise StoreUnavailableError(self._down or "PostgreSQL is unreachable")
         try:
@@ -252,6 +258,8 @@ class PostgresStore:
             if failure is not None:
                 raise StoreUnavailableError(self._fail(failure)) from failure
             with self._state:
+                if self._closed:
+                    raise StoreUnavailableError(f"{self.database.describe()}: closed")
                 self._pool = self._new_pool()
                 self._down = None
             log.warning("PostgreSQL at %s is reachable again", self.database.endpoint)
@@ -307,10 +315,7 @@ class PostgresStore:
         def body(conn: Conn) -> list[bool]:
             results = []
             for use in issuances:
-                fresh = _spend(conn, use)
-                if fresh and use.certificate is not None:
-                    _insert_certificate(conn, use.certificate)
-                results.append(fresh)
+                results.append(_spend(conn, use))
             return results
 
         return self._call(body, transaction=True)
@@ -401,7 +406,7 @@ class PostgresStore:
     def close(self) -> None:
         with self._state:
             pool, self._pool = self._pool, None
-            self._down = f"{self.database.describe()}: the store is closed"
+            self._closed = True
         if pool is not None:
             pool.close()
 
@@ -438,7 +443,7 @@ def _lost(exc: psycopg.Error) -> bool:
 
 
 def _configure(conn: Conn) -> None:
-    for statement in _SESSION:
+    for statement in (*_SESSION, *_BOUNDED):
         conn.execute(statement)  # constant SQL
 
 
@@ -468,22 +473,49 @@ def _schema_version(conn: Conn) -> int:
     return 0 if row is None else int(row[0])
 
 
+_SPEND = "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING"
+# The spend and the certificate it bought in one statement (one round trip): the certificate
+# is inserted only from the spend's RETURNING row, so a replay records nothing.
+_SPEND_AND_RECORD = (
+    "WITH spent AS (" + _SPEND + " RETURNING 1),"  # noqa: S608 (constants only)
+    f" recorded AS (INSERT INTO certificates ({_CERT_COLUMNS})"
+    "  SELECT %s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s FROM spent)"
+    " SELECT count(*) FROM spent"
+)
+
+
 def _spend(conn: Conn, use: TokenUse) -> bool:
-    """Mark a token used: True for the one insert that wins, False for every replay."""
-    cur = conn.execute(
-        "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING",
-        (use.token_id, use.provisioner, use.expires_at, use.used_at),
+    """Mark a token used, and record the certificate it bought if any: True for the one
+    insert that wins, False (nothing recorded) for every replay."""
+    token = (use.token_id, use.provisioner, use.expires_at, use.used_at)
+    cert = use.certificate
+    if cert is None:
+        return conn.execute(_SPEND, token).rowcount == 1
+    row = conn.execute(_SPEND_AND_RECORD, (*token, *_certificate_row(cert))).fetchone()
+    return row is not None and row[0] == 1
+
+
+def _certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
+    return (
+        cert.serial,
+        cert.subject,
+        list(cert.sans),
+        cert.not_before,
+        cert.not_after,
+        cert.provisioner,
+        cert.renewed_from,
+        cert.der,
+        cert.operation,
+        cert.token_id,
     )
-    return cur.rowcount == 1
 
 
 def _insert_certificate(conn: Conn, cert: IssuedCertificate) -> None:
     conn.execute(
         f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608
         " VALUES (%s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s)",
-        (cert.serial, cert.subject, list(cert.sans), cert.not_before, cert.not_after,
-         cert.provisioner, cert.renewed_from, cert.der, cert.operation, cert.token_id),
-    )  # fmt: skip
+        _certificate_row(cert),
+    )
 
 
 # -- schema and migration -------------------------------------------------------------------
