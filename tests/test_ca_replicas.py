@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +30,7 @@ from federatls._client import client_tls_context
 from federatls._errors import CARefusedError
 from federatls._keys import PrivateKey, build_csr, new_private_key
 from federatls._protocol import RekeyRequest, SignRequest, error_message
+from federatls._token import mint_renew_token, renew_audience
 from federatls.ca import CAServer
 from federatls.ca._store import TOKEN_RETENTION
 
@@ -43,6 +44,7 @@ from replicas import (
     Cluster,
     Load,
     Replica,
+    answer_of,
     chain_of,
     cluster,
     count,
@@ -92,9 +94,12 @@ async def three(tmp_path: Path, postgres: PostgresCluster) -> AsyncIterator[Clus
         yield made
 
 
-async def _storm(made: Cluster, tokens: list[str]) -> list[Answer]:
-    """Send every token at once, spread over the replicas, on connections opened
-    beforehand so that the requests arrive together."""
+Send = Callable[[httpx.AsyncClient, str, str], Awaitable[Answer]]
+
+
+async def _storm(made: Cluster, tokens: list[str], send: Send = sign) -> list[Answer]:
+    """Send every token at once (``send``: a sign by default), spread over the replicas, on
+    connections opened beforehand so that the requests arrive together."""
     urls = made.urls()
     async with made.client(connections=len(tokens)) as client:
         warm = await asyncio.gather(
@@ -103,7 +108,7 @@ async def _storm(made: Cluster, tokens: list[str]) -> list[Answer]:
         assert {r.status_code for r in warm} == {200}
         return list(
             await asyncio.gather(
-                *(sign(client, urls[i % len(urls)], t) for i, t in enumerate(tokens))
+                *(send(client, urls[i % len(urls)], t) for i, t in enumerate(tokens))
             )
         )
 
@@ -138,6 +143,37 @@ async def test_distinct_tokens_over_replicas_all_buy_certificates(three: Cluster
     assert count(three, "certificates") == STORM
     assert count(three, "used_tokens") == STORM
     assert recorded_serials(three) == serials
+
+
+async def _renew_by_token(client: httpx.AsyncClient, url: str, token: str) -> Answer:
+    """POST /1.0/renew with a ``Bearer`` renew token (no client certificate)."""
+    response = await client.post(url + "/1.0/renew", headers={"Authorization": f"Bearer {token}"})
+    return answer_of(url, response)
+
+
+@pytest.mark.parametrize("tokens", ["copies of one", "distinct"])
+async def test_renew_token_storm_over_replicas(three: Cluster, tokens: str) -> None:
+    """48 concurrent copies of one renew token (``x5cInsecure``, no mTLS) over three
+    replicas buy one renewal, the others get step-ca's 401; twin: 48 distinct renew tokens
+    for the same certificate buy 48 renewals."""
+    chain, key = await _enroll(three, three[0].url)
+    audience = renew_audience(three.pki.url)
+    now = datetime.now(UTC)
+    one = mint_renew_token(chain, key, audience=audience, now=now)
+    batch = [
+        one
+        if tokens == "copies of one"
+        else mint_renew_token(chain, key, audience=audience, now=now)
+        for _ in range(STORM)
+    ]
+    answers = await _storm(three, batch, _renew_by_token)
+    won = 1 if tokens == "copies of one" else STORM
+    assert Counter(a.status for a in answers) == (
+        {201: 1, 401: STORM - 1} if won == 1 else {201: STORM}
+    ), answers
+    assert all(a.step_body for a in _unauthorized(answers))
+    assert count(three, "certificates") == 1 + won
+    assert count(three, "used_tokens") == 1 + won
 
 
 # A revocation holds on every replica at once ---------------------------------------------------
