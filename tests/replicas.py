@@ -1,6 +1,7 @@
 """Test harness for CA replicas: several ``federatls ca serve`` processes on one CA directory
 (one ca.json, its keys) and one database, each on its own loopback port with its own server
-certificate for the same names, and a bounded concurrent load that records every answer.
+certificate for the same names; a TCP balancer that gives them one address (TLS passed
+through); and a bounded concurrent load that records every answer.
 
 What the replicas share is the database; what each keeps is its process. Faults (SIGTERM,
 kill -9) are made to the processes here; the database's own faults belong to
@@ -428,7 +429,3 @@ def recorded_serials(where: Cluster | str) -> set[int]:
 
 def count(where: Cluster | str, table: str) -> int:
     return int(db_rows(where, f"SELECT count(*) FROM {table}")[0][0])  # noqa: S608
-
-
-def is_step_error(answer: Answer, status: int) -> bool:
-    return answer.status == status and answer.step_body
