@@ -1,0 +1,516 @@
+"""State growth: does a CA that has issued a million certificates sign as fast as a new one,
+and what does forgetting half a million expired token ids cost?
+
+What is measured
+----------------
+1. **Sign latency against the size of the store.** Two federatls CAs run side by side on
+   fresh PKIs: one on an empty store, one on a store holding ``--rows`` spent token ids and
+   ``--rows`` certificate records (a million each by default). The full store is filled
+   before its CA starts, by bulk inserts straight into the database (not through the CA):
+   rows as the CA writes them, token ids of 64 hex digits, decimal 128-bit serials, a
+   certificate's DER of ``--der-bytes`` random bytes (the size of the P-256 leaves this CA
+   issues; the run prints the size of a real one beside it), ``expires_at`` spread over the
+   next 24 hours so that no purge removes a row during the run. Then ``POST /1.0/sign``
+   requests (new TCP connection and TLS handshake each, as sign_throughput.py makes them)
+   at 1 and 8 concurrent clients, in rounds that alternate the two CAs; reported per CA:
+   p50 and p99 latency, and the ratio full / empty (the aim is at most 1.1), overall and per
+   round.
+2. **Purging expired token ids.** A store holding ``--expired`` token ids (500,000 by
+   default) whose tokens expired more than the retention (a day) ago, and nothing else. How
+   long from the CA's process start to its first answer (``GET /roots``, polled every 20
+   ms), against the same CA on an empty store; then sign requests one after another while
+   the expired rows go (up to ``--purge-seconds``): how many are answered and how slowly,
+   and how many expired rows remain when the window ends. A CA that purges only at start
+   (before it listens) shows the cost in the first figure; one that purges while it serves
+   shows it in the second. ``--baseline-src DIR`` runs a second CA from another checkout's
+   ``src`` (``git archive REV src | tar -x -C DIR``) through the same steps, so that the old
+   and the new purge are compared in one run.
+
+Both stores: SQLite (the file beside ca.json) and, when this federatls has one, PostgreSQL.
+
+What is not measured
+--------------------
+* The fill itself (how fast a CA writes rows is sign_throughput.py's business).
+* Stores larger than the machine's page cache: a million rows of each kind are about 1 GB
+  with this DER size, read once by the fill, so they stay in memory.
+* Revocations (the store keeps them, but a CA has few).
+
+Run ``python bench/state_growth.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import federatls
+from federatls.ca._store import SQLiteStore
+from sign_throughput import (
+    CA,
+    RESULTS_DIR,
+    LevelResult,
+    LoadRun,
+    Settings,
+    check_one_sign,
+    client_context,
+    make_pki,
+    measure,
+    percentile,
+    prepare_requests,
+    running,
+    sign_once,
+    summarise,
+)
+
+DER_BYTES = 570  # a P-256 leaf this CA issues for one DNS name is 560-580 bytes
+BATCH = 20_000  # rows per executemany
+RETENTION = timedelta(days=1)  # how long the CA keeps a used token id after its exp
+
+
+# --- Filling a store ------------------------------------------------------------------------
+def token_rows(
+    count: int, provisioner: str, first_exp: datetime, spread: timedelta
+) -> Iterator[list[tuple[str, str, str, str]]]:
+    """``count`` used-token rows in batches, sorted by id (a bulk load in key order), their
+    ``expires_at`` spread evenly from ``first_exp`` over ``spread``."""
+    ids = sorted(secrets.token_hex(32) for _ in range(count))
+    step = spread / max(1, count)
+    for start in range(0, count, BATCH):
+        batch = []
+        for i in range(start, min(count, start + BATCH)):
+            # spread in an order unrelated to the key, as real ids are random
+            exp = first_exp + step * ((i * 7919) % count)
+            batch.append(
+                (ids[i], provisioner, exp.isoformat(), (exp - timedelta(minutes=5)).isoformat())
+            )
+        yield batch
+
+
+def certificate_rows(
+    count: int, provisioner: str, now: datetime, der_bytes: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    """``count`` certificate rows in batches, sorted by serial: a day's validity each, issued
+    over the last day (so every one is current), the audit trail of a sign."""
+    serials = sorted(str(int.from_bytes(os.urandom(16), "big")) for _ in range(count))
+    for start in range(0, count, BATCH):
+        batch = []
+        for i in range(start, min(count, start + BATCH)):
+            issued = now - timedelta(seconds=(i * 7919) % 86_400)
+            name = f"svc-{i}.bench.internal"
+            batch.append(
+                (
+                    serials[i],
+                    name,
+                    json.dumps([name]),
+                    issued.isoformat(),
+                    (issued + timedelta(days=1)).isoformat(),
+                    provisioner,
+                    None,
+                    os.urandom(der_bytes),
+                    "sign",
+                    secrets.token_hex(32),
+                )
+            )
+        yield batch
+
+
+def provisioner_id(ca: CA) -> str:
+    """How the CA writes a row's provisioner: ``<name>:<kid>``."""
+    return f"{ca.provisioner}:{ca.key.kid}"
+
+
+def fill_sqlite(
+    path: Path,
+    *,
+    tokens: int,
+    certificates: int,
+    provisioner: str,
+    now: datetime,
+    expired: bool = False,
+    der_bytes: int = DER_BYTES,
+) -> float:
+    """Create the CA's SQLite store at ``path`` (its own code makes the schema) and bulk
+    insert rows into it; returns the seconds taken. ``expired``: every token expired more
+    than the retention ago (spread over the day before that); otherwise over the next day."""
+    started = time.monotonic()
+    SQLiteStore(path).close()
+    first_exp = now - RETENTION - timedelta(days=1) if expired else now + timedelta(minutes=1)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN")
+        for batch in token_rows(tokens, provisioner, first_exp, timedelta(days=1)):
+            conn.executemany("INSERT INTO used_tokens VALUES (?, ?, ?, ?)", batch)
+        for rows in certificate_rows(certificates, provisioner, now, der_bytes):
+            conn.executemany(
+                "INSERT INTO certificates (serial, subject, sans, not_before, not_after,"
+                " provisioner, renewed_from, der, operation, token_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return time.monotonic() - started
+
+
+def sqlite_counts(path: Path, now: datetime) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        cut = (now - RETENTION).isoformat()
+        return {
+            "used_tokens": conn.execute("SELECT COUNT(*) FROM used_tokens").fetchone()[0],
+            "expired_tokens": conn.execute(
+                "SELECT COUNT(*) FROM used_tokens WHERE expires_at < ?", (cut,)
+            ).fetchone()[0],
+            "certificates": conn.execute("SELECT COUNT(*) FROM certificates").fetchone()[0],
+        }
+
+
+def real_der_size(path: Path) -> int:
+    """The DER size of a certificate the CA itself issued into ``path`` (for the report)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        row = conn.execute(
+            "SELECT length(der) FROM certificates WHERE provisioner != '' LIMIT 1"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- Part 1: sign latency, empty store against full store ---------------------------------
+def serve_command(ca: CA) -> list[str]:
+    """``federatls ca serve`` for ``ca`` (from whichever code PYTHONPATH names)."""
+    command = [sys.executable, "-m", "federatls", "ca", "serve", str(ca.config)]
+    return [*command, "--password-file", str(ca.password)]
+
+
+def growth(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    empty, full = make_pki(base, "empty"), make_pki(base, "full")
+    store = full.config.with_name("federatls.db")
+    print(
+        f"filling {store.name} with {args.rows:,} spent tokens and {args.rows:,} certificates",
+        flush=True,
+    )
+    fill_seconds = fill_sqlite(
+        store, tokens=args.rows, certificates=args.rows, provisioner=provisioner_id(full), now=now
+    )
+    size_mb = sum(p.stat().st_size for p in store.parent.glob("federatls.db*")) / 1e6
+    print(f"  {fill_seconds:.0f} s, {size_mb:.0f} MB", flush=True)
+    for ca in (empty, full):
+        ca.command = serve_command(ca)
+    levels = tuple(int(x) for x in args.levels.split(","))
+    settings = Settings(levels, 0.0, args.requests, args.warmup, 1, args.rounds)
+    results: dict[str, list[LevelResult]] = {"empty": [], "full": []}
+    starts: dict[str, float] = {}
+    spawn = multiprocessing.get_context("spawn")
+    with contextlib.ExitStack() as stack:
+        for ca in (empty, full):
+            began = time.monotonic()
+            stack.enter_context(running(ca))
+            starts[ca.name] = time.monotonic() - began - 1.1  # running() sleeps 1.1 s
+            check_one_sign(ca)
+        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(1, spawn))
+        per_round = math.ceil(args.requests / args.rounds)
+        for concurrency in levels:
+            runs: dict[str, list[tuple[LoadRun, bool]]] = {"empty": [], "full": []}
+            print(f"  {concurrency} client(s), {args.rounds} rounds:", end="", flush=True)
+            for i in range(args.rounds):
+                for ca in (empty, full) if i % 2 == 0 else (full, empty):
+                    runs[ca.name].append(
+                        measure(
+                            pool, ca, concurrency, settings, seconds=math.inf, requests=per_round
+                        )
+                    )
+                print(".", end="", flush=True)
+            print(flush=True)
+            for ca in (empty, full):
+                results[ca.name].append(summarise(ca, concurrency, runs[ca.name]))
+            rounds_p50 = [
+                percentile(f.latencies, 50) / percentile(e.latencies, 50)
+                for (e, _), (f, _) in zip(runs["empty"], runs["full"], strict=True)
+            ]
+            results["full"][-1].round_rps = rounds_p50  # reused: full/empty p50 per round
+    counts = sqlite_counts(store, datetime.now(UTC))
+    rows = []
+    for e, f in zip(results["empty"], results["full"], strict=True):
+        rows.append(
+            {
+                "clients": e.concurrency,
+                "empty_p50_ms": e.p50_ms,
+                "empty_p99_ms": e.p99_ms,
+                "full_p50_ms": f.p50_ms,
+                "full_p99_ms": f.p99_ms,
+                "p50_ratio": f.p50_ms / e.p50_ms,
+                "p99_ratio": f.p99_ms / e.p99_ms,
+                "p50_ratio_per_round": f.round_rps,
+                "requests_each": e.requests,
+                "errors": e.errors + f.errors,
+                "error_samples": e.error_samples + f.error_samples,
+            }
+        )
+    return {
+        "store": "sqlite",
+        "rows": args.rows,
+        "fill_seconds": fill_seconds,
+        "store_megabytes": size_mb,
+        "der_bytes_filled": DER_BYTES,
+        "der_bytes_real": real_der_size(empty.config.with_name("federatls.db")),
+        "start_seconds": starts,
+        "counts_after": counts,
+        "levels": rows,
+    }
+
+
+# --- Part 2: the purge of expired token ids -------------------------------------------------
+@dataclass
+class PurgeRun:
+    """One CA started on a store of expired ids: when it first answered, then how it signed
+    while the expired ids went."""
+
+    code: str  # "this checkout" or the baseline's directory
+    expired_at_start: int
+    first_answer_seconds: float = math.nan  # process start to the first GET /roots answer
+    empty_first_answer_seconds: float = math.nan  # the same CA on an empty store
+    signs: int = 0
+    sign_errors: int = 0
+    sign_p50_ms: float = math.nan
+    sign_p99_ms: float = math.nan
+    sign_max_ms: float = math.nan
+    expired_left: list[tuple[float, int]] = field(default_factory=list)  # (s, rows) samples
+    error_samples: list[str] = field(default_factory=list)
+
+
+def env_for(src: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
+
+
+@contextlib.contextmanager
+def started(ca: CA, src: Path | None) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """Start ``federatls ca serve`` (from ``src`` if given); yields the process and the
+    seconds from its start to the first ``GET /roots`` answer."""
+    log = (ca.directory / "ca.log").open("wb")
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        serve_command(ca), stdout=log, stderr=subprocess.STDOUT, env=env_for(src)
+    )
+    try:
+        ctx = client_context(ca.root_pem)
+        deadline = began + 120
+        with httpx.Client(verify=ctx, timeout=5) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{ca.name} exited: {(ca.directory / 'ca.log').read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    # step-ca answers /roots with 201, and so does the federatls CA
+                    if client.get(ca.url + "/roots").status_code in (200, 201):
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{ca.name} did not answer within 120 s")
+                time.sleep(0.02)
+        yield proc, time.monotonic() - began
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def signs_while_purging(ca: CA, store: Path, seconds: float, run: PurgeRun) -> None:
+    """Sign one request after another for ``seconds`` (a new connection each), sampling how
+    many expired ids remain every half second; stops early once none remain and a second
+    has passed."""
+    ctx = client_context(ca.root_pem)
+    latencies: list[float] = []
+    began = time.monotonic()
+    next_sample = began
+    gone_at: float | None = None
+
+    async def sign(request: bytes) -> bytes:
+        async with asyncio.timeout(30):
+            return await sign_once(ca.host, ca.port, ctx, request)
+
+    while time.monotonic() - began < seconds:
+        if time.monotonic() >= next_sample:
+            left = sqlite_counts(store, datetime.now(UTC))["expired_tokens"]
+            run.expired_left.append((round(time.monotonic() - began, 2), left))
+            next_sample += 0.5
+            if left == 0 and gone_at is None:
+                gone_at = time.monotonic()
+            if gone_at is not None and time.monotonic() - gone_at > 1.0:
+                break
+        request = prepare_requests(ca, 1)[0]
+        t0 = time.monotonic()
+        try:
+            answer = asyncio.run(sign(request))
+            ok = answer.startswith(b"HTTP/1.1 201 ")
+            problem = "" if ok else answer[:200].decode(errors="replace")
+        except (OSError, TimeoutError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            run.sign_errors += 1
+            if len(run.error_samples) < 5:
+                run.error_samples.append(problem)
+        else:
+            latencies.append(time.monotonic() - t0)
+    latencies.sort()
+    run.signs = len(latencies)
+    if latencies:
+        run.sign_p50_ms = percentile(latencies, 50) * 1000
+        run.sign_p99_ms = percentile(latencies, 99) * 1000
+        run.sign_max_ms = latencies[-1] * 1000
+
+
+def purge(args: argparse.Namespace, base: Path) -> list[PurgeRun]:
+    codes: list[tuple[str, Path | None]] = [("this checkout", None)]
+    if args.baseline_src is not None:
+        codes.append((f"baseline {args.baseline_src}", args.baseline_src.resolve()))
+    runs = []
+    for i, (label, src) in enumerate(codes):
+        now = datetime.now(UTC)
+        ca = make_pki(base, f"purge-{i}")
+        empty = make_pki(base, f"purge-empty-{i}")
+        store = ca.config.with_name("federatls.db")
+        print(f"{label}: {args.expired:,} expired token ids", flush=True)
+        fill_sqlite(
+            store,
+            tokens=args.expired,
+            certificates=0,
+            provisioner=provisioner_id(ca),
+            now=now,
+            expired=True,
+        )
+        run = PurgeRun(label, sqlite_counts(store, now)["expired_tokens"])
+        with started(empty, src) as (_, seconds):
+            run.empty_first_answer_seconds = seconds
+        with started(ca, src) as (_, seconds):
+            run.first_answer_seconds = seconds
+            signs_while_purging(ca, store, args.purge_seconds, run)
+        runs.append(run)
+    return runs
+
+
+# --- Main -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1_000_000,
+        help="spent tokens and certificates in the full store",
+    )
+    p.add_argument("--levels", default="1,8", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=2000, help="sign requests per level and CA")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds per level")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up requests before each round")
+    p.add_argument(
+        "--expired", type=int, default=500_000, help="expired token ids for the purge part"
+    )
+    p.add_argument(
+        "--purge-seconds", type=float, default=30.0, help="longest sign window while purging"
+    )
+    p.add_argument("--baseline-src", type=Path, help="another checkout's src/ for the purge part")
+    p.add_argument("--parts", default="growth,purge", help="growth, purge or both")
+    p.add_argument("--workdir", type=Path, help="where the stores go (default: $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the PKIs, stores and logs")
+    p.add_argument("--json", type=Path, help="result file (default: bench/results/...)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",")}
+    if not parts <= {"growth", "purge"}:
+        print("--parts takes growth, purge or both", file=sys.stderr)
+        return 2
+    base = Path(tempfile.mkdtemp(prefix="federatls-growth-", dir=args.workdir))
+    started_at = datetime.now(UTC)
+    load_before = os.getloadavg()
+    report: dict[str, Any] = {
+        "benchmark": "state_growth",
+        "started": started_at.isoformat(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "federatls_version": federatls.__version__,
+    }
+    try:
+        if "growth" in parts:
+            report["growth"] = [growth(args, base)]
+        if "purge" in parts:
+            report["purge"] = [asdict(r) for r in purge(args, base)]
+    finally:
+        if args.keep:
+            print(f"kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print(f"\n{os.cpu_count()} CPUs, load average before the run {load_before[0]:.2f}")
+    for g in report.get("growth", []):
+        print(
+            f"\nsign latency, {g['store']}: empty store against {g['rows']:,} spent tokens and "
+            f"{g['rows']:,} certificates ({g['store_megabytes']:.0f} MB; DER bytes: "
+            f"{g['der_bytes_filled']} filled, {g['der_bytes_real']} real)"
+        )
+        print(
+            f"{'clients':>7} {'empty p50':>9} {'p99':>7} {'full p50':>9} {'p99':>7} "
+            f"{'p50 x':>6} {'p99 x':>6}  p50 x per round"
+        )
+        for r in g["levels"]:
+            per = " ".join(f"{x:.2f}" for x in r["p50_ratio_per_round"])
+            print(
+                f"{r['clients']:>7} {r['empty_p50_ms']:>9.1f} {r['empty_p99_ms']:>7.1f} "
+                f"{r['full_p50_ms']:>9.1f} {r['full_p99_ms']:>7.1f} {r['p50_ratio']:>6.2f} "
+                f"{r['p99_ratio']:>6.2f}  {per}"
+            )
+        starts = ", ".join(f"{k} {v:.2f} s" for k, v in g["start_seconds"].items())
+        print(f"  start to /health: {starts}")
+    for r in report.get("purge", []):
+        print(
+            f"\npurge, {r['code']}: {r['expired_at_start']:,} expired ids; first answer "
+            f"{r['first_answer_seconds']:.2f} s "
+            f"(empty store {r['empty_first_answer_seconds']:.2f} s); "
+            f"{r['signs']} signs while purging (p50 {r['sign_p50_ms']:.1f} ms, p99 "
+            f"{r['sign_p99_ms']:.1f} ms, max {r['sign_max_ms']:.1f} ms, {r['sign_errors']} errors)"
+        )
+        left = r["expired_left"]
+        print(
+            "  expired ids left: "
+            + ", ".join(f"{t:g} s {n:,}" for t, n in left[:: max(1, len(left) // 8)])
+        )
+    out = args.json or RESULTS_DIR / f"state_growth-{started_at:%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
