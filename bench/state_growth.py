@@ -149,12 +149,20 @@ def fill_sqlite(
     now: datetime,
     expired: bool = False,
     der_bytes: int = DER_BYTES,
+    schema_src: Path | None = None,
 ) -> float:
-    """Create the CA's SQLite store at ``path`` (its own code makes the schema) and bulk
-    insert rows into it; returns the seconds taken. ``expired``: every token expired more
-    than the retention ago (spread over the day before that); otherwise over the next day."""
+    """Create the CA's SQLite store at ``path`` (the CA's own code makes the schema: this
+    checkout's, or the one in ``schema_src``) and bulk insert rows into it; returns the
+    seconds taken. ``expired``: every token expired more than the retention ago (spread over
+    the day before that); otherwise over the next day."""
     started = time.monotonic()
-    SQLiteStore(path).close()
+    if schema_src is None:
+        SQLiteStore(path).close()
+    else:
+        code = (
+            "import sys; from federatls.ca._store import SQLiteStore as S; S(sys.argv[1]).close()"
+        )
+        subprocess.run([sys.executable, "-c", code, str(path)], env=env_for(schema_src), check=True)
     first_exp = now - RETENTION - timedelta(days=1) if expired else now + timedelta(minutes=1)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA synchronous=OFF")
@@ -286,6 +294,7 @@ class PurgeRun:
     while the expired ids went."""
 
     code: str  # "this checkout" or the baseline's directory
+    schema: str  # whose code made the store's schema
     expired_at_start: int
     first_answer_seconds: float = math.nan  # process start to the first GET /roots answer
     empty_first_answer_seconds: float = math.nan  # the same CA on an empty store
@@ -301,7 +310,7 @@ class PurgeRun:
 def env_for(src: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if src is not None:
-        env["PYTHONPATH"] = str(src)
+        env["PYTHONPATH"] = str(src.resolve())
     return env
 
 
@@ -385,16 +394,20 @@ def signs_while_purging(ca: CA, store: Path, seconds: float, run: PurgeRun) -> N
 
 
 def purge(args: argparse.Namespace, base: Path) -> list[PurgeRun]:
-    codes: list[tuple[str, Path | None]] = [("this checkout", None)]
+    """The CA of this checkout; with ``--baseline-src``, the baseline's CA on a store of its
+    own schema, then this checkout's CA on that older store (an upgrade: its migration runs
+    at start)."""
+    this, old = ("this checkout", None), (f"baseline {args.baseline_src}", args.baseline_src)
+    cases: list[tuple[tuple[str, Path | None], tuple[str, Path | None]]] = [(this, this)]
     if args.baseline_src is not None:
-        codes.append((f"baseline {args.baseline_src}", args.baseline_src.resolve()))
+        cases += [(old, old), (this, old)]
     runs = []
-    for i, (label, src) in enumerate(codes):
+    for i, ((label, src), (schema, schema_src)) in enumerate(cases):
         now = datetime.now(UTC)
         ca = make_pki(base, f"purge-{i}")
         empty = make_pki(base, f"purge-empty-{i}")
         store = ca.config.with_name("federatls.db")
-        print(f"{label}: {args.expired:,} expired token ids", flush=True)
+        print(f"{label} on a store made by {schema}: {args.expired:,} expired ids", flush=True)
         fill_sqlite(
             store,
             tokens=args.expired,
@@ -402,8 +415,9 @@ def purge(args: argparse.Namespace, base: Path) -> list[PurgeRun]:
             provisioner=provisioner_id(ca),
             now=now,
             expired=True,
+            schema_src=schema_src,
         )
-        run = PurgeRun(label, sqlite_counts(store, now)["expired_tokens"])
+        run = PurgeRun(label, schema, sqlite_counts(store, now)["expired_tokens"])
         with started(empty, src) as (_, seconds):
             run.empty_first_answer_seconds = seconds
         with started(ca, src) as (_, seconds):
@@ -494,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  start to /health: {starts}")
     for r in report.get("purge", []):
         print(
-            f"\npurge, {r['code']}: {r['expired_at_start']:,} expired ids; first answer "
+            f"\npurge, {r['code']} (schema: {r['schema']}): {r['expired_at_start']:,} expired "
+            "ids; first answer "
             f"{r['first_answer_seconds']:.2f} s "
             f"(empty store {r['empty_first_answer_seconds']:.2f} s); "
             f"{r['signs']} signs while purging (p50 {r['sign_p50_ms']:.1f} ms, p99 "
