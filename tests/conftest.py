@@ -11,6 +11,7 @@ import pytest
 from federatls.ca import CAServer
 
 from harness import PKI, FakeClock, make_pki, serving, stepca_binary, stepca_process
+from postgres import PostgresCluster, session_cluster
 
 
 @pytest.fixture
@@ -68,3 +69,11 @@ def stepca(stepca_bin: str, pki: PKI) -> Iterator[PKI]:
     """The 'cloud' PKI served by the real step-ca."""
     with stepca_process(stepca_bin, pki):
         yield pki
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL 15 cluster for the session (tests/postgres.py), stopped and
+    removed at its end; its absence skips, or fails when FEDERATLS_REQUIRE_POSTGRES=1."""
+    with session_cluster() as cluster:
+        yield cluster

@@ -17,6 +17,8 @@ caller never needs to catch another library's exceptions.
     │   └── CATimeoutError       no complete answer within the deadline (silent or dripping)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
     ├── StoreBusyError           the CA's database stayed locked too long (the CA answers 503)
+    │   └── StoreUnavailableError
+    │                            the CA's database cannot be reached now (also a 503)
     └── PeerNotAuthorisedError   a TLS peer is valid but not allowed by an authoriser
 """
 
@@ -36,6 +38,7 @@ __all__ = [
     "MissingExtraError",
     "PeerNotAuthorisedError",
     "StoreBusyError",
+    "StoreUnavailableError",
     "TokenError",
 ]
 
@@ -140,6 +143,13 @@ class IdentityExpiredError(FederatlsError):
 class StoreBusyError(FederatlsError):
     """The CA's database could not be had in time (another process holds its lock): the
     operation did nothing, and the CA answers 503 so that the client retries later."""
+
+
+class StoreUnavailableError(StoreBusyError):
+    """The CA's database cannot be reached now (a PostgreSQL server down, or the connection
+    to it lost): the operation recorded nothing, or its outcome is unknown and the CA hands
+    out nothing for it; the CA answers 503 as for ``StoreBusyError``, and the store
+    reconnects by itself once the database is back. The message says what is wrong."""
 
 
 class PeerNotAuthorisedError(FederatlsError):

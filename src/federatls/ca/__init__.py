@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._errors import StoreBusyError
+from .._errors import StoreBusyError, StoreUnavailableError
 from ._config import CAConfig, ConnectionLimits, DurationClaims, JWKProvisioner
+from ._database import Database, copy_store, init_schema, open_store
 from ._pki import InitResult, init_pki
 from ._rotation import RotationStep, add_root, issue_from_new_root, retire_old_roots
 from ._store import (
@@ -24,27 +25,34 @@ from ._store import (
 )
 
 if TYPE_CHECKING:
+    from ._postgres import PostgresStore
     from ._server import CAServer, serve
 
 __all__ = [
     "CAConfig",
     "CAServer",
     "ConnectionLimits",
+    "Database",
     "DurationClaims",
     "InitResult",
     "IssuedCertificate",
     "JWKProvisioner",
+    "PostgresStore",
     "Revocation",
     "RevokeOutcome",
     "RotationStep",
     "SQLiteStore",
     "Store",
     "StoreBusyError",
+    "StoreUnavailableError",
     "StoreWouldWait",
     "TokenUse",
     "add_root",
+    "copy_store",
     "init_pki",
+    "init_schema",
     "issue_from_new_root",
+    "open_store",
     "retire_old_roots",
     "serve",
     "without_waiting",
@@ -56,4 +64,8 @@ def __getattr__(name: str) -> Any:
         from . import _server
 
         return getattr(_server, name)
+    if name == "PostgresStore":  # imports psycopg, which only a PostgreSQL database needs
+        from ._postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module 'federatls.ca' has no attribute {name!r}")

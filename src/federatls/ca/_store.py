@@ -1,6 +1,7 @@
 """The CA's persistent state behind one small interface (``Store``): used token ids, issued
 certificates, revocations. ``SQLiteStore`` is the embedded default (one file beside ca.json);
-a shared SQL database for several CA replicas would implement the same five methods.
+``PostgresStore`` (``_postgres``) is the shared database of several CA replicas. Which one a
+CA uses is ``_database``'s business, not this module's.
 
 Every method is one transaction, so a crash or a concurrent request never leaves half a
 record behind. Several processes may share the file (SQLite's locking, WAL mode).
@@ -21,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
-from .._errors import ConfigError, StoreBusyError
+from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 
 __all__ = [
     "IssuedCertificate",
@@ -140,11 +141,27 @@ class Store(Protocol):
     def is_revoked(self, serial: str) -> bool:
         """Whether the serial has been revoked."""
 
+    def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
+        """Forget at most ``limit`` used token ids whose tokens expired before ``now`` minus
+        the retention (a day: by then the token's own ``exp`` refuses it, so forgetting it
+        cannot reopen a replay), oldest first, through an index on ``expires_at``; returns
+        how many. Certificates and revocations are kept. The CA calls it in a loop while it
+        serves, so that the table stays bounded."""
+
+    def check(self) -> None:
+        """Raise ``StoreUnavailableError`` saying what is wrong when the database cannot be
+        used now (after a bounded wait); return None when it can."""
+
     def counts(self) -> dict[str, int]:
         """How many used tokens, certificates and revocations are recorded."""
 
     def close(self) -> None:
         """Release the database."""
+
+    # True when every commit is durable on the database before a call returns (PostgreSQL
+    # with synchronous_commit on), so a restarted CA needs no "token issued before I
+    # started" rule (docs/ca.md); False when only some commits are (``TokenUse.durable``).
+    every_commit_durable: bool
 
 
 _TABLES = (
@@ -180,11 +197,13 @@ _ADDED_COLUMNS = (
     ("certificates", "operation", "TEXT NOT NULL DEFAULT ''"),
     ("certificates", "token_id", "TEXT NOT NULL DEFAULT ''"),
 )
-_SCHEMA_VERSION = 2
+# Version 3: the index that purges expired token ids oldest first, in batches.
+_INDEXES = ("CREATE INDEX IF NOT EXISTS used_tokens_expires_at ON used_tokens (expires_at)",)
+_SCHEMA_VERSION = 3
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite3.h)
 # A used token id is kept this long after its token expired; by then the token's own `exp`
 # refuses it, so forgetting it cannot re-open a replay.
-_TOKEN_RETENTION = timedelta(days=1)
+TOKEN_RETENTION = timedelta(days=1)
 
 
 def _ts(dt: datetime) -> str:
@@ -213,6 +232,8 @@ class SQLiteStore:
     commits queued behind it. ``checkpoint_interval=None`` leaves checkpoints to SQLite
     (``wal_autocheckpoint``), as for a short-lived store opened to read it."""
 
+    every_commit_durable = False  # only revocations and ``durable`` token uses are synced
+
     def __init__(
         self,
         path: Path | str,
@@ -222,6 +243,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.opened_version = 0  # the schema version the file had (0: a new file)
         try:
             conn = self._connect()
         except sqlite3.Error as exc:
@@ -263,6 +285,7 @@ class SQLiteStore:
         transaction (two CAs opening one old file at once migrate it once)."""
         with self._transaction(durable=True):
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            self.opened_version = version
             if version > _SCHEMA_VERSION:
                 raise ConfigError(
                     f"{self.path} has schema version {version}; this federatls knows "
@@ -274,6 +297,8 @@ class SQLiteStore:
                 present = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
                 if column not in present:
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for index in _INDEXES:
+                self._conn.execute(index)
             if version != _SCHEMA_VERSION:
                 self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
@@ -324,12 +349,34 @@ class SQLiteStore:
             lock.release()
 
     def prune(self, now: datetime) -> int:
-        """Forget used token ids whose tokens expired long ago; returns how many."""
+        """Forget every used token id ``purge_expired`` would, batch after batch; returns
+        how many."""
+        total = 0
+        while (n := self.purge_expired(now)) > 0:
+            total += n
+        return total
+
+    def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
+        # The index on expires_at finds the oldest `limit` ids without a scan; ISO 8601 in UTC
+        # (``_ts``) sorts as the instants do.
         with self._transaction(durable=False):
             cur = self._conn.execute(
-                "DELETE FROM used_tokens WHERE expires_at < ?", (_ts(now - _TOKEN_RETENTION),)
+                "DELETE FROM used_tokens WHERE token_id IN (SELECT token_id FROM used_tokens"
+                " WHERE expires_at < ? ORDER BY expires_at LIMIT ?)",
+                (_ts(now - TOKEN_RETENTION), limit),
             )
             return cur.rowcount
+
+    def check(self) -> None:
+        try:
+            with self._reading() as conn:
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except StoreWouldWait:
+            raise
+        except StoreBusyError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.path}: {exc}") from exc
 
     def token_used(self, token_id: str) -> bool:
         with self._reading() as conn:

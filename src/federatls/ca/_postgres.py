@@ -1,0 +1,620 @@
+"""The PostgreSQL store: the state that several CA replicas (and worker processes) share, behind
+the same ``Store`` interface as the embedded SQLite file. Also the schema's creation
+(``federatls ca db init``) and the copy of a SQLite file into PostgreSQL (``db migrate``).
+Which database a CA uses is decided in ``_database``; nothing here reads ca.json.
+
+The guarantees, and how they are kept (docs/ca.md says the same to operators):
+- a token is spent by ``INSERT ... ON CONFLICT DO NOTHING`` on its id, the primary key: among
+  any number of concurrent copies, on any connection of any replica, exactly one inserts the
+  row (the others wait for its transaction, then do nothing); never read-then-write;
+- every commit is durable on the server before a call returns (``synchronous_commit = on``,
+  set by the store on each connection, so a server or role default of ``off`` cannot weaken
+  it): a CA that restarts needs no "token issued before I started" rule;
+- a call never waits long for a database that is gone: a lost connection is retried once
+  when nothing of the call can have been committed, then the store is "down" and every
+  call raises ``StoreUnavailableError`` at once, but for one call at a time that tries a
+  fresh connection (``connect_timeout``); when that succeeds the store serves again, the
+  same object. A commit whose answer is lost raises too (its outcome is unknown: the CA
+  hands out nothing for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
+from ._store import (
+    _NO_WAIT,
+    TOKEN_RETENTION,
+    IssuedCertificate,
+    Revocation,
+    RevokeOutcome,
+    StoreWouldWait,
+    TokenUse,
+)
+
+if TYPE_CHECKING:
+    from ._database import Database
+
+__all__ = ["PostgresStore", "copy_sqlite_into", "init_postgres_schema"]
+
+log = logging.getLogger("federatls.ca")
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Any]
+
+SCHEMA_VERSION = 1
+_TABLES = ("used_tokens", "certificates", "revocations")
+_COUNT_ROWS = (
+    "SELECT (SELECT count(*) FROM used_tokens), (SELECT count(*) FROM certificates),"
+    " (SELECT count(*) FROM revocations)"
+)
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS federatls_schema (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version   integer NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS used_tokens (
+    token_id    text PRIMARY KEY,
+    provisioner text NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    used_at     timestamptz NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS used_tokens_expires_at ON used_tokens (expires_at)",
+    """CREATE TABLE IF NOT EXISTS certificates (
+    serial       text PRIMARY KEY,
+    subject      text NOT NULL,
+    sans         text[] NOT NULL,
+    not_before   timestamptz NOT NULL,
+    not_after    timestamptz NOT NULL,
+    provisioner  text NOT NULL,
+    renewed_from text,
+    der          bytea NOT NULL,
+    operation    text NOT NULL DEFAULT '',
+    token_id     text NOT NULL DEFAULT ''
+)""",
+    """CREATE TABLE IF NOT EXISTS revocations (
+    serial      text PRIMARY KEY,
+    reason_code integer NOT NULL,
+    reason      text NOT NULL,
+    provisioner text NOT NULL,
+    token_id    text NOT NULL,
+    mtls        boolean NOT NULL,
+    revoked_at  timestamptz NOT NULL
+)""",
+)
+# Two `db init` at once take turns (CREATE TABLE IF NOT EXISTS is not safe against itself).
+_INIT_LOCK = 0x6665_6474_6C73  # "federatls", roughly: any constant of our own
+_CERT_COLUMNS = (
+    "serial, subject, sans, not_before, not_after, provisioner, renewed_from, der,"
+    " operation, token_id"
+)
+_INIT_HINT = "run `federatls ca db init CONFIG` (as a role that may create tables)"
+
+# libpq settings the store adds to the URL's, unless the URL sets them: a bounded wait for a
+# server that does not answer, and keepalives so that a vanished server is noticed within
+# seconds rather than after TCP's quarter of an hour.
+_CONNECT_DEFAULTS = {
+    "connect_timeout": "3",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+    "application_name": "federatls-ca",
+}
+_SESSION = (
+    "SET synchronous_commit = on",  # durable before the answer, whatever the server default
+    "SET TimeZone = 'UTC'",
+    "SET statement_timeout = '15s'",  # no call holds a thread for ever (StoreBusyError)
+    "SET idle_in_transaction_session_timeout = '60s'",
+)
+
+
+class _CommitUnknown(Exception):
+    """The connection was lost while COMMIT was on its way: the outcome is unknown."""
+
+
+class PostgresStore:
+    """A CA's state in a PostgreSQL database whose schema ``init_postgres_schema`` made (see
+    the module's docstring for the guarantees). Opening it checks the server and the schema
+    version and creates nothing, so replicas may run as a role that cannot create tables.
+
+    Calls block their thread on the network: inside ``without_waiting()`` each raises
+    ``StoreWouldWait`` at once, and the CA makes it from a thread. A small bounded pool
+    (``pool_size`` connections) serves the CA's threads; a call waits at most ``timeout``
+    seconds for a connection."""
+
+    every_commit_durable = True
+
+    def __init__(self, db: Database, *, pool_size: int = 8, timeout: float = 5.0) -> None:
+        self.database = db
+        self.timeout = timeout
+        self._pool_size = pool_size
+        self._conninfo = _conninfo(db.location)
+        self._password = _password(db)
+        self._verify(db)
+        self._state = threading.Lock()  # guards _pool and _down
+        self._gate = threading.Lock()  # held by the one call that tries a down server
+        self._down: str | None = None  # why the database is unusable, while it is
+        self._pool: ConnectionPool[Conn] | None = self._new_pool()
+        try:
+            self._pool.wait(timeout=timeout + 5)
+        except (PoolTimeout, psycopg.Error) as exc:
+            self._pool.close()
+            raise ConfigError(
+                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+            ) from exc
+
+    def _new_pool(self) -> ConnectionPool[Conn]:
+        pool: ConnectionPool[Conn] = ConnectionPool(
+            self._conninfo,
+            kwargs={"autocommit": True},
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            configure=_configure,
+            timeout=self.timeout,
+            name=f"federatls {self.database.describe()}",
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _verify(self, db: Database) -> None:
+        """Open one connection: the server answers, and holds a schema this federatls knows."""
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                version = _schema_version(conn)
+        except pgerrors.InsufficientPrivilege as exc:
+            raise ConfigError(f"{db.describe()}: {self._scrub(exc)}") from exc
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+            ) from exc
+        if version == 0:
+            raise ConfigError(f"{db.describe()} has no federatls schema: {_INIT_HINT}")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{db.describe()} has schema version {version}; this federatls knows "
+                f"{SCHEMA_VERSION} (a newer federatls wrote it)"
+            )
+        if version < SCHEMA_VERSION:
+            raise ConfigError(
+                f"{db.describe()} has schema version {version}, older than this federatls's "
+                f"{SCHEMA_VERSION}: {_INIT_HINT}"
+            )
+
+    def _scrub(self, exc: BaseException) -> str:
+        return _first_line(exc, self._password)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def _call(self, body: Callable[[Conn], T], *, transaction: bool = False) -> T:
+        """Run ``body`` on a pooled connection (in one transaction with ``transaction``),
+        translating every driver error. A connection found lost before anything of the
+        call could be committed is retried once if the server answers; otherwise the store
+        is down until a later call finds it back."""
+        if _NO_WAIT.get():
+            raise StoreWouldWait(f"{self.database.describe()}: a PostgreSQL call waits")
+        pool = self._usable_pool()
+        for attempt in (1, 2):
+            try:
+                with pool.connection(timeout=self.timeout) as conn:
+                    return _run(conn, body, transaction)
+            except _CommitUnknown as exc:
+                cause = exc.__cause__ or exc
+                self._fail(cause)
+                raise StoreUnavailableError(
+                    f"{self.database.describe()}: the connection was lost during a commit, "
+                    f"whose outcome is unknown: {self._scrub(cause)}"
+                ) from exc
+            except PoolTimeout as exc:
+                if self._probe() is None:  # the server answers: the pool is busy
+                    raise StoreUnavailableError(
+                        f"{self.database.describe()}: no connection within {self.timeout:g} s"
+                    ) from exc
+                raise StoreUnavailableError(self._fail(exc)) from exc
+            except psycopg.Error as exc:
+                if not _lost(exc):
+                    raise self._translated(exc) from exc
+                if attempt == 1 and self._probe() is None:
+                    pool.check()  # drop the other connections the server lost
+                    continue
+                raise StoreUnavailableError(self._fail(exc)) from exc
+        raise AssertionError("unreachable")
+
+    def _usable_pool(self) -> ConnectionPool[Conn]:
+        """The pool, or while the database is down: for one call at a time, a new pool if a
+        fresh connection succeeds; for the others, ``StoreUnavailableError`` at once."""
+        pool = self._pool
+        if pool is not None:
+            return pool
+        if not self._gate.acquire(blocking=False):
+            raise StoreUnavailableError(self._down or "PostgreSQL is unreachable")
+        try:
+            with self._state:
+                if self._pool is not None:
+                    return self._pool
+            failure = self._probe()
+            if failure is not None:
+                raise StoreUnavailableError(self._fail(failure)) from failure
+            with self._state:
+                self._pool = self._new_pool()
+                self._down = None
+            log.warning("PostgreSQL at %s is reachable again", self.database.endpoint)
+            return self._pool
+        finally:
+            self._gate.release()
+
+    def _probe(self) -> psycopg.Error | None:
+        """Try a fresh connection (at most ``connect_timeout``): None if the server answers."""
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            return exc
+        return None
+
+    def _fail(self, exc: BaseException) -> str:
+        """The database is down: drop the pool (its reconnection backoff would outlast the
+        outage), and say why from now until it is back."""
+        reason = f"PostgreSQL at {self.database.endpoint} is unreachable: {self._scrub(exc)}"
+        with self._state:
+            pool, self._pool = self._pool, None
+            first = self._down is None
+            self._down = reason
+        if first:
+            log.warning("%s (%s)", reason, self.database.describe())
+        if pool is not None:
+            pool.close(timeout=1.0)  # its idle workers stop within milliseconds
+        return reason
+
+    def _translated(self, exc: psycopg.Error) -> StoreBusyError:
+        what = f"{self.database.describe()}: {self._scrub(exc)}"
+        if isinstance(
+            exc,
+            pgerrors.QueryCanceled
+            | pgerrors.LockNotAvailable
+            | pgerrors.DeadlockDetected
+            | pgerrors.SerializationFailure,
+        ):
+            return StoreBusyError(what)
+        return StoreUnavailableError(what)
+
+    # -- the Store interface --------------------------------------------------------------
+
+    def token_used(self, token_id: str) -> bool:
+        def body(conn: Conn) -> bool:
+            sql = "SELECT 1 FROM used_tokens WHERE token_id = %s"
+            return conn.execute(sql, (token_id,)).fetchone() is not None
+
+        return self._call(body)
+
+    def record_issuances(self, issuances: Sequence[TokenUse]) -> list[bool]:
+        def body(conn: Conn) -> list[bool]:
+            results = []
+            for use in issuances:
+                fresh = _spend(conn, use)
+                if fresh and use.certificate is not None:
+                    _insert_certificate(conn, use.certificate)
+                results.append(fresh)
+            return results
+
+        return self._call(body, transaction=True)
+
+    def add_certificate(self, cert: IssuedCertificate) -> None:
+        self._call(lambda conn: _insert_certificate(conn, cert), transaction=True)
+
+    def get_certificate(self, serial: str) -> IssuedCertificate | None:
+        def body(conn: Conn) -> IssuedCertificate | None:
+            sql = f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = %s"  # noqa: S608
+            row = conn.execute(sql, (serial,)).fetchone()
+            if row is None:
+                return None
+            return IssuedCertificate(
+                serial=row[0],
+                subject=row[1],
+                sans=tuple(row[2]),
+                not_before=row[3],
+                not_after=row[4],
+                provisioner=row[5],
+                renewed_from=row[6],
+                der=bytes(row[7]),
+                operation=row[8],
+                token_id=row[9],
+            )
+
+        return self._call(body)
+
+    def revoke(self, revocation: Revocation, spend: TokenUse | None = None) -> RevokeOutcome:
+        r = revocation
+
+        def body(conn: Conn) -> RevokeOutcome:
+            if spend is not None and not _spend(conn, spend):
+                return "token used"  # nothing written
+            cur = conn.execute(
+                "INSERT INTO revocations VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (serial) DO NOTHING",
+                (r.serial, r.reason_code, r.reason, r.provisioner, r.token_id, r.mtls,
+                 r.revoked_at),
+            )  # fmt: skip
+            if cur.rowcount != 1:
+                raise _Undo("already revoked")  # the token's spending is rolled back
+            return "revoked"
+
+        try:
+            return self._call(body, transaction=True)
+        except _Undo:
+            return "already revoked"
+
+    def is_revoked(self, serial: str) -> bool:
+        def body(conn: Conn) -> bool:
+            sql = "SELECT 1 FROM revocations WHERE serial = %s"
+            return conn.execute(sql, (serial,)).fetchone() is not None
+
+        return self._call(body)
+
+    def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
+        # One statement, one short transaction; SKIP LOCKED lets replicas purging at once
+        # take different rows instead of queueing behind each other.
+        def body(conn: Conn) -> int:
+            cur = conn.execute(
+                "DELETE FROM used_tokens WHERE token_id IN (SELECT token_id FROM used_tokens"
+                " WHERE expires_at < %s ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (now - TOKEN_RETENTION, limit),
+            )
+            return cur.rowcount
+
+        return self._call(body)
+
+    def check(self) -> None:
+        def body(conn: Conn) -> None:
+            version = _schema_version(conn)
+            if version != SCHEMA_VERSION:
+                raise StoreUnavailableError(
+                    f"{self.database.describe()} has schema version {version}, not {SCHEMA_VERSION}"
+                )
+
+        self._call(body)
+
+    def counts(self) -> dict[str, int]:
+        def body(conn: Conn) -> dict[str, int]:
+            row = conn.execute(_COUNT_ROWS).fetchone()
+            assert row is not None
+            return dict(zip(_TABLES, row, strict=True))
+
+        return self._call(body)
+
+    def close(self) -> None:
+        with self._state:
+            pool, self._pool = self._pool, None
+            self._down = f"{self.database.describe()}: the store is closed"
+        if pool is not None:
+            pool.close()
+
+
+class _Undo(Exception):
+    """Raised inside a transaction's body: roll it back, and let the caller answer."""
+
+
+def _run(conn: Conn, body: Callable[[Conn], T], transaction: bool) -> T:
+    """``body`` on ``conn``; with ``transaction``, in one transaction whose COMMIT, if the
+    connection is lost during it, raises ``_CommitUnknown``."""
+    if not transaction:
+        return body(conn)
+    committing = False
+    try:
+        with conn.transaction():
+            result = body(conn)
+            committing = True
+    except psycopg.Error as exc:
+        if committing and _lost(exc):
+            raise _CommitUnknown from exc
+        raise
+    return result
+
+
+def _lost(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` means the connection is gone (the server down, restarting, or out
+    of reach), as opposed to a statement the server refused."""
+    if isinstance(exc, pgerrors.AdminShutdown | pgerrors.CrashShutdown):
+        return True
+    if isinstance(exc, pgerrors.CannotConnectNow):
+        return True
+    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
+
+
+def _configure(conn: Conn) -> None:
+    for statement in _SESSION:
+        conn.execute(statement)  # constant SQL
+
+
+def _password(db: Database) -> str | None:
+    return str(conninfo_to_dict(db.location).get("password") or "") or None
+
+
+def _first_line(exc: BaseException, password: str | None) -> str:
+    """The first line of a driver error, never the password."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text.replace(password, "***") if password else text
+
+
+def _conninfo(url: str) -> str:
+    given = conninfo_to_dict(url)
+    extra = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
+    return make_conninfo(url, **extra)
+
+
+def _schema_version(conn: Conn) -> int:
+    """The federatls schema version of the database, 0 when it has none."""
+    row = conn.execute("SELECT to_regclass('federatls_schema') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = conn.execute("SELECT version FROM federatls_schema").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _spend(conn: Conn, use: TokenUse) -> bool:
+    """Mark a token used: True for the one insert that wins, False for every replay."""
+    cur = conn.execute(
+        "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING",
+        (use.token_id, use.provisioner, use.expires_at, use.used_at),
+    )
+    return cur.rowcount == 1
+
+
+def _insert_certificate(conn: Conn, cert: IssuedCertificate) -> None:
+    conn.execute(
+        f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608
+        " VALUES (%s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s)",
+        (cert.serial, cert.subject, list(cert.sans), cert.not_before, cert.not_after,
+         cert.provisioner, cert.renewed_from, cert.der, cert.operation, cert.token_id),
+    )  # fmt: skip
+
+
+# -- schema and migration -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _admin(db: Database) -> Iterator[Conn]:
+    """One connection for an operator's command; unreachable is a one-line ConfigError."""
+    try:
+        conn = psycopg.connect(_conninfo(db.location), autocommit=True)
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): "
+            f"{_first_line(exc, _password(db))}"
+        ) from exc
+    try:
+        with conn:
+            for statement in _SESSION:
+                conn.execute(statement)  # constant SQL
+            yield conn
+    except pgerrors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"{db.describe()}: role {conn.info.user!r} may not create the federatls schema "
+            f"({str(exc).splitlines()[0]}): run `federatls ca db init` as the database's "
+            "owner"
+        ) from exc
+
+
+def _ensure_schema(conn: Conn, db: Database) -> tuple[int, int]:
+    """Inside a transaction: create or upgrade the schema; (version before, version now)."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+    was = _schema_version(conn)
+    if was > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{db.describe()} has schema version {was}; this federatls knows "
+            f"{SCHEMA_VERSION} (a newer federatls wrote it)"
+        )
+    if was == SCHEMA_VERSION:
+        return was, was  # nothing to do, nothing needing CREATE
+    for statement in _SCHEMA:
+        conn.execute(statement)  # constant SQL
+    conn.execute(
+        "INSERT INTO federatls_schema (version) VALUES (%s)"
+        " ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
+        (SCHEMA_VERSION,),
+    )
+    return was, SCHEMA_VERSION
+
+
+def init_postgres_schema(db: Database) -> tuple[int, int]:
+    """Create or upgrade the federatls schema (idempotent); (version before, version now)."""
+    with _admin(db) as conn, conn.transaction():
+        return _ensure_schema(conn, db)
+
+
+def copy_sqlite_into(source: Path, target: Database) -> dict[str, int]:
+    """Copy a SQLite store's rows into an empty PostgreSQL database, in one transaction
+    (the schema created if absent); how many of each. ConfigError if the target holds
+    any row. The SQLite file is only read."""
+    started = time.monotonic()
+    try:
+        lite = sqlite3.connect(source, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open {source}: {exc}") from exc
+    try:
+        with _admin(target) as conn, conn.transaction():
+            _ensure_schema(conn, target)
+            conn.execute("LOCK TABLE used_tokens, certificates, revocations IN EXCLUSIVE MODE")
+            row = conn.execute(_COUNT_ROWS).fetchone()
+            assert row is not None
+            held = {t: n for t, n in zip(_TABLES, row, strict=True) if n}
+            if held:
+                what = ", ".join(f"{n} {t.replace('_', ' ')}" for t, n in held.items())
+                raise ConfigError(
+                    f"{target.describe()} is not empty (it holds {what}): the copy goes "
+                    "only into an empty database"
+                )
+            lite.execute("BEGIN")  # one snapshot of the three tables
+            try:
+                counts = _copy_rows(lite, conn, source)
+            finally:
+                lite.execute("ROLLBACK")
+    except psycopg.Error as exc:
+        raise ConfigError(f"copying into {target.describe()} failed: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{source} is not a usable federatls database: {exc}") from exc
+    finally:
+        lite.close()
+    log.info("copied %s into %s in %.1f s", counts, target.describe(), time.monotonic() - started)
+    return counts
+
+
+def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, int]:
+    version = lite.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 or version > 3:
+        raise ConfigError(f"{source} has schema version {version}: not a federatls database")
+    columns = {r[1] for r in lite.execute("PRAGMA table_info(certificates)")}
+    trail = "operation, token_id" if "operation" in columns else "'', ''"  # schema 1: none
+    listed = _CERT_COLUMNS.replace("operation, token_id", trail)
+    certificates = f"SELECT {listed} FROM certificates"  # noqa: S608
+    counts = dict.fromkeys(_TABLES, 0)
+    with conn.cursor().copy(
+        "COPY used_tokens (token_id, provisioner, expires_at, used_at) FROM STDIN"
+    ) as copy:
+        for token_id, provisioner, expires_at, used_at in lite.execute(
+            "SELECT token_id, provisioner, expires_at, used_at FROM used_tokens"
+        ):
+            copy.write_row((token_id, provisioner, _dt(expires_at), _dt(used_at)))
+            counts["used_tokens"] += 1
+    import json
+
+    with conn.cursor().copy(f"COPY certificates ({_CERT_COLUMNS}) FROM STDIN") as copy:
+        for row in lite.execute(certificates):
+            copy.write_row(
+                (row[0], row[1], list(json.loads(row[2])), _dt(row[3]), _dt(row[4]), row[5],
+                 row[6], bytes(row[7]), row[8], row[9])
+            )  # fmt: skip
+            counts["certificates"] += 1
+    with conn.cursor().copy(
+        "COPY revocations (serial, reason_code, reason, provisioner, token_id, mtls,"
+        " revoked_at) FROM STDIN"
+    ) as copy:
+        for row in lite.execute(
+            "SELECT serial, reason_code, reason, provisioner, token_id, mtls, revoked_at"
+            " FROM revocations"
+        ):
+            copy.write_row((*row[:5], bool(row[5]), _dt(row[6])))
+            counts["revocations"] += 1
+    return counts
+
+
+def _dt(text: str) -> datetime:
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
