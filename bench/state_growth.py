@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -91,7 +92,7 @@ RETENTION = timedelta(days=1)  # how long the CA keeps a used token id after its
 # --- Filling a store ------------------------------------------------------------------------
 def token_rows(
     count: int, provisioner: str, first_exp: datetime, spread: timedelta
-) -> Iterator[list[tuple[str, str, str, str]]]:
+) -> Iterator[list[tuple[str, str, datetime, datetime]]]:
     """``count`` used-token rows in batches, sorted by id (a bulk load in key order), their
     ``expires_at`` spread evenly from ``first_exp`` over ``spread``."""
     ids = sorted(secrets.token_hex(32) for _ in range(count))
@@ -101,20 +102,21 @@ def token_rows(
         for i in range(start, min(count, start + BATCH)):
             # spread in an order unrelated to the key, as real ids are random
             exp = first_exp + step * ((i * 7919) % count)
-            batch.append(
-                (ids[i], provisioner, exp.isoformat(), (exp - timedelta(minutes=5)).isoformat())
-            )
+            batch.append((ids[i], provisioner, exp, exp - timedelta(minutes=5)))
         yield batch
+
+
+CertificateRow = tuple[str, str, list[str], datetime, datetime, str, None, bytes, str, str]
 
 
 def certificate_rows(
     count: int, provisioner: str, now: datetime, der_bytes: int
-) -> Iterator[list[tuple[Any, ...]]]:
+) -> Iterator[list[CertificateRow]]:
     """``count`` certificate rows in batches, sorted by serial: a day's validity each, issued
     over the last day (so every one is current), the audit trail of a sign."""
     serials = sorted(str(int.from_bytes(os.urandom(16), "big")) for _ in range(count))
     for start in range(0, count, BATCH):
-        batch = []
+        batch: list[CertificateRow] = []
         for i in range(start, min(count, start + BATCH)):
             issued = now - timedelta(seconds=(i * 7919) % 86_400)
             name = f"svc-{i}.bench.internal"
@@ -122,9 +124,9 @@ def certificate_rows(
                 (
                     serials[i],
                     name,
-                    json.dumps([name]),
-                    issued.isoformat(),
-                    (issued + timedelta(days=1)).isoformat(),
+                    [name],
+                    issued,
+                    issued + timedelta(days=1),
                     provisioner,
                     None,
                     os.urandom(der_bytes),
@@ -135,71 +137,179 @@ def certificate_rows(
         yield batch
 
 
+CERT_COLUMNS = (
+    "serial, subject, sans, not_before, not_after, provisioner, renewed_from, der, operation,"
+    " token_id"
+)
+
+
 def provisioner_id(ca: CA) -> str:
     """How the CA writes a row's provisioner: ``<name>:<kid>``."""
     return f"{ca.provisioner}:{ca.key.kid}"
 
 
-def fill_sqlite(
-    path: Path,
-    *,
-    tokens: int,
-    certificates: int,
-    provisioner: str,
-    now: datetime,
-    expired: bool = False,
-    der_bytes: int = DER_BYTES,
-    schema_src: Path | None = None,
-) -> float:
-    """Create the CA's SQLite store at ``path`` (the CA's own code makes the schema: this
-    checkout's, or the one in ``schema_src``) and bulk insert rows into it; returns the
-    seconds taken. ``expired``: every token expired more than the retention ago (spread over
-    the day before that); otherwise over the next day."""
-    started = time.monotonic()
-    if schema_src is None:
-        SQLiteStore(path).close()
-    else:
-        code = (
-            "import sys; from federatls.ca._store import SQLiteStore as S; S(sys.argv[1]).close()"
-        )
-        subprocess.run([sys.executable, "-c", code, str(path)], env=env_for(schema_src), check=True)
-    first_exp = now - RETENTION - timedelta(days=1) if expired else now + timedelta(minutes=1)
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA synchronous=OFF")
-        conn.execute("BEGIN")
-        for batch in token_rows(tokens, provisioner, first_exp, timedelta(days=1)):
-            conn.executemany("INSERT INTO used_tokens VALUES (?, ?, ?, ?)", batch)
-        for rows in certificate_rows(certificates, provisioner, now, der_bytes):
-            conn.executemany(
-                "INSERT INTO certificates (serial, subject, sans, not_before, not_after,"
-                " provisioner, renewed_from, der, operation, token_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return time.monotonic() - started
+@dataclass(frozen=True)
+class Fill:
+    """What to put in a store before its CA starts."""
+
+    tokens: int
+    certificates: int
+    now: datetime
+    expired: bool = False  # tokens expired more than the retention ago, else in the future
+    der_bytes: int = DER_BYTES
+
+    def first_exp(self) -> datetime:
+        if self.expired:  # spread over the day before the retention's cut
+            return self.now - RETENTION - timedelta(days=1)
+        return self.now + timedelta(minutes=1)
 
 
-def sqlite_counts(path: Path, now: datetime) -> dict[str, int]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        cut = (now - RETENTION).isoformat()
-        return {
-            "used_tokens": conn.execute("SELECT COUNT(*) FROM used_tokens").fetchone()[0],
-            "expired_tokens": conn.execute(
-                "SELECT COUNT(*) FROM used_tokens WHERE expires_at < ?", (cut,)
-            ).fetchone()[0],
-            "certificates": conn.execute("SELECT COUNT(*) FROM certificates").fetchone()[0],
+class SQLiteBackend:
+    """The embedded store: ``federatls.db`` beside each CA's ca.json."""
+
+    name = "sqlite"
+
+    def prepare(self, ca: CA, schema_src: Path | None = None) -> None:
+        """Create the store (the CA's own code makes the schema: this checkout's, or the
+        one in ``schema_src``)."""
+        path = self.path(ca)
+        if schema_src is None:
+            SQLiteStore(path).close()
+        else:
+            code = "import sys; from federatls.ca._store import SQLiteStore; "
+            code += "SQLiteStore(sys.argv[1]).close()"
+            run = [sys.executable, "-c", code, str(path)]
+            subprocess.run(run, env=env_for(schema_src), check=True)
+
+    def path(self, ca: CA) -> Path:
+        return ca.config.with_name("federatls.db")
+
+    def fill(self, ca: CA, fill: Fill) -> None:
+        provisioner = provisioner_id(ca)
+        with contextlib.closing(sqlite3.connect(self.path(ca), isolation_level=None)) as conn:
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("BEGIN")
+            rows = token_rows(fill.tokens, provisioner, fill.first_exp(), timedelta(days=1))
+            for batch in rows:
+                conn.executemany(
+                    "INSERT INTO used_tokens VALUES (?, ?, ?, ?)",
+                    [(t, p, e.isoformat(), u.isoformat()) for t, p, e, u in batch],
+                )
+            for certs in certificate_rows(fill.certificates, provisioner, fill.now, fill.der_bytes):
+                conn.executemany(
+                    f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                    [
+                        (*c[:2], json.dumps(c[2]), c[3].isoformat(), c[4].isoformat(), *c[5:])
+                        for c in certs
+                    ],
+                )
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def counts(self, ca: CA, now: datetime) -> dict[str, int]:
+        with contextlib.closing(sqlite3.connect(self.path(ca))) as conn:
+            cut = (now - RETENTION).isoformat()
+            return {
+                "used_tokens": conn.execute("SELECT COUNT(*) FROM used_tokens").fetchone()[0],
+                "expired_tokens": conn.execute(
+                    "SELECT COUNT(*) FROM used_tokens WHERE expires_at < ?", (cut,)
+                ).fetchone()[0],
+                "certificates": conn.execute("SELECT COUNT(*) FROM certificates").fetchone()[0],
+            }
+
+    def real_der_size(self, ca: CA) -> int:
+        """The DER size of a certificate the CA itself issued (for the report)."""
+        with contextlib.closing(sqlite3.connect(self.path(ca))) as conn:
+            row = conn.execute(
+                "SELECT length(der) FROM certificates WHERE provisioner != '' LIMIT 1"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def megabytes(self, ca: CA) -> float:
+        return sum(p.stat().st_size for p in ca.config.parent.glob("federatls.db*")) / 1e6
+
+
+class PostgresBackend:
+    """One throwaway PostgreSQL 15 cluster (tests/postgres.py), a database per CA, named in
+    the CA's ca.json ``db`` block as step-ca writes it."""
+
+    name = "postgresql"
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.urls: dict[str, str] = {}
+
+    def prepare(self, ca: CA, schema_src: Path | None = None) -> None:
+        from federatls.ca._database import Database, init_schema
+
+        assert schema_src is None, "the baseline has no PostgreSQL store"
+        url = self.urls[ca.name] = self.cluster.new_database()
+        parts = urlsplit(url)
+        data = json.loads(ca.config.read_text())
+        data["db"] = {
+            "type": "postgresql",
+            "dataSource": urlunsplit((parts.scheme, parts.netloc, "/", "", "")),
+            "database": parts.path.lstrip("/"),
         }
+        ca.config.write_text(json.dumps(data, indent=2))
+        init_schema(Database.postgresql(url))
+
+    def fill(self, ca: CA, fill: Fill) -> None:
+        import psycopg
+
+        provisioner = provisioner_id(ca)
+        with psycopg.connect(self.urls[ca.name]) as conn:
+            with conn.cursor().copy(
+                "COPY used_tokens (token_id, provisioner, expires_at, used_at) FROM STDIN"
+            ) as copy:
+                for batch in token_rows(
+                    fill.tokens, provisioner, fill.first_exp(), timedelta(days=1)
+                ):
+                    for row in batch:
+                        copy.write_row(row)
+            with conn.cursor().copy(f"COPY certificates ({CERT_COLUMNS}) FROM STDIN") as copy:
+                for certs in certificate_rows(
+                    fill.certificates, provisioner, fill.now, fill.der_bytes
+                ):
+                    for cert in certs:
+                        copy.write_row(cert)
+        with psycopg.connect(self.urls[ca.name], autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE used_tokens")
+            conn.execute("VACUUM ANALYZE certificates")
+            conn.execute("CHECKPOINT")
+
+    def counts(self, ca: CA, now: datetime) -> dict[str, int]:
+        import psycopg
+
+        with psycopg.connect(self.urls[ca.name]) as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM used_tokens),"
+                " (SELECT count(*) FROM used_tokens WHERE expires_at < %s),"
+                " (SELECT count(*) FROM certificates)",
+                (now - RETENTION,),
+            ).fetchone()
+        assert row is not None
+        return {"used_tokens": row[0], "expired_tokens": row[1], "certificates": row[2]}
+
+    def real_der_size(self, ca: CA) -> int:
+        import psycopg
+
+        with psycopg.connect(self.urls[ca.name]) as conn:
+            row = conn.execute(
+                "SELECT length(der) FROM certificates WHERE provisioner != '' LIMIT 1"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def megabytes(self, ca: CA) -> float:
+        import psycopg
+
+        with psycopg.connect(self.urls[ca.name]) as conn:
+            row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        assert row is not None
+        return int(row[0]) / 1e6
 
 
-def real_der_size(path: Path) -> int:
-    """The DER size of a certificate the CA itself issued into ``path`` (for the report)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        row = conn.execute(
-            "SELECT length(der) FROM certificates WHERE provisioner != '' LIMIT 1"
-        ).fetchone()
-    return int(row[0]) if row else 0
+Backend = SQLiteBackend | PostgresBackend
 
 
 # --- Part 1: sign latency, empty store against full store ---------------------------------
@@ -209,18 +319,21 @@ def serve_command(ca: CA) -> list[str]:
     return [*command, "--password-file", str(ca.password)]
 
 
-def growth(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+def growth(args: argparse.Namespace, base: Path, backend: Backend) -> dict[str, Any]:
     now = datetime.now(UTC)
-    empty, full = make_pki(base, "empty"), make_pki(base, "full")
-    store = full.config.with_name("federatls.db")
+    empty, full = make_pki(base, f"empty-{backend.name}"), make_pki(base, f"full-{backend.name}")
+    empty.name, full.name = "empty", "full"
+    for ca in (empty, full):
+        backend.prepare(ca)
     print(
-        f"filling {store.name} with {args.rows:,} spent tokens and {args.rows:,} certificates",
+        f"{backend.name}: filling a store with {args.rows:,} spent tokens and {args.rows:,} "
+        "certificates",
         flush=True,
     )
-    fill_seconds = fill_sqlite(
-        store, tokens=args.rows, certificates=args.rows, provisioner=provisioner_id(full), now=now
-    )
-    size_mb = sum(p.stat().st_size for p in store.parent.glob("federatls.db*")) / 1e6
+    began = time.monotonic()
+    backend.fill(full, Fill(args.rows, args.rows, now))
+    fill_seconds = time.monotonic() - began
+    size_mb = backend.megabytes(full)
     print(f"  {fill_seconds:.0f} s, {size_mb:.0f} MB", flush=True)
     for ca in (empty, full):
         ca.command = serve_command(ca)
@@ -256,7 +369,7 @@ def growth(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 for (e, _), (f, _) in zip(runs["empty"], runs["full"], strict=True)
             ]
             results["full"][-1].round_rps = rounds_p50  # reused: full/empty p50 per round
-    counts = sqlite_counts(store, datetime.now(UTC))
+    counts = backend.counts(full, datetime.now(UTC))
     rows = []
     for e, f in zip(results["empty"], results["full"], strict=True):
         rows.append(
@@ -275,12 +388,12 @@ def growth(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             }
         )
     return {
-        "store": "sqlite",
+        "store": backend.name,
         "rows": args.rows,
         "fill_seconds": fill_seconds,
         "store_megabytes": size_mb,
         "der_bytes_filled": DER_BYTES,
-        "der_bytes_real": real_der_size(empty.config.with_name("federatls.db")),
+        "der_bytes_real": backend.real_der_size(empty),
         "start_seconds": starts,
         "counts_after": counts,
         "levels": rows,
@@ -293,6 +406,7 @@ class PurgeRun:
     """One CA started on a store of expired ids: when it first answered, then how it signed
     while the expired ids went."""
 
+    store: str  # "sqlite" or "postgresql"
     code: str  # "this checkout" or the baseline's directory
     schema: str  # whose code made the store's schema
     expired_at_start: int
@@ -348,7 +462,7 @@ def started(ca: CA, src: Path | None) -> Iterator[tuple[subprocess.Popen[bytes],
         log.close()
 
 
-def signs_while_purging(ca: CA, store: Path, seconds: float, run: PurgeRun) -> None:
+def signs_while_purging(ca: CA, backend: Backend, seconds: float, run: PurgeRun) -> None:
     """Sign one request after another for ``seconds`` (a new connection each), sampling how
     many expired ids remain every half second; stops early once none remain and a second
     has passed."""
@@ -364,7 +478,7 @@ def signs_while_purging(ca: CA, store: Path, seconds: float, run: PurgeRun) -> N
 
     while time.monotonic() - began < seconds:
         if time.monotonic() >= next_sample:
-            left = sqlite_counts(store, datetime.now(UTC))["expired_tokens"]
+            left = backend.counts(ca, datetime.now(UTC))["expired_tokens"]
             run.expired_left.append((round(time.monotonic() - began, 2), left))
             next_sample += 0.5
             if left == 0 and gone_at is None:
@@ -393,38 +507,74 @@ def signs_while_purging(ca: CA, store: Path, seconds: float, run: PurgeRun) -> N
         run.sign_max_ms = latencies[-1] * 1000
 
 
-def purge(args: argparse.Namespace, base: Path) -> list[PurgeRun]:
-    """The CA of this checkout; with ``--baseline-src``, the baseline's CA on a store of its
-    own schema, then this checkout's CA on that older store (an upgrade: its migration runs
-    at start)."""
+def purge(args: argparse.Namespace, base: Path, backend: Backend) -> list[PurgeRun]:
+    """The CA of this checkout; with ``--baseline-src`` (SQLite only), the baseline's CA on
+    a store of its own schema, then this checkout's CA on that older store (an upgrade: its
+    migration runs at start)."""
     this, old = ("this checkout", None), (f"baseline {args.baseline_src}", args.baseline_src)
     cases: list[tuple[tuple[str, Path | None], tuple[str, Path | None]]] = [(this, this)]
-    if args.baseline_src is not None:
+    if args.baseline_src is not None and backend.name == "sqlite":
         cases += [(old, old), (this, old)]
     runs = []
     for i, ((label, src), (schema, schema_src)) in enumerate(cases):
         now = datetime.now(UTC)
-        ca = make_pki(base, f"purge-{i}")
-        empty = make_pki(base, f"purge-empty-{i}")
-        store = ca.config.with_name("federatls.db")
-        print(f"{label} on a store made by {schema}: {args.expired:,} expired ids", flush=True)
-        fill_sqlite(
-            store,
-            tokens=args.expired,
-            certificates=0,
-            provisioner=provisioner_id(ca),
-            now=now,
-            expired=True,
-            schema_src=schema_src,
+        ca = make_pki(base, f"purge-{backend.name}-{i}")
+        empty = make_pki(base, f"purge-empty-{backend.name}-{i}")
+        for each in (ca, empty):
+            backend.prepare(each, schema_src)
+        print(
+            f"{backend.name}, {label} on a store made by {schema}: {args.expired:,} expired ids",
+            flush=True,
         )
-        run = PurgeRun(label, schema, sqlite_counts(store, now)["expired_tokens"])
+        backend.fill(ca, Fill(args.expired, 0, now, expired=True))
+        run = PurgeRun(backend.name, label, schema, backend.counts(ca, now)["expired_tokens"])
         with started(empty, src) as (_, seconds):
             run.empty_first_answer_seconds = seconds
         with started(ca, src) as (_, seconds):
             run.first_answer_seconds = seconds
-            signs_while_purging(ca, store, args.purge_seconds, run)
+            signs_while_purging(ca, backend, args.purge_seconds, run)
         runs.append(run)
     return runs
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def postgres_missing() -> str | None:
+    """Why the PostgreSQL store cannot be measured here, or None."""
+    try:
+        from federatls.ca import _postgres  # noqa: F401
+        from federatls.ca._config import CAConfig
+    except ImportError as exc:
+        return f"this federatls has no PostgreSQL store ({exc})"
+    if "database" not in getattr(CAConfig, "__dataclass_fields__", {}) and not hasattr(
+        CAConfig, "database"
+    ):
+        return "this federatls CA does not read ca.json's db block (CAConfig.database)"
+    sys.path.insert(0, str(TESTS))
+    from postgres import PostgresUnavailable, find_bindir
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL 15 cluster (tests/postgres.py) with 128 MB of shared buffers:
+    small beside a real server's, so that a million rows do not all fit in them."""
+    sys.path.insert(0, str(TESTS))
+    from postgres import PostgresCluster
+
+    cluster = PostgresCluster(shared_buffers="128MB")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -448,6 +598,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--baseline-src", type=Path, help="another checkout's src/ for the purge part")
     p.add_argument("--parts", default="growth,purge", help="growth, purge or both")
+    p.add_argument(
+        "--stores", default="sqlite,postgresql", help="sqlite, postgresql or both (default)"
+    )
     p.add_argument("--workdir", type=Path, help="where the stores go (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the PKIs, stores and logs")
     p.add_argument("--json", type=Path, help="result file (default: bench/results/...)")
@@ -459,6 +612,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     if not parts <= {"growth", "purge"}:
         print("--parts takes growth, purge or both", file=sys.stderr)
+        return 2
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or not set(stores) <= {"sqlite", "postgresql"}:
+        print("--stores takes sqlite, postgresql or both", file=sys.stderr)
+        return 2
+    if "postgresql" in stores and (problem := postgres_missing()):
+        print(f"postgresql: {problem} (or pass --stores sqlite)", file=sys.stderr)
         return 2
     base = Path(tempfile.mkdtemp(prefix="federatls-growth-", dir=args.workdir))
     started_at = datetime.now(UTC)
@@ -475,11 +635,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "federatls_version": federatls.__version__,
     }
+    report["growth"], report["purge"] = [], []
     try:
-        if "growth" in parts:
-            report["growth"] = [growth(args, base)]
-        if "purge" in parts:
-            report["purge"] = [asdict(r) for r in purge(args, base)]
+        with contextlib.ExitStack() as stack:
+            for store in stores:
+                backend: Backend = SQLiteBackend()
+                if store == "postgresql":
+                    backend = PostgresBackend(stack.enter_context(postgres_cluster()))
+                if "growth" in parts:
+                    report["growth"].append(growth(args, base, backend))
+                if "purge" in parts:
+                    report["purge"] += [asdict(r) for r in purge(args, base, backend)]
     finally:
         if args.keep:
             print(f"kept in {base}")
@@ -508,8 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  start to /health: {starts}")
     for r in report.get("purge", []):
         print(
-            f"\npurge, {r['code']} (schema: {r['schema']}): {r['expired_at_start']:,} expired "
-            "ids; first answer "
+            f"\npurge, {r['store']}, {r['code']} (schema: {r['schema']}): "
+            f"{r['expired_at_start']:,} expired ids; first answer "
             f"{r['first_answer_seconds']:.2f} s "
             f"(empty store {r['empty_first_answer_seconds']:.2f} s); "
             f"{r['signs']} signs while purging (p50 {r['sign_p50_ms']:.1f} ms, p99 "
