@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -85,6 +86,7 @@ from sign_throughput import (
     make_pki,
     token_for,
 )
+from state_growth import postgres_cluster, postgres_missing
 
 REQUEST_TIMEOUT = 60.0  # seconds for one copy's whole exchange; slower counts as "other"
 MARIADB_INSTALL = "apt-get install mariadb-server (Debian's package; only this benchmark uses it)"
@@ -427,6 +429,53 @@ def federatls_sqlite(stack: contextlib.ExitStack, base: Path, replicas: int) -> 
     )
 
 
+def federatls_postgresql(stack: contextlib.ExitStack, base: Path, replicas: int) -> System:
+    """Replicas on one database of a throwaway PostgreSQL 15 cluster, its schema made first
+    (``init_schema``, what ``federatls ca db init`` does) and the replicas connecting as a
+    role that may read and write but not create tables."""
+    import psycopg
+
+    from federatls.ca._database import Database, init_schema
+
+    ca = make_pki(base, "federatls-postgresql")
+    cluster = stack.enter_context(postgres_cluster())
+    owner_url = cluster.new_database()
+    init_schema(Database.postgresql(owner_url))
+    url = cluster.new_role("replica", owner_url)
+    parts = urlsplit(url)
+    block = {
+        "type": "postgresql",
+        "dataSource": urlunsplit((parts.scheme, parts.netloc, "/", "", "")),
+        "database": parts.path.lstrip("/"),
+    }
+    ports = [free_port() for _ in range(replicas)]
+    configs = [replica_config(ca, i, port, block) for i, port in enumerate(ports)]
+    serve = [sys.executable, "-m", "federatls", "ca", "serve"]
+    commands = [[*serve, str(c), "--password-file", str(ca.password)] for c in configs]
+    version = stack.enter_context(replicas_running(ca, commands, ports))
+
+    def query(sql: str) -> Any:
+        with psycopg.connect(owner_url) as conn:
+            row = conn.execute(sql).fetchone()
+        assert row is not None
+        return row[0]
+
+    def records() -> dict[str, int]:
+        return {
+            "certificates": query("SELECT count(*) FROM certificates WHERE provisioner != ''"),
+            "spent_tokens": query("SELECT count(*) FROM used_tokens"),
+        }
+
+    return System(
+        "federatls/postgresql",
+        ca,
+        [("127.0.0.1", p) for p in ports],
+        version=version,
+        database=f"PostgreSQL {query('SHOW server_version')}",
+        records=records,
+    )
+
+
 # --- Main -----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -435,8 +484,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=2, help="CA processes per system")
     p.add_argument(
         "--systems",
-        default=",".join(SYSTEMS[:2]),
-        help=f"comma-separated, of: {', '.join(SYSTEMS)} (default: the first two)",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated, of: {', '.join(SYSTEMS)} (default: all)",
     )
     p.add_argument(
         "--stepca",
@@ -466,8 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem or "step-ca is needed for step-ca/mariadb", file=sys.stderr)
             return 2
         stepca = found
-    if "federatls/postgresql" in names:
-        print("federatls/postgresql: this federatls has no PostgreSQL store", file=sys.stderr)
+    if "federatls/postgresql" in names and (problem := postgres_missing()):
+        print(f"federatls/postgresql: {problem}", file=sys.stderr)
         return 2
 
     base = Path(tempfile.mkdtemp(prefix="federatls-storm-"))
@@ -482,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     systems.append(stepca_mariadb(stack, base, stepca, args.replicas))
                 elif name == "federatls/sqlite":
                     systems.append(federatls_sqlite(stack, base, args.replicas))
+                else:
+                    systems.append(federatls_postgresql(stack, base, args.replicas))
                 tallies[name] = Tally(name, args.replicas, args.copies)
                 s = systems[-1]
                 tallies[name].version, tallies[name].database = s.version, s.database
