@@ -1,5 +1,6 @@
 """The ``federatls`` command: ``federatls ca init|serve|token|certificate|renew|revoke|roots|
-federation|health`` in the spirit of ``step ca``, and ``federatls demo``.
+federation|health|rotate`` in the spirit of ``step ca``, ``federatls ca db init|migrate``, and
+``federatls demo``.
 
 Errors are one line on stderr and a non-zero exit: 2 for a usage mistake (argparse's own, or
 a ``UsageError``: flags missing or contradicting each other, a malformed value), 1 for a
@@ -22,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +54,9 @@ from ._token import (
 from ._trust import TrustBundle
 from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
+
+if TYPE_CHECKING:
+    from .ca._database import Database
 
 __all__ = ["main"]
 
@@ -125,6 +129,13 @@ def _address(text: str) -> str:
 
     split_address(text)
     return text
+
+
+@_usage_type(ConfigError)
+def _database_url(text: str) -> Database:
+    from .ca._config import database_url
+
+    return database_url(text, "the database URL")
 
 
 def _seconds(text: str) -> float:
@@ -448,10 +459,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in handlers:
         handler.addFilter(quiet)
     try:
-        _run(serve(args.config, password, ready=ready))
+        _run(serve(args.config, password, ready=ready, database=args.db))
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
+    return 0
+
+
+def cmd_db_init(args: argparse.Namespace) -> int:
+    _need_ca_extra("federatls ca db init")
+    from .ca._config import CAConfig
+    from .ca._database import init_schema
+
+    database = args.db or CAConfig.load(args.config).database
+    print(init_schema(database))
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    _need_ca_extra("federatls ca db migrate")
+    from .ca._config import CAConfig
+    from .ca._database import copy_store
+
+    source = CAConfig.load(args.config).store_path
+    if not source.is_file():
+        raise ConfigError(f"{source} does not exist: there is no SQLite state to migrate")
+    target: Database = args.to
+    counts = copy_store(source, target)
+    copied = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in counts.items())
+    print(f"Copied {copied} from {source} to {target.describe()}.")
     return 0
 
 
@@ -648,6 +684,15 @@ def _token_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _db_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--db",
+        type=_database_url,
+        metavar="URL",
+        help=f"{what}: postgresql://USER:PASSWORD@HOST:PORT/NAME",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="federatls", description="Mutual TLS across federated CAs.")
     parser.add_argument("--version", action="version", version=f"federatls {__version__}")
@@ -686,7 +731,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--password-file", metavar="FILE", help="file with the password of the intermediate key"
     )
+    _db_flag(p, "the database to serve from, in place of ca.json's db block")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("db", help="create or migrate the CA's database")
+    db_verbs = p.add_subparsers(dest="db_verb", required=True, parser_class=_Parser)
+    p = db_verbs.add_parser(
+        "init",
+        help="create or upgrade the schema (before `ca serve` on PostgreSQL)",
+        description="Create the CA's tables in its database, or bring an older schema up to "
+        "this federatls's; a database already current is left as it is. `ca serve` never "
+        "creates tables in PostgreSQL, so its role needs no CREATE privilege.",
+    )
+    p.add_argument("config", help="path of ca.json (its db block names the database)")
+    _db_flag(p, "the database to initialise, in place of ca.json's db block")
+    p.set_defaults(func=cmd_db_init)
+    p = db_verbs.add_parser(
+        "migrate",
+        help="copy the SQLite state beside ca.json into an empty PostgreSQL database",
+        description="Copy the used token ids, certificates and revocations of the SQLite "
+        "file beside ca.json (federatls.db) into an empty PostgreSQL database, in one "
+        "transaction; the schema is created there if absent. A database that holds any "
+        "of them is refused. Stop the CA first, then point ca.json's db block (or --db) "
+        "at the target.",
+    )
+    p.add_argument("config", help="path of ca.json (federatls.db beside it is copied)")
+    p.add_argument(
+        "--to",
+        required=True,
+        type=_database_url,
+        metavar="URL",
+        help="the target: postgresql://USER:PASSWORD@HOST:PORT/NAME",
+    )
+    p.set_defaults(func=cmd_db_migrate)
 
     p = verbs.add_parser("token", help="print a one-time token, as `step ca token`")
     p.add_argument("subject", help="the certificate's common name (or the serial, --revoke)")
@@ -795,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="leave the CAs and the server running until Ctrl-C"
     )
     p.set_defaults(func=cmd_demo)
-    for sub in (*top.choices.values(), *verbs.choices.values()):
+    for sub in (*top.choices.values(), *verbs.choices.values(), *db_verbs.choices.values()):
         sub.set_defaults(parser=sub)  # a UsageError is reported by the verb's own parser
     return parser
 

@@ -170,6 +170,11 @@ class Authority:
         self.store = store
         # step-ca truncates its start time to the second before comparing token `iat`s.
         self.started_at = started_at.replace(microsecond=0)
+        # step-ca's rule: tokens issued before the CA started are refused. A store whose
+        # every commit is durable (PostgreSQL) keeps every spent token across restarts and
+        # replicas, so the rule is dropped there: a replica's restart refuses no fresh
+        # token (docs/ca.md, "Which replay rule holds for which store").
+        self.iat_checked = not config.disable_issued_at_check and not store.every_commit_durable
         self._by_id = {p.id: p for p in config.provisioners}
         self._by_kid = {p.key.kid: p for p in config.provisioners}
         self._audiences = _Audiences.for_hosts(config.audience_hosts)
@@ -219,17 +224,14 @@ class Authority:
         self, raw: str, kind: TokenKind, now: datetime
     ) -> tuple[JWKProvisioner, Token, TokenUse]:
         """Validate a one-time token, without burning it yet. Order: parse, ``iat`` against
-        the CA's start, audience and provisioner, **signature**, times, subject, replay."""
+        the CA's start (if ``iat_checked``), audience and provisioner, **signature**, times,
+        subject, replay."""
         try:
             token = Token.parse(raw)
         except TokenError as exc:
             raise _unauthorized(f"error parsing token: {exc}") from exc
         iat = token.issued_at
-        if (
-            not self.config.disable_issued_at_check
-            and iat is not None
-            and iat < self.started_at.timestamp()
-        ):
+        if self.iat_checked and iat is not None and iat < self.started_at.timestamp():
             raise _unauthorized("token issued before the bootstrap of certificate authority")
         prov = self._by_id.get(f"{token.issuer}:{token.kid}")
         if not self._audiences.any_token.matches(token.audience) or prov is None:
@@ -252,7 +254,7 @@ class Authority:
             )
         if not token.subject:
             raise _unauthorized("jwk token subject cannot be empty")
-        spend = _token_use(token, prov.id, now, iat_checked=not self.config.disable_issued_at_check)
+        spend = _token_use(token, prov.id, now, iat_checked=self.iat_checked)
         if self.store.token_used(spend.token_id):
             raise _unauthorized("token already used")
         return prov, token, spend

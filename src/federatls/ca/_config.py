@@ -8,17 +8,27 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .._duration import parse_go_duration
 from .._errors import BadMaterialError, ConfigError
 from .._jwk import PublicJWK
+from ._database import Database
 
-__all__ = ["CAConfig", "ConnectionLimits", "DurationClaims", "JWKProvisioner", "split_address"]
+__all__ = [
+    "CAConfig",
+    "ConnectionLimits",
+    "DurationClaims",
+    "JWKProvisioner",
+    "database_url",
+    "split_address",
+]
 
 log = logging.getLogger("federatls.ca")
 
@@ -224,11 +234,12 @@ class CAConfig:
     disable_issued_at_check: bool
     tls_options: Mapping[str, Any]
     raw: Mapping[str, Any]
+    database: Database  # from the `db` block: PostgreSQL, or the SQLite file beside ca.json
     limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def store_path(self) -> Path:
-        """federatls keeps its state in one SQLite file beside ca.json."""
+        """The embedded store's SQLite file beside ca.json (whatever ``database`` says)."""
         return self.path.parent / "federatls.db"
 
     @classmethod
@@ -294,6 +305,7 @@ class CAConfig:
             disable_issued_at_check=disable_iat,
             tls_options=_tls_options(data.get("tls"), where),
             raw=data,
+            database=_database(data.get("db"), path, where),
             limits=ConnectionLimits.from_json(data.get("federatls"), where),
         )
 
@@ -361,6 +373,78 @@ def _provisioners(
         seen.add(prov.id)
         out.append(prov)
     return tuple(out)
+
+
+def _database(value: object, path: Path, where: str) -> Database:
+    """ca.json's ``db`` block as step-ca reads it: type ``postgresql`` is PostgreSQL at
+    ``dataSource``, in the database ``database`` names if set (step-ca 0.19's driver,
+    smallstep/nosql 0.4: an explicit name replaces the one in the URL; with neither,
+    PostgreSQL's default, the user's name). Any other type (badgerv2, none, absent) keeps
+    the embedded SQLite file beside ca.json."""
+    sqlite = Database("sqlite", str(path.parent / "federatls.db"))
+    if value is None:
+        return sqlite
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: 'db' must be an object")
+    kind = value.get("type")
+    if not isinstance(kind, str) or kind.lower() != "postgresql":
+        return sqlite
+    source = value.get("dataSource")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(
+            f'{where}: db.dataSource must be a URL such as "postgresql://USER:PASSWORD@HOST:5432/"'
+        )
+    name = value.get("database")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}: db.database must be a string (the database's name)")
+    return database_url(source, f"{where}: db.dataSource", database=name or None)
+
+
+def database_url(text: str, what: str, *, database: str | None = None) -> Database:
+    """A PostgreSQL database from a URL (``postgresql://`` or ``postgres://``), with its
+    user name and password percent-encoded as libpq reads them; ``database`` replaces the
+    URL's database name. ``ConfigError`` names ``what`` (never the password).
+
+    Key=value connection strings are not read: give the same settings as a URL."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{what} must be a postgresql:// URL, for example "
+            "postgresql://USER:PASSWORD@HOST:5432/NAME"
+        )
+    parts = urlsplit("postgresql://" + rest)
+    if parts.fragment:
+        raise ConfigError(f"{what}: a database URL has no #fragment")
+    # A password may hold "@": Go's URL parser (step-ca's) splits at the last one. libpq
+    # splits at the first, so the user name and password are written back percent-encoded.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = hosts
+    if at:
+        user, colon, password = userinfo.partition(":")
+        user = quote(_decoded(user, f"{what}: the user name"), safe="")
+        password = quote(_decoded(password, f"{what}: the password"), safe="")
+        netloc = f"{user}:{password}@{hosts}" if colon else f"{user}@{hosts}"
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2].partition(":")[2] if host else ""
+        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(f"{what}: port {port!r} is not a number from 1 to 65535")
+    path = parts.path
+    if database is not None:
+        path = "/" + quote(database, safe="")
+    elif path not in ("", "/"):
+        name = _decoded(path[1:], f"{what}: the database name")
+        path = "/" + quote(name, safe="")
+    return Database("postgresql", urlunsplit(("postgresql", netloc, path, parts.query, "")))
+
+
+def _decoded(text: str, what: str) -> str:
+    """Percent-decoded ``text``; a malformed escape (``%zz``) is a ``ConfigError``."""
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise ConfigError(f"{what} holds a malformed percent-escape (write % as %25)")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 once percent-decoded") from None
 
 
 def _tls_options(value: object, where: str) -> Mapping[str, Any]:

@@ -499,6 +499,7 @@ def _admin(db: Database) -> Iterator[Conn]:
             f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): "
             f"{_first_line(exc, _password(db))}"
         ) from exc
+    user = conn.info.user
     try:
         with conn:
             for statement in _SESSION:
@@ -506,7 +507,7 @@ def _admin(db: Database) -> Iterator[Conn]:
             yield conn
     except pgerrors.InsufficientPrivilege as exc:
         raise ConfigError(
-            f"{db.describe()}: role {conn.info.user!r} may not create the federatls schema "
+            f"{db.describe()}: role {user!r} may not create the federatls schema "
             f"({str(exc).splitlines()[0]}): run `federatls ca db init` as the database's "
             "owner"
         ) from exc

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
-from .._errors import ConfigError, StoreBusyError
+from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 from .._protocol import (
     API_PREFIX,
     MAX_BODY_BYTES,
@@ -45,9 +46,11 @@ from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
 from ._connections import ConnectionTable, Listener, Phase, connection_limit
+from ._database import Database, open_store
 from ._issuer import server_certificate
 from ._material import load_material
-from ._store import SQLiteStore, StoreWouldWait, without_waiting
+from ._purge import PURGE_INTERVAL, TokenPurge
+from ._store import Store, StoreWouldWait, without_waiting
 from ._tls import build_server_context
 from ._tlsconn import TLSServerConnection
 
@@ -57,6 +60,7 @@ log = logging.getLogger("federatls.ca")
 # Marks the "serving HTTPS on" record, for a front end that announces readiness itself.
 READY_RECORD = "federatls_ready"
 CHECKPOINT_INTERVAL = 0.1  # seconds between checkpoints of the database's write-ahead log
+HEALTH_CHECK_INTERVAL = 1.0  # /health asks the database at most this often
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -146,6 +150,8 @@ class _State:
         self.clock = clock
         self.committer = _GroupCommit()
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
+        self._health: asyncio.Future[str | None] | None = None
+        self._health_checked = float("-inf")
 
     async def off_loop(self, call: Callable[[], _T]) -> _T:
         """``call()`` in a worker thread, where it may wait for the store (boundedly)."""
@@ -162,6 +168,26 @@ class _State:
                 return call()
         except StoreWouldWait:
             return await self.off_loop(call)
+
+    async def store_problem(self) -> str | None:
+        """What keeps the store from being used now (``Store.check``), or None. Asked at
+        most once per ``HEALTH_CHECK_INTERVAL``, and once for all the requests that arrive
+        while it is being asked, so a flood of ``/health`` takes no worker from signing."""
+        if time.monotonic() - self._health_checked < HEALTH_CHECK_INTERVAL:
+            assert self._health is not None
+            return self._health.result()
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(self._check_store())
+        return await asyncio.shield(self._health)
+
+    async def _check_store(self) -> str | None:
+        try:
+            await self.soon(self.authority.store.check)
+            problem = None
+        except StoreBusyError as exc:  # unavailable, or busy past its bounded wait
+            problem = str(exc) or type(exc).__name__
+        self._health_checked = time.monotonic()
+        return problem
 
     async def close(self) -> None:
         await self.committer.close()
@@ -267,7 +293,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.warning("refused %r: %d %r", where, refusal.status, _clipped(refusal.reason, 600))
         return _json(refusal.body.to_json(), refusal.status)
     except StoreBusyError as exc:
-        log.warning("refused %r: 503 the database is busy (%s)", where, exc)
+        what = "unavailable" if isinstance(exc, StoreUnavailableError) else "busy"
+        log.warning("refused %r: 503 the database is %s (%s)", where, what, exc)
         response = _json(ErrorBody.for_status(503).to_json(), 503)
         response.headers["Retry-After"] = "1"
         return response
@@ -293,7 +320,14 @@ def _clock(request: web.Request) -> datetime:
 
 
 async def _health(request: web.Request) -> web.Response:
-    return _json(HealthResponse().to_json())
+    """200 ``{"status": "ok"}`` (step-ca's answer) while the store can be used; else 503
+    with step-ca's error body, its message saying what is wrong (``step ca health`` and
+    ``federatls ca health`` print it). No other read-only route touches the store."""
+    problem = await request.app[_STATE].store_problem()
+    if problem is None:
+        return _json(HealthResponse().to_json())
+    message = f"The certificate authority cannot use its database: {problem}"
+    return _json(ErrorBody(503, message).to_json(), 503)
 
 
 async def _version(request: web.Request) -> web.Response:
@@ -449,7 +483,10 @@ def server_renewal_due(cert: x509.Certificate) -> datetime:
 
 
 class CAServer:
-    """A running federatls CA. Use ``async with CAServer.running(config, password) as ca``."""
+    """A running federatls CA. Use ``async with CAServer.running(config, password) as ca``.
+
+    ``database`` replaces ca.json's ``db`` block (``federatls ca serve --db``);
+    ``purge_interval`` is the time between two runs of the purge of expired token ids."""
 
     def __init__(
         self,
@@ -460,13 +497,19 @@ class CAServer:
         port: int | None = None,
         clock: Clock = _now,
         limits: ConnectionLimits | None = None,
+        database: Database | None = None,
+        purge_interval: float = PURGE_INTERVAL,
     ) -> None:
         self.config_path = Path(config_path)
         self._password = password
         self._host = host
         self._port = port
         self._limits = limits  # None: ca.json's federatls.connections block
-        self._store: SQLiteStore | None = None
+        self._database = database  # None: ca.json's db block
+        self._purge_interval = purge_interval
+        self._store: Store | None = None
+        self._store_database: Database | None = None  # where _store is
+        self.purge: TokenPurge | None = None
         self._authority: Authority | None = None
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
         self._listener: Listener | None = None
@@ -489,10 +532,21 @@ class CAServer:
         port: int | None = None,
         clock: Clock = _now,
         limits: ConnectionLimits | None = None,
+        database: Database | None = None,
+        purge_interval: float = PURGE_INTERVAL,
     ) -> AsyncIterator[CAServer]:
         """Start the CA, yield it while it serves, stop it cleanly. ``limits`` replaces
-        ca.json's ``federatls.connections`` block."""
-        server = cls(Path(config_path), password, host=host, port=port, clock=clock, limits=limits)
+        ca.json's ``federatls.connections`` block, ``database`` its ``db`` block."""
+        server = cls(
+            Path(config_path),
+            password,
+            host=host,
+            port=port,
+            clock=clock,
+            limits=limits,
+            database=database,
+            purge_interval=purge_interval,
+        )
         await server.start()
         try:
             yield server
@@ -517,10 +571,14 @@ class CAServer:
     def _load(self) -> Authority:
         config = CAConfig.load(self.config_path)
         material = load_material(config, self._password)
+        database = self._database or config.database
         if self._store is None:
-            self._store = SQLiteStore(config.store_path, checkpoint_interval=CHECKPOINT_INTERVAL)
-            self._store.prune(self.clock())
-        elif self._store.path != config.store_path:
+            # PostgreSQL: never creates tables; refuses a schema it does not know and an
+            # unreachable server (ConfigError, one line). Expired token ids are purged while
+            # the CA serves (TokenPurge), not here.
+            self._store = open_store(database, checkpoint_interval=CHECKPOINT_INTERVAL)
+            self._store_database = database
+        elif database != self._store_database:
             raise ConfigError("the database location cannot change on reload")
         if config.raw.get("insecureAddress"):
             log.warning("insecureAddress is not served by the federatls CA (no SSH or ACME)")
@@ -538,7 +596,17 @@ class CAServer:
         )
 
     async def start(self) -> None:
-        """Load ca.json, open the store, bind the address and serve."""
+        """Load ca.json, open the store, bind the address and serve. On failure the store
+        is closed again (a PostgreSQL pool holds connections)."""
+        try:
+            await self._start()
+        except BaseException:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            raise
+
+    async def _start(self) -> None:
         self._authority = self._load()
         config = self._authority.config
         host, port = split_address(config.address)
@@ -578,6 +646,9 @@ class CAServer:
         bound = self._listener.sockets[0].getsockname()
         self.address = (str(bound[0]), int(bound[1]))
         self._renewal = asyncio.create_task(self._renew_server_certificate())
+        assert self._store is not None
+        self.purge = TokenPurge(self._store, self.clock, interval=self._purge_interval)
+        self.purge.start()
         log.info(
             "serving HTTPS on %s (root %s, at most %d connections)",
             self.url,
@@ -647,6 +718,9 @@ class CAServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
             self._renewal = None
+        if self.purge is not None:
+            await self.purge.stop()
+            self.purge = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -666,11 +740,14 @@ async def serve(
     config_path: Path | str,
     password: bytes,
     ready: Callable[[CAServer], None] | None = None,
+    *,
+    database: Database | None = None,
 ) -> None:
-    """Run a CA until SIGTERM or SIGINT; SIGHUP reloads ca.json."""
+    """Run a CA until SIGTERM or SIGINT; SIGHUP reloads ca.json. ``database`` replaces
+    ca.json's ``db`` block."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    async with CAServer.running(config_path, password) as ca:
+    async with CAServer.running(config_path, password, database=database) as ca:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, ca.reload)

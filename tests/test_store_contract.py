@@ -1,0 +1,522 @@
+"""The ``Store`` contract, the same tests on both stores: the embedded SQLite file and a real
+PostgreSQL 15 database (tests/postgres.py). Then what only PostgreSQL has: a schema made by
+``init_schema`` and checked at open, a role that may not create tables, the server going away
+and coming back under the same store, and the copy of a SQLite file into it."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from federatls._errors import ConfigError, StoreUnavailableError
+from federatls.ca import (
+    Database,
+    IssuedCertificate,
+    PostgresStore,
+    Revocation,
+    SQLiteStore,
+    Store,
+    StoreWouldWait,
+    TokenUse,
+    copy_store,
+    init_schema,
+    open_store,
+    without_waiting,
+)
+from federatls.ca._store import TOKEN_RETENTION
+
+from harness import free_port
+from postgres import PostgresCluster
+
+NOW = datetime(2026, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A fresh database of each kind, its schema made by ``init_schema``."""
+    if request.param == "sqlite":
+        db = Database.sqlite(tmp_path / "federatls.db")
+    else:
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        db = Database.postgresql(cluster.new_database())
+    assert "created" in init_schema(db)
+    return db
+
+
+@pytest.fixture
+def stores(database: Database) -> Iterator[Opener]:
+    """Opens another store object on the database (a replica, for PostgreSQL); all are
+    closed after the test."""
+    opened: list[Store] = []
+
+    def opener() -> Store:
+        store = open_store(database)
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(stores: Opener) -> Store:
+    return stores()
+
+
+def _cert(serial: str, token_id: str = "", **fields: object) -> IssuedCertificate:
+    values: dict[str, object] = {
+        "serial": serial,
+        "subject": f"svc-{serial}",
+        "sans": (f"svc-{serial}", "10.0.0.1"),
+        "not_before": NOW,
+        "not_after": NOW + timedelta(hours=24),
+        "provisioner": "admin:kid",
+        "der": b"\x30\x82" + serial.encode(),
+        "operation": "sign" if token_id else "",
+        "token_id": token_id,
+    }
+    values.update(fields)
+    return IssuedCertificate(**values)  # type: ignore[arg-type]
+
+
+def _use(
+    token_id: str, cert: IssuedCertificate | None = None, *, expires: datetime | None = None
+) -> TokenUse:
+    return TokenUse(
+        token_id, "admin:kid", expires or NOW + timedelta(minutes=5), NOW, certificate=cert
+    )
+
+
+def _revocation(serial: str) -> Revocation:
+    return Revocation(serial, 1, "key compromise", NOW, "admin:kid", f"rev-{serial}", False)
+
+
+# -- the contract, on both stores -----------------------------------------------------------
+
+
+def test_a_token_is_spent_once(store: Store) -> None:
+    """The first use of a token is recorded, with its certificate; the second is refused and
+    records nothing. Twin: a token never spent reads as unused."""
+    assert not store.token_used("jti-1")
+    assert store.record_issuances([_use("jti-1", _cert("1", "jti-1"))]) == [True]
+    assert store.token_used("jti-1")
+    assert store.record_issuances([_use("jti-1", _cert("2", "jti-1"))]) == [False]
+    assert store.get_certificate("2") is None
+    assert store.counts() == {"used_tokens": 1, "certificates": 1, "revocations": 0}
+
+
+def test_concurrent_copies_of_one_token_have_one_winner(stores: Opener) -> None:
+    """40 copies of one token, from 8 threads over two store objects (two replicas on
+    PostgreSQL), each with its own certificate: exactly one is accepted and one row of each
+    is recorded. Twin: 40 different tokens the same way are all accepted."""
+    replicas = [stores(), stores()]
+
+    def spend(i: int, token_id: str) -> bool:
+        use = _use(token_id, _cert(str(1000 + i), token_id))
+        return replicas[i % 2].record_issuances([use])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        same = list(pool.map(lambda i: spend(i, "storm"), range(40)))
+    assert same.count(True) == 1
+    assert replicas[1].counts() == {"used_tokens": 1, "certificates": 1, "revocations": 0}
+    with ThreadPoolExecutor(8) as pool:
+        different = list(pool.map(lambda i: spend(100 + i, f"jti-{i}"), range(40)))
+    assert different == [True] * 40
+    assert replicas[0].counts() == {"used_tokens": 41, "certificates": 41, "revocations": 0}
+
+
+def test_a_batch_records_its_fresh_uses_and_not_its_replays(store: Store) -> None:
+    """In one batch, a replay (a token spent before) records nothing, not even its
+    certificate, while the fresh uses around it are recorded. Twin: the token spent before
+    is what makes the difference (the same batch without it records all three)."""
+    store.record_issuances([_use("spent")])
+    batch = [_use("a", _cert("10", "a")), _use("spent", _cert("11", "spent")), _use("b")]
+    assert store.record_issuances(batch) == [True, False, True]
+    assert store.get_certificate("10") is not None
+    assert store.get_certificate("11") is None
+    assert store.counts() == {"used_tokens": 3, "certificates": 1, "revocations": 0}
+    again = [_use("c", _cert("12", "c")), _use("d", _cert("13", "d")), _use("e")]
+    assert store.record_issuances(again) == [True, True, True]
+
+
+def test_a_batch_that_fails_records_nothing(store: Store) -> None:
+    """A batch whose last certificate cannot be recorded (its serial is taken) fails as a
+    whole: its first token stays unspent. Twin: the same batch with distinct serials is
+    recorded."""
+    store.add_certificate(_cert("20"))
+    batch = [_use("x", _cert("21", "x")), _use("y", _cert("20", "y"))]
+    with pytest.raises((sqlite3.IntegrityError, StoreUnavailableError)):
+        store.record_issuances(batch)
+    assert not store.token_used("x")
+    assert store.get_certificate("21") is None
+    assert store.record_issuances([_use("x", _cert("21", "x")), _use("y", _cert("22", "y"))])
+    assert store.token_used("y")
+
+
+def test_revoke_outcomes(store: Store) -> None:
+    """A revocation with its token is recorded; revoking the serial again is "already
+    revoked" and does not spend the second token; a spent token is "token used" and revokes
+    nothing. Twin: a serial never revoked reads as not revoked."""
+    store.add_certificate(_cert("30"))
+    store.add_certificate(_cert("31"))
+    assert not store.is_revoked("30")
+    assert store.revoke(_revocation("30"), _use("rev-1")) == "revoked"
+    assert store.is_revoked("30")
+    assert store.revoke(_revocation("30"), _use("rev-2")) == "already revoked"
+    assert not store.token_used("rev-2")  # rolled back with the refused revocation
+    assert store.revoke(_revocation("31"), _use("rev-1")) == "token used"
+    assert not store.is_revoked("31")
+    assert store.revoke(_revocation("31")) == "revoked"  # mTLS revocations spend no token
+    assert store.counts() == {"used_tokens": 1, "certificates": 2, "revocations": 2}
+
+
+def test_a_certificate_round_trips_with_its_audit_trail(store: Store) -> None:
+    """What is recorded is what is read back: subject, SANs (none, too), validity to the
+    microsecond, provisioner, DER, operation, token and parent. Twin: an unknown serial reads
+    as None."""
+    sign = _cert("40", "jti-40")
+    renew = _cert("41", sans=(), renewed_from="40", operation="renew", der=b"\x00\xff" * 50)
+    store.record_issuances([_use("jti-40", sign)])
+    store.add_certificate(renew)
+    assert store.get_certificate("40") == sign
+    assert store.get_certificate("41") == renew
+    assert store.get_certificate("42") is None
+
+
+def test_purge_forgets_only_tokens_past_retention_oldest_first(store: Store) -> None:
+    """``purge_expired`` deletes at most ``limit`` token ids expired longer than the
+    retention, the oldest first, and keeps the others, the certificates and the revocations.
+    Twin: ids expired within the retention, and unexpired ones, stay."""
+    cutoff = NOW - TOKEN_RETENTION
+    old = [f"old-{i}" for i in range(5)]
+    for i, token_id in enumerate(old):
+        store.record_issuances([_use(token_id, expires=cutoff - timedelta(hours=5 - i))])
+    store.record_issuances([_use("recent", expires=cutoff + timedelta(seconds=1))])
+    store.record_issuances([_use("live", _cert("50", "live"))])
+    store.revoke(_revocation("50"))
+    assert store.purge_expired(NOW, limit=2) == 2
+    assert [store.token_used(t) for t in old] == [False, False, True, True, True]
+    assert store.purge_expired(NOW, limit=2) == 2
+    assert store.purge_expired(NOW, limit=2) == 1
+    assert store.purge_expired(NOW, limit=2) == 0
+    assert store.token_used("recent")
+    assert store.token_used("live")
+    assert store.counts() == {"used_tokens": 2, "certificates": 1, "revocations": 1}
+
+
+def test_purging_in_batches_bounds_the_table(stores: Opener) -> None:
+    """Tokens keep expiring while two replicas purge in small batches at once: the table
+    never holds more than the ids not yet past retention plus a batch. Twin: without the
+    purge it grows with every round."""
+    first, second = stores(), stores()
+    cutoff = NOW - TOKEN_RETENTION
+    sizes = []
+    for round_ in range(6):
+        uses = [
+            _use(f"r{round_}-{i}", expires=cutoff - timedelta(seconds=i + 1)) for i in range(30)
+        ]
+        first.record_issuances(uses)
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(lambda s: s.purge_expired(NOW, limit=10), [first, second]))
+        while (n := second.purge_expired(NOW, limit=10)) > 0:
+            done.append(n)
+        assert sum(done) == 30
+        sizes.append(first.counts()["used_tokens"])
+    assert sizes == [0] * 6
+    first.record_issuances(
+        [_use(f"kept-{i}", expires=cutoff - timedelta(seconds=1)) for i in range(30)]
+    )
+    first.record_issuances(
+        [_use(f"more-{i}", expires=cutoff - timedelta(seconds=1)) for i in range(30)]
+    )
+    assert first.counts()["used_tokens"] == 60
+
+
+def test_check_passes_on_a_usable_store(store: Store) -> None:
+    """``check`` returns on a store that works (its failing twin, PostgreSQL stopped, is
+    ``test_postgres_down_and_back``)."""
+    store.check()
+
+
+def test_a_newer_schema_version_is_refused(database: Database, store: Store) -> None:
+    """A database whose schema a newer federatls wrote is refused at open with a one-line
+    ConfigError naming the version. Twin: the same database at this version opens (the
+    fixture's store)."""
+    store.close()
+    if database.kind == "sqlite":
+        with sqlite3.connect(database.location) as conn:
+            conn.execute("PRAGMA user_version=99")
+    else:
+        with psycopg.connect(database.location, autocommit=True) as conn:
+            conn.execute("UPDATE federatls_schema SET version = 99")
+    with pytest.raises(ConfigError, match="schema version 99") as refused:
+        open_store(database)
+    assert "\n" not in str(refused.value)
+
+
+def test_init_schema_is_idempotent(database: Database, store: Store) -> None:
+    """``init_schema`` on an initialised database changes nothing and says so; the rows stay.
+    Twin: on a new database it creates the schema (the fixture's assertion)."""
+    store.record_issuances([_use("kept")])
+    assert "up to date" in init_schema(database)
+    assert store.token_used("kept")
+
+
+# -- PostgreSQL only ------------------------------------------------------------------------
+
+
+def test_postgres_without_schema_is_refused(postgres: PostgresCluster) -> None:
+    """A database without the federatls schema is refused with one line saying to run
+    `federatls ca db init`, and nothing is created in it. Twin: after init_schema it
+    opens."""
+    db = Database.postgresql(postgres.new_database())
+    with pytest.raises(ConfigError, match=r"has no federatls schema: run `federatls ca db init"):
+        open_store(db)
+    with psycopg.connect(db.location) as conn:
+        row = conn.execute("SELECT to_regclass('used_tokens')").fetchone()
+    assert row == (None,)
+    init_schema(db)
+    open_store(db).close()
+
+
+def test_postgres_unreachable_is_one_line_without_password(postgres: PostgresCluster) -> None:
+    """A server that does not answer is a one-line ConfigError naming HOST:PORT, never the
+    password. Twin: the running cluster, same password, opens."""
+    port = free_port()
+    secret = "s3cret-never-shown"
+    db = Database.postgresql(f"postgresql://federatls:{secret}@127.0.0.1:{port}/federatls")
+    with pytest.raises(ConfigError) as refused:
+        open_store(db)
+    message = str(refused.value)
+    assert f"127.0.0.1:{port}" in message
+    assert secret not in message
+    assert "\n" not in message
+    assert secret not in db.describe()
+    wrong = Database.postgresql(postgres.url("federatls", secret, "postgres"))
+    with pytest.raises(ConfigError, match="password authentication failed") as refused:
+        open_store(wrong)
+    assert secret not in str(refused.value)
+
+
+def test_a_restricted_role_serves_but_cannot_init(postgres: PostgresCluster) -> None:
+    """A role that may read and write but not create serves from a database the owner
+    initialised; ``init_schema`` as that role on a new database is a clear ConfigError and
+    creates nothing. Twin: the owner's ``init_schema`` on that database succeeds."""
+    served = postgres.new_database()
+    init_schema(Database.postgresql(served))
+    replica = postgres.new_role("replica_a", served)
+    store = open_store(Database.postgresql(replica))
+    try:
+        assert store.record_issuances([_use("r", _cert("60", "r"))]) == [True]
+        assert store.revoke(_revocation("60")) == "revoked"
+        assert store.purge_expired(NOW + timedelta(days=2)) == 1
+    finally:
+        store.close()
+    fresh = postgres.new_database()
+    restricted = Database.postgresql(postgres.new_role("replica_b", fresh))
+    with pytest.raises(ConfigError, match=r"may not create the federatls schema") as refused:
+        init_schema(restricted)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="has no federatls schema"):
+        open_store(restricted)
+    assert "created" in init_schema(Database.postgresql(fresh))
+    open_store(restricted).close()
+
+
+def test_postgres_commits_are_durable_whatever_the_default(postgres: PostgresCluster) -> None:
+    """The store sets ``synchronous_commit = on`` on its connections, so a database whose
+    default is off cannot weaken its commits. Twin: a plain connection to that database
+    has it off."""
+    url = postgres.new_database()
+    name = url.rsplit("/", 1)[1]
+    with postgres.admin() as conn:
+        conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off")
+    db = Database.postgresql(url)
+    init_schema(db)
+    store = open_store(db)
+    assert isinstance(store, PostgresStore)
+    try:
+        assert store.every_commit_durable
+        setting = store._call(lambda c: c.execute("SHOW synchronous_commit").fetchone())
+        assert setting == ("on",)
+    finally:
+        store.close()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+
+
+def test_postgres_calls_never_wait_inside_without_waiting(postgres: PostgresCluster) -> None:
+    """Inside ``without_waiting()`` every PostgreSQL call raises ``StoreWouldWait`` and does
+    nothing (it would block on the network). Twin: outside, the same calls work."""
+    db = Database.postgresql(postgres.new_database())
+    init_schema(db)
+    store = open_store(db)
+    calls: list[Callable[[], object]] = [
+        lambda: store.token_used("t"),
+        lambda: store.record_issuances([_use("t")]),
+        lambda: store.add_certificate(_cert("70")),
+        lambda: store.get_certificate("70"),
+        lambda: store.revoke(_revocation("70"), _use("u")),
+        lambda: store.is_revoked("70"),
+        lambda: store.purge_expired(NOW),
+        store.check,
+        store.counts,
+    ]
+    try:
+        with without_waiting():
+            for call in calls:
+                with pytest.raises(StoreWouldWait):
+                    call()
+        assert store.counts() == {"used_tokens": 0, "certificates": 0, "revocations": 0}
+        for call in calls:
+            call()
+        assert store.counts() == {"used_tokens": 2, "certificates": 1, "revocations": 1}
+    finally:
+        store.close()
+
+
+def test_postgres_down_and_back(postgres: PostgresCluster) -> None:
+    """With the server stopped, every call raises ``StoreUnavailableError`` at once (well
+    within the pool's wait) and ``check`` says the server is unreachable; once it is started
+    again the same store object serves, with nothing lost. Twin: before the stop, the
+    same calls work."""
+    db = Database.postgresql(postgres.new_database())
+    init_schema(db)
+    store = open_store(db)
+    assert isinstance(store, PostgresStore)
+    store.timeout = 60.0  # a call that waited for the pool would take a minute
+    try:
+        assert store.record_issuances([_use("before", _cert("80", "before"))]) == [True]
+        store.check()
+        postgres.stop()
+        try:
+            for call in (
+                lambda: store.token_used("before"),
+                lambda: store.record_issuances([_use("during")]),
+                lambda: store.revoke(_revocation("80")),
+                store.counts,
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="unreachable"):
+                    call()
+                assert time.monotonic() - started < 30
+            with pytest.raises(StoreUnavailableError, match=f"{postgres.port} is unreachable"):
+                store.check()
+        finally:
+            postgres.start()
+        store.check()
+        assert store.token_used("before")
+        assert not store.token_used("during")
+        assert store.record_issuances([_use("after")]) == [True]
+        assert not store.is_revoked("80")
+    finally:
+        store.close()
+
+
+def test_a_commit_lost_in_flight_raises(postgres: PostgresCluster) -> None:
+    """When the connection is lost while COMMIT is on its way (here: a deferred trigger holds
+    the commit, and the server ends the session), the call raises ``StoreUnavailableError``
+    saying the outcome is unknown; the store serves again afterwards. Twin: the same commit
+    left alone succeeds."""
+    url = postgres.new_database()
+    db = Database.postgresql(url)
+    init_schema(db)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.token_id LIKE 'slow%' THEN PERFORM pg_sleep(3); END IF;"
+            " RETURN NULL; END $$"
+        )
+        conn.execute(
+            "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON used_tokens"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow()"
+        )
+    store = open_store(db)
+    stop = threading.Event()
+
+    def terminate() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.wait(0.05):
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE query LIKE 'COMMIT%' AND pid <> pg_backend_pid()"
+                )
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        with pytest.raises(StoreUnavailableError, match="outcome is unknown"):
+            store.record_issuances([_use("slow-1")])
+    finally:
+        stop.set()
+        killer.join()
+    try:
+        assert store.record_issuances([_use("fast")]) == [True]
+        assert store.record_issuances([_use("slow-2")]) == [True]  # nobody ends it this time
+        assert store.token_used("slow-2")
+    finally:
+        store.close()
+
+
+def _sqlite_with_state(path: Path) -> SQLiteStore:
+    store = SQLiteStore(path)
+    store.record_issuances(
+        [_use("t1", _cert("90", "t1")), _use("t2", _cert("91", "t2")), _use("t3")]
+    )
+    store.add_certificate(_cert("92", sans=(), renewed_from="90", operation="renew"))
+    store.revoke(_revocation("91"), _use("rev-91"))
+    return store
+
+
+def test_copy_store_copies_everything(tmp_path: Path, postgres: PostgresCluster) -> None:
+    """``copy_store`` copies a SQLite file's tokens, certificates (their trail too) and
+    revocations into an empty PostgreSQL database, creating the schema; a PostgreSQL store
+    then reads the same. Twin: a token the file never saw reads as unused there."""
+    source = tmp_path / "federatls.db"
+    lite = _sqlite_with_state(source)
+    expected = lite.counts()
+    certs = {s: lite.get_certificate(s) for s in ("90", "91", "92")}
+    lite.close()
+    target = Database.postgresql(postgres.new_database())
+    assert copy_store(source, target) == expected
+    store = open_store(target)
+    try:
+        assert store.counts() == expected == {
+            "used_tokens": 4, "certificates": 3, "revocations": 1
+        }  # fmt: skip
+        for serial, cert in certs.items():
+            assert store.get_certificate(serial) == cert
+        assert store.is_revoked("91")
+        assert not store.is_revoked("90")
+        assert all(store.token_used(t) for t in ("t1", "t2", "t3", "rev-91"))
+        assert not store.token_used("t4")
+    finally:
+        store.close()
+
+
+def test_copy_store_refuses_a_database_with_rows(tmp_path: Path, postgres: PostgresCluster) -> None:
+    """A target holding any row is refused with a ConfigError naming what it holds, and is
+    left as it was. Twin: the same copy into an empty database succeeds (above)."""
+    source = tmp_path / "federatls.db"
+    _sqlite_with_state(source).close()
+    target = Database.postgresql(postgres.new_database())
+    init_schema(target)
+    store = open_store(target)
+    try:
+        store.record_issuances([_use("already-here")])
+        with pytest.raises(ConfigError, match=r"not empty \(it holds 1 used tokens\)"):
+            copy_store(source, target)
+        assert store.counts() == {"used_tokens": 1, "certificates": 0, "revocations": 0}
+    finally:
+        store.close()
