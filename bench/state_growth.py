@@ -418,6 +418,11 @@ class PurgeRun:
     sign_p50_ms: float = math.nan
     sign_p99_ms: float = math.nan
     sign_max_ms: float = math.nan
+    # the same for the signs made while the purge ran (from the first sample with fewer
+    # expired ids than at start to the first with none), and for those made before it
+    purge_seconds: float = math.nan
+    during: dict[str, float] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
     expired_left: list[tuple[float, int]] = field(default_factory=list)  # (s, rows) samples
     error_samples: list[str] = field(default_factory=list)
 
@@ -470,6 +475,7 @@ def signs_while_purging(ca: CA, backend: Backend, seconds: float, run: PurgeRun)
     after it does.)"""
     ctx = client_context(ca.root_pem)
     latencies: list[float] = []
+    signs: list[tuple[float, float | None]] = []  # (s from the start, latency or None)
     began = time.monotonic()
     next_sample = began
     gone_at: float | None = None
@@ -501,14 +507,37 @@ def signs_while_purging(ca: CA, backend: Backend, seconds: float, run: PurgeRun)
             run.sign_errors += 1
             if len(run.error_samples) < 5:
                 run.error_samples.append(problem)
+            signs.append((t0 - began, None))
         else:
             latencies.append(time.monotonic() - t0)
+            signs.append((t0 - began, latencies[-1]))
+    first = run.expired_left[0][1] if run.expired_left else 0
+    start = next((t for t, n in run.expired_left if n < first), None)
+    end = next((t for t, n in run.expired_left if n == 0), None)
+    if start is not None and end is not None:
+        run.purge_seconds = end - start
+        run.during = sign_stats([x for t, x in signs if start - 0.5 <= t <= end])
+        run.before = sign_stats([x for t, x in signs if t < start - 0.5])
     latencies.sort()
     run.signs = len(latencies)
     if latencies:
         run.sign_p50_ms = percentile(latencies, 50) * 1000
         run.sign_p99_ms = percentile(latencies, 99) * 1000
         run.sign_max_ms = latencies[-1] * 1000
+
+
+def sign_stats(outcomes: Sequence[float | None]) -> dict[str, float]:
+    """Count, errors, p50, p99 and max (ms) of sign outcomes (latency in s, None: failed)."""
+    ok = sorted(x for x in outcomes if x is not None)
+    if not ok:
+        return {"signs": 0, "errors": len(outcomes)}
+    return {
+        "signs": len(ok),
+        "errors": len(outcomes) - len(ok),
+        "p50_ms": percentile(ok, 50) * 1000,
+        "p99_ms": percentile(ok, 99) * 1000,
+        "max_ms": ok[-1] * 1000,
+    }
 
 
 def purge(args: argparse.Namespace, base: Path, backend: Backend) -> list[PurgeRun]:
@@ -685,6 +714,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['signs']} signs while purging (p50 {r['sign_p50_ms']:.1f} ms, p99 "
             f"{r['sign_p99_ms']:.1f} ms, max {r['sign_max_ms']:.1f} ms, {r['sign_errors']} errors)"
         )
+        for when in ("before", "during"):
+            st = r[when]
+            if st.get("signs"):
+                print(
+                    f"  {when} the purge ({r['purge_seconds']:.1f} s): {st['signs']} signs, "
+                    f"{st['errors']} errors, p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} "
+                    f"ms, max {st['max_ms']:.1f} ms"
+                )
         left = r["expired_left"]
         print(
             "  expired ids left: "
