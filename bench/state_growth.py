@@ -341,6 +341,7 @@ def growth(args: argparse.Namespace, base: Path, backend: Backend) -> dict[str, 
     levels = tuple(int(x) for x in args.levels.split(","))
     settings = Settings(levels, 0.0, args.requests, args.warmup, 1, args.rounds)
     results: dict[str, list[LevelResult]] = {"empty": [], "full": []}
+    p50_per_round: list[list[float]] = []  # full / empty, per level
     starts: dict[str, float] = {}
     spawn = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
@@ -365,14 +366,15 @@ def growth(args: argparse.Namespace, base: Path, backend: Backend) -> dict[str, 
             print(flush=True)
             for ca in (empty, full):
                 results[ca.name].append(summarise(ca, concurrency, runs[ca.name]))
-            rounds_p50 = [
-                percentile(f.latencies, 50) / percentile(e.latencies, 50)
-                for (e, _), (f, _) in zip(runs["empty"], runs["full"], strict=True)
-            ]
-            results["full"][-1].round_rps = rounds_p50  # reused: full/empty p50 per round
+            p50_per_round.append(
+                [
+                    percentile(f.latencies, 50) / percentile(e.latencies, 50)
+                    for (e, _), (f, _) in zip(runs["empty"], runs["full"], strict=True)
+                ]
+            )
     counts = backend.counts(full, datetime.now(UTC))
     rows = []
-    for e, f in zip(results["empty"], results["full"], strict=True):
+    for e, f, per_round in zip(results["empty"], results["full"], p50_per_round, strict=True):
         rows.append(
             {
                 "clients": e.concurrency,
@@ -382,7 +384,7 @@ def growth(args: argparse.Namespace, base: Path, backend: Backend) -> dict[str, 
                 "full_p99_ms": f.p99_ms,
                 "p50_ratio": f.p50_ms / e.p50_ms,
                 "p99_ratio": f.p99_ms / e.p99_ms,
-                "p50_ratio_per_round": f.round_rps,
+                "p50_ratio_per_round": per_round,
                 "requests_each": e.requests,
                 "errors": e.errors + f.errors,
                 "error_samples": e.error_samples + f.error_samples,
