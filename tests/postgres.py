@@ -244,6 +244,29 @@ class PostgresCluster:
             self._running = False
         self._wait_backends_gone()
 
+    def freeze(self) -> list[int]:
+        """SIGSTOP the postmaster and every process it started: a server that stalls without
+        closing its connections (its kernel still accepts and acknowledges). Returns the
+        stopped pids, for ``thaw``."""
+        main = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids = [main]
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = proc.joinpath("stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == main:
+                        pids.append(int(proc.name))
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        """SIGCONT what ``freeze`` stopped."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def _wait_backends_gone(self) -> None:
         """After a SIGKILL, backends notice their postmaster is gone and exit; a start before
         they have would find the old shared memory still in use."""

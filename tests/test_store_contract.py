@@ -529,6 +529,54 @@ def test_postgres_down_and_back(postgres: PostgresCluster) -> None:
         store.close()
 
 
+def test_postgres_stalled_is_unavailable_after_the_deadline_and_recovers(
+    postgres: PostgresCluster,
+) -> None:
+    """A server that stops answering without closing its connections (SIGSTOP: its kernel
+    still acknowledges) trips no server or TCP timeout: a call is cut at the store's
+    deadline and raises ``StoreUnavailableError``, instead of holding its thread for as
+    long as the stall lasts; once the server runs again the same store serves. Twin:
+    before the stall, the same calls are answered."""
+    db = Database.postgresql(postgres.new_database())
+    init_schema(db)
+    store = PostgresStore(db, deadline=2.0)
+    try:
+        assert store.record_issuances([_use("before")]) == [True]
+        assert store.token_used("before")
+        outcomes: list[BaseException | bool] = []
+
+        def spend() -> None:
+            try:
+                outcomes.append(store.record_issuances([_use("stalled")])[0])
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        frozen = postgres.freeze()
+        try:
+            caller = threading.Thread(target=spend)
+            caller.start()
+            caller.join(60)  # a bound for the test; the store's own deadline is 2 s
+            assert not caller.is_alive(), "the call was not cut at its deadline"
+        finally:
+            postgres.thaw(frozen)
+        assert len(outcomes) == 1
+        assert isinstance(outcomes[0], StoreUnavailableError), outcomes
+        assert "gave no answer within 2 s" in str(outcomes[0])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                store.check()
+                break
+            except StoreUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert store.token_used("before")
+        assert store.record_issuances([_use("after")]) == [True]
+    finally:
+        store.close()
+
+
 def test_postgres_killed_under_load_keeps_every_acknowledged_commit(
     postgres: PostgresCluster,
 ) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -126,6 +128,66 @@ _BOUNDED = (  # the CA's calls, not an operator's copy of a million rows
 )
 
 
+# A call's deadline on this side of the network, past the server's own statement_timeout: a
+# server that stops answering without closing its connections (stalled, frozen, its host
+# unresponsive while its kernel still acknowledges packets) trips none of the server's or
+# TCP's timeouts, and would hold a CA thread, and a request, for as long as it stays so.
+CALL_DEADLINE = 20.0
+
+
+class _Watchdog:
+    """Cuts the connection of a call that is still waiting for the server past its deadline
+    (``shutdown`` of the socket: the blocked read returns, and the driver raises). One
+    thread per store, started with it; it wakes four times a second."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[float, int]] = {}  # thread id: (deadline, socket fd)
+        self._cut: set[int] = set()  # thread ids whose call was cut
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="federatls-pg-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watching(self, conn: Conn) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._lock:
+            self._cut.discard(me)
+            self._calls[me] = (time.monotonic() + self.deadline, conn.fileno())
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._calls[me]
+
+    def was_cut(self) -> bool:
+        """Whether this thread's last call was cut at its deadline."""
+        with self._lock:
+            return threading.get_ident() in self._cut
+
+    def _run(self) -> None:
+        while not self._stopping.wait(0.25):
+            now = time.monotonic()
+            with self._lock:  # the connection cannot be closed meanwhile: its call holds it
+                for thread, (deadline, fd) in list(self._calls.items()):
+                    if now >= deadline:
+                        _shut(fd)
+                        self._cut.add(thread)
+                        self._calls[thread] = (float("inf"), fd)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+
+def _shut(fd: int) -> None:
+    """Shut a connection's socket down in both directions, through a duplicate of its
+    descriptor (the driver still owns, and later closes, the original)."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class _CommitUnknown(Exception):
     """The connection was lost while COMMIT was on its way: the outcome is unknown."""
 
@@ -138,12 +200,21 @@ class PostgresStore:
     Calls block their thread on the network: inside ``without_waiting()`` each raises
     ``StoreWouldWait`` at once, and the CA makes it from a thread. A small bounded pool
     (``pool_size`` connections) serves the CA's threads; a call waits at most ``timeout``
-    seconds for a connection."""
+    seconds for a connection, and at most ``deadline`` seconds for the server's answer
+    (``_Watchdog``), so that no call outlasts a bounded time, even against a server that
+    has stalled without closing its connections."""
 
     every_commit_durable = True
     always_waits = True  # every call is a round trip to the server
 
-    def __init__(self, db: Database, *, pool_size: int = 8, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        pool_size: int = 8,
+        timeout: float = 5.0,
+        deadline: float = CALL_DEADLINE,
+    ) -> None:
         self.database = db
         self.timeout = timeout
         self._pool_size = pool_size
@@ -155,10 +226,12 @@ class PostgresStore:
         self._down: str | None = None  # why the database is unusable, while it is
         self._closed = False
         self._pool: ConnectionPool[Conn] | None = self._new_pool()
+        self._watchdog = _Watchdog(deadline)
         try:
             self._pool.wait(timeout=timeout + 5)
         except (PoolTimeout, psycopg.Error) as exc:
             self._pool.close()
+            self._watchdog.stop()
             raise ConfigError(
                 f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
             ) from exc
@@ -216,9 +289,11 @@ class PostgresStore:
         for attempt in (1, 2):
             pool = self._usable_pool()
             try:
-                with pool.connection(timeout=self.timeout) as conn:
+                with pool.connection(timeout=self.timeout) as conn, self._watchdog.watching(conn):
                     return _run(conn, body, transaction)
             except _CommitUnknown as exc:
+                if self._watchdog.was_cut():
+                    raise self._stalled(exc, "; the outcome of its commit is unknown") from exc
                 cause = exc.__cause__ or exc
                 self._fail(cause)
                 raise StoreUnavailableError(
@@ -232,6 +307,8 @@ class PostgresStore:
                     ) from exc
                 raise StoreUnavailableError(self._fail(exc)) from exc
             except psycopg.Error as exc:
+                if self._watchdog.was_cut():
+                    raise self._stalled(exc, "") from exc
                 if not _lost(exc):
                     raise self._translated(exc) from exc
                 if attempt == 1 and self._probe() is None:
@@ -240,6 +317,14 @@ class PostgresStore:
                     continue
                 raise StoreUnavailableError(self._fail(exc)) from exc
         raise AssertionError("unreachable")
+
+    def _stalled(self, exc: BaseException, outcome: str) -> StoreUnavailableError:
+        """A call cut at its deadline: the server is down (until a probe finds it back)."""
+        self._fail(exc)
+        return StoreUnavailableError(
+            f"PostgreSQL at {self.database.endpoint} gave no answer within "
+            f"{self._watchdog.deadline:g} s{outcome}"
+        )
 
     def _usable_pool(self) -> ConnectionPool[Conn]:
         """The pool, or while the database is down: for one call at a time, a new pool if a
@@ -410,6 +495,7 @@ class PostgresStore:
             self._closed = True
         if pool is not None:
             pool.close()
+        self._watchdog.stop()
 
 
 class _Undo(Exception):
