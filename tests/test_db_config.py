@@ -101,6 +101,7 @@ MALFORMED = [
     ({"type": "postgresql", "dataSource": "postgresql://ca:%zz@h/"}, "password holds a malformed"),
     ({"type": "postgresql", "dataSource": "postgresql://ca:%ff@h/"}, "password is not UTF-8"),
     ({"type": "postgresql", "dataSource": "postgresql://h/", "database": 1}, "db.database must"),
+    ({"type": "postgresql", "dataSource": "postgresql://h/db?nosuch=1"}, 'parameter: "nosuch"'),
     ("postgresql://h/", "'db' must be an object"),
 ]
 
@@ -128,6 +129,24 @@ def test_a_refused_url_never_shows_its_password() -> None:
     ] == (SECRET)
 
 
+HOSTLESS = [
+    ("postgresql:///federatls", {"dbname": "federatls"}),
+    ("postgresql:///?service=ca", {"service": "ca"}),
+    ("postgres:///federatls?host=/run/postgresql&port=5433", {"host": "/run/postgresql"}),
+]
+
+
+@pytest.mark.parametrize(("url", "wanted"), HOSTLESS, ids=[u for u, _ in HOSTLESS])
+def test_a_url_without_a_host_reaches_libpq_as_written(url: str, wanted: dict[str, str]) -> None:
+    """A URL without a host (``postgresql:///NAME``: libpq's defaults, a ``host`` parameter or
+    a ``service`` from pg_service.conf) is read by libpq as the same settings, ``database``
+    replacing the name. Twin: a parameter libpq does not know is refused in one line
+    (``test_db_usage_error_is_one_line_exit_2``)."""
+    read = _libpq(Database.postgresql(url).location)
+    assert wanted.items() <= read.items(), read
+    assert _libpq(Database.postgresql(url, "other").location)["dbname"] == "other"
+
+
 @pytest.mark.parametrize(
     "path",
     [["ca", "db"], ["ca", "db", "init"], ["ca", "db", "migrate"]],
@@ -149,6 +168,10 @@ USAGE_ERRORS = [
     (["ca", "db", "init", "ca.json", "--db", "postgresql://h:0/x"], "port '0'"),
     (["ca", "serve", "ca.json", "--db", "mysql://ca:pw@h/"], "argument --db: the database URL"),
     (["ca", "serve", "ca.json", "--db", f"postgresql://ca:{ENCODED}@h:0/"], "port '0'"),
+    (["ca", "serve", "ca.json", "--db", "postgresql://h/db?nosuch=1"], 'parameter: "nosuch"'),
+    (["ca", "db", "init", "ca.json", "--db", "postgresql:///db?sslmode"], "separator"),
+    (["ca", "serve", "ca.json", "--db", f"postgresql://h/?password={SECRET}"], "percent-encoded"),
+    (["ca", "serve", "ca.json", "--db", f"postgresql://ca:{ENCODED}@[::1/"], "not a URL"),
 ]
 
 

@@ -694,12 +694,16 @@ def _token_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+# A password in a --db URL is shown to every local user by ps: libpq can read it elsewhere.
+_DB_URL_HELP = "the password from ~/.pgpass or PGPASSWORD (one in the URL is shown by ps)"
+
+
 def _db_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--db",
         type=_database_url,
         metavar="URL",
-        help=f"{what}: postgresql://USER:PASSWORD@HOST:PORT/NAME",
+        help=f"{what}: postgresql://USER@HOST:PORT/NAME; {_DB_URL_HELP}",
     )
 
 
@@ -758,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="create or upgrade the schema (before `ca serve` on PostgreSQL)",
         description="Create the CA's tables in its database, or bring an older schema up to "
         "this federatls's; a database already current is left as it is. `ca serve` never "
-        "creates tables in PostgreSQL, so its role needs no CREATE privilege.",
+        "creates tables in PostgreSQL, so its role needs no CREATE privilege (docs/ca.md "
+        "lists the GRANTs it needs). The database itself must exist.",
     )
     p.add_argument("config", help="path of ca.json (its db block names the database)")
     _db_flag(p, "the database to initialise, in place of ca.json's db block")
@@ -778,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=_database_url,
         metavar="URL",
-        help="the target: postgresql://USER:PASSWORD@HOST:PORT/NAME",
+        help=f"the target: postgresql://USER@HOST:PORT/NAME; {_DB_URL_HELP}",
     )
     p.set_defaults(func=cmd_db_migrate)
 

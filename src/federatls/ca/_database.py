@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .._errors import ConfigError, MissingExtraError
 from ._store import _SCHEMA_VERSION, SQLiteStore, Store
@@ -47,7 +47,10 @@ class Database:
                 f"{what} must be a postgresql:// URL, for example "
                 "postgresql://USER:PASSWORD@HOST:5432/NAME"
             )
-        parts = urlsplit("postgresql://" + rest)
+        try:
+            parts = urlsplit("postgresql://" + rest)
+        except ValueError as exc:  # an IPv6 host's "[" never closed; the text has no secret
+            raise ConfigError(f"{what} is not a URL: {exc}") from None
         if parts.fragment:
             raise ConfigError(f"{what}: a database URL has no #fragment")
         # A password may hold "@": Go's URL parser (step-ca's) splits at the last one. libpq
@@ -69,7 +72,11 @@ class Database:
         elif path not in ("", "/"):
             name = _decoded(path[1:], f"{what}: the database name")
             path = "/" + quote(name, safe="")
-        return cls("postgresql", urlunsplit(("postgresql", netloc, path, parts.query, "")))
+        # Written out, not urlunsplit: that drops the "//" of a URL without a host
+        # (postgresql:///NAME, libpq's default host), which libpq then cannot read.
+        location = f"postgresql://{netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+        _libpq_reads(location, what)
+        return cls("postgresql", location)
 
     def describe(self) -> str:
         """The database for messages and logs: the file, or the URL without its password
@@ -101,6 +108,29 @@ def _decoded(text: str, what: str) -> str:
         return unquote(text, errors="strict")
     except UnicodeDecodeError:
         raise ConfigError(f"{what} is not UTF-8 once percent-decoded") from None
+
+
+def _libpq_reads(location: str, what: str) -> None:
+    """ConfigError unless libpq's own parser reads ``location`` (an unknown query parameter,
+    say), with every password in it masked; nothing to check without the driver, which
+    ``open_store`` asks for anyway."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return
+    try:
+        conninfo_to_dict(location)
+    except ProgrammingError as exc:
+        parts = urlsplit(location)
+        secrets = [parts.netloc.rpartition("@")[0].partition(":")[2]]
+        secrets += [
+            v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k == "password"
+        ]
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        for secret in filter(None, secrets):
+            message = message.replace(secret, "***").replace(unquote(secret), "***")
+        raise ConfigError(f"{what} is not a URL libpq reads: {message}") from None
 
 
 def _describe(url: str) -> str:
