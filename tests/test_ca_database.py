@@ -440,7 +440,7 @@ async def test_expired_token_ids_are_purged_while_serving(
     pki: PKI, clock: FakeClock, postgres: PostgresCluster, store: str
 ) -> None:
     """While the CA serves, token ids past their ``exp`` and the day of retention go, in
-    batches (2,500 of them: three batches of 1,000), and certificates stay. Twin: ids spent
+    batches (2,500 of them: ten batches of 250), and certificates stay. Twin: ids spent
     within the retention stay, the last one spent at the moment the purge runs included."""
     database: Database | None = None
     if store == "postgresql":

@@ -21,7 +21,7 @@ __all__ = ["TokenPurge"]
 log = logging.getLogger("federatls.ca")
 
 PURGE_INTERVAL = 60.0  # seconds from the end of one run to the start of the next
-PURGE_BATCH = 1000  # token ids deleted per transaction
+PURGE_BATCH = 250  # token ids per transaction: SQLite holds its write lock ~5 ms for it
 PURGE_PAUSE = 0.1  # seconds between two batches of one run, so commits are not held up
 
 
