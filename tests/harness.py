@@ -335,10 +335,13 @@ def assert_one_line_error(run: Run, *fragments: str) -> str:
     return lines[0]
 
 
-async def start_serving(pki: PKI) -> tuple[asyncio.subprocess.Process, str]:
-    """Start ``federatls ca serve`` on ``pki`` as a subprocess; returns it and the first line
-    it printed (``Serving HTTPS on URL ...`` once it serves)."""
-    proc = await asyncio.create_subprocess_exec(
+async def spawn_serve(
+    pki: PKI, *extra: str, stderr: Any = subprocess.PIPE, **options: Any
+) -> asyncio.subprocess.Process:
+    """``federatls ca serve`` on ``pki`` (its password file) with ``extra`` arguments, as a
+    subprocess: no standard input, standard output piped (the ready line), ``stderr`` as
+    given; ``options`` go to ``create_subprocess_exec``."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "federatls",
@@ -347,10 +350,18 @@ async def start_serving(pki: PKI) -> tuple[asyncio.subprocess.Process, str]:
         str(pki.config),
         "--password-file",
         str(pki.password_file),
+        *extra,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
+        **options,
     )
+
+
+async def start_serving(pki: PKI) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``federatls ca serve`` on ``pki`` as a subprocess; returns it and the first line
+    it printed (``Serving HTTPS on URL ...`` once it serves)."""
+    proc = await spawn_serve(pki)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     return proc, line

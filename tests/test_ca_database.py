@@ -16,8 +16,6 @@ import contextlib
 import logging
 import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
@@ -45,6 +43,7 @@ from harness import (
     assert_one_line_error,
     federatls,
     free_port,
+    spawn_serve,
     wait_until,
 )
 from postgres import PostgresCluster
@@ -95,20 +94,7 @@ def elsewhere(url: str) -> str:
 @contextlib.asynccontextmanager
 async def cli_serving(pki: PKI, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """``federatls ca serve`` as a process until the block ends (SIGTERM, exit 0)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "federatls",
-        "ca",
-        "serve",
-        str(pki.config),
-        "--password-file",
-        str(pki.password_file),
-        *extra,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = await spawn_serve(pki, *extra)
     assert proc.stdout is not None
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()

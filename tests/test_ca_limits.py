@@ -35,7 +35,7 @@ from federatls._errors import ConfigError
 from federatls.ca import CAConfig, CAServer, ConnectionLimits
 from federatls.ca._connections import DESCRIPTOR_RESERVE, connection_limit
 
-from harness import PASSWORD, PKI, stepca_process, wait_until
+from harness import PASSWORD, PKI, spawn_serve, stepca_process, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -80,20 +80,7 @@ async def limited_ca(
 
     log = tmp_path / "ca.log"
     with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "federatls",
-            "ca",
-            "serve",
-            str(pki.config),
-            "--password-file",
-            str(pki.password_file),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=sink,
-            preexec_fn=lower_limit,
-        )
+        proc = await spawn_serve(pki, stderr=sink, preexec_fn=lower_limit)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()

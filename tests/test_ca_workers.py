@@ -13,8 +13,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from federatls._keys import build_csr, new_private_key
 from federatls._protocol import SignRequest
 from federatls.ca import Database, SQLiteStore, init_schema, open_store
 
-from harness import PKI, federatls, make_pki
+from harness import PKI, federatls, make_pki, spawn_serve
 from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
@@ -78,21 +76,8 @@ async def supervised(
 ) -> AsyncIterator[Supervised]:
     """`federatls ca serve CONFIG --workers N [--db URL]` until the block ends (then SIGTERM,
     and kill whatever is left); ``pki.url`` points at it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "federatls",
-        "ca",
-        "serve",
-        str(pki.config),
-        "--password-file",
-        str(pki.password_file),
-        "--workers",
-        str(workers),
-        *(["--db", db] if db is not None else []),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    process = await spawn_serve(
+        pki, "--workers", str(workers), *(["--db", db] if db is not None else [])
     )
     assert process.stdout is not None
     assert process.stderr is not None
