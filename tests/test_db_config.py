@@ -101,6 +101,8 @@ MALFORMED = [
     ({"type": "postgresql", "dataSource": "postgresql://ca:%zz@h/"}, "password holds a malformed"),
     ({"type": "postgresql", "dataSource": "postgresql://ca:%ff@h/"}, "password is not UTF-8"),
     ({"type": "postgresql", "dataSource": "postgresql://h/", "database": 1}, "db.database must"),
+    ({"type": "postgresql", "dataSource": "postgresql://h/?bogus=1"}, 'parameter: "bogus"'),
+    ({"type": "postgresql", "dataSource": "postgresql://ca:pw@[::1/"}, "is not a URL libpq"),
     ("postgresql://h/", "'db' must be an object"),
 ]
 
@@ -149,6 +151,9 @@ USAGE_ERRORS = [
     (["ca", "db", "init", "ca.json", "--db", "postgresql://h:0/x"], "port '0'"),
     (["ca", "serve", "ca.json", "--db", "mysql://ca:pw@h/"], "argument --db: the database URL"),
     (["ca", "serve", "ca.json", "--db", f"postgresql://ca:{ENCODED}@h:0/"], "port '0'"),
+    (["ca", "serve", "ca.json", "--db", f"postgresql://ca:{ENCODED}@[::1/"], "is not a URL"),
+    (["ca", "db", "init", "ca.json", "--db", f"postgresql://ca:{ENCODED}@h/?bogus=1"], "bogus"),
+    (["ca", "db", "migrate", "ca.json", "--to", f"postgresql://ca:{ENCODED}@[h/"], "not a URL"),
 ]
 
 

@@ -47,13 +47,16 @@ class Database:
                 f"{what} must be a postgresql:// URL, for example "
                 "postgresql://USER:PASSWORD@HOST:5432/NAME"
             )
-        parts = urlsplit("postgresql://" + rest)
+        try:
+            parts = urlsplit("postgresql://" + rest)
+        except ValueError as exc:
+            raise ConfigError(f"{what} is not a URL libpq can read ({exc})") from None
         if parts.fragment:
             raise ConfigError(f"{what}: a database URL has no #fragment")
         # A password may hold "@": Go's URL parser (step-ca's) splits at the last one. libpq
         # splits at the first, so the user name and password are written back percent-encoded.
         userinfo, at, hosts = parts.netloc.rpartition("@")
-        netloc = hosts
+        netloc, password = hosts, ""
         if at:
             user, colon, password = userinfo.partition(":")
             user = quote(_decoded(user, f"{what}: the user name"), safe="")
@@ -69,7 +72,9 @@ class Database:
         elif path not in ("", "/"):
             name = _decoded(path[1:], f"{what}: the database name")
             path = "/" + quote(name, safe="")
-        return cls("postgresql", urlunsplit(("postgresql", netloc, path, parts.query, "")))
+        location = urlunsplit(("postgresql", netloc, path, parts.query, ""))
+        _libpq_reads(location, what, secrets=(password, parts.password or ""))
+        return cls("postgresql", location)
 
     def describe(self) -> str:
         """The database for messages and logs: the file, or the URL without its password
@@ -101,6 +106,26 @@ def _decoded(text: str, what: str) -> str:
         return unquote(text, errors="strict")
     except UnicodeDecodeError:
         raise ConfigError(f"{what} is not UTF-8 once percent-decoded") from None
+
+
+def _libpq_reads(location: str, what: str, *, secrets: tuple[str, ...]) -> None:
+    """ConfigError (one line, no password) unless libpq's own parser reads ``location``:
+    an unknown query parameter, say, refused now rather than as a driver error later.
+    Without the driver (the ``ca`` extra), ``open_store`` says what is missing instead."""
+    try:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return
+    try:
+        conninfo_to_dict(location)
+    except Error as exc:
+        lines = str(exc).strip().splitlines()
+        said = lines[0] if lines else type(exc).__name__
+        for secret in secrets:
+            if secret:
+                said = said.replace(secret, "***")
+        raise ConfigError(f"{what} is not a URL libpq can read: {said}") from None
 
 
 def _describe(url: str) -> str:
