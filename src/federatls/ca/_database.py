@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .._errors import ConfigError, MissingExtraError
 from ._store import _SCHEMA_VERSION, SQLiteStore, Store
@@ -72,7 +72,8 @@ class Database:
         elif path not in ("", "/"):
             name = _decoded(path[1:], f"{what}: the database name")
             path = "/" + quote(name, safe="")
-        location = urlunsplit(("postgresql", netloc, path, parts.query, ""))
+        # Not urlunsplit: with no host (a socket directory in ?host=) it drops the "//".
+        location = f"postgresql://{netloc}{path}" + (f"?{parts.query}" if parts.query else "")
         _libpq_reads(location, what, secrets=(password, parts.password or ""))
         return cls("postgresql", location)
 
