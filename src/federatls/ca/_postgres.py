@@ -180,13 +180,25 @@ class PostgresStore:
     def _verify(self, db: Database) -> None:
         """Open one connection: the server answers, and holds a schema this federatls knows."""
         try:
-            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+            ) from exc
+        try:
+            with conn:
                 version = _schema_version(conn)
         except pgerrors.InsufficientPrivilege as exc:
             raise ConfigError(f"{db.describe()}: {self._scrub(exc)}") from exc
         except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) or not exc.sqlstate:
+                raise ConfigError(
+                    f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): "
+                    f"{self._scrub(exc)}"
+                ) from exc
+            # The server answered and refused the query: a federatls_schema not of ours.
             raise ConfigError(
-                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+                f"{db.describe()} has no federatls schema ({self._scrub(exc)}): {_INIT_HINT}"
             ) from exc
         if version == 0:
             raise ConfigError(f"{db.describe()} has no federatls schema: {_INIT_HINT}")
@@ -544,11 +556,78 @@ def _admin(db: Database) -> Iterator[Conn]:
             f"({str(exc).splitlines()[0]}): run `federatls ca db init` as the database's "
             "owner"
         ) from exc
+    except psycopg.Error as exc:  # whatever else the server refused: one line
+        raise ConfigError(f"{db.describe()}: {_first_line(exc, _password(db))}") from exc
+
+
+_TSTZ = "timestamp with time zone"
+# Each table's columns (as format_type names their types) and its primary key: what
+# `db init` checks of a table it finds, since CREATE TABLE IF NOT EXISTS keeps any table of
+# that name, someone else's or a half-made one, which the CA would then fail on at run time.
+_SHAPES: dict[str, tuple[dict[str, str], str]] = {
+    "federatls_schema": ({"singleton": "boolean", "version": "integer"}, "singleton"),
+    "used_tokens": (
+        {"token_id": "text", "provisioner": "text", "expires_at": _TSTZ, "used_at": _TSTZ},
+        "token_id",
+    ),
+    "certificates": (
+        {
+            "serial": "text",
+            "subject": "text",
+            "sans": "text[]",
+            "not_before": _TSTZ,
+            "not_after": _TSTZ,
+            "provisioner": "text",
+            "renewed_from": "text",
+            "der": "bytea",
+            "operation": "text",
+            "token_id": "text",
+        },
+        "serial",
+    ),
+    "revocations": (
+        {
+            "serial": "text",
+            "reason_code": "integer",
+            "reason": "text",
+            "provisioner": "text",
+            "token_id": "text",
+            "mtls": "boolean",
+            "revoked_at": _TSTZ,
+        },
+        "serial",
+    ),
+}
+_COLUMNS_OF = (
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod), coalesce(i.indisprimary, false)"
+    " FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
+    " AND i.indnatts = 1 AND i.indkey[0] = a.attnum"
+    " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+def _check_shapes(conn: Conn, db: Database) -> None:
+    """ConfigError (one line) if a table of federatls's name is not of federatls's shape."""
+    for table, (columns, key) in _SHAPES.items():
+        found = conn.execute(_COLUMNS_OF, (table,)).fetchall()
+        if not found:
+            continue  # absent: CREATE TABLE makes it
+        shape = {name: kind for name, kind, _ in found}
+        keys = [name for name, _, primary in found if primary]
+        if shape != columns or keys != [key]:
+            have = ", ".join(f"{n} {k}" for n, k in shape.items())
+            raise ConfigError(
+                f"{db.describe()}: table {table} ({have}"
+                f"{'' if keys == [key] else '; ' + (keys[0] if keys else 'no') + ' primary key'})"
+                " is not federatls's: give federatls a database of its own"
+            )
 
 
 def _ensure_schema(conn: Conn, db: Database) -> tuple[int, int]:
-    """Inside a transaction: create or upgrade the schema; (version before, version now)."""
+    """Inside a transaction: create or upgrade the schema; (version before, version now).
+    A table of federatls's name that is not of its shape is refused (ConfigError)."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+    _check_shapes(conn, db)
     was = _schema_version(conn)
     if was > SCHEMA_VERSION:
         raise ConfigError(
