@@ -5,15 +5,20 @@ Each attack has its twin that the same path serves."""
 
 from __future__ import annotations
 
+import json
 import socket
+from typing import Any
 
 import psycopg
 import pytest
+from joserfc import jws
 
+from federatls._keys import build_csr, new_private_key
+from federatls._protocol import RevokeRequest, SignRequest, SignResponse
 from federatls.ca._database import Database, init_schema
-from test_ca_database import password_of, tables, use_postgres
+from test_ca_database import password_of, refused, serving, tables, use_postgres
 
-from harness import PKI, assert_one_line_error, federatls
+from harness import PKI, FakeClock, assert_one_line_error, federatls
 from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
@@ -93,3 +98,94 @@ async def test_serve_names_a_foreign_schema_table_not_an_unreachable_server(
         pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
         run = await federatls(*serve)
     assert_one_line_error(run, str(port))
+
+
+# Values PostgreSQL's text refuses, on both stores -----------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, pki: PKI, postgres: PostgresCluster) -> str:
+    """``pki``'s ca.json on its SQLite file, or on a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        url = postgres.new_database()
+        init_schema(Database("postgresql", url))
+        use_postgres(pki, url)
+    return str(request.param)
+
+
+async def _sign_with(pki: PKI, claims: dict[str, Any]) -> SignResponse:
+    subject = claims["sub"]
+    request = SignRequest(build_csr(new_private_key(), subject, [subject]), pki.forge(claims))
+    async with pki.client() as client:
+        return await client.sign(request)
+
+
+@pytest.mark.parametrize("jti", ["a\x00b", "\x00", "'); DELETE FROM used_tokens; --"])
+async def test_a_token_id_postgresql_text_refuses_is_spent_once(
+    pki: PKI, clock: FakeClock, store: str, jti: str
+) -> None:
+    """A validly signed token whose ``jti`` holds a NUL (which PostgreSQL's text refuses;
+    it was a 503 there) or is SQL-shaped buys its certificate once on either store, and
+    another id differing only after the NUL buys its own. Twin: the very same token again
+    is refused as used (401), not mistaken for another id nor accepted twice."""
+    async with serving(pki, clock):
+        claims = pki.claims("svc", jti=jti)
+        await _sign_with(pki, claims)
+        refusal = await refused(_sign_with(pki, claims))
+        assert refusal.status == 401
+        await _sign_with(pki, pki.claims("svc", jti=jti + "\x00more"))
+
+
+async def test_a_token_id_with_a_lone_surrogate_is_spent_once(
+    pki: PKI, clock: FakeClock, store: str
+) -> None:
+    """A validly signed token whose ``jti`` is an escaped lone surrogate (valid JSON,
+    not encodable for a store or a log; it was a 500 on both stores) is read as step-ca's
+    Go decoder reads it, U+FFFD, and buys its certificate once. Twin: again, 401."""
+    async with serving(pki, clock):
+        claims = pki.claims("svc")
+        payload = json.dumps({**claims, "jti": "\ud800"})
+        assert "\\ud800" in payload
+        header = {"alg": "ES256", "kid": pki.key.kid, "typ": "JWT"}
+        token = jws.serialize_compact(header, payload, pki.key.key, algorithms=["ES256"])
+        request = SignRequest(build_csr(new_private_key(), "svc", ["svc"]), token)
+        async with pki.client() as client:
+            await client.sign(request)
+            refusal = await refused(client.sign(request))
+        assert refusal.status == 401
+
+
+async def test_a_revocation_reason_holding_nul_is_honoured(
+    pki: PKI, clock: FakeClock, store: str
+) -> None:
+    """A revocation whose free-text reason holds a NUL is recorded on either store (it
+    was a 503 on PostgreSQL, which left the certificate unrevoked). Twin: renewing the
+    revoked certificate is then refused, and revoking it again is a 400."""
+    async with serving(pki, clock):
+        chain, key = await pki.enroll("svc")
+        serial = str(chain[0].serial_number)
+        revoke = RevokeRequest(serial, ott=pki.token(serial, revoke=True), reason="lost\x00key")
+        async with pki.client() as client:
+            await client.revoke(revoke)
+        async with pki.client((chain, key)) as client:
+            assert (await refused(client.renew())).status == 401
+        again = RevokeRequest(serial, ott=pki.token(serial, revoke=True))
+        async with pki.client() as client:
+            assert (await refused(client.revoke(again))).status == 400
+
+
+async def test_a_serial_holding_nul_is_not_issued_here(
+    pki: PKI, clock: FakeClock, store: str
+) -> None:
+    """Revoking serial "1<NUL>" with a validly signed token for it is a 403 "not issued
+    by this certificate authority" on either store (a 503 on PostgreSQL, whose text cannot
+    hold it). Twin: the certificate's real serial, same path, is revoked."""
+    async with serving(pki, clock):
+        chain, _ = await pki.enroll("svc")
+        serial = str(chain[0].serial_number)
+        async with pki.client() as client:
+            odd = serial + "\x00"
+            refusal = await refused(
+                client.revoke(RevokeRequest(odd, ott=pki.token(odd, revoke=True)))
+            )
+            assert refusal.status == 403
+            assert "was not issued by this certificate authority" in str(refusal.body)
+            await client.revoke(RevokeRequest(serial, ott=pki.token(serial, revoke=True)))

@@ -21,6 +21,7 @@ The guarantees, and how they are kept (docs/ca.md says the same to operators):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -320,7 +321,7 @@ class PostgresStore:
     def token_used(self, token_id: str) -> bool:
         def body(conn: Conn) -> bool:
             sql = "SELECT 1 FROM used_tokens WHERE token_id = %s"
-            return conn.execute(sql, (token_id,)).fetchone() is not None
+            return conn.execute(sql, (_key(token_id),)).fetchone() is not None
 
         return self._call(body)
 
@@ -339,7 +340,7 @@ class PostgresStore:
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
         def body(conn: Conn) -> IssuedCertificate | None:
             sql = f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = %s"  # noqa: S608
-            row = conn.execute(sql, (serial,)).fetchone()
+            row = conn.execute(sql, (_key(serial),)).fetchone()
             if row is None:
                 return None
             return IssuedCertificate(
@@ -366,8 +367,8 @@ class PostgresStore:
             cur = conn.execute(
                 "INSERT INTO revocations VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (serial) DO NOTHING",
-                (r.serial, r.reason_code, r.reason, r.provisioner, r.token_id, r.mtls,
-                 r.revoked_at),
+                (_key(r.serial), r.reason_code, _text(r.reason), _text(r.provisioner),
+                 _key(r.token_id), r.mtls, r.revoked_at),
             )  # fmt: skip
             if cur.rowcount != 1:
                 raise _Undo("already revoked")  # the token's spending is rolled back
@@ -381,7 +382,7 @@ class PostgresStore:
     def is_revoked(self, serial: str) -> bool:
         def body(conn: Conn) -> bool:
             sql = "SELECT 1 FROM revocations WHERE serial = %s"
-            return conn.execute(sql, (serial,)).fetchone() is not None
+            return conn.execute(sql, (_key(serial),)).fetchone() is not None
 
         return self._call(body)
 
@@ -486,6 +487,25 @@ def _schema_version(conn: Conn) -> int:
     return 0 if row is None else int(row[0])
 
 
+# PostgreSQL's text cannot hold NUL, which a token id (a signed token's jti), a serial asked
+# for, or a revocation's reason may: such a key is stored as a digest under a prefix no id
+# the CA makes has (ids that happen to start with it are digested too, so the mapping stays
+# one-to-one), and free text has U+FFFD in place of each NUL, as for a lone surrogate.
+_DIGESTED = "\x01federatls-sha256:"
+
+
+def _key(value: str) -> str:
+    """``value`` as a key PostgreSQL's text can hold: itself, or its digest."""
+    if "\x00" not in value and not value.startswith(_DIGESTED):
+        return value
+    return _DIGESTED + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _text(value: str) -> str:
+    """Free text as PostgreSQL's text can hold it: each NUL replaced by U+FFFD."""
+    return value.replace("\x00", "\ufffd")
+
+
 _SPEND = "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING"
 # The spend and the certificate it bought in one statement (one round trip): the certificate
 # is inserted only from the spend's RETURNING row, so a replay records nothing.
@@ -500,7 +520,7 @@ _SPEND_AND_RECORD = (
 def _spend(conn: Conn, use: TokenUse) -> bool:
     """Mark a token used, and record the certificate it bought if any: True for the one
     insert that wins, False (nothing recorded) for every replay."""
-    token = (use.token_id, use.provisioner, use.expires_at, use.used_at)
+    token = (_key(use.token_id), _text(use.provisioner), use.expires_at, use.used_at)
     cert = use.certificate
     if cert is None:
         return conn.execute(_SPEND, token).rowcount == 1
@@ -510,16 +530,16 @@ def _spend(conn: Conn, use: TokenUse) -> bool:
 
 def _certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
     return (
-        cert.serial,
-        cert.subject,
-        list(cert.sans),
+        _key(cert.serial),
+        _text(cert.subject),
+        [_text(name) for name in cert.sans],
         cert.not_before,
         cert.not_after,
-        cert.provisioner,
-        cert.renewed_from,
+        _text(cert.provisioner),
+        None if cert.renewed_from is None else _key(cert.renewed_from),
         cert.der,
-        cert.operation,
-        cert.token_id,
+        _text(cert.operation),
+        _key(cert.token_id),
     )
 
 
@@ -704,15 +724,17 @@ def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, 
         for token_id, provisioner, expires_at, used_at in lite.execute(
             "SELECT token_id, provisioner, expires_at, used_at FROM used_tokens"
         ):
-            copy.write_row((token_id, provisioner, _dt(expires_at), _dt(used_at)))
+            copy.write_row((_key(token_id), _text(provisioner), _dt(expires_at), _dt(used_at)))
             counts["used_tokens"] += 1
     import json
 
     with conn.cursor().copy(f"COPY certificates ({_CERT_COLUMNS}) FROM STDIN") as copy:
         for row in lite.execute(certificates):
             copy.write_row(
-                (row[0], row[1], list(json.loads(row[2])), _dt(row[3]), _dt(row[4]), row[5],
-                 row[6], bytes(row[7]), row[8], row[9])
+                (_key(row[0]), _text(row[1]), [_text(n) for n in json.loads(row[2])],
+                 _dt(row[3]), _dt(row[4]), _text(row[5]),
+                 None if row[6] is None else _key(row[6]), bytes(row[7]), _text(row[8]),
+                 _key(row[9]))
             )  # fmt: skip
             counts["certificates"] += 1
     with conn.cursor().copy(
@@ -723,7 +745,10 @@ def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, 
             "SELECT serial, reason_code, reason, provisioner, token_id, mtls, revoked_at"
             " FROM revocations"
         ):
-            copy.write_row((*row[:5], bool(row[5]), _dt(row[6])))
+            copy.write_row(
+                (_key(row[0]), row[1], _text(row[2]), _text(row[3]), _key(row[4]),
+                 bool(row[5]), _dt(row[6]))
+            )  # fmt: skip
             counts["revocations"] += 1
     return counts
 
