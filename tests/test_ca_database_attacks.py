@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 from typing import Any
 
 import psycopg
@@ -16,7 +17,7 @@ from joserfc import jws
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest, SignResponse
 from federatls.ca._database import Database, init_schema
-from test_ca_database import password_of, refused, serving, tables, use_postgres
+from test_ca_database import password_of, refused, serving, sign, tables, use_postgres
 
 from harness import PKI, FakeClock, assert_one_line_error, federatls
 from postgres import PostgresCluster
@@ -189,3 +190,34 @@ async def test_a_serial_holding_nul_is_not_issued_here(
             assert refusal.status == 403
             assert "was not issued by this certificate authority" in str(refusal.body)
             await client.revoke(RevokeRequest(serial, ott=pki.token(serial, revoke=True)))
+
+
+# ca db migrate from a SQLite file with odd rows ------------------------------------------------
+async def test_migrate_a_sqlite_row_that_cannot_be_read_is_one_line(
+    pki: PKI, clock: FakeClock, pg_url: str
+) -> None:
+    """A SQLite file whose used-token row has an unreadable expiry is refused in one line
+    naming the file (it was a traceback), and nothing is written to the target, not even
+    the schema. Twin: with the row mended, and a token id holding a NUL beside it, the copy
+    succeeds; the NUL id's token is then refused as used on PostgreSQL."""
+    async with serving(pki, clock):
+        await sign(pki, pki.token("svc"), "svc")
+    source = pki.config.parent / "federatls.db"
+    with sqlite3.connect(source) as lite:
+        lite.execute(
+            "INSERT INTO used_tokens VALUES ('odd', 'p', 'not a time', '2026-01-01T00:00:00')"
+        )
+    run = await federatls("ca", "db", "migrate", pki.config, "--to", pg_url)
+    assert_one_line_error(run, str(source), "not a time")
+    assert tables(pg_url) == set()
+    clock.advance(5)
+    async with serving(pki, clock):
+        nul = pki.claims("nul", jti="spent\x00id")
+        await _sign_with(pki, nul)
+    with sqlite3.connect(source) as lite:
+        lite.execute("UPDATE used_tokens SET expires_at = used_at WHERE token_id = 'odd'")
+    run = await federatls("ca", "db", "migrate", pki.config, "--to", pg_url)
+    assert (run.code, run.err) == (0, ""), run
+    assert run.out.startswith("Copied 3 used tokens, 2 certificates, 0 revocations")
+    async with serving(pki, clock, database=Database("postgresql", pg_url)):
+        assert (await refused(_sign_with(pki, nul))).status == 401

@@ -701,7 +701,7 @@ def copy_sqlite_into(source: Path, target: Database) -> dict[str, int]:
                 lite.execute("ROLLBACK")
     except psycopg.Error as exc:
         raise ConfigError(f"copying into {target.describe()} failed: {exc}") from exc
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError, TypeError) as exc:  # a row that cannot be read
         raise ConfigError(f"{source} is not a usable federatls database: {exc}") from exc
     finally:
         lite.close()
