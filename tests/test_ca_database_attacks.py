@@ -5,6 +5,7 @@ Each attack has its twin that the same path serves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sqlite3
@@ -16,8 +17,9 @@ from joserfc import jws
 
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest, SignResponse
+from federatls._token import mint_renew_token
 from federatls.ca._database import Database, init_schema
-from test_ca_database import password_of, refused, serving, sign, tables, use_postgres
+from test_ca_database import password_of, refused, rows, serving, sign, tables, use_postgres
 
 from harness import PKI, FakeClock, assert_one_line_error, federatls
 from postgres import PostgresCluster
@@ -221,3 +223,48 @@ async def test_migrate_a_sqlite_row_that_cannot_be_read_is_one_line(
     assert run.out.startswith("Copied 3 used tokens, 2 certificates, 0 revocations")
     async with serving(pki, clock, database=Database("postgresql", pg_url)):
         assert (await refused(_sign_with(pki, nul))).status == 401
+
+
+# A revocation racing a renewal ------------------------------------------------------------------
+async def _waiting_on_a_lock(url: str) -> None:
+    """Until a backend of the database waits for a lock (bounded)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(600):
+            sql = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+            row = conn.execute(sql).fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("no request came to wait for the lock")
+
+
+async def test_a_renewal_whose_parent_is_revoked_meanwhile_is_refused(
+    pki: PKI, clock: FakeClock, pg: str
+) -> None:
+    """A renewal that passed its "not revoked" check and is then held (an operator's lock
+    on used_tokens stalls its token's spending) while the holder revokes the certificate
+    (answered 200 meanwhile) is refused once it goes on, and records nothing: from the
+    moment a revocation is answered no renewal of that certificate succeeds (it was a
+    201). Twin: the same renewal with no revocation in between is a 201."""
+    async with serving(pki, clock):
+        for revoked_meanwhile in (True, False):
+            chain, key = await pki.enroll("svc")
+            token = mint_renew_token(chain, key, audience=f"{pki.url}/1.0/renew", now=clock())
+            operator = psycopg.connect(pg)
+            try:
+                operator.execute("LOCK TABLE used_tokens IN EXCLUSIVE MODE")
+                async with pki.client() as client:
+                    renewal = asyncio.ensure_future(client.renew_with_token(token))
+                    await _waiting_on_a_lock(pg)
+                    if revoked_meanwhile:
+                        async with pki.client((chain, key)) as holder:
+                            await holder.revoke(RevokeRequest(str(chain[0].serial_number)))
+                    operator.rollback()
+                    if revoked_meanwhile:
+                        assert (await refused(renewal)).status == 401
+                    else:
+                        await renewal
+            finally:
+                operator.close()
+        assert rows(pg, "certificates") == 3  # two enrolled, one renewed
+        assert rows(pg, "revocations") == 1

@@ -41,6 +41,7 @@ from ._store import (
     _NO_WAIT,
     TOKEN_RETENTION,
     IssuedCertificate,
+    ParentRevoked,
     Revocation,
     RevokeOutcome,
     StoreWouldWait,
@@ -364,6 +365,11 @@ class PostgresStore:
         def body(conn: Conn) -> RevokeOutcome:
             if spend is not None and not _spend(conn, spend):
                 return "token used"  # nothing written
+            # Taken before the revocation is written: a renewal of this certificate whose
+            # record is being written (FOR SHARE, _parent_not_revoked) commits first, and
+            # one that comes later waits for this commit, then sees the revocation.
+            sql = "SELECT 1 FROM certificates WHERE serial = %s FOR UPDATE"
+            conn.execute(sql, (_key(r.serial),))
             cur = conn.execute(
                 "INSERT INTO revocations VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (serial) DO NOTHING",
@@ -524,6 +530,11 @@ def _spend(conn: Conn, use: TokenUse) -> bool:
     cert = use.certificate
     if cert is None:
         return conn.execute(_SPEND, token).rowcount == 1
+    if cert.renewed_from is not None:  # a renewal: spent, then its parent checked
+        if conn.execute(_SPEND, token).rowcount != 1:
+            return False
+        _insert_certificate(conn, cert)
+        return True
     row = conn.execute(_SPEND_AND_RECORD, (*token, *_certificate_row(cert))).fetchone()
     return row is not None and row[0] == 1
 
@@ -543,7 +554,22 @@ def _certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
     )
 
 
+def _parent_not_revoked(conn: Conn, cert: IssuedCertificate) -> None:
+    """Inside the transaction recording a renewal: ``ParentRevoked`` if the certificate it
+    replaces is revoked. The parent's row is locked FOR SHARE first, so a revocation in
+    progress (which holds it FOR UPDATE) is waited for, and then seen by the next
+    statement's snapshot (READ COMMITTED)."""
+    if cert.renewed_from is None:
+        return
+    parent = _key(cert.renewed_from)
+    conn.execute("SELECT 1 FROM certificates WHERE serial = %s FOR SHARE", (parent,))
+    sql = "SELECT 1 FROM revocations WHERE serial = %s"
+    if conn.execute(sql, (parent,)).fetchone() is not None:
+        raise ParentRevoked(cert.renewed_from)
+
+
 def _insert_certificate(conn: Conn, cert: IssuedCertificate) -> None:
+    _parent_not_revoked(conn, cert)
     conn.execute(
         f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608
         " VALUES (%s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s)",
