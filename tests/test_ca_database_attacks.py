@@ -9,17 +9,30 @@ import asyncio
 import json
 import socket
 import sqlite3
+import ssl
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from joserfc import jws
 
+from federatls import CARefusedError
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest, SignResponse
 from federatls._token import mint_renew_token
+from federatls._x509 import common_name
 from federatls.ca._database import Database, init_schema
-from test_ca_database import password_of, refused, rows, serving, sign, tables, use_postgres
+from test_ca_database import (
+    UNAVAILABLE,
+    password_of,
+    refused,
+    rows,
+    serving,
+    sign,
+    tables,
+    use_postgres,
+)
 
 from harness import PKI, FakeClock, assert_one_line_error, federatls
 from postgres import PostgresCluster
@@ -268,3 +281,37 @@ async def test_a_renewal_whose_parent_is_revoked_meanwhile_is_refused(
                 operator.close()
         assert rows(pg, "certificates") == 3  # two enrolled, one renewed
         assert rows(pg, "revocations") == 1
+
+
+# An operator's lock ------------------------------------------------------------------------------
+async def test_a_lock_held_by_an_operator_is_a_503_not_a_hang(
+    pki: PKI, clock: FakeClock, pg: str
+) -> None:
+    """While an operator's transaction holds used_tokens locked, more signs than the CA has
+    store threads are each answered 503 with step-ca's body within the client's deadline
+    (they were queued behind 15 s waits, past it), and /health answers meanwhile (it was
+    queued behind them). Twin: once the lock is released, the very same requests sign."""
+    names = [f"svc-{i}" for i in range(8)]
+    async with serving(pki, clock):
+        requests = [SignRequest(build_csr(new_private_key(), n, [n]), pki.token(n)) for n in names]
+        operator = psycopg.connect(pg)
+        try:
+            operator.execute("LOCK TABLE used_tokens IN ACCESS EXCLUSIVE MODE")
+            async with pki.client() as client:
+                signing = asyncio.gather(
+                    *(client.sign(r) for r in requests), return_exceptions=True
+                )
+                verify = ssl.create_default_context(cafile=str(pki.root_path))
+                async with httpx.AsyncClient(verify=verify, timeout=10) as http:
+                    await asyncio.sleep(0.5)
+                    health = await http.get(pki.url + "/health")
+                assert health.status_code in (200, 503), health.text
+                for answer in await signing:
+                    assert isinstance(answer, CARefusedError), answer
+                    assert (answer.status, answer.body) == (503, UNAVAILABLE)
+        finally:
+            operator.rollback()
+            operator.close()
+        async with pki.client() as client:
+            signed = await asyncio.gather(*(client.sign(r) for r in requests))
+    assert [common_name(s.chain[0].subject) for s in signed] == names

@@ -124,6 +124,10 @@ _SESSION = (
 )
 _BOUNDED = (  # the CA's calls, not an operator's copy of a million rows
     "SET statement_timeout = '15s'",  # no call holds a thread for ever (StoreBusyError)
+    # A lock held elsewhere (an operator's transaction, say) is waited for briefly: the
+    # CA's few store threads would otherwise queue requests behind 15 s waits, answering
+    # them long after their clients gave up. Its own locks are held for milliseconds.
+    "SET lock_timeout = '3s'",
     "SET idle_in_transaction_session_timeout = '60s'",
 )
 
