@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 import sqlite3
 import ssl
@@ -134,12 +135,17 @@ async def _sign_with(pki: PKI, claims: dict[str, Any]) -> SignResponse:
         return await client.sign(request)
 
 
-@pytest.mark.parametrize("jti", ["a\x00b", "\x00", "'); DELETE FROM used_tokens; --"])
+@pytest.mark.parametrize(
+    "jti",
+    ["a\x00b", "\x00", "'); DELETE FROM used_tokens; --", secrets.token_urlsafe(6000)],
+    ids=["nul-inside", "nul-alone", "sql-shaped", "8000-random-chars"],
+)
 async def test_a_token_id_postgresql_text_refuses_is_spent_once(
     pki: PKI, clock: FakeClock, store: str, jti: str
 ) -> None:
-    """A validly signed token whose ``jti`` holds a NUL (which PostgreSQL's text refuses;
-    it was a 503 there) or is SQL-shaped buys its certificate once on either store, and
+    """A validly signed token whose ``jti`` holds a NUL (which PostgreSQL's text refuses),
+    or is too long for PostgreSQL's index (both were 503s there), or is SQL-shaped, buys its
+    certificate once on either store, and
     another id differing only after the NUL buys its own. Twin: the very same token again
     is refused as used (401), not mistaken for another id nor accepted twice."""
     async with serving(pki, clock):

@@ -498,15 +498,18 @@ def _schema_version(conn: Conn) -> int:
 
 
 # PostgreSQL's text cannot hold NUL, which a token id (a signed token's jti), a serial asked
-# for, or a revocation's reason may: such a key is stored as a digest under a prefix no id
-# the CA makes has (ids that happen to start with it are digested too, so the mapping stays
-# one-to-one), and free text has U+FFFD in place of each NUL, as for a lone surrogate.
+# for, or a revocation's reason may; nor can its index hold a key of more than about 2,700
+# bytes, which a jti of a few thousand random characters is. Such a key is stored as a
+# digest under a prefix no id the CA makes has (ids that happen to start with it are
+# digested too, so the mapping stays one-to-one), and free text has U+FFFD in place of each
+# NUL, as for a lone surrogate.
 _DIGESTED = "\x01federatls-sha256:"
+_LONGEST_KEY = 512  # characters: at most 2,048 bytes of UTF-8, within the index's limit
 
 
 def _key(value: str) -> str:
-    """``value`` as a key PostgreSQL's text can hold: itself, or its digest."""
-    if "\x00" not in value and not value.startswith(_DIGESTED):
+    """``value`` as a key PostgreSQL's text and index can hold: itself, or its digest."""
+    if len(value) <= _LONGEST_KEY and "\x00" not in value and not value.startswith(_DIGESTED):
         return value
     return _DIGESTED + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
