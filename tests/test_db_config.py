@@ -81,6 +81,17 @@ def test_database_in_the_data_source_and_postgres_scheme(pki: PKI) -> None:
     assert _libpq(db.location)["dbname"] == "ca db"
 
 
+def test_a_socket_directory_url_without_host(pki: PKI) -> None:
+    """``postgresql:///NAME?host=/socket/dir`` (no host before the path: libpq's unix
+    socket) is handed to libpq as that database in that directory, the "//" kept. Twin:
+    the same URL with a host reads as that host."""
+    source = "postgresql:///ca_db?host=/run/postgresql"
+    db = _config(pki, {"type": "postgresql", "dataSource": source}).database
+    assert _libpq(db.location) == {"dbname": "ca_db", "host": "/run/postgresql"}
+    db = _config(pki, {"type": "postgresql", "dataSource": "postgresql://h/ca_db"}).database
+    assert _libpq(db.location) == {"dbname": "ca_db", "host": "h"}
+
+
 def test_an_unencoded_at_sign_in_the_password(pki: PKI) -> None:
     """A password holding a bare "@" is read as step-ca (Go's URL parser) reads it, up to
     the last "@", and handed to libpq encoded. Twin: the encoded form gives the same."""
@@ -102,6 +113,8 @@ MALFORMED = [
     ({"type": "postgresql", "dataSource": "postgresql://ca:%ff@h/"}, "password is not UTF-8"),
     ({"type": "postgresql", "dataSource": "postgresql://h/", "database": 1}, "db.database must"),
     ({"type": "postgresql", "dataSource": "postgresql://h/db?nosuch=1"}, 'parameter: "nosuch"'),
+    ({"type": "postgresql", "dataSource": "postgresql://h/?bogus=1"}, 'parameter: "bogus"'),
+    ({"type": "postgresql", "dataSource": "postgresql://ca:pw@[::1/"}, "is not a URL libpq"),
     ("postgresql://h/", "'db' must be an object"),
 ]
 
@@ -172,6 +185,8 @@ USAGE_ERRORS = [
     (["ca", "db", "init", "ca.json", "--db", "postgresql:///db?sslmode"], "separator"),
     (["ca", "serve", "ca.json", "--db", f"postgresql://h/?password={SECRET}"], "percent-encoded"),
     (["ca", "serve", "ca.json", "--db", f"postgresql://ca:{ENCODED}@[::1/"], "not a URL"),
+    (["ca", "db", "init", "ca.json", "--db", f"postgresql://ca:{ENCODED}@h/?bogus=1"], "bogus"),
+    (["ca", "db", "migrate", "ca.json", "--to", f"postgresql://ca:{ENCODED}@[h/"], "not a URL"),
 ]
 
 

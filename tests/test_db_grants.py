@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -51,7 +52,7 @@ def serving_role(postgres: PostgresCluster, grants: list[str]) -> Database:
 def _cert(serial: str, token_id: str) -> IssuedCertificate:
     return IssuedCertificate(
         serial, f"svc-{serial}", (f"svc-{serial}",), NOW, NOW + timedelta(hours=1),
-        "admin:kid", b"\x30\x82" + serial.encode(), "sign", token_id,
+        "admin:kid", b"\x30\x82" + serial.encode(), operation="sign", token_id=token_id,
     )  # fmt: skip
 
 
@@ -61,8 +62,8 @@ def _use(token_id: str, cert: IssuedCertificate | None, expires: datetime) -> To
 
 def test_the_documented_grants_serve_every_store_call(postgres: PostgresCluster) -> None:
     """With docs/ca.md's grants and no others, the role opens the store (the schema check),
-    spends tokens once, records, reads and revokes certificates, answers ``check`` and
-    purges an expired token id. Twin: ``test_without_a_documented_grant_its_call_fails``."""
+    spends tokens once, records, reads, renews and revokes certificates, answers ``check``
+    and purges an expired token id. Twin: ``test_without_a_documented_grant_its_call_fails``."""
     store = open_store(serving_role(postgres, documented_grants()))
     try:
         old = NOW - timedelta(days=2)
@@ -73,6 +74,8 @@ def test_the_documented_grants_serve_every_store_call(postgres: PostgresCluster)
         assert store.token_used("new")
         store.add_certificate(_cert("3", ""))
         assert store.get_certificate("3") is not None
+        store.add_certificate(replace(_cert("4", ""), renewed_from="3", operation="renew"))
+        assert store.get_certificate("4") is not None
         revocation = Revocation("2", 1, "key compromise", NOW, "admin:kid", "rev-2", False)
         spend = _use("rev-2", None, NOW + timedelta(minutes=5))
         assert store.revoke(revocation, spend) == "revoked"
@@ -86,7 +89,8 @@ def test_the_documented_grants_serve_every_store_call(postgres: PostgresCluster)
 
 def test_without_a_documented_grant_its_call_fails(postgres: PostgresCluster) -> None:
     """Twin: without ``UPDATE`` on used_tokens the purge is refused (its rows are locked
-    ``FOR UPDATE``) while spending still works; without ``SELECT`` on the schema table the
+    ``FOR UPDATE``) while spending still works; without ``UPDATE`` on certificates a renewal
+    is (it locks its parent ``FOR SHARE``); without ``SELECT`` on the schema table the
     store does not open. Each refusal names the table."""
     grants = documented_grants()
     no_update = [g.replace("SELECT, INSERT, UPDATE, DELETE ON used_tokens", "SELECT, INSERT, "
@@ -98,6 +102,17 @@ def test_without_a_documented_grant_its_call_fails(postgres: PostgresCluster) ->
         assert store.record_issuances([use]) == [True]
         with pytest.raises(StoreUnavailableError, match="permission denied for table used_tokens"):
             store.purge_expired(NOW)
+    finally:
+        store.close()
+    no_update = [g.replace("SELECT, INSERT, UPDATE ON certificates", "SELECT, INSERT ON "
+                           "certificates") for g in grants]  # fmt: skip
+    assert no_update != grants, "docs/ca.md no longer grants UPDATE on certificates"
+    store = open_store(serving_role(postgres, no_update))
+    try:
+        store.add_certificate(_cert("1", ""))
+        renewal = replace(_cert("2", ""), renewed_from="1", operation="renew")
+        with pytest.raises(StoreUnavailableError, match="permission denied for table certificates"):
+            store.add_certificate(renewal)
     finally:
         store.close()
     no_schema = [g for g in grants if "federatls_schema" not in g]

@@ -160,7 +160,7 @@ def test_an_old_database_is_migrated_in_place(tmp_path: Path) -> None:
         store.add_certificate(
             IssuedCertificate(
                 "678", "new", ("new",), old.not_before, old.not_after, "p:k", b"\x30",
-                renewed_from="12345", operation="renew",
+                renewed_from="999", operation="renew",  # 12345 is revoked: not renewable
             )
         )  # fmt: skip
     finally:
@@ -169,7 +169,7 @@ def test_an_old_database_is_migrated_in_place(tmp_path: Path) -> None:
     try:
         new = reopened.get_certificate("678")
         assert new is not None
-        assert (new.operation, new.renewed_from) == ("renew", "12345")
+        assert (new.operation, new.renewed_from) == ("renew", "999")
         assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         reopened.close()

@@ -33,7 +33,7 @@ from federatls.ca import (
     open_store,
     without_waiting,
 )
-from federatls.ca._store import TOKEN_RETENTION
+from federatls.ca._store import TOKEN_RETENTION, ParentRevoked
 
 from harness import free_port
 from postgres import PostgresCluster
@@ -181,6 +181,23 @@ def test_revoke_outcomes(store: Store) -> None:
     assert not store.is_revoked("31")
     assert store.revoke(_revocation("31")) == "revoked"  # mTLS revocations spend no token
     assert store.counts() == {"used_tokens": 1, "certificates": 2, "revocations": 2}
+
+
+def test_a_revoked_certificate_cannot_be_renewed_in_the_store(store: Store) -> None:
+    """Recording a renewal of a revoked certificate raises ``ParentRevoked`` and records
+    nothing: alone, or with its token (the token stays unspent). Twin: the renewal of a
+    certificate not revoked is recorded, token spent."""
+    store.add_certificate(_cert("50"))
+    store.add_certificate(_cert("51"))
+    assert store.revoke(_revocation("50")) == "revoked"
+    with pytest.raises(ParentRevoked):
+        store.add_certificate(_cert("52", renewed_from="50", operation="renew"))
+    with pytest.raises(ParentRevoked):
+        store.record_issuances([_use("jti-53", _cert("53", "jti-53", renewed_from="50"))])
+    assert not store.token_used("jti-53")
+    assert store.record_issuances([_use("jti-54", _cert("54", "jti-54", renewed_from="51"))])
+    store.add_certificate(_cert("55", renewed_from="51", operation="renew"))
+    assert store.counts() == {"used_tokens": 1, "certificates": 4, "revocations": 1}
 
 
 def test_a_certificate_round_trips_with_its_audit_trail(store: Store) -> None:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,20 @@ def _epoch(dt: datetime) -> int:
     return math.floor(dt.timestamp())
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _mended(value: Any) -> Any:
+    """A claim as Go's decoder (step-ca's) reads it: a lone surrogate escape ("\\ud800")
+    in a string, or in a list's strings, becomes U+FFFD. Python keeps it, and a string
+    holding one cannot be encoded for the store or the log (a ``jti`` of one was a 500)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_mended(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Token:
     """A parsed, *unverified* one-time token. ``verify`` and ``check_times`` validate it."""
@@ -98,6 +113,8 @@ class Token:
             raise TokenError(f"token cannot be decoded: {exc}") from exc
         if not isinstance(header, dict) or not isinstance(claims, dict):
             raise TokenError("token header and claims must be JSON objects")
+        if b"\\u" in signed.payload:  # in UTF-8 a lone surrogate can only arrive escaped
+            claims = {k: _mended(v) for k, v in claims.items()}
         token = cls(raw=raw, header=header, claims=claims, _signed=signed)
         token._check_types()
         return token

@@ -42,7 +42,7 @@ from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
 from ._material import CAMaterial
-from ._store import IssuedCertificate, Revocation, Store, TokenUse
+from ._store import IssuedCertificate, ParentRevoked, Revocation, Store, TokenUse
 
 __all__ = ["Authority", "Refusal"]
 
@@ -451,10 +451,13 @@ class Authority:
             operation="renew" if public_key is None else "rekey",
             token_id=spend.token_id if spend is not None else "",
         )
-        if spend is None:
-            self.store.add_certificate(record)
-        elif not self.store.record_issuances([replace(spend, certificate=record)])[0]:
-            raise _unauthorized("token already used")
+        try:
+            if spend is None:
+                self.store.add_certificate(record)
+            elif not self.store.record_issuances([replace(spend, certificate=record)])[0]:
+                raise _unauthorized("token already used")
+        except ParentRevoked:  # since the check above: nothing recorded, nothing spent
+            raise _unauthorized("certificate has been revoked") from None
         return self.chain_of(leaf)
 
     def authorize_renew_token(self, raw: str, now: datetime) -> tuple[x509.Certificate, TokenUse]:

@@ -49,14 +49,14 @@ class Database:
             )
         try:
             parts = urlsplit("postgresql://" + rest)
-        except ValueError as exc:  # an IPv6 host's "[" never closed; the text has no secret
-            raise ConfigError(f"{what} is not a URL: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{what} is not a URL libpq can read ({exc})") from None
         if parts.fragment:
             raise ConfigError(f"{what}: a database URL has no #fragment")
         # A password may hold "@": Go's URL parser (step-ca's) splits at the last one. libpq
         # splits at the first, so the user name and password are written back percent-encoded.
         userinfo, at, hosts = parts.netloc.rpartition("@")
-        netloc = hosts
+        netloc, password = hosts, ""
         if at:
             user, colon, password = userinfo.partition(":")
             user = quote(_decoded(user, f"{what}: the user name"), safe="")
@@ -115,13 +115,13 @@ def _libpq_reads(location: str, what: str) -> None:
     say), with every password in it masked; nothing to check without the driver, which
     ``open_store`` asks for anyway."""
     try:
-        from psycopg import ProgrammingError
+        from psycopg import Error
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
         return
     try:
         conninfo_to_dict(location)
-    except ProgrammingError as exc:
+    except Error as exc:
         parts = urlsplit(location)
         secrets = [parts.netloc.rpartition("@")[0].partition(":")[2]]
         secrets += [
@@ -130,7 +130,7 @@ def _libpq_reads(location: str, what: str) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         for secret in filter(None, secrets):
             message = message.replace(secret, "***").replace(unquote(secret), "***")
-        raise ConfigError(f"{what} is not a URL libpq reads: {message}") from None
+        raise ConfigError(f"{what} is not a URL libpq can read: {message}") from None
 
 
 def _describe(url: str) -> str:

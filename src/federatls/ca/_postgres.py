@@ -21,6 +21,7 @@ The guarantees, and how they are kept (docs/ca.md says the same to operators):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ from ._store import (
     _NO_WAIT,
     TOKEN_RETENTION,
     IssuedCertificate,
+    ParentRevoked,
     Revocation,
     RevokeOutcome,
     StoreWouldWait,
@@ -124,6 +126,10 @@ _SESSION = (
 )
 _BOUNDED = (  # the CA's calls, not an operator's copy of a million rows
     "SET statement_timeout = '15s'",  # no call holds a thread for ever (StoreBusyError)
+    # A lock held elsewhere (an operator's transaction, say) is waited for briefly: the
+    # CA's few store threads would otherwise queue requests behind 15 s waits, answering
+    # them long after their clients gave up. Its own locks are held for milliseconds.
+    "SET lock_timeout = '3s'",
     "SET idle_in_transaction_session_timeout = '60s'",
 )
 
@@ -253,13 +259,25 @@ class PostgresStore:
     def _verify(self, db: Database) -> None:
         """Open one connection: the server answers, and holds a schema this federatls knows."""
         try:
-            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+            ) from exc
+        try:
+            with conn:
                 version = _schema_version(conn)
         except pgerrors.InsufficientPrivilege as exc:
             raise ConfigError(f"{db.describe()}: {self._scrub(exc)}") from exc
         except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) or not exc.sqlstate:
+                raise ConfigError(
+                    f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): "
+                    f"{self._scrub(exc)}"
+                ) from exc
+            # The server answered and refused the query: a federatls_schema not of ours.
             raise ConfigError(
-                f"cannot reach PostgreSQL at {db.endpoint} ({db.describe()}): {self._scrub(exc)}"
+                f"{db.describe()} has no federatls schema ({self._scrub(exc)}): {_INIT_HINT}"
             ) from exc
         if version == 0:
             raise ConfigError(f"{db.describe()} has no federatls schema: {_INIT_HINT}")
@@ -393,7 +411,7 @@ class PostgresStore:
     def token_used(self, token_id: str) -> bool:
         def body(conn: Conn) -> bool:
             sql = "SELECT 1 FROM used_tokens WHERE token_id = %s"
-            return conn.execute(sql, (token_id,)).fetchone() is not None
+            return conn.execute(sql, (_key(token_id),)).fetchone() is not None
 
         return self._call(body)
 
@@ -412,7 +430,7 @@ class PostgresStore:
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
         def body(conn: Conn) -> IssuedCertificate | None:
             sql = f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = %s"  # noqa: S608
-            row = conn.execute(sql, (serial,)).fetchone()
+            row = conn.execute(sql, (_key(serial),)).fetchone()
             if row is None:
                 return None
             return IssuedCertificate(
@@ -436,11 +454,16 @@ class PostgresStore:
         def body(conn: Conn) -> RevokeOutcome:
             if spend is not None and not _spend(conn, spend):
                 return "token used"  # nothing written
+            # Taken before the revocation is written: a renewal of this certificate whose
+            # record is being written (FOR SHARE, _parent_not_revoked) commits first, and
+            # one that comes later waits for this commit, then sees the revocation.
+            sql = "SELECT 1 FROM certificates WHERE serial = %s FOR UPDATE"
+            conn.execute(sql, (_key(r.serial),))
             cur = conn.execute(
                 "INSERT INTO revocations VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (serial) DO NOTHING",
-                (r.serial, r.reason_code, r.reason, r.provisioner, r.token_id, r.mtls,
-                 r.revoked_at),
+                (_key(r.serial), r.reason_code, _text(r.reason), _text(r.provisioner),
+                 _key(r.token_id), r.mtls, r.revoked_at),
             )  # fmt: skip
             if cur.rowcount != 1:
                 raise _Undo("already revoked")  # the token's spending is rolled back
@@ -454,7 +477,7 @@ class PostgresStore:
     def is_revoked(self, serial: str) -> bool:
         def body(conn: Conn) -> bool:
             sql = "SELECT 1 FROM revocations WHERE serial = %s"
-            return conn.execute(sql, (serial,)).fetchone() is not None
+            return conn.execute(sql, (_key(serial),)).fetchone() is not None
 
         return self._call(body)
 
@@ -560,6 +583,28 @@ def _schema_version(conn: Conn) -> int:
     return 0 if row is None else int(row[0])
 
 
+# PostgreSQL's text cannot hold NUL, which a token id (a signed token's jti), a serial asked
+# for, or a revocation's reason may; nor can its index hold a key of more than about 2,700
+# bytes, which a jti of a few thousand random characters is. Such a key is stored as a
+# digest under a prefix no id the CA makes has (ids that happen to start with it are
+# digested too, so the mapping stays one-to-one), and free text has U+FFFD in place of each
+# NUL, as for a lone surrogate.
+_DIGESTED = "\x01federatls-sha256:"
+_LONGEST_KEY = 512  # characters: at most 2,048 bytes of UTF-8, within the index's limit
+
+
+def _key(value: str) -> str:
+    """``value`` as a key PostgreSQL's text and index can hold: itself, or its digest."""
+    if len(value) <= _LONGEST_KEY and "\x00" not in value and not value.startswith(_DIGESTED):
+        return value
+    return _DIGESTED + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _text(value: str) -> str:
+    """Free text as PostgreSQL's text can hold it: each NUL replaced by U+FFFD."""
+    return value.replace("\x00", "\ufffd")
+
+
 _SPEND = "INSERT INTO used_tokens VALUES (%s, %s, %s, %s) ON CONFLICT (token_id) DO NOTHING"
 # The spend and the certificate it bought in one statement (one round trip): the certificate
 # is inserted only from the spend's RETURNING row, so a replay records nothing.
@@ -574,30 +619,50 @@ _SPEND_AND_RECORD = (
 def _spend(conn: Conn, use: TokenUse) -> bool:
     """Mark a token used, and record the certificate it bought if any: True for the one
     insert that wins, False (nothing recorded) for every replay."""
-    token = (use.token_id, use.provisioner, use.expires_at, use.used_at)
+    token = (_key(use.token_id), _text(use.provisioner), use.expires_at, use.used_at)
     cert = use.certificate
     if cert is None:
         return conn.execute(_SPEND, token).rowcount == 1
+    if cert.renewed_from is not None:  # a renewal: spent, then its parent checked
+        if conn.execute(_SPEND, token).rowcount != 1:
+            return False
+        _insert_certificate(conn, cert)
+        return True
     row = conn.execute(_SPEND_AND_RECORD, (*token, *_certificate_row(cert))).fetchone()
     return row is not None and row[0] == 1
 
 
 def _certificate_row(cert: IssuedCertificate) -> tuple[object, ...]:
     return (
-        cert.serial,
-        cert.subject,
-        list(cert.sans),
+        _key(cert.serial),
+        _text(cert.subject),
+        [_text(name) for name in cert.sans],
         cert.not_before,
         cert.not_after,
-        cert.provisioner,
-        cert.renewed_from,
+        _text(cert.provisioner),
+        None if cert.renewed_from is None else _key(cert.renewed_from),
         cert.der,
-        cert.operation,
-        cert.token_id,
+        _text(cert.operation),
+        _key(cert.token_id),
     )
 
 
+def _parent_not_revoked(conn: Conn, cert: IssuedCertificate) -> None:
+    """Inside the transaction recording a renewal: ``ParentRevoked`` if the certificate it
+    replaces is revoked. The parent's row is locked FOR SHARE first, so a revocation in
+    progress (which holds it FOR UPDATE) is waited for, and then seen by the next
+    statement's snapshot (READ COMMITTED)."""
+    if cert.renewed_from is None:
+        return
+    parent = _key(cert.renewed_from)
+    conn.execute("SELECT 1 FROM certificates WHERE serial = %s FOR SHARE", (parent,))
+    sql = "SELECT 1 FROM revocations WHERE serial = %s"
+    if conn.execute(sql, (parent,)).fetchone() is not None:
+        raise ParentRevoked(cert.renewed_from)
+
+
 def _insert_certificate(conn: Conn, cert: IssuedCertificate) -> None:
+    _parent_not_revoked(conn, cert)
     conn.execute(
         f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608
         " VALUES (%s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s)",
@@ -630,11 +695,78 @@ def _admin(db: Database) -> Iterator[Conn]:
             f"({str(exc).splitlines()[0]}): run `federatls ca db init` as the database's "
             "owner"
         ) from exc
+    except psycopg.Error as exc:  # whatever else the server refused: one line
+        raise ConfigError(f"{db.describe()}: {_first_line(exc, _password(db))}") from exc
+
+
+_TSTZ = "timestamp with time zone"
+# Each table's columns (as format_type names their types) and its primary key: what
+# `db init` checks of a table it finds, since CREATE TABLE IF NOT EXISTS keeps any table of
+# that name, someone else's or a half-made one, which the CA would then fail on at run time.
+_SHAPES: dict[str, tuple[dict[str, str], str]] = {
+    "federatls_schema": ({"singleton": "boolean", "version": "integer"}, "singleton"),
+    "used_tokens": (
+        {"token_id": "text", "provisioner": "text", "expires_at": _TSTZ, "used_at": _TSTZ},
+        "token_id",
+    ),
+    "certificates": (
+        {
+            "serial": "text",
+            "subject": "text",
+            "sans": "text[]",
+            "not_before": _TSTZ,
+            "not_after": _TSTZ,
+            "provisioner": "text",
+            "renewed_from": "text",
+            "der": "bytea",
+            "operation": "text",
+            "token_id": "text",
+        },
+        "serial",
+    ),
+    "revocations": (
+        {
+            "serial": "text",
+            "reason_code": "integer",
+            "reason": "text",
+            "provisioner": "text",
+            "token_id": "text",
+            "mtls": "boolean",
+            "revoked_at": _TSTZ,
+        },
+        "serial",
+    ),
+}
+_COLUMNS_OF = (
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod), coalesce(i.indisprimary, false)"
+    " FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
+    " AND i.indnatts = 1 AND i.indkey[0] = a.attnum"
+    " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+def _check_shapes(conn: Conn, db: Database) -> None:
+    """ConfigError (one line) if a table of federatls's name is not of federatls's shape."""
+    for table, (columns, key) in _SHAPES.items():
+        found = conn.execute(_COLUMNS_OF, (table,)).fetchall()
+        if not found:
+            continue  # absent: CREATE TABLE makes it
+        shape = {name: kind for name, kind, _ in found}
+        keys = [name for name, _, primary in found if primary]
+        if shape != columns or keys != [key]:
+            have = ", ".join(f"{n} {k}" for n, k in shape.items())
+            raise ConfigError(
+                f"{db.describe()}: table {table} ({have}"
+                f"{'' if keys == [key] else '; ' + (keys[0] if keys else 'no') + ' primary key'})"
+                " is not federatls's: give federatls a database of its own"
+            )
 
 
 def _ensure_schema(conn: Conn, db: Database) -> tuple[int, int]:
-    """Inside a transaction: create or upgrade the schema; (version before, version now)."""
+    """Inside a transaction: create or upgrade the schema; (version before, version now).
+    A table of federatls's name that is not of its shape is refused (ConfigError)."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+    _check_shapes(conn, db)
     was = _schema_version(conn)
     if was > SCHEMA_VERSION:
         raise ConfigError(
@@ -688,7 +820,7 @@ def copy_sqlite_into(source: Path, target: Database) -> dict[str, int]:
                 lite.execute("ROLLBACK")
     except psycopg.Error as exc:
         raise ConfigError(f"copying into {target.describe()} failed: {exc}") from exc
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError, TypeError) as exc:  # a row that cannot be read
         raise ConfigError(f"{source} is not a usable federatls database: {exc}") from exc
     finally:
         lite.close()
@@ -711,15 +843,17 @@ def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, 
         for token_id, provisioner, expires_at, used_at in lite.execute(
             "SELECT token_id, provisioner, expires_at, used_at FROM used_tokens"
         ):
-            copy.write_row((token_id, provisioner, _dt(expires_at), _dt(used_at)))
+            copy.write_row((_key(token_id), _text(provisioner), _dt(expires_at), _dt(used_at)))
             counts["used_tokens"] += 1
     import json
 
     with conn.cursor().copy(f"COPY certificates ({_CERT_COLUMNS}) FROM STDIN") as copy:
         for row in lite.execute(certificates):
             copy.write_row(
-                (row[0], row[1], list(json.loads(row[2])), _dt(row[3]), _dt(row[4]), row[5],
-                 row[6], bytes(row[7]), row[8], row[9])
+                (_key(row[0]), _text(row[1]), [_text(n) for n in json.loads(row[2])],
+                 _dt(row[3]), _dt(row[4]), _text(row[5]),
+                 None if row[6] is None else _key(row[6]), bytes(row[7]), _text(row[8]),
+                 _key(row[9]))
             )  # fmt: skip
             counts["certificates"] += 1
     with conn.cursor().copy(
@@ -730,7 +864,10 @@ def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, 
             "SELECT serial, reason_code, reason, provisioner, token_id, mtls, revoked_at"
             " FROM revocations"
         ):
-            copy.write_row((*row[:5], bool(row[5]), _dt(row[6])))
+            copy.write_row(
+                (_key(row[0]), row[1], _text(row[2]), _text(row[3]), _key(row[4]),
+                 bool(row[5]), _dt(row[6]))
+            )  # fmt: skip
             counts["revocations"] += 1
     return counts
 

@@ -151,6 +151,8 @@ class _State:
         self.clock = clock
         self.committer = _GroupCommit()
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
+        # /health's own thread: not queued behind signs that wait for a busy database.
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="federatls-ca-health")
         self._health: asyncio.Future[str | None] | None = None
         self._health_checked = float("-inf")
 
@@ -185,8 +187,12 @@ class _State:
         return await asyncio.shield(self._health)
 
     async def _check_store(self) -> str | None:
+        check = self.authority.store.check
         try:
-            await self.soon(self.authority.store.check)
+            if self.authority.store.always_waits:
+                await asyncio.get_running_loop().run_in_executor(self._checker, check)
+            else:
+                await self.soon(check)
             problem = None
         except StoreBusyError as exc:  # unavailable, or busy past its bounded wait
             problem = str(exc) or type(exc).__name__
@@ -196,6 +202,7 @@ class _State:
     async def close(self) -> None:
         await self.committer.close()
         await asyncio.to_thread(self._workers.shutdown)
+        await asyncio.to_thread(self._checker.shutdown)
 
 
 _STATE = web.AppKey("state", _State)

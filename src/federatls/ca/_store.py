@@ -26,6 +26,7 @@ from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 
 __all__ = [
     "IssuedCertificate",
+    "ParentRevoked",
     "Revocation",
     "RevokeOutcome",
     "SQLiteStore",
@@ -43,6 +44,13 @@ _NO_WAIT: ContextVar[bool] = ContextVar("federatls_store_no_wait", default=False
 class StoreWouldWait(StoreBusyError):
     """A store call inside ``without_waiting()`` would have had to wait for the database;
     it did nothing."""
+
+
+class ParentRevoked(Exception):
+    """A renewal's or rekey's record was not written: the certificate it replaces
+    (``renewed_from``) was revoked before the record's transaction. Checked in that
+    transaction, which a revocation of the parent cannot interleave with, so no renewal
+    is recorded after a revocation of its parent has been answered."""
 
 
 @contextlib.contextmanager
@@ -128,7 +136,9 @@ class Store(Protocol):
         a power cut) when any of the uses is ``durable``."""
 
     def add_certificate(self, cert: IssuedCertificate) -> None:
-        """Record an issued certificate."""
+        """Record an issued certificate; ``ParentRevoked`` (nothing recorded) if it renews
+        a certificate that has been revoked. ``record_issuances`` raises it likewise, the
+        whole transaction undone."""
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
         """The record of an issued certificate, or None."""
@@ -433,6 +443,11 @@ class SQLiteStore:
             self._insert_certificate(cert)
 
     def _insert_certificate(self, cert: IssuedCertificate) -> None:
+        """Inside a write transaction (writers take turns: a revocation cannot interleave)."""
+        if cert.renewed_from is not None:
+            sql = "SELECT 1 FROM revocations WHERE serial = ?"
+            if self._conn.execute(sql, (cert.renewed_from,)).fetchone() is not None:
+                raise ParentRevoked(cert.renewed_from)
         self._conn.execute(
             "INSERT INTO certificates (serial, subject, sans, not_before, not_after,"
             " provisioner, renewed_from, der, operation, token_id)"
