@@ -506,3 +506,68 @@ async def test_a_commit_that_fails_hands_out_nothing(pki: PKI, clock: FakeClock,
             signed = await asyncio.gather(*(client.sign(r) for r in requests))
     assert [common_name(s.chain[0].subject) for s in signed] == names
     assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (4, 4)
+
+
+async def test_one_refused_record_fails_only_its_own_sign(
+    pki: PKI, clock: FakeClock, pg: str
+) -> None:
+    """Signs committed in one group with one certificate row the database refuses (a
+    trigger raises for one subject): the others get their 201 and records, the refused one
+    a 503 with step-ca's body and nothing recorded, its token unspent. Twin: with the
+    trigger gone, the refused one's very token buys its certificate."""
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.subject = 'svc-slow' THEN PERFORM pg_sleep(2); END IF;"
+            " IF NEW.subject = 'svc-bad' THEN RAISE EXCEPTION 'refused row'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse_bad BEFORE INSERT ON certificates"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_bad()"
+        )
+    names = ["svc-0", "svc-bad", "svc-1", "svc-2"]
+    async with serving(pki, clock):
+        bad = SignRequest(
+            build_csr(new_private_key(), "svc-bad", ["svc-bad"]), pki.token("svc-bad")
+        )
+        requests = [
+            bad
+            if n == "svc-bad"
+            else SignRequest(build_csr(new_private_key(), n, [n]), pki.token(n))
+            for n in names
+        ]
+        async with pki.client() as client:
+            # The slow one holds the commit thread, so the others are committed as one group.
+            slow = asyncio.ensure_future(sign(pki, pki.token("svc-slow"), "svc-slow"))
+            await wait_until(lambda: rows(pg, "used_tokens") == 0 and _waiting(pg), timeout=30)
+            answers = await asyncio.gather(
+                *(client.sign(r) for r in requests), return_exceptions=True
+            )
+            await slow
+            by_name = dict(zip(names, answers, strict=True))
+            refusal = by_name.pop("svc-bad")
+            assert isinstance(refusal, CARefusedError), refusal
+            assert (refusal.status, refusal.body) == (503, UNAVAILABLE)
+            for name, answer in by_name.items():
+                assert not isinstance(answer, BaseException), (name, answer)
+                assert common_name(answer.chain[0].subject) == name
+            with psycopg.connect(pg, autocommit=True) as conn:
+                found = conn.execute("SELECT subject FROM certificates").fetchall()
+                assert sorted(r[0] for r in found) == ["svc-0", "svc-1", "svc-2", "svc-slow"]
+                assert rows(pg, "used_tokens") == 4
+                conn.execute("DROP TRIGGER refuse_bad ON certificates")
+            again = await client.sign(bad)
+    assert common_name(again.chain[0].subject) == "svc-bad"
+    assert (rows(pg, "certificates"), rows(pg, "used_tokens")) == (5, 5)
+
+
+def _waiting(url: str) -> bool:
+    """Whether a session other than this one is inside pg_sleep (the slow insert)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            " AND pid <> pg_backend_pid() AND datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]) > 0

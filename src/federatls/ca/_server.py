@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +81,11 @@ class _GroupCommit:
     The event loop never waits for the database: it commits a group itself only when that
     needs no wait (``without_waiting``: no lock held elsewhere, no sync to disk); otherwise
     the group goes to the writer thread, which waits a bounded time. A group that cannot
-    have the database in time fails with ``StoreBusyError`` (503) and records nothing."""
+    have the database in time fails with ``StoreBusyError`` (503) and records nothing.
+
+    A group whose transaction the database refuses for one of its records (a statement
+    refused, a constraint) is tried again one certificate per transaction, so only that
+    sign fails; not when the database is busy or unreachable (``_record``)."""
 
     def __init__(self) -> None:
         self._pending: _Batch = []
@@ -102,42 +106,97 @@ class _GroupCommit:
         batch, self._pending = self._pending, []
         authority = batch[-1][0]  # all share one store, whichever reload made them
         issuances = [issuance for _, issuance, _ in batch]
+        failure: Exception | None = None
         try:
             with without_waiting():
                 results = authority.commit(issuances)
         except StoreWouldWait:
-            self._writing = True
-            written = loop.run_in_executor(self._writer, authority.commit, issuances)
-            written.add_done_callback(lambda _: self._written(loop, batch, written))
+            pass
         except Exception as exc:
-            _settle(batch, exc)
+            if len(batch) == 1:
+                _settle(batch, [exc])
+                return
+            failure = exc  # the writer thread decides whether to try them one by one
         else:
             _settle(batch, results)
+            return
+        self._writing = True
+        written = loop.run_in_executor(self._writer, _record, authority, issuances, failure)
+        written.add_done_callback(lambda _: self._written(loop, batch, written))
 
     def _written(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: _Batch,
-        written: asyncio.Future[list[bool]],
+        written: asyncio.Future[list[bool | Exception]],
     ) -> None:
         self._writing = False
         if self._pending:
             loop.call_soon(self._flush, loop)
         exc = written.exception()
-        _settle(batch, written.result() if exc is None else exc)
+        if exc is None:
+            _settle(batch, written.result())
+        else:  # not raised by _record, which answers for each; all fail alike
+            _settle(batch, [exc] * len(batch))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.shutdown)
 
 
-def _settle(batch: _Batch, outcome: list[bool] | BaseException) -> None:
-    for i, (_, _, done) in enumerate(batch):
+def _record(
+    authority: Authority, issuances: list[Issuance], failure: Exception | None
+) -> list[bool | Exception]:
+    """In the writer thread: commit ``issuances`` in one transaction (unless ``failure``
+    says that was just tried), and when it fails, each in its own transaction, so that a
+    record the database refuses fails only its own sign. Each one's outcome: committed
+    (True), its token spent by another request (False), or why it failed."""
+    if failure is None:
+        try:
+            return list(authority.commit(issuances))
+        except Exception as exc:
+            failure = exc
+    if len(issuances) == 1 or not _worth_retrying(authority, failure):
+        return [failure] * len(issuances)
+    outcomes: list[bool | Exception] = []
+    for i, issuance in enumerate(issuances, 1):
+        try:
+            outcomes.append(authority.commit([issuance])[0])
+        except Exception as exc:
+            outcomes.append(exc)
+            left = len(issuances) - i
+            if left and not _worth_retrying(authority, exc):  # the database went away
+                return outcomes + [exc] * left
+    return outcomes
+
+
+def _worth_retrying(authority: Authority, failure: Exception) -> bool:
+    """Whether, after ``failure``, issuances should (still) be committed one by one.
+
+    Not when the database is busy (a lock held elsewhere, a timeout, SQLite's write lock):
+    each attempt would wait as long again, on the one writer thread, for the same 503. Not
+    when it cannot be reached: ``StoreUnavailableError`` is also what PostgreSQL's refusal
+    of a statement becomes, so one bounded ``check`` tells the two apart; if the database
+    does not answer it, N more attempts would only hammer (or wait for) a server that is
+    down, and every sign gets its 503 at once. Anything else (a statement refused, an
+    integrity error) belongs to a record: the others deserve their own transactions."""
+    if isinstance(failure, StoreBusyError):
+        if not isinstance(failure, StoreUnavailableError):
+            return False
+        try:
+            authority.store.check()
+        except StoreBusyError:
+            return False
+    return True
+
+
+def _settle(batch: _Batch, outcome: Sequence[bool | BaseException]) -> None:
+    for (_, _, done), result in zip(batch, outcome, strict=True):
         if done.done():  # a handler cancelled meanwhile (client gone)
             continue
-        if isinstance(outcome, BaseException):
-            done.set_exception(outcome)
+        if isinstance(result, BaseException):
+            done.set_exception(result)
         else:
-            done.set_result(outcome[i])
+            done.set_result(result)
 
 
 class _State:
