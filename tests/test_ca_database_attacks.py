@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -108,6 +109,32 @@ async def test_serve_names_a_foreign_schema_table_not_an_unreachable_server(
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP TABLE federatls_schema")
     init_schema(Database("postgresql", pg_url))
+    with socket.socket() as held:  # the CA's port taken: serve stops after the database
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        pki.edit(lambda d: d.__setitem__("address", f"127.0.0.1:{port}"))
+        run = await federatls(*serve)
+    assert_one_line_error(run, str(port))
+
+
+async def test_serve_with_the_schema_table_locked_is_one_line_not_a_hang(pki: PKI, pg: str) -> None:
+    """``ca serve`` while an operator's transaction holds the schema's table locked stops
+    after the CA's bounded lock wait with one line saying so (it waited for as long as the
+    lock was held, silently: a replica restarted during an operator's work hung). Twin:
+    once the lock is released, the same serve command gets past the check (refused later
+    only by its port)."""
+    serve = ("ca", "serve", pki.config, "--password-file", pki.password_file)
+    operator = psycopg.connect(pg)
+    try:
+        operator.execute("LOCK TABLE federatls_schema IN ACCESS EXCLUSIVE MODE")
+        with anyio.fail_after(60):
+            run = await federatls(*serve)
+        line = assert_one_line_error(run, "locked")
+        assert "no federatls schema" not in line
+    finally:
+        operator.rollback()
+        operator.close()
     with socket.socket() as held:  # the CA's port taken: serve stops after the database
         held.bind(("127.0.0.1", 0))
         held.listen()

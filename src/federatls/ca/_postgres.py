@@ -266,9 +266,15 @@ class PostgresStore:
             ) from exc
         try:
             with conn:
+                _configure(conn)  # the CA's bounds: a lock held elsewhere is not waited out
                 version = _schema_version(conn)
         except pgerrors.InsufficientPrivilege as exc:
             raise ConfigError(f"{db.describe()}: {self._scrub(exc)}") from exc
+        except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+            raise ConfigError(
+                f"{db.describe()}: the federatls schema is locked by another transaction "
+                f"(an operator's?), or too slow to read: {self._scrub(exc)}"
+            ) from exc
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.OperationalError) or not exc.sqlstate:
                 raise ConfigError(
