@@ -24,6 +24,7 @@ from federatls._keys import build_csr, new_private_key
 from federatls._protocol import RevokeRequest, SignRequest, SignResponse
 from federatls._token import mint_renew_token
 from federatls._x509 import common_name
+from federatls.ca import CAServer
 from federatls.ca._database import Database, init_schema
 from test_ca_database import (
     UNAVAILABLE,
@@ -36,7 +37,7 @@ from test_ca_database import (
     use_postgres,
 )
 
-from harness import PKI, FakeClock, assert_one_line_error, federatls
+from harness import PASSWORD, PKI, FakeClock, assert_one_line_error, federatls
 from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
@@ -348,3 +349,60 @@ async def test_a_lock_held_by_an_operator_is_a_503_not_a_hang(
         async with pki.client() as client:
             signed = await asyncio.gather(*(client.sign(r) for r in requests))
     assert [common_name(s.chain[0].subject) for s in signed] == names
+
+
+async def _waiting_or_done(url: str, count: int, call: asyncio.Future[Any]) -> None:
+    """Until ``count`` backends of the database wait for a lock, or ``call`` is answered
+    (it did not wait), bounded."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(600):
+            sql = "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted"
+            row = conn.execute(sql).fetchone()
+            if (row is not None and row[0] >= count) or call.done():
+                return
+            await asyncio.sleep(0.02)
+    raise TimeoutError(f"{count} requests did not come to wait for a lock")
+
+
+async def test_a_renewal_on_one_ca_behind_a_revocation_in_progress_on_another_is_refused(
+    pki: PKI, clock: FakeClock, pg: str
+) -> None:
+    """Two CAs on one database: a revocation in progress on the first (held at its write
+    by an operator's lock on revocations, the certificate's row already locked) and an mTLS
+    renewal of that certificate reaching the second meanwhile (past its "not revoked"
+    read): once the revocation is answered, the renewal is refused 401 and records
+    nothing. Twin: the same, the revocation being another certificate's: the renewal
+    is a 201."""
+    async with (
+        CAServer.running(pki.config, PASSWORD, clock=clock) as first,
+        CAServer.running(pki.config, PASSWORD, clock=clock) as second,
+    ):
+        pki.clock = clock
+        for same in (True, False):
+            pki.url = first.url
+            chain, key = await pki.enroll("svc")
+            other, other_key = await pki.enroll("other")
+            target = (chain, key) if same else (other, other_key)
+            operator = psycopg.connect(pg)
+            try:
+                operator.execute("LOCK TABLE revocations IN EXCLUSIVE MODE")
+                async with pki.client(target) as holder:
+                    revoking = asyncio.ensure_future(
+                        holder.revoke(RevokeRequest(str(target[0][0].serial_number)))
+                    )
+                    await _waiting_or_done(pg, 1, revoking)
+                    pki.url = second.url
+                    async with pki.client((chain, key)) as client:
+                        renewal = asyncio.ensure_future(client.renew())
+                        # The same certificate's renewal waits for the revocation's row lock.
+                        await _waiting_or_done(pg, 2, renewal)
+                        operator.rollback()
+                        await revoking
+                        if same:
+                            assert (await refused(renewal)).status == 401
+                        else:
+                            await renewal
+            finally:
+                operator.close()
+        assert rows(pg, "certificates") == 5  # four enrolled, one renewed
+        assert rows(pg, "revocations") == 2
