@@ -6,6 +6,7 @@ Each attack has its twin that the same path serves."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import socket
@@ -173,15 +174,22 @@ async def test_a_token_id_postgresql_text_refuses_is_spent_once(
 ) -> None:
     """A validly signed token whose ``jti`` holds a NUL (which PostgreSQL's text refuses),
     or is too long for PostgreSQL's index (both were 503s there), or is SQL-shaped, buys its
-    certificate once on either store, and
-    another id differing only after the NUL buys its own. Twin: the very same token again
-    is refused as used (401), not mistaken for another id nor accepted twice."""
+    certificate once on either store, and another id differing only after the NUL buys its
+    own, as do the id with U+FFFD for its NULs and the id written as its own digest (what
+    PostgreSQL keeps for it). Twin: the very same token again is refused as used (401), not
+    mistaken for another id nor accepted twice."""
     async with serving(pki, clock):
         claims = pki.claims("svc", jti=jti)
         await _sign_with(pki, claims)
         refusal = await refused(_sign_with(pki, claims))
         assert refusal.status == 401
         await _sign_with(pki, pki.claims("svc", jti=jti + "\x00more"))
+        # Nor does an id collide with what the store keeps for this one: its NULs as
+        # U+FFFD (free text's mending), or its digest written out as the id itself.
+        if "\x00" in jti:
+            await _sign_with(pki, pki.claims("svc", jti=jti.replace("\x00", "\ufffd")))
+        digest = hashlib.sha256(jti.encode()).hexdigest()
+        await _sign_with(pki, pki.claims("svc", jti="\x01federatls-sha256:" + digest))
 
 
 async def test_a_token_id_with_a_lone_surrogate_is_spent_once(
