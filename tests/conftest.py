@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from federatls.ca import CAServer
+from federatls.ca import CAServer, Database, init_schema
 
-from harness import PKI, FakeClock, make_pki, serving, stepca_binary, stepca_process
+from harness import (
+    PKI,
+    FakeClock,
+    make_pki,
+    serving,
+    stepca_binary,
+    stepca_process,
+    use_postgres,
+)
 from postgres import PostgresCluster, session_cluster
 
 
@@ -77,3 +85,17 @@ def postgres() -> Iterator[PostgresCluster]:
     removed at its end; its absence skips, or fails when FEDERATLS_REQUIRE_POSTGRES=1."""
     with session_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """A fresh, empty database (no schema) on the session's cluster."""
+    return postgres.new_database()
+
+
+@pytest.fixture
+def pg(pki: PKI, pg_url: str) -> str:
+    """``pki``'s ca.json pointed at a fresh database holding the federatls schema."""
+    init_schema(Database("postgresql", pg_url))
+    use_postgres(pki, pg_url)
+    return pg_url

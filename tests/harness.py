@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -333,6 +334,15 @@ def assert_one_line_error(run: Run, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], run.err
     return lines[0]
+
+
+def use_postgres(pki: PKI, url: str) -> None:
+    """Point ca.json's db block at ``url`` the way step-ca's docs write it: the server in
+    ``dataSource`` (ending in "/"), the database's name in ``database``."""
+    parts = urlsplit(url)
+    source = urlunsplit((parts.scheme, parts.netloc, "/", "", ""))
+    block = {"type": "postgresql", "dataSource": source, "database": parts.path.lstrip("/")}
+    pki.edit(lambda d: d.__setitem__("db", block))
 
 
 async def spawn_serve(

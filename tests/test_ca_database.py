@@ -44,6 +44,7 @@ from harness import (
     federatls,
     free_port,
     spawn_serve,
+    use_postgres,
     wait_until,
 )
 from postgres import PostgresCluster
@@ -54,15 +55,6 @@ UNAVAILABLE = ErrorBody.for_status(503).to_json()  # step-ca's body, as for a bu
 
 
 # Helpers -----------------------------------------------------------------------------------------
-def use_postgres(pki: PKI, url: str) -> None:
-    """Point ca.json's db block at ``url`` the way step-ca's docs write it: the server in
-    ``dataSource`` (ending in "/"), the database's name in ``database``."""
-    parts = urlsplit(url)
-    source = urlunsplit((parts.scheme, parts.netloc, "/", "", ""))
-    block = {"type": "postgresql", "dataSource": source, "database": parts.path.lstrip("/")}
-    pki.edit(lambda d: d.__setitem__("db", block))
-
-
 def rows(url: str, table: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
@@ -138,20 +130,6 @@ async def refused(call: Awaitable[object]) -> CARefusedError:
     with pytest.raises(CARefusedError) as caught:
         await call
     return caught.value
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresCluster) -> str:
-    """A fresh, empty database (no schema) on the session's cluster."""
-    return postgres.new_database()
-
-
-@pytest.fixture
-def pg(pki: PKI, pg_url: str) -> str:
-    """``pki``'s ca.json pointed at a fresh database holding the federatls schema."""
-    init_schema(Database("postgresql", pg_url))
-    use_postgres(pki, pg_url)
-    return pg_url
 
 
 # Serving from PostgreSQL ------------------------------------------------------------------------

@@ -35,27 +35,12 @@ from test_ca_database import (
     serving,
     sign,
     tables,
-    use_postgres,
 )
 
-from harness import PASSWORD, PKI, FakeClock, assert_one_line_error, federatls
+from harness import PASSWORD, PKI, FakeClock, assert_one_line_error, federatls, use_postgres
 from postgres import PostgresCluster
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresCluster) -> str:
-    """A fresh, empty database (no schema) on the session's cluster."""
-    return postgres.new_database()
-
-
-@pytest.fixture
-def pg(pki: PKI, pg_url: str) -> str:
-    """``pki``'s ca.json pointed at a fresh database holding the federatls schema."""
-    init_schema(Database("postgresql", pg_url))
-    use_postgres(pki, pg_url)
-    return pg_url
 
 
 # Databases that hold someone else's tables ------------------------------------------------------
