@@ -72,12 +72,12 @@ from federatls._x509 import split_sans
 from sign_throughput import (
     CA,
     DEFAULT_STEPCA,
-    RESULTS_DIR,
     make_pki,
     percentile,
     process_cpu_seconds,
     running,
     token_for,
+    write_results,
 )
 
 MAX_ERROR_SAMPLES = 5
@@ -387,10 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, b in steps.items()
         },
     }
-    out = args.json or RESULTS_DIR / f"bootstrap_latency-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("bootstrap_latency", report, started, args.json)
     errors = sum(r.errors for r in rows)
     if errors:
         print(f"{errors} bootstrap(s) failed; see error_samples in the JSON", file=sys.stderr)

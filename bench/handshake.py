@@ -65,7 +65,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
 import multiprocessing
 import os
 import platform
@@ -90,7 +89,7 @@ from federatls._contexts import _TLS12_CIPHERS
 from federatls._sslkeys import load_cert_chain_in_memory
 from federatls.integrations import streams
 from federatls.testing import federated_pair
-from sign_throughput import RESULTS_DIR, machine_busy_seconds, percentile, process_cpu_seconds
+from sign_throughput import machine_busy_seconds, percentile, process_cpu_seconds, write_results
 
 HOST = "127.0.0.1"
 SERVER_NAME = "server.cloud.internal"
@@ -596,10 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratios,
         "context_creation": {k: [asdict(t) for t in v] for k, v in contexts.items()},
     }
-    out = args.json or RESULTS_DIR / f"handshake-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("handshake", report, started, args.json)
     errors = sum(r.errors for r in rows)
     if errors:
         print(f"{errors} request(s) failed; see error_samples in the JSON", file=sys.stderr)

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import federatls
 from handshake import Files, stdlib_client_context, stdlib_server_context, write_files
-from sign_throughput import CA, RESULTS_DIR, make_pki, running, token_for
+from sign_throughput import CA, make_pki, running, token_for, write_results
 
 WARMUP = 5  # identities or context pairs made and dropped before the measured ones
 
@@ -313,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios_federatls_over_stdlib": ratio,
         "top_heap_sites": {kind: runs["tracemalloc"].top for kind, runs in results.items()},
     }
-    out = args.json or RESULTS_DIR / f"identity_memory-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("identity_memory", report, started, args.json)
     return 0
 
 

@@ -110,7 +110,7 @@ from federatls.ca import RotationStep, add_root, issue_from_new_root, retire_old
 from federatls.integrations.aiohttp import Site
 from federatls.integrations.httpx import AsyncClient
 from federatls.testing import TestCA, federated_pair
-from sign_throughput import RESULTS_DIR, machine_busy_seconds, percentile, process_cpu_seconds
+from sign_throughput import machine_busy_seconds, percentile, process_cpu_seconds, write_results
 
 HOST = "127.0.0.1"
 SERVER_NAME = "server.cloud.internal"
@@ -1164,10 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in segments
         ],
     }
-    out = args.json or RESULTS_DIR / f"renewal_under_load-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("renewal_under_load", report, started, args.json)
     if errors:
         print(f"{errors} request(s) failed; see error_samples in the JSON", file=sys.stderr)
     return 1 if errors else 0

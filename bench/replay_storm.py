@@ -79,12 +79,12 @@ from federatls._keys import build_csr, new_private_key
 from sign_throughput import (
     CA,
     DEFAULT_STEPCA,
-    RESULTS_DIR,
     client_context,
     find_stepca,
     free_port,
     make_pki,
     token_for,
+    write_results,
 )
 from state_growth import postgres_cluster, postgres_missing
 
@@ -585,10 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, t in tallies.items()
         },
     }
-    out = args.json or RESULTS_DIR / f"replay_storm-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("replay_storm", report, started, args.json)
     return 0
 
 

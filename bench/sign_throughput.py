@@ -85,6 +85,15 @@ REQUEST_TIMEOUT = 30.0  # seconds; a request slower than this counts as an error
 MAX_ERROR_SAMPLES = 5  # error messages kept per run (the count is always complete)
 
 
+def write_results(name: str, report: object, started: datetime, path: Path | None) -> Path:
+    """Write a benchmark's ``report`` as JSON to ``path``, or to results/NAME-TIME.json."""
+    out = path or RESULTS_DIR / f"{name}-{started:%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+    return out
+
+
 # --- The CAs under test --------------------------------------------------------------------
 @dataclass
 class CA:
@@ -866,10 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": {name: [asdict(r) for r in rows] for name, rows in results.items()},
         "ratios_over_stepca": tables,
     }
-    out = args.json or RESULTS_DIR / f"sign_throughput-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("sign_throughput", report, started, args.json)
     errors = sum(r.errors for rows in results.values() for r in rows)
     if errors:
         print(f"{errors} request(s) failed; see error_samples in the JSON", file=sys.stderr)

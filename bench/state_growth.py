@@ -69,7 +69,6 @@ import federatls
 from federatls.ca._store import SQLiteStore
 from sign_throughput import (
     CA,
-    RESULTS_DIR,
     LevelResult,
     LoadRun,
     Settings,
@@ -82,6 +81,7 @@ from sign_throughput import (
     running,
     sign_once,
     summarise,
+    write_results,
 )
 
 DER_BYTES = 570  # a P-256 leaf this CA issues for one DNS name is 560-580 bytes
@@ -729,10 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  expired ids left: "
             + ", ".join(f"{t:g} s {n:,}" for t, n in left[:: max(1, len(left) // 8)])
         )
-    out = args.json or RESULTS_DIR / f"state_growth-{started_at:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("state_growth", report, started_at, args.json)
     return 0
 
 

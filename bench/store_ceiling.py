@@ -54,7 +54,13 @@ from cryptography.x509.oid import NameOID
 
 from federatls.ca._database import Database, init_schema, open_store
 from federatls.ca._store import IssuedCertificate, SQLiteStore, Store, TokenUse
-from sign_throughput import RESULTS_DIR, postgres_cluster, process_cpu_seconds, tree_cpu_seconds
+from sign_throughput import (
+    RESULTS_DIR,
+    postgres_cluster,
+    process_cpu_seconds,
+    tree_cpu_seconds,
+    write_results,
+)
 
 CHECKPOINT_INTERVAL = 0.1  # seconds, as the CA's server opens its store
 
@@ -335,10 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "results": [asdict(r) for r in results],
     }
-    out = args.json or RESULTS_DIR / f"store_ceiling-{started:%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    write_results("store_ceiling", report, started, args.json)
     return 0
 
 
