@@ -126,8 +126,7 @@ async def bootstrap(
     )
     async with CAClient(ca_url, [root], timeout=timeout, deadline=deadline) as ca:
         chain, own = await sign_checked(ca, request, key=key, names=sans, pinned=root)
-        federation = await ca.federation()
-    trust = TrustBundle.from_ca(own, federation)
+        trust = await ca.trust_bundle(own)
     identity = Identity.from_parts(chain, key, trust, ca_url)
     log.info(
         "enrolled %s with %s: serial %d, valid until %s, trusting %d root(s)",

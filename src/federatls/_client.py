@@ -43,6 +43,7 @@ from ._protocol import (
     VersionResponse,
 )
 from ._sslkeys import load_cert_chain_in_memory
+from ._trust import TrustBundle
 from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint
 
@@ -291,6 +292,14 @@ class CAClient:
         """``/federation``: the CA's own roots and every federated root."""
         data = await self._get("/federation", expect=(200, 201))
         return RootsResponse.parse(data, "federation response").certificates
+
+    async def trust_bundle(self, own: Sequence[x509.Certificate] | None = None) -> TrustBundle:
+        """What a workload of this CA trusts: its own roots (``/roots``, or ``own`` when the
+        caller fetched them already) and its federation. Bootstrap, renewal and the trust
+        refresh all build their bundle here."""
+        if own is None:
+            own = await self.roots_bundle()
+        return TrustBundle.from_ca(own, await self.federation())
 
     async def provisioners(self) -> list[dict[str, Any]]:
         """Every provisioner, following ``nextCursor`` through all pages."""

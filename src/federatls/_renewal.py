@@ -45,7 +45,6 @@ from ._keys import KeyType
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
 from ._sync import background
-from ._trust import TrustBundle
 
 __all__ = [
     "LiveServerContext",
@@ -260,7 +259,7 @@ class RenewingIdentity:
             signed = await ca.renew()
             trust = old.trust
             try:
-                trust = TrustBundle.from_ca(await ca.roots_bundle(), await ca.federation())
+                trust = await ca.trust_bundle()
             except (CAUnreachableError, CARefusedError, BadMaterialError) as exc:
                 log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
                 self.last_error = exc
