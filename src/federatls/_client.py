@@ -30,6 +30,7 @@ from ._errors import (
     ConfigError,
     FingerprintMismatchError,
 )
+from ._netstream import closing_transport
 from ._protocol import (
     ErrorBody,
     HealthResponse,
@@ -238,7 +239,9 @@ class CAClient:
         self.timeout = _positive(timeout)
         self.deadline = deadline
         self._client = httpx.AsyncClient(
-            verify=client_tls_context(roots, identity), timeout=timeout, headers=_HEADERS
+            transport=closing_transport(client_tls_context(roots, identity)),
+            timeout=timeout,
+            headers=_HEADERS,
         )
 
     async def __aenter__(self) -> CAClient:

@@ -38,6 +38,7 @@ import httpx
 from .._authorise import Authoriser
 from .._errors import ConfigError
 from .._identity import TrustChoice
+from .._netstream import ClosingBackend
 from ._source import Source, authorise, client_context
 
 __all__ = ["AsyncClient", "Client"]
@@ -169,64 +170,6 @@ class _Check:
 
 
 # Async ----------------------------------------------------------------------------------------
-class _AsyncCheckedStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream, check: _Check) -> None:
-        self._inner = inner
-        self._check = check
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
-        try:
-            self._check(tls)
-        except BaseException:
-            await tls.aclose()
-            raise
-        return tls
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _AsyncCheckedBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, check: _Check) -> None:
-        self._inner = httpcore.AnyIOBackend()
-        self._check = check
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _AsyncCheckedStream(stream, self._check)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Any = None
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
-        return _AsyncCheckedStream(stream, self._check)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
 class _AsyncPool:
     """One snapshot's connection pool, and how many requests still use it."""
 
@@ -240,7 +183,7 @@ class _AsyncPool:
             ssl_context=ctx,
             http1=True,
             http2=http2,
-            network_backend=_AsyncCheckedBackend(check),
+            network_backend=ClosingBackend(check),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
