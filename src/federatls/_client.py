@@ -207,7 +207,9 @@ async def fetch_root(
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     bound = Deadline.after(timeout, "the call").sooner(deadline)
-    async with httpx.AsyncClient(verify=ctx, timeout=timeout, headers=_HEADERS) as client:
+    async with httpx.AsyncClient(
+        transport=closing_transport(ctx), timeout=timeout, headers=_HEADERS
+    ) as client:
         data = await _call(client, "GET", f"{base}/root/{want}", deadline=bound)
     root = RootResponse.parse(data).certificate
     got = fingerprint(root)
