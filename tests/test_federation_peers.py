@@ -35,7 +35,7 @@ from federatls.ca import (
     retire_old_roots,
 )
 from federatls.ca._federation import PeerState, state_key
-from rogue_ca import RogueCA
+from rogue_ca import Behaviour, RogueCA
 
 from harness import (
     PASSWORD,
@@ -541,3 +541,25 @@ async def test_sighup_starts_and_stops_following_a_peer(kube: PKI, cloud: PKI) -
         cloud.edit(lambda d: d["federation"].__setitem__("peers", []))
         proc.send_signal(signal.SIGHUP)
         await until_federation(cloud, lambda fps: fps == {cloud.fingerprint})
+
+
+async def test_an_oversized_or_dripping_answer_is_bounded(cloud: PKI, tmp_path: Path) -> None:
+    """A peer (authenticated, so its answers are read) whose /roots grows past 1 MiB is
+    refused as it streams in, and one that drips its answer a byte at a time is given up
+    at the fetch's deadline (5 s for a 1 s refresh): the last good roots stay and the
+    error says which. Twin: the same peer answering normally is followed (first)."""
+    kube = make_pki(tmp_path, "kube-rogue")
+    peer = RogueCA(kube)
+    with peer.running():
+        follow(cloud, peer.url, kube.fingerprint)
+        async with serving(cloud) as ca:
+            await until_federation(cloud, lambda fps: kube.fingerprint in fps)
+            peer.behaviour["/roots"] = Behaviour(pad_to=2 << 20, declare_length=False)
+            await wait_until(lambda: "larger than" in (stored_state(ca) or PeerState()).last_error)
+            peer.behaviour["/roots"] = Behaviour(drip=0.2)
+            await wait_until(
+                lambda: "no complete answer within the 5 s" in (
+                    stored_state(ca) or PeerState()).last_error,
+                WAIT,
+            )  # fmt: skip
+            assert await federation_of(cloud) == {cloud.fingerprint, kube.fingerprint}
