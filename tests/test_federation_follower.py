@@ -216,3 +216,38 @@ def test_an_unreadable_state_is_one_bad_material_error(raw: bytes) -> None:
     else:
         return
     assert message.startswith("peer:x: the stored state is unreadable")
+
+
+async def test_a_peers_words_are_escaped_and_clipped(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error carrying the peer's own text (its error message) is logged and stored on one
+    line, control characters escaped, clipped to 500 characters: a peer cannot forge log
+    lines or flood the store. Twin: a plain reason is kept as it is."""
+    forged = "refused\nWARNING federatls.ca: forged\x1b[2J" + "x" * 5000
+    for name, reason in (("forged", forged), ("plain", "connection refused")):
+        peer = PeerConfig(**{**PEER.__dict__, "name": name})
+        script = Script(PeerFetchError(name, reason))
+        follower = Follower(store, PeerRoots(), _now, fetchers=script.fetchers())
+        await _following(follower, peer)
+        try:
+            await wait_until(lambda: store.get_state(state_key(name)) is not None, 10)  # noqa: B023
+        finally:
+            await follower.stop()
+    lines = {
+        name: [r.getMessage() for r in caplog.records if f"peer {name!r}" in r.getMessage()]
+        for name in ("forged", "plain")
+    }
+    stored = {}
+    for name in lines:
+        raw = store.get_state(state_key(name))
+        assert raw is not None
+        stored[name] = PeerState.from_bytes(raw, "state").last_error
+    (line,) = lines["forged"]
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert "refused\\nWARNING federatls.ca: forged\\x1b[2J" in line
+    assert len(stored["forged"]) == 501
+    assert stored["forged"].endswith("…")
+    assert stored["plain"] == "connection refused"
+    assert "connection refused; keeping" in lines["plain"][0]

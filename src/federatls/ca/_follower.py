@@ -38,6 +38,7 @@ from ._federation import (
     PeerRoots,
     PeerState,
     pin_of,
+    printable,
     state_key,
 )
 from ._step_peer import fetch_step_peer
@@ -76,7 +77,9 @@ def describe_roots(roots: tuple[x509.Certificate, ...]) -> str:
     """``fingerprint (common name)`` of each root, for log lines."""
     if not roots:
         return "none"
-    return ", ".join(f"{fingerprint(r)[:16]}… ({common_name(r.subject)})" for r in roots)
+    return ", ".join(
+        f"{fingerprint(r)[:16]}… ({printable(common_name(r.subject), 80)})" for r in roots
+    )
 
 
 @dataclass(frozen=True)
@@ -205,18 +208,19 @@ class Follower:
                 raise PeerFetchError(peer.name, older)
         except PeerFetchError as exc:
             now = self._clock()
+            reason = printable(exc.reason)  # the peer's own words, in part
             if not failing:
                 log.warning(
                     "federation peer %r: %s; keeping its last good roots (%s) until it "
                     "answers again",
                     peer.name,
-                    exc.reason,
+                    reason,
                     describe_roots(trusted),
                 )
             stored = _usable(await self._load(peer), peer)
             if _later(stored, state):  # a success elsewhere meanwhile: its roots are kept
                 state = self._adopt(peer, stored)
-            state = replace(state, last_error=exc.reason, last_error_at=now, checked_at=now)
+            state = replace(state, last_error=reason, last_error_at=now, checked_at=now)
             await self._save(peer, state)
             return state, True
         now = self._clock()
