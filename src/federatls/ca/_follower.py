@@ -10,9 +10,10 @@ Rules kept here:
   the peer answers again or its roots change;
 - store calls are made from a thread, never on the event loop;
 - processes sharing one database (worker processes, replicas on one PostgreSQL) share the
-  work: a process that finds a state another one saved less than one interval ago adopts it
-  instead of fetching, and looks again just after that one's next fetch is due, so all of
-  them serve what the last fetch brought within a small fraction of an interval.
+  work: each looks at the stored state before it fetches, and one that finds a check made
+  by another since its own takes that check's result instead of fetching, and waits one
+  (jittered) interval from it. Whichever process wakes first fetches; the others serve its
+  result at most the jitter (15 % of an interval) later.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ __all__ = ["Follower", "describe_roots", "fetcher_for"]
 log = logging.getLogger("federatls.ca")
 
 Clock = Callable[[], datetime]
-MAX_FETCH_TIMEOUT = 30.0  # seconds; a fetch is also never given more than its interval
+# Seconds one fetch may take: its refresh interval, but at least 5 s and at most 30 s.
+MAX_FETCH_TIMEOUT = 30.0
 MIN_FETCH_TIMEOUT = 5.0
 JITTER = 0.15  # a fetch comes after 85 to 100 % of the interval
 
@@ -85,7 +87,8 @@ def describe_roots(roots: tuple[x509.Certificate, ...]) -> str:
 @dataclass(frozen=True)
 class _Plan:
     peer: PeerConfig
-    interval: timedelta  # the peer's own or the block's (a SPIFFE hint may shorten it later)
+    # The peer's own or the block's; a SPIFFE peer's refresh hint replaces the block's.
+    interval: timedelta
 
 
 class Follower:
