@@ -48,6 +48,7 @@ from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
 from ._connections import ConnectionTable, Listener, Phase, connection_limit
 from ._database import Database, open_store
+from ._federation import PeerRoots
 from ._issuer import server_certificate
 from ._material import load_material
 from ._purge import PURGE_INTERVAL, TokenPurge
@@ -593,6 +594,7 @@ class CAServer:
         self._store_database: Database | None = None  # where _store is
         self.purge: TokenPurge | None = None
         self._authority: Authority | None = None
+        self.peer_roots = PeerRoots()  # the federation peers' current roots, across reloads
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
         self._listener: Listener | None = None
         self._connections: ConnectionTable | None = None
@@ -665,7 +667,9 @@ class CAServer:
             raise ConfigError("the database location cannot change on reload")
         if config.raw.get("insecureAddress"):
             log.warning("insecureAddress is not served by the federatls CA (no SSH or ACME)")
-        return Authority(config, material, self._store, started_at=self._started)
+        return Authority(
+            config, material, self._store, started_at=self._started, peer_roots=self.peer_roots
+        )
 
     def _new_context(self, authority: Authority) -> ssl.SSLContext:
         material = authority.material
