@@ -33,6 +33,7 @@ from ._jwk import _import_jwk
 from ._x509 import fingerprint
 
 __all__ = [
+    "BUNDLE_PATH",
     "MAX_BUNDLE_BYTES",
     "MAX_BUNDLE_KEYS",
     "X509_SVID_USE",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 X509_SVID_USE = "x509-svid"
+BUNDLE_PATH = "/spiffe/bundle"  # where a federatls CA serves its own roots as a bundle
 MAX_BUNDLE_BYTES = 1 << 20  # a bundle endpoint's whole answer
 MAX_BUNDLE_KEYS = 256  # JWKs in one bundle, whatever their use
 MAX_X5C_CHARS = 64 << 10  # one base64 certificate

@@ -1,0 +1,150 @@
+"""The federatls CA's own SPIFFE bundle (``GET /spiffe/bundle``), checked against the SPIFFE
+Trust Domain and Bundle specification (section 4) and the X509-SVID specification (section
+6.1), and its ``spiffe_sequence``: it grows with each change of the CA's roots (a rotation and
+a reload) and survives a restart (kept in the store), not reset.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from federatls._client import client_tls_context
+from federatls._protocol import ErrorBody
+from federatls._spiffe import SpiffeBundle
+from federatls._x509 import fingerprint
+from federatls.ca import CAServer, add_root, issue_from_new_root, retire_old_roots
+
+from harness import PASSWORD, PKI, serving
+
+pytestmark = pytest.mark.anyio
+
+
+def with_spiffe(pki: PKI, trust_domain: str = "cloud.internal", refresh: str | None = None) -> None:
+    def change(data: dict[str, Any]) -> None:
+        data["spiffe"] = {"trustDomain": trust_domain}
+        if refresh is not None:
+            data["federation"] = {"refresh": refresh}
+
+    pki.edit(change)
+
+
+async def get_bundle(ca: CAServer, path: str = "/spiffe/bundle") -> httpx.Response:
+    """A GET without a client certificate, trusting the CA's first root."""
+    roots = ca.authority.roots()
+    async with httpx.AsyncClient(verify=client_tls_context(roots), trust_env=False) as client:
+        return await client.get(ca.url + path)
+
+
+async def sequence(ca: CAServer) -> int:
+    answer = await get_bundle(ca)
+    assert answer.status_code == 200
+    value = answer.json()["spiffe_sequence"]
+    assert isinstance(value, int)
+    return value
+
+
+@pytest.fixture
+async def spiffe_ca(pki: PKI) -> AsyncIterator[CAServer]:
+    with_spiffe(pki)
+    async with serving(pki) as ca:
+        yield ca
+
+
+async def test_the_served_bundle_meets_the_specification(spiffe_ca: CAServer, pki: PKI) -> None:
+    """A JSON JWK Set, no client certificate needed: one x509-svid key per root, kty/crv of
+    the root's key, an x5c of exactly that root in standard base64, no kid, a sequence and a
+    refresh hint in seconds (the federation refresh, 5 minutes by default). Twin: the CA
+    without a ``spiffe`` block answers 404 (next test)."""
+    answer = await get_bundle(spiffe_ca)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].split(";")[0] == "application/json"
+    doc = json.loads(answer.content.decode("utf-8"))
+    assert set(doc) == {"keys", "spiffe_sequence", "spiffe_refresh_hint"}
+    assert doc["spiffe_sequence"] >= 1
+    assert doc["spiffe_refresh_hint"] == 300
+    roots = spiffe_ca.authority.roots()
+    assert len(doc["keys"]) == len(roots) == 1
+    key = doc["keys"][0]
+    assert key["use"] == "x509-svid"
+    assert key["kty"] == "EC"
+    assert key["crv"] == "P-256"
+    assert {"x", "y"} <= set(key)
+    assert "kid" not in key
+    assert "d" not in key
+    der = pki.root.public_bytes(serialization.Encoding.DER)
+    assert key["x5c"] == [base64.b64encode(der).decode("ascii")]
+    parsed = SpiffeBundle.parse(answer.content)
+    assert [fingerprint(r) for r in parsed.roots] == [pki.fingerprint]
+    assert parsed.notes == ()
+    versioned = await get_bundle(spiffe_ca, "/1.0/spiffe/bundle")
+    assert versioned.content == answer.content
+
+
+async def test_without_a_spiffe_block_the_bundle_is_a_step_ca_404(ca: CAServer) -> None:
+    """A CA whose ca.json has no ``spiffe`` block serves no bundle: 404 with step-ca's error
+    body. Twin: the previous test's CA with the block serves it."""
+    answer = await get_bundle(ca)
+    assert answer.status_code == 404
+    assert answer.json() == ErrorBody.for_status(404).to_json()
+    assert answer.json() == (await get_bundle(ca, "/no/such/route")).json()
+
+
+async def test_the_refresh_hint_follows_the_federation_refresh(pki: PKI) -> None:
+    """``federation.refresh`` of 1m30s is a hint of 90 seconds. Twin: the default, 300, in
+    the first test."""
+    with_spiffe(pki, refresh="1m30s")
+    async with serving(pki) as ca:
+        assert (await get_bundle(ca)).json()["spiffe_refresh_hint"] == 90
+
+
+async def test_the_sequence_grows_with_every_change_of_the_roots(
+    spiffe_ca: CAServer, pki: PKI
+) -> None:
+    """Through a whole rotation (root B added, issued from, root A retired; each step a
+    reload), the sequence grows exactly when the roots served change. Twin: reloads and
+    requests that change no root leave it as it was."""
+    first = await sequence(spiffe_ca)
+    assert await sequence(spiffe_ca) == first
+    assert spiffe_ca.reload()
+    assert await sequence(spiffe_ca) == first  # same roots, same number
+    add_root(pki.directory, PASSWORD, now=datetime.now(UTC))
+    assert spiffe_ca.reload()
+    both = await get_bundle(spiffe_ca)
+    assert len(both.json()["keys"]) == 2
+    assert both.json()["spiffe_sequence"] == first + 1
+    issue_from_new_root(pki.directory)
+    assert spiffe_ca.reload()
+    assert await sequence(spiffe_ca) == first + 1  # the issuer changed, not the roots
+    retire_old_roots(pki.directory)
+    assert spiffe_ca.reload()
+    last = await get_bundle(spiffe_ca)
+    assert last.json()["spiffe_sequence"] == first + 2
+    assert [fingerprint(r) for r in SpiffeBundle.parse(last.content).roots] != [pki.fingerprint]
+
+
+async def test_the_sequence_survives_a_restart(pki: PKI) -> None:
+    """After a root change (sequence 2) the CA stops and starts again: it still serves 2 for
+    the same roots (a sequence kept only in memory would restart at 1), and 3 after the next
+    change. Twin: the first serve of a new CA starts at 1."""
+    with_spiffe(pki)
+    async with serving(pki) as ca:
+        assert await sequence(ca) == 1
+        add_root(pki.directory, PASSWORD, now=datetime.now(UTC))
+        assert ca.reload()
+        assert await sequence(ca) == 2
+    async with serving(pki) as ca:
+        assert await sequence(ca) == 2
+        issue_from_new_root(pki.directory)
+        retire_old_roots(pki.directory)
+        assert ca.reload()
+        assert await sequence(ca) == 3
+    async with serving(pki) as ca:
+        assert await sequence(ca) == 3
