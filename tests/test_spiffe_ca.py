@@ -9,18 +9,24 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from federatls._client import client_tls_context
+from federatls._errors import PeerFetchError
 from federatls._protocol import ErrorBody
 from federatls._spiffe import SpiffeBundle
 from federatls._x509 import fingerprint
 from federatls.ca import CAServer, add_root, issue_from_new_root, retire_old_roots
+from federatls.ca._federation import PeerConfig
+from federatls.ca._spiffe_peer import fetch_spiffe_peer
 
 from harness import PASSWORD, PKI, serving
 
@@ -148,3 +154,47 @@ async def test_the_sequence_survives_a_restart(pki: PKI) -> None:
         assert await sequence(ca) == 3
     async with serving(pki) as ca:
         assert await sequence(ca) == 3
+
+
+def uri_names(cert: x509.Certificate) -> list[str]:
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return list(sans.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+async def test_the_ca_is_an_https_spiffe_bundle_endpoint(
+    spiffe_ca: CAServer, pki: PKI, tmp_path: Path
+) -> None:
+    """With a trust domain, the CA's HTTPS certificate carries its SPIFFE ID, so another CA
+    can follow it in the https_spiffe profile, first contact authenticated by a copy of its
+    bundle. Twin: a CA without the block has no URI name, and the wrong endpoint ID is
+    refused."""
+    assert spiffe_ca.server_certificate is not None
+    assert uri_names(spiffe_ca.server_certificate) == ["spiffe://cloud.internal/federatls/ca"]
+    initial = tmp_path / "cloud-bundle.json"
+    initial.write_bytes((await get_bundle(spiffe_ca)).content)
+    peer = PeerConfig(
+        name="cloud",
+        profile="https_spiffe",
+        url=spiffe_ca.url + "/spiffe/bundle",
+        names=("spiffe://cloud.internal/*",),
+        trust_domain="cloud.internal",
+        endpoint_spiffe_id="spiffe://cloud.internal/federatls/ca",
+        bundle=initial,
+    )
+    got = await fetch_spiffe_peer(peer, (), 10.0)
+    assert [fingerprint(r) for r in got.roots] == [pki.fingerprint]
+    assert got.refresh_hint == timedelta(minutes=5)
+    wrong = replace(peer, endpoint_spiffe_id="spiffe://cloud.internal/spire/server")
+    with pytest.raises(PeerFetchError, match="presented the SPIFFE ID"):
+        await fetch_spiffe_peer(wrong, (), 10.0)
+
+
+async def test_without_a_trust_domain_the_ca_certificate_has_no_spiffe_id(ca: CAServer) -> None:
+    """No ``spiffe`` block, no URI name in the CA's certificate. Twin: the previous test."""
+    assert ca.server_certificate is not None
+    assert not any(
+        isinstance(name, x509.UniformResourceIdentifier)
+        for name in ca.server_certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    )

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_BUNDLE_KEYS",
     "X509_SVID_USE",
     "SpiffeBundle",
+    "ca_spiffe_id",
     "roots_digest",
     "spiffe_id_problem",
     "trust_domain_of",
@@ -71,6 +72,12 @@ def spiffe_id_problem(uri: str) -> str | None:
     if not isinstance(uri, str) or not uri.startswith("spiffe://"):
         return "a SPIFFE ID starts with 'spiffe://'"
     return _uri_problem(uri)
+
+
+def ca_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE ID a federatls CA's own HTTPS certificate carries when ca.json names its
+    trust domain: so that its bundle endpoint is also an ``https_spiffe`` one."""
+    return f"spiffe://{trust_domain}/federatls/ca"
 
 
 def trust_domain_of(spiffe_id: str) -> str:

@@ -43,7 +43,7 @@ from .._protocol import (
     SignResponse,
     VersionResponse,
 )
-from .._spiffe import BUNDLE_PATH
+from .._spiffe import BUNDLE_PATH, ca_spiffe_id
 from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
@@ -695,7 +695,10 @@ class CAServer:
 
     def _new_context(self, authority: Authority) -> ssl.SSLContext:
         material = authority.material
-        cert, key = server_certificate(material, authority.config.dns_names, _now())
+        names = list(authority.config.dns_names)
+        if authority.config.spiffe_trust_domain is not None:  # an https_spiffe endpoint too
+            names.append(ca_spiffe_id(authority.config.spiffe_trust_domain))
+        cert, key = server_certificate(material, names, _now())
         self.server_certificate = cert
         return build_server_context(
             chain=[cert, *material.intermediates],
