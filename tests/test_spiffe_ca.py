@@ -6,8 +6,10 @@ a reload) and survives a restart (kept in the store), not reset.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -136,10 +138,15 @@ async def test_the_sequence_grows_with_every_change_of_the_roots(
     assert [fingerprint(r) for r in SpiffeBundle.parse(last.content).roots] != [pki.fingerprint]
 
 
-async def test_the_sequence_survives_a_restart(pki: PKI) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_the_sequence_survives_a_restart(
+    pki: PKI, store: str, request: pytest.FixtureRequest
+) -> None:
     """After a root change (sequence 2) the CA stops and starts again: it still serves 2 for
     the same roots (a sequence kept only in memory would restart at 1), and 3 after the next
-    change. Twin: the first serve of a new CA starts at 1."""
+    change; on either store. Twin: the first serve of a new CA starts at 1."""
+    if store == "postgresql":
+        request.getfixturevalue("pg")
     with_spiffe(pki)
     async with serving(pki) as ca:
         assert await sequence(ca) == 1
@@ -198,3 +205,31 @@ async def test_without_a_trust_domain_the_ca_certificate_has_no_spiffe_id(ca: CA
             x509.SubjectAlternativeName
         ).value
     )
+
+
+async def test_the_store_is_asked_off_the_event_loop_once_per_configuration(
+    spiffe_ca: CAServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty concurrent first requests make one ``get_state`` call, from a store worker
+    thread, never the event loop's; after a reload, one more. Twin: requests between reloads
+    make none."""
+    store = spiffe_ca.authority.store
+    threads: list[str] = []
+    real = store.get_state
+
+    def get_state(key: str) -> bytes | None:
+        threads.append(threading.current_thread().name)
+        return real(key)
+
+    monkeypatch.setattr(store, "get_state", get_state)
+    answers = await asyncio.gather(*(get_bundle(spiffe_ca) for _ in range(20)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert len(threads) == 1
+    assert threads[0].startswith("federatls-ca-store")
+    assert threading.current_thread().name not in threads
+    await get_bundle(spiffe_ca)
+    assert len(threads) == 1
+    assert spiffe_ca.reload()
+    await get_bundle(spiffe_ca)
+    assert len(threads) == 2
