@@ -31,6 +31,8 @@ __all__ = [
     "PeerState",
     "Profile",
     "dedupe",
+    "peer_status",
+    "pin_of",
     "state_key",
 ]
 
@@ -135,6 +137,14 @@ def dedupe(certs: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
     return tuple(out)
 
 
+def pin_of(peer: PeerConfig) -> str:
+    """What a peer's roots are learnt under besides its URL: the step profile's fingerprint,
+    a SPIFFE peer's trust domain and endpoint ID. A change starts from first contact again."""
+    if peer.profile == "step":
+        return peer.fingerprint or ""
+    return f"{peer.trust_domain or ''} {peer.endpoint_spiffe_id or ''}".strip()
+
+
 def state_key(peer: str) -> str:
     """The store key of a peer's state (``Store.get_state``)."""
     return f"peer:{peer}"
@@ -155,13 +165,14 @@ class PeerState:
     last_error_at: datetime | None = None
     checked_at: datetime | None = None
     sequence: int | None = None
+    refresh_hint: timedelta | None = None
     url: str = ""
     pin: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def learnt_under(self, peer: PeerConfig) -> bool:
         """Whether these roots were learnt for this peer's URL and pin (else: first contact)."""
-        return self.url == peer.url and self.pin == (peer.fingerprint or "")
+        return self.url == peer.url and self.pin == pin_of(peer)
 
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {
@@ -171,6 +182,7 @@ class PeerState:
             "lastErrorAt": _time(self.last_error_at),
             "checkedAt": _time(self.checked_at),
             "sequence": self.sequence,
+            "refreshHint": None if self.refresh_hint is None else self.refresh_hint.total_seconds(),
             "url": self.url,
             "fingerprint": self.pin,
         }
@@ -188,6 +200,9 @@ class PeerState:
             sequence = data.get("sequence")
             if isinstance(sequence, bool) or not isinstance(sequence, int | None):
                 raise ValueError("sequence is not an integer")
+            hint = data.get("refreshHint")
+            if isinstance(hint, bool) or not isinstance(hint, int | float | None):
+                raise ValueError("refreshHint is not a number of seconds")
             return cls(
                 roots=roots,
                 last_success=_parse_time(data.get("lastSuccess")),
@@ -195,6 +210,7 @@ class PeerState:
                 last_error_at=_parse_time(data.get("lastErrorAt")),
                 checked_at=_parse_time(data.get("checkedAt")),
                 sequence=sequence,
+                refresh_hint=None if hint is None else timedelta(seconds=hint),
                 url=str(data.get("url") or ""),
                 pin=str(data.get("fingerprint") or ""),
                 extra={k: v for k, v in data.items() if k not in _STATE_FIELDS},
@@ -204,8 +220,8 @@ class PeerState:
 
 
 _STATE_FIELDS = frozenset(
-    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "sequence", "url",
-     "fingerprint"}
+    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "sequence",
+     "refreshHint", "url", "fingerprint"}
 )  # fmt: skip
 
 
@@ -222,3 +238,30 @@ def _parse_time(value: object) -> datetime | None:
     if parsed.tzinfo is None:
         raise ValueError(f"time {value!r} has no time zone")
     return parsed
+
+
+def peer_status(peer: PeerConfig, state: PeerState | None) -> dict[str, Any]:
+    """What ``federatls ca peers --json`` says of one peer: its configuration, the roots
+    trusted for it now (none when they were learnt under another URL or pin), its last
+    success and its last error."""
+    usable = state is not None and state.learnt_under(peer)
+    held = state if state is not None and usable else PeerState()
+    return {
+        "name": peer.name,
+        "profile": peer.profile,
+        "url": peer.url,
+        "names": list(peer.names),
+        "roots": [
+            {
+                "fingerprint": fingerprint(root),
+                "subject": root.subject.rfc4514_string(),
+                "notAfter": root.not_valid_after_utc.isoformat(),
+            }
+            for root in held.roots
+        ],
+        "lastSuccess": _time(held.last_success),
+        "lastError": held.last_error or None,
+        "lastErrorAt": _time(held.last_error_at),
+        "checkedAt": _time(held.checked_at),
+        "sequence": held.sequence,
+    }

@@ -50,6 +50,7 @@ from ._config import CAConfig, ConnectionLimits, split_address
 from ._connections import ConnectionTable, Listener, Phase, connection_limit
 from ._database import Database, open_store
 from ._federation import PeerRoots
+from ._follower import Follower
 from ._issuer import server_certificate
 from ._material import load_material
 from ._purge import PURGE_INTERVAL, TokenPurge
@@ -617,6 +618,7 @@ class CAServer:
         self.purge: TokenPurge | None = None
         self._authority: Authority | None = None
         self.peer_roots = PeerRoots()  # the federation peers' current roots, across reloads
+        self.follower: Follower | None = None  # keeps peer_roots current (ca.json's peers)
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
         self._listener: Listener | None = None
         self._connections: ConnectionTable | None = None
@@ -713,6 +715,9 @@ class CAServer:
         try:
             await self._start()
         except BaseException:
+            if self.follower is not None:
+                await self.follower.stop()
+                self.follower = None
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -721,6 +726,10 @@ class CAServer:
     async def _start(self) -> None:
         self._authority = self._load()
         config = self._authority.config
+        assert self._store is not None
+        # The peers' last good roots are loaded before the first request is answered.
+        self.follower = Follower(self._store, self.peer_roots, self.clock)
+        await self.follower.start(config.federation)
         host, port = split_address(config.address)
         host = self._host if self._host is not None else host
         port = self._port if self._port is not None else port
@@ -793,11 +802,14 @@ class CAServer:
         self._runner.app[_STATE].authority = authority
         self._authority = authority
         self._tls = ctx
+        if self.follower is not None:
+            self.follower.reconfigure(authority.config.federation)
         log.info(
-            "configuration reloaded from %s: %d root(s), %d federated root(s)",
+            "configuration reloaded from %s: %d root(s), %d federated root(s), %d peer(s)",
             self.config_path,
             len(authority.roots()),
             len(authority.material.federated_roots),
+            len(authority.config.federation.peers),
         )
         return True
 
@@ -838,6 +850,9 @@ class CAServer:
         if self.purge is not None:
             await self.purge.stop()
             self.purge = None
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
