@@ -269,3 +269,22 @@ async def test_a_federatls_ca_follows_another_through_its_spiffe_bundle(
             assert fingerprint(new_root) not in await federation(cloud)
             assert k8s_ca.reload()
             await until(lambda: _has(cloud, k8s.root, new_root), "the new root followed")
+
+
+async def test_the_peer_is_polled_at_its_refresh_hint(
+    pki: PKI, spire: TrustDomain, initial: Path
+) -> None:
+    """With the block's refresh at one hour, a bundle hinting 1 s is fetched every second;
+    once the peer serves a bundle without a hint, the hour applies again. Twin: that second
+    half, where three seconds pass with no fetch."""
+    async with BundleEndpoint.running(spire.svid(ENDPOINT_ID), spire.bundle(1, 1)) as endpoint:
+        follow(pki, spiffe_peer(endpoint.url, initial))
+        pki.edit(lambda d: d["federation"].__setitem__("refresh", "1h"))
+        async with serving(pki) as ca:
+            await wait_until(lambda: endpoint.fetches >= 3, WAIT)
+            endpoint.body = spire.bundle(2, None)
+            await fetched_again(endpoint, 1)
+            answered = endpoint.fetches
+            await anyio.sleep(3)
+            assert endpoint.fetches == answered
+            assert fingerprint(spire.roots[0]) in await federation(ca)

@@ -3,7 +3,7 @@
 endpoint's X509-SVID, its SPIFFE ID exactly the configured one, verified against the initial
 bundle at first contact and the latest fetched one after) and ``https_web`` (Web PKI: the
 system trust store, here replaced through SSL_CERT_FILE, with the hostname checked). Also the
-pure rules the follower applies (``supersedes``, ``hint_interval``).
+bounds of the refresh hint the follower polls at (``hint_interval``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from federatls.ca._spiffe_peer import (
     fetch_spiffe_peer,
     foreign_trust_domains,
     hint_interval,
-    supersedes,
 )
 from spiffe_endpoint import BundleEndpoint, TrustDomain
 
@@ -251,16 +250,6 @@ async def test_https_web_refuses_a_host_mismatch(web_ca: trustme.CA) -> None:
 
 
 # The follower's rules ----------------------------------------------------------------------
-def test_a_lower_sequence_never_supersedes() -> None:
-    """A bundle numbered below the one held is older. Twin: equal or higher, or unnumbered
-    on either side, is the latest."""
-    assert not supersedes(4, 5)
-    assert supersedes(5, 5)
-    assert supersedes(6, 5)
-    assert supersedes(None, 5)
-    assert supersedes(1, None)
-
-
 def test_the_refresh_hint_is_followed_within_bounds() -> None:
     """A hint is followed between one second and one hour. Twin: no hint gives None (the
     peer's or the block's refresh then applies)."""

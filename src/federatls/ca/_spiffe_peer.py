@@ -1,9 +1,10 @@
 """Fetching a SPIFFE peer's bundle: the two profiles of the SPIFFE Federation specification
 (section 5.2), ``https_web`` (the endpoint authenticated by Web PKI: the system's trust store,
 hostname checked) and ``https_spiffe`` (the endpoint's X509-SVID, its one URI SAN exactly the
-configured ``endpointSpiffeId``, verified against the peer trust domain's bundle), and the
-pure rules the follower applies to what was fetched (``supersedes``, ``hint_interval``).
-Parsing the bundle is ``_spiffe``'s; polling, state and ordering are the follower's.
+configured ``endpointSpiffeId``, verified against the peer trust domain's bundle), the
+bounds of a bundle's refresh hint (``hint_interval``) and the check of its trust domain
+(``foreign_trust_domains``). Parsing the bundle is ``_spiffe``'s; polling, state and ordering
+by ``spiffe_sequence`` are the follower's (``_follower``).
 docs/spiffe.md states these rules for operators.
 """
 
@@ -30,7 +31,6 @@ __all__ = [
     "fetch_spiffe_peer",
     "foreign_trust_domains",
     "hint_interval",
-    "supersedes",
 ]
 
 log = logging.getLogger("federatls.ca.federation")
@@ -53,18 +53,6 @@ def hint_interval(seconds: int | None) -> timedelta | None:
     if seconds is None:
         return None
     return min(max(timedelta(seconds=min(seconds, 10**9)), MIN_HINT), MAX_HINT)
-
-
-def supersedes(fetched: int | None, current: int | None) -> bool:
-    """Whether a bundle with sequence ``fetched`` may replace the one held with sequence
-    ``current`` (SPIFFE Federation, section 4.2): not when it is lower (an older bundle,
-    replayed or from a lagging replica of the peer). Without a sequence on either side, the
-    most recently fetched bundle is the latest. An equal sequence is the same bundle again.
-
-    The follower calls this before adopting a SPIFFE peer's roots; a peer that restarts its
-    numbering is followed again once the operator removes the peer's state or changes its
-    URL (first contact)."""
-    return fetched is None or current is None or fetched >= current
 
 
 def foreign_trust_domains(roots: Iterable[x509.Certificate], trust_domain: str) -> list[str]:
