@@ -22,13 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from federatls._client import client_tls_context
-from federatls._errors import PeerFetchError
+from federatls._errors import ConfigError, PeerFetchError
 from federatls._protocol import ErrorBody
 from federatls._spiffe import SpiffeBundle
 from federatls._x509 import fingerprint
 from federatls.ca import CAServer, add_root, issue_from_new_root, retire_old_roots
+from federatls.ca._config import CAConfig
 from federatls.ca._federation import PeerConfig
 from federatls.ca._spiffe_peer import fetch_spiffe_peer
+from test_docs import code_blocks
 
 from harness import PASSWORD, PKI, serving
 
@@ -233,3 +235,25 @@ async def test_the_store_is_asked_off_the_event_loop_once_per_configuration(
     assert spiffe_ca.reload()
     await get_bundle(spiffe_ca)
     assert len(threads) == 2
+
+
+def test_the_documented_blocks_are_accepted_in_ca_json(pki: PKI) -> None:
+    """docs/spiffe.md's ``spiffe`` and ``federation`` blocks, put into a real ca.json, load
+    (the SPIFFE peers with their profiles and fields). Twin: a peer field the docs do not
+    document is a ConfigError."""
+    blocks = [
+        json.loads(b.code)
+        for b in code_blocks(Path(__file__).parent.parent / "docs" / "spiffe.md")
+        if b.info == "json"
+    ]
+    config_blocks = [b for b in blocks if "spiffe" in b or "federation" in b]
+    assert len(config_blocks) == 2
+    for block in config_blocks:
+        pki.edit(lambda d, block=block: d.update(block))  # type: ignore[misc]
+    config = CAConfig.load(pki.config)
+    assert config.spiffe_trust_domain == "cloud.internal"
+    assert [p.profile for p in config.federation.peers] == ["https_spiffe", "https_web"]
+    assert config.federation.peers[0].bundle == pki.config.parent / "spire-bundle.json"
+    pki.edit(lambda d: d["federation"]["peers"][1].__setitem__("endpointSpiffeId", "x"))
+    with pytest.raises(ConfigError, match="unknown fields"):
+        CAConfig.load(pki.config)

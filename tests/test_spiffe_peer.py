@@ -9,6 +9,7 @@ bounds of the refresh hint the follower polls at (``hint_interval``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 from collections.abc import Sequence
@@ -144,6 +145,29 @@ async def test_an_empty_keys_list_distrusts_the_peer(spire: TrustDomain, initial
         got = await fetch_spiffe_peer(spiffe_peer(ep.url, initial), tuple(spire.roots), TIMEOUT)
     assert got.roots == ()
     assert got.sequence == 9
+
+
+async def test_ignored_keys_are_logged_once_while_they_stay_the_same(
+    spire: TrustDomain, initial: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A JWT-SVID key beside the x509-svid one is ignored (its roots are the x509 ones) and
+    logged at the first fetch, not at the second; a bundle with another ignored key is
+    logged again. Twin: the first test's bundle, with nothing to note."""
+    body = spire.bundle(1)
+    jwt_key = {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256"}
+    body["keys"].append(jwt_key)
+    async with BundleEndpoint.running(spire.svid(ENDPOINT_ID), body) as ep:
+        peer = spiffe_peer(ep.url, initial)
+        with caplog.at_level(logging.INFO, logger="federatls.ca.federation"):
+            got = await fetch_spiffe_peer(peer, (), TIMEOUT)
+            assert prints(got.roots) == prints(spire.roots)
+            assert caplog.text.count("use 'jwt-svid'") == 1
+            await fetch_spiffe_peer(peer, (), TIMEOUT)
+            assert caplog.text.count("use 'jwt-svid'") == 1
+            ep.body = {**body, "keys": [*body["keys"], {"use": "x509-svid", "kty": "oct"}]}
+            await fetch_spiffe_peer(peer, (), TIMEOUT)
+            assert caplog.text.count("use 'jwt-svid'") == 2
+            assert "unknown key type 'oct'" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,20 @@ async def _get(peer: PeerConfig, ctx: ssl.SSLContext, timeout: float) -> bytes:
         return bytes(body)
 
 
+# What the last bundle of each peer (name, URL) had ignored: logged when it changes, not at
+# every poll (a SPIRE bundle carries JWT-SVID keys as a rule).
+_NOTED: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def _log_notes(peer: PeerConfig, notes: tuple[str, ...]) -> None:
+    key = (peer.name, peer.url)
+    if _NOTED.get(key, ()) == notes:
+        return
+    _NOTED[key] = notes
+    for note in notes:
+        log.info("federation peer %r: %s", peer.name, note)
+
+
 def _verification_failure(exc: BaseException) -> str | None:
     """Why the endpoint's certificate was refused, if that is what ``exc`` (httpx's error,
     raised from httpcore's, raised from ssl's) comes from."""
@@ -185,7 +199,8 @@ async def fetch_spiffe_peer(
     """One fetch of a SPIFFE bundle endpoint (profile ``https_web`` or ``https_spiffe``),
     over within ``timeout`` seconds: its roots (empty: ``"keys": []``, the trust domain is
     distrusted), ``spiffe_sequence`` and the refresh hint (``hint_interval``). What the bundle
-    has that is ignored (other uses, unknown key types) is logged at INFO.
+    has that is ignored (other uses, unknown key types) is logged at INFO, once while it
+    stays the same.
 
     ``PeerFetchError`` says why nothing may be trusted from it this time: unreachable, not
     authenticated, not a 200, a malformed bundle, or roots naming another trust domain.
@@ -203,8 +218,7 @@ async def fetch_spiffe_peer(
         bundle = SpiffeBundle.parse(body, f"bundle of {peer.url}")
     except BadMaterialError as exc:
         raise PeerFetchError(peer.name, str(exc)) from exc
-    for note in bundle.notes:
-        log.info("federation peer %r: %s", peer.name, note)
+    _log_notes(peer, bundle.notes)
     if peer.trust_domain is not None:
         foreign = foreign_trust_domains(bundle.roots, peer.trust_domain)
         if foreign:
