@@ -104,6 +104,23 @@ def test_each_root_is_one_x509_svid_key_with_its_own_x5c_and_key_members() -> No
         ]
 
 
+def test_ec_coordinates_have_the_full_size_of_the_curve() -> None:
+    """RFC 7518 6.2.1.2: ``x`` and ``y`` are the full coordinate size (32 bytes on P-256) even
+    when a coordinate has leading zeros, which strict readers (go-jose, so SPIRE) require.
+    600 keys make a leading zero byte all but certain. Twin: the round trip reads them."""
+    short = 0
+    for _ in range(600):
+        key = ec.generate_private_key(ec.SECP256R1())
+        numbers = key.public_key().public_numbers()
+        short += numbers.x.bit_length() <= 248 or numbers.y.bit_length() <= 248
+        doc = SpiffeBundle((make_root(key, "p256"),)).to_json()
+        jwk = doc["keys"][0]
+        for member in ("x", "y"):
+            raw = base64.urlsafe_b64decode(jwk[member] + "=" * (-len(jwk[member]) % 4))
+            assert len(raw) == 32
+    assert short > 0  # the case that matters did occur
+
+
 def test_an_empty_bundle_has_empty_keys_and_no_optional_members() -> None:
     """No roots: ``keys`` is present and empty (the spec's "distrusted"). Twin: the
     sequence and hint members are left out when they are None."""
