@@ -72,9 +72,10 @@ class TrustDomain:
         return root
 
     def svid(
-        self, spiffe_id: str, *, dns: tuple[str, ...] = ()
+        self, spiffe_id: str, *, dns: tuple[str, ...] = (), ca: bool = False
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        """An X509-SVID for ``spiffe_id`` from the latest root (``dns`` names added)."""
+        """An X509-SVID for ``spiffe_id`` from the latest root (``dns`` names added; ``ca``
+        makes it a CA certificate, which no X509-SVID leaf may be)."""
         key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
         names += [x509.DNSName(d) for d in dns]
@@ -86,7 +87,7 @@ class TrustDomain:
             .serial_number(x509.random_serial_number())
             .not_valid_before(NOW - timedelta(hours=1))
             .not_valid_after(NOW + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self.keys[-1], hashes.SHA256())

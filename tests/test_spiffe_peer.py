@@ -111,6 +111,16 @@ async def test_a_wrong_endpoint_spiffe_id_is_refused(spire: TrustDomain, initial
         assert ep.fetches == 1  # answered, but not believed
 
 
+async def test_a_ca_certificate_with_the_endpoint_id_is_refused(
+    spire: TrustDomain, initial: Path
+) -> None:
+    """A CA certificate of the trust domain carrying the endpoint's SPIFFE ID is no X509-SVID
+    leaf. Twin: the first test, an ordinary leaf with the same ID."""
+    async with BundleEndpoint.running(spire.svid(ENDPOINT_ID, ca=True), spire.bundle()) as ep:
+        with pytest.raises(PeerFetchError, match="is a CA certificate"):
+            await fetch_spiffe_peer(spiffe_peer(ep.url, initial), (), TIMEOUT)
+
+
 async def test_an_svid_from_another_trust_domain_is_refused(
     spire: TrustDomain, initial: Path
 ) -> None:

@@ -78,7 +78,13 @@ def foreign_trust_domains(roots: Iterable[x509.Certificate], trust_domain: str) 
 
 
 def _svid_problem(leaf: x509.Certificate, expected: str) -> str | None:
-    """Why ``leaf`` is not an X509-SVID for exactly ``expected``, or None."""
+    """Why ``leaf`` is not an X509-SVID for exactly ``expected``, or None (X509-SVID
+    specification, sections 2 and 4.1: one URI name, and a leaf is not a CA)."""
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "its certificate is a CA certificate, not an X509-SVID leaf"
+    except x509.ExtensionNotFound:
+        pass
     try:
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
