@@ -52,9 +52,10 @@ MAX_BUNDLE_KEYS = 256  # JWKs in one bundle, whatever their use
 MAX_X5C_CHARS = 64 << 10  # one base64 certificate
 MAX_SEQUENCE = (1 << 64) - 1  # the specification asks for at least 64 bits; no more here
 MAX_REFRESH_HINT = (1 << 63) - 1  # seconds; consumers bound it further (ca/_spiffe_peer.py)
-# Key types and curves a root certificate can have here (RFC 7518 section 6, RFC 8037).
+# The members of a public JWK, and those only a private (or symmetric) one has.
 _PUBLIC_MEMBERS = frozenset({"kty", "crv", "x", "y", "n", "e"})
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# Key types and curves a root certificate can have here (RFC 7518 section 6, RFC 8037).
 _CURVES = {"EC": ("P-256", "P-384", "P-521"), "OKP": ("Ed25519", "Ed448"), "RSA": (None,)}
 
 
