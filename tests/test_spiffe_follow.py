@@ -288,3 +288,26 @@ async def test_the_peer_is_polled_at_its_refresh_hint(
             await anyio.sleep(3)
             assert endpoint.fetches == answered
             assert fingerprint(spire.roots[0]) in await federation(ca)
+
+
+async def test_the_latest_bundle_authenticates_the_peer_after_a_restart(
+    pki: PKI, spire: TrustDomain, initial: Path
+) -> None:
+    """The CA learns roots A and B, then stops; meanwhile the peer's endpoint moves to an SVID
+    from B and withdraws A. Restarted, the CA authenticates it with the A and B it stored, not
+    the initial bundle (A only), and follows it to B alone. Twin: test_spiffe_peer's
+    test_later_contacts_are_authenticated_by_the_latest_bundle, where the initial bundle
+    alone refuses that endpoint."""
+    a = spire.roots[0]
+    async with BundleEndpoint.running(spire.svid(ENDPOINT_ID), spire.bundle(1)) as endpoint:
+        follow(pki, spiffe_peer(endpoint.url, initial))
+        async with serving(pki) as ca:
+            await until(lambda: _has(ca, a), "root A followed")
+            b = spire.new_root()
+            endpoint.body = spire.bundle(2)
+            await until(lambda: _has(ca, a, b), "roots A and B followed")
+        endpoint.present(*spire.svid(ENDPOINT_ID))
+        endpoint.body = {**spire.bundle(3), "keys": spire.bundle()["keys"][1:]}
+        async with serving(pki) as ca:
+            await until(lambda: _lacks(ca, a), "root A dropped after the restart")
+            assert fingerprint(b) in await federation(ca)
