@@ -186,9 +186,10 @@ async def test_ignored_keys_are_logged_once_while_they_stay_the_same(
         (b"{not json", 200, "not JSON"),
         ({"keys": [{"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": ["AA"]}]}, 200, "x5c"),
         ({"keys": []}, 404, "answered 404"),
+        ({"keys": []}, 307, "answered 307"),  # a redirect is not followed
         (b"{" + b" " * (1 << 20) + b'"keys": []}', 200, "over 1048576 bytes"),
     ],
-    ids=["not json", "bad x5c", "404", "too big"],
+    ids=["not json", "bad x5c", "404", "redirect", "too big"],
 )
 async def test_a_bad_answer_is_a_peer_fetch_error(
     spire: TrustDomain, initial: Path, body: object, status: int, reason: str
