@@ -220,7 +220,8 @@ def renew_leaf(
 def server_certificate(
     material: CAMaterial, dns_names: Sequence[str], now: datetime
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The CA's own HTTPS certificate: a fresh P-256 key, SANs = dnsNames, 24 h."""
+    """The CA's own HTTPS certificate: a fresh P-256 key, SANs = ``dns_names`` (ca.json's
+    dnsNames, and the CA's SPIFFE ID when ca.json names its trust domain), 24 h."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = issue_leaf(
         material,

@@ -43,6 +43,7 @@ from .._protocol import (
     SignResponse,
     VersionResponse,
 )
+from .._spiffe import BUNDLE_PATH, ca_spiffe_id
 from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
@@ -53,6 +54,7 @@ from ._follower import Follower
 from ._issuer import server_certificate
 from ._material import load_material
 from ._purge import PURGE_INTERVAL, TokenPurge
+from ._spiffe_own import OwnBundle, own_bundle
 from ._store import Store, StoreWouldWait, without_waiting
 from ._tls import build_server_context
 from ._tlsconn import TLSServerConnection
@@ -211,6 +213,7 @@ class _State:
         self.authority = authority
         self.clock = clock
         self.committer = _GroupCommit()
+        self.spiffe_bundle = OwnBundle()
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
         # /health's own thread: not queued behind signs that wait for a busy database.
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="federatls-ca-health")
@@ -420,6 +423,24 @@ async def _federation(request: web.Request) -> web.Response:
     return _json(RootsResponse(_authority(request).federation()).to_json(), 201)
 
 
+async def _spiffe_bundle(request: web.Request) -> web.Response:
+    """The CA's own roots as a SPIFFE bundle (docs/spiffe.md), to anyone (no client
+    authentication, as the SPIFFE Federation specification requires); 404 with step-ca's
+    error body while ca.json has no ``spiffe`` block."""
+    state = request.app[_STATE]
+    authority = state.authority
+    config = authority.config
+    if config.spiffe_trust_domain is None:
+        raise Refusal(404, "no SPIFFE bundle is served: ca.json has no spiffe.trustDomain")
+    roots, hint = authority.roots(), config.federation.refresh
+
+    def make() -> bytes:
+        return own_bundle(authority.store, roots, hint)
+
+    body = await state.spiffe_bundle.body(authority, make, state.off_loop)
+    return web.Response(body=body, content_type="application/json")
+
+
 async def _root(request: web.Request) -> web.Response:
     cert = _authority(request).root(request.match_info["sha"])
     return _json(RootResponse(cert).to_json())
@@ -537,6 +558,7 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
         app.router.add_get(prefix + "/roots.pem", _roots_pem, allow_head=False)
         app.router.add_get(prefix + "/federation", _federation, allow_head=False)
         app.router.add_get(prefix + "/root/{sha}", _root, allow_head=False)
+        app.router.add_get(prefix + BUNDLE_PATH, _spiffe_bundle, allow_head=False)
         app.router.add_get(prefix + "/provisioners", _provisioners, allow_head=False)
         app.router.add_get(
             prefix + "/provisioners/{kid}/encrypted-key", _encrypted_key, allow_head=False
@@ -675,7 +697,10 @@ class CAServer:
 
     def _new_context(self, authority: Authority) -> ssl.SSLContext:
         material = authority.material
-        cert, key = server_certificate(material, authority.config.dns_names, _now())
+        names = list(authority.config.dns_names)
+        if authority.config.spiffe_trust_domain is not None:  # an https_spiffe endpoint too
+            names.append(ca_spiffe_id(authority.config.spiffe_trust_domain))
+        cert, key = server_certificate(material, names, _now())
         self.server_certificate = cert
         return build_server_context(
             chain=[cert, *material.intermediates],
