@@ -1,0 +1,549 @@
+"""Per-peer name rules, applied by default: the structured federation a CA publishes at
+``/federatls/federation`` and the SDK contexts that enforce it on every peer.
+
+Real CAs issue every certificate: "cloud" (the workloads' own CA), "kubernetes" (a peer whose
+roots may vouch only for ``*.k8s.internal`` and ``spiffe://k8s.internal/*``) and "partner"
+(a static ``federatedRoots`` entry: any name). The kubernetes CA issues an impostor naming
+itself ``payments.cloud.internal`` and twins with names of its own; real TLS on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from aiohttp import web
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import federatls
+from federatls import (
+    BadMaterialError,
+    Identity,
+    NamePattern,
+    PeerNotAuthorisedError,
+    Provenance,
+    TrustBundle,
+)
+from federatls._namerules import structured_bundle
+from federatls._protocol import FederationEntry, FederationSourcesResponse
+from federatls._x509 import fingerprint
+from federatls.integrations import httpx as fhttpx
+from federatls.integrations import streams
+from federatls.integrations._source import Source
+
+from harness import PKI, make_pki, serving
+
+pytestmark = pytest.mark.anyio
+
+K8S_NAMES = ("*.k8s.internal", "spiffe://k8s.internal/*")
+IMPOSTOR = "payments.cloud.internal"
+
+
+# The world -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class World:
+    """The CAs' roots and what they issued; ``ruled`` gives the cloud workloads the bundle
+    the cloud CA's structure describes (the kubernetes root a peer's, with its names)."""
+
+    cloud_root: x509.Certificate
+    k8s_root: x509.Certificate
+    partner_root: x509.Certificate
+    server: Identity  # cloud: server.cloud.internal, localhost, 127.0.0.1
+    client: Identity  # cloud: client.cloud.internal
+    k8s_client: Identity  # kubernetes: svc.k8s.internal
+    k8s_impostor: Identity  # kubernetes: payments.cloud.internal
+    k8s_server: Identity  # kubernetes: api.k8s.internal
+    k8s_impostor_server: Identity  # kubernetes: payments.cloud.internal
+    partner_impostor: Identity  # partner (static): payments.cloud.internal
+    k8s_no_san: Identity  # kubernetes: a certificate whose only name is its CN (no SAN)
+
+
+async def _build_world(base: Path) -> World:
+    cloud, k8s, partner = (make_pki(base, n) for n in ("cloud", "kubernetes", "partner"))
+    cloud.federate(k8s, partner)
+    k8s.federate(cloud)
+    partner.federate(cloud)
+    async with serving(cloud), serving(k8s), serving(partner):
+
+        async def enrol(ca: PKI, subject: str, *sans: str) -> Identity:
+            return await federatls.bootstrap(ca.token(subject, sans=sans or (subject,)))
+
+        return World(
+            cloud_root=cloud.root,
+            k8s_root=k8s.root,
+            partner_root=partner.root,
+            server=await enrol(cloud, "server.cloud.internal", "localhost", "127.0.0.1"),
+            client=await enrol(cloud, "client.cloud.internal"),
+            k8s_client=await enrol(k8s, "svc.k8s.internal"),
+            k8s_impostor=await enrol(k8s, IMPOSTOR),
+            k8s_server=await enrol(k8s, "api.k8s.internal"),
+            k8s_impostor_server=await enrol(k8s, IMPOSTOR),
+            partner_impostor=await enrol(partner, IMPOSTOR),
+            k8s_no_san=await _no_san(k8s, "svc.k8s.internal"),
+        )
+
+
+async def _no_san(ca: PKI, subject: str) -> Identity:
+    """An identity whose certificate has no SAN at all (a CA may issue one; step's CSRs carry
+    names, so it is forged here under the CA's intermediate)."""
+    from rogue_ca import Issue, RogueCA
+
+    identity = await federatls.bootstrap(ca.token(subject, sans=(subject,)))
+    forged = RogueCA(ca).chain(subject, [], identity.certificate.public_key(), Issue(names=()))
+    return Identity.from_parts(forged, identity._key, identity.trust, identity.ca_url)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The three CAs served on a private event loop in a worker thread, just long enough to
+    enrol."""
+    base = tmp_path_factory.mktemp("names")
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, _build_world, base).result(timeout=90)
+
+
+def ruled(identity: Identity, world: World, *patterns: str, name_rules: bool = True) -> Identity:
+    """``identity`` trusting the bundle a structured federation gives it: the kubernetes
+    root a peer's, vouching only for ``patterns`` (K8S_NAMES by default)."""
+    k8s = fingerprint(world.k8s_root)
+    names = tuple(NamePattern.parse(p) for p in patterns or K8S_NAMES)
+    roots = tuple(
+        dataclasses.replace(r, provenance=Provenance.PEER, names=names, peers=("kubernetes",))
+        if r.fingerprint == k8s
+        else r
+        for r in identity.trust
+    )
+    return Identity.from_parts(
+        identity.chain, identity._key, TrustBundle(roots), identity.ca_url, name_rules=name_rules
+    )
+
+
+# Exchanges -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Heard:
+    lines: list[bytes]
+
+
+@contextlib.asynccontextmanager
+async def line_server(identity: Source) -> AsyncIterator[tuple[int, Heard]]:
+    """``streams.start_server`` on 127.0.0.1:0 answering each line with "ok"; yields the port
+    and the lines its handler read."""
+    heard = Heard([])
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            heard.lines.append(await reader.readline())
+            writer.write(b"ok\n")
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    server = await streams.start_server(identity, handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], heard
+
+
+async def ask(client: Source, port: int, server_name: str = "localhost") -> bytes:
+    """One line over ``streams.open_connection``; the answer, or b"" when cut off."""
+    reader, writer = await streams.open_connection(
+        client, "127.0.0.1", port, server_hostname=server_name
+    )
+    try:
+        writer.write(b"hello\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def https_server(identity: Identity) -> AsyncIterator[int]:
+    """An aiohttp HTTPS server with ``identity``'s server context on 127.0.0.1:0 answering
+    "hello"; yields the port."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=identity.server_context())
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def httpx_get(client: Identity, port: int, server_name: str) -> str:
+    """GET / with the httpx integration, the server's name given as SNI (checked)."""
+    async with fhttpx.AsyncClient(client, timeout=10) as http:
+        response = await http.get(
+            f"https://127.0.0.1:{port}/", extensions={"sni_hostname": server_name}
+        )
+        return response.text
+
+
+def blocking_exchange(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_name: str = "localhost"
+) -> tuple[object, object]:
+    """One connection between blocking sockets (raw contexts, ``SSLSocket``): what each
+    side's ``wrap_socket`` made of it: "ok" for the server, the bytes read for the client,
+    or the exception."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def serve() -> object:
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"ok")
+                    return "ok"
+            except OSError as exc:  # ssl.SSLError, or the client gone
+                return exc
+
+        served = pool.submit(serve)
+        got: object
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            try:
+                with client_ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+                    got = tls.recv(2)
+            except ssl.SSLCertVerificationError as exc:
+                got = exc
+            except (ConnectionError, ssl.SSLError):
+                got = b""
+        return served.result(timeout=10), got
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "federatls.peer" and "(name rules)" in r.getMessage()
+    ]
+
+
+# The structured bundle (pure) ----------------------------------------------------------------
+def _entry(kind: str, name: str | None, roots: list[x509.Certificate], names: Any) -> Any:
+    return FederationEntry(kind, name, tuple(roots), None if names is None else tuple(names))
+
+
+def test_structured_bundle_gives_peer_roots_their_names(world: World) -> None:
+    """A peer's root carries its names and ``Provenance.PEER``; own and static roots vouch
+    for any name. Twin: the flat bundle of the same roots (a plain step-ca) has no rule."""
+    own, k8s, partner = world.cloud_root, world.k8s_root, world.partner_root
+    sources = [
+        _entry("own", None, [own], None),
+        _entry("static", None, [partner], None),
+        _entry("peer", "kubernetes", [k8s], K8S_NAMES),
+    ]
+    trust, left_out = structured_bundle([own], [own, partner, k8s], sources)
+    assert left_out == ()
+    assert [(r.provenance, r.names) for r in trust] == [
+        (Provenance.OWN, None),
+        (Provenance.FEDERATED, None),
+        (Provenance.PEER, tuple(NamePattern.parse(p) for p in K8S_NAMES)),
+    ]
+    assert trust.roots[2].peers == ("kubernetes",)
+    assert "peer kubernetes" in str(trust.roots[2])
+    assert trust.has_name_rules
+    flat = TrustBundle.from_ca([own], [own, partner, k8s])
+    assert not flat.has_name_rules
+    assert all(r.names is None for r in flat)
+
+
+def test_root_listed_by_two_peers_vouches_for_the_union(world: World) -> None:
+    """A root two peers list may vouch for the names of both. Twin: listed by one, only its."""
+    own, k8s = world.cloud_root, world.k8s_root
+    both = [
+        _entry("peer", "kubernetes", [k8s], ["*.k8s.internal"]),
+        _entry("peer", "payments", [k8s], [IMPOSTOR]),
+    ]
+    trust, _ = structured_bundle([own], [own, k8s], both)
+    assert [p.text for p in trust.roots[1].names or ()] == ["*.k8s.internal", IMPOSTOR]
+    assert trust.roots[1].peers == ("kubernetes", "payments")
+    one, _ = structured_bundle([own], [own, k8s], both[:1])
+    assert [p.text for p in one.roots[1].names or ()] == ["*.k8s.internal"]
+
+
+def test_static_listing_of_a_peer_root_vouches_for_any_name(world: World) -> None:
+    """A root both a static source and a peer list vouches for any name (the operator's
+    static entry says so). Twin: the peer's listing alone restricts it."""
+    own, k8s = world.cloud_root, world.k8s_root
+    peer = _entry("peer", "kubernetes", [k8s], K8S_NAMES)
+    trust, _ = structured_bundle([own], [own, k8s], [_entry("static", None, [k8s], None), peer])
+    assert trust.roots[1].names is None
+    assert trust.roots[1].provenance is Provenance.FEDERATED
+    alone, _ = structured_bundle([own], [own, k8s], [peer])
+    assert alone.roots[1].names is not None
+
+
+def test_roots_the_answers_disagree_on_are_left_out(world: World) -> None:
+    """A root in ``/federation`` that no source lists, and a root a source lists that
+    ``/federation`` lacks, are both left out, each with a sentence. Twin: when they agree,
+    both roots are in."""
+    own, k8s, partner = world.cloud_root, world.k8s_root, world.partner_root
+    sources = [_entry("peer", "kubernetes", [k8s], K8S_NAMES)]
+    trust, left_out = structured_bundle([own], [own, partner], sources)
+    assert [r.certificate for r in trust] == [own]
+    assert len(left_out) == 2
+    assert "partner" in left_out[0]
+    assert "no source lists it" in left_out[0]
+    assert "kubernetes" in left_out[1]
+    assert "missing from /federation" in left_out[1]
+    sources.append(_entry("static", None, [partner], None))
+    agreed, none = structured_bundle([own], [own, partner, k8s], sources)
+    assert [r.certificate for r in agreed] == [own, partner, k8s]
+    assert none == ()
+
+
+def test_peer_with_no_name_is_not_trusted(world: World) -> None:
+    """A peer listed with ``names: []`` may vouch for nothing: its root is left out. Twin:
+    with one name it is in."""
+    own, k8s = world.cloud_root, world.k8s_root
+    trust, left_out = structured_bundle([own], [own, k8s], [_entry("peer", "k", [k8s], [])])
+    assert len(trust) == 1
+    assert "may vouch for no name" in left_out[0]
+    trust, _ = structured_bundle([own], [own, k8s], [_entry("peer", "k", [k8s], ["a.b"])])
+    assert len(trust) == 2
+
+
+def test_malformed_pattern_refuses_the_answer(world: World) -> None:
+    """A name pattern that does not parse refuses the whole answer, naming the peer."""
+    own, k8s = world.cloud_root, world.k8s_root
+    with pytest.raises(BadMaterialError, match=r"kubernetes.*a\.\*\.b"):
+        structured_bundle([own], [own, k8s], [_entry("peer", "kubernetes", [k8s], ["a.*.b"])])
+
+
+# The wire shape (pure) -----------------------------------------------------------------------
+def test_federation_sources_round_trip(world: World) -> None:
+    """``to_json`` and ``parse`` round-trip, with the documented field names."""
+    answer = FederationSourcesResponse(
+        (
+            _entry("own", None, [world.cloud_root], None),
+            _entry("peer", "kubernetes", [world.k8s_root], K8S_NAMES),
+        )
+    )
+    data = json.loads(json.dumps(answer.to_json()))
+    assert [sorted(s) for s in data["sources"]] == [["kind", "name", "names", "roots"]] * 2
+    assert data["sources"][1]["names"] == list(K8S_NAMES)
+    assert data["sources"][0]["roots"][0].startswith("-----BEGIN CERTIFICATE-----")
+    assert FederationSourcesResponse.parse(data) == answer
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        (lambda s: s.update(kind="friend"), "'kind' must be one of"),
+        (lambda s: s.update(names=None), "has no 'names'"),
+        (lambda s: s.update(name=None), "must have a 'name'"),
+        (lambda s: s.update(names="*.k8s.internal"), "'names' must be a list"),
+        (lambda s: s.update(roots=["not a PEM"]), "roots"),
+        (lambda s: s.pop("roots"), "roots"),
+    ],
+)
+def test_malformed_source_is_refused(
+    world: World, change: Callable[[dict[str, Any]], object], complaint: str
+) -> None:
+    """A source the SDK cannot read refuses the whole answer (``BadMaterialError``). Twin:
+    the same source unchanged parses."""
+    good = _entry("peer", "kubernetes", [world.k8s_root], K8S_NAMES).to_json()
+    FederationSourcesResponse.parse({"sources": [good]})
+    bad = dict(good)
+    change(bad)
+    with pytest.raises(BadMaterialError, match=complaint):
+        FederationSourcesResponse.parse({"sources": [bad]})
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "kind": st.sampled_from(["own", "static", "peer", "other"]) | JSON,
+        "name": st.none() | st.text(max_size=10) | JSON,
+        "roots": st.lists(st.text(max_size=10), max_size=2) | JSON,
+        "names": st.none() | st.lists(st.text(max_size=10), max_size=3) | JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=JSON | st.fixed_dictionaries({"sources": st.lists(FIELDS, max_size=3) | JSON}))
+def test_federation_sources_parser_refuses_anything_else_cleanly(data: object) -> None:
+    """Whatever JSON a CA sends, the parser returns a value or raises ``BadMaterialError``."""
+    with contextlib.suppress(BadMaterialError):
+        FederationSourcesResponse.parse(data)
+
+
+# Enforcement, with a bundle a structured federation gives -----------------------------------
+async def test_streams_server_refuses_impostor_of_a_peer(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cloud server refuses a client of the kubernetes peer naming itself
+    payments.cloud.internal: its handler never runs, and who and why are logged. Twin: the
+    kubernetes client named svc.k8s.internal is served."""
+    caplog.set_level(logging.WARNING, logger="federatls.peer")
+    async with line_server(ruled(world.server, world)) as (port, heard):
+        assert await ask(world.k8s_impostor, port) == b""
+        assert await ask(world.k8s_client, port) == b"ok\n"
+    assert heard.lines == [b"hello\n"]
+    [line] = refusals(caplog)
+    assert line.startswith("refused a TLS client after the TLS handshake (name rules)")
+    for part in (IMPOSTOR, "peer kubernetes", "may only vouch for ['*.k8s.internal'"):
+        assert part in line
+
+
+async def test_streams_client_refuses_impostor_server(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cloud client refuses a server of the kubernetes peer that names itself
+    payments.cloud.internal (``PeerNotAuthorisedError``, logged; the server reads nothing).
+    Twin: the server named api.k8s.internal answers."""
+    caplog.set_level(logging.WARNING, logger="federatls.peer")
+    client = ruled(world.client, world)
+    async with line_server(world.k8s_impostor_server) as (port, heard):
+        with pytest.raises(PeerNotAuthorisedError, match="may only vouch for") as info:
+            await ask(client, port, IMPOSTOR)
+        assert info.value.peer.common_name == IMPOSTOR
+    assert heard.lines in ([], [b""])
+    async with line_server(world.k8s_server) as (port, heard):
+        assert await ask(client, port, "api.k8s.internal") == b"ok\n"
+    assert heard.lines == [b"hello\n"]
+    [line] = refusals(caplog)
+    assert line.startswith("refused a TLS server after the TLS handshake (name rules)")
+
+
+async def test_httpx_client_refuses_impostor_server(world: World) -> None:
+    """The httpx integration refuses the kubernetes server named payments.cloud.internal (a
+    ``ConnectError`` from the handshake, caused by the refusal). Twin: api.k8s.internal
+    answers."""
+    client = ruled(world.client, world)
+    async with https_server(world.k8s_impostor_server) as port:
+        with pytest.raises(httpx.ConnectError) as info:
+            await httpx_get(client, port, IMPOSTOR)
+    cause: BaseException | None = info.value
+    while cause is not None and not isinstance(cause, PeerNotAuthorisedError):
+        cause = cause.__cause__ or cause.__context__
+    assert isinstance(cause, PeerNotAuthorisedError)
+    async with https_server(world.k8s_server) as port:
+        assert await httpx_get(client, port, "api.k8s.internal") == "hello"
+
+
+async def test_raw_server_context_refuses_impostor(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw ``server_context()`` on blocking sockets refuses the impostor in ``wrap_socket``
+    (an ``ssl.SSLCertVerificationError``) and logs the client's address. Twin: the kubernetes
+    client with its own name gets "ok"."""
+    caplog.set_level(logging.WARNING, logger="federatls.peer")
+    server = ruled(world.server, world).server_context()
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange, server, world.k8s_impostor.client_context()
+    )
+    assert isinstance(served, ssl.SSLCertVerificationError)
+    assert isinstance(served.__cause__, PeerNotAuthorisedError)
+    assert got == b""
+    [line] = refusals(caplog)
+    assert line.startswith("refused the TLS client at 127.0.0.1:")
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange, server, world.k8s_client.client_context()
+    )
+    assert (served, got) == ("ok", b"ok")
+
+
+async def test_raw_client_context_refuses_impostor_server(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw ``client_context()`` on a blocking socket refuses the kubernetes server named
+    payments.cloud.internal in ``wrap_socket`` (logged with its address). Twin: the server
+    named api.k8s.internal sends "ok"."""
+    caplog.set_level(logging.WARNING, logger="federatls.peer")
+    client = ruled(world.client, world).client_context()
+    _, got = await anyio.to_thread.run_sync(
+        blocking_exchange, world.k8s_impostor_server.server_context(), client, IMPOSTOR
+    )
+    assert isinstance(got, ssl.SSLCertVerificationError)
+    assert isinstance(got.__cause__, PeerNotAuthorisedError)
+    assert got.verify_message == str(got.__cause__)
+    [line] = refusals(caplog)
+    assert line.startswith("refused the TLS server at 127.0.0.1:")
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange, world.k8s_server.server_context(), client, "api.k8s.internal"
+    )
+    assert (served, got) == ("ok", b"ok")
+
+
+async def test_option_off_admits_both(world: World) -> None:
+    """With ``name_rules=False`` the impostor and its twin are both admitted, by servers and
+    clients alike (behaviour as with a flat bundle)."""
+    server = ruled(world.server, world, name_rules=False)
+    client = ruled(world.client, world, name_rules=False)
+    async with line_server(server) as (port, heard):
+        assert await ask(world.k8s_impostor, port) == b"ok\n"
+        assert await ask(world.k8s_client, port) == b"ok\n"
+    assert heard.lines == [b"hello\n", b"hello\n"]
+    async with line_server(world.k8s_impostor_server) as (port, _):
+        assert await ask(client, port, IMPOSTOR) == b"ok\n"
+    async with https_server(world.k8s_impostor_server) as port:
+        assert await httpx_get(client, port, IMPOSTOR) == "hello"
+    assert "name_rules=False" in repr(client)
+
+
+async def test_static_root_vouches_for_any_name(world: World) -> None:
+    """A client of the partner CA (a static ``federatedRoots`` entry, no rule) naming itself
+    payments.cloud.internal is admitted. Twin: the kubernetes impostor is refused."""
+    async with line_server(ruled(world.server, world)) as (port, _):
+        assert await ask(world.partner_impostor, port) == b"ok\n"
+        assert await ask(world.k8s_impostor, port) == b""
+
+
+async def test_certificate_without_san_is_refused(world: World) -> None:
+    """A kubernetes client whose certificate has no SAN (only a CN inside the rules) is
+    refused: its common name is not taken for a name. Twin: with a SAN it is admitted."""
+    async with line_server(ruled(world.server, world)) as (port, heard):
+        assert await ask(world.k8s_no_san, port) == b""
+        assert await ask(world.k8s_client, port) == b"ok\n"
+    assert heard.lines == [b"hello\n"]
+
+
+async def test_renewing_identity_contexts_enforce_the_rules(world: World) -> None:
+    """A ``RenewingIdentity``'s live server context (switching to its snapshot's context in
+    the handshake) and client context enforce the rules. Twin: the kubernetes names pass."""
+    live_server = federatls.RenewingIdentity(ruled(world.server, world))
+    live_client = federatls.RenewingIdentity(ruled(world.client, world))
+    async with line_server(live_server) as (port, _):
+        assert await ask(world.k8s_impostor, port) == b""
+        assert await ask(world.k8s_client, port) == b"ok\n"
+    async with line_server(world.k8s_impostor_server) as (port, _):
+        with pytest.raises(PeerNotAuthorisedError):
+            await ask(live_client, port, IMPOSTOR)
+    async with line_server(world.k8s_server) as (port, _):
+        assert await ask(live_client, port, "api.k8s.internal") == b"ok\n"
