@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from federatls._x509 import fingerprint
 from federatls.integrations import httpx as fhttpx
 from federatls.integrations import streams
 from federatls.integrations._source import Source
+from rogue_ca import Issue, RogueCA
 
 from harness import PKI, make_pki, serving
 
@@ -100,8 +101,6 @@ async def _build_world(base: Path) -> World:
 async def _no_san(ca: PKI, subject: str) -> Identity:
     """An identity whose certificate has no SAN at all (a CA may issue one; step's CSRs carry
     names, so it is forged here under the CA's intermediate)."""
-    from rogue_ca import Issue, RogueCA
-
     identity = await federatls.bootstrap(ca.token(subject, sans=(subject,)))
     forged = RogueCA(ca).chain(subject, [], identity.certificate.public_key(), Issue(names=()))
     return Identity.from_parts(forged, identity._key, identity.trust, identity.ca_url)
@@ -547,3 +546,100 @@ async def test_renewing_identity_contexts_enforce_the_rules(world: World) -> Non
             await ask(live_client, port, IMPOSTOR)
     async with line_server(world.k8s_server) as (port, _):
         assert await ask(live_client, port, "api.k8s.internal") == b"ok\n"
+
+
+# The CA client: what /federatls/federation's answer does to the bundle ----------------------
+@contextlib.contextmanager
+def rogue_with_peer(tmp_path: Path) -> Iterator[tuple[RogueCA, x509.Certificate]]:
+    """A CA (``rogue_ca``, honest unless told) whose ``/federation`` lists a peer's root as
+    well; it publishes no structure until a test sets ``structure``."""
+    peer_root = make_pki(tmp_path, "kubernetes").root
+    rogue = RogueCA(make_pki(tmp_path, "cloud"))
+    rogue.federated = [peer_root]
+    with rogue.running():
+        yield rogue, peer_root
+
+
+def structure(rogue: RogueCA, peer_root: x509.Certificate) -> tuple[int, dict[str, object]]:
+    sources = (
+        _entry("own", None, [rogue.pki.root], None),
+        _entry("peer", "kubernetes", [peer_root], K8S_NAMES),
+    )
+    return 200, FederationSourcesResponse(sources).to_json()
+
+
+async def test_structure_served_gives_the_bundle_its_rules(tmp_path: Path) -> None:
+    """A CA that serves ``/federatls/federation`` gives its workloads the peer's root with
+    its names. Twin: a CA answering it 404 (as step-ca does) gives the flat bundle."""
+    with rogue_with_peer(tmp_path) as (rogue, peer_root):
+        flat = await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+        rogue.structure = structure(rogue, peer_root)
+        ruled = await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+        assert rogue.requests.count("GET /federatls/federation") == 2
+    assert [r.names for r in flat.trust] == [None, None]
+    assert [r.provenance for r in flat.trust] == [Provenance.OWN, Provenance.FEDERATED]
+    peer = ruled.trust.by_fingerprint(fingerprint(peer_root))
+    assert peer is not None
+    assert peer.provenance is Provenance.PEER
+    assert [p.text for p in peer.names or ()] == list(K8S_NAMES)
+
+
+@pytest.mark.parametrize("status", [403, 500, 503])
+async def test_failing_structure_fails_bootstrap(tmp_path: Path, status: int) -> None:
+    """Any failure of ``/federatls/federation`` but a 404 fails the bootstrap (rules are not
+    dropped silently), naming the endpoint. Twin: with a 404 it enrols (previous test)."""
+    with rogue_with_peer(tmp_path) as (rogue, _):
+        rogue.structure = (status, {"status": status, "message": "no"})
+        with pytest.raises(federatls.CARefusedError) as info:
+            await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+    assert info.value.status == status
+    assert info.value.url == f"{rogue.url}/federatls/federation"
+
+
+async def test_renewal_keeps_the_rules_when_the_structure_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal whose ``/federatls/federation`` fails (500, or an answer that does not
+    parse) keeps the last good bundle and its rules, and says why; the certificate still
+    renews. Twin: with the structure served again, the renewal takes the new bundle."""
+    caplog.set_level(logging.WARNING, logger="federatls.renewal")
+    with rogue_with_peer(tmp_path) as (rogue, peer_root):
+        rogue.structure = structure(rogue, peer_root)
+        identity = await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+        live = federatls.RenewingIdentity(identity)
+        failures: list[tuple[int, dict[str, object]]] = [
+            (500, {"status": 500, "message": "boom"}),
+            (200, {"sources": "x"}),
+        ]
+        for broken in failures:
+            rogue.structure = broken
+            renewed = await live.refresh()
+            assert renewed.serial != identity.serial
+            assert renewed.trust is identity.trust
+            assert live.last_error is not None
+        assert "keeping the last good one" in caplog.text
+        rogue.structure = structure(rogue, peer_root)
+        rogue.federated = []  # the peer's root is gone
+        renewed = await live.refresh()
+    assert live.last_error is None
+    assert renewed.trust is not identity.trust
+    assert renewed.trust.by_fingerprint(fingerprint(peer_root)) is None
+
+
+async def test_disagreeing_answers_trust_neither_extra_root(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A root in ``/federation`` that the structure does not list is not trusted, and the
+    CA's URL and the root are logged. Twin: listed, it is trusted with its names."""
+    caplog.set_level(logging.WARNING, logger="federatls")
+    with rogue_with_peer(tmp_path) as (rogue, peer_root):
+        own_only = _entry("own", None, [rogue.pki.root], None)
+        rogue.structure = 200, {"sources": [own_only.to_json()]}
+        identity = await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+        rogue.structure = structure(rogue, peer_root)
+        twin = await federatls.bootstrap(rogue.pki.token("svc", sans=["svc"]))
+    assert [r.certificate for r in identity.trust] == [rogue.pki.root]
+    [line] = [r.getMessage() for r in caplog.records if "not trusted" in r.getMessage()]
+    assert line.startswith(f"{rogue.url}: not trusted: ")
+    assert "kubernetes" in line
+    assert [r.certificate for r in twin.trust] == [rogue.pki.root, peer_root]
