@@ -26,6 +26,7 @@ import httpx
 import pytest
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +47,7 @@ from federatls.integrations import streams
 from federatls.integrations._source import Source
 from rogue_ca import Issue, RogueCA
 
-from harness import PKI, make_pki, serving
+from harness import PKI, make_pki, serving, stepca_log, stepca_process
 
 pytestmark = pytest.mark.anyio
 
@@ -57,45 +58,84 @@ IMPOSTOR = "payments.cloud.internal"
 # The world -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class World:
-    """The CAs' roots and what they issued; ``ruled`` gives the cloud workloads the bundle
-    the cloud CA's structure describes (the kubernetes root a peer's, with its names)."""
+    """The CAs' roots and what they issued. The cloud CA follows the kubernetes CA as a peer
+    (``federation`` block, names K8S_NAMES) and lists the partner root in its static
+    ``federatedRoots``; the "union" CA follows the kubernetes CA twice, under two names with
+    different names each."""
 
     cloud_root: x509.Certificate
     k8s_root: x509.Certificate
     partner_root: x509.Certificate
     server: Identity  # cloud: server.cloud.internal, localhost, 127.0.0.1
     client: Identity  # cloud: client.cloud.internal
+    server_off: Identity  # cloud, enrolled with name_rules=False
+    client_off: Identity  # cloud, enrolled with name_rules=False
+    union_server: Identity  # union: server.union.internal, localhost, 127.0.0.1
     k8s_client: Identity  # kubernetes: svc.k8s.internal
     k8s_impostor: Identity  # kubernetes: payments.cloud.internal
     k8s_server: Identity  # kubernetes: api.k8s.internal
     k8s_impostor_server: Identity  # kubernetes: payments.cloud.internal
+    k8s_straddler: Identity  # kubernetes: svc.k8s.internal and payments.cloud.internal
     partner_impostor: Identity  # partner (static): payments.cloud.internal
     k8s_no_san: Identity  # kubernetes: a certificate whose only name is its CN (no SAN)
 
 
+def follow(follower: PKI, peer: PKI, *names_by_peer: tuple[str, tuple[str, ...]]) -> None:
+    """Make ``follower``'s ca.json follow ``peer`` (pinned to its root), once per (name,
+    names) given, refreshing every second."""
+    peers = [
+        {"name": name, "url": peer.url, "fingerprint": peer.fingerprint, "names": list(names)}
+        for name, names in names_by_peer
+    ]
+    follower.edit(lambda d: d.__setitem__("federation", {"refresh": "1s", "peers": peers}))
+
+
+async def until_following(follower: PKI, root: x509.Certificate) -> None:
+    """Wait (30 s at most) until ``follower``'s CA lists ``root`` at /federation."""
+    with anyio.fail_after(30):
+        while True:
+            async with follower.client() as ca:
+                if root in await ca.federation():
+                    return
+            await anyio.sleep(0.1)
+
+
 async def _build_world(base: Path) -> World:
-    cloud, k8s, partner = (make_pki(base, n) for n in ("cloud", "kubernetes", "partner"))
-    cloud.federate(k8s, partner)
-    k8s.federate(cloud)
+    cloud, union, k8s, partner = (
+        make_pki(base, n) for n in ("cloud", "union", "kubernetes", "partner")
+    )
+    cloud.federate(partner)
+    k8s.federate(cloud, union)
     partner.federate(cloud)
-    async with serving(cloud), serving(k8s), serving(partner):
+    async with serving(k8s), serving(partner):
+        follow(cloud, k8s, ("kubernetes", K8S_NAMES))
+        follow(union, k8s, ("kubernetes", ("*.k8s.internal",)), ("payments", (IMPOSTOR,)))
+        async with serving(cloud), serving(union):
+            await until_following(cloud, k8s.root)
+            await until_following(union, k8s.root)
 
-        async def enrol(ca: PKI, subject: str, *sans: str) -> Identity:
-            return await federatls.bootstrap(ca.token(subject, sans=sans or (subject,)))
+            async def enrol(ca: PKI, subject: str, *sans: str, rules: bool = True) -> Identity:
+                token = ca.token(subject, sans=sans or (subject,))
+                return await federatls.bootstrap(token, name_rules=rules)
 
-        return World(
-            cloud_root=cloud.root,
-            k8s_root=k8s.root,
-            partner_root=partner.root,
-            server=await enrol(cloud, "server.cloud.internal", "localhost", "127.0.0.1"),
-            client=await enrol(cloud, "client.cloud.internal"),
-            k8s_client=await enrol(k8s, "svc.k8s.internal"),
-            k8s_impostor=await enrol(k8s, IMPOSTOR),
-            k8s_server=await enrol(k8s, "api.k8s.internal"),
-            k8s_impostor_server=await enrol(k8s, IMPOSTOR),
-            partner_impostor=await enrol(partner, IMPOSTOR),
-            k8s_no_san=await _no_san(k8s, "svc.k8s.internal"),
-        )
+            server_names = ("localhost", "127.0.0.1")
+            return World(
+                cloud_root=cloud.root,
+                k8s_root=k8s.root,
+                partner_root=partner.root,
+                server=await enrol(cloud, "server.cloud.internal", *server_names),
+                client=await enrol(cloud, "client.cloud.internal"),
+                server_off=await enrol(cloud, "server.cloud.internal", *server_names, rules=False),
+                client_off=await enrol(cloud, "client.cloud.internal", rules=False),
+                union_server=await enrol(union, "server.union.internal", *server_names),
+                k8s_client=await enrol(k8s, "svc.k8s.internal"),
+                k8s_impostor=await enrol(k8s, IMPOSTOR),
+                k8s_server=await enrol(k8s, "api.k8s.internal"),
+                k8s_impostor_server=await enrol(k8s, IMPOSTOR),
+                k8s_straddler=await enrol(k8s, "svc.k8s.internal", "svc.k8s.internal", IMPOSTOR),
+                partner_impostor=await enrol(partner, IMPOSTOR),
+                k8s_no_san=await _no_san(k8s, "svc.k8s.internal"),
+            )
 
 
 async def _no_san(ca: PKI, subject: str) -> Identity:
@@ -108,27 +148,11 @@ async def _no_san(ca: PKI, subject: str) -> Identity:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """The three CAs served on a private event loop in a worker thread, just long enough to
+    """The four CAs served on a private event loop in a worker thread, just long enough to
     enrol."""
     base = tmp_path_factory.mktemp("names")
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(anyio.run, _build_world, base).result(timeout=90)
-
-
-def ruled(identity: Identity, world: World, *patterns: str, name_rules: bool = True) -> Identity:
-    """``identity`` trusting the bundle a structured federation gives it: the kubernetes
-    root a peer's, vouching only for ``patterns`` (K8S_NAMES by default)."""
-    k8s = fingerprint(world.k8s_root)
-    names = tuple(NamePattern.parse(p) for p in patterns or K8S_NAMES)
-    roots = tuple(
-        dataclasses.replace(r, provenance=Provenance.PEER, names=names, peers=("kubernetes",))
-        if r.fingerprint == k8s
-        else r
-        for r in identity.trust
-    )
-    return Identity.from_parts(
-        identity.chain, identity._key, TrustBundle(roots), identity.ca_url, name_rules=name_rules
-    )
+        return pool.submit(anyio.run, _build_world, base).result(timeout=120)
 
 
 # Exchanges -----------------------------------------------------------------------------------
@@ -410,7 +434,7 @@ async def test_streams_server_refuses_impostor_of_a_peer(
     payments.cloud.internal: its handler never runs, and who and why are logged. Twin: the
     kubernetes client named svc.k8s.internal is served."""
     caplog.set_level(logging.WARNING, logger="federatls.peer")
-    async with line_server(ruled(world.server, world)) as (port, heard):
+    async with line_server(world.server) as (port, heard):
         assert await ask(world.k8s_impostor, port) == b""
         assert await ask(world.k8s_client, port) == b"ok\n"
     assert heard.lines == [b"hello\n"]
@@ -427,7 +451,7 @@ async def test_streams_client_refuses_impostor_server(
     payments.cloud.internal (``PeerNotAuthorisedError``, logged; the server reads nothing).
     Twin: the server named api.k8s.internal answers."""
     caplog.set_level(logging.WARNING, logger="federatls.peer")
-    client = ruled(world.client, world)
+    client = world.client
     async with line_server(world.k8s_impostor_server) as (port, heard):
         with pytest.raises(PeerNotAuthorisedError, match="may only vouch for") as info:
             await ask(client, port, IMPOSTOR)
@@ -444,7 +468,7 @@ async def test_httpx_client_refuses_impostor_server(world: World) -> None:
     """The httpx integration refuses the kubernetes server named payments.cloud.internal (a
     ``ConnectError`` from the handshake, caused by the refusal). Twin: api.k8s.internal
     answers."""
-    client = ruled(world.client, world)
+    client = world.client
     async with https_server(world.k8s_impostor_server) as port:
         with pytest.raises(httpx.ConnectError) as info:
             await httpx_get(client, port, IMPOSTOR)
@@ -463,7 +487,7 @@ async def test_raw_server_context_refuses_impostor(
     (an ``ssl.SSLCertVerificationError``) and logs the client's address. Twin: the kubernetes
     client with its own name gets "ok"."""
     caplog.set_level(logging.WARNING, logger="federatls.peer")
-    server = ruled(world.server, world).server_context()
+    server = world.server.server_context()
     served, got = await anyio.to_thread.run_sync(
         blocking_exchange, server, world.k8s_impostor.client_context()
     )
@@ -485,7 +509,7 @@ async def test_raw_client_context_refuses_impostor_server(
     payments.cloud.internal in ``wrap_socket`` (logged with its address). Twin: the server
     named api.k8s.internal sends "ok"."""
     caplog.set_level(logging.WARNING, logger="federatls.peer")
-    client = ruled(world.client, world).client_context()
+    client = world.client.client_context()
     _, got = await anyio.to_thread.run_sync(
         blocking_exchange, world.k8s_impostor_server.server_context(), client, IMPOSTOR
     )
@@ -503,8 +527,8 @@ async def test_raw_client_context_refuses_impostor_server(
 async def test_option_off_admits_both(world: World) -> None:
     """With ``name_rules=False`` the impostor and its twin are both admitted, by servers and
     clients alike (behaviour as with a flat bundle)."""
-    server = ruled(world.server, world, name_rules=False)
-    client = ruled(world.client, world, name_rules=False)
+    server = world.server_off
+    client = world.client_off
     async with line_server(server) as (port, heard):
         assert await ask(world.k8s_impostor, port) == b"ok\n"
         assert await ask(world.k8s_client, port) == b"ok\n"
@@ -519,7 +543,7 @@ async def test_option_off_admits_both(world: World) -> None:
 async def test_static_root_vouches_for_any_name(world: World) -> None:
     """A client of the partner CA (a static ``federatedRoots`` entry, no rule) naming itself
     payments.cloud.internal is admitted. Twin: the kubernetes impostor is refused."""
-    async with line_server(ruled(world.server, world)) as (port, _):
+    async with line_server(world.server) as (port, _):
         assert await ask(world.partner_impostor, port) == b"ok\n"
         assert await ask(world.k8s_impostor, port) == b""
 
@@ -527,7 +551,7 @@ async def test_static_root_vouches_for_any_name(world: World) -> None:
 async def test_certificate_without_san_is_refused(world: World) -> None:
     """A kubernetes client whose certificate has no SAN (only a CN inside the rules) is
     refused: its common name is not taken for a name. Twin: with a SAN it is admitted."""
-    async with line_server(ruled(world.server, world)) as (port, heard):
+    async with line_server(world.server) as (port, heard):
         assert await ask(world.k8s_no_san, port) == b""
         assert await ask(world.k8s_client, port) == b"ok\n"
     assert heard.lines == [b"hello\n"]
@@ -536,8 +560,8 @@ async def test_certificate_without_san_is_refused(world: World) -> None:
 async def test_renewing_identity_contexts_enforce_the_rules(world: World) -> None:
     """A ``RenewingIdentity``'s live server context (switching to its snapshot's context in
     the handshake) and client context enforce the rules. Twin: the kubernetes names pass."""
-    live_server = federatls.RenewingIdentity(ruled(world.server, world))
-    live_client = federatls.RenewingIdentity(ruled(world.client, world))
+    live_server = federatls.RenewingIdentity(world.server)
+    live_client = federatls.RenewingIdentity(world.client)
     async with line_server(live_server) as (port, _):
         assert await ask(world.k8s_impostor, port) == b""
         assert await ask(world.k8s_client, port) == b"ok\n"
@@ -546,6 +570,122 @@ async def test_renewing_identity_contexts_enforce_the_rules(world: World) -> Non
             await ask(live_client, port, IMPOSTOR)
     async with line_server(world.k8s_server) as (port, _):
         assert await ask(live_client, port, "api.k8s.internal") == b"ok\n"
+
+
+# End to end: the bundle a CA with a peer gives, the union, step-ca, the endpoint -----------
+def test_enrolled_bundle_carries_the_peer_rules(world: World) -> None:
+    """A workload of the cloud CA trusts its own root and the static partner root for any
+    name and the kubernetes root (a peer's) for K8S_NAMES only. Twin: a kubernetes workload
+    (its CA publishes only own and static sources) has no rule."""
+    by_root = {r.fingerprint: r for r in world.server.trust}
+    own = by_root[fingerprint(world.cloud_root)]
+    partner = by_root[fingerprint(world.partner_root)]
+    k8s = by_root[fingerprint(world.k8s_root)]
+    assert (own.provenance, own.names) == (Provenance.OWN, None)
+    assert (partner.provenance, partner.names) == (Provenance.FEDERATED, None)
+    assert k8s.provenance is Provenance.PEER
+    assert [p.text for p in k8s.names or ()] == list(K8S_NAMES)
+    assert k8s.peers == ("kubernetes",)
+    assert world.server.name_rules
+    assert not world.server_off.name_rules
+    assert not world.k8s_client.trust.has_name_rules
+
+
+async def test_root_of_two_peers_admits_the_union(world: World) -> None:
+    """A kubernetes client named svc.k8s.internal and payments.cloud.internal is admitted by a
+    server whose CA lists the kubernetes root under two peers, one for each name. Twin: the
+    cloud CA's server (one peer, K8S_NAMES) refuses it."""
+    union = world.union_server.trust.by_fingerprint(fingerprint(world.k8s_root))
+    assert union is not None
+    assert union.peers == ("kubernetes", "payments")
+    async with line_server(world.union_server) as (port, _):
+        assert await ask(world.k8s_straddler, port) == b"ok\n"
+    async with line_server(world.server) as (port, _):
+        assert await ask(world.k8s_straddler, port) == b""
+
+
+async def test_ca_serves_the_structured_federation(tmp_path: Path) -> None:
+    """``GET /federatls/federation`` (and under ``/1.0``) answers 200 without a client
+    certificate: the own, static and peer sources, each with its roots and names, the same
+    roots as ``/federation``. Twin: before the peer is reached its source lists no root."""
+    cloud, k8s, partner = (make_pki(tmp_path, n) for n in ("cloud", "kubernetes", "partner"))
+    cloud.federate(partner)
+    pem = [c.public_bytes(serialization.Encoding.PEM).decode() for c in (cloud.root, partner.root)]
+    follow(cloud, k8s, ("kubernetes", K8S_NAMES))  # k8s not served yet: unreachable
+    cloud.edit(lambda d: d["federation"]["peers"][0].__setitem__("url", "https://127.0.0.1:9"))
+    async with serving(cloud):
+        before = await get_structure(cloud, "/federatls/federation")
+    assert before["sources"][2] == {
+        "kind": "peer",
+        "name": "kubernetes",
+        "roots": [],
+        "names": list(K8S_NAMES),
+    }
+    async with serving(k8s):
+        follow(cloud, k8s, ("kubernetes", K8S_NAMES))
+        async with serving(cloud):
+            await until_following(cloud, k8s.root)
+            answers = [await get_structure(cloud, p) for p in FEDERATION_PATHS]
+            async with cloud.client() as ca:
+                flat = await ca.federation()
+    k8s_pem = k8s.root.public_bytes(serialization.Encoding.PEM).decode()
+    expected = {
+        "sources": [
+            {"kind": "own", "name": None, "roots": [pem[0]], "names": None},
+            {"kind": "static", "name": None, "roots": [pem[1]], "names": None},
+            {"kind": "peer", "name": "kubernetes", "roots": [k8s_pem], "names": list(K8S_NAMES)},
+        ]
+    }
+    assert answers == [expected, expected]
+    assert flat == (cloud.root, partner.root, k8s.root)
+
+
+FEDERATION_PATHS = ("/federatls/federation", "/1.0/federatls/federation")
+
+
+async def get_structure(pki: PKI, path: str) -> Any:
+    """``path`` of ``pki``'s CA over TLS trusting its root, with no client certificate."""
+    ctx = ssl.create_default_context(
+        cadata=pki.root.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    async with httpx.AsyncClient(verify=ctx, timeout=10) as http:
+        response = await http.get(pki.url + path)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()
+
+
+async def test_plain_stepca_keeps_todays_behaviour(tmp_path: Path, stepca_bin: str) -> None:
+    """Against the real step-ca (flat ``federatedRoots`` only; ``/federatls/federation`` is a
+    404) a workload trusts the kubernetes root for any name and admits its impostor, as
+    before. Twin: the same ca.json run by the federatls CA, with kubernetes as a peer instead,
+    gives a workload that refuses it."""
+    cloud, k8s = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "kubernetes")
+    cloud.federate(k8s)
+    k8s.federate(cloud)
+    async with serving(k8s):
+        impostor = await federatls.bootstrap(k8s.token(IMPOSTOR, sans=[IMPOSTOR]))
+        with stepca_process(stepca_bin, cloud):
+            server = await federatls.bootstrap(
+                cloud.token("server.cloud.internal", sans=["localhost", "127.0.0.1"])
+            )
+            async with cloud.client() as ca:
+                assert await ca.federation_sources() is None
+        assert not server.trust.has_name_rules
+        async with line_server(server) as (port, _):
+            assert await ask(impostor, port) == b"ok\n"
+        assert "/federatls/federation" in stepca_log(cloud)
+
+        cloud.federate()
+        follow(cloud, k8s, ("kubernetes", K8S_NAMES))
+        async with serving(cloud):
+            await until_following(cloud, k8s.root)
+            server = await federatls.bootstrap(
+                cloud.token("server.cloud.internal", sans=["localhost", "127.0.0.1"])
+            )
+        assert server.trust.has_name_rules
+        async with line_server(server) as (port, _):
+            assert await ask(impostor, port) == b""
 
 
 # The CA client: what /federatls/federation's answer does to the bundle ----------------------
