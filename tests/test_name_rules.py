@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 import pytest
@@ -42,6 +43,7 @@ from federatls import (
 from federatls._namerules import structured_bundle
 from federatls._protocol import FederationEntry, FederationSourcesResponse
 from federatls._x509 import fingerprint
+from federatls.integrations import aiohttp as faiohttp
 from federatls.integrations import httpx as fhttpx
 from federatls.integrations import streams
 from federatls.integrations._source import Source
@@ -478,6 +480,41 @@ async def test_httpx_client_refuses_impostor_server(world: World) -> None:
     assert isinstance(cause, PeerNotAuthorisedError)
     async with https_server(world.k8s_server) as port:
         assert await httpx_get(client, port, "api.k8s.internal") == "hello"
+
+
+async def test_aiohttp_integration_refuses_impostors_both_ways(world: World) -> None:
+    """The aiohttp integration's ``Site`` (cloud) cuts off the kubernetes client named
+    payments.cloud.internal, and its client session refuses the kubernetes server of that
+    name (``ClientConnectorCertificateError`` caused by the refusal). Twins: the kubernetes
+    names are served and answered."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async def get(client: Identity, port: int, server_name: str) -> str:
+        async with faiohttp.client_session(client) as session:
+            url = f"https://127.0.0.1:{port}/"
+            async with session.get(url, server_hostname=server_name) as response:
+                return await response.text()
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = faiohttp.Site(runner, world.server, "127.0.0.1", 0)
+        await site.start()
+        with pytest.raises(aiohttp.ClientError):
+            await get(world.k8s_impostor, site.port, "localhost")
+        assert await get(world.k8s_client, site.port, "localhost") == "hello"
+    finally:
+        await runner.cleanup()
+    async with https_server(world.k8s_impostor_server) as port:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError) as info:
+            await get(world.client, port, IMPOSTOR)
+    assert isinstance(info.value.certificate_error.__cause__, PeerNotAuthorisedError)
+    async with https_server(world.k8s_server) as port:
+        assert await get(world.client, port, "api.k8s.internal") == "hello"
 
 
 async def test_raw_server_context_refuses_impostor(
