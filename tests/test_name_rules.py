@@ -40,6 +40,7 @@ from federatls import (
     Provenance,
     TrustBundle,
 )
+from federatls._contexts import _NAME_RULES
 from federatls._namerules import structured_bundle
 from federatls._protocol import FederationEntry, FederationSourcesResponse
 from federatls._x509 import fingerprint
@@ -801,6 +802,22 @@ async def test_renewal_keeps_the_rules_when_the_structure_fails(
     assert live.last_error is None
     assert renewed.trust is not identity.trust
     assert renewed.trust.by_fingerprint(fingerprint(peer_root)) is None
+
+
+async def test_option_off_survives_renewal(tmp_path: Path) -> None:
+    """An identity enrolled with ``name_rules=False`` keeps the option through a renewal
+    (its contexts still built without the rules) while the bundle keeps its rules. Twin:
+    one enrolled by default renews with the option on."""
+    with rogue_with_peer(tmp_path) as (rogue, peer_root):
+        rogue.structure = structure(rogue, peer_root)
+        for rules in (False, True):
+            token = rogue.pki.token("svc", sans=["svc"])
+            live = federatls.RenewingIdentity(await federatls.bootstrap(token, name_rules=rules))
+            renewed = await live.refresh()
+            assert live.renewals == 1
+            assert renewed.name_rules is rules
+            assert renewed.trust.has_name_rules
+            assert (_NAME_RULES.get(live.client_context()) is None) is not rules
 
 
 async def test_disagreeing_answers_trust_neither_extra_root(
