@@ -72,13 +72,18 @@ class Behaviour:
 @dataclass
 class RogueCA:
     """The server. Set ``issue``, ``behaviour[path]`` (``"/root"``, ``"/sign"``, ``"/roots"``,
-    ``"/federation"``, ``"/renew"``) and ``roots`` (what ``/roots`` and ``/federation`` list)
-    at any time; ``requests`` lists what reached it, ``sent`` the body bytes it got out."""
+    ``"/federation"``, ``"/renew"``), ``roots`` (what ``/roots`` and ``/federation`` list),
+    ``federated`` (what only ``/federation`` adds) and ``structure`` (what
+    ``/federatls/federation`` answers) at any time; ``requests`` lists what reached it,
+    ``sent`` the body bytes it got out."""
 
     pki: PKI
     issue: Issue = field(default_factory=Issue)
     behaviour: dict[str, Behaviour] = field(default_factory=dict)
     roots: list[x509.Certificate] = field(default_factory=list)
+    federated: list[x509.Certificate] = field(default_factory=list)
+    # What ``/federatls/federation`` answers (status, body); None: 404, as step-ca does.
+    structure: tuple[int, dict[str, object]] | None = None
     requests: list[str] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)
     url: str = ""
@@ -172,7 +177,10 @@ class RogueCA:
             root = self.root_answer or self.pki.root
             return 200, {"ca": root.public_bytes(pem).decode()}
         if method == "GET" and path in ("/roots", "/federation"):
-            return 201, {"crts": [c.public_bytes(pem).decode() for c in self.roots]}
+            listed = self.roots + (self.federated if path == "/federation" else [])
+            return 201, {"crts": [c.public_bytes(pem).decode() for c in listed]}
+        if method == "GET" and target == "/federatls/federation" and self.structure:
+            return self.structure
         if method == "POST" and path == "/sign":
             request = json.loads(body)
             token = Token.parse(request["ott"])

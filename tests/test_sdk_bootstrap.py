@@ -339,6 +339,7 @@ async def test_expired_token_fails_before_any_request(
                 "POST /sign",
                 "GET /roots",
                 "GET /federation",
+                "GET /federatls/federation",  # a 404 at step-ca: the flat bundle
             ]
 
 

@@ -99,6 +99,7 @@ async def bootstrap(
     key_type: KeyType | str = KeyType.P256,
     lifetime: timedelta | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    name_rules: bool = True,
 ) -> Identity:
     """Enrol with the CA a one-time token names; returns the ready ``Identity``.
 
@@ -106,9 +107,13 @@ async def bootstrap(
     name, e.g. ``"Ed25519"``), made in this process.
     ``lifetime``: the certificate lifetime to ask for (the CA's default otherwise, and the
     CA's claims bound it). ``timeout``: seconds for the whole bootstrap, all its calls
-    together. Raises ``TokenError`` (a bad or expired token), ``FingerprintMismatchError``
-    (the CA presented another root: nothing else was sent), ``CARefusedError`` (status and
-    body of the refusal), ``CAUnreachableError`` (``CATimeoutError`` past the deadline),
+    together. ``name_rules=False``: the identity's contexts do not enforce the names each
+    federated root may vouch for (as the CA publishes them at ``/federatls/federation``);
+    kept across renewal.
+
+    Raises ``TokenError`` (a bad or expired token), ``FingerprintMismatchError`` (the CA
+    presented another root: nothing else was sent), ``CARefusedError`` (status and body of
+    the refusal), ``CAUnreachableError`` (``CATimeoutError`` past the deadline),
     ``BadMaterialError`` (an answer too large, inconsistent, or a certificate that is not
     for our key and the token's names, not valid now, or a CA's).
     """
@@ -127,7 +132,7 @@ async def bootstrap(
     async with CAClient(ca_url, [root], timeout=timeout, deadline=deadline) as ca:
         chain, own = await sign_checked(ca, request, key=key, names=sans, pinned=root)
         trust = await ca.trust_bundle(own)
-    identity = Identity.from_parts(chain, key, trust, ca_url)
+    identity = Identity.from_parts(chain, key, trust, ca_url, name_rules=name_rules)
     log.info(
         "enrolled %s with %s: serial %d, valid until %s, trusting %d root(s)",
         identity.common_name,
@@ -145,10 +150,13 @@ def bootstrap_sync(
     key_type: KeyType | str = KeyType.P256,
     lifetime: timedelta | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    name_rules: bool = True,
 ) -> Identity:
     """``bootstrap`` for blocking code (runs it on a private event loop thread)."""
 
     async def run() -> Identity:
-        return await bootstrap(token, key_type=key_type, lifetime=lifetime, timeout=timeout)
+        return await bootstrap(
+            token, key_type=key_type, lifetime=lifetime, timeout=timeout, name_rules=name_rules
+        )
 
     return run_sync(run)

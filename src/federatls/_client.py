@@ -10,6 +10,7 @@ optionally by a longer exchange's (a bootstrap's, a renewal's); answers larger t
 from __future__ import annotations
 
 import json as jsonlib
+import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ from ._errors import (
     FingerprintMismatchError,
 )
 from ._netstream import closing_transport
+from ._namerules import structured_bundle
 from ._protocol import (
+    FEDERATION_SOURCES_PATH,
     ErrorBody,
+    FederationSourcesResponse,
     HealthResponse,
     ProvisionersResponse,
     RekeyRequest,
@@ -49,6 +53,8 @@ from ._version import __version__
 from ._x509 import certs_to_pem, fingerprint
 
 __all__ = ["MAX_ANSWER_BYTES", "CAClient", "Deadline", "fetch_root"]
+
+log = logging.getLogger("federatls")
 
 DEFAULT_TIMEOUT = 15.0
 # Far above any step-ca answer (a chain, a bundle of roots, a page of provisioners).
@@ -298,13 +304,41 @@ class CAClient:
         data = await self._get("/federation", expect=(200, 201))
         return RootsResponse.parse(data, "federation response").certificates
 
+    async def federation_sources(self) -> FederationSourcesResponse | None:
+        """``/federatls/federation``: the federation with its structure (which roots belong
+        to which source, and the names each may vouch for); None when the CA answers 404 (a
+        plain step-ca, which publishes only the flat ``/federation``). Any other failure
+        raises, as every call does."""
+        try:
+            data = await self._get(FEDERATION_SOURCES_PATH)
+        except CARefusedError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return FederationSourcesResponse.parse(data)
+
     async def trust_bundle(self, own: Sequence[x509.Certificate] | None = None) -> TrustBundle:
         """What a workload of this CA trusts: its own roots (``/roots``, or ``own`` when the
         caller fetched them already) and its federation. Bootstrap, renewal and the trust
-        refresh all build their bundle here."""
+        refresh all build their bundle here.
+
+        Where the CA publishes its federation's structure, each federated root carries the
+        names it may vouch for, and roots on which ``/federation`` and the structure
+        disagree are left out (logged; ``structured_bundle``). A 404 there means a plain
+        step-ca: the flat bundle, every root vouching for any name. Any other failure of
+        that endpoint fails the whole fetch (``CARefusedError``, ``CAUnreachableError``,
+        ``BadMaterialError``), so that rules are never dropped silently: the caller keeps
+        the bundle it had (renewal does) or fails (bootstrap)."""
         if own is None:
             own = await self.roots_bundle()
-        return TrustBundle.from_ca(own, await self.federation())
+        federation = await self.federation()
+        sources = await self.federation_sources()
+        if sources is None:
+            return TrustBundle.from_ca(own, federation)
+        trust, left_out = structured_bundle(own, federation, sources.sources)
+        for sentence in left_out:
+            log.warning("%s: not trusted: %s", self.url, sentence)
+        return trust
 
     async def provisioners(self) -> list[dict[str, Any]]:
         """Every provisioner, following ``nextCursor`` through all pages."""

@@ -8,18 +8,28 @@ A server context logs every handshake it refuses, with OpenSSL's reason, on the
 ``federatls.peer`` logger: asyncio's TLS (under streams, aiohttp and uvicorn) reports a
 failed handshake only in debug mode, and sends the client no alert, so without this line
 nobody would learn why a client was cut off.
+
+Both kinds enforce the trust bundle's name rules (``_namerules``) by default: right after the
+handshake, a peer anchored in a root that may vouch only for some names is refused unless
+every name it presents is one of them. The refusal is logged on ``federatls.peer`` and raised
+from the handshake as an ``ssl.SSLCertVerificationError`` (its ``__cause__`` the
+``PeerNotAuthorisedError``), so asyncio, anyio, httpx, aiohttp and uvicorn close the
+connection before any application data, as for any certificate OpenSSL refuses.
+``name_rules=False`` builds contexts that do not check them.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
 from typing import TypeVar
 
 from cryptography import x509
 
 from ._keys import PrivateKey
+from ._namerules import NameRules
 from ._sslkeys import load_cert_chain_in_memory
 from ._trust import TrustBundle
 
@@ -33,6 +43,11 @@ _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 Ctx = TypeVar("Ctx", bound=ssl.SSLContext)
 
+# The name rules each context enforces (contexts with none are absent). A server context's
+# handshake may switch to another context (``LiveServerContext``): the connection's context
+# at the end of the handshake is the one whose rules apply.
+_NAME_RULES: weakref.WeakKeyDictionary[ssl.SSLContext, NameRules] = weakref.WeakKeyDictionary()
+
 
 def _base(
     protocol: int,
@@ -40,6 +55,7 @@ def _base(
     key: PrivateKey,
     trust: TrustBundle,
     cls: type[Ctx],
+    name_rules: bool,
 ) -> Ctx:
     if not trust.roots:
         raise ValueError("a context needs at least one trusted root")
@@ -49,7 +65,35 @@ def _base(
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     load_cert_chain_in_memory(ctx, chain, key)
     ctx.load_verify_locations(cadata=trust.pem)
+    rules = NameRules.of(trust) if name_rules else None
+    if rules is not None:
+        _NAME_RULES[ctx] = rules
     return ctx
+
+
+def _check_name_rules(conn: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:
+    """After a handshake: refuse the peer (``what``: "TLS client" or "TLS server"; logged,
+    and an ``ssl.SSLCertVerificationError`` raised from the ``PeerNotAuthorisedError``) if
+    the connection's context has name rules and its verified peer breaks them."""
+    rules = _NAME_RULES.get(conn.context)
+    refusal = rules.refusal(conn) if rules is not None else None
+    if refusal is None:
+        return
+    who = _address(conn, what) if isinstance(conn, ssl.SSLSocket) else f"a {what}"
+    log.warning("refused %s after the TLS handshake (name rules): %s", who, refusal)
+    error = ssl.SSLCertVerificationError(1, f"federatls name rules: {refusal}")
+    # What OpenSSL's own verification errors carry, for code that reads them.
+    error.library, error.reason = "federatls", "PEER_NAME_NOT_AUTHORISED"
+    error.verify_code, error.verify_message = 47, str(refusal)  # X509_V_ERR_PERMITTED_VIOLATION
+    raise error from refusal
+
+
+def _address(sock: ssl.SSLSocket, what: str) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return f"a {what}"
+    return f"the {what} at {host}:{port}"
 
 
 def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None:
@@ -75,7 +119,8 @@ def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None
 
 class _ServerSSLObject(ssl.SSLObject):
     """The TLS object asyncio's servers get from a federatls server context: it logs a
-    refused handshake (the peer's address is not known at this level)."""
+    refused handshake (the peer's address is not known at this level) and enforces the
+    name rules."""
 
     def do_handshake(self) -> None:
         try:
@@ -85,11 +130,12 @@ class _ServerSSLObject(ssl.SSLObject):
         except ssl.SSLError as exc:
             log_refused_handshake(exc)
             raise
+        _check_name_rules(self, "TLS client")
 
 
 class _ServerSSLSocket(ssl.SSLSocket):
     """The blocking TLS socket of a federatls server context: it logs a refused handshake,
-    with the client's address."""
+    with the client's address, and enforces the name rules."""
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -97,13 +143,27 @@ class _ServerSSLSocket(ssl.SSLSocket):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as exc:
-            try:
-                host, port = self.getpeername()[:2]
-                peer = f"the TLS client at {host}:{port}"
-            except OSError:
-                peer = "a TLS client"
-            log_refused_handshake(exc, peer)
+            log_refused_handshake(exc, _address(self, "TLS client"))
             raise
+        _check_name_rules(self, "TLS client")
+
+
+class _ClientSSLObject(ssl.SSLObject):
+    """The TLS object of a federatls client context under asyncio and anyio (httpx, aiohttp,
+    streams): it enforces the name rules on the server."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _check_name_rules(self, "TLS server")
+
+
+class _ClientSSLSocket(ssl.SSLSocket):
+    """The blocking TLS socket of a federatls client context (httpx's sync client): it
+    enforces the name rules on the server."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        _check_name_rules(self, "TLS server")
 
 
 def new_server_context(
@@ -112,12 +172,14 @@ def new_server_context(
     trust: TrustBundle,
     *,
     require_client_certificate: bool = True,
+    name_rules: bool = True,
     cls: type[Ctx] = ssl.SSLContext,  # type: ignore[assignment]
 ) -> Ctx:
     """A server context presenting ``chain`` and verifying client certificates against
     ``trust`` (required unless ``require_client_certificate`` is False: then optional, but
-    still verified when sent). ``cls`` may be a subclass of ``ssl.SSLContext``."""
-    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls)
+    still verified when sent) and its name rules (unless ``name_rules`` is False). ``cls``
+    may be a subclass of ``ssl.SSLContext``."""
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls, name_rules)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
@@ -132,10 +194,14 @@ def new_client_context(
     trust: TrustBundle,
     *,
     check_hostname: bool = True,
+    name_rules: bool = True,
 ) -> ssl.SSLContext:
-    """A client context presenting ``chain`` and verifying servers against ``trust``; the
-    server's name (DNS or IP) is checked unless ``check_hostname`` is False."""
-    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust, ssl.SSLContext)
+    """A client context presenting ``chain`` and verifying servers against ``trust`` and its
+    name rules (unless ``name_rules`` is False); the server's name (DNS or IP) is checked
+    unless ``check_hostname`` is False."""
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust, ssl.SSLContext, name_rules)
     ctx.check_hostname = check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.sslobject_class = _ClientSSLObject
+    ctx.sslsocket_class = _ClientSSLSocket
     return ctx

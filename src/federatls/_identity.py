@@ -28,7 +28,9 @@ TrustChoice = Literal["federation", "own"]
 @dataclass(frozen=True, eq=False)
 class Identity(CertificateFacts):
     """A certificate chain (leaf first, no root), its private key, and the trust bundle of
-    its CA (own roots and federated roots, each with its provenance).
+    its CA (own roots and federated roots, each with its provenance and the names it may
+    vouch for). ``name_rules``: whether its contexts enforce those names (the default; see
+    ``bootstrap``); renewal keeps it.
 
     The private key never leaves memory unless ``export_private_key`` is called.
     """
@@ -37,12 +39,19 @@ class Identity(CertificateFacts):
     trust: TrustBundle
     ca_url: str
     _key: PrivateKey = field(repr=False)
+    name_rules: bool = True
 
     @classmethod
     def from_parts(
-        cls, chain: Sequence[x509.Certificate], key: PrivateKey, trust: TrustBundle, ca_url: str
+        cls,
+        chain: Sequence[x509.Certificate],
+        key: PrivateKey,
+        trust: TrustBundle,
+        ca_url: str,
+        *,
+        name_rules: bool = True,
     ) -> Identity:
-        return cls(chain=tuple(chain), trust=trust, ca_url=ca_url, _key=key)
+        return cls(chain=tuple(chain), trust=trust, ca_url=ca_url, _key=key, name_rules=name_rules)
 
     # The certificate --------------------------------------------------------------------------
     @property
@@ -72,21 +81,28 @@ class Identity(CertificateFacts):
     ) -> ssl.SSLContext:
         """A TLS server context: this identity's certificate; client certificates required
         (optional with ``require_client_certificate=False``) and verified against the
-        federation bundle (or only the own CA's roots with ``trust="own"``)."""
+        federation bundle (or only the own CA's roots with ``trust="own"``) and, unless
+        ``name_rules`` is off, its name rules."""
         return new_server_context(
             self.chain,
             self._key,
             self._bundle(trust),
             require_client_certificate=require_client_certificate,
+            name_rules=self.name_rules,
         )
 
     def client_context(
         self, *, trust: TrustChoice = "federation", check_hostname: bool = True
     ) -> ssl.SSLContext:
         """A TLS client context: this identity's certificate for mutual TLS; servers
-        verified against the federation bundle (or own roots) and their host name checked."""
+        verified against the federation bundle (or own roots) and, unless ``name_rules`` is
+        off, its name rules; their host name checked."""
         return new_client_context(
-            self.chain, self._key, self._bundle(trust), check_hostname=check_hostname
+            self.chain,
+            self._key,
+            self._bundle(trust),
+            check_hostname=check_hostname,
+            name_rules=self.name_rules,
         )
 
     # Peers ------------------------------------------------------------------------------------
@@ -125,5 +141,6 @@ class Identity(CertificateFacts):
     def __repr__(self) -> str:
         return (
             f"Identity({self.common_name!r}, serial={self.serial}, "
-            f"not_after={self.not_after.isoformat()}, roots={len(self.trust)})"
+            f"not_after={self.not_after.isoformat()}, roots={len(self.trust)}"
+            f"{'' if self.name_rules else ', name_rules=False'})"
         )

@@ -26,8 +26,11 @@ from ._x509 import load_pem_certificate, load_pem_csr
 
 __all__ = [
     "API_PREFIX",
+    "FEDERATION_SOURCES_PATH",
     "MAX_BODY_BYTES",
     "ErrorBody",
+    "FederationEntry",
+    "FederationSourcesResponse",
     "HealthResponse",
     "ProtocolError",
     "ProvisionerKeyResponse",
@@ -383,6 +386,73 @@ class RootResponse:
         if not isinstance(pem, str):
             raise BadMaterialError("root response: field 'ca' must be a PEM certificate")
         return cls(load_pem_certificate(pem, "root response: ca"))
+
+
+# federatls's own route, beside step's flat /federation (docs/protocol.md): the federation
+# with its structure. A plain step-ca answers it 404.
+FEDERATION_SOURCES_PATH = "/federatls/federation"
+_SOURCE_KINDS = ("own", "static", "peer")
+
+
+@dataclass(frozen=True)
+class FederationEntry:
+    """One source of a CA's federation: its own roots (``own``), its static
+    ``federatedRoots`` (``static``), or the current roots of the peer ``name`` (``peer``).
+    ``names`` are the name patterns (NamePattern syntax, not parsed here) its roots may vouch
+    for; None (own and static) means any name."""
+
+    kind: str
+    name: str | None
+    roots: tuple[x509.Certificate, ...]
+    names: tuple[str, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "roots": [_cert_pem(c) for c in self.roots],
+            "names": None if self.names is None else list(self.names),
+        }
+
+    @classmethod
+    def parse(cls, data: object, where: str) -> FederationEntry:
+        obj = _answer_object(data, where)
+        kind, name, names = obj.get("kind"), obj.get("name"), obj.get("names")
+        if kind not in _SOURCE_KINDS:
+            raise BadMaterialError(f"{where}: 'kind' must be one of {_SOURCE_KINDS}, not {kind!r}")
+        if not (name is None or isinstance(name, str)):
+            raise BadMaterialError(f"{where}: 'name' must be a string or null")
+        if kind == "peer" and not name:
+            raise BadMaterialError(f"{where}: a peer source must have a 'name'")
+        if names is not None and not (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+        ):
+            raise BadMaterialError(f"{where}: 'names' must be a list of strings or null")
+        if kind == "peer" and names is None:  # a peer never vouches for any name at all
+            raise BadMaterialError(f"{where}: peer {name!r} has no 'names'")
+        roots = _answer_certs(obj, "roots", where)
+        return cls(kind, name, tuple(roots), None if names is None else tuple(names))
+
+
+@dataclass(frozen=True)
+class FederationSourcesResponse:
+    """``/federatls/federation`` (200, federatls only): the federation with its structure,
+    each source's roots and the names they may vouch for. Unknown fields are ignored; an
+    unknown ``kind`` or a peer without ``names`` refuses the whole answer."""
+
+    sources: tuple[FederationEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sources": [s.to_json() for s in self.sources]}
+
+    @classmethod
+    def parse(cls, data: object) -> FederationSourcesResponse:
+        what = "federation sources response"
+        items = _answer_object(data, what).get("sources")
+        if not isinstance(items, list):
+            raise BadMaterialError(f"{what}: field 'sources' must be a list")
+        entries = (FederationEntry.parse(x, f"{what}: sources[{i}]") for i, x in enumerate(items))
+        return cls(tuple(entries))
 
 
 @dataclass(frozen=True)

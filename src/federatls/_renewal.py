@@ -196,6 +196,7 @@ class RenewingIdentity:
             current._key,
             current.trust if trust == "federation" else current.own_roots,
             require_client_certificate=require_client_certificate,
+            name_rules=current.name_rules,
             cls=LiveServerContext,
         )
 
@@ -264,7 +265,7 @@ class RenewingIdentity:
                 log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
                 self.last_error = exc
         check_renewed(signed.chain, old=old.chain[0], roots=trust.own(), now=self._clock())
-        return Identity.from_parts(signed.chain, key, trust, old.ca_url)
+        return Identity.from_parts(signed.chain, key, trust, old.ca_url, name_rules=old.name_rules)
 
     async def _rebootstrap(self, old: Identity) -> Identity:
         if self._token_source is None:
@@ -276,7 +277,10 @@ class RenewingIdentity:
         log.warning("certificate of %s expired: enrolling again with a new token", old.common_name)
         token = await self._token_source()
         return await bootstrap(
-            token, key_type=_key_type(old), timeout=self.policy.timeout.total_seconds()
+            token,
+            key_type=_key_type(old),
+            timeout=self.policy.timeout.total_seconds(),
+            name_rules=old.name_rules,
         )
 
     async def _install(self, identity: Identity) -> None:

@@ -1,5 +1,7 @@
-"""Trust with provenance: every root a workload trusts, with where it came from (its own CA, or
-federated through it), its fingerprint and subject. Pure: values and lookups, no I/O.
+"""Trust with provenance: every root a workload trusts, with where it came from (its own CA,
+federated through it, or followed from one of its peers), its fingerprint and subject, and the
+names it may vouch for when its CA says so (``_namerules`` builds and enforces those). Pure:
+values and lookups, no I/O.
 """
 
 from __future__ import annotations
@@ -7,12 +9,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from ._errors import BadMaterialError
 from ._x509 import certs_to_pem, common_name, fingerprint
+
+if TYPE_CHECKING:  # _authorise imports this module
+    from ._authorise import NamePattern
 
 __all__ = ["Provenance", "TrustBundle", "TrustedRoot"]
 
@@ -22,31 +28,47 @@ class Provenance(enum.Enum):
 
     OWN = "own"  # one of the CA's own roots (``/roots``)
     FEDERATED = "federated"  # listed in the CA's ``federatedRoots`` (``/federation`` only)
+    PEER = "peer"  # a root of a peer CA the workload's CA follows (``/federatls/federation``)
 
 
 @dataclass(frozen=True)
 class TrustedRoot:
-    """A root certificate the workload trusts."""
+    """A root certificate the workload trusts. ``names``: the name patterns it may vouch for,
+    None for any name (the own CA's roots, static ``federatedRoots``, and every root of a CA
+    that publishes no structure, such as a plain step-ca); ``peers``: the peers of the CA
+    that list it (``Provenance.PEER``), for messages."""
 
     certificate: x509.Certificate
     fingerprint: str  # hex SHA-256 of the DER, as step prints it
     subject: str  # RFC 4514
     common_name: str
     provenance: Provenance
+    names: tuple[NamePattern, ...] | None = None
+    peers: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, certificate: x509.Certificate, provenance: Provenance) -> TrustedRoot:
+    def of(
+        cls,
+        certificate: x509.Certificate,
+        provenance: Provenance,
+        *,
+        names: tuple[NamePattern, ...] | None = None,
+        peers: tuple[str, ...] = (),
+    ) -> TrustedRoot:
         return cls(
             certificate=certificate,
             fingerprint=fingerprint(certificate),
             subject=certificate.subject.rfc4514_string(),
             common_name=common_name(certificate.subject),
             provenance=provenance,
+            names=names,
+            peers=peers,
         )
 
     def __str__(self) -> str:
         name = self.common_name or self.subject
-        return f"{name} ({self.provenance.value}, {self.fingerprint[:16]}...)"
+        source = f"peer {', '.join(self.peers)}" if self.peers else self.provenance.value
+        return f"{name} ({source}, {self.fingerprint[:16]}...)"
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,11 @@ class TrustBundle:
             if fp not in own_prints:
                 roots.setdefault(fp, TrustedRoot.of(cert, Provenance.FEDERATED))
         return cls(tuple(roots.values()))
+
+    @property
+    def has_name_rules(self) -> bool:
+        """Whether some root may vouch only for some names (so peers are name-checked)."""
+        return any(r.names is not None for r in self.roots)
 
     def own(self) -> TrustBundle:
         """Only the CA's own roots."""

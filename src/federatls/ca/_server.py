@@ -1,4 +1,5 @@
-"""The federatls CA's HTTPS server: step-ca's routes (PROTOCOL.md §2, without SSH) under ``/``
+"""The federatls CA's HTTPS server: step-ca's routes (PROTOCOL.md §2, without SSH) and
+federatls's own ``/federatls/federation`` (the federation with its structure) under ``/``
 and ``/1.0/``, step-ca's status codes and JSON bodies, the CA's own server certificate renewed
 before it expires, SIGHUP to reload ca.json, SIGTERM/SIGINT to stop cleanly.
 
@@ -28,8 +29,11 @@ from cryptography import x509
 from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 from .._protocol import (
     API_PREFIX,
+    FEDERATION_SOURCES_PATH,
     MAX_BODY_BYTES,
     ErrorBody,
+    FederationEntry,
+    FederationSourcesResponse,
     HealthResponse,
     ProtocolError,
     ProvisionerKeyResponse,
@@ -441,6 +445,12 @@ async def _spiffe_bundle(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def _federation_sources(request: web.Request) -> web.Response:
+    sources = _authority(request).federation_sources()
+    entries = tuple(FederationEntry(s.kind, s.peer, s.roots, s.names) for s in sources)
+    return _json(FederationSourcesResponse(entries).to_json())
+
+
 async def _root(request: web.Request) -> web.Response:
     cert = _authority(request).root(request.match_info["sha"])
     return _json(RootResponse(cert).to_json())
@@ -557,6 +567,7 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
         app.router.add_get(prefix + "/roots", _roots, allow_head=False)
         app.router.add_get(prefix + "/roots.pem", _roots_pem, allow_head=False)
         app.router.add_get(prefix + "/federation", _federation, allow_head=False)
+        app.router.add_get(prefix + FEDERATION_SOURCES_PATH, _federation_sources, allow_head=False)
         app.router.add_get(prefix + "/root/{sha}", _root, allow_head=False)
         app.router.add_get(prefix + BUNDLE_PATH, _spiffe_bundle, allow_head=False)
         app.router.add_get(prefix + "/provisioners", _provisioners, allow_head=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -91,14 +92,21 @@ async def open_connection(
     **kwargs: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """``asyncio.open_connection`` with ``identity``'s client context (mutual TLS; the server
-    verified against the federation bundle, its name checked). The server is then checked by
-    ``authoriser``: a refused server is cut off and ``PeerNotAuthorisedError`` raised before
-    anything is sent. ``kwargs`` go to asyncio (``ssl=`` is a ``ConfigError``)."""
+    verified against the federation bundle and its name rules, its name checked). The server
+    is then checked by ``authoriser``: a refused server (by either) is cut off and
+    ``PeerNotAuthorisedError`` raised before anything is sent. ``kwargs`` go to asyncio
+    (``ssl=`` is a ``ConfigError``)."""
     options = _without_ssl("open_connection", kwargs)
     ctx = client_context(identity, trust)
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=ctx, server_hostname=server_hostname or host, **options
-    )
+    try:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname=server_hostname or host, **options
+        )
+    except ssl.SSLCertVerificationError as exc:
+        refusal = exc.__cause__  # the context's name rules refused the server (logged)
+        if isinstance(refusal, PeerNotAuthorisedError):
+            raise PeerNotAuthorisedError(str(refusal), peer=refusal.peer) from exc
+        raise
     try:
         identity.authorise(writer, authoriser)
     except (PeerNotAuthorisedError, BadMaterialError):
