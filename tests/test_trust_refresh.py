@@ -525,3 +525,58 @@ async def test_refresh_trust_raises_and_keeps_the_bundle(tmp_path: Path) -> None
     assert _fingerprint(other) in _prints(live.current)
     assert live.current.chain == identity.chain
     assert (live.trust_refreshes, live.trust_changes) == (2, 1)
+
+
+# 7. One swap at a time ------------------------------------------------------------------------
+class _Gated(RenewingIdentity):
+    """A ``RenewingIdentity`` whose trust fetch, once it has its answer, waits at a gate the
+    test opens; with ``exclusive=False`` renewals and trust refreshes do not take turns (the
+    lock each takes is a new one), to show what the lock prevents."""
+
+    def __init__(self, identity: Identity, *, exclusive: bool) -> None:
+        super().__init__(identity, policy=OFF)
+        self.exclusive = exclusive
+        self.fetched, self.gate = anyio.Event(), anyio.Event()
+
+    def _turn(self) -> anyio.Lock:
+        return super()._turn() if self.exclusive else anyio.Lock()
+
+    async def _fetch_trust(self, current: Identity) -> federatls.TrustBundle:
+        trust = await super()._fetch_trust(current)
+        self.fetched.set()
+        await self.gate.wait()
+        return trust
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+async def test_renewal_waits_for_a_trust_refresh_in_flight(exclusive: bool) -> None:
+    """A renewal asked for while a trust refresh is in flight waits its turn, and the
+    identity ends with the renewed certificate and the new bundle. Twin: without the lock
+    the renewal swaps in first and the trust refresh then swaps the old certificate back."""
+    with running_ca("cloud") as cloud, running_ca("partner") as partner:
+        identity = await _enrol(cloud, "svc.cloud.internal")
+        live = _Gated(identity, exclusive=exclusive)
+        await _reconfigure(lambda: cloud.federate(partner))
+        renewed: list[Identity] = []
+
+        async def renew() -> None:
+            renewed.append(await live.refresh())
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(live.refresh_trust)
+                await live.fetched.wait()
+                tg.start_soon(renew)
+                await anyio.sleep(1.0)  # ample for a renewal that does not wait
+                renewals_at_gate = live.renewals
+                live.gate.set()
+    assert partner.root_fingerprint in _prints(live.current)
+    assert len(renewed) == 1
+    if exclusive:
+        assert renewals_at_gate == 0
+        assert live.current is renewed[0]
+        assert live.current.serial != identity.serial
+        assert live.trust_refreshes == 2
+        return
+    assert renewals_at_gate == 1
+    assert live.current.serial == identity.serial  # the renewal was undone
