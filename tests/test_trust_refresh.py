@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -580,3 +581,31 @@ async def test_renewal_waits_for_a_trust_refresh_in_flight(exclusive: bool) -> N
         return
     assert renewals_at_gate == 1
     assert live.current.serial == identity.serial  # the renewal was undone
+
+
+# 8. Blocking code -------------------------------------------------------------------------------
+def _wait_sync(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("policy", [QUICK, OFF], ids=["quick", "off"])
+def test_keep_renewed_sync_takes_the_trust_refresh_from_its_policy(policy: RenewalPolicy) -> None:
+    """keep_renewed_sync(identity, policy=...) refreshes trust on the policy's schedule: a
+    root federated meanwhile is trusted without a renewal; twin: with the refresh off it is
+    not, in ten of its twin's intervals."""
+    with running_ca("cloud") as cloud, running_ca("partner") as partner:
+        identity = cloud.identity("svc.cloud.internal", lifetime=LONG)
+        with federatls.keep_renewed_sync(identity, policy=policy) as live:
+            cloud.federate(partner)
+            seen = _wait_sync(
+                lambda: partner.root_fingerprint in _prints(live.current),
+                WAIT if policy.trust_refresh else 3.0,
+            )
+    assert seen is (policy.trust_refresh is not None)
+    assert live.renewals == 0
+    assert live.current.serial == identity.serial

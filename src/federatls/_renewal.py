@@ -451,7 +451,9 @@ class RenewingIdentity:
     ) -> None:
         """Refresh whenever the policy says, until renewal stops (revoked, refused, expired
         without a token source) or the task is cancelled. Failures to reach the CA are
-        retried with backoff while the current certificate keeps serving."""
+        retried with backoff while the current certificate keeps serving. Between renewals,
+        trust is refreshed every ``policy.trust_refresh`` (``refresh_trust``); its failures
+        keep the last good bundle and never stop or delay renewal."""
         if self._updated is None:
             self._updated = anyio.Event()
         task_status.started(self)
