@@ -18,10 +18,19 @@ refuses it (the root is dropped). Reported: seconds from the CA's reload returni
 first served (and first refused) probe, and to the workload's swap; median and max over
 ``--rotations`` rotations. Between rotations a random pause (up to one interval) puts each
 change at a random point of the workload's schedule. The aim: at most one interval plus one
-second for this half (two intervals plus one second once a CA follows its peer by URL and
-adds its own interval). Baseline in the same run: the same rotations with the trust refresh
+second for this half. Baseline in the same run: the same rotations with the trust refresh
 off and certificates of ``--baseline-lifetime`` seconds, so that only renewals (every two
 thirds of a lifetime) carry the change, as before the trust refresh.
+
+Part 1b, CA to CA. The cloud CA follows the kubernetes CA by URL (ca.json's ``federation``
+block, first contact pinned to kubernetes's root, a fetch every ``--peer-interval`` s), and
+the live cloud server refreshes trust every ``--interval`` s. The kubernetes CA rotates its
+root ``--peer-rotations`` times as an operator would, each step applied by a reload: add a
+root (timed: until cloud's ``/federation`` lists it, and until the workload's bundle holds
+it), issue from it, retire the old one (timed: until cloud's ``/federation`` and the
+workload drop it, and until the server refuses a client whose certificate chains to the
+retired root). Each timed step comes after a random pause. Aim: at most the two intervals
+plus one second.
 
 Part 2, the cost of a bundle refresh on a live server. The server runs in a process of its
 own (its own event loop and GIL), a handshake load in another: ``--clients`` loops each
@@ -37,7 +46,7 @@ server's event-loop lag (a ticker sleeps 5 ms in a loop and records how late it 
 overall, and for wake-ups whose late interval overlaps a trust refresh (from its start to
 50 ms after it ended); the refreshes, swaps and their durations. Ratios against ``off``.
 
-Not measured: the CA-to-CA half (a CA following its peers) until that exists; network
+Not measured: a step-ca or SPIFFE peer (the CA-to-CA half is federatls to federatls); network
 latency (everything is on 127.0.0.1); larger bundles; clients' own swaps (they take the
 newest context for each connection, which costs nothing until a connection is opened).
 
@@ -60,7 +69,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -76,6 +85,9 @@ from cryptography.x509.oid import NameOID
 
 import federatls
 from federatls import Identity, RenewalPolicy, RenewingIdentity
+from federatls._client import CAClient
+from federatls._x509 import fingerprint, load_pem_certificate
+from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import streams
 from federatls.testing import TestCA, running_ca
 from renewal_under_load import Ticker, expect, floats, receive, workload
@@ -287,6 +299,123 @@ async def propagation_runs(args: argparse.Namespace) -> list[Propagation]:
             )
             results.append(Propagation("renewal only", period, rotations))
     return results
+
+
+# --- Part 1b: CA to CA: a peer's root rotation, followed by URL ------------------------------
+@dataclass(frozen=True)
+class PeerChange:
+    """One step of the peer's rotation (a root added, old roots retired): seconds from the
+    peer's reload returning to the following CA's /federation showing it, to the workload's
+    bundle showing it (its swap), and, for a retirement, to the first handshake refused with
+    a certificate from the retired root (inf: not within the bound)."""
+
+    step: str  # "add" or "retire"
+    ca: float
+    workload: float
+    refused: float
+
+
+async def _until_seen(
+    check: Callable[[str, bool], Awaitable[bool]],
+    fp: str,
+    present: bool,
+    since: float,
+    probe: float,
+    bound: float,
+) -> float:
+    """Seconds from ``since`` until ``check(fp, present)`` holds."""
+    while time.monotonic() - since < bound:
+        if await check(fp, present):
+            return time.monotonic() - since
+        await asyncio.sleep(probe)
+    return float("inf")
+
+
+async def peer_runs(args: argparse.Namespace) -> list[PeerChange]:
+    """The kubernetes CA rotates its root ``--peer-rotations`` times (add a root, issue from
+    it, retire the old ones, each applied by a reload); the cloud CA follows it by URL every
+    ``--peer-interval`` s; a live server of cloud refreshes trust every ``--interval`` s."""
+    out: list[PeerChange] = []
+    bound = 3 * (args.interval + args.peer_interval) + 10
+    with running_ca("cloud") as cloud, running_ca("kubernetes") as kube:
+        await anyio.to_thread.run_sync(federate, kube, [cloud.root_path])
+        block = {
+            "refresh": f"{args.peer_interval:g}s",
+            "peers": [
+                {
+                    "name": "kubernetes",
+                    "url": kube.url,
+                    "fingerprint": kube.root_fingerprint,
+                    "names": ["*.k8s.internal"],
+                }
+            ],
+        }
+        data = json.loads(cloud.config.read_text())
+        data["federation"] = block
+        cloud.config.write_text(json.dumps(data, indent=2))
+        await anyio.to_thread.run_sync(cloud.reload)
+        token = cloud.token(SERVER_NAME, sans=[SERVER_NAME, HOST])
+        identity = await federatls.bootstrap(token, lifetime=timedelta(hours=24))
+        policy = RenewalPolicy(trust_refresh=timedelta(seconds=args.interval))
+        live = TimedLive(identity, policy)
+        async with live_server(live) as port, CAClient(cloud.url, [cloud.root]) as ca:
+
+            async def at_ca(fp: str, present: bool) -> bool:
+                return (fp in {fingerprint(c) for c in await ca.federation()}) is present
+
+            async def in_workload(fp: str, present: bool) -> bool:
+                return (live.current.trust.by_fingerprint(fp) is not None) is present
+
+            first = kube.root_fingerprint
+            since = time.monotonic()
+            trusted = await _until_seen(in_workload, first, True, since, args.probe, bound)
+            if trusted == float("inf"):
+                raise RuntimeError("the workload never trusted the peer's first root")
+            for n in range(args.peer_rotations):
+                client = await federatls.bootstrap(kube.token(f"probe-{n}.k8s.internal"))
+                if not await exchange(client, port):
+                    raise RuntimeError("the peer's client is not served before the rotation")
+                old = [r.fingerprint for r in client.trust.own()]
+                # Step 1, at a random point of both schedules: a new root.
+                await asyncio.sleep(random.uniform(0, args.interval))
+                step = await anyio.to_thread.run_sync(
+                    lambda: add_root(kube.directory, kube.password, now=datetime.now(UTC))
+                )
+                new = fingerprint(load_pem_certificate(step.roots[-1].read_bytes()))
+                await anyio.to_thread.run_sync(kube.reload)
+                since = time.monotonic()
+                seen_ca, seen_workload = await asyncio.gather(
+                    _until_seen(at_ca, new, True, since, args.probe, bound),
+                    _until_seen(in_workload, new, True, since, args.probe, bound),
+                )
+                out.append(PeerChange("add", seen_ca, seen_workload, float("nan")))
+                # Step 2: issue from it (the follower's next fetches are anchored in it).
+                await anyio.to_thread.run_sync(lambda: issue_from_new_root(kube.directory))
+                await anyio.to_thread.run_sync(kube.reload)
+                await asyncio.sleep(1.5 * args.peer_interval + random.uniform(0, args.interval))
+                # Step 3: retire the old roots.
+                await anyio.to_thread.run_sync(lambda: retire_old_roots(kube.directory))
+                await anyio.to_thread.run_sync(kube.reload)
+                since = time.monotonic()
+                gone_ca, gone_workload, refused = await asyncio.gather(
+                    _until_seen(at_ca, old[0], False, since, args.probe, bound),
+                    _until_seen(in_workload, old[0], False, since, args.probe, bound),
+                    _first(client, port, False, since, args.probe, bound),
+                )
+                out.append(PeerChange("retire", gone_ca, gone_workload, refused))
+                print(f" +{seen_workload:.2f} -{gone_workload:.2f}", end="", flush=True)
+    print(flush=True)
+    return out
+
+
+def peer_figures(changes: Sequence[PeerChange], step: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in ("ca", "workload", "refused"):
+        values = sorted(getattr(c, name) for c in changes if c.step == step)
+        values = [v for v in values if v == v]  # no NaN
+        out[f"{name}_median_s"] = statistics.median(values) if values else float("nan")
+        out[f"{name}_max_s"] = values[-1] if values else float("nan")
+    return out
 
 
 # --- Part 2: the cost of a refresh on a live server -------------------------------------------
@@ -586,6 +715,29 @@ def print_propagation(results: Sequence[Propagation]) -> None:
         )
 
 
+def print_peers(changes: Sequence[PeerChange], args: argparse.Namespace) -> None:
+    aim = args.peer_interval + args.interval + 1
+    print(
+        f"\n{'step':<7} {'n':>3} {'CA med':>7} {'CA max':>7} {'wl med':>7} {'wl max':>7} "
+        f"{'refused med':>11} {'refused max':>11}"
+    )
+    worst = 0.0
+    for step in ("add", "retire"):
+        f = peer_figures(changes, step)
+        n = sum(c.step == step for c in changes)
+        worst = max(worst, f["workload_max_s"], f["refused_max_s"] if step == "retire" else 0)
+        print(
+            f"{step:<7} {n:>3} {f['ca_median_s']:>7.2f} {f['ca_max_s']:>7.2f} "
+            f"{f['workload_median_s']:>7.2f} {f['workload_max_s']:>7.2f} "
+            f"{f['refused_median_s']:>11.2f} {f['refused_max_s']:>11.2f}"
+        )
+    print(
+        f"peer refresh every {args.peer_interval:g} s, workload every {args.interval:g} s: max "
+        f"{worst:.2f} s from the peer's change to the workload, against the aim of both "
+        f"intervals plus one second ({aim:.2f} s): {worst / aim:.2f}x"
+    )
+
+
 def print_cost(rows: Sequence[CostRow]) -> None:
     print(
         f"\n{'condition':<10} {'hs/s':>7} {'failed':>6} {'refr':>5} {'swaps':>5} "
@@ -612,7 +764,7 @@ def print_cost(rows: Sequence[CostRow]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=("all", "propagation", "cost"), default="all")
+    p.add_argument("--part", choices=("all", "propagation", "peers", "cost"), default="all")
     p.add_argument("--interval", type=float, default=1.0, help="trust refresh, seconds")
     p.add_argument("--rotations", type=int, default=20, help="federation changes timed")
     p.add_argument("--probe", type=float, default=0.02, help="seconds between probes")
@@ -623,6 +775,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="certificate lifetime, seconds, when only renewals carry the change",
     )
     p.add_argument("--baseline-rotations", type=int, default=8, help="0: no baseline")
+    p.add_argument("--peer-interval", type=float, default=1.0, help="CA follows its peer, s")
+    p.add_argument("--peer-rotations", type=int, default=8, help="full rotations of the peer")
     p.add_argument("--cost-interval", type=float, default=0.5, help="trust refresh, seconds")
     p.add_argument("--clients", type=int, default=8, help="handshake loops")
     p.add_argument("--segment", type=float, default=8.0, help="measured seconds per segment")
@@ -661,6 +815,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         failed += sum(
             r.trusted == float("inf") or r.dropped == float("inf") for r in results[0].rotations
+        )
+    if args.part in ("all", "peers"):
+        print("\nPart 1b: a peer's root rotation, followed by URL, reaching a live server")
+        print("  seconds to the workload, added root +, retired root -:", end="")
+        changes = anyio.run(peer_runs, args)
+        print_peers(changes, args)
+        report["peers"] = {step: peer_figures(changes, step) for step in ("add", "retire")} | {
+            "changes": [asdict(c) for c in changes]
+        }
+        failed += sum(
+            c.workload == float("inf") or c.ca == float("inf") or c.refused == float("inf")
+            for c in changes
         )
     if args.part in ("all", "cost"):
         print("\nPart 2: the cost of bundle refreshes on a live server")
