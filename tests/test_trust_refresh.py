@@ -609,3 +609,40 @@ def test_keep_renewed_sync_takes_the_trust_refresh_from_its_policy(policy: Renew
     assert seen is (policy.trust_refresh is not None)
     assert live.renewals == 0
     assert live.current.serial == identity.serial
+
+
+async def test_a_bundle_openssl_cannot_load_keeps_the_last_good_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new bundle whose contexts cannot be built (OpenSSL refusing a root: the context
+    builder, a seam of our own, made to fail for it) is a trust refresh failure like a
+    fetch's: the bundle in use stays, last_error is a BadMaterialError, the task runs on.
+    Twin: test_a_changed_bundle_swaps_contexts_and_tells_waiters."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    build = federatls._renewal._build
+
+    with running_ca("cloud") as cloud, running_ca("partner") as partner:
+
+        def refusing(
+            identity: Identity, key: tuple[str, str, bool, tuple[str, ...]]
+        ) -> ssl.SSLContext:
+            if partner.root_fingerprint in _prints(identity):
+                raise ssl.SSLError("injected: OpenSSL refuses the partner's root")
+            return build(identity, key)
+
+        monkeypatch.setattr(federatls._renewal, "_build", refusing)
+        identity = await _enrol(cloud, "svc.cloud.internal")
+        with anyio.fail_after(2 * WAIT):
+            async with _live(identity, QUICK) as live:
+                live.client_context()
+                await _reconfigure(lambda: cloud.federate(partner))
+                warned = "trust bundle not refreshed, keeping the last good"
+                await _until(lambda: bool(_records(caplog, logging.WARNING, warned)))
+                during = (live.current, live.last_error, live.stopped, live.next_renewal_at)
+    current, error, stopped, planned = during
+    assert current is identity
+    assert isinstance(error, BadMaterialError)
+    assert "injected: OpenSSL refuses" in str(error)
+    assert stopped is None
+    assert planned is not None
+    assert live.trust_changes == 0
