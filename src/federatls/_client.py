@@ -31,8 +31,8 @@ from ._errors import (
     ConfigError,
     FingerprintMismatchError,
 )
-from ._netstream import closing_transport
 from ._namerules import structured_bundle
+from ._netstream import closing_transport
 from ._protocol import (
     FEDERATION_SOURCES_PATH,
     ErrorBody,
