@@ -38,7 +38,7 @@ from federatls.ca._constraints import dns_subtree, ip_subtree, permitted_subtree
 from federatls.ca._material import load_signing_key
 from federatls.ca._pki import encrypted_key_pem, write_private
 
-from harness import PASSWORD, PKI, federatls, go_build, make_pki, serving
+from harness import PASSWORD, PKI, federatls, go_build, make_pki, serving, stepca_process
 
 pytestmark = pytest.mark.anyio
 
@@ -513,3 +513,32 @@ async def test_curl_refuses_a_forged_server_outside_the_constraints(
         return
     assert result.returncode == 60, result
     assert "permitted subtree violation" in result.stderr.decode()
+
+
+@pytest.mark.stepca
+async def test_stepca_issues_foreign_names_that_verifiers_refuse(
+    tmp_path: Path, stepca_bin: str, go_mtls: Path
+) -> None:
+    """The real step-ca (0.19) serving a constrained intermediate made by ``ca init`` does not
+    check the constraints: it issues a foreign name (201) as readily as one inside. The SDK
+    and Go refuse the foreign leaf in a handshake. Twin: the leaf inside is accepted by both."""
+    pki = make_pki(tmp_path, "kubernetes", dns=("127.0.0.1",), name_constraints=K8S)
+    with stepca_process(stepca_bin, pki):
+        foreign = await pki.enroll(FOREIGN)
+        inside = await pki.enroll(INSIDE)
+        client = await pki.enroll("client.k8s.internal")
+    assert _constraints_of(foreign[0][1]) == K8S  # issued under the constrained intermediate
+    assert await _handshake(inside, client, pki.root, INSIDE) == "hello"
+    with pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree violation"):
+        await _handshake(foreign, client, pki.root, FOREIGN)
+    for server, name, code in ((inside, INSIDE, 0), (foreign, FOREIGN, 1)):
+        exchange = {
+            "serverName": name,
+            "server": _party(server, pki.root),
+            "client": _party(client, pki.root),
+        }
+        result = await anyio.run_process(
+            [str(go_mtls)], input=json.dumps(exchange).encode(), check=False
+        )
+        assert result.returncode == code, result.stdout.decode()
+    assert "not authorized to sign for this name" in result.stdout.decode()
