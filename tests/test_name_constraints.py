@@ -4,7 +4,8 @@ or rekey names outside them (read from the intermediate at load and reload, whoe
 it), and every verifier refuses a leaf for a foreign name forged under the constrained
 intermediate (signed in the test with the intermediate's key, bypassing the CA): the SDK in
 a real TLS handshake, Go's crypto/tls (``tests/gomtls``) and curl. Each forged leaf has a
-twin inside the constraints that all of them accept.
+twin inside the constraints that all of them accept. Over names at the edges, the CA's check
+admits nothing OpenSSL or Go refuses; the real step-ca 0.19 issues foreign names regardless.
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from federatls._contexts import new_client_context, new_server_context
 from federatls._errors import CARefusedError, ConfigError
 from federatls._keys import KeyType, PrivateKey, build_csr, new_private_key
-from federatls._protocol import RekeyRequest
+from federatls._protocol import RekeyRequest, SignRequest
 from federatls._trust import TrustBundle
-from federatls._x509 import certs_to_pem, load_pem_certificate
+from federatls._x509 import cert_sans, certs_to_pem, load_pem_certificate
 from federatls.ca import CAServer, add_root, issue_from_new_root
-from federatls.ca._constraints import dns_subtree, ip_subtree, permitted_subtrees, uri_subtree
+from federatls.ca._constraints import (
+    NameConstraints,
+    constraints_refusal,
+    dns_subtree,
+    ip_subtree,
+    permitted_subtrees,
+    uri_subtree,
+)
 from federatls.ca._material import load_signing_key
 from federatls.ca._pki import encrypted_key_pem, write_private
 
@@ -75,7 +83,15 @@ def _intermediate(pki: PKI) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
 def forge(pki: PKI, common_name: str, sans: Sequence[x509.GeneralName]) -> Chain:
     """A leaf signed directly with the CA's intermediate key, bypassing the CA and its
     checks: what a stolen intermediate key, or a CA with a bug, would make."""
-    issuer, issuer_key = _intermediate(pki)
+    return _leaf(*_intermediate(pki), common_name, sans)
+
+
+def _leaf(
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    sans: Sequence[x509.GeneralName],
+) -> Chain:
     key = new_private_key(KeyType.P256)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     now = datetime.now(UTC)
@@ -121,18 +137,24 @@ async def test_ca_signs_only_names_inside_its_constraints(
 ) -> None:
     """The CA signs a token whose names are inside its intermediate's constraints. Twin: a
     token with one foreign name (DNS, SPIFFE ID, IP, look-alike, userinfo) gets 403 with
-    step-ca's JSON error body naming it."""
-    async with serving(kubernetes):
+    step-ca's JSON error body naming it, and is not spent (sent again: 403 again, not 401)."""
+    key = new_private_key(KeyType.P256)
+    names = sans or [subject]
+    async with serving(kubernetes), kubernetes.client() as ca:
+        token = kubernetes.token(subject, sans=names)  # for the CA's URL, after its start
+        request = SignRequest(build_csr(key, subject, names), token)
         if admitted:
-            chain, _ = await kubernetes.enroll(subject, sans=sans)
-            assert _constraints_of(chain[1]) == K8S
+            answer = await ca.sign(request)
+            assert _constraints_of(answer.chain[1]) == K8S
             return
-        with pytest.raises(CARefusedError) as refused:
-            await kubernetes.enroll(subject, sans=sans)
-    assert refused.value.status == 403
-    assert refused.value.body is not None
-    assert refused.value.body["status"] == 403
-    assert "the name constraints of CN=kubernetes Intermediate CA" in refused.value.body["message"]
+        for _ in range(2):
+            with pytest.raises(CARefusedError) as refused:
+                await ca.sign(request)
+            assert refused.value.status == 403
+            assert refused.value.body is not None
+            assert refused.value.body["status"] == 403
+            message = refused.value.body["message"]
+            assert "the name constraints of CN=kubernetes Intermediate CA" in message
 
 
 async def _constrain_by_hand(pki: PKI, server: CAServer, value: x509.NameConstraints) -> bool:
@@ -542,3 +564,135 @@ async def test_stepca_issues_foreign_names_that_verifiers_refuse(
         )
         assert result.returncode == code, result.stdout.decode()
     assert "not authorized to sign for this name" in result.stdout.decode()
+
+
+def _general(spec: str) -> x509.GeneralName:
+    kind, _, value = spec.partition(":")
+    if kind == "IP":
+        return x509.IPAddress(ipaddress.ip_address(value))
+    if kind == "DNS":
+        return x509.DNSName(value)
+    if kind == "URI":
+        return x509.UniformResourceIdentifier(value)
+    assert kind == "email"
+    return x509.RFC822Name(value)
+
+
+# (common name, SAN): names at the edges where verifiers and the CA may disagree.
+EDGES = [
+    ("x", "DNS:a.k8s.internal"),
+    ("x", "DNS:A.K8S.Internal"),
+    ("x", "DNS:a.svc.test"),
+    ("x", "DNS:svc.test"),
+    ("x", "DNS:evilk8s.internal"),
+    ("x", "DNS:a.k8s.internal."),
+    ("x", "DNS:*.k8s.internal"),
+    ("x", "DNS:*.web.k8s.internal"),
+    ("x", "DNS:x.db.k8s.internal"),
+    ("x", "URI:spiffe://k8s.internal/ns/a"),
+    ("x", "URI:spiffe://a.k8s.internal/ns/a"),
+    ("x", "URI:spiffe://u@k8s.internal/ns/a"),
+    ("x", "URI:https://k8s.internal:x@evil.test/"),
+    ("x", "URI:https://k8s.internal:8443/a"),
+    ("x", "URI:spiffe://a.mesh.test/x"),
+    ("x", "URI:spiffe://x.bad.mesh.test/y"),
+    ("x", "URI:urn:k8s.internal"),
+    ("x", "email:a@k8s.internal"),
+    ("x", "email:a@b.k8s.internal"),
+    ("x", "email:root@cloud.internal"),
+    ("x", "email:Root@cloud.internal"),
+    ("x", "IP:10.1.2.3"),
+    ("x", "IP:11.0.0.1"),
+    ("x", "IP:10.9.1.1"),
+    ("x", "IP:::ffff:10.1.2.3"),
+    ("api", "URI:spiffe://k8s.internal/ns/a"),
+    ("payments.cloud.internal", "URI:spiffe://k8s.internal/ns/a"),
+    ("payments.cloud.internal", "DNS:a.k8s.internal"),
+]
+
+
+async def test_ca_admits_only_names_that_openssl_and_go_admit(go_mtls: Path) -> None:
+    """Over names at the edges, every name the CA's check admits is admitted by OpenSSL (an
+    SDK server verifying it as a client certificate) and by Go (the same, in gomtls): the CA
+    never issues a certificate a verifier refuses. Twin: names each verifier refuses are
+    found, and the CA refuses more than either (the readings that differ)."""
+    now = datetime.now(UTC)
+    root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Edge Root")])
+
+    def ca(subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(root_name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        )
+
+    root = ca(root_name, root_key.public_key()).sign(root_key, hashes.SHA256())
+    value = x509.NameConstraints(
+        permitted_subtrees=[
+            _general_subtree(t)
+            for t in (
+                "DNS:k8s.internal",
+                "DNS:.svc.test",
+                "URI:k8s.internal",
+                "URI:.mesh.test",
+                "email:k8s.internal",
+                "email:root@cloud.internal",
+                "IP:10.0.0.0/8",
+            )
+        ],
+        excluded_subtrees=[
+            _general_subtree(t)
+            for t in ("DNS:db.k8s.internal", "URI:bad.mesh.test", "IP:10.9.0.0/16")
+        ],
+    )
+    inter_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Edge Intermediate")])
+    inter = (
+        ca(inter_name, key.public_key())
+        .add_extension(value, critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    constraints = NameConstraints.of(inter)
+    assert constraints is not None
+    server = _leaf(inter, key, "server.k8s.internal", [x509.DNSName("server.k8s.internal")])
+    verdicts: dict[tuple[str, str], tuple[bool, bool, bool]] = {}
+    for cn, san in EDGES:
+        client = _leaf(inter, key, cn, [_general(san)])
+        subject = client[0][0].subject
+        ca_admits = constraints_refusal([constraints], subject, cert_sans(client[0][0])) is None
+        try:
+            openssl_admits = (
+                await _handshake(server, client, root, "server.k8s.internal") == "hello"
+            )
+        except (ssl.SSLError, ConnectionError):
+            openssl_admits = False
+        exchange = {
+            "serverName": "server.k8s.internal",
+            "server": _party(server, root),
+            "client": _party(client, root),
+        }
+        result = await anyio.run_process(
+            [str(go_mtls)], input=json.dumps(exchange).encode(), check=False
+        )
+        assert result.returncode in (0, 1, 2), result.stderr.decode()  # 2: Go cannot load it
+        verdicts[cn, san] = (ca_admits, openssl_admits, result.returncode == 0)
+    loose = [edge for edge, (c, o, g) in verdicts.items() if c and not (o and g)]
+    assert not loose, f"the CA admits names a verifier refuses: {loose}"
+    assert any(not o for _, o, _ in verdicts.values())
+    assert any(not g for _, _, g in verdicts.values())
+    stricter = {edge for edge, (c, o, g) in verdicts.items() if not c and o and g}
+    assert ("x", "DNS:*.k8s.internal") in stricter  # a wildcard over an excluded name
+    assert ("payments.cloud.internal", "DNS:a.k8s.internal") in stricter  # its common name
+    assert verdicts["x", "URI:https://k8s.internal:x@evil.test/"] == (False, True, False)
+    assert verdicts["x", "URI:spiffe://a.k8s.internal/ns/a"] == (False, False, True)
+    assert verdicts["x", "DNS:a.k8s.internal"] == (True, True, True)
+
+
+def _general_subtree(spec: str) -> x509.GeneralName:
+    kind, _, value = spec.partition(":")
+    return x509.IPAddress(ipaddress.ip_network(value)) if kind == "IP" else _general(spec)
