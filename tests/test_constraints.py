@@ -14,6 +14,8 @@ import ipaddress
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from federatls._x509 import split_sans
 from federatls.ca._constraints import (
@@ -289,3 +291,55 @@ def test_operator_values_make_one_permitted_extension() -> None:
         "ops@k8s.internal",
     ]
     assert permitted_subtrees([]) is None
+
+
+EVERY_TYPE = constraints(
+    ["DNS:k8s.internal", "URI:k8s.internal", "email:k8s.internal", "IP:10.0.0.0/8", "DirName:CN=x"],
+    ["DNS:db.k8s.internal", "URI:.bad.test", "email:root@k8s.internal", "IP:10.9.0.0/16"],
+)
+_HOSTILE = st.text(st.sampled_from("aAk8s.-_*@:/[]%?#\\ \t\n.xn-é0\x00"), max_size=40)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    cn=_HOSTILE,
+    names=st.lists(
+        st.one_of(
+            _HOSTILE,
+            st.builds(lambda h, p: f"spiffe://{h}/{p}", _HOSTILE, _HOSTILE),
+            st.builds(lambda h: f"{h}.k8s.internal", _HOSTILE),
+        ),
+        max_size=4,
+    ),
+)
+def test_check_never_fails_on_hostile_names(cn: str, names: list[str]) -> None:
+    """Whatever names a token carries, the check answers a reason or None and never raises
+    (an exception would be a 500). Twin: the DNS property below admits and refuses."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
+    answer = constraints_refusal([EVERY_TYPE], subject, split_sans(names))
+    assert answer is None or answer
+
+
+_LABELS = st.lists(
+    st.sampled_from(["a", "k8s", "internal", "evil", "xn--bcher-kva", "db"]), max_size=4
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(labels=_LABELS, upper=st.booleans())
+def test_dns_verdict_is_a_label_suffix(labels: list[str], upper: bool) -> None:
+    """A DNS name is admitted under ``k8s.internal`` (excluding ``db.k8s.internal``) exactly
+    when its labels end with k8s, internal and do not end with db, k8s, internal, in any
+    letter case. Twin: the names that do not are refused."""
+    name = (
+        ".".join([*labels, "k8s", "internal"]) if labels and labels[0] == "a" else ".".join(labels)
+    )
+    if not name:
+        return
+    shown = name.upper() if upper else name
+    c = constraints(["DNS:k8s.internal"], ["DNS:db.k8s.internal"])
+    parts = name.split(".")
+    inside = parts[-2:] == ["k8s", "internal"] and not (
+        len(parts) >= 3 and parts[-3:] == ["db", "k8s", "internal"]
+    )
+    assert (refusal(c, shown) is None) == inside, shown
