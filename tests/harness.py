@@ -170,6 +170,7 @@ def make_pki(
     *,
     address: str = "127.0.0.1:0",
     dns: Sequence[str] = ("127.0.0.1", "localhost"),
+    name_constraints: x509.NameConstraints | None = None,
 ) -> PKI:
     result = init_pki(
         name,
@@ -178,6 +179,7 @@ def make_pki(
         password=PASSWORD,
         now=datetime.now(UTC),
         dns_names=list(dns),
+        name_constraints=name_constraints,
     )
     data = json.loads(result.config.read_text())
     prov = data["authority"]["provisioners"][0]

@@ -131,6 +131,34 @@ def _address(text: str) -> str:
     return text
 
 
+@_usage_type(ValueError)
+def _permit_dns(text: str) -> x509.GeneralName:
+    from .ca._constraints import dns_subtree
+
+    return dns_subtree(text)
+
+
+@_usage_type(ValueError)
+def _permit_uri_domain(text: str) -> x509.GeneralName:
+    from .ca._constraints import uri_subtree
+
+    return uri_subtree(text)
+
+
+@_usage_type(ValueError)
+def _permit_ip(text: str) -> x509.GeneralName:
+    from .ca._constraints import ip_subtree
+
+    return ip_subtree(text)
+
+
+@_usage_type(ValueError)
+def _permit_email(text: str) -> x509.GeneralName:
+    from .ca._constraints import email_subtree
+
+    return email_subtree(text)
+
+
 @_usage_type(ConfigError)
 def _database_url(text: str) -> Database:
     from .ca._database import Database
@@ -416,8 +444,15 @@ def _remove_made(made: list[Path]) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .ca._pki import init_pki
+    from .ca._constraints import permitted_subtrees
+    from .ca._pki import init_pki, own_names_refusal
 
+    constraints = permitted_subtrees(
+        [*args.permit_dns, *args.permit_uri_domain, *args.permit_ip, *args.permit_email]
+    )
+    refusal = own_names_refusal(constraints, args.address, args.dns or ())
+    if refusal is not None:  # a usage mistake: --dns (or --address) against --permit-*
+        raise UsageError(refusal)
     password = read_password(
         args.password_file, "Please enter the password to encrypt the CA keys: ", confirm=True
     )
@@ -431,6 +466,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             now=datetime.now(UTC),
             dns_names=args.dns or (),
             provisioner=args.provisioner,
+            name_constraints=constraints,
         )
     except BaseException:
         _remove_made(made)  # a failed init leaves nothing behind, parents included
@@ -778,6 +814,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="name of the JWK provisioner (default: admin)",
     )
+    for flag, kind, metavar, what in (
+        ("--permit-dns", _permit_dns, "NAME", "DNS names at or below NAME (.NAME: below only)"),
+        (
+            "--permit-uri-domain",
+            _permit_uri_domain,
+            "DOMAIN",
+            "URIs whose host is DOMAIN, e.g. a SPIFFE trust domain (.DOMAIN: hosts below it)",
+        ),
+        ("--permit-ip", _permit_ip, "CIDR", "IP addresses in the network CIDR"),
+        (
+            "--permit-email",
+            _permit_email,
+            "ADDRESS",
+            "email addresses: a mailbox, all at a host, or all below .DOMAIN",
+        ),
+    ):
+        p.add_argument(
+            flag,
+            action="append",
+            type=kind,
+            default=[],
+            metavar=metavar,
+            help=f"the CA may issue {what} (repeat; written as X.509 name constraints in the "
+            "intermediate; a name type no --permit flag names stays unconstrained)",
+        )
     p.set_defaults(func=cmd_init)
 
     p = verbs.add_parser("serve", help="run a CA from its ca.json")

@@ -8,6 +8,8 @@ and with step-ca's answers (PROTOCOL.md §3-5), plus what federatls checks bette
   encoding, so no re-encoding of it buys a second certificate;
 * a token whose names no certificate can carry, and a CSR key outside P-256, P-384, P-521,
   Ed25519 and RSA 2048-8192, get 403 before the token is spent;
+* a sign, renewal or rekey whose names lie outside the name constraints of the CA
+  certificates above the leaf (read from them at load) gets 403 (``_constraints``);
 * only certificates this CA issued can be revoked.
 
 Every refusal is a ``Refusal`` carrying the status, the specific reason (for the log) and, for
@@ -31,6 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from .._duration import format_go_duration
 from .._errors import TokenError
@@ -40,6 +43,7 @@ from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
 from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
+from ._constraints import constraints_refusal
 from ._federation import FederationSource, PeerRoots, dedupe
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
 from ._material import CAMaterial
@@ -304,11 +308,13 @@ class Authority:
         is its one write, and its last store call: the server may make this call again from a
         thread when the first attempt would have waited for the store (``_State.soon``).
         Refused before it is spent (403): a CSR key the CA does not certify, and a token whose
-        own names no certificate can carry (it can never buy one; nothing is gained by
-        burning it)."""
+        own names no certificate can carry, or none from this CA's intermediate (outside its
+        name constraints): it can never buy one; nothing is gained by burning it."""
         public_key = _checked_public_key(request.csr.public_key())
         prov, token, spend = self._validate_token(request.ott, "sign", now)
         names = _certifiable_names(token)
+        subject, sans = names
+        self._check_constraints(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]), sans)
         try:
             leaf, sans = self._issue(request, prov, names, public_key, now)
         except Refusal:
@@ -318,6 +324,13 @@ class Authority:
             leaf, prov.id, sans.as_strings(), operation="sign", token_id=spend.token_id
         )
         return Issuance(tuple(self.chain_of(leaf)), replace(spend, certificate=record))
+
+    def _check_constraints(self, subject: x509.Name, sans: SANs) -> None:
+        """403 when a leaf with these names would break the name constraints of the CA
+        certificates above it: verifiers would refuse it (docs/ca.md, "Name constraints")."""
+        refusal = constraints_refusal(self.material.name_constraints, subject, sans)
+        if refusal is not None:
+            raise Refusal(403, refusal)
 
     def commit(self, issuances: Sequence[Issuance]) -> list[bool]:
         """Record certificates and spend their tokens, all in one transaction (the only
@@ -459,6 +472,9 @@ class Authority:
         certificate, and spending the token with it, is its one write and last store call
         (``_State.soon`` may make the call again), so a failed write spends nothing."""
         prov_id = self._authorize_renew(peer, now)
+        # The intermediate may have changed since (a rotation, a reload): the names it
+        # may certify are today's.
+        self._check_constraints(peer.subject, cert_sans(peer))
         if public_key is not None:
             public_key = _checked_public_key(public_key)
         else:  # a certificate issued before the key rule is not renewed for a refused key

@@ -1,12 +1,13 @@
 """The CA's key material as ca.json names it: roots, federated roots, the intermediate chain
 and its password-encrypted key. Loading checks that the pieces fit together (the key matches
-the intermediate, the intermediate chains to a root) so a broken PKI fails at start, not at
-the first request.
+the intermediate, the intermediate chains to a root, the CA's own names are inside the name
+constraints above it) so a broken PKI fails at start, not at the first request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -15,8 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .._errors import BadMaterialError, ConfigError
-from .._x509 import fingerprint, load_pem_certificates
+from .._x509 import fingerprint, load_pem_certificates, split_sans
 from ._config import CAConfig
+from ._constraints import NameConstraints, constraints_refusal
 from ._federation import dedupe
 
 __all__ = ["CAMaterial", "SigningKey", "load_material"]
@@ -36,6 +38,16 @@ class CAMaterial:
     @property
     def issuer(self) -> x509.Certificate:
         return self.intermediates[0]
+
+    @cached_property
+    def name_constraints(self) -> tuple[NameConstraints, ...]:
+        """The name constraints of every CA certificate above the CA's leaves: the
+        intermediates and the root that issued the last of them (RFC 5280 applies them all).
+        Read from the certificates, so constraints written by another tool count too;
+        ``ValueError`` for one the CA cannot read."""
+        top = self.intermediates[-1]
+        above = [*self.intermediates, *(r for r in self.roots if _issued_by(top, r))]
+        return tuple(c for c in map(NameConstraints.of, above) if c is not None)
 
     def federation(self) -> tuple[x509.Certificate, ...]:
         """Own roots then federated roots, without duplicates (step-ca de-duplicates too)."""
@@ -115,4 +127,16 @@ def load_material(config: CAConfig, password: bytes | None) -> CAMaterial:
         raise ConfigError(
             f"intermediate certificate {config.crt} was not issued by any configured root"
         )
-    return CAMaterial(tuple(roots), tuple(federated), tuple(intermediates), key)
+    material = CAMaterial(tuple(roots), tuple(federated), tuple(intermediates), key)
+    try:
+        constraints = material.name_constraints
+    except ValueError as exc:
+        raise ConfigError(f"intermediate certificate {config.crt}: {exc}") from exc
+    # The CA's own HTTPS certificate comes from the same intermediate: a name of it outside
+    # the constraints would make every client refuse the CA itself.
+    refusal = constraints_refusal(constraints, x509.Name([]), split_sans(config.dns_names))
+    if refusal is not None:
+        raise ConfigError(
+            f"{config.path}: dnsNames: {refusal}; clients would refuse the CA's own certificate"
+        )
+    return material

@@ -1,6 +1,7 @@
-"""Making a CA's PKI: a root, an intermediate, a JWK provisioner and a ca.json that both the
-federatls CA and the real step-ca run (``federatls ca init``). Private keys are written only
-encrypted with the CA password; the directory appears whole or not at all.
+"""Making a CA's PKI: a root, an intermediate (with the name constraints the operator gives,
+if any), a JWK provisioner and a ca.json that both the federatls CA and the real step-ca run
+(``federatls ca init``). Private keys are written only encrypted with the CA password; the
+directory appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from cryptography.x509.oid import NameOID
 
 from .._errors import ConfigError
 from .._jwk import ProvisionerKey
-from .._x509 import fingerprint
+from .._x509 import fingerprint, split_sans
 from ._config import build_ca_json, split_address
+from ._constraints import NameConstraints, constraints_refusal
 
 __all__ = ["InitResult", "init_pki", "new_intermediate", "new_root"]
 
@@ -94,19 +96,23 @@ def new_intermediate(
     root_key: ec.EllipticCurvePrivateKey,
     now: datetime,
     common_name: str | None = None,
+    name_constraints: x509.NameConstraints | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A P-256 intermediate ``O=<name>, CN=<name> Intermediate CA`` issued by ``root``."""
+    """A P-256 intermediate ``O=<name>, CN=<name> Intermediate CA`` issued by ``root``, with
+    ``name_constraints`` as a critical extension when given (RFC 5280 says critical)."""
     key = ec.generate_private_key(ec.SECP256R1())
     root_pub = root_key.public_key()
-    cert = _ca_builder(
+    builder = _ca_builder(
         _name(name, common_name or f"{name} Intermediate CA"),
         root.subject,
         key.public_key(),
         root_pub,
         0,
         now,
-    ).sign(root_key, hashes.SHA256())
-    return cert, key
+    )
+    if name_constraints is not None:
+        builder = builder.add_extension(name_constraints, critical=True)
+    return builder.sign(root_key, hashes.SHA256()), key
 
 
 def encrypted_key_pem(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
@@ -140,6 +146,25 @@ class InitResult:
     ca_url: str
 
 
+def own_names_refusal(
+    name_constraints: x509.NameConstraints | None, address: str, dns_names: Sequence[str]
+) -> str | None:
+    """Why the CA's own names (those of its HTTPS certificate: ``dns_names``, else the
+    address's host) break ``name_constraints`` (clients would refuse the CA itself), or
+    None."""
+    if name_constraints is None:
+        return None
+    names = list(dns_names) or _default_dns(split_address(address)[0])
+    constraints = NameConstraints.read(name_constraints, "the new intermediate")
+    refusal = constraints_refusal([constraints], x509.Name([]), split_sans(names))
+    if refusal is None:
+        return None
+    return (
+        f"the CA's own name would be refused: {refusal}; name the CA inside the constraints "
+        "(--dns) or permit its name too"
+    )
+
+
 def _default_dns(host: str) -> list[str]:
     if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a listen-anywhere address names no host)
         return ["localhost", "127.0.0.1"]
@@ -155,6 +180,7 @@ def init_pki(
     now: datetime,
     dns_names: Sequence[str] = (),
     provisioner: str = "admin",
+    name_constraints: x509.NameConstraints | None = None,
 ) -> InitResult:
     """Write a new PKI for CA ``name`` into ``directory`` (which must not exist or be empty).
 
@@ -162,6 +188,10 @@ def init_pki(
     ``secrets/root_ca_key``, ``secrets/intermediate_ca_key`` (both encrypted with
     ``password``), ``config/ca.json``, ``db/``. The files are made in a temporary sibling
     directory and moved into place at the end, so a failure leaves nothing behind.
+
+    ``name_constraints`` (``_constraints.permitted_subtrees``) go into the intermediate; the
+    CA's own names (``dns_names``) must lie inside them, else ``ConfigError``: clients would
+    refuse the CA's own certificate.
     """
     if not name.strip():
         raise ConfigError("the CA name cannot be empty")
@@ -171,6 +201,9 @@ def init_pki(
         raise ConfigError("the provisioner name cannot be empty")
     host, _port = split_address(address)
     dns = list(dns_names) or _default_dns(host)
+    refusal = own_names_refusal(name_constraints, address, dns)
+    if refusal is not None:
+        raise ConfigError(refusal)
     directory = directory.absolute()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ConfigError(
@@ -181,7 +214,9 @@ def init_pki(
         raise ConfigError(f"{parent} does not exist")
 
     root, root_key = new_root(name, now)
-    inter, inter_key = new_intermediate(name, root, root_key, now)
+    inter, inter_key = new_intermediate(
+        name, root, root_key, now, name_constraints=name_constraints
+    )
     prov_key = ProvisionerKey.generate()
     prov = {
         "type": "JWK",

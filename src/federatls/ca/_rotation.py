@@ -1,8 +1,9 @@
 """Root rotation of a CA directory made by ``init_pki``, in three steps from phase (0), one
 root A, to phase (3), root B only:
 
-1. ``add_root``: make root B and its intermediate; ca.json trusts A and B, still issues from
-   A. Workloads learn B at their next refresh (``/roots``, ``/federation``).
+1. ``add_root``: make root B and its intermediate (with the name constraints of the current
+   one, so the names the CA may issue stay the same); ca.json trusts A and B, still issues
+   from A. Workloads learn B at their next refresh (``/roots``, ``/federation``).
 2. ``issue_from_new_root``: ca.json issues from B's intermediate. Renewals now give
    certificates anchored in B; both roots are still trusted.
 3. ``retire_old_roots``: ca.json trusts B only. Certificates anchored in A are refused.
@@ -87,6 +88,13 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _name_constraints(issuer: x509.Certificate) -> x509.NameConstraints | None:
+    try:
+        return issuer.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _generation(directory: Path) -> int:
     n = 2
     while (directory / "certs" / f"root_ca-{n}.crt").exists():
@@ -95,8 +103,9 @@ def _generation(directory: Path) -> int:
 
 
 def add_root(directory: Path, password: bytes, *, now: datetime) -> RotationStep:
-    """Step 1: a new root and intermediate (keys encrypted with the CA password); ca.json
-    trusts old and new roots and still issues from the old intermediate."""
+    """Step 1: a new root and intermediate (keys encrypted with the CA password; the name
+    constraints of the current intermediate carried over); ca.json trusts old and new roots
+    and still issues from the old intermediate."""
     path, data = _config_of(directory)
     load_signing_key(Path(data["key"]), password, "intermediate key")  # the right password
     old = _cert(_roots(data)[0])
@@ -105,7 +114,12 @@ def add_root(directory: Path, password: bytes, *, now: datetime) -> RotationStep
     n = _generation(directory)
     root, root_key = new_root(name, now, common_name=f"{name} Root CA {n}")
     inter, inter_key = new_intermediate(
-        name, root, root_key, now, common_name=f"{name} Intermediate CA {n}"
+        name,
+        root,
+        root_key,
+        now,
+        common_name=f"{name} Intermediate CA {n}",
+        name_constraints=_name_constraints(_cert(Path(data["crt"]))),
     )
     files = {
         "root": directory / "certs" / f"root_ca-{n}.crt",
