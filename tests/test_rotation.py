@@ -13,6 +13,7 @@ renew about every two, so each phase sees a couple of renewals of every workload
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from federatls import Identity, PeerInfo, RenewingIdentity
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import httpx as fhttpx
-from federatls.integrations import streams
 
 from harness import PASSWORD, make_pki, wait_until
 from traffic import (
@@ -37,10 +37,9 @@ from traffic import (
     Seen,
     Traffic,
     attempt,
-    close_quietly,
+    call,
     drive,
     enrol,
-    exchange,
     http_server,
     renewals,
     renewing,
@@ -96,15 +95,6 @@ async def test_four_phases_with_live_traffic(make_ca: MakeCA) -> None:
             fresh = Traffic()  # a new connection, so a new handshake, for every request
             pooled = Traffic()  # httpx keep-alive, the pool recycled after each renewal
 
-            async def new_connection() -> PeerInfo:
-                reader, writer = await streams.open_connection(client, "127.0.0.1", port)
-                try:
-                    peer = client.peer(writer)
-                    assert (await exchange(reader, writer)).startswith(b"HTTP/1.1 200 OK")
-                finally:
-                    await close_quietly(writer)
-                return peer
-
             async def state() -> State:
                 # A few more new connections, all made after the last swap of either side.
                 target = fresh.ok + len(fresh.failures) + 3
@@ -132,7 +122,7 @@ async def test_four_phases_with_live_traffic(make_ca: MakeCA) -> None:
                     return client.peer(response)
 
                 stop = anyio.Event()
-                drivers.start_soon(drive, new_connection, fresh, stop)
+                drivers.start_soon(drive, functools.partial(call, client, port), fresh, stop)
                 drivers.start_soon(drive, keep_alive, pooled, stop)
 
                 await renewals(server, client, count=1)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -27,7 +28,8 @@ from cryptography import x509
 
 import federatls
 from federatls import Identity, PeerInfo, RenewingIdentity
-from federatls._x509 import load_pem_certificate
+from federatls._client import CAClient
+from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.integrations import streams
 from federatls.testing import running_ca
 
@@ -90,19 +92,46 @@ class CA:
                     return
                 await anyio.sleep(0.1)
 
+    def edit(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Change ca.json as an operator would (the CA sees it at its next reload)."""
+        data = json.loads(self.config.read_text())
+        change(data)
+        self.config.write_text(json.dumps(data, indent=2))
+
     async def federate(self, *others: CA) -> None:
         """List ``others``' roots in ``federatedRoots`` and reload."""
-        data = json.loads(self.config.read_text())
-        data["federatedRoots"] = [str(o.root_path) for o in others]
-        self.config.write_text(json.dumps(data, indent=2))
+        self.edit(lambda d: d.__setitem__("federatedRoots", [str(o.root_path) for o in others]))
         await self.reload()
+
+    async def follow(self, peer: CA, names: Sequence[str], refresh: str = "1s") -> None:
+        """Follow ``peer`` by URL (a federation peer pinned to the fingerprint of its root
+        now, allowed ``names``, fetched every ``refresh``) and reload."""
+        block = {
+            "refresh": refresh,
+            "peers": [
+                {
+                    "name": peer.name,
+                    "url": peer.url,
+                    "fingerprint": fingerprint(peer.root),
+                    "names": list(names),
+                }
+            ],
+        }
+        self.edit(lambda d: d.__setitem__("federation", block))
+        await self.reload()
+
+    async def federation(self) -> frozenset[str]:
+        """The fingerprints of the roots the CA's ``/federation`` answers now."""
+        async with CAClient(self.url, [self.root]) as client:
+            return frozenset(map(fingerprint, await client.federation()))
 
 
 MakeCA = Callable[[str], contextlib.AbstractAsyncContextManager[CA]]
 
 
 @contextlib.asynccontextmanager
-async def _federatls_ca(name: str) -> AsyncIterator[CA]:
+async def federatls_ca(name: str) -> AsyncIterator[CA]:
+    """A federatls CA (in this process, on a thread of its own) with 3-second certificates."""
     with running_ca(name, claims=SHORT, backdate="1s") as ca:
         yield CA(
             name,
@@ -139,7 +168,7 @@ def ca_maker(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> MakeC
     """Starts a CA with 3-second certificates: ``kind`` "federatls", or "step-ca" (the real
     one, from the ``stepca_bin`` fixture)."""
     if kind == "federatls":
-        return _federatls_ca
+        return federatls_ca
     return _stepca_maker(request.getfixturevalue("stepca_bin"), tmp_path)
 
 
@@ -249,6 +278,19 @@ async def attempt(client: Source | ssl.SSLContext, port: int) -> str:
         return "served"
     assert data == b"", data
     return "cut-off"
+
+
+async def call(client: Source, port: int) -> PeerInfo:
+    """One request on a new connection (so a new handshake) to the server on ``port``,
+    answered 200; the server as the client saw it."""
+    reader, writer = await streams.open_connection(client, "127.0.0.1", port)
+    try:
+        peer = client.peer(writer)
+        answer = await exchange(reader, writer)
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    finally:
+        await close_quietly(writer)
+    return peer
 
 
 @dataclass
