@@ -82,6 +82,8 @@ class RogueCA:
     requests: list[str] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)
     url: str = ""
+    port: int = 0  # where it listens (0: a free port)
+    root_answer: x509.Certificate | None = None  # what /root/{sha} answers (None: the PKI's)
 
     def __post_init__(self) -> None:
         certs = self.pki.directory / "certs"
@@ -115,7 +117,7 @@ class RogueCA:
 
     @contextlib.asynccontextmanager
     async def _serve(self) -> AsyncIterator[None]:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
             yield
@@ -167,7 +169,8 @@ class RogueCA:
     ) -> tuple[int, dict[str, object]]:
         pem = serialization.Encoding.PEM
         if method == "GET" and path == "/root":
-            return 200, {"ca": self.pki.root.public_bytes(pem).decode()}
+            root = self.root_answer or self.pki.root
+            return 200, {"ca": root.public_bytes(pem).decode()}
         if method == "GET" and path in ("/roots", "/federation"):
             return 201, {"crts": [c.public_bytes(pem).decode() for c in self.roots]}
         if method == "POST" and path == "/sign":

@@ -144,11 +144,11 @@ async def test_serve_refuses_a_database_without_schema_until_db_init(pki: PKI, p
 
     run = await federatls("ca", "db", "init", pki.config)
     assert (run.code, run.err) == (0, ""), run
-    assert run.out.endswith(": created the federatls schema (version 1)\n")
+    assert run.out.endswith(": created the federatls schema (version 2)\n")
     assert len(run.out.splitlines()) == 1
     assert password_of(pg_url) not in run.out
     again = await federatls("ca", "db", "init", pki.config)
-    assert again.out.endswith(": the federatls schema is up to date (version 1)\n"), again
+    assert again.out.endswith(": the federatls schema is up to date (version 2)\n"), again
 
     async with cli_serving(pki):
         await sign(pki, pki.token("svc"))
@@ -181,12 +181,32 @@ async def test_serve_refuses_a_newer_schema_version(pki: PKI, pg: str) -> None:
     with psycopg.connect(pg, autocommit=True) as conn:
         conn.execute("UPDATE federatls_schema SET version = 99")
     run = await federatls("ca", "serve", pki.config, "--password-file", pki.password_file)
-    line = assert_one_line_error(run, "schema version 99", "this federatls knows 1")
+    line = assert_one_line_error(run, "schema version 99", "this federatls knows 2")
     assert password_of(pg) not in line
     with psycopg.connect(pg, autocommit=True) as conn:
-        conn.execute("UPDATE federatls_schema SET version = 1")
+        conn.execute("UPDATE federatls_schema SET version = 2")
     async with cli_serving(pki):
         await sign(pki, pki.token("svc"))
+
+
+async def test_serve_refuses_schema_1_until_db_init_upgrades_it(pki: PKI, pg: str) -> None:
+    """A database of schema version 1 (before the state table of federation peers): ``ca
+    serve`` refuses in one line telling to run ``ca db init``, exit 1; ``ca db init`` says it
+    upgraded it from 1 to 2, keeping its rows. Twin: after that the same command serves."""
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute("DROP TABLE state")
+        conn.execute("UPDATE federatls_schema SET version = 1")
+        conn.execute("INSERT INTO used_tokens VALUES ('kept', 'p:k', now(), now())")
+    run = await federatls("ca", "serve", pki.config, "--password-file", pki.password_file)
+    assert_one_line_error(run, "schema version 1, older than", "run `federatls ca db init")
+    assert "state" not in tables(pg)
+    run = await federatls("ca", "db", "init", pki.config)
+    assert (run.code, run.err) == (0, ""), run
+    assert run.out.endswith(": upgraded the federatls schema from version 1 to 2\n"), run.out
+    assert rows(pg, "used_tokens") == 1
+    async with cli_serving(pki):
+        await sign(pki, pki.token("svc"))
+    assert rows(pg, "state") == 0
 
 
 async def test_serve_with_postgresql_unreachable_is_one_line(pki: PKI, pg: str) -> None:

@@ -83,6 +83,9 @@ def test_the_documented_grants_serve_every_store_call(postgres: PostgresCluster)
         store.check()
         assert store.purge_expired(NOW) == 1
         assert not store.token_used("old")
+        store.put_state("peer:kubernetes", b"1")
+        store.put_state("peer:kubernetes", b"2")
+        assert store.get_state("peer:kubernetes") == b"2"
     finally:
         store.close()
 
@@ -91,7 +94,8 @@ def test_without_a_documented_grant_its_call_fails(postgres: PostgresCluster) ->
     """Twin: without ``UPDATE`` on used_tokens the purge is refused (its rows are locked
     ``FOR UPDATE``) while spending still works; without ``UPDATE`` on certificates a renewal
     is (it locks its parent ``FOR SHARE``); without ``SELECT`` on the schema table the
-    store does not open. Each refusal names the table."""
+    store does not open; without ``UPDATE`` on state no peer's state is stored (an upsert
+    needs it). Each refusal names the table."""
     grants = documented_grants()
     no_update = [g.replace("SELECT, INSERT, UPDATE, DELETE ON used_tokens", "SELECT, INSERT, "
                            "DELETE ON used_tokens") for g in grants]  # fmt: skip
@@ -113,6 +117,16 @@ def test_without_a_documented_grant_its_call_fails(postgres: PostgresCluster) ->
         renewal = replace(_cert("2", ""), renewed_from="1", operation="renew")
         with pytest.raises(StoreUnavailableError, match="permission denied for table certificates"):
             store.add_certificate(renewal)
+    finally:
+        store.close()
+    no_update = [g.replace("SELECT, INSERT, UPDATE ON state", "SELECT, INSERT ON state")
+                 for g in grants]  # fmt: skip
+    assert no_update != grants, "docs/ca.md no longer grants UPDATE on state"
+    store = open_store(serving_role(postgres, no_update))
+    try:
+        with pytest.raises(StoreUnavailableError, match="permission denied for table state"):
+            store.put_state("peer:kubernetes", b"1")
+        assert store.get_state("peer:kubernetes") is None
     finally:
         store.close()
     no_schema = [g for g in grants if "federatls_schema" not in g]

@@ -170,7 +170,7 @@ def test_an_old_database_is_migrated_in_place(tmp_path: Path) -> None:
         new = reopened.get_certificate("678")
         assert new is not None
         assert (new.operation, new.renewed_from) == ("renew", "999")
-        assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == 4
     finally:
         reopened.close()
 
@@ -201,7 +201,7 @@ def test_an_old_database_gains_the_purge_index(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:
@@ -210,11 +210,11 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "federatls.db"
     _old_database(path)
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version=4")
-    with pytest.raises(ConfigError, match="schema version 4"):
+        conn.execute("PRAGMA user_version=5")
+    with pytest.raises(ConfigError, match="schema version 5"):
         SQLiteStore(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
         columns = {r[1] for r in conn.execute("PRAGMA table_info(certificates)")}
     assert "token_id" not in columns
 

@@ -262,6 +262,36 @@ def test_purging_in_batches_bounds_the_table(stores: Opener) -> None:
     assert first.counts()["used_tokens"] == 60
 
 
+def test_a_state_is_stored_replaced_and_read_by_another_store(stores: Opener) -> None:
+    """``put_state`` stores a value under its key, a second ``put_state`` replaces it, and
+    another store object on the database (another process, or a replica) reads the last one;
+    keys are kept apart, and one holding a NUL or thousands of characters works too. Twin: a
+    key never stored reads as None."""
+    one, other = stores(), stores()
+    assert one.get_state("peer:kubernetes") is None
+    one.put_state("peer:kubernetes", b'{"roots": "A"}')
+    one.put_state("peer:spire", b"\x00binary\xff")
+    assert other.get_state("peer:kubernetes") == b'{"roots": "A"}'
+    other.put_state("peer:kubernetes", b'{"roots": "A B"}')
+    assert one.get_state("peer:kubernetes") == b'{"roots": "A B"}'
+    assert one.get_state("peer:spire") == b"\x00binary\xff"
+    odd = "peer:" + "x" * 3000 + "\x00"
+    one.put_state(odd, b"odd")
+    assert other.get_state(odd) == b"odd"
+    assert other.get_state("peer:" + "x" * 3000) is None
+    assert one.counts() == {"used_tokens": 0, "certificates": 0, "revocations": 0}
+
+
+def test_a_state_is_never_written_on_the_event_loop(store: Store) -> None:
+    """Inside ``without_waiting()`` (the CA's event loop) ``put_state``, a durable commit,
+    raises ``StoreWouldWait`` having written nothing. Twin: outside, it is written."""
+    with without_waiting(), pytest.raises(StoreWouldWait):
+        store.put_state("peer:p", b"v")
+    assert store.get_state("peer:p") is None
+    store.put_state("peer:p", b"v")
+    assert store.get_state("peer:p") == b"v"
+
+
 def test_check_passes_on_a_usable_store(store: Store) -> None:
     """``check`` returns on a store that works (its failing twin, PostgreSQL stopped, is
     ``test_postgres_down_and_back``)."""
@@ -299,6 +329,55 @@ def test_init_schema_is_idempotent(database: Database, store: Store) -> None:
     store.record_issuances([_use("kept")])
     assert "up to date" in init_schema(database)
     assert store.token_used("kept")
+
+
+def test_a_sqlite_file_of_schema_3_gains_the_state_table(tmp_path: Path) -> None:
+    """A SQLite file of schema version 3 (before the state table) is migrated in place when
+    opened: its rows kept, version 4, states stored. Twin: before, the file has no such
+    table."""
+    path = tmp_path / "federatls.db"
+    store = SQLiteStore(path)
+    store.record_issuances([_use("kept")])
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE state")
+        conn.execute("PRAGMA user_version=3")
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "state" not in names
+    store = SQLiteStore(path)
+    try:
+        assert store.opened_version == 3
+        store.put_state("peer:p", b"v")
+        assert store.get_state("peer:p") == b"v"
+        assert store.token_used("kept")
+    finally:
+        store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+
+
+def test_postgres_schema_1_is_upgraded_by_init_schema(postgres: PostgresCluster) -> None:
+    """A PostgreSQL database of schema version 1 (before the state table) is refused at open
+    in one line telling to run ``federatls ca db init``; ``init_schema`` upgrades it to 2,
+    keeping its rows, and states are then stored. Twin: the refusal before the upgrade."""
+    db = Database.postgresql(postgres.new_database())
+    init_schema(db)
+    store = open_store(db)
+    store.record_issuances([_use("kept")])
+    store.close()
+    with psycopg.connect(db.location, autocommit=True) as conn:
+        conn.execute("DROP TABLE state")
+        conn.execute("UPDATE federatls_schema SET version = 1")
+    with pytest.raises(ConfigError, match=r"schema version 1, older .*federatls ca db init"):
+        open_store(db)
+    assert init_schema(db).endswith("upgraded the federatls schema from version 1 to 2")
+    store = open_store(db)
+    try:
+        store.put_state("peer:p", b"v")
+        assert store.get_state("peer:p") == b"v"
+        assert store.token_used("kept")
+    finally:
+        store.close()
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The ``federatls`` command: ``federatls ca init|serve|token|certificate|renew|revoke|roots|
-federation|health|rotate`` in the spirit of ``step ca``, ``federatls ca db init|migrate``, and
+federation|peers|health|rotate`` in the spirit of ``step ca``, ``federatls ca db init|migrate``, and
 ``federatls demo``.
 
 Errors are one line on stderr and a non-zero exit: 2 for a usage mistake (argparse's own, or
@@ -634,6 +634,46 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    """Each federation peer of ca.json, with what the CA's store holds of it."""
+    _need_ca_extra("federatls ca peers")
+    import json
+
+    from .ca._config import CAConfig
+    from .ca._database import open_store
+    from .ca._federation import PeerState, peer_status, state_key
+
+    config = CAConfig.load(args.config)
+    database = args.db or config.database
+    peers = config.federation.peers
+    states: dict[str, PeerState | None] = dict.fromkeys((p.name for p in peers), None)
+    if peers and not (database.kind == "sqlite" and not Path(database.location).exists()):
+        store = open_store(database)
+        try:
+            for peer in peers:
+                raw = store.get_state(state_key(peer.name))
+                if raw is not None:
+                    states[peer.name] = PeerState.from_bytes(raw, state_key(peer.name))
+        finally:
+            store.close()
+    report = [peer_status(peer, states[peer.name]) for peer in peers]
+    if args.json:
+        print(json.dumps({"peers": report}, indent=2))
+        return 0
+    if not report:
+        print(f"{args.config} names no federation peers")
+    for item in report:
+        print(f"{item['name']} ({item['profile']}) {item['url']}")
+        print(f"  names: {', '.join(item['names'])}")
+        for root in item["roots"] or [None]:
+            shown = f"{root['fingerprint']} {root['subject']}" if root else "none yet"
+            print(f"  root: {shown}")
+        print(f"  last success: {item['lastSuccess'] or 'never'}")
+        error = f"{item['lastErrorAt']} {item['lastError']}" if item["lastError"] else "none"
+        print(f"  last error: {error}")
+    return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .ca import _rotation
 
@@ -876,6 +916,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--password-file", metavar="FILE", help="the CA password (for add-root)")
     p.set_defaults(func=cmd_rotate)
+
+    p = verbs.add_parser(
+        "peers",
+        help="show the federation peers a CA follows: roots, last success, last error",
+        description="For each peer of ca.json's federation block: its URL, the roots the CA "
+        "trusts for it now (fingerprint and subject), its last successful fetch and its "
+        "last error, as the CA's store holds them (shared by its worker processes and "
+        "replicas).",
+    )
+    p.add_argument("config", help="path of ca.json")
+    _db_flag(p, "the database to read, in place of ca.json's db block")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_peers)
 
     p = verbs.add_parser("health", help="ask the CA whether it is healthy")
     _ca_flags(p)

@@ -16,6 +16,8 @@ caller never needs to catch another library's exceptions.
     ├── CAUnreachableError       no answer from the CA (connect, TLS or timeout failure)
     │   └── CATimeoutError       no complete answer within the deadline (silent or dripping)
     ├── IdentityExpiredError     the certificate expired before it could be renewed
+    ├── PeerFetchError           a CA could not fetch, or could not authenticate, the roots
+    │                            of a federation peer it follows (which peer, and why)
     ├── StoreBusyError           the CA's database stayed locked too long (the CA answers 503)
     │   └── StoreUnavailableError
     │                            the CA's database cannot be reached now (also a 503)
@@ -36,6 +38,7 @@ __all__ = [
     "FingerprintMismatchError",
     "IdentityExpiredError",
     "MissingExtraError",
+    "PeerFetchError",
     "PeerNotAuthorisedError",
     "StoreBusyError",
     "StoreUnavailableError",
@@ -138,6 +141,18 @@ class CATimeoutError(CAUnreachableError):
 class IdentityExpiredError(FederatlsError):
     """The certificate expired before it could be renewed (renewal over mutual TLS needs a
     valid certificate): enrol again with a new token, or give the renewal a token source."""
+
+
+class PeerFetchError(FederatlsError):
+    """A CA following a federation peer by URL got no roots it may trust from it this time:
+    the peer could not be reached, its answer was malformed, or it was not authenticated by
+    the pinned fingerprint (first contact) or by the peer roots trusted now. ``peer`` is the
+    peer's name, ``reason`` says why; the CA keeps the peer's last good roots."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"federation peer {peer!r}: {reason}")
 
 
 class StoreBusyError(FederatlsError):

@@ -40,6 +40,7 @@ from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
 from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
+from ._federation import FederationSource, PeerRoots, dedupe
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
 from ._material import CAMaterial
 from ._store import IssuedCertificate, ParentRevoked, Revocation, Store, TokenUse
@@ -163,11 +164,20 @@ class Authority:
     """One CA's policy over its material, configuration and store."""
 
     def __init__(
-        self, config: CAConfig, material: CAMaterial, store: Store, *, started_at: datetime
+        self,
+        config: CAConfig,
+        material: CAMaterial,
+        store: Store,
+        *,
+        started_at: datetime,
+        peer_roots: PeerRoots | None = None,
     ) -> None:
         self.config = config
         self.material = material
         self.store = store
+        # The federation peers' current roots (``_follower`` keeps them current); shared
+        # by the authorities a reload makes, so a reload loses none of them.
+        self.peer_roots = peer_roots if peer_roots is not None else PeerRoots()
         # step-ca truncates its start time to the second before comparing token `iat`s.
         self.started_at = started_at.replace(microsecond=0)
         # step-ca's rule: tokens issued before the CA started are refused. A store whose
@@ -186,8 +196,21 @@ class Authority:
     def roots(self) -> tuple[x509.Certificate, ...]:
         return self.material.roots
 
+    def federation_sources(self) -> tuple[FederationSource, ...]:
+        """Where the federation's roots come from: the own roots first, then the static
+        ``federatedRoots`` (if any), then each configured peer's current roots (empty for a
+        peer never reached, or distrusted) with the names it may vouch for."""
+        sources = [FederationSource("own", self.material.roots)]
+        if self.material.federated_roots:
+            sources.append(FederationSource("static", self.material.federated_roots))
+        for peer in self.config.federation.peers:
+            roots = self.peer_roots.get(peer.name)
+            sources.append(FederationSource("peer", roots, peer.name, peer.names))
+        return tuple(sources)
+
     def federation(self) -> tuple[x509.Certificate, ...]:
-        return self.material.federation()
+        """What ``/federation`` answers: every source's roots, each root once."""
+        return dedupe(tuple(c for source in self.federation_sources() for c in source.roots))
 
     def root(self, sha: str) -> x509.Certificate:
         cert = self.material.root_by_fingerprint(sha.lower().replace("-", ""))

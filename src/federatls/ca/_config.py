@@ -8,16 +8,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from .._authorise import _TRUST_DOMAIN, NamePattern, _uri_problem
 from .._duration import parse_go_duration
 from .._errors import BadMaterialError, ConfigError
 from .._jwk import PublicJWK
 from ._database import Database
+from ._federation import DEFAULT_REFRESH, MIN_REFRESH, FederationConfig, PeerConfig, Profile
 
 __all__ = [
     "CAConfig",
@@ -58,7 +62,10 @@ _KNOWN_KEYS = frozenset(
         "password",
         "templates",
         "commonName",
-        "federatls",  # federatls-only settings (step-ca ignores unknown fields)
+        # federatls-only blocks (step-ca ignores unknown fields)
+        "federatls",
+        "federation",
+        "spiffe",
     }
 )
 _LIMIT_DURATIONS = {
@@ -233,6 +240,8 @@ class CAConfig:
     raw: Mapping[str, Any]
     database: Database  # from the `db` block: PostgreSQL, or the SQLite file beside ca.json
     limits: ConnectionLimits = ConnectionLimits()
+    federation: FederationConfig = field(default_factory=FederationConfig)  # peers by URL
+    spiffe_trust_domain: str | None = None  # the `spiffe` block's trustDomain
 
     @property
     def store_path(self) -> Path:
@@ -304,6 +313,8 @@ class CAConfig:
             raw=data,
             database=_database(data.get("db"), path, where),
             limits=ConnectionLimits.from_json(data.get("federatls"), where),
+            federation=_federation(data.get("federation"), path, where),
+            spiffe_trust_domain=_spiffe(data.get("spiffe"), where),
         )
 
     @property
@@ -395,6 +406,174 @@ def _database(value: object, path: Path, where: str) -> Database:
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{where}: db.database must be a string (the database's name)")
     return Database.postgresql(source, name or None, what=f"{where}: db.dataSource")
+
+
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PROFILES: tuple[Profile, ...] = ("step", "https_spiffe", "https_web")
+# The fields each profile takes (docs/ca.md, "Following federation peers"); any other is
+# refused, so that a field meant for another profile is not silently ignored.
+_PEER_FIELDS: dict[str, frozenset[str]] = {
+    "step": frozenset({"name", "profile", "url", "names", "refresh", "fingerprint"}),
+    "https_spiffe": frozenset(
+        {"name", "profile", "url", "names", "refresh", "trustDomain", "endpointSpiffeId"}
+        | {"bundle"}
+    ),
+    "https_web": frozenset({"name", "profile", "url", "names", "refresh", "trustDomain"}),
+}
+
+
+def _federation(value: object, path: Path, where: str) -> FederationConfig:
+    """ca.json's ``federation`` block (a federatls-only block that step-ca ignores); every
+    field checked, an unknown one refused; ConfigError names the field."""
+    if value is None:
+        return FederationConfig()
+    what = f"{where}: federation"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what} must be an object")
+    unknown = sorted(set(value) - {"refresh", "peers"})
+    if unknown:
+        raise ConfigError(f"{what}: unknown fields {unknown}")
+    refresh = DEFAULT_REFRESH
+    if value.get("refresh") is not None:
+        refresh = _refresh(value["refresh"], f"{what}.refresh")
+    peers = value.get("peers", [])
+    if not isinstance(peers, list):
+        raise ConfigError(f"{what}.peers must be a list of peers")
+    out: list[PeerConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(peers):
+        peer = _peer(item, path, f"{what}.peers[{i}]")
+        if peer.name in seen:
+            raise ConfigError(f"{what}.peers[{i}]: peer name {peer.name!r} is listed twice")
+        seen.add(peer.name)
+        out.append(peer)
+    return FederationConfig(refresh=refresh, peers=tuple(out))
+
+
+def _refresh(value: object, what: str) -> timedelta:
+    interval = _duration(value, what)
+    if interval < MIN_REFRESH:
+        raise ConfigError(f"{what} must be at least 1s, not {value!r}")
+    return interval
+
+
+def _peer(item: object, path: Path, what: str) -> PeerConfig:
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{what} must be an object")
+    profile = item.get("profile", "step")
+    if profile not in _PROFILES:
+        raise ConfigError(f"{what}.profile must be one of {', '.join(_PROFILES)}, not {profile!r}")
+    unknown = sorted(set(item) - _PEER_FIELDS[profile])
+    if unknown:
+        raise ConfigError(f"{what}: unknown fields {unknown} for profile {profile!r}")
+    name = item.get("name")
+    if not isinstance(name, str) or not _PEER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what}.name must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a "
+            f"letter or digit), not {name!r}"
+        )
+    what = f"{what} ({name})"
+    url = _peer_url(item.get("url"), profile, f"{what}.url")
+    names = item.get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"{what}.names must be a non-empty list of the names this peer may vouch for, "
+            'such as ["*.k8s.internal", "spiffe://k8s.internal/*"]'
+        )
+    for n in names:
+        try:
+            NamePattern.parse(n)
+        except ValueError as exc:
+            raise ConfigError(f"{what}.names: {exc}") from exc
+    refresh = None
+    if item.get("refresh") is not None:
+        refresh = _refresh(item["refresh"], f"{what}.refresh")
+    fingerprint = trust_domain = endpoint = None
+    bundle = None
+    if profile == "step":
+        fp = item.get("fingerprint")
+        fingerprint = fp.lower().replace(":", "").replace("-", "") if isinstance(fp, str) else ""
+        if not _HEX64.fullmatch(fingerprint):
+            raise ConfigError(
+                f"{what}.fingerprint must be the SHA-256 of one of the peer's roots, 64 hex "
+                f"digits (`step certificate fingerprint root_ca.crt`), not {fp!r}"
+            )
+    else:
+        trust_domain = _trust_domain(item.get("trustDomain"), f"{what}.trustDomain")
+    if profile == "https_spiffe":
+        endpoint = item.get("endpointSpiffeId")
+        problem = _uri_problem(endpoint) if isinstance(endpoint, str) else "it must be a string"
+        if problem is None and not (isinstance(endpoint, str) and endpoint.startswith("spiffe://")):
+            problem = "it must start with spiffe://"
+        if problem is None and isinstance(endpoint, str) and "/" not in endpoint[9:]:
+            problem = "it must have a path (the bundle endpoint server's workload)"
+        if problem is not None:
+            raise ConfigError(
+                f"{what}.endpointSpiffeId must be the SPIFFE ID of the bundle endpoint server, "
+                f"such as spiffe://{trust_domain}/spire/server; {endpoint!r}: {problem}"
+            )
+        raw_bundle = item.get("bundle")
+        if not isinstance(raw_bundle, str) or not raw_bundle:
+            raise ConfigError(
+                f"{what}.bundle must be the path of the peer's initial SPIFFE bundle (JSON)"
+            )
+        bundle = Path(raw_bundle)
+        if not bundle.is_absolute():
+            bundle = path.parent / bundle
+    return PeerConfig(
+        name=name,
+        profile=profile,
+        url=url,
+        names=tuple(names),
+        refresh=refresh,
+        fingerprint=fingerprint,
+        trust_domain=trust_domain,
+        endpoint_spiffe_id=endpoint,
+        bundle=bundle,
+    )
+
+
+def _peer_url(value: object, profile: str, what: str) -> str:
+    """An https:// URL with a host (the step profile's: the CA's base, no path)."""
+    example = "https://ca.example:9000" if profile == "step" else "https://host:8443/bundle"
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be an https:// URL such as {example}, not {value!r}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{what} {value!r} is not a URL: {exc}") from exc
+    if parts.scheme != "https" or not parts.hostname or port == 0:
+        raise ConfigError(f"{what} must be an https:// URL such as {example}, not {value!r}")
+    if parts.username is not None or parts.fragment:
+        raise ConfigError(f"{what} {value!r} must have no user name and no fragment")
+    if profile == "step" and (parts.path not in ("", "/") or parts.query):
+        raise ConfigError(
+            f"{what} {value!r} must be the CA's base URL (no path): /roots is fetched below it"
+        )
+    return value.rstrip("/") if profile == "step" else value
+
+
+def _trust_domain(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value):
+        raise ConfigError(
+            f"{what} must be a SPIFFE trust domain name (1 to 255 lowercase letters, digits, "
+            f"'.', '-' or '_', no scheme), such as cloud.internal, not {value!r}"
+        )
+    return value
+
+
+def _spiffe(value: object, where: str) -> str | None:
+    """ca.json's ``spiffe`` block: ``{"trustDomain": "..."}`` (federatls-only)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{where}: spiffe must be an object such as {{"trustDomain": ...}}')
+    unknown = sorted(set(value) - {"trustDomain"})
+    if unknown:
+        raise ConfigError(f"{where}: spiffe: unknown fields {unknown}")
+    return _trust_domain(value.get("trustDomain"), f"{where}: spiffe.trustDomain")
 
 
 def _tls_options(value: object, where: str) -> Mapping[str, Any]:

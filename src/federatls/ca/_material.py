@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from .._errors import BadMaterialError, ConfigError
 from .._x509 import fingerprint, load_pem_certificates
 from ._config import CAConfig
+from ._federation import dedupe
 
 __all__ = ["CAMaterial", "SigningKey", "load_material"]
 
@@ -38,14 +39,7 @@ class CAMaterial:
 
     def federation(self) -> tuple[x509.Certificate, ...]:
         """Own roots then federated roots, without duplicates (step-ca de-duplicates too)."""
-        seen: set[str] = set()
-        out: list[x509.Certificate] = []
-        for cert in (*self.roots, *self.federated_roots):
-            fp = fingerprint(cert)
-            if fp not in seen:
-                seen.add(fp)
-                out.append(cert)
-        return tuple(out)
+        return dedupe((*self.roots, *self.federated_roots))
 
     def root_by_fingerprint(self, sha: str) -> x509.Certificate | None:
         """An own or federated root by hex SHA-256 (step-ca's ``/root/{sha}`` matches both)."""

@@ -60,7 +60,7 @@ log = logging.getLogger("federatls.ca")
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the state table (federation peers' roots)
 _TABLES = ("used_tokens", "certificates", "revocations")
 _COUNT_ROWS = (
     "SELECT (SELECT count(*) FROM used_tokens), (SELECT count(*) FROM certificates),"
@@ -98,6 +98,10 @@ _SCHEMA = (
     token_id    text NOT NULL,
     mtls        boolean NOT NULL,
     revoked_at  timestamptz NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS state (
+    key   text PRIMARY KEY,
+    value bytea NOT NULL
 )""",
 )
 # Two `db init` at once take turns (CREATE TABLE IF NOT EXISTS is not safe against itself).
@@ -510,6 +514,20 @@ class PostgresStore:
 
         self._call(body)
 
+    def get_state(self, key: str) -> bytes | None:
+        def body(conn: Conn) -> bytes | None:
+            row = conn.execute("SELECT value FROM state WHERE key = %s", (_key(key),)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return self._call(body)
+
+    def put_state(self, key: str, value: bytes) -> None:
+        sql = (
+            "INSERT INTO state (key, value) VALUES (%s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
+        self._call(lambda conn: conn.execute(sql, (_key(key), value)), transaction=True)
+
     def counts(self) -> dict[str, int]:
         def body(conn: Conn) -> dict[str, int]:
             row = conn.execute(_COUNT_ROWS).fetchone()
@@ -742,6 +760,7 @@ _SHAPES: dict[str, tuple[dict[str, str], str]] = {
         },
         "serial",
     ),
+    "state": ({"key": "text", "value": "bytea"}, "key"),
 }
 _COLUMNS_OF = (
     "SELECT a.attname, format_type(a.atttypid, a.atttypmod), coalesce(i.indisprimary, false)"
@@ -836,7 +855,7 @@ def copy_sqlite_into(source: Path, target: Database) -> dict[str, int]:
 
 def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, int]:
     version = lite.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0 or version > 3:
+    if version == 0 or version > 4:
         raise ConfigError(f"{source} has schema version {version}: not a federatls database")
     columns = {r[1] for r in lite.execute("PRAGMA table_info(certificates)")}
     trail = "operation, token_id" if "operation" in columns else "'', ''"  # schema 1: none
@@ -875,6 +894,13 @@ def _copy_rows(lite: sqlite3.Connection, conn: Conn, source: Path) -> dict[str, 
                  bool(row[5]), _dt(row[6]))
             )  # fmt: skip
             counts["revocations"] += 1
+    if version >= 4:  # named states (federation peers' last good roots): not counted
+        rows = lite.execute("SELECT key, value FROM state").fetchall()
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO state (key, value) VALUES (%s, %s)",
+                [(_key(key), bytes(value)) for key, value in rows],
+            )
     return counts
 
 

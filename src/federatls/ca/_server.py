@@ -48,6 +48,8 @@ from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
 from ._connections import ConnectionTable, Listener, Phase, connection_limit
 from ._database import Database, open_store
+from ._federation import PeerRoots
+from ._follower import Follower
 from ._issuer import server_certificate
 from ._material import load_material
 from ._purge import PURGE_INTERVAL, TokenPurge
@@ -593,6 +595,8 @@ class CAServer:
         self._store_database: Database | None = None  # where _store is
         self.purge: TokenPurge | None = None
         self._authority: Authority | None = None
+        self.peer_roots = PeerRoots()  # the federation peers' current roots, across reloads
+        self.follower: Follower | None = None  # keeps peer_roots current (ca.json's peers)
         self._tls: ssl.SSLContext | None = None  # for new handshakes; replaced on renewal
         self._listener: Listener | None = None
         self._connections: ConnectionTable | None = None
@@ -665,7 +669,9 @@ class CAServer:
             raise ConfigError("the database location cannot change on reload")
         if config.raw.get("insecureAddress"):
             log.warning("insecureAddress is not served by the federatls CA (no SSH or ACME)")
-        return Authority(config, material, self._store, started_at=self._started)
+        return Authority(
+            config, material, self._store, started_at=self._started, peer_roots=self.peer_roots
+        )
 
     def _new_context(self, authority: Authority) -> ssl.SSLContext:
         material = authority.material
@@ -684,6 +690,9 @@ class CAServer:
         try:
             await self._start()
         except BaseException:
+            if self.follower is not None:
+                await self.follower.stop()
+                self.follower = None
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -692,6 +701,10 @@ class CAServer:
     async def _start(self) -> None:
         self._authority = self._load()
         config = self._authority.config
+        assert self._store is not None
+        # The peers' last good roots are loaded before the first request is answered.
+        self.follower = Follower(self._store, self.peer_roots, self.clock)
+        await self.follower.start(config.federation)
         host, port = split_address(config.address)
         host = self._host if self._host is not None else host
         port = self._port if self._port is not None else port
@@ -764,11 +777,14 @@ class CAServer:
         self._runner.app[_STATE].authority = authority
         self._authority = authority
         self._tls = ctx
+        if self.follower is not None:
+            self.follower.reconfigure(authority.config.federation)
         log.info(
-            "configuration reloaded from %s: %d root(s), %d federated root(s)",
+            "configuration reloaded from %s: %d root(s), %d federated root(s), %d peer(s)",
             self.config_path,
             len(authority.roots()),
             len(authority.material.federated_roots),
+            len(authority.config.federation.peers),
         )
         return True
 
@@ -809,6 +825,9 @@ class CAServer:
         if self.purge is not None:
             await self.purge.stop()
             self.purge = None
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None

@@ -1,5 +1,6 @@
 """The CA's persistent state behind one small interface (``Store``): used token ids, issued
-certificates, revocations. ``SQLiteStore`` is the embedded default (one file beside ca.json);
+certificates, revocations, and small named states (a federation peer's last good roots).
+``SQLiteStore`` is the embedded default (one file beside ca.json);
 ``PostgresStore`` (``_postgres``) is the shared database of several CA replicas. Which one a
 CA uses is ``_database``'s business, not this module's.
 
@@ -162,6 +163,14 @@ class Store(Protocol):
         """Raise ``StoreUnavailableError`` saying what is wrong when the database cannot be
         used now (after a bounded wait); return None when it can."""
 
+    def get_state(self, key: str) -> bytes | None:
+        """The value last stored under ``key`` by ``put_state`` (by any process or replica
+        sharing the database), or None."""
+
+    def put_state(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``, replacing what was there, durably (synced to disk
+        before it returns). Keys: ``peer:<name>`` (``_federation.PeerState``), ``spiffe:own``."""
+
     def counts(self) -> dict[str, int]:
         """How many used tokens, certificates and revocations are recorded."""
 
@@ -203,6 +212,11 @@ _TABLES = (
     mtls        INTEGER NOT NULL,
     revoked_at  TEXT NOT NULL
 )""",
+    # Version 4: named states (federation peers' roots), one small value per key.
+    """CREATE TABLE IF NOT EXISTS state (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+)""",
 )
 # Columns added since schema version 1, in place (ALTER TABLE), so that every version's file
 # ends with the same columns. Version 2: the certificates' audit trail.
@@ -212,7 +226,7 @@ _ADDED_COLUMNS = (
 )
 # Version 3: the index that purges expired token ids oldest first, in batches.
 _INDEXES = ("CREATE INDEX IF NOT EXISTS used_tokens_expires_at ON used_tokens (expires_at)",)
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite3.h)
 # A used token id is kept this long after its token expired; by then the token's own `exp`
 # refuses it, so forgetting it cannot re-open a replay.
@@ -519,6 +533,19 @@ class SQLiteStore:
         with self._reading() as conn:
             row = conn.execute("SELECT 1 FROM revocations WHERE serial = ?", (serial,)).fetchone()
         return row is not None
+
+    def get_state(self, key: str) -> bytes | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_state(self, key: str, value: bytes) -> None:
+        with self._transaction(durable=True):
+            self._conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for operators and tests)."""
