@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,15 +31,17 @@ import pytest
 
 from federatls import RenewingIdentity
 from federatls._x509 import fingerprint, load_pem_certificate
-from federatls.ca import add_root, issue_from_new_root
+from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 
 from harness import wait_until
 from traffic import (
     CA,
+    LONG,
     SERVER_NAMES,
     MakeCA,
     Seen,
     Traffic,
+    attempt,
     call,
     drive,
     enrol,
@@ -172,6 +175,78 @@ async def federation(make_ca: MakeCA, *, follow: bool) -> AsyncIterator[Federati
             for live in [*servers.values(), *clients.values()]:
                 assert live.stopped is None, live.stopped
             tg.cancel_scope.cancel()
+
+
+async def test_peer_rotation_followed_with_live_traffic(make_ca: MakeCA) -> None:
+    """Kubernetes rotates its root (add B, issue from B, retire A, each applied by a reload)
+    while cloud follows it by URL: cloud's /federation goes from {C, A} to {C, B}, every
+    workload follows within a few renewals, no request fails either way, kubernetes'
+    workloads end anchored in B, and cloud's ca.json is never edited."""
+    async with federation(make_ca, follow=True) as fed:
+        cloud_config = fed.cloud.config.read_text()
+        old = await enrol(fed.kubernetes, "old.k8s.internal", lifetime=LONG)  # never renewed
+        await renewals(*fed.workloads, count=1)
+        await fed.more_requests()
+        history = [await fed.federation()]
+        counts = [fed.counts()]
+
+        # Phase 1: kubernetes trusts A and B, issues from A; cloud learns B by itself.
+        step = add_root(fed.kubernetes.directory, fed.kubernetes.password, now=datetime.now(UTC))
+        b = _newest_root(step.roots)
+        fed.names[b] = "B"
+        await fed.kubernetes.reload()
+        await eventually(lambda: _has(fed.cloud, b), "cloud learns B")
+        await wait_until(lambda: all("B" in fed.trust(w) for w in fed.workloads), WAIT)
+        await fed.more_requests()
+        history.append(await fed.federation())
+        counts.append(fed.counts())
+        served_in_phase_1 = await attempt(old, fed.ports["cloud"])
+
+        # Phase 2: kubernetes issues from B; its workloads renew onto B.
+        issue_from_new_root(fed.kubernetes.directory)
+        await fed.kubernetes.reload()
+        await wait_until(lambda: all(fed.anchor(w) == "B" for w in fed.of("kubernetes")), WAIT)
+        await fed.more_requests()
+        history.append(await fed.federation())
+        counts.append(fed.counts())
+
+        # Phase 3: kubernetes retires A; cloud drops it by itself, and so do the workloads.
+        retire_old_roots(fed.kubernetes.directory)
+        await fed.kubernetes.reload()
+        await eventually(
+            lambda: _lacks(fed.cloud, fingerprint(fed.kubernetes.root)), "cloud drops A"
+        )
+        await wait_until(lambda: all("A" not in fed.trust(w) for w in fed.workloads), WAIT)
+        await fed.more_requests()
+        history.append(await fed.federation())
+        counts.append(fed.counts())
+        refused_in_phase_3 = await attempt(old, fed.ports["cloud"])
+
+        final_trust = {ca: fed.trust(fed.servers[ca]) for ca in fed.servers}
+        final_anchors = {ca: fed.anchor(fed.clients[ca]) for ca in fed.clients}
+        k8s_client_seen = fed.seen["cloud"].of("client.k8s.internal")[-1].anchor
+        k8s_server_seen = fed.traffic["cloud"].server_anchors[-1]
+        unchanged = fed.cloud.config.read_text() == cloud_config
+        failures = {ca: t.failures for ca, t in fed.traffic.items()}
+
+    assert history == [
+        frozenset("CA"),
+        frozenset("CAB"),
+        frozenset("CAB"),
+        frozenset("CB"),
+    ]
+    assert failures == {"cloud": [], "kubernetes": []}, failures
+    for earlier, later in itertools.pairwise(counts):  # traffic in every phase
+        for ca in ("cloud", "kubernetes"):
+            assert earlier[ca][0] < later[ca][0]
+    assert final_anchors == {"cloud": "C", "kubernetes": "B"}
+    assert k8s_client_seen is not None
+    assert fed.names.get(k8s_client_seen.fingerprint) == "B"  # cloud's server saw it
+    assert fed.names.get(k8s_server_seen) == "B"  # and cloud's client saw kubernetes' server
+    assert final_trust == {"cloud": frozenset("CB"), "kubernetes": frozenset("BC")}
+    assert served_in_phase_1 == "served"
+    assert refused_in_phase_3 == "cut-off"  # cloud's server no longer trusts A
+    assert unchanged
 
 
 async def test_static_federation_breaks_when_the_peer_rotates(make_ca: MakeCA) -> None:
