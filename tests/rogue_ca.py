@@ -60,13 +60,15 @@ class Behaviour:
     """How the rogue CA answers one endpoint: after ``delay`` seconds, dripping one byte
     every ``drip`` seconds (0: at once), with its JSON body padded to ``pad_to`` bytes (an
     extra field), announced with a Content-Length or, with ``declare_length=False``, chunked;
-    with ``gzip``, the body is sent gzip-compressed (whether asked for or not)."""
+    with ``gzip``, the body is sent gzip-compressed (whether asked for or not); ``body``, when
+    given, is sent instead of the answer (garbage, say)."""
 
     delay: float = 0.0
     drip: float = 0.0
     pad_to: int = 0
     declare_length: bool = True
     gzip: bool = False
+    body: bytes | None = None
 
 
 @dataclass
@@ -265,7 +267,7 @@ class RogueCA:
         self, writer: asyncio.StreamWriter, path: str, status: int, answer: dict[str, object]
     ) -> None:
         how = self.behaviour.get(path, Behaviour())
-        data = json.dumps(answer).encode()
+        data = json.dumps(answer).encode() if how.body is None else how.body
         prefix = b'{"pad":"'
         filler = max(how.pad_to - len(prefix) - len(data) - 1, 0) if how.pad_to else 0
         pieces: list[bytes | _Filler] = (

@@ -331,7 +331,8 @@ def test_examples_run_as_their_docstrings_say(tmp_path: Path) -> None:
 
 
 def test_sdk_testing_example_runs_as_written(tmp_path: Path) -> None:
-    """docs/sdk.md's example test of `federatls.testing` passes under pytest."""
+    """docs/sdk.md's trust refresh program prints what its comments say, and its example
+    test of `federatls.testing` passes under pytest."""
     assert "1 passed" in run_blocks(ROOT / "docs" / "sdk.md", tmp_path)
 
 

@@ -10,6 +10,14 @@ snapshot; connections already open keep theirs. When to refresh, and how long a 
 take, is ``RenewalPolicy``'s business (``_policy.py``); a refresh past its deadline is a
 failure like any other, retried with backoff.
 
+Between renewals the same task refreshes trust on its own schedule (``trust_refresh``, 5
+minutes): ``/roots`` and ``/federation`` over server-authenticated TLS pinned to the
+identity's own roots, no client certificate. A changed bundle is swapped in as a renewal's
+is (same certificate, new trust); an unchanged one changes nothing; a failed fetch keeps
+the last good bundle, sets ``last_error`` and is logged once per run of failures. One lock
+makes renewals and trust refreshes take turns, so neither swaps over the other's snapshot;
+a renewal that fetched trust counts as a trust refresh.
+
     async with anyio.create_task_group() as tg:
         live = await tg.start(federatls.keep_renewed, identity)
         server = await streams.start_server(live, handle, "0.0.0.0", 8443)
@@ -45,6 +53,7 @@ from ._keys import KeyType
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
 from ._sync import background
+from ._trust import TrustBundle
 
 __all__ = [
     "LiveServerContext",
@@ -83,6 +92,28 @@ class _Snapshot:
     def __init__(self, identity: Identity, contexts: dict[_ContextKey, ssl.SSLContext]) -> None:
         self.identity = identity
         self.contexts = contexts
+
+
+def _same_trust(a: TrustBundle, b: TrustBundle) -> bool:
+    """Whether two bundles hold the same roots with the same facts (provenance...), in any
+    order: a CA that lists its roots in another order has changed nothing."""
+    return sorted(a.roots, key=lambda r: r.fingerprint) == sorted(
+        b.roots, key=lambda r: r.fingerprint
+    )
+
+
+def _difference(old: TrustBundle, new: TrustBundle) -> str:
+    """What changed between two bundles, for the log: roots added and dropped."""
+    before = {r.fingerprint: r for r in old}
+    after = {r.fingerprint: r for r in new}
+    added = [str(r) for fp, r in after.items() if fp not in before]
+    dropped = [str(r) for fp, r in before.items() if fp not in after]
+    parts = []
+    if added:
+        parts.append("added " + ", ".join(added))
+    if dropped:
+        parts.append("dropped " + ", ".join(dropped))
+    return "; ".join(parts) or "the same roots with other facts"
 
 
 def _build(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
@@ -134,7 +165,14 @@ class RenewingIdentity:
         self._failures = 0
         self._updated: anyio.Event | None = None
         self._ended = False  # run() returned or was cancelled
+        self._lock: anyio.Lock | None = None  # one refresh (renewal or trust) at a time
+        self._trust_next = self.policy.trust_refresh_due(clock(), rand())
+        self._trust_failures = 0  # trust fetches failed in a row
+        self._trust_error: FederatlsError | None = None  # the last of them
         self.renewals = 0
+        self.trust_refreshes = 0  # successful trust fetches, a renewal's included
+        self.trust_changes = 0  # changed bundles swapped in by trust refreshes
+        self.trust_refreshed_at: datetime | None = None  # the last successful trust fetch
         self.last_error: FederatlsError | None = None
         self.stopped: FederatlsError | None = None
 
@@ -152,6 +190,12 @@ class RenewingIdentity:
         """When the next refresh is planned; None once renewal has stopped or its task has
         ended (cancelled)."""
         return None if self.stopped is not None or self._ended else self._next
+
+    @property
+    def next_trust_refresh_at(self) -> datetime | None:
+        """When trust is next fetched (a renewal before then fetches it too and moves this
+        on); None when the trust refresh is off, renewal has stopped or its task has ended."""
+        return None if self.stopped is not None or self._ended else self._trust_next
 
     def _due(self, identity: Identity) -> datetime:
         received = max(self._clock(), identity.not_before)
@@ -225,21 +269,106 @@ class RenewingIdentity:
         return self.current.authorise(conn, authoriser)
 
     # Refreshing --------------------------------------------------------------------------------
+    def _turn(self) -> anyio.Lock:
+        """The lock renewals and trust refreshes take turns with (made on first use, inside
+        the event loop)."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
+
     async def refresh(self) -> Identity:
         """Refresh now: trust bundle and certificate, then swap. Raises on failure.
 
         ``last_error`` is cleared first: after a refresh it holds only what went wrong in it
         (a bundle fetch that failed, though the certificate renewed), or the failure."""
-        self.last_error = None
-        old = self.current
-        if self._clock() >= old.not_after:
-            new = await self._rebootstrap(old)
-        else:
-            new = await self._renew(old)
-        await self._install(new)
-        return new
+        async with self._turn():
+            self.last_error = None
+            old = self.current
+            if self._clock() >= old.not_after:
+                new, trusted = await self._rebootstrap(old), True
+            else:
+                new, trusted = await self._renew(old)
+            await self._install(new)
+            if trusted:
+                self._trust_fetched(new.trust)
+            return new
 
-    async def _renew(self, old: Identity) -> Identity:
+    async def refresh_trust(self) -> bool:
+        """Fetch the trust bundle now (``/roots`` and ``/federation``) and, if it changed,
+        swap it in with the current certificate. Returns whether it changed; raises
+        (``CAUnreachableError``, ``CARefusedError``, ``BadMaterialError``) on failure,
+        keeping the current bundle. The task calls it every ``RenewalPolicy.trust_refresh``."""
+        async with self._turn():
+            current = self.current
+            try:
+                trust = await self._fetch_trust(current)
+            except FederatlsError as exc:
+                self._trust_failed(exc)
+                raise
+            changed = not _same_trust(trust, current.trust)
+            if changed:
+                new = Identity.from_parts(current.chain, current._key, trust, current.ca_url)
+                await self._swap(new)
+                self.trust_changes += 1
+                log.info(
+                    "trust bundle of %s changed: %d root(s), %s",
+                    current.common_name,
+                    len(trust),
+                    _difference(current.trust, trust),
+                )
+                self._notify()
+            self._trust_fetched(trust)
+            return changed
+
+    async def _fetch_trust(self, current: Identity) -> TrustBundle:
+        """``CAClient.trust_bundle`` over server-authenticated TLS pinned to the identity's
+        own roots. No client certificate: the two endpoints are public, and a certificate
+        past its end (or one the CA has revoked) must not stop trust from being fetched."""
+        seconds = self.policy.timeout.total_seconds()
+        deadline = Deadline.after(seconds, "the trust refresh")
+        roots = current.trust.own().certificates
+        client = await anyio.to_thread.run_sync(
+            lambda: CAClient(current.ca_url, roots, timeout=seconds, deadline=deadline)
+        )
+        async with client as ca:
+            return await ca.trust_bundle()
+
+    def _trust_fetched(self, trust: TrustBundle) -> None:
+        """A trust fetch succeeded (and its bundle is in use): count it, plan the next one,
+        and end a run of failures with one line."""
+        if self._trust_failures:
+            log.info(
+                "trust bundle of %s refreshed again after %d failed attempt(s): %d root(s)",
+                self.current.common_name,
+                self._trust_failures,
+                len(trust),
+            )
+            if self.last_error is self._trust_error:
+                self.last_error = None
+        self._trust_failures, self._trust_error = 0, None
+        self.trust_refreshes += 1
+        now = self._clock()
+        self.trust_refreshed_at = now
+        self._trust_next = self.policy.trust_refresh_due(now, self._rand())
+
+    def _trust_failed(self, error: FederatlsError) -> None:
+        """A trust fetch failed: the last good bundle stays. Logged once per run of failures
+        (then at DEBUG), and the next attempt planned as usual."""
+        self._trust_failures += 1
+        self._trust_error = self.last_error = error
+        if self._trust_failures == 1:
+            log.warning("trust bundle not refreshed, keeping the last good one: %s", error)
+        else:
+            log.debug(
+                "trust bundle still not refreshed (%d failures in a row): %s",
+                self._trust_failures,
+                error,
+            )
+        self._trust_next = self.policy.trust_refresh_due(self._clock(), self._rand())
+
+    async def _renew(self, old: Identity) -> tuple[Identity, bool]:
+        """The renewed identity, and whether its trust bundle was fetched (else the last
+        good one is kept)."""
         key = old._key
         seconds = self.policy.timeout.total_seconds()
         deadline = Deadline.after(seconds, "the renewal")
@@ -257,14 +386,14 @@ class RenewingIdentity:
             # The certificate first: a CA slow to answer /roots or /federation must not use
             # up the deadline the renewal needs. The bundle gets what is left.
             signed = await ca.renew()
-            trust = old.trust
+            trust, trusted = old.trust, True
             try:
                 trust = await ca.trust_bundle()
             except (CAUnreachableError, CARefusedError, BadMaterialError) as exc:
-                log.warning("trust bundle not refreshed, keeping the last good one: %s", exc)
-                self.last_error = exc
+                self._trust_failed(exc)
+                trusted = False
         check_renewed(signed.chain, old=old.chain[0], roots=trust.own(), now=self._clock())
-        return Identity.from_parts(signed.chain, key, trust, old.ca_url)
+        return Identity.from_parts(signed.chain, key, trust, old.ca_url), trusted
 
     async def _rebootstrap(self, old: Identity) -> Identity:
         if self._token_source is None:
@@ -279,7 +408,7 @@ class RenewingIdentity:
             token, key_type=_key_type(old), timeout=self.policy.timeout.total_seconds()
         )
 
-    async def _install(self, identity: Identity) -> None:
+    async def _swap(self, identity: Identity) -> None:
         """Build the new snapshot's contexts (off the event loop: OpenSSL's loading is the
         slow part) for every kind handed out so far, then swap it in as one."""
         keys = list(self._snapshot.contexts)
@@ -289,6 +418,10 @@ class RenewingIdentity:
 
         contexts = await anyio.to_thread.run_sync(build)
         self._snapshot = _Snapshot(identity, contexts)
+
+    async def _install(self, identity: Identity) -> None:
+        """Swap in a renewed identity, plan the next renewal, tell the waiters."""
+        await self._swap(identity)
         self.renewals += 1
         self._failures = 0
         self._next = self._due(identity)
@@ -318,7 +451,9 @@ class RenewingIdentity:
     ) -> None:
         """Refresh whenever the policy says, until renewal stops (revoked, refused, expired
         without a token source) or the task is cancelled. Failures to reach the CA are
-        retried with backoff while the current certificate keeps serving."""
+        retried with backoff while the current certificate keeps serving. Between renewals,
+        trust is refreshed every ``policy.trust_refresh`` (``refresh_trust``); its failures
+        keep the last good bundle and never stop or delay renewal."""
         if self._updated is None:
             self._updated = anyio.Event()
         task_status.started(self)
@@ -330,20 +465,30 @@ class RenewingIdentity:
     async def _loop(self) -> None:
         while self.stopped is None:
             now = self._clock()
-            if now < self._next:
-                await anyio.sleep(self.policy.sleep_for(now, self._next))
-                continue
-            try:
-                await self.refresh()
-            except (CAUnreachableError, BadMaterialError) as exc:
+            if now >= self._next:
+                await self._renewal()
+            elif self._trust_next is not None and now >= self._trust_next:
+                # A failure is logged and kept in last_error by refresh_trust: the last good
+                # bundle stays, and neither renewal nor the next trust refresh is held up.
+                with contextlib.suppress(FederatlsError):
+                    await self.refresh_trust()
+            else:
+                wake = self._next if self._trust_next is None else min(self._next, self._trust_next)
+                await anyio.sleep(self.policy.sleep_for(now, wake))
+
+    async def _renewal(self) -> None:
+        """One renewal from the task: failures retried or, when final, stopping renewal."""
+        try:
+            await self.refresh()
+        except (CAUnreachableError, BadMaterialError) as exc:
+            self._retry(exc)
+        except CARefusedError as exc:
+            if exc.status >= 500:
                 self._retry(exc)
-            except CARefusedError as exc:
-                if exc.status >= 500:
-                    self._retry(exc)
-                else:
-                    self._stop(exc)
-            except IdentityExpiredError as exc:
+            else:
                 self._stop(exc)
+        except IdentityExpiredError as exc:
+            self._stop(exc)
 
     def _retry(self, error: FederatlsError) -> None:
         self._failures += 1
