@@ -11,8 +11,10 @@ Twin: with kubernetes' root A listed statically in cloud's ``federatedRoots`` in
 same rotation breaks the traffic both ways once kubernetes issues from B, until an operator
 adds B to cloud's ca.json and reloads it.
 
-Certificates last three seconds and renew about every two, so a workload sees what its CA
-learnt at its next renewal; every wait is for a condition, bounded generously.
+Kubernetes' workloads hold three-second certificates, renewed about every two seconds (they
+must move to B). Cloud's hold ten-minute certificates, never renewed here, and fetch their
+trust bundle every second (``RenewalPolicy.trust_refresh``): they follow kubernetes' rotation
+by the trust refresh alone. Every wait is for a condition, bounded generously.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import pytest
 
-from federatls import RenewingIdentity
+from federatls import RenewalPolicy, RenewingIdentity
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 
@@ -55,6 +57,7 @@ pytestmark = pytest.mark.anyio
 
 K8S_NAMES = ["*.k8s.internal", "127.0.0.1"]  # what cloud lets kubernetes' roots vouch for
 K8S_SERVER_NAMES = ["server.k8s.internal", "127.0.0.1"]
+TRUST_EVERY_SECOND = RenewalPolicy(trust_refresh=timedelta(seconds=1))  # cloud's workloads
 WAIT = 30.0  # seconds for any one condition, on a loaded machine
 
 
@@ -67,6 +70,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
         if anyio.current_time() > deadline:
             raise TimeoutError(f"{what}: not within {WAIT:.0f} s")
         await anyio.sleep(0.2)
+
+
+async def trust_refreshes(*lives: RenewingIdentity, count: int = 2) -> None:
+    """Wait until each of ``lives`` has fetched its trust bundle ``count`` more times."""
+    targets = [(live, live.trust_refreshes + count) for live in lives]
+    await wait_until(lambda: all(live.trust_refreshes >= n for live, n in targets), WAIT)
 
 
 async def _has(ca: CA, root: str) -> bool:
@@ -146,16 +155,16 @@ async def federation(make_ca: MakeCA, *, follow: bool) -> AsyncIterator[Federati
             lambda: _has(cloud, fingerprint(kubernetes.root)), "cloud federates with A"
         )
         async with anyio.create_task_group() as tg:
+            cloud_server = await enrol(cloud, "server.cloud.internal", SERVER_NAMES, LONG)
+            cloud_client = await enrol(cloud, "client.cloud.internal", lifetime=LONG)
             servers = {
-                "cloud": await renewing(
-                    tg, await enrol(cloud, "server.cloud.internal", SERVER_NAMES)
-                ),
+                "cloud": await renewing(tg, cloud_server, TRUST_EVERY_SECOND),
                 "kubernetes": await renewing(
                     tg, await enrol(kubernetes, "server.k8s.internal", K8S_SERVER_NAMES)
                 ),
             }
             clients = {
-                "cloud": await renewing(tg, await enrol(cloud, "client.cloud.internal")),
+                "cloud": await renewing(tg, cloud_client, TRUST_EVERY_SECOND),
                 "kubernetes": await renewing(tg, await enrol(kubernetes, "client.k8s.internal")),
             }
             seen = {"cloud": Seen(), "kubernetes": Seen()}
@@ -179,13 +188,15 @@ async def federation(make_ca: MakeCA, *, follow: bool) -> AsyncIterator[Federati
 
 async def test_peer_rotation_followed_with_live_traffic(make_ca: MakeCA) -> None:
     """Kubernetes rotates its root (add B, issue from B, retire A, each applied by a reload)
-    while cloud follows it by URL: cloud's /federation goes from {C, A} to {C, B}, every
-    workload follows within a few renewals, no request fails either way, kubernetes'
-    workloads end anchored in B, and cloud's ca.json is never edited."""
+    while cloud follows it by URL: cloud's /federation goes from {C, A} to {C, B}, cloud's
+    workloads follow by their trust refresh alone and kubernetes' at their renewals, no
+    request fails either way, kubernetes' workloads end anchored in B, and cloud's ca.json
+    is never edited."""
     async with federation(make_ca, follow=True) as fed:
         cloud_config = fed.cloud.config.read_text()
         old = await enrol(fed.kubernetes, "old.k8s.internal", lifetime=LONG)  # never renewed
-        await renewals(*fed.workloads, count=1)
+        await renewals(*fed.of("kubernetes"), count=1)
+        await trust_refreshes(*fed.of("cloud"), count=1)
         await fed.more_requests()
         history = [await fed.federation()]
         counts = [fed.counts()]
@@ -227,6 +238,7 @@ async def test_peer_rotation_followed_with_live_traffic(make_ca: MakeCA) -> None
         k8s_client_seen = fed.seen["cloud"].of("client.k8s.internal")[-1].anchor
         k8s_server_seen = fed.traffic["cloud"].server_anchors[-1]
         unchanged = fed.cloud.config.read_text() == cloud_config
+        cloud_renewals = [w.renewals for w in fed.of("cloud")]
         failures = {ca: t.failures for ca, t in fed.traffic.items()}
 
     assert history == [
@@ -247,6 +259,7 @@ async def test_peer_rotation_followed_with_live_traffic(make_ca: MakeCA) -> None
     assert served_in_phase_1 == "served"
     assert refused_in_phase_3 == "cut-off"  # cloud's server no longer trusts A
     assert unchanged
+    assert cloud_renewals == [0, 0]  # cloud's workloads followed by the trust refresh alone
 
 
 async def test_static_federation_breaks_when_the_peer_rotates(make_ca: MakeCA) -> None:
@@ -254,7 +267,8 @@ async def test_static_federation_breaks_when_the_peer_rotates(make_ca: MakeCA) -
     once kubernetes issues from B its client is refused by cloud's server and its server by
     cloud's client, until B is added to cloud's ca.json by hand and cloud reloaded."""
     async with federation(make_ca, follow=False) as fed:
-        await renewals(*fed.workloads, count=1)
+        await renewals(*fed.of("kubernetes"), count=1)
+        await trust_refreshes(*fed.of("cloud"), count=1)
         await fed.more_requests()
         before = fed.counts()
 
@@ -263,7 +277,7 @@ async def test_static_federation_breaks_when_the_peer_rotates(make_ca: MakeCA) -
         fed.names[b] = "B"
         await fed.kubernetes.reload()
         await wait_until(lambda: all("B" in fed.trust(w) for w in fed.of("kubernetes")), WAIT)
-        await renewals(*fed.of("cloud"), count=2)  # cloud's workloads refreshed: no B there
+        await trust_refreshes(*fed.of("cloud"))  # cloud's workloads looked again: no B there
         cloud_trust_in_phase_1 = {fed.trust(w) for w in fed.of("cloud")}
         federation_in_phase_1 = await fed.federation()
         await fed.more_requests()

@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 from cryptography import x509
 
 import federatls
-from federatls import Identity, PeerInfo, RenewingIdentity
+from federatls import Identity, PeerInfo, RenewalPolicy, RenewingIdentity
 from federatls._client import CAClient
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.integrations import streams
@@ -178,8 +178,10 @@ async def enrol(
     return await federatls.bootstrap(ca.mint(subject, sans or [subject]), lifetime=lifetime)
 
 
-async def renewing(tg: TaskGroup, identity: Identity) -> RenewingIdentity:
-    live = RenewingIdentity(identity)
+async def renewing(
+    tg: TaskGroup, identity: Identity, policy: RenewalPolicy | None = None
+) -> RenewingIdentity:
+    live = RenewingIdentity(identity, policy=policy)
     await tg.start(live.run)
     return live
 
