@@ -46,6 +46,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from ._x509 import common_name, fingerprint, load_pem_certificate, load_pem_certificates
 
 __all__ = ["run_demo"]
@@ -391,14 +393,6 @@ async def _steps(demo: Demo, keep: bool) -> None:
         await asyncio.Event().wait()  # until Ctrl-C; the workspace is cleaned up on the way out
 
 
-def _common_name(subject: str) -> str:
-    """``CN=kubernetes Root CA,O=kubernetes`` -> ``kubernetes Root CA``."""
-    for part in subject.split(","):
-        if part.startswith("CN="):
-            return part.removeprefix("CN=")
-    return subject
-
-
 def _accepted(server: Process) -> set[str]:
     """The roots the demo server accepts now (common names), from what it printed: its first
     list ("Accepting certs anchored in ..."), replaced by the list ("Now accepting ...") that
@@ -411,7 +405,8 @@ def _accepted(server: Process) -> set[str]:
         elif "ccepting certs anchored in " in line:
             if renewed:
                 current, renewed = set(), False
-            current.add(_common_name(line.partition(" anchored in ")[2]))
+            subject = line.partition(" anchored in ")[2]
+            current.add(common_name(x509.Name.from_rfc4514_string(subject)))
     return current
 
 
