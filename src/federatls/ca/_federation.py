@@ -33,6 +33,7 @@ __all__ = [
     "dedupe",
     "peer_status",
     "pin_of",
+    "printable",
     "state_key",
 ]
 
@@ -135,6 +136,16 @@ def dedupe(certs: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
             seen.add(fp)
             out.append(cert)
     return tuple(out)
+
+
+MAX_REASON = 500  # characters of a peer's error kept in logs, the store and `ca peers`
+
+
+def printable(text: str, most: int = MAX_REASON) -> str:
+    """``text`` safe for one log line or terminal: each control character escaped (a peer
+    chooses its error messages and its roots' names), clipped to ``most`` characters."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: most + 1])
+    return shown if len(shown) <= most else shown[:most] + "…"
 
 
 def pin_of(peer: PeerConfig) -> str:
@@ -254,7 +265,7 @@ def peer_status(peer: PeerConfig, state: PeerState | None) -> dict[str, Any]:
         "roots": [
             {
                 "fingerprint": fingerprint(root),
-                "subject": root.subject.rfc4514_string(),
+                "subject": printable(root.subject.rfc4514_string()),
                 "notAfter": root.not_valid_after_utc.isoformat(),
             }
             for root in held.roots

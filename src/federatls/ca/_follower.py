@@ -38,6 +38,7 @@ from ._federation import (
     PeerRoots,
     PeerState,
     pin_of,
+    printable,
     state_key,
 )
 from ._step_peer import fetch_step_peer
@@ -76,7 +77,9 @@ def describe_roots(roots: tuple[x509.Certificate, ...]) -> str:
     """``fingerprint (common name)`` of each root, for log lines."""
     if not roots:
         return "none"
-    return ", ".join(f"{fingerprint(r)[:16]}… ({common_name(r.subject)})" for r in roots)
+    return ", ".join(
+        f"{fingerprint(r)[:16]}… ({printable(common_name(r.subject), 80)})" for r in roots
+    )
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class Follower:
             state = await self._load(peer)
             self.roots.set(peer.name, _usable(state, peer).roots)
         state = _usable(state, peer)
-        failing = bool(state.last_error) and state.last_error_at == state.checked_at
+        failing = False  # a run of failures that began before this process is logged anew
         while True:
             wait = self._due(state, plan)
             if wait > 0:
@@ -175,7 +178,9 @@ class Follower:
         if state.checked_at is None:
             return 0.0
         interval = FederationConfig(plan.interval).interval(plan.peer, state.refresh_hint)
-        age = (self._clock() - state.checked_at).total_seconds()
+        # Never negative: a check stamped in the future (a clock set back, a replica's
+        # clock ahead) delays this process's next check by one interval at most.
+        age = max((self._clock() - state.checked_at).total_seconds(), 0.0)
         jittered = interval.total_seconds() * (1 - JITTER * random.random())  # noqa: S311
         return max(jittered - age, 0.0)
 
@@ -203,23 +208,22 @@ class Follower:
                 raise PeerFetchError(peer.name, older)
         except PeerFetchError as exc:
             now = self._clock()
+            reason = printable(exc.reason)  # the peer's own words, in part
             if not failing:
                 log.warning(
                     "federation peer %r: %s; keeping its last good roots (%s) until it "
                     "answers again",
                     peer.name,
-                    exc.reason,
+                    reason,
                     describe_roots(trusted),
                 )
-            state = replace(state, last_error=exc.reason, last_error_at=now, checked_at=now)
+            stored = _usable(await self._load(peer), peer)
+            if _later(stored, state):  # a success elsewhere meanwhile: its roots are kept
+                state = self._adopt(peer, stored)
+            state = replace(state, last_error=reason, last_error_at=now, checked_at=now)
             await self._save(peer, state)
             return state, True
         now = self._clock()
-        if failing:
-            log.info("federation peer %r answers again", peer.name)
-        if fetched.roots != trusted:
-            log.info("federation peer %r: roots now %s", peer.name, describe_roots(fetched.roots))
-        self.roots.set(peer.name, fetched.roots)
         state = PeerState(
             roots=fetched.roots,
             last_success=now,
@@ -229,7 +233,13 @@ class Follower:
             url=peer.url,
             pin=pin_of(peer),
         )
+        # Stored first, then served: a restart never serves roots older than were served.
         await self._save(peer, state)
+        self.roots.set(peer.name, fetched.roots)
+        if failing:
+            log.info("federation peer %r answers again", peer.name)
+        if fetched.roots != trusted:
+            log.info("federation peer %r: roots now %s", peer.name, describe_roots(fetched.roots))
         return state, False
 
     # -- the store, from a thread -----------------------------------------------------------
