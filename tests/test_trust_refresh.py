@@ -151,7 +151,7 @@ async def _reconfigure(change: Callable[[], None]) -> None:
 # 1. The policy --------------------------------------------------------------------------------
 def test_trust_is_refreshed_every_five_minutes_by_default_never_later() -> None:
     """By default trust is fetched again 5 minutes after the last fetch, up to 10% sooner at
-    random, never later."""
+    random, never later. Twin: ``test_none_or_zero_turns_the_trust_refresh_off``."""
     policy = RenewalPolicy()
     assert policy.trust_refresh == timedelta(minutes=5)
     assert policy.trust_refresh_due(T0, 0.0) == T0 + timedelta(minutes=5)
@@ -188,7 +188,8 @@ def test_policy_refuses_an_impossible_trust_refresh(
     kwargs: dict[str, object], message: str
 ) -> None:
     """A negative duration, a number of seconds, a string or a bool is a ValueError saying
-    what trust_refresh must be; a jitter outside [0, 1) one naming trust_jitter."""
+    what trust_refresh must be; a jitter outside [0, 1) one naming trust_jitter. Twin: the
+    valid values of the two tests above."""
     with pytest.raises(ValueError, match=message):
         RenewalPolicy(**kwargs)  # type: ignore[arg-type]
 
@@ -238,7 +239,8 @@ async def _federation_added(policy: RenewalPolicy) -> dict[str, object]:
 async def test_federation_change_reaches_live_server_and_pooled_client_without_renewal() -> None:
     """A root federated at the CA reaches, within the trust interval and with no renewal (same
     serials), a live client's new handshakes (it then accepts the server, which still refuses
-    it) and a live server's (it then serves the client)."""
+    it) and a live server's (it then serves the client). Twin:
+    ``test_without_trust_refresh_a_federation_change_waits_for_the_renewal``."""
     out = await _federation_added(QUICK)
     before, client_side, both_sides = out["before"], out["client_side"], out["both_sides"]
     assert isinstance(before, CERT_ERRORS), before  # the client refuses the server
@@ -274,7 +276,8 @@ async def test_without_trust_refresh_a_federation_change_waits_for_the_renewal()
 async def test_a_dropped_root_is_refused_by_live_server_and_pooled_client() -> None:
     """Once cloud stops federating kubernetes (and kubernetes cloud), the trust refresh drops
     the root: a kubernetes client, served before, is refused by the live cloud server, and the
-    live kubernetes client's pool refuses the cloud server it talked to; no renewal needed."""
+    live kubernetes client's pool refuses the cloud server it talked to; no renewal needed.
+    Twin: the same clients before the change, and cloud's own client after it, are served."""
     with running_ca("cloud") as cloud, running_ca("kubernetes") as kubernetes:
         cloud.federate(kubernetes)
         kubernetes.federate(cloud)
@@ -317,7 +320,8 @@ async def test_a_dropped_root_is_refused_by_live_server_and_pooled_client() -> N
 # 4. Nothing changed: nothing swapped ----------------------------------------------------------
 async def test_an_unchanged_bundle_swaps_nothing(caplog: pytest.LogCaptureFixture) -> None:
     """Trust fetched again and again with nothing changed at the CA: the same identity, the
-    same contexts, no update for waiters, no INFO line; the fetches are counted and dated."""
+    same contexts, no update for waiters, no INFO line; the fetches are counted and dated.
+    Twin: ``test_a_changed_bundle_swaps_contexts_and_tells_waiters``."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     with running_ca("cloud") as cloud, running_ca("partner") as partner:
         cloud.federate(partner)
@@ -393,7 +397,8 @@ FAST = RenewalPolicy(
 
 async def test_a_renewal_counts_as_a_trust_refresh() -> None:
     """With certificates renewed every ~2 s and trust due every 5 s, every trust fetch is a
-    renewal's: each renewal moves the next trust refresh on, so it never runs by itself."""
+    renewal's: each renewal moves the next trust refresh on, so it never runs by itself.
+    Twin: ``test_without_renewals_the_trust_refresh_runs_by_itself``."""
     with running_ca("cloud", claims=SHORT, backdate="1s") as cloud:
         identity = await federatls.bootstrap(cloud.token("svc.cloud.internal"))
         with anyio.fail_after(2 * WAIT):
@@ -596,8 +601,8 @@ def _wait_sync(predicate: Callable[[], bool], timeout: float) -> bool:
 @pytest.mark.parametrize("policy", [QUICK, OFF], ids=["quick", "off"])
 def test_keep_renewed_sync_takes_the_trust_refresh_from_its_policy(policy: RenewalPolicy) -> None:
     """keep_renewed_sync(identity, policy=...) refreshes trust on the policy's schedule: a
-    root federated meanwhile is trusted without a renewal; twin: with the refresh off it is
-    not, in ten of its twin's intervals."""
+    root federated meanwhile is trusted without a renewal. Twin (``off``): with the refresh
+    off it is not, in ten of its twin's intervals."""
     with running_ca("cloud") as cloud, running_ca("partner") as partner:
         identity = cloud.identity("svc.cloud.internal", lifetime=LONG)
         with federatls.keep_renewed_sync(identity, policy=policy) as live:
@@ -609,3 +614,40 @@ def test_keep_renewed_sync_takes_the_trust_refresh_from_its_policy(policy: Renew
     assert seen is (policy.trust_refresh is not None)
     assert live.renewals == 0
     assert live.current.serial == identity.serial
+
+
+async def test_a_bundle_openssl_cannot_load_keeps_the_last_good_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new bundle whose contexts cannot be built (OpenSSL refusing a root: the context
+    builder, a seam of our own, made to fail for it) is a trust refresh failure like a
+    fetch's: the bundle in use stays, last_error is a BadMaterialError, the task runs on.
+    Twin: test_a_changed_bundle_swaps_contexts_and_tells_waiters."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    build = federatls._renewal._build
+
+    with running_ca("cloud") as cloud, running_ca("partner") as partner:
+
+        def refusing(
+            identity: Identity, key: tuple[str, str, bool, tuple[str, ...]]
+        ) -> ssl.SSLContext:
+            if partner.root_fingerprint in _prints(identity):
+                raise ssl.SSLError("injected: OpenSSL refuses the partner's root")
+            return build(identity, key)
+
+        monkeypatch.setattr(federatls._renewal, "_build", refusing)
+        identity = await _enrol(cloud, "svc.cloud.internal")
+        with anyio.fail_after(2 * WAIT):
+            async with _live(identity, QUICK) as live:
+                live.client_context()
+                await _reconfigure(lambda: cloud.federate(partner))
+                warned = "trust bundle not refreshed, keeping the last good"
+                await _until(lambda: bool(_records(caplog, logging.WARNING, warned)))
+                during = (live.current, live.last_error, live.stopped, live.next_renewal_at)
+    current, error, stopped, planned = during
+    assert current is identity
+    assert isinstance(error, BadMaterialError)
+    assert "injected: OpenSSL refuses" in str(error)
+    assert stopped is None
+    assert planned is not None
+    assert live.trust_changes == 0

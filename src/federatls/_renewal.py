@@ -302,13 +302,14 @@ class RenewingIdentity:
             current = self.current
             try:
                 trust = await self._fetch_trust(current)
+                changed = not _same_trust(trust, current.trust)
+                if changed:
+                    new = Identity.from_parts(current.chain, current._key, trust, current.ca_url)
+                    await self._swap(new)
             except FederatlsError as exc:
                 self._trust_failed(exc)
                 raise
-            changed = not _same_trust(trust, current.trust)
             if changed:
-                new = Identity.from_parts(current.chain, current._key, trust, current.ca_url)
-                await self._swap(new)
                 self.trust_changes += 1
                 log.info(
                     "trust bundle of %s changed: %d root(s), %s",
@@ -416,7 +417,12 @@ class RenewingIdentity:
         def build() -> dict[_ContextKey, ssl.SSLContext]:
             return {key: _build(identity, key) for key in keys}
 
-        contexts = await anyio.to_thread.run_sync(build)
+        try:
+            contexts = await anyio.to_thread.run_sync(build)
+        except (ssl.SSLError, ValueError) as exc:  # a root OpenSSL will not load, say
+            raise BadMaterialError(
+                f"cannot build TLS contexts for the new snapshot: {exc}"
+            ) from exc
         self._snapshot = _Snapshot(identity, contexts)
 
     async def _install(self, identity: Identity) -> None:
