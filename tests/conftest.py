@@ -20,6 +20,7 @@ from harness import (
     use_postgres,
 )
 from postgres import PostgresCluster, session_cluster
+from traffic import MakeCA, ca_maker
 
 
 @pytest.fixture
@@ -70,6 +71,13 @@ async def any_ca(request: pytest.FixtureRequest, pki: PKI, clock: FakeClock) -> 
         binary = request.getfixturevalue("stepca_bin")
         with stepca_process(binary, pki):
             yield "step-ca"
+
+
+@pytest.fixture(params=["federatls", pytest.param("step-ca", marks=pytest.mark.stepca)])
+def make_ca(request: pytest.FixtureRequest, tmp_path: Path) -> MakeCA:
+    """Starts CAs with 3-second certificates (tests/traffic.py): the federatls CA, then the
+    real step-ca."""
+    return ca_maker(request.param, request, tmp_path)
 
 
 @pytest.fixture

@@ -13,278 +13,39 @@ renew about every two, so each phase sees a couple of renewals of every workload
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import itertools
 import json
-import signal
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
-import anyio.to_thread
 import pytest
-from anyio.abc import TaskGroup
-from cryptography import x509
 
 import federatls
 from federatls import Identity, PeerInfo, RenewingIdentity
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import httpx as fhttpx
-from federatls.integrations import streams
-from federatls.testing import running_ca
 
-from harness import PASSWORD, make_pki, stepca_process, wait_until
+from harness import PASSWORD, make_pki, wait_until
+from traffic import (
+    LONG,
+    SERVER_NAMES,
+    MakeCA,
+    Seen,
+    Traffic,
+    attempt,
+    call,
+    drive,
+    enrol,
+    http_server,
+    renewals,
+    renewing,
+)
 
 pytestmark = pytest.mark.anyio
-
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
-LONG = timedelta(minutes=10)  # identities renewed by hand, or never
-SERVER_NAMES = ["server.cloud.internal", "127.0.0.1", "localhost"]
-Source = Identity | RenewingIdentity
-
-
-# CAs under test: the federatls CA and the real step-ca, driven alike -------------------------
-def _served_serial(url: str) -> int:
-    """The serial of the TLS certificate the CA serves right now (no verification)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    assert parts.port is not None
-    pem = ssl.get_server_certificate((parts.hostname, parts.port), timeout=5)
-    return load_pem_certificate(pem.encode()).serial_number
-
-
-@dataclass
-class CA:
-    """A running CA whose ca.json a test edits: its files, its URL, tokens minted now, and a
-    reload that returns once the CA serves the new configuration."""
-
-    name: str
-    directory: Path
-    password: bytes
-    root_path: Path
-    url: str
-    mint: Callable[[str, Sequence[str]], str]
-    signal_reload: Callable[[], None]  # TestCA.reload, or SIGHUP to step-ca
-
-    @property
-    def config(self) -> Path:
-        return self.directory / "config" / "ca.json"
-
-    @property
-    def root(self) -> x509.Certificate:
-        return load_pem_certificate(self.root_path.read_bytes())
-
-    async def reload(self) -> None:
-        """Apply ca.json; wait until the CA serves with it (both CAs issue themselves a new
-        TLS certificate when they reload)."""
-        before = await anyio.to_thread.run_sync(_served_serial, self.url)
-        await anyio.to_thread.run_sync(self.signal_reload)
-        served = [before]
-
-        def reloaded() -> bool:
-            try:
-                served.append(_served_serial(self.url))
-            except OSError:
-                return False
-            return served[-1] != before
-
-        with anyio.fail_after(20):
-            while True:
-                if await anyio.to_thread.run_sync(reloaded):
-                    return
-                await anyio.sleep(0.1)
-
-    async def federate(self, *others: CA) -> None:
-        """List ``others``' roots in ``federatedRoots`` and reload."""
-        data = json.loads(self.config.read_text())
-        data["federatedRoots"] = [str(o.root_path) for o in others]
-        self.config.write_text(json.dumps(data, indent=2))
-        await self.reload()
-
-
-MakeCA = Callable[[str], contextlib.AbstractAsyncContextManager[CA]]
-
-
-@contextlib.asynccontextmanager
-async def _federatls_ca(name: str) -> AsyncIterator[CA]:
-    with running_ca(name, claims=SHORT, backdate="1s") as ca:
-        yield CA(
-            name,
-            ca.directory,
-            ca.password,
-            ca.root_path,
-            ca.url,
-            lambda subject, sans: ca.token(subject, sans=sans),
-            ca.reload,
-        )
-
-
-def _stepca_maker(binary: str, base: Path) -> MakeCA:
-    @contextlib.asynccontextmanager
-    async def make(name: str) -> AsyncIterator[CA]:
-        pki = make_pki(base, name)
-        pki.set_claims(**SHORT)
-        pki.edit(lambda data: data["authority"].__setitem__("backdate", "1s"))
-        with stepca_process(binary, pki) as proc:
-            yield CA(
-                name,
-                pki.directory,
-                PASSWORD,
-                pki.root_path,
-                pki.url,
-                lambda subject, sans: pki.token(subject, sans=sans),
-                lambda: proc.send_signal(signal.SIGHUP),
-            )
-
-    return make
-
-
-@pytest.fixture(
-    params=["federatls", pytest.param("step-ca", marks=pytest.mark.stepca)],
-)
-def make_ca(request: pytest.FixtureRequest, tmp_path: Path) -> MakeCA:
-    """Starts a CA with 3-second certificates: the federatls CA, or the real step-ca."""
-    if request.param == "federatls":
-        return _federatls_ca
-    return _stepca_maker(request.getfixturevalue("stepca_bin"), tmp_path)
-
-
-async def enrol(
-    ca: CA, subject: str, sans: list[str] | None = None, lifetime: timedelta | None = None
-) -> Identity:
-    return await federatls.bootstrap(ca.mint(subject, sans or [subject]), lifetime=lifetime)
-
-
-async def renewing(tg: TaskGroup, identity: Identity) -> RenewingIdentity:
-    live = RenewingIdentity(identity)
-    await tg.start(live.run)
-    return live
-
-
-async def renewals(*lives: RenewingIdentity, count: int = 2, timeout: float = 20) -> None:
-    """Wait until each of ``lives`` has renewed ``count`` more times (so at least one whole
-    refresh began after whatever the caller just changed)."""
-    targets = [(live, live.renewals + count) for live in lives]
-    with anyio.fail_after(timeout):
-        for live, target in targets:
-            while live.renewals < target:
-                assert live.stopped is None, live.stopped
-                await live.wait_for_update()
-
-
-# A server and clients that say what they saw --------------------------------------------------
-@dataclass
-class Seen:
-    """What the server saw: each connection's client (common name, serial, anchor) and the
-    requests it answered."""
-
-    clients: list[PeerInfo] = field(default_factory=list)
-    handled: int = 0
-
-    def of(self, common_name: str) -> list[PeerInfo]:
-        return [p for p in self.clients if p.common_name == common_name]
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, ssl.SSLError):
-        await writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def http_server(source: Source, seen: Seen) -> AsyncIterator[int]:
-    """A minimal keep-alive HTTP/1.1 server on ``streams.start_server`` (127.0.0.1:0)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.clients.append(source.peer(writer))
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                seen.handled += 1
-                close = b"connection: close" in head.lower()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n%s\r\nok"
-                    % (b"Connection: close\r\n" if close else b"")
-                )
-                await writer.drain()
-                if close:
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            return
-        finally:
-            await _close(writer)
-
-    server = await streams.start_server(source, handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
-
-
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-
-
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    """Send one request; everything that comes back (b"" if the server cut us off)."""
-    data = b""
-    try:
-        writer.write(REQUEST)
-        await writer.drain()
-        while chunk := await asyncio.wait_for(reader.read(65536), 10):
-            data += chunk
-    except (ConnectionError, ssl.SSLError):
-        pass
-    return data
-
-
-async def attempt(client: Source | ssl.SSLContext, port: int) -> str:
-    """One request: "served", "cut-off" (the server refused us after the handshake), or
-    "server-unknown" (we refused the server's certificate)."""
-    try:
-        if isinstance(client, ssl.SSLContext):
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client, server_hostname="127.0.0.1"
-            )
-        else:
-            reader, writer = await streams.open_connection(client, "127.0.0.1", port)
-    except ssl.SSLCertVerificationError:
-        return "server-unknown"
-    try:
-        data = await _exchange(reader, writer)
-    finally:
-        await _close(writer)
-    if data.startswith(b"HTTP/1.1 200 OK"):
-        return "served"
-    assert data == b"", data
-    return "cut-off"
-
-
-@dataclass
-class Traffic:
-    """A client's continuous requests: anchors of the servers it reached, successes, failures."""
-
-    server_anchors: list[str] = field(default_factory=list)
-    ok: int = 0
-    failures: list[BaseException] = field(default_factory=list)
-
-
-Get = Callable[[], Awaitable[PeerInfo]]
-
-
-async def _drive(get: Get, traffic: Traffic, stop: anyio.Event) -> None:
-    while not stop.is_set():
-        try:
-            server = await get()
-        except Exception as exc:
-            traffic.failures.append(exc)
-        else:
-            traffic.ok += 1
-            traffic.server_anchors.append(server.anchor.fingerprint if server.anchor else "")
-        await anyio.sleep(0.05)
 
 
 # 1. The four phases of a root rotation --------------------------------------------------------
@@ -334,15 +95,6 @@ async def test_four_phases_with_live_traffic(make_ca: MakeCA) -> None:
             fresh = Traffic()  # a new connection, so a new handshake, for every request
             pooled = Traffic()  # httpx keep-alive, the pool recycled after each renewal
 
-            async def new_connection() -> PeerInfo:
-                reader, writer = await streams.open_connection(client, "127.0.0.1", port)
-                try:
-                    peer = client.peer(writer)
-                    assert (await _exchange(reader, writer)).startswith(b"HTTP/1.1 200 OK")
-                finally:
-                    await _close(writer)
-                return peer
-
             async def state() -> State:
                 # A few more new connections, all made after the last swap of either side.
                 target = fresh.ok + len(fresh.failures) + 3
@@ -370,8 +122,8 @@ async def test_four_phases_with_live_traffic(make_ca: MakeCA) -> None:
                     return client.peer(response)
 
                 stop = anyio.Event()
-                drivers.start_soon(_drive, new_connection, fresh, stop)
-                drivers.start_soon(_drive, keep_alive, pooled, stop)
+                drivers.start_soon(drive, functools.partial(call, client, port), fresh, stop)
+                drivers.start_soon(drive, keep_alive, pooled, stop)
 
                 await renewals(server, client, count=1)
                 states.append(await state())

@@ -1000,7 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the federation tutorial with two local CAs",
         description="The step-ca federation tutorial, run for real on this machine: two CAs "
         "(cloud and kubernetes), a server refused a client of the other CA, federation by "
-        "SIGHUP, mutual TLS across the two, and live renewal. Every command it runs is "
+        "SIGHUP, mutual TLS across the two, live renewal, then the CAs following each "
+        "other by URL while one rotates its root under live calls. Every command it runs is "
         "printed. Everything lives in a temporary directory, removed when the demo ends "
         "(also on Ctrl-C, Ctrl-\\, SIGTERM or SIGHUP). Needs curl and the 'ca' extra.",
     )

@@ -13,7 +13,13 @@ package too, and the examples are written in one place only:
    server picks up the new bundle at its next renewal, without a restart;
 5. the demo client, enrolled with kubernetes, calls the server;
 6. curl with files from ``federatls ca certificate`` and ``federatls ca federation``;
-7. the live renewals that happened meanwhile.
+7. the live renewals that happened meanwhile;
+8. federation that keeps itself current: each CA follows the other by URL (a ``federation``
+   peer pinned to the other's root fingerprint) instead of a copy of its root, then SIGHUP;
+9. kubernetes rotates its root (``federatls ca rotate``: add-root, issue-from-new-root,
+   retire-old-roots, each applied by SIGHUP) while the demo client calls the server twice a
+   second: cloud's ``/federation`` gains the new root and drops the old one by itself, the
+   server follows at its renewals, and no call fails; cloud's ca.json is never edited.
 
 Everything lives in a temporary directory and is stopped at the end, unless ``--keep``.
 However the demo is stopped (SIGINT once or repeatedly, SIGTERM, SIGHUP, SIGQUIT, or Ctrl-C
@@ -36,9 +42,13 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+
+from ._x509 import common_name, fingerprint, load_pem_certificate, load_pem_certificates
 
 __all__ = ["run_demo"]
 
@@ -46,6 +56,13 @@ CLAIMS = {"minTLSCertDuration": "5s", "defaultTLSCertDuration": "12s", "maxTLSCe
 EXAMPLES = (Path(__file__).parent / "_examples").resolve()  # examples/ in a checkout
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 STOP_GRACE = 10.0  # seconds a child has to exit after SIGTERM before SIGKILL
+PEER_REFRESH = "2s"  # how often each CA fetches the other's roots, from step 8 on
+PAIRS = (("cloud", "kubernetes"), ("kubernetes", "cloud"))
+NAMES = {  # the names each CA's roots may vouch for, in the other CA's ca.json
+    "cloud": ["127.0.0.1", "*.cloud.internal"],
+    "kubernetes": ["sdk_client", "kube_client", "*.k8s.internal"],
+}
+OLD_ROOT, NEW_ROOT = "kubernetes Root CA", "kubernetes Root CA 2"  # step 9
 
 
 class DemoFailed(Exception):
@@ -87,13 +104,21 @@ class Process:
                 _show(f"{self.name} | {line}")
             self._new.set()
 
-    async def wait_for(self, text: str, timeout: float) -> str:
-        """The first line containing ``text`` (already printed or to come)."""
+    async def wait_for(self, text: str | tuple[str, ...], timeout: float, since: int = 0) -> str:
+        """The first line containing ``text`` (every one of them, for a tuple), already
+        printed or to come, from line number ``since`` on."""
+        return self.lines[await self.wait_for_index(text, timeout, since)]
+
+    async def wait_for_index(
+        self, text: str | tuple[str, ...], timeout: float, since: int = 0
+    ) -> int:
+        """The number of the line ``wait_for`` returns."""
+        parts = (text,) if isinstance(text, str) else text
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.lines:
-                if text in line:
-                    return line
+            for number in range(since, len(self.lines)):
+                if all(part in self.lines[number] for part in parts):
+                    return number
             if self.proc.returncode is not None:
                 raise DemoFailed(f"{self.name} exited: {self.lines[-5:]}")
             self._new.clear()
@@ -291,7 +316,7 @@ async def _steps(demo: Demo, keep: bool) -> None:
     _show("refused, as expected: the server trusts only the cloud root")
 
     _say(4, "Federation: each CA lists the other's root under federatedRoots, then SIGHUP")
-    for name, other in (("cloud", "kubernetes"), ("kubernetes", "cloud")):
+    for name, other in PAIRS:
         config, _, ca = cas[name]
         data = json.loads(config.read_text())
         data["federatedRoots"] = [root[other]]
@@ -339,8 +364,13 @@ async def _steps(demo: Demo, keep: bool) -> None:
     hello = await curl("federated.pem", show=False)
     _show(f"{seen} renewals so far, same process; it still answers: {hello}")
 
+    await _follow_each_other(demo, cas, root, ca_flags, server)
+    root["kubernetes"] = await _rotate(demo, cas, ca_flags, mint, server, url)
+    ca_flags["kubernetes"] = ["--ca-url", cas["kubernetes"][1], "--root", root["kubernetes"]]
+    mint["kubernetes"] = [*ca_flags["kubernetes"], "--password-file", str(demo.password)]
+
     if keep:
-        _say(8, "Everything keeps running (Ctrl-C to stop)")
+        _say(10, "Everything keeps running (Ctrl-C to stop)")
         _show(f"server: {url}")
         for name in cas:
             _show(f"{name} CA: {cas[name][1]}  root {root[name]}")
@@ -361,6 +391,176 @@ async def _steps(demo: Demo, keep: bool) -> None:
         _show(fresh.replace(str(demo.base) + "/", ""))
         _show(f"curl --cacert federated.pem --cert kube_client.crt --key kube_client.key {url}")
         await asyncio.Event().wait()  # until Ctrl-C; the workspace is cleaned up on the way out
+
+
+def _accepted(server: Process) -> set[str]:
+    """The roots the demo server accepts now (common names), from what it printed: its first
+    list ("Accepting certs anchored in ..."), replaced by the list ("Now accepting ...") that
+    follows a renewal whenever its trust changed."""
+    current: set[str] = set()
+    renewed = False
+    for line in server.lines:
+        if line.startswith("Renewed:"):
+            renewed = True
+        elif "ccepting certs anchored in " in line:
+            if renewed:
+                current, renewed = set(), False
+            subject = line.partition(" anchored in ")[2]
+            current.add(common_name(x509.Name.from_rfc4514_string(subject)))
+    return current
+
+
+async def _until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float) -> None:
+    """Look again every half second until ``check()`` holds; ``DemoFailed`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = check()
+        if done if isinstance(done, bool) else await done:
+            return
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"{what}: not within {timeout:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+async def _federation(demo: Demo, flags: Sequence[str]) -> list[str]:
+    """The roots a CA's /federation answers now (common names): ``federatls ca federation``."""
+    pem = await demo.federatls("ca", "federation", *flags, show=False)
+    return [common_name(root.subject) for root in load_pem_certificates(pem, "/federation")]
+
+
+async def _federation_when(
+    demo: Demo, flags: Sequence[str], what: str, *, present: str = "", absent: str = ""
+) -> list[str]:
+    """A CA's /federation (common names), once it lists ``present`` and not ``absent``."""
+    roots: list[str] = []
+
+    async def check() -> bool:
+        roots[:] = await _federation(demo, flags)
+        return (not present or present in roots) and absent not in roots
+
+    await _until(check, what, 40)
+    return roots
+
+
+async def _follow_each_other(
+    demo: Demo,
+    cas: dict[str, tuple[Path, str, Process]],
+    root: dict[str, str],
+    flags: dict[str, list[str]],
+    server: Process,
+) -> None:
+    """Step 8: each CA's ``federatedRoots`` replaced by the other CA as a federation peer."""
+    _say(8, "The CAs follow each other by URL instead of copies of each other's root")
+    _show(f"each fetches the other's /roots every {PEER_REFRESH}: the first time pinned to the")
+    _show("fingerprint below, then authenticated by the roots it trusts already; 'names' are")
+    _show("the names the other's roots may vouch for")
+    for name, other in PAIRS:
+        config, _, ca = cas[name]
+        peer = {
+            "name": other,
+            "url": cas[other][1],
+            "fingerprint": fingerprint(load_pem_certificate(Path(root[other]).read_bytes())),
+            "names": NAMES[other],
+        }
+        data = json.loads(config.read_text())
+        data.pop("federatedRoots", None)
+        data["federation"] = {"refresh": PEER_REFRESH, "peers": [peer]}
+        config.write_text(json.dumps(data, indent=2))
+        short = str(peer["fingerprint"])[:16] + "..."  # shown; ca.json has all 64 digits
+        _show(f'{name}: "federation": {{"refresh": "{PEER_REFRESH}", "peers": [')
+        _show(f"    {json.dumps({**peer, 'fingerprint': short})}]}}")
+        _show(f"$ kill -HUP {ca.proc.pid}   # {name} CA reloads ca.json (no federatedRoots now)")
+        ca.proc.send_signal(signal.SIGHUP)
+    for name, other in PAIRS:
+        roots = await _federation_when(
+            demo, flags[name], f"{name} following {other}", present=f"{other} Root CA"
+        )
+        _show(f"{name}'s /federation: {', '.join(roots)}")
+    # Had the server renewed between cloud's reload and its first fetch of kubernetes' roots,
+    # it would accept kubernetes' root again at its next renewal: wait for that.
+    await _until(lambda: OLD_ROOT in _accepted(server), "the server accepting kubernetes", 40)
+
+
+async def _rotate(
+    demo: Demo,
+    cas: dict[str, tuple[Path, str, Process]],
+    flags: dict[str, list[str]],
+    mint: dict[str, list[str]],
+    server: Process,
+    url: str,
+) -> str:
+    """Step 9: the kubernetes CA rotates its root in three steps (each applied by SIGHUP) while
+    the demo client calls the server twice a second; cloud and the server follow by
+    themselves. Returns the path of kubernetes' new root."""
+    _say(9, "kubernetes rotates its root while the client keeps calling; cloud follows, no edit")
+    k8s_config, _, k8s = cas["kubernetes"]
+    directory = k8s_config.parent.parent
+    cloud_config = cas["cloud"][0].read_text()
+    token = await demo.federatls("ca", "token", "sdk_client", *mint["kubernetes"])
+    client = await demo.start(
+        "client",
+        sys.executable,
+        str(EXAMPLES / "client" / "client.py"),
+        token,
+        url,
+        "--every",
+        "0.5",
+        echo=False,
+    )
+    _show(f"client | {await client.wait_for('Server responded:', 30)}")
+    _show(f"cloud's /federation: {', '.join(await _federation(demo, flags['cloud']))}")
+
+    async def rotate(step: str, *extra: str) -> int:
+        """``federatls ca rotate kubernetes STEP`` and SIGHUP; the CA log's length before."""
+        said = await demo.federatls("ca", "rotate", str(directory), step, *extra)
+        _show(said.splitlines()[0])
+        mark = len(k8s.lines)
+        _show(f"$ kill -HUP {k8s.proc.pid}")
+        k8s.proc.send_signal(signal.SIGHUP)
+        await k8s.wait_for("configuration reloaded", 30, mark)
+        return mark
+
+    # (1) kubernetes trusts both roots; cloud fetches the new one, its server takes it up.
+    mark = await rotate("add-root", "--password-file", str(demo.password))
+    roots = await _federation_when(
+        demo, flags["cloud"], "cloud learning the new root", present=NEW_ROOT
+    )
+    _show(f"cloud's /federation: {', '.join(roots)}   (fetched from kubernetes, no edit)")
+    await _until(lambda: NEW_ROOT in _accepted(server), "the server accepting the new root", 40)
+    # Two renewals of the client since the reload: it trusts the new root for its CA too.
+    renewed = ("renewed /", "CN=sdk_client")
+    first = await k8s.wait_for_index(renewed, 40, mark)
+    await k8s.wait_for_index(renewed, 40, first + 1)
+
+    # (2) kubernetes issues from the new root: the client's next certificate is anchored in it.
+    await rotate("issue-from-new-root")
+    anchored = await client.wait_for(f"(cert issued by '{NEW_ROOT}')", 40)
+    _show(f"client | {anchored}")
+
+    # (3) kubernetes retires the old root; cloud and the server drop it by themselves.
+    await rotate("retire-old-roots")
+    roots = await _federation_when(
+        demo, flags["cloud"], "cloud dropping the old root", absent=OLD_ROOT
+    )
+    _show(f"cloud's /federation: {', '.join(roots)}")
+    await _until(lambda: OLD_ROOT not in _accepted(server), "the server dropping the old root", 40)
+    await client.wait_for("Server responded:", 20, len(client.lines))  # still answered
+
+    _signal_group(client.proc, signal.SIGINT)  # stop the client (Ctrl-C): quietly, status 130
+    try:
+        code = await asyncio.wait_for(client.proc.wait(), 20)
+    except TimeoutError:
+        raise DemoFailed("the client did not stop on SIGINT") from None
+    calls = sum(line.startswith("Server responded:") for line in client.lines)
+    if code != 130:  # it ends at its first failed call
+        raise DemoFailed(f"the client failed during the rotation: {client.lines[-3:]}")
+    if cas["cloud"][0].read_text() != cloud_config:
+        raise DemoFailed("cloud's ca.json changed during the rotation")
+    _show(f"{calls} calls during the rotation, 0 failed; cloud's ca.json never edited")
+    for line in (await demo.federatls("ca", "peers", str(cas["cloud"][0]))).splitlines():
+        _show(line)
+    data = json.loads(k8s_config.read_text())
+    return str(data["root"])
 
 
 async def _run(keep: bool, stopped: asyncio.Future[int]) -> int:
@@ -389,7 +589,10 @@ async def _run(keep: bool, stopped: asyncio.Future[int]) -> int:
             await demo.stop_all()  # not cancellable: nothing cancels this task
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print("\nDemo complete: federation works both ways, is required, and renews live.")
+    print(
+        "\nDemo complete: federation works both ways, is required, renews live, and follows "
+        "a root rotation with no edit."
+    )
     return 0
 
 
