@@ -35,7 +35,7 @@ from federatls.ca import (
     retire_old_roots,
 )
 from federatls.ca._federation import PeerState, state_key
-from rogue_ca import RogueCA
+from rogue_ca import Behaviour, RogueCA
 
 from harness import (
     PASSWORD,
@@ -480,9 +480,9 @@ async def test_worker_processes_serve_the_same_peer_roots_and_share_the_fetching
             started = len([r for r in peer.requests if r.startswith("GET /roots")])
             await asyncio.sleep(6.0)
             fetched = len([r for r in peer.requests if r.startswith("GET /roots")]) - started
-            # Unshared: three fetches every 0.85-1 s, 18 or more in 6 s; shared: about one
-            # per refresh (7 to 9 seen), with the odd double when two workers wake together.
-            assert 3 <= fetched <= 13, fetched
+            # Unshared: three fetches every 0.85-1 s, 18 or more in 6 s; shared (a fetch under
+            # way is claimed in the store): about one per refresh, 6 to 9 seen under load.
+            assert 3 <= fetched <= 12, fetched
             peer.roots = [kube.root, extra.root]
             await until_federation(cloud, lambda fps: extra.fingerprint in fps)
             await asyncio.sleep(1.5)  # one more refresh: every worker has it by now
@@ -521,9 +521,9 @@ async def test_replicas_on_one_postgresql_serve_the_same_peer_roots(
             assert one.follower is not None
             assert two.follower is not None
             before = one.follower.fetches + two.follower.fetches
-            await asyncio.sleep(6.0)
+            await asyncio.sleep(8.0)
             fetched = one.follower.fetches + two.follower.fetches - before
-            assert 3 <= fetched <= 9, fetched  # unshared: 12 or more
+            assert 4 <= fetched <= 12, fetched  # unshared: 16 or more; 6 to 7 seen in 6 s
             peer.roots = [kube.root, extra.root]
             await wait_until(lambda: serve(extra.fingerprint), WAIT)
 
@@ -541,3 +541,25 @@ async def test_sighup_starts_and_stops_following_a_peer(kube: PKI, cloud: PKI) -
         cloud.edit(lambda d: d["federation"].__setitem__("peers", []))
         proc.send_signal(signal.SIGHUP)
         await until_federation(cloud, lambda fps: fps == {cloud.fingerprint})
+
+
+async def test_an_oversized_or_dripping_answer_is_bounded(cloud: PKI, tmp_path: Path) -> None:
+    """A peer (authenticated, so its answers are read) whose /roots grows past 1 MiB is
+    refused as it streams in, and one that drips its answer a byte at a time is given up
+    at the fetch's deadline (5 s for a 1 s refresh): the last good roots stay and the
+    error says which. Twin: the same peer answering normally is followed (first)."""
+    kube = make_pki(tmp_path, "kube-rogue")
+    peer = RogueCA(kube)
+    with peer.running():
+        follow(cloud, peer.url, kube.fingerprint)
+        async with serving(cloud) as ca:
+            await until_federation(cloud, lambda fps: kube.fingerprint in fps)
+            peer.behaviour["/roots"] = Behaviour(pad_to=2 << 20, declare_length=False)
+            await wait_until(lambda: "larger than" in (stored_state(ca) or PeerState()).last_error)
+            peer.behaviour["/roots"] = Behaviour(drip=0.2)
+            await wait_until(
+                lambda: "no complete answer within the 5 s" in (
+                    stored_state(ca) or PeerState()).last_error,
+                WAIT,
+            )  # fmt: skip
+            assert await federation_of(cloud) == {cloud.fingerprint, kube.fingerprint}
