@@ -786,11 +786,13 @@ def _sqlite_with_state(path: Path) -> SQLiteStore:
 
 
 def test_copy_store_copies_everything(tmp_path: Path, postgres: PostgresCluster) -> None:
-    """``copy_store`` copies a SQLite file's tokens, certificates (their trail too) and
-    revocations into an empty PostgreSQL database, creating the schema; a PostgreSQL store
-    then reads the same. Twin: a token the file never saw reads as unused there."""
+    """``copy_store`` copies a SQLite file's tokens, certificates (their trail too),
+    revocations and federation peers' states into an empty PostgreSQL database, creating the
+    schema; a PostgreSQL store then reads the same. Twin: a token the file never saw reads
+    as unused there, a state it never held as None."""
     source = tmp_path / "federatls.db"
     lite = _sqlite_with_state(source)
+    lite.put_state("peer:kubernetes", b'{"roots": "..."}')
     expected = lite.counts()
     certs = {s: lite.get_certificate(s) for s in ("90", "91", "92")}
     lite.close()
@@ -807,6 +809,8 @@ def test_copy_store_copies_everything(tmp_path: Path, postgres: PostgresCluster)
         assert not store.is_revoked("90")
         assert all(store.token_used(t) for t in ("t1", "t2", "t3", "rev-91"))
         assert not store.token_used("t4")
+        assert store.get_state("peer:kubernetes") == b'{"roots": "..."}'
+        assert store.get_state("peer:spire") is None
     finally:
         store.close()
 

@@ -33,6 +33,7 @@ __all__ = [
     "dedupe",
     "peer_status",
     "pin_of",
+    "printable",
     "state_key",
 ]
 
@@ -137,6 +138,16 @@ def dedupe(certs: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
     return tuple(out)
 
 
+MAX_REASON = 500  # characters of a peer's error kept in logs, the store and `ca peers`
+
+
+def printable(text: str, most: int = MAX_REASON) -> str:
+    """``text`` safe for one log line or terminal: each control character escaped (a peer
+    chooses its error messages and its roots' names), clipped to ``most`` characters."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: most + 1])
+    return shown if len(shown) <= most else shown[:most] + "…"
+
+
 def pin_of(peer: PeerConfig) -> str:
     """What a peer's roots are learnt under besides its URL: the step profile's fingerprint,
     a SPIFFE peer's trust domain and endpoint ID. A change starts from first contact again."""
@@ -157,13 +168,16 @@ class PeerState:
     success), the bundle's sequence, and the URL and pin the roots were learnt under (a
     changed ``url`` or ``fingerprint`` in ca.json starts again from first contact).
     ``checked_at`` is the last attempt's time, success or failure: a process that finds a
-    state checked less than one interval ago adopts it instead of fetching too."""
+    state checked since its own last look adopts it instead of fetching too; ``claimed_at``
+    says that a process started a fetch then (a claim live until that fetch's ``checked_at``
+    or its deadline), so that the others wait for its result instead of fetching too."""
 
     roots: tuple[x509.Certificate, ...] = ()
     last_success: datetime | None = None
     last_error: str = ""
     last_error_at: datetime | None = None
     checked_at: datetime | None = None
+    claimed_at: datetime | None = None
     sequence: int | None = None
     refresh_hint: timedelta | None = None
     url: str = ""
@@ -181,6 +195,7 @@ class PeerState:
             "lastError": self.last_error,
             "lastErrorAt": _time(self.last_error_at),
             "checkedAt": _time(self.checked_at),
+            "claimedAt": _time(self.claimed_at),
             "sequence": self.sequence,
             "refreshHint": None if self.refresh_hint is None else self.refresh_hint.total_seconds(),
             "url": self.url,
@@ -209,6 +224,7 @@ class PeerState:
                 last_error=str(data.get("lastError") or ""),
                 last_error_at=_parse_time(data.get("lastErrorAt")),
                 checked_at=_parse_time(data.get("checkedAt")),
+                claimed_at=_parse_time(data.get("claimedAt")),
                 sequence=sequence,
                 refresh_hint=None if hint is None else timedelta(seconds=hint),
                 url=str(data.get("url") or ""),
@@ -220,8 +236,8 @@ class PeerState:
 
 
 _STATE_FIELDS = frozenset(
-    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "sequence",
-     "refreshHint", "url", "fingerprint"}
+    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "claimedAt",
+     "sequence", "refreshHint", "url", "fingerprint"}
 )  # fmt: skip
 
 
@@ -254,7 +270,7 @@ def peer_status(peer: PeerConfig, state: PeerState | None) -> dict[str, Any]:
         "roots": [
             {
                 "fingerprint": fingerprint(root),
-                "subject": root.subject.rfc4514_string(),
+                "subject": printable(root.subject.rfc4514_string()),
                 "notAfter": root.not_valid_after_utc.isoformat(),
             }
             for root in held.roots

@@ -10,9 +10,12 @@ Rules kept here:
   the peer answers again or its roots change;
 - store calls are made from a thread, never on the event loop;
 - processes sharing one database (worker processes, replicas on one PostgreSQL) share the
-  work: a process that finds a state another one saved less than one interval ago adopts it
-  instead of fetching, and looks again just after that one's next fetch is due, so all of
-  them serve what the last fetch brought within a small fraction of an interval.
+  work: each looks at the stored state before it fetches. One that finds a check made by
+  another since its own takes that check's result instead of fetching, and waits one
+  (jittered) interval from it; one that finds another's fetch under way (a live claim)
+  waits for its result; else it stores its own claim and fetches. So the peer is asked
+  about once per interval whatever the number of processes, and the others serve the
+  result at most the jitter (15 % of an interval) after it was stored.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._federation import (
     PeerRoots,
     PeerState,
     pin_of,
+    printable,
     state_key,
 )
 from ._step_peer import fetch_step_peer
@@ -48,9 +52,11 @@ __all__ = ["Follower", "describe_roots", "fetcher_for"]
 log = logging.getLogger("federatls.ca")
 
 Clock = Callable[[], datetime]
-MAX_FETCH_TIMEOUT = 30.0  # seconds; a fetch is also never given more than its interval
+# Seconds one fetch may take: its refresh interval, but at least 5 s and at most 30 s.
+MAX_FETCH_TIMEOUT = 30.0
 MIN_FETCH_TIMEOUT = 5.0
 JITTER = 0.15  # a fetch comes after 85 to 100 % of the interval
+MAX_CLAIM_POLL = 1.0  # seconds between two looks at another process's fetch under way
 
 
 def fetcher_for(peer: PeerConfig) -> Fetcher:
@@ -76,13 +82,16 @@ def describe_roots(roots: tuple[x509.Certificate, ...]) -> str:
     """``fingerprint (common name)`` of each root, for log lines."""
     if not roots:
         return "none"
-    return ", ".join(f"{fingerprint(r)[:16]}… ({common_name(r.subject)})" for r in roots)
+    return ", ".join(
+        f"{fingerprint(r)[:16]}… ({printable(common_name(r.subject), 80)})" for r in roots
+    )
 
 
 @dataclass(frozen=True)
 class _Plan:
     peer: PeerConfig
-    interval: timedelta  # the peer's own or the block's (a SPIFFE hint may shorten it later)
+    # The peer's own or the block's; a SPIFFE peer's refresh hint replaces the block's.
+    interval: timedelta
 
 
 class Follower:
@@ -154,15 +163,19 @@ class Follower:
             state = await self._load(peer)
             self.roots.set(peer.name, _usable(state, peer).roots)
         state = _usable(state, peer)
-        failing = bool(state.last_error) and state.last_error_at == state.checked_at
+        failing = False  # a run of failures that began before this process is logged anew
         while True:
             wait = self._due(state, plan)
             if wait > 0:
                 await asyncio.sleep(wait)
-                stored = _usable(await self._load(peer), peer)
-                if _later(stored, state):  # another process checked meanwhile: its result
-                    state = self._adopt(peer, stored)
-                    continue
+            stored = _usable(await self._load(peer), peer)
+            if _later(stored, state):  # another process checked meanwhile: its result
+                state = self._adopt(peer, stored)
+                continue
+            if self._claimed(stored, plan):  # another process is fetching: wait for it
+                await asyncio.sleep(min(MAX_CLAIM_POLL, plan.interval.total_seconds() / 4))
+                continue
+            await self._save(peer, replace(state, claimed_at=self._clock()))
             try:
                 state, failing = await self._fetch(plan, state, failing)
             except Exception:  # a bug must not end the following for good
@@ -175,9 +188,21 @@ class Follower:
         if state.checked_at is None:
             return 0.0
         interval = FederationConfig(plan.interval).interval(plan.peer, state.refresh_hint)
-        age = (self._clock() - state.checked_at).total_seconds()
+        # Never negative: a check stamped in the future (a clock set back, a replica's
+        # clock ahead) delays this process's next check by one interval at most.
+        age = max((self._clock() - state.checked_at).total_seconds(), 0.0)
         jittered = interval.total_seconds() * (1 - JITTER * random.random())  # noqa: S311
         return max(jittered - age, 0.0)
+
+    def _claimed(self, stored: PeerState, plan: _Plan) -> bool:
+        """Whether ``stored`` holds another process's claim on a fetch still under way: made
+        after the last check, and younger than a fetch's deadline (a claimant that died
+        holds the peer up for that long at most; a claim stamped in the future, none)."""
+        claimed = stored.claimed_at
+        if claimed is None or (stored.checked_at is not None and claimed <= stored.checked_at):
+            return False
+        age = (self._clock() - claimed).total_seconds()
+        return 0 <= age < _timeout(plan)
 
     def _adopt(self, peer: PeerConfig, stored: PeerState) -> PeerState:
         if stored.roots != self.roots.get(peer.name):
@@ -193,33 +218,30 @@ class Follower:
         """One fetch, its outcome applied and saved: (the new state, whether failing)."""
         peer = plan.peer
         trusted = self.roots.get(peer.name)
-        seconds = plan.interval.total_seconds()
-        timeout = min(MAX_FETCH_TIMEOUT, max(MIN_FETCH_TIMEOUT, seconds))
         self.fetches += 1
         try:
-            fetched = await self._fetchers(peer)(peer, trusted, timeout)
+            fetched = await self._fetchers(peer)(peer, trusted, _timeout(plan))
             older = _older(fetched, state)
             if older:
                 raise PeerFetchError(peer.name, older)
         except PeerFetchError as exc:
             now = self._clock()
+            reason = printable(exc.reason)  # the peer's own words, in part
             if not failing:
                 log.warning(
                     "federation peer %r: %s; keeping its last good roots (%s) until it "
                     "answers again",
                     peer.name,
-                    exc.reason,
+                    reason,
                     describe_roots(trusted),
                 )
-            state = replace(state, last_error=exc.reason, last_error_at=now, checked_at=now)
+            stored = _usable(await self._load(peer), peer)
+            if _later(stored, state):  # a success elsewhere meanwhile: its roots are kept
+                state = self._adopt(peer, stored)
+            state = replace(state, last_error=reason, last_error_at=now, checked_at=now)
             await self._save(peer, state)
             return state, True
         now = self._clock()
-        if failing:
-            log.info("federation peer %r answers again", peer.name)
-        if fetched.roots != trusted:
-            log.info("federation peer %r: roots now %s", peer.name, describe_roots(fetched.roots))
-        self.roots.set(peer.name, fetched.roots)
         state = PeerState(
             roots=fetched.roots,
             last_success=now,
@@ -229,7 +251,13 @@ class Follower:
             url=peer.url,
             pin=pin_of(peer),
         )
+        # Stored first, then served: a restart never serves roots older than were served.
         await self._save(peer, state)
+        self.roots.set(peer.name, fetched.roots)
+        if failing:
+            log.info("federation peer %r answers again", peer.name)
+        if fetched.roots != trusted:
+            log.info("federation peer %r: roots now %s", peer.name, describe_roots(fetched.roots))
         return state, False
 
     # -- the store, from a thread -----------------------------------------------------------
@@ -257,6 +285,11 @@ class Follower:
         if not self._store_failing:
             log.warning("%s (the roots in memory are still served): %s", what, exc)
         self._store_failing = True
+
+
+def _timeout(plan: _Plan) -> float:
+    """Seconds one fetch of the plan's peer may take."""
+    return min(MAX_FETCH_TIMEOUT, max(MIN_FETCH_TIMEOUT, plan.interval.total_seconds()))
 
 
 def _usable(state: PeerState | None, peer: PeerConfig) -> PeerState:
