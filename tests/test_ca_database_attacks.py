@@ -53,6 +53,7 @@ FOREIGN = [
         "CREATE TABLE revocations (serial text, reason_code integer, reason text,"
         " provisioner text, token_id text, mtls boolean, revoked_at timestamptz)",
     ),  # the columns, but no primary key: ON CONFLICT (serial) would fail on every revoke
+    ("state", "CREATE TABLE state (key text PRIMARY KEY, value text)"),  # text, not bytea
 ]
 
 
@@ -76,7 +77,9 @@ async def test_db_init_refuses_a_table_that_is_not_federatls(
     run = await federatls("ca", "db", "init", pki.config)
     assert (run.code, run.err) == (0, ""), run
     assert "created the federatls schema" in run.out
-    assert tables(pg_url) == {"federatls_schema", "used_tokens", "certificates", "revocations"}
+    assert tables(pg_url) == {
+        "federatls_schema", "used_tokens", "certificates", "revocations", "state"
+    }  # fmt: skip
 
 
 async def test_serve_names_a_foreign_schema_table_not_an_unreachable_server(

@@ -232,6 +232,6 @@ async def test_db_init_on_sqlite_creates_then_finds_it_current(pki: PKI) -> None
     store = pki.config.parent / "federatls.db"
     run = await federatls("ca", "db", "init", pki.config)
     assert (run.code, run.err) == (0, ""), run
-    assert run.out == f"{store}: created the federatls schema (version 3)\n"
+    assert run.out == f"{store}: created the federatls schema (version 4)\n"
     again = await federatls("ca", "db", "init", pki.config)
-    assert again.out == f"{store}: the federatls schema is up to date (version 3)\n", again
+    assert again.out == f"{store}: the federatls schema is up to date (version 4)\n", again

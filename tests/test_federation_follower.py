@@ -1,7 +1,8 @@
 """The follower's own rules, driven through its fetcher seam (``Follower(fetchers=...)``) over
 a real SQLite store: which roots each fetch is authenticated by (those trusted now, or none
 at first contact, also after a change of pin), an older SPIFFE bundle refused, the roots still
-served while the store cannot be written, and a stored state read back (``PeerState``).
+served while the store cannot be written, another process's fetch under way waited for, a
+peer's words escaped, and a stored state read back (``PeerState``).
 Fetching from real peers is tests/test_federation_peers.py's."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -251,3 +253,42 @@ async def test_a_peers_words_are_escaped_and_clipped(
     assert stored["forged"].endswith("…")
     assert stored["plain"] == "connection refused"
     assert "connection refused; keeping" in lines["plain"][0]
+
+
+async def test_a_fetch_claimed_by_another_process_is_waited_for(
+    store: SQLiteStore, roots: tuple[x509.Certificate, ...]
+) -> None:
+    """A stored claim of a fetch under way (another worker or replica) is waited for: no
+    fetch is made, and that process's result, once stored, is served. Twin: a claim older
+    than a fetch's deadline (its claimant died) is ignored and the peer fetched at once."""
+    r1, r2, r3 = roots
+    now = _now()
+    earlier = now - timedelta(seconds=2)
+    base = PeerState(
+        roots=(r1,), last_success=earlier, checked_at=earlier, url=PEER.url, pin=pin_of(PEER)
+    )
+    store.put_state(state_key("kubernetes"), replace(base, claimed_at=now).to_bytes())
+    script = Script(Fetched((r2,)))
+    follower = Follower(store, PeerRoots(), _now, fetchers=script.fetchers())
+    await _following(follower)
+    try:
+        await asyncio.sleep(1.5)
+        assert script.trusted == []
+        assert follower.roots.get("kubernetes") == (r1,)
+        done = replace(base, roots=(r3,), checked_at=_now(), last_success=_now())
+        store.put_state(state_key("kubernetes"), done.to_bytes())
+        await wait_until(lambda: follower.roots.get("kubernetes") == (r3,), 10)
+        assert script.trusted == []
+    finally:
+        await follower.stop()
+
+    stale = replace(base, claimed_at=_now() - timedelta(seconds=10))
+    store.put_state(state_key("kubernetes"), stale.to_bytes())
+    script = Script(Fetched((r2,)))
+    follower = Follower(store, PeerRoots(), _now, fetchers=script.fetchers())
+    await _following(follower)
+    try:
+        await wait_until(lambda: follower.roots.get("kubernetes") == (r2,), 10)
+        assert script.trusted[0] == (r1,)
+    finally:
+        await follower.stop()

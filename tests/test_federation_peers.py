@@ -480,9 +480,9 @@ async def test_worker_processes_serve_the_same_peer_roots_and_share_the_fetching
             started = len([r for r in peer.requests if r.startswith("GET /roots")])
             await asyncio.sleep(6.0)
             fetched = len([r for r in peer.requests if r.startswith("GET /roots")]) - started
-            # Unshared: three fetches every 0.85-1 s, 18 or more in 6 s; shared: about one
-            # per refresh (7 to 9 seen), with the odd double when two workers wake together.
-            assert 3 <= fetched <= 13, fetched
+            # Unshared: three fetches every 0.85-1 s, 18 or more in 6 s; shared (a fetch under
+            # way is claimed in the store): about one per refresh, 6 to 9 seen under load.
+            assert 3 <= fetched <= 12, fetched
             peer.roots = [kube.root, extra.root]
             await until_federation(cloud, lambda fps: extra.fingerprint in fps)
             await asyncio.sleep(1.5)  # one more refresh: every worker has it by now
@@ -521,9 +521,9 @@ async def test_replicas_on_one_postgresql_serve_the_same_peer_roots(
             assert one.follower is not None
             assert two.follower is not None
             before = one.follower.fetches + two.follower.fetches
-            await asyncio.sleep(6.0)
+            await asyncio.sleep(8.0)
             fetched = one.follower.fetches + two.follower.fetches - before
-            assert 3 <= fetched <= 9, fetched  # unshared: 12 or more
+            assert 4 <= fetched <= 12, fetched  # unshared: 16 or more; 6 to 7 seen in 6 s
             peer.roots = [kube.root, extra.root]
             await wait_until(lambda: serve(extra.fingerprint), WAIT)
 

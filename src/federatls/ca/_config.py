@@ -413,13 +413,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PROFILES: tuple[Profile, ...] = ("step", "https_spiffe", "https_web")
 # The fields each profile takes (docs/ca.md, "Following federation peers"); any other is
 # refused, so that a field meant for another profile is not silently ignored.
+_ANY_PEER = ("name", "profile", "url", "names", "refresh")
 _PEER_FIELDS: dict[str, frozenset[str]] = {
-    "step": frozenset({"name", "profile", "url", "names", "refresh", "fingerprint"}),
-    "https_spiffe": frozenset(
-        {"name", "profile", "url", "names", "refresh", "trustDomain", "endpointSpiffeId"}
-        | {"bundle"}
-    ),
-    "https_web": frozenset({"name", "profile", "url", "names", "refresh", "trustDomain"}),
+    "step": frozenset({*_ANY_PEER, "fingerprint"}),
+    "https_spiffe": frozenset({*_ANY_PEER, "trustDomain", "endpointSpiffeId", "bundle"}),
+    "https_web": frozenset({*_ANY_PEER, "trustDomain"}),
 }
 
 
@@ -503,12 +501,8 @@ def _peer(item: object, path: Path, what: str) -> PeerConfig:
         trust_domain = _trust_domain(item.get("trustDomain"), f"{what}.trustDomain")
     if profile == "https_spiffe":
         endpoint = item.get("endpointSpiffeId")
-        problem = _uri_problem(endpoint) if isinstance(endpoint, str) else "it must be a string"
-        if problem is None and not (isinstance(endpoint, str) and endpoint.startswith("spiffe://")):
-            problem = "it must start with spiffe://"
-        if problem is None and isinstance(endpoint, str) and "/" not in endpoint[9:]:
-            problem = "it must have a path (the bundle endpoint server's workload)"
-        if problem is not None:
+        problem = _spiffe_id_problem(endpoint)
+        if problem:
             raise ConfigError(
                 f"{what}.endpointSpiffeId must be the SPIFFE ID of the bundle endpoint server, "
                 f"such as spiffe://{trust_domain}/spire/server; {endpoint!r}: {problem}"
@@ -532,6 +526,18 @@ def _peer(item: object, path: Path, what: str) -> PeerConfig:
         endpoint_spiffe_id=endpoint,
         bundle=bundle,
     )
+
+
+def _spiffe_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a workload's SPIFFE ID (``spiffe://TD/PATH``), or None."""
+    if not isinstance(value, str):
+        return "it must be a string"
+    if not value.startswith("spiffe://"):
+        return "it must start with spiffe://"
+    problem = _uri_problem(value)
+    if problem is None and "/" not in value.removeprefix("spiffe://"):
+        return "it must have a path (the bundle endpoint server's workload)"
+    return problem
 
 
 def _peer_url(value: object, profile: str, what: str) -> str:

@@ -168,13 +168,16 @@ class PeerState:
     success), the bundle's sequence, and the URL and pin the roots were learnt under (a
     changed ``url`` or ``fingerprint`` in ca.json starts again from first contact).
     ``checked_at`` is the last attempt's time, success or failure: a process that finds a
-    state checked less than one interval ago adopts it instead of fetching too."""
+    state checked since its own last look adopts it instead of fetching too; ``claimed_at``
+    says that a process started a fetch then (a claim live until that fetch's ``checked_at``
+    or its deadline), so that the others wait for its result instead of fetching too."""
 
     roots: tuple[x509.Certificate, ...] = ()
     last_success: datetime | None = None
     last_error: str = ""
     last_error_at: datetime | None = None
     checked_at: datetime | None = None
+    claimed_at: datetime | None = None
     sequence: int | None = None
     refresh_hint: timedelta | None = None
     url: str = ""
@@ -192,6 +195,7 @@ class PeerState:
             "lastError": self.last_error,
             "lastErrorAt": _time(self.last_error_at),
             "checkedAt": _time(self.checked_at),
+            "claimedAt": _time(self.claimed_at),
             "sequence": self.sequence,
             "refreshHint": None if self.refresh_hint is None else self.refresh_hint.total_seconds(),
             "url": self.url,
@@ -220,6 +224,7 @@ class PeerState:
                 last_error=str(data.get("lastError") or ""),
                 last_error_at=_parse_time(data.get("lastErrorAt")),
                 checked_at=_parse_time(data.get("checkedAt")),
+                claimed_at=_parse_time(data.get("claimedAt")),
                 sequence=sequence,
                 refresh_hint=None if hint is None else timedelta(seconds=hint),
                 url=str(data.get("url") or ""),
@@ -231,8 +236,8 @@ class PeerState:
 
 
 _STATE_FIELDS = frozenset(
-    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "sequence",
-     "refreshHint", "url", "fingerprint"}
+    {"roots", "lastSuccess", "lastError", "lastErrorAt", "checkedAt", "claimedAt",
+     "sequence", "refreshHint", "url", "fingerprint"}
 )  # fmt: skip
 
 

@@ -10,9 +10,12 @@ Rules kept here:
   the peer answers again or its roots change;
 - store calls are made from a thread, never on the event loop;
 - processes sharing one database (worker processes, replicas on one PostgreSQL) share the
-  work: a process that finds a state another one saved less than one interval ago adopts it
-  instead of fetching, and looks again just after that one's next fetch is due, so all of
-  them serve what the last fetch brought within a small fraction of an interval.
+  work: each looks at the stored state before it fetches. One that finds a check made by
+  another since its own takes that check's result instead of fetching, and waits one
+  (jittered) interval from it; one that finds another's fetch under way (a live claim)
+  waits for its result; else it stores its own claim and fetches. So the peer is asked
+  about once per interval whatever the number of processes, and the others serve the
+  result at most the jitter (15 % of an interval) after it was stored.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ __all__ = ["Follower", "describe_roots", "fetcher_for"]
 log = logging.getLogger("federatls.ca")
 
 Clock = Callable[[], datetime]
-MAX_FETCH_TIMEOUT = 30.0  # seconds; a fetch is also never given more than its interval
+# Seconds one fetch may take: its refresh interval, but at least 5 s and at most 30 s.
+MAX_FETCH_TIMEOUT = 30.0
 MIN_FETCH_TIMEOUT = 5.0
 JITTER = 0.15  # a fetch comes after 85 to 100 % of the interval
+MAX_CLAIM_POLL = 1.0  # seconds between two looks at another process's fetch under way
 
 
 def fetcher_for(peer: PeerConfig) -> Fetcher:
@@ -85,7 +90,8 @@ def describe_roots(roots: tuple[x509.Certificate, ...]) -> str:
 @dataclass(frozen=True)
 class _Plan:
     peer: PeerConfig
-    interval: timedelta  # the peer's own or the block's (a SPIFFE hint may shorten it later)
+    # The peer's own or the block's; a SPIFFE peer's refresh hint replaces the block's.
+    interval: timedelta
 
 
 class Follower:
@@ -162,10 +168,14 @@ class Follower:
             wait = self._due(state, plan)
             if wait > 0:
                 await asyncio.sleep(wait)
-                stored = _usable(await self._load(peer), peer)
-                if _later(stored, state):  # another process checked meanwhile: its result
-                    state = self._adopt(peer, stored)
-                    continue
+            stored = _usable(await self._load(peer), peer)
+            if _later(stored, state):  # another process checked meanwhile: its result
+                state = self._adopt(peer, stored)
+                continue
+            if self._claimed(stored, plan):  # another process is fetching: wait for it
+                await asyncio.sleep(min(MAX_CLAIM_POLL, plan.interval.total_seconds() / 4))
+                continue
+            await self._save(peer, replace(state, claimed_at=self._clock()))
             try:
                 state, failing = await self._fetch(plan, state, failing)
             except Exception:  # a bug must not end the following for good
@@ -184,6 +194,16 @@ class Follower:
         jittered = interval.total_seconds() * (1 - JITTER * random.random())  # noqa: S311
         return max(jittered - age, 0.0)
 
+    def _claimed(self, stored: PeerState, plan: _Plan) -> bool:
+        """Whether ``stored`` holds another process's claim on a fetch still under way: made
+        after the last check, and younger than a fetch's deadline (a claimant that died
+        holds the peer up for that long at most; a claim stamped in the future, none)."""
+        claimed = stored.claimed_at
+        if claimed is None or (stored.checked_at is not None and claimed <= stored.checked_at):
+            return False
+        age = (self._clock() - claimed).total_seconds()
+        return 0 <= age < _timeout(plan)
+
     def _adopt(self, peer: PeerConfig, stored: PeerState) -> PeerState:
         if stored.roots != self.roots.get(peer.name):
             log.info(
@@ -198,11 +218,9 @@ class Follower:
         """One fetch, its outcome applied and saved: (the new state, whether failing)."""
         peer = plan.peer
         trusted = self.roots.get(peer.name)
-        seconds = plan.interval.total_seconds()
-        timeout = min(MAX_FETCH_TIMEOUT, max(MIN_FETCH_TIMEOUT, seconds))
         self.fetches += 1
         try:
-            fetched = await self._fetchers(peer)(peer, trusted, timeout)
+            fetched = await self._fetchers(peer)(peer, trusted, _timeout(plan))
             older = _older(fetched, state)
             if older:
                 raise PeerFetchError(peer.name, older)
@@ -267,6 +285,11 @@ class Follower:
         if not self._store_failing:
             log.warning("%s (the roots in memory are still served): %s", what, exc)
         self._store_failing = True
+
+
+def _timeout(plan: _Plan) -> float:
+    """Seconds one fetch of the plan's peer may take."""
+    return min(MAX_FETCH_TIMEOUT, max(MIN_FETCH_TIMEOUT, plan.interval.total_seconds()))
 
 
 def _usable(state: PeerState | None, peer: PeerConfig) -> PeerState:
