@@ -33,6 +33,7 @@ from federatls import (
     RenewalPolicy,
     RenewingIdentity,
 )
+from federatls._client import CAClient
 from federatls.integrations import httpx as fhttpx
 from federatls.integrations import streams
 from federatls.testing import TestCA, running_ca
@@ -651,3 +652,31 @@ async def test_a_bundle_openssl_cannot_load_keeps_the_last_good_one(
     assert stopped is None
     assert planned is not None
     assert live.trust_changes == 0
+
+
+async def test_trust_is_fetched_without_a_client_certificate(tmp_path: Path) -> None:
+    """refresh_trust() presents no client certificate, so a workload whose certificate has
+    expired still gets the CA's new roots. Twin: the same fetch presenting that certificate
+    (as a renewal's connection does) is refused in the TLS handshake."""
+    rogue = RogueCA(make_pki(tmp_path, "cloud"))  # it verifies a client certificate if sent
+    rogue.issue = Issue(not_before=timedelta(seconds=-2), not_after=timedelta(seconds=1))
+    other = make_pki(tmp_path, "other")
+    with rogue.running():
+        identity = await federatls.bootstrap(rogue.pki.token("svc.cloud.internal"))
+        left = (identity.not_after - datetime.now(UTC)).total_seconds()
+        await anyio.sleep(max(left, 0.0) + 0.2)
+        rogue.roots = [rogue.pki.root, other.root]
+        live = RenewingIdentity(identity, policy=OFF)
+        changed = await live.refresh_trust()
+        presenting = CAClient(
+            identity.ca_url,
+            identity.trust.own().certificates,
+            identity=(identity.chain, identity._key),
+        )
+        async with presenting as ca:
+            with pytest.raises(CAUnreachableError, match="TLS") as refused:
+                await ca.trust_bundle()
+    assert datetime.now(UTC) > identity.not_after
+    assert changed is True
+    assert _fingerprint(other) in _prints(live.current)
+    assert refused.value.url.endswith("/roots")
