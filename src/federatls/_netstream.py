@@ -18,7 +18,7 @@ import anyio
 import httpcore
 import httpx
 
-__all__ = ["ClosingBackend", "closing_transport"]
+__all__ = ["Check", "ClosingBackend", "closing_transport"]
 
 Check = Callable[[httpcore.AsyncNetworkStream], None]
 
@@ -91,16 +91,18 @@ class ClosingBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def closing_transport(ssl_context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
+def closing_transport(
+    ssl_context: ssl.SSLContext, check: Check | None = None
+) -> httpx.AsyncHTTPTransport:
     """httpx's own transport (its error mapping, its response streams) over a connection
-    pool that uses ``ClosingBackend``. httpx does not take a network backend, so its pool
-    is replaced; a future httpx that keeps it elsewhere is refused here, not ignored."""
+    pool that uses ``ClosingBackend(check)``. httpx does not take a network backend, so its
+    pool is replaced; a future httpx that keeps it elsewhere is refused here, not ignored."""
     transport = httpx.AsyncHTTPTransport(verify=ssl_context)
     if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
         raise RuntimeError("this httpx keeps its connection pool elsewhere: update federatls")
     transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=ssl_context,
-        network_backend=ClosingBackend(),
+        network_backend=ClosingBackend(check),
         max_connections=100,  # httpx's default limits
         max_keepalive_connections=20,
         keepalive_expiry=5.0,

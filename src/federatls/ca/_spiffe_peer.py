@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 import anyio
+import httpcore
 import httpx
 from cryptography import x509
 
 from .._errors import BadMaterialError, PeerFetchError
+from .._netstream import Check, closing_transport
 from .._spiffe import MAX_BUNDLE_BYTES, SpiffeBundle, trust_domain_of
 from .._version import __version__
 from .._x509 import certs_to_pem
@@ -141,27 +143,35 @@ async def _context(peer: PeerConfig, trusted: tuple[x509.Certificate, ...]) -> s
     return ctx
 
 
+def _svid_check(peer: PeerConfig) -> Check | None:
+    """For https_spiffe: the check of the endpoint's X509-SVID, run right after the TLS
+    handshake, before the request is sent."""
+    expected = peer.endpoint_spiffe_id
+    if peer.profile != "https_spiffe" or expected is None:
+        return None
+
+    def check(stream: httpcore.AsyncNetworkStream) -> None:
+        der = stream.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        problem = _svid_problem(x509.load_der_x509_certificate(der), expected)
+        if problem:
+            raise PeerFetchError(peer.name, f"endpoint {peer.url} is not authenticated: {problem}")
+
+    return check
+
+
 async def _get(peer: PeerConfig, ctx: ssl.SSLContext, timeout: float) -> bytes:
     """The body of a GET of the peer's URL: status 200, at most ``MAX_BUNDLE_BYTES``, from an
-    endpoint whose certificate is an X509-SVID for ``endpoint_spiffe_id`` (https_spiffe)."""
-    # Each phase has half the fetch's time, so that a handshake that never completes ends
-    # in httpx's timeout (which closes the socket) before the fetch's deadline cancels it
-    # (a cancelled handshake would leave the socket to the garbage collector).
+    endpoint whose certificate is an X509-SVID for ``endpoint_spiffe_id`` (https_spiffe,
+    checked before the request is sent)."""
     async with (
         httpx.AsyncClient(
-            verify=ctx, trust_env=False, follow_redirects=False, timeout=timeout / 2
+            transport=closing_transport(ctx, _svid_check(peer)),
+            trust_env=False,
+            follow_redirects=False,
+            timeout=timeout,
         ) as client,
         client.stream("GET", peer.url, headers=_HEADERS) as response,
     ):
-        if peer.profile == "https_spiffe":
-            assert peer.endpoint_spiffe_id is not None
-            stream = response.extensions["network_stream"]
-            der = stream.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            problem = _svid_problem(x509.load_der_x509_certificate(der), peer.endpoint_spiffe_id)
-            if problem:
-                raise PeerFetchError(
-                    peer.name, f"endpoint {peer.url} is not authenticated: {problem}"
-                )
         if response.status_code != 200:
             raise PeerFetchError(peer.name, f"{peer.url} answered {response.status_code}")
         body = bytearray()
