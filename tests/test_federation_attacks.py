@@ -6,8 +6,10 @@ own traffic."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
+import ssl
 import threading
 from pathlib import Path
 
@@ -106,3 +108,47 @@ async def test_a_peer_root_posing_as_our_intermediate_is_not_followed(
             b = await _identity(cloud, "b.cloud.internal")
             assert {r.fingerprint for r in a.trust} == {cloud.fingerprint, kube.fingerprint}
             await asyncio.to_thread(_handshake, b, a, "b.cloud.internal")
+
+
+def _serve_unix(server: Identity, sock: socket.socket, errors: list[BaseException]) -> None:
+    try:
+        with server.server_context().wrap_socket(sock, server_side=True) as tls:
+            tls.recv(1)
+    except Exception as exc:  # what the server's own code sees is the point
+        errors.append(exc)
+
+
+@pytest.mark.parametrize("client_ca", ["stranger", "cloud"])
+async def test_a_refused_handshake_on_a_unix_socket_stays_a_tls_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, client_ca: str
+) -> None:
+    """A blocking federatls server on a Unix socket that refuses a client (its certificate
+    from a CA it does not trust) raises the ``ssl.SSLError`` and logs the refusal, as on TCP;
+    it used to raise ``ValueError`` from naming the peer's (absent) address. Twin: a client
+    of the server's own CA is served on the same kind of socket."""
+    cloud = make_pki(tmp_path, "cloud")
+    other = make_pki(tmp_path, "stranger") if client_ca == "stranger" else cloud
+    async with contextlib.AsyncExitStack() as running:
+        await running.enter_async_context(serving(cloud))
+        if other is not cloud:
+            await running.enter_async_context(serving(other))
+        server = await _identity(cloud, "b.cloud.internal")
+        client = await _identity(other, "a.cloud.internal")
+    client = Identity.from_parts(client.chain, client._key, server.trust, cloud.url)
+    a, b = socket.socketpair(socket.AF_UNIX)
+    errors: list[BaseException] = []
+    with a, b:
+        thread = threading.Thread(target=_serve_unix, args=(server, a, errors), daemon=True)
+        thread.start()
+        try:
+            with client.client_context().wrap_socket(b, server_hostname="b.cloud.internal") as c:
+                c.sendall(b"x")
+        except (ssl.SSLError, OSError):
+            pass
+        thread.join(10)
+    if client_ca == "cloud":
+        assert errors == []
+        return
+    assert len(errors) == 1
+    assert isinstance(errors[0], ssl.SSLError), repr(errors[0])
+    assert any("refused a TLS client" in r.getMessage() for r in caplog.records)
