@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federatls import Identity
 from federatls._x509 import certs_to_pem, fingerprint, load_pem_certificate
+from federatls.ca._federation import PeerConfig, PeerState, peer_status
 from test_federation_peers import follow, serving, until_federation
 
 from harness import PKI, free_port, make_pki
@@ -152,3 +154,23 @@ async def test_a_refused_handshake_on_a_unix_socket_stays_a_tls_error(
     assert len(errors) == 1
     assert isinstance(errors[0], ssl.SSLError), repr(errors[0])
     assert any("refused a TLS client" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("error", ["x\x1b[31mred\nWARNING forged", "connection refused"])
+def test_the_peers_report_escapes_a_stored_error(error: str) -> None:
+    """``federatls ca peers`` escapes the stored last error again when it shows it: a state
+    another program wrote to the shared store (raw control characters) cannot paint the
+    operator's terminal or forge a line. Twin: a plain error is shown as stored."""
+    peer = PeerConfig(
+        name="kubernetes",
+        profile="step",
+        url="https://127.0.0.1:9443",
+        names=("*.k8s.internal",),
+        fingerprint="ab" * 32,
+    )
+    raw = json.dumps({"lastError": error, "url": peer.url, "fingerprint": peer.fingerprint})
+    shown = peer_status(peer, PeerState.from_bytes(raw.encode(), "peer:kubernetes"))["lastError"]
+    if error == "connection refused":
+        assert shown == error
+    else:
+        assert shown == "x\\x1b[31mred\\nWARNING forged"

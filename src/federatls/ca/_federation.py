@@ -307,7 +307,8 @@ def peer_status(peer: PeerConfig, state: PeerState | None) -> dict[str, Any]:
             for root in held.roots
         ],
         "lastSuccess": _time(held.last_success),
-        "lastError": held.last_error or None,
+        # Escaped when stored; again here, for a state another program wrote to the store.
+        "lastError": printable(held.last_error) or None,
         "lastErrorAt": _time(held.last_error_at),
         "checkedAt": _time(held.checked_at),
         "sequence": held.sequence,
