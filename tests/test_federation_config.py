@@ -117,6 +117,13 @@ BAD_BLOCKS: list[tuple[dict[str, Any], str]] = [
     ({"federation": {"peers": [_peer(STEP_PEER, url="https://h:99999")]}}, "is not a URL"),
     ({"federation": {"peers": [_peer(STEP_PEER, url="https://h:1/roots")]}}, "(no path)"),
     ({"federation": {"peers": [_peer(STEP_PEER, url="https://u@h:1")]}}, "no user name"),
+    # Spellings urlsplit takes quietly: "/roots" would land in an empty fragment or query.
+    ({"federation": {"peers": [_peer(STEP_PEER, url="https://h:1#")]}}, "no fragment"),
+    ({"federation": {"peers": [_peer(STEP_PEER, url="https://h:1?")]}}, "(no path)"),
+    ({"federation": {"peers": [_peer(WEB_PEER, url="https://h:1/b#")]}}, "no fragment"),
+    ({"federation": {"peers": [_peer(STEP_PEER, url="https://h x:1")]}}, "no spaces or control"),
+    ({"federation": {"peers": [_peer(STEP_PEER, url="https://h:1\n")]}}, "no spaces or control"),
+    ({"federation": {"peers": [_peer(WEB_PEER, url="https://h:1/\x1b[2J")]}}, "control"),
     ({"federation": {"peers": [_peer(STEP_PEER, fingerprint=None)]}}, "fingerprint must be"),
     ({"federation": {"peers": [_peer(STEP_PEER, fingerprint="abc")]}}, "fingerprint must be"),
     ({"federation": {"peers": [_peer(STEP_PEER, names=None)]}}, "names must be a non-empty"),
@@ -151,6 +158,15 @@ BAD_BLOCKS: list[tuple[dict[str, Any], str]] = [
     ({"spiffe": {"trustDomain": "spiffe://cloud.internal"}}, "spiffe.trustDomain must be"),
     ({"spiffe": {"trustDomain": "x" * 256}}, "spiffe.trustDomain must be"),
 ]
+
+
+def test_a_bundle_url_keeps_its_query(pki: PKI) -> None:
+    """A SPIFFE peer's bundle URL may carry a query (only the step profile's base URL may
+    not), so the fragment and query checks refuse no real endpoint. Twin: the empty ``#``
+    and ``?`` spellings in ``BAD_BLOCKS``."""
+    web = _peer(WEB_PEER, url="https://127.0.0.1:8444/bundle?td=web.internal")
+    config = _load(pki, federation={"peers": [web]})
+    assert config.federation.peers[0].url == "https://127.0.0.1:8444/bundle?td=web.internal"
 
 
 @pytest.mark.parametrize(("blocks", "fragment"), BAD_BLOCKS)

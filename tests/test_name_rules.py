@@ -562,6 +562,61 @@ async def test_raw_client_context_refuses_impostor_server(
     assert (served, got) == ("ok", b"ok")
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_rules_hold_on_each_tls_version(world: World, version: ssl.TLSVersion) -> None:
+    """With both sides held to TLS 1.2 (or 1.3), the raw contexts still refuse the kubernetes
+    impostor both ways: the check runs when the handshake is done, whichever version made
+    it. Twin: the kubernetes names are served and answered on the same version."""
+
+    def pinned(ctx: ssl.SSLContext) -> ssl.SSLContext:
+        ctx.minimum_version = ctx.maximum_version = version
+        return ctx
+
+    server = pinned(world.server.server_context())
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange, server, pinned(world.k8s_impostor.client_context())
+    )
+    assert isinstance(served, ssl.SSLCertVerificationError)
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange, server, pinned(world.k8s_client.client_context())
+    )
+    assert (served, got) == ("ok", b"ok")
+    client = pinned(world.client.client_context())
+    _, got = await anyio.to_thread.run_sync(
+        blocking_exchange, pinned(world.k8s_impostor_server.server_context()), client, IMPOSTOR
+    )
+    assert isinstance(got, ssl.SSLCertVerificationError)
+    assert isinstance(got.__cause__, PeerNotAuthorisedError)
+    served, got = await anyio.to_thread.run_sync(
+        blocking_exchange,
+        pinned(world.k8s_server.server_context()),
+        client,
+        "api.k8s.internal",
+    )
+    assert (served, got) == ("ok", b"ok")
+
+
+async def test_sync_httpx_client_refuses_impostor_server(world: World) -> None:
+    """A plain synchronous ``httpx.Client`` given a cloud client context (blocking sockets,
+    httpcore's sync backend) refuses the kubernetes server named payments.cloud.internal.
+    Twin: the server named api.k8s.internal answers."""
+
+    def get(port: int, server_name: str) -> str:
+        with httpx.Client(verify=world.client.client_context(), timeout=10) as http:
+            url = f"https://127.0.0.1:{port}/"
+            return http.get(url, extensions={"sni_hostname": server_name}).text
+
+    async with https_server(world.k8s_impostor_server) as port:
+        with pytest.raises(httpx.ConnectError) as info:
+            await anyio.to_thread.run_sync(get, port, IMPOSTOR)
+    cause: BaseException | None = info.value
+    while cause is not None and not isinstance(cause, PeerNotAuthorisedError):
+        cause = cause.__cause__ or cause.__context__
+    assert isinstance(cause, PeerNotAuthorisedError)
+    async with https_server(world.k8s_server) as port:
+        assert await anyio.to_thread.run_sync(get, port, "api.k8s.internal") == "hello"
+
+
 async def test_option_off_admits_both(world: World) -> None:
     """With ``name_rules=False`` the impostor and its twin are both admitted, by servers and
     clients alike (behaviour as with a flat bundle)."""

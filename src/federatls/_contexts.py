@@ -90,10 +90,12 @@ def _check_name_rules(conn: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:
 
 def _address(sock: ssl.SSLSocket, what: str) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        address = sock.getpeername()
     except OSError:
         return f"a {what}"
-    return f"the {what} at {host}:{port}"
+    if not isinstance(address, tuple):  # a Unix socket's peer: no address to name
+        return f"a {what}"
+    return f"the {what} at {address[0]}:{address[1]}"
 
 
 def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None:

@@ -44,7 +44,7 @@ from .._version import __version__
 from .._x509 import SANs, cert_sans, common_name, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._constraints import constraints_refusal
-from ._federation import FederationSource, PeerRoots, dedupe
+from ._federation import FederationSource, PeerRoots, dedupe, shadows
 from ._issuer import ProvisionerRef, issue_leaf, read_provisioner_extension, renew_leaf
 from ._material import CAMaterial
 from ._store import IssuedCertificate, ParentRevoked, Revocation, Store, TokenUse
@@ -203,12 +203,15 @@ class Authority:
     def federation_sources(self) -> tuple[FederationSource, ...]:
         """Where the federation's roots come from: the own roots first, then the static
         ``federatedRoots`` (if any), then each configured peer's current roots (empty for a
-        peer never reached, or distrusted) with the names it may vouch for."""
+        peer never reached, or distrusted) with the names it may vouch for. A peer's root
+        that would pass for one of this CA's own certificates in chain building is left out
+        (``_federation.shadows``)."""
         sources = [FederationSource("own", self.material.roots)]
         if self.material.federated_roots:
             sources.append(FederationSource("static", self.material.federated_roots))
+        ours = (*self.material.roots, *self.material.intermediates, *self.material.federated_roots)
         for peer in self.config.federation.peers:
-            roots = self.peer_roots.get(peer.name)
+            roots = tuple(r for r in self.peer_roots.get(peer.name) if shadows(r, ours) is None)
             sources.append(FederationSource("peer", roots, peer.name, peer.names))
         return tuple(sources)
 

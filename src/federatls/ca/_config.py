@@ -545,6 +545,9 @@ def _peer_url(value: object, profile: str, what: str) -> str:
     example = "https://ca.example:9000" if profile == "step" else "https://host:8443/bundle"
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be an https:// URL such as {example}, not {value!r}")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        # urlsplit keeps (or quietly drops) them; the URL is logged and shown by `ca peers`.
+        raise ConfigError(f"{what} {value!r} must have no spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -552,9 +555,9 @@ def _peer_url(value: object, profile: str, what: str) -> str:
         raise ConfigError(f"{what} {value!r} is not a URL: {exc}") from exc
     if parts.scheme != "https" or not parts.hostname or port == 0:
         raise ConfigError(f"{what} must be an https:// URL such as {example}, not {value!r}")
-    if parts.username is not None or parts.fragment:
+    if parts.username is not None or "#" in value:  # an empty fragment too
         raise ConfigError(f"{what} {value!r} must have no user name and no fragment")
-    if profile == "step" and (parts.path not in ("", "/") or parts.query):
+    if profile == "step" and (parts.path not in ("", "/") or "?" in value):
         raise ConfigError(
             f"{what} {value!r} must be the CA's base URL (no path): /roots is fetched below it"
         )

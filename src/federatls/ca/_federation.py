@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._errors import BadMaterialError
 from .._x509 import certs_to_pem, fingerprint, load_pem_certificates
@@ -34,6 +35,7 @@ __all__ = [
     "peer_status",
     "pin_of",
     "printable",
+    "shadows",
     "state_key",
 ]
 
@@ -136,6 +138,35 @@ def dedupe(certs: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
             seen.add(fp)
             out.append(cert)
     return tuple(out)
+
+
+def _key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _spki_der(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def shadows(root: x509.Certificate, ours: tuple[x509.Certificate, ...]) -> x509.Certificate | None:
+    """The certificate of ``ours`` (the CA's own roots and intermediates, its static
+    ``federatedRoots``) that a peer's ``root`` passes for in chain building, or None.
+
+    OpenSSL looks an issuer up in the trust store first, by subject and key identifier, and
+    does not try another candidate when the signature then fails: a trusted "root" with our
+    intermediate's subject and key identifier but another key breaks every chain through
+    that intermediate. A peer publishes what it likes, so such a root is not followed."""
+    key_id, key = _key_id(root), _spki_der(root)
+    for cert in ours:
+        if cert.subject != root.subject or _spki_der(cert) == key:
+            continue
+        theirs = _key_id(cert)
+        if key_id is None or theirs is None or key_id == theirs:
+            return cert
+    return None
 
 
 MAX_REASON = 500  # characters of a peer's error kept in logs, the store and `ca peers`
@@ -276,7 +307,8 @@ def peer_status(peer: PeerConfig, state: PeerState | None) -> dict[str, Any]:
             for root in held.roots
         ],
         "lastSuccess": _time(held.last_success),
-        "lastError": held.last_error or None,
+        # Escaped when stored; again here, for a state another program wrote to the store.
+        "lastError": printable(held.last_error) or None,
         "lastErrorAt": _time(held.last_error_at),
         "checkedAt": _time(held.checked_at),
         "sequence": held.sequence,
