@@ -48,7 +48,7 @@ NORUN = {"python norun", "sh norun", "json", "text"}
 # The documents whose runnable blocks the tests below run (each one, all its blocks).
 RUN_DOCS = {
     ROOT / "README.md",
-    *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk")),
+    *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk", "spiffe")),
 }
 # The ports the docs use; each run swaps them for free ones, so parallel runs do not collide.
 DOC_PORTS = ("8443", "9000", "9001")
@@ -292,6 +292,20 @@ def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
     run_blocks(ROOT / "docs" / "ca.md", tmp_path)
     assert (tmp_path / "svc.crt").exists()
     assert (tmp_path / "svc.key").stat().st_mode & 0o077 == 0
+
+
+def test_spiffe_follow_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/spiffe.md's example: a CA follows another's /spiffe/bundle in the https_spiffe
+    profile and `ca peers` shows its root. Twin: the entry with the wrong endpointSpiffeId
+    trusts no root and names the SPIFFE ID the endpoint presented."""
+    printed = run_blocks(ROOT / "docs" / "spiffe.md", tmp_path)
+    cloud, wrong = printed.split("wrong-id (https_spiffe)")
+    assert "cloud (https_spiffe)" in cloud
+    assert "CN=cloud Root CA,O=cloud" in cloud
+    assert "last error: none" in cloud
+    assert "root: none yet" in wrong
+    assert "last success: never" in wrong
+    assert "presented the SPIFFE ID 'spiffe://cloud.internal/federatls/ca'" in wrong
 
 
 def test_readme_main_runs_with_tokens_from_the_cli(tmp_path: Path) -> None:
