@@ -258,6 +258,7 @@ async def test_ca_refuses_a_spiffe_trust_domain_outside_its_constraints(kubernet
             pass
     kubernetes.edit(lambda d: d.update(spiffe={"trustDomain": "k8s.internal"}))
     async with serving(kubernetes) as server:
+        assert server.server_certificate is not None
         names = server.server_certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName
         ).value
