@@ -288,9 +288,13 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
-    """docs/ca.md's quick start makes a CA, serves it and gets a certificate from it."""
-    run_blocks(ROOT / "docs" / "ca.md", tmp_path)
+    """docs/ca.md's quick start makes a CA, serves it and gets a certificate from it; its
+    peers example makes a second CA that follows it by URL, as `ca peers` shows."""
+    printed = run_blocks(ROOT / "docs" / "ca.md", tmp_path)
     assert (tmp_path / "svc.crt").exists()
+    assert re.search(r"^cloud \(step\) https://127\.0\.0\.1:\d+$", printed, re.MULTILINE)
+    assert "CN=cloud Root CA,O=cloud" in printed
+    assert "  last error: none" in printed
     assert (tmp_path / "svc.key").stat().st_mode & 0o077 == 0
 
 
