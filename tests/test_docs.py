@@ -48,7 +48,7 @@ NORUN = {"python norun", "sh norun", "json", "text"}
 # The documents whose runnable blocks the tests below run (each one, all its blocks).
 RUN_DOCS = {
     ROOT / "README.md",
-    *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk")),
+    *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk", "spiffe")),
 }
 # The ports the docs use; each run swaps them for free ones, so parallel runs do not collide.
 DOC_PORTS = ("8443", "9000", "9001")
@@ -288,10 +288,28 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
-    """docs/ca.md's quick start makes a CA, serves it and gets a certificate from it."""
-    run_blocks(ROOT / "docs" / "ca.md", tmp_path)
+    """docs/ca.md's quick start makes a CA, serves it and gets a certificate from it; its
+    peers example makes a second CA that follows it by URL, as `ca peers` shows."""
+    printed = run_blocks(ROOT / "docs" / "ca.md", tmp_path)
     assert (tmp_path / "svc.crt").exists()
+    assert re.search(r"^cloud \(step\) https://127\.0\.0\.1:\d+$", printed, re.MULTILINE)
+    assert "CN=cloud Root CA,O=cloud" in printed
+    assert "  last error: none" in printed
     assert (tmp_path / "svc.key").stat().st_mode & 0o077 == 0
+
+
+def test_spiffe_follow_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/spiffe.md's example: a CA follows another's /spiffe/bundle in the https_spiffe
+    profile and `ca peers` shows its root. Twin: the entry with the wrong endpointSpiffeId
+    trusts no root and names the SPIFFE ID the endpoint presented."""
+    printed = run_blocks(ROOT / "docs" / "spiffe.md", tmp_path)
+    cloud, wrong = printed.split("wrong-id (https_spiffe)")
+    assert "cloud (https_spiffe)" in cloud
+    assert "CN=cloud Root CA,O=cloud" in cloud
+    assert "last error: none" in cloud
+    assert "root: none yet" in wrong
+    assert "last success: never" in wrong
+    assert "presented the SPIFFE ID 'spiffe://cloud.internal/federatls/ca'" in wrong
 
 
 def test_readme_main_runs_with_tokens_from_the_cli(tmp_path: Path) -> None:

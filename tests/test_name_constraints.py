@@ -247,6 +247,26 @@ async def test_ca_refuses_to_load_constraints_that_exclude_its_own_name(tmp_path
             await pki.enroll(FOREIGN)
 
 
+async def test_ca_refuses_a_spiffe_trust_domain_outside_its_constraints(kubernetes: PKI) -> None:
+    """A constrained CA given a ``spiffe.trustDomain`` outside its URI constraints (its HTTPS
+    certificate would carry ``spiffe://cloud.internal/federatls/ca``, which every client
+    refuses) fails to start with one ConfigError naming the block. Twin: the trust domain
+    ``k8s.internal``, inside them, serves."""
+    kubernetes.edit(lambda d: d.update(spiffe={"trustDomain": "cloud.internal"}))
+    with pytest.raises(ConfigError, match=r"spiffe\.trustDomain: URI 'spiffe://cloud\.internal/"):
+        async with CAServer.running(kubernetes.config, PASSWORD):
+            pass
+    kubernetes.edit(lambda d: d.update(spiffe={"trustDomain": "k8s.internal"}))
+    async with serving(kubernetes) as server:
+        assert server.server_certificate is not None
+        names = server.server_certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert "spiffe://k8s.internal/federatls/ca" in names.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+
+
 def test_rotation_carries_the_constraints_to_the_new_intermediate(
     kubernetes: PKI, tmp_path: Path
 ) -> None:

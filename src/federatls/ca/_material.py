@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .._errors import BadMaterialError, ConfigError
+from .._spiffe import ca_spiffe_id
 from .._x509 import fingerprint, load_pem_certificates, split_sans
 from ._config import CAConfig
 from ._constraints import NameConstraints, constraints_refusal
@@ -139,4 +140,12 @@ def load_material(config: CAConfig, password: bytes | None) -> CAMaterial:
         raise ConfigError(
             f"{config.path}: dnsNames: {refusal}; clients would refuse the CA's own certificate"
         )
+    if config.spiffe_trust_domain is not None:  # the certificate carries its SPIFFE ID too
+        spiffe_id = ca_spiffe_id(config.spiffe_trust_domain)
+        refusal = constraints_refusal(constraints, x509.Name([]), split_sans([spiffe_id]))
+        if refusal is not None:
+            raise ConfigError(
+                f"{config.path}: spiffe.trustDomain: {refusal}; clients would refuse the CA's "
+                "own certificate, which carries that SPIFFE ID"
+            )
     return material
