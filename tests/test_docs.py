@@ -51,7 +51,7 @@ RUN_DOCS = {
     *(ROOT / "docs" / f"{name}.md" for name in ("quickstart", "ca", "sdk", "spiffe")),
 }
 # The ports the docs use; each run swaps them for free ones, so parallel runs do not collide.
-DOC_PORTS = ("8443", "9000", "9001")
+DOC_PORTS = ("8443", "9000", "9001", "9002")
 # A `print(...)  # what it prints` line: "..." in the comment stands for anything.
 PRINT_COMMENT = re.compile(r"^\s*print\(.*\)\s+# (?P<said>.+)$")
 
@@ -183,7 +183,7 @@ class Reader:
     def run(self, block: Block) -> str:
         """Run one block to its end (in 90 s); it must succeed without a traceback and, for a
         program, print what its comments say. Returns what it printed."""
-        code = re.sub(r"\b(?:8443|9000|9001)\b", lambda m: self.ports[m.group()], block.code)
+        code = re.sub(r"\b(?:8443|9000|9001|9002)\b", lambda m: self.ports[m.group()], block.code)
         script = self.workdir / f"test_block{block.line}.{block.info[:2]}"
         script.write_text(code)
         log = self.workdir / f".block{block.line}.log"
@@ -204,7 +204,7 @@ class Reader:
 
     def start(self, command: str, ready: str) -> None:
         """Start a command that runs until stopped, and wait until it prints ``ready``."""
-        code = re.sub(r"\b(?:8443|9000|9001)\b", lambda m: self.ports[m.group()], command)
+        code = re.sub(r"\b(?:8443|9000|9001|9002)\b", lambda m: self.ports[m.group()], command)
         log = self.workdir / f".started{len(self.groups)}.log"
         proc = self._open([BASH, "-c", code], log)
         deadline = time.monotonic() + 60
