@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,7 +35,7 @@ from federatls.ca._federation import (
     pin_of,
     state_key,
 )
-from federatls.ca._follower import Follower
+from federatls.ca._follower import MAX_PEER_ROOTS_BYTES, Follower
 
 from harness import make_pki, wait_until
 
@@ -292,3 +295,44 @@ async def test_a_fetch_claimed_by_another_process_is_waited_for(
         assert script.trusted[0] == (r1,)
     finally:
         await follower.stop()
+
+
+def _bulky_root() -> x509.Certificate:
+    """A self-signed CA certificate padded past ``MAX_PEER_ROOTS_BYTES`` by an extension."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bulky root")])
+    now = _now()
+    padding = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"),
+        b"\x04\x83" + (70_000).to_bytes(3) + b"x" * 70_000,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(padding, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+async def test_a_peer_whose_roots_would_fill_the_federation_answer_is_refused(
+    store: SQLiteStore, roots: tuple[x509.Certificate, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer answering roots of more than ``MAX_PEER_ROOTS_BYTES`` (which the CA would serve
+    again in ``/federation``, past what its workloads read) is refused: its last good roots
+    stay and authenticate the next fetch. Twin: roots of a usual size are taken."""
+    r1, r2, _ = roots
+    script = Script(Fetched((r1,)), Fetched((r1, _bulky_root())), Fetched((r2,)))
+    follower = Follower(store, PeerRoots(), _now, fetchers=script.fetchers())
+    await _following(follower)
+    try:
+        await wait_until(lambda: follower.roots.get("kubernetes") == (r2,), 15)
+    finally:
+        await follower.stop()
+    assert script.trusted[:3] == [(), (r1,), (r1,)]
+    assert any(f"more than {MAX_PEER_ROOTS_BYTES}" in r.getMessage() for r in caplog.records)

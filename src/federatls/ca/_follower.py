@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .._errors import BadMaterialError, PeerFetchError, StoreBusyError
 from .._x509 import common_name, fingerprint
@@ -47,7 +48,7 @@ from ._federation import (
 from ._step_peer import fetch_step_peer
 from ._store import Store
 
-__all__ = ["Follower", "describe_roots", "fetcher_for"]
+__all__ = ["MAX_PEER_ROOTS_BYTES", "Follower", "describe_roots", "fetcher_for"]
 
 log = logging.getLogger("federatls.ca")
 
@@ -57,6 +58,10 @@ MAX_FETCH_TIMEOUT = 30.0
 MIN_FETCH_TIMEOUT = 5.0
 JITTER = 0.15  # a fetch comes after 85 to 100 % of the interval
 MAX_CLAIM_POLL = 1.0  # seconds between two looks at another process's fetch under way
+# DER bytes of one peer's roots (32 roots of 2 KiB): the CA serves them again in /federation
+# and /federatls/federation, which workloads read at most _client.MAX_ANSWER_BYTES of; a
+# peer must not be able to fill that answer alone and so break every workload's trust fetch.
+MAX_PEER_ROOTS_BYTES = 64 << 10
 
 
 def fetcher_for(peer: PeerConfig) -> Fetcher:
@@ -221,9 +226,9 @@ class Follower:
         self.fetches += 1
         try:
             fetched = await self._fetchers(peer)(peer, trusted, _timeout(plan))
-            older = _older(fetched, state)
-            if older:
-                raise PeerFetchError(peer.name, older)
+            refusal = _older(fetched, state) or _oversized(fetched)
+            if refusal:
+                raise PeerFetchError(peer.name, refusal)
         except PeerFetchError as exc:
             now = self._clock()
             reason = printable(exc.reason)  # the peer's own words, in part
@@ -305,6 +310,17 @@ def _later(stored: PeerState, mine: PeerState) -> bool:
     if stored.checked_at is None:
         return False
     return mine.checked_at is None or stored.checked_at > mine.checked_at
+
+
+def _oversized(fetched: Fetched) -> str:
+    """Why ``fetched`` is refused as too large to serve again (``MAX_PEER_ROOTS_BYTES``)."""
+    size = sum(len(root.public_bytes(Encoding.DER)) for root in fetched.roots)
+    if size <= MAX_PEER_ROOTS_BYTES:
+        return ""
+    return (
+        f"its roots take {size} bytes, more than {MAX_PEER_ROOTS_BYTES}: refused (the CA's "
+        "/federation would outgrow what workloads read)"
+    )
 
 
 def _older(fetched: Fetched, state: PeerState) -> str:
