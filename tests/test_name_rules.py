@@ -892,3 +892,21 @@ async def test_disagreeing_answers_trust_neither_extra_root(
     assert line.startswith(f"{rogue.url}: not trusted: ")
     assert "kubernetes" in line
     assert [r.certificate for r in twin.trust] == [rogue.pki.root, peer_root]
+
+
+async def test_option_off_survives_a_trust_refresh(tmp_path: Path) -> None:
+    """An identity enrolled with ``name_rules=False`` keeps the option through a trust
+    refresh that swaps in a changed bundle with rules (its contexts still built without
+    them). Twin: one enrolled by default has the rules in its new contexts."""
+    with rogue_with_peer(tmp_path) as (rogue, peer_root):
+        for rules in (False, True):
+            own_only = _entry("own", None, [rogue.pki.root], None)
+            rogue.structure = 200, {"sources": [own_only.to_json()]}
+            token = rogue.pki.token("svc", sans=["svc"])
+            live = federatls.RenewingIdentity(await federatls.bootstrap(token, name_rules=rules))
+            live.client_context()  # a context handed out before the swap is rebuilt by it
+            rogue.structure = structure(rogue, peer_root)
+            assert await live.refresh_trust()
+            assert live.current.name_rules is rules
+            assert live.current.trust.has_name_rules
+            assert (_NAME_RULES.get(live.client_context()) is None) is not rules
