@@ -14,17 +14,21 @@ import ssl
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federatls import Identity
+from federatls._client import client_tls_context
+from federatls._protocol import ErrorBody
 from federatls._x509 import certs_to_pem, fingerprint, load_pem_certificate
 from federatls.ca._federation import PeerConfig, PeerState, peer_status
 from test_federation_peers import follow, serving, until_federation
 
 from harness import PKI, free_port, make_pki
+from harness import serving as serving_ca
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +178,31 @@ def test_the_peers_report_escapes_a_stored_error(error: str) -> None:
         assert shown == error
     else:
         assert shown == "x\\x1b[31mred\\nWARNING forged"
+
+
+async def test_odd_requests_to_the_federation_endpoints(pki: PKI) -> None:
+    """``/federatls/federation`` and ``/spiffe/bundle`` answer a query string, the ``/1.0``
+    prefix and 40 requests at once as a plain GET; HEAD and POST get step-ca's 405 JSON body,
+    and a path with a trailing slash its 404, never a crash or an empty 200. Twin: the plain
+    GET itself answers 200 with the federation and the bundle."""
+    pki.edit(lambda data: data.__setitem__("spiffe", {"trustDomain": "cloud.internal"}))
+    async with serving_ca(pki) as ca:
+        verify = client_tls_context(ca.authority.roots())
+        async with httpx.AsyncClient(verify=verify, trust_env=False) as client:
+            for path in ("/federatls/federation", "/spiffe/bundle"):
+                plain = await client.get(ca.url + path)
+                assert plain.status_code == 200
+                assert plain.json()  # the twin: a real answer
+                for odd in (f"{path}?x=1&cursor=%00", f"/1.0{path}", f"/1.0{path}?"):
+                    answer = await client.get(ca.url + odd)
+                    assert (answer.status_code, answer.content) == (200, plain.content), odd
+                many = await asyncio.gather(*(client.get(ca.url + path) for _ in range(40)))
+                assert {(a.status_code, a.content) for a in many} == {(200, plain.content)}
+                for method in ("HEAD", "POST"):
+                    answer = await client.request(method, ca.url + path)
+                    assert answer.status_code == 405, method
+                    if method == "POST":
+                        assert answer.json() == ErrorBody.for_status(405).to_json()
+                answer = await client.get(ca.url + path + "/")
+                assert answer.status_code == 404
+                assert answer.json() == ErrorBody.for_status(404).to_json()
