@@ -716,3 +716,34 @@ async def test_ca_admits_only_names_that_openssl_and_go_admit(go_mtls: Path) -> 
 def _general_subtree(spec: str) -> x509.GeneralName:
     kind, _, value = spec.partition(":")
     return x509.IPAddress(ipaddress.ip_network(value)) if kind == "IP" else _general(spec)
+
+
+@pytest.mark.parametrize(
+    ("cn", "csr_sans", "admitted"),
+    [
+        ("api", ["api.k8s.internal"], True),
+        ("api", ["api.k8s.internal", FOREIGN], False),
+        ("api", ["api.k8s.internal", "spiffe://cloud.internal/ns/a/sa/api"], False),
+        (FOREIGN, ["api.k8s.internal"], False),
+    ],
+)
+async def test_ca_issues_the_tokens_names_not_the_csrs(
+    kubernetes: PKI, cn: str, csr_sans: list[str], admitted: bool
+) -> None:
+    """A token inside the constraints buys no foreign name through its CSR: a CSR with one
+    more SAN (DNS or SPIFFE ID) or another common name gets 403. Twin: a CSR naming what
+    the token names is signed, and the leaf carries only those names."""
+    key = new_private_key(KeyType.P256)
+    async with serving(kubernetes), kubernetes.client() as ca:
+        token = kubernetes.token("api", sans=["api.k8s.internal"])
+        request = SignRequest(build_csr(key, cn, csr_sans), token)
+        if admitted:
+            answer = await ca.sign(request)
+            leaf = answer.chain[0]
+            sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert [str(n.value) for n in sans] == ["api.k8s.internal"]
+            return
+        with pytest.raises(CARefusedError) as refused:
+            await ca.sign(request)
+        assert refused.value.status == 403
+        assert "certificate request does not contain the valid" in refused.value.message
