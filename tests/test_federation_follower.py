@@ -336,3 +336,30 @@ async def test_a_peer_whose_roots_would_fill_the_federation_answer_is_refused(
         await follower.stop()
     assert script.trusted[:3] == [(), (r1,), (r1,)]
     assert any(f"more than {MAX_PEER_ROOTS_BYTES}" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_replicas_clock_ahead_holds_no_fetch_up(
+    store: SQLiteStore, roots: tuple[x509.Certificate, ...]
+) -> None:
+    """A check and a claim stamped an hour ahead (a replica whose clock runs fast) delay this
+    process's fetch by one interval at most, not an hour. Twin: a claim stamped now (a fetch
+    under way elsewhere) is waited for."""
+    r1, r2, _ = roots
+    ahead = _now() + timedelta(hours=1)
+    skewed = PeerState(roots=(r1,), last_success=ahead, checked_at=ahead, claimed_at=ahead,
+                       url=PEER.url, pin=pin_of(PEER))  # fmt: skip
+    live = replace(skewed, checked_at=_now() - timedelta(seconds=2), claimed_at=_now())
+    for stored, fetched in ((skewed, True), (live, False)):
+        store.put_state(state_key("kubernetes"), stored.to_bytes())
+        script = Script(Fetched((r2,)))
+        follower = Follower(store, PeerRoots(), _now, fetchers=script.fetchers())
+        await _following(follower)
+        try:
+            if fetched:
+                await wait_until(lambda: follower.roots.get("kubernetes") == (r2,), 10)  # noqa: B023
+            else:
+                await asyncio.sleep(1.5)
+        finally:
+            await follower.stop()
+        assert bool(script.trusted) is fetched
+        assert follower.roots.get("kubernetes") == ((r2,) if fetched else (r1,))
