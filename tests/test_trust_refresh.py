@@ -24,6 +24,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import federatls
 from federatls import (
@@ -34,6 +36,7 @@ from federatls import (
     RenewingIdentity,
 )
 from federatls._client import CAClient
+from federatls._sslkeys import load_cert_chain_in_memory
 from federatls.integrations import httpx as fhttpx
 from federatls.integrations import streams
 from federatls.testing import TestCA, running_ca
@@ -680,3 +683,37 @@ async def test_trust_is_fetched_without_a_client_certificate(tmp_path: Path) -> 
     assert changed is True
     assert _fingerprint(other) in _prints(live.current)
     assert refused.value.url.endswith("/roots")
+
+
+def _impostor(pki: PKI, port: int, roots: list[x509.Certificate], tls_names: list[str]) -> RogueCA:
+    """A server at the CA's address listing ``roots`` at ``/roots``, its TLS certificate
+    issued by ``pki``'s intermediate for ``tls_names``."""
+    rogue = RogueCA(pki, roots=roots, port=port)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = rogue.certificate("impostor", tls_names, key.public_key(), Issue())
+    rogue._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_cert_chain_in_memory(rogue._tls, [cert, rogue.intermediate], key)
+    return rogue
+
+
+async def test_a_man_in_the_middle_cannot_swap_the_own_roots(tmp_path: Path) -> None:
+    """A server at the CA's address answering ``/roots`` with an attacker's root is refused
+    by the trust refresh (the bundle stays) when its TLS certificate comes from another CA,
+    or from this CA for a workload's name, not the CA's address. Twin: the same answer from
+    a server this CA certified for its address is taken (it is the CA's word)."""
+    cloud, attacker = make_pki(tmp_path, "cloud"), make_pki(tmp_path, "attacker")
+    port = free_port()
+    with RogueCA(cloud, port=port).running():
+        identity = await federatls.bootstrap(cloud.token("svc.cloud.internal"))
+    live = RenewingIdentity(identity, policy=OFF)
+    swapped = [cloud.root, attacker.root]
+    for pki, names in ((attacker, ["127.0.0.1"]), (cloud, ["svc.cloud.internal"])):
+        with (
+            _impostor(pki, port, swapped, names).running(),
+            pytest.raises(CAUnreachableError, match="TLS"),
+        ):
+            await live.refresh_trust()
+        assert live.current is identity
+    with _impostor(cloud, port, swapped, ["127.0.0.1"]).running():
+        assert await live.refresh_trust() is True
+    assert _fingerprint(attacker) in _prints(live.current)
