@@ -203,9 +203,13 @@ async def test_checkpoints_run_in_their_own_thread(tmp_path: Path, interval: flo
             await asyncio.sleep(0.2)  # ten of the other store's checkpoint intervals
             assert path.stat().st_size == empty
         else:
-            await wait_until(lambda: path.stat().st_size > empty + 50 * 2048)
-            assert store._checkpointer is not None
-            assert store._checkpointer.checkpoints >= 1
+            checkpointer = store._checkpointer
+            assert checkpointer is not None
+            # The pages reach the file during the checkpoint call, which is counted after it
+            # returns: wait for both.
+            await wait_until(
+                lambda: checkpointer.checkpoints >= 1 and path.stat().st_size > empty + 50 * 2048
+            )
     finally:
         store.close()
     assert not (tmp_path / "federatls.db-wal").exists()  # the last connection cleaned up
