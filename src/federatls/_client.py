@@ -34,10 +34,20 @@ from ._errors import (
 from ._namerules import structured_bundle
 from ._netstream import closing_transport
 from ._protocol import (
+    FEDERATION_PATH,
     FEDERATION_SOURCES_PATH,
+    HEALTH_PATH,
+    PROVISIONERS_PATH,
+    REKEY_PATH,
+    RENEW_PATH,
+    REVOKE_PATH,
+    ROOTS_PATH,
+    SIGN_PATH,
+    VERSION_PATH,
     ErrorBody,
     FederationSourcesResponse,
     HealthResponse,
+    ProvisionerKeyResponse,
     ProvisionersResponse,
     RekeyRequest,
     RevokeRequest,
@@ -46,6 +56,8 @@ from ._protocol import (
     SignRequest,
     SignResponse,
     VersionResponse,
+    encrypted_key_path,
+    root_path,
 )
 from ._sslkeys import load_cert_chain_in_memory
 from ._trust import TrustBundle
@@ -286,22 +298,22 @@ class CAClient:
         )
 
     async def health(self) -> str:
-        return HealthResponse.parse(await self._get("/health")).status
+        return HealthResponse.parse(await self._get(HEALTH_PATH)).status
 
     async def version(self) -> VersionResponse:
-        return VersionResponse.parse(await self._get("/version"))
+        return VersionResponse.parse(await self._get(VERSION_PATH))
 
     async def root(self, sha: str) -> x509.Certificate:
-        return RootResponse.parse(await self._get(f"/root/{sha}")).certificate
+        return RootResponse.parse(await self._get(root_path(sha))).certificate
 
     async def roots_bundle(self) -> tuple[x509.Certificate, ...]:
         """``/roots``: the CA's own roots."""
-        data = await self._get("/roots", expect=(200, 201))
+        data = await self._get(ROOTS_PATH, expect=(200, 201))
         return RootsResponse.parse(data, "roots response").certificates
 
     async def federation(self) -> tuple[x509.Certificate, ...]:
         """``/federation``: the CA's own roots and every federated root."""
-        data = await self._get("/federation", expect=(200, 201))
+        data = await self._get(FEDERATION_PATH, expect=(200, 201))
         return RootsResponse.parse(data, "federation response").certificates
 
     async def federation_sources(self) -> FederationSourcesResponse | None:
@@ -346,7 +358,7 @@ class CAClient:
         cursor = ""
         for _ in range(1000):
             page = ProvisionersResponse.parse(
-                await self._get(f"/provisioners?cursor={cursor}&limit=100")
+                await self._get(f"{PROVISIONERS_PATH}?cursor={cursor}&limit=100")
             )
             out += [dict(p) for p in page.provisioners]
             if not page.next_cursor or page.next_cursor == cursor:
@@ -355,27 +367,23 @@ class CAClient:
         raise BadMaterialError("the CA's provisioner list does not end")
 
     async def encrypted_key(self, kid: str) -> str:
-        data = await self._get(f"/provisioners/{kid}/encrypted-key")
-        key = data.get("key") if isinstance(data, dict) else None
-        if not isinstance(key, str):
-            raise BadMaterialError("encrypted-key response: field 'key' must be a string")
-        return key
+        return ProvisionerKeyResponse.parse(await self._get(encrypted_key_path(kid))).key
 
     async def sign(self, request: SignRequest) -> SignResponse:
-        return SignResponse.parse(await self._post("/sign", request.to_json()))
+        return SignResponse.parse(await self._post(SIGN_PATH, request.to_json()))
 
     async def renew(self) -> SignResponse:
         """Renew the certificate this client presents (mTLS)."""
-        return SignResponse.parse(await self._post("/renew", None))
+        return SignResponse.parse(await self._post(RENEW_PATH, None))
 
     async def renew_with_token(self, token: str) -> SignResponse:
         """Renew with a ``Bearer`` x5cInsecure token instead of mTLS."""
         return SignResponse.parse(
-            await self._post("/renew", None, {"Authorization": f"Bearer {token}"})
+            await self._post(RENEW_PATH, None, {"Authorization": f"Bearer {token}"})
         )
 
     async def rekey(self, request: RekeyRequest) -> SignResponse:
-        return SignResponse.parse(await self._post("/rekey", request.to_json()))
+        return SignResponse.parse(await self._post(REKEY_PATH, request.to_json()))
 
     async def revoke(self, request: RevokeRequest) -> None:
-        await self._post("/revoke", request.to_json())
+        await self._post(REVOKE_PATH, request.to_json())

@@ -26,8 +26,26 @@ from ._x509 import load_pem_certificate, load_pem_csr
 
 __all__ = [
     "API_PREFIX",
+    "CRL_PATH",
+    "ENCRYPTED_KEY_PATH",
+    "FEDERATION_PATH",
     "FEDERATION_SOURCES_PATH",
+    "HEALTH_PATH",
+    "INTERMEDIATES_PATH",
+    "INTERMEDIATES_PEM_PATH",
+    "LEGACY_RENEW_PATH",
     "MAX_BODY_BYTES",
+    "PROVISIONERS_PATH",
+    "REKEY_PATH",
+    "RENEW_PATH",
+    "REQUEST_ID_HEADER",
+    "REVOKE_PATH",
+    "ROOTS_PATH",
+    "ROOTS_PEM_PATH",
+    "ROOT_PATH",
+    "SIGN_PATH",
+    "SSH_SIGN_PATH",
+    "VERSION_PATH",
     "ErrorBody",
     "FederationEntry",
     "FederationSourcesResponse",
@@ -44,10 +62,52 @@ __all__ = [
     "SignResponse",
     "TimeDuration",
     "VersionResponse",
+    "encrypted_key_path",
     "error_message",
+    "root_path",
+    "token_audience",
 ]
 
 API_PREFIX = "/1.0"  # every route is served at /X and at /1.0/X
+
+# Paths (docs/protocol.md, "Endpoints"). Clients call the unversioned ones, as step's do;
+# tokens name the versioned ones in ``aud``.
+HEALTH_PATH = "/health"
+VERSION_PATH = "/version"
+ROOTS_PATH = "/roots"
+ROOTS_PEM_PATH = "/roots.pem"
+FEDERATION_PATH = "/federation"
+INTERMEDIATES_PATH = "/intermediates"  # step-ca 0.27.3 and later
+INTERMEDIATES_PEM_PATH = "/intermediates.pem"
+CRL_PATH = "/crl"  # step-ca 0.24.2 and later, when ca.json's crl block enables it
+ROOT_PATH = "/root/{sha}"
+PROVISIONERS_PATH = "/provisioners"
+ENCRYPTED_KEY_PATH = "/provisioners/{kid}/encrypted-key"
+SIGN_PATH = "/sign"
+RENEW_PATH = "/renew"
+LEGACY_RENEW_PATH = "/re-sign"  # step-ca's old name for /renew
+REKEY_PATH = "/rekey"
+REVOKE_PATH = "/revoke"
+SSH_SIGN_PATH = "/ssh/sign"  # not served; a sign token may name it in ``aud``
+REQUEST_ID_HEADER = "X-Request-Id"  # step-ca 0.26 and later: sent by clients, echoed back
+
+
+def root_path(sha: str) -> str:
+    """``/root/{sha}`` for a root's SHA-256 fingerprint (hex)."""
+    return ROOT_PATH.format(sha=sha)
+
+
+def encrypted_key_path(kid: str) -> str:
+    """``/provisioners/{kid}/encrypted-key`` for a provisioner's key id."""
+    return ENCRYPTED_KEY_PATH.format(kid=kid)
+
+
+def token_audience(ca_url: str, path: str) -> str:
+    """The ``aud`` a step token names for an operation at a CA: ``<ca-url>/1.0<path>``
+    (``SIGN_PATH``, ``REVOKE_PATH`` or ``RENEW_PATH``)."""
+    return ca_url.rstrip("/") + API_PREFIX + path
+
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_BODY_BYTES = 64 * 1024  # a CSR and a token are a few KiB; the CA refuses more
 
@@ -527,10 +587,19 @@ class ProvisionersResponse:
 
 @dataclass(frozen=True)
 class ProvisionerKeyResponse:
+    """``/provisioners/{kid}/encrypted-key``: the provisioner's encrypted private JWK."""
+
     key: str
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key}
+
+    @classmethod
+    def parse(cls, data: object) -> ProvisionerKeyResponse:
+        key = _answer_object(data, "encrypted-key response").get("key")
+        if not isinstance(key, str):
+            raise BadMaterialError("encrypted-key response: field 'key' must be a string")
+        return cls(key)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from joserfc.registry import HeaderParameter
 
 from ._errors import TokenError
 from ._jwk import ProvisionerKey, PublicJWK
+from ._protocol import RENEW_PATH, REVOKE_PATH, SIGN_PATH, token_audience
 
 __all__ = [
     "DEFAULT_VALIDITY",
@@ -58,12 +59,12 @@ _MAX_HEADER = 8 * 1024  # renew tokens carry a certificate chain in their header
 
 def sign_audience(ca_url: str) -> str:
     """The ``aud`` of a sign token for a CA URL: ``<ca-url>/1.0/sign``."""
-    return ca_url.rstrip("/") + "/1.0/sign"
+    return token_audience(ca_url, SIGN_PATH)
 
 
 def revoke_audience(ca_url: str) -> str:
     """The ``aud`` of a revoke token for a CA URL: ``<ca-url>/1.0/revoke``."""
-    return ca_url.rstrip("/") + "/1.0/revoke"
+    return token_audience(ca_url, REVOKE_PATH)
 
 
 def _epoch(dt: datetime) -> int:
@@ -324,7 +325,7 @@ def mint_token(
 
 def renew_audience(ca_url: str) -> str:
     """The ``aud`` of a renew token for a CA URL: ``<ca-url>/1.0/renew``."""
-    return ca_url.rstrip("/") + "/1.0/renew"
+    return token_audience(ca_url, RENEW_PATH)
 
 
 def mint_renew_token(

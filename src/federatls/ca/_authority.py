@@ -38,7 +38,17 @@ from cryptography.x509.oid import NameOID
 from .._duration import format_go_duration
 from .._errors import TokenError
 from .._keys import csr_key_refusal
-from .._protocol import ErrorBody, RevokeRequest, SignRequest, TimeDuration
+from .._protocol import (
+    API_PREFIX,
+    RENEW_PATH,
+    REVOKE_PATH,
+    SIGN_PATH,
+    SSH_SIGN_PATH,
+    ErrorBody,
+    RevokeRequest,
+    SignRequest,
+    TimeDuration,
+)
 from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
 from .._x509 import SANs, cert_sans, common_name, split_sans
@@ -121,14 +131,15 @@ class _Audiences:
     def for_hosts(cls, hosts: Sequence[str]) -> _Audiences:
         sign, revoke, renew = [LEGACY_AUDIENCE], [LEGACY_AUDIENCE], []
         for h in hosts:
+            base = f"https://{h}"
             sign += [
-                f"https://{h}/1.0/sign",
-                f"https://{h}/sign",
-                f"https://{h}/1.0/ssh/sign",
-                f"https://{h}/ssh/sign",
+                base + API_PREFIX + SIGN_PATH,
+                base + SIGN_PATH,
+                base + API_PREFIX + SSH_SIGN_PATH,
+                base + SSH_SIGN_PATH,
             ]
-            revoke += [f"https://{h}/1.0/revoke", f"https://{h}/revoke"]
-            renew += [f"https://{h}/1.0/renew", f"https://{h}/renew"]
+            revoke += [base + API_PREFIX + REVOKE_PATH, base + REVOKE_PATH]
+            renew += [base + API_PREFIX + RENEW_PATH, base + RENEW_PATH]
         return cls(
             _AudienceSet(sign),
             _AudienceSet(revoke),

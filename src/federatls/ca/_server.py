@@ -29,8 +29,21 @@ from cryptography import x509
 from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 from .._protocol import (
     API_PREFIX,
+    ENCRYPTED_KEY_PATH,
+    FEDERATION_PATH,
     FEDERATION_SOURCES_PATH,
+    HEALTH_PATH,
+    LEGACY_RENEW_PATH,
     MAX_BODY_BYTES,
+    PROVISIONERS_PATH,
+    REKEY_PATH,
+    RENEW_PATH,
+    REVOKE_PATH,
+    ROOT_PATH,
+    ROOTS_PATH,
+    ROOTS_PEM_PATH,
+    SIGN_PATH,
+    VERSION_PATH,
     ErrorBody,
     FederationEntry,
     FederationSourcesResponse,
@@ -562,23 +575,21 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
 
     app.on_cleanup.append(close)
     for prefix in ("", API_PREFIX):
-        app.router.add_get(prefix + "/health", _health, allow_head=False)
-        app.router.add_get(prefix + "/version", _version, allow_head=False)
-        app.router.add_get(prefix + "/roots", _roots, allow_head=False)
-        app.router.add_get(prefix + "/roots.pem", _roots_pem, allow_head=False)
-        app.router.add_get(prefix + "/federation", _federation, allow_head=False)
+        app.router.add_get(prefix + HEALTH_PATH, _health, allow_head=False)
+        app.router.add_get(prefix + VERSION_PATH, _version, allow_head=False)
+        app.router.add_get(prefix + ROOTS_PATH, _roots, allow_head=False)
+        app.router.add_get(prefix + ROOTS_PEM_PATH, _roots_pem, allow_head=False)
+        app.router.add_get(prefix + FEDERATION_PATH, _federation, allow_head=False)
         app.router.add_get(prefix + FEDERATION_SOURCES_PATH, _federation_sources, allow_head=False)
-        app.router.add_get(prefix + "/root/{sha}", _root, allow_head=False)
+        app.router.add_get(prefix + ROOT_PATH, _root, allow_head=False)
         app.router.add_get(prefix + BUNDLE_PATH, _spiffe_bundle, allow_head=False)
-        app.router.add_get(prefix + "/provisioners", _provisioners, allow_head=False)
-        app.router.add_get(
-            prefix + "/provisioners/{kid}/encrypted-key", _encrypted_key, allow_head=False
-        )
-        app.router.add_post(prefix + "/sign", _sign)
-        app.router.add_post(prefix + "/renew", _renew)
-        app.router.add_post(prefix + "/re-sign", _renew)
-        app.router.add_post(prefix + "/rekey", _rekey)
-        app.router.add_post(prefix + "/revoke", _revoke)
+        app.router.add_get(prefix + PROVISIONERS_PATH, _provisioners, allow_head=False)
+        app.router.add_get(prefix + ENCRYPTED_KEY_PATH, _encrypted_key, allow_head=False)
+        app.router.add_post(prefix + SIGN_PATH, _sign)
+        app.router.add_post(prefix + RENEW_PATH, _renew)
+        app.router.add_post(prefix + LEGACY_RENEW_PATH, _renew)
+        app.router.add_post(prefix + REKEY_PATH, _rekey)
+        app.router.add_post(prefix + REVOKE_PATH, _revoke)
     return app
 
 
