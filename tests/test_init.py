@@ -303,7 +303,8 @@ async def test_plaintext_key_scan_finds_a_planted_key(tmp_path: Path) -> None:
 
 # ca.json ---------------------------------------------------------------------------------------
 async def test_ca_json_has_step_ca_format(tmp_path: Path) -> None:
-    """ca.json carries exactly step-ca's fields (PROTOCOL.md §1) pointing at the new files."""
+    """ca.json carries exactly step-ca's fields (docs/ca.md, "Configuration"), pointing at the
+    new files."""
     directory = await made(
         tmp_path,
         "--dns",

@@ -1,4 +1,5 @@
-"""PROTOCOL.md §3's table of token and CSR cases, against the federatls CA and the real step-ca.
+"""The token and CSR cases of docs/protocol.md ("Tokens", "Sign"), against the federatls CA and
+the real step-ca.
 
 Every case runs against both CAs with the same PKI and the same client code, so a passing
 row shows the federatls CA answers exactly as step-ca does (status and, for 400/403, the

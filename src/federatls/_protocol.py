@@ -1,4 +1,4 @@
-"""step-ca's wire protocol (PROTOCOL.md): paths, request and response bodies, error bodies.
+"""step-ca's wire protocol (docs/protocol.md): paths, request and response bodies, error bodies.
 
 The SDK's CA client and the federatls CA both use this module, so they cannot drift apart.
 Requests are parsed here with step-ca's own 400 messages; responses are parsed with errors
@@ -448,8 +448,8 @@ class RootResponse:
         return cls(load_pem_certificate(pem, "root response: ca"))
 
 
-# federatls's own route, beside step's flat /federation (docs/protocol.md): the federation
-# with its structure. A plain step-ca answers it 404.
+# federatls's own route, beside step's flat /federation: the federation with its structure
+# (docs/protocol.md, "federatls endpoints"). A plain step-ca answers it 404.
 FEDERATION_SOURCES_PATH = "/federatls/federation"
 _SOURCE_KINDS = ("own", "static", "peer")
 

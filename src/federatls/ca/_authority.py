@@ -1,5 +1,6 @@
 """The CA's decisions: which token, CSR, renewal or revocation to accept, in step-ca's order
-and with step-ca's answers (PROTOCOL.md §3-5), plus what federatls checks better:
+and with step-ca's answers (docs/protocol.md, "Tokens" to "Revoke"), plus what federatls
+checks better:
 
 * a token's signature is verified *before* its ``jti`` is burnt, so nobody can burn other
   people's tokens with forged ones;

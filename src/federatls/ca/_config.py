@@ -1,6 +1,6 @@
-"""ca.json in step-ca's format (PROTOCOL.md §1): load and validate it, or build one for
-``federatls ca init``. Only parsing and validation of the file's text lives here; reading the
-certificates and keys it names is ``_keys.py``'s work.
+"""ca.json in step-ca's format (docs/ca.md, "Configuration"): load and validate it, or build
+one for ``federatls ca init``. Only parsing and validation of the file's text lives here;
+reading the certificates and keys it names is ``_keys.py``'s work.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Certificate construction: leaves from a CSR, renewals and rekeys of a leaf, and the CA's own
-TLS server certificate, all shaped as step-ca shapes them (PROTOCOL.md §3-4). Pure: the time
-and the key material are passed in; no decision about *whether* to issue is taken here.
+TLS server certificate, all shaped as step-ca shapes them (docs/protocol.md, "Sign", "Renew").
+Pure: the time and the key material are passed in; no decision about *whether* to issue is
+taken here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The federatls CA's HTTPS server: step-ca's routes (PROTOCOL.md §2, without SSH) and
-federatls's own ``/federatls/federation`` (the federation with its structure) under ``/``
+"""The federatls CA's HTTPS server: step-ca's routes (docs/protocol.md, "Endpoints"; no SSH)
+and federatls's own ``/federatls/federation`` (the federation with its structure) under ``/``
 and ``/1.0/``, step-ca's status codes and JSON bodies, the CA's own server certificate renewed
 before it expires, SIGHUP to reload ca.json, SIGTERM/SIGINT to stop cleanly.
 
