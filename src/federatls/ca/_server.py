@@ -1,6 +1,7 @@
 """The federatls CA's HTTPS server: step-ca's routes (PROTOCOL.md §2, without SSH) and
 federatls's own ``/federatls/federation`` (the federation with its structure) under ``/``
-and ``/1.0/``, step-ca's status codes and JSON bodies, the CA's own server certificate renewed
+and ``/1.0/``, step-ca's status codes and JSON bodies, every answer carrying its request's
+``X-Request-Id`` (docs/protocol.md, "Request ids"), the CA's own server certificate renewed
 before it expires, SIGHUP to reload ca.json, SIGTERM/SIGINT to stop cleanly.
 
 The HTTP layer only translates: bodies are parsed by ``_protocol``, decisions are taken by
