@@ -5,12 +5,13 @@ CAClient.crl() and ``federatls ca crl``; checked with ``openssl crl`` and ``cryp
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,16 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from federatls._errors import BadMaterialError, CARefusedError, ConfigError
-from federatls._protocol import CRL_DISABLED_MESSAGE, RevokeRequest
+from federatls._protocol import CRL_DISABLED_MESSAGE, CRLResponse, RevokeRequest
 from federatls._x509 import load_pem_certificate
 from federatls.ca import CAServer
 from federatls.ca._config import CRLConfig
+from federatls.ca._crl import StoredCRL
+from test_ca_workers import supervised
 
 from harness import (
     PASSWORD,
@@ -399,3 +404,63 @@ def test_renew_period_longer_than_default_is_fine_when_disabled() -> None:
     block = CRLConfig.from_json({"enabled": False, "renewPeriod": "25h"}, "ca.json")
     assert block is not None
     assert not block.enabled
+
+
+async def test_workers_serve_one_crl(pki: PKI) -> None:
+    """``ca serve --workers 2`` on one SQLite file: concurrent first fetches on new
+    connections (spread over both workers, which race to make the first CRL) get one and the
+    same CRL, and after a revocation one same CRL that lists it. Twin: the first lacks it."""
+    _enable(pki)
+    async with supervised(pki, 2):
+        gone = (await pki.enroll("gone.cloud.internal"))[0][0]
+        first = await _fetch_many(pki, 16)
+        await _revoke(pki, gone.serial_number, reason_code=5)
+        after = await _fetch_many(pki, 16)
+    assert len(set(first)) == 1
+    assert len(set(after)) == 1
+    old, new = x509.load_der_x509_crl(first[0]), x509.load_der_x509_crl(after[0])
+    assert old.get_revoked_certificate_by_serial_number(gone.serial_number) is None
+    assert new.get_revoked_certificate_by_serial_number(gone.serial_number) is not None
+    assert _number(new) > _number(old)
+
+
+async def _fetch_many(pki: PKI, count: int) -> list[bytes]:
+    """GET /crl ``count`` times at once, each on a new connection; the bodies."""
+    limits = httpx.Limits(max_keepalive_connections=0, max_connections=count)
+    tls = ssl.create_default_context(cadata=pki.root_path.read_text())
+    async with httpx.AsyncClient(verify=tls, limits=limits, timeout=60) as http:
+        answers = await asyncio.gather(*(http.get(pki.url + "/crl") for _ in range(count)))
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    return [a.content for a in answers]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_crl_answer_parser_raises_only_bad_material(data: bytes) -> None:
+    """Whatever a CA answers, reading it as a CRL gives a CRL or BadMaterialError. Twin:
+    the real CRLs read above."""
+    with contextlib.suppress(BadMaterialError):
+        CRLResponse.parse(data)
+    with contextlib.suppress(BadMaterialError):
+        CRLResponse.parse(b"-----BEGIN X509 CRL-----\n" + data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_stored_crl_parser_raises_only_bad_material(data: bytes) -> None:
+    """Whatever the store holds under ``crl``, reading it gives a StoredCRL or
+    BadMaterialError. Twin: a stored CRL read back."""
+    with contextlib.suppress(BadMaterialError):
+        StoredCRL.from_bytes(data)
+    with contextlib.suppress(BadMaterialError):
+        StoredCRL.from_bytes(b'{"number": 1, "thisUpdate": "x"}\n' + data)
+
+
+def test_stored_crl_round_trip() -> None:
+    """A stored CRL reads back equal; a negative number is refused. Twin of the above."""
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    stored = StoredCRL(7, now, now + timedelta(hours=1), "ab", b"\x30\x00\n\x01")
+    assert StoredCRL.from_bytes(stored.to_bytes()) == stored
+    bad = StoredCRL(-1, now, now, "ab", b"x").to_bytes()
+    with pytest.raises(BadMaterialError, match="non-negative"):
+        StoredCRL.from_bytes(bad)
