@@ -584,7 +584,8 @@ async def _crl(request: web.Request) -> web.Response:
     authority = state.authority
     crl = authority.config.crl
     if crl is None or not crl.enabled:
-        log.warning("refused %r: 404 'the crl block of ca.json does not enable CRLs'", request.path)
+        where = _clipped(f"{request.method} {request.path}", 200)
+        log.warning("refused %r: 404 'the crl block of ca.json does not enable CRLs'", where)
         return _json(ErrorBody(404, CRL_DISABLED_MESSAGE).to_json(), 404)
     current = await _current_crl(state, authority, _clock(request))
     answer = CRLResponse(current.der, current.next_update)
