@@ -661,6 +661,30 @@ def _bundle_command(
     return run
 
 
+def cmd_crl(args: argparse.Namespace) -> int:
+    """The CA's CRL (docs/protocol.md, "CRL"), its signature verified with the CA's
+    certificates (its /intermediates, or --intermediates) chained to --root before anything
+    is written: to --out (atomically) or to standard output."""
+    _require_ca(args)
+    if args.out:
+        _check_writable(Path(args.out), force=args.force)
+    extra = _read_certs(args.intermediates, "intermediates") if args.intermediates else None
+
+    async def go() -> tuple[bytes, x509.CertificateRevocationList]:
+        async with _client(args, deadline=_deadline(args)) as ca:
+            return await ca.crl(pem=args.pem, issuers=extra)
+
+    body, crl = _run(go())
+    if args.out:
+        _write_atomic(Path(args.out), body, private=False, force=args.force)
+        count = len(crl)
+        print(f"The CRL ({count} revoked certificates) has been saved in {args.out}.")
+    else:
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     async def go() -> str:
         async with _client(args) as ca:
@@ -966,6 +990,24 @@ def build_parser() -> argparse.ArgumentParser:
         _ca_flags(p)
         p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
         p.set_defaults(func=_bundle_command(fetch, what))
+
+    p = verbs.add_parser(
+        "crl",
+        help="save the CA's certificate revocation list, its signature verified",
+        description="Fetch the CA's CRL (step-ca 0.24.2+ with a crl block in ca.json), verify "
+        "its signature with the CA's intermediate (from the CA's /intermediates, or "
+        "--intermediates) chained to --root, then write it: DER, or PEM with --pem.",
+    )
+    _ca_flags(p)
+    p.add_argument("--pem", action="store_true", help="PEM instead of DER")
+    p.add_argument("--out", metavar="FILE", help="file to write (default: standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument(
+        "--intermediates",
+        metavar="FILE",
+        help="the CA's intermediate certificates (PEM), for a CA without /intermediates",
+    )
+    p.set_defaults(func=cmd_crl)
 
     p = verbs.add_parser("rotate", help="rotate the CA's root, one step at a time")
     p.add_argument("dir", help="the CA directory made by `federatls ca init`")

@@ -34,9 +34,12 @@ from ._errors import (
 from ._namerules import structured_bundle
 from ._netstream import closing_transport
 from ._protocol import (
+    CRL_PATH,
+    CRL_PEM_QUERY,
     FEDERATION_PATH,
     FEDERATION_SOURCES_PATH,
     HEALTH_PATH,
+    INTERMEDIATES_PATH,
     PROVISIONERS_PATH,
     REKEY_PATH,
     RENEW_PATH,
@@ -44,6 +47,7 @@ from ._protocol import (
     ROOTS_PATH,
     SIGN_PATH,
     VERSION_PATH,
+    CRLResponse,
     ErrorBody,
     FederationSourcesResponse,
     HealthResponse,
@@ -62,15 +66,17 @@ from ._protocol import (
 from ._sslkeys import load_cert_chain_in_memory
 from ._trust import TrustBundle
 from ._version import __version__
-from ._x509 import certs_to_pem, fingerprint
+from ._x509 import certs_to_pem, crl_signer, fingerprint
 
-__all__ = ["MAX_ANSWER_BYTES", "CAClient", "Deadline", "fetch_root"]
+__all__ = ["MAX_ANSWER_BYTES", "MAX_CRL_BYTES", "CAClient", "Deadline", "fetch_root"]
 
 log = logging.getLogger("federatls")
 
 DEFAULT_TIMEOUT = 15.0
 # Far above any step-ca answer (a chain, a bundle of roots, a page of provisioners).
 MAX_ANSWER_BYTES = 1 << 20
+# A CRL grows with the CA's revocations (some 40 bytes each): its own, larger cap.
+MAX_CRL_BYTES = 64 << 20
 # Compressed answers are neither asked for nor accepted: a small body must not inflate.
 _HEADERS = {"User-Agent": f"federatls/{__version__}", "Accept-Encoding": "identity"}
 
@@ -146,15 +152,18 @@ async def _call(
     json: Any = None,
     headers: dict[str, str] | None = None,
     expect: tuple[int, ...] = (200,),
+    raw: bool = False,
+    limit: int = MAX_ANSWER_BYTES,
 ) -> Any:
-    """One request, over by ``deadline`` (connect, send, the whole body): the JSON answer,
-    or a federatls error saying what went wrong."""
+    """One request, over by ``deadline`` (connect, send, the whole body): the JSON answer
+    (``raw``: the body's bytes, at most ``limit``), or a federatls error saying what went
+    wrong."""
     status, content = 0, b""
     try:
         with anyio.CancelScope(deadline=deadline.at) as scope:
             async with client.stream(method, url, json=json, headers=headers) as response:
                 status = response.status_code
-                content = await _read_capped(response, url)
+                content = await _read_capped(response, url, limit)
     except httpx.TimeoutException as exc:
         raise CATimeoutError(url, deadline.seconds, deadline.what) from exc
     except httpx.TransportError as exc:
@@ -166,26 +175,28 @@ async def _call(
     if status not in expect:
         body = ErrorBody.parse(status, content)
         raise CARefusedError(status, body.message, url=url, body=dict(body.extra) or None)
+    if raw:
+        return content
     try:
         return jsonlib.loads(content)
     except ValueError as exc:
         raise BadMaterialError(f"{url}: the CA's answer is not JSON") from exc
 
 
-async def _read_capped(response: httpx.Response, url: str) -> bytes:
-    """The body, read as it streams in and refused once it passes ``MAX_ANSWER_BYTES`` (or
-    announces more up front); the rest is never read."""
-    too_large = f"{url}: the CA's answer is larger than {MAX_ANSWER_BYTES} bytes: refused"
+async def _read_capped(response: httpx.Response, url: str, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The body, read as it streams in and refused once it passes ``limit`` (or announces
+    more up front); the rest is never read."""
+    too_large = f"{url}: the CA's answer is larger than {limit} bytes: refused"
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise BadMaterialError(f"{url}: the CA's answer is {encoding}-encoded, not asked for")
     declared = response.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+    if declared.isdigit() and int(declared) > limit:
         raise BadMaterialError(f"{too_large} (Content-Length {declared})")
     body = bytearray()
     async for chunk in response.aiter_raw():
         body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
+        if len(body) > limit:
             raise BadMaterialError(f"{too_large} (read no further)")
     return bytes(body)
 
@@ -387,3 +398,36 @@ class CAClient:
 
     async def revoke(self, request: RevokeRequest) -> None:
         await self._post(REVOKE_PATH, request.to_json())
+
+    async def crl(
+        self, *, pem: bool = False, issuers: Sequence[x509.Certificate] | None = None
+    ) -> tuple[bytes, x509.CertificateRevocationList]:
+        """``/crl`` (docs/protocol.md, "CRL"): the CA's CRL as served (DER, or PEM with
+        ``pem``) and parsed, its signature verified with one of ``issuers`` that chains to
+        this client's roots, else ``BadMaterialError``. ``issuers`` None: the CA's own
+        ``/intermediates`` (step-ca 0.27.3+; a CA without it leaves only the roots).
+        ``CARefusedError`` 404 when the CA serves no CRL."""
+        path = CRL_PATH + (f"?{CRL_PEM_QUERY}" if pem else "")
+        body: bytes = await _call(
+            self._client,
+            "GET",
+            self.url + path,
+            deadline=self._deadline(),
+            raw=True,
+            limit=MAX_CRL_BYTES,
+        )
+        crl = CRLResponse.parse(body)
+        if issuers is None:
+            issuers = await self._intermediates()
+        crl_signer(crl, issuers, self.roots)
+        return body, crl
+
+    async def _intermediates(self) -> tuple[x509.Certificate, ...]:
+        """``/intermediates``, or none from a CA that does not serve it (404, 501)."""
+        try:
+            data = await self._get(INTERMEDIATES_PATH, expect=(200, 201))
+        except CARefusedError as exc:
+            if exc.status in (404, 501):
+                return ()
+            raise
+        return RootsResponse.parse(data, "intermediates response").certificates

@@ -7,12 +7,14 @@ that quote what is wrong. Not here: sockets, HTTP, the clock, any decision of th
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 from cryptography import x509
@@ -26,7 +28,9 @@ from ._x509 import load_pem_certificate, load_pem_csr
 
 __all__ = [
     "API_PREFIX",
+    "CRL_DISABLED_MESSAGE",
     "CRL_PATH",
+    "CRL_PEM_QUERY",
     "ENCRYPTED_KEY_PATH",
     "FEDERATION_PATH",
     "FEDERATION_SOURCES_PATH",
@@ -46,6 +50,7 @@ __all__ = [
     "SIGN_PATH",
     "SSH_SIGN_PATH",
     "VERSION_PATH",
+    "CRLResponse",
     "ErrorBody",
     "FederationEntry",
     "FederationSourcesResponse",
@@ -80,6 +85,7 @@ FEDERATION_PATH = "/federation"
 INTERMEDIATES_PATH = "/intermediates"  # step-ca 0.27.3 and later
 INTERMEDIATES_PEM_PATH = "/intermediates.pem"
 CRL_PATH = "/crl"  # step-ca 0.24.2 and later, when ca.json's crl block enables it
+CRL_PEM_QUERY = "pem"  # GET /crl?pem (any value, or none) asks for PEM
 ROOT_PATH = "/root/{sha}"
 PROVISIONERS_PATH = "/provisioners"
 ENCRYPTED_KEY_PATH = "/provisioners/{kid}/encrypted-key"
@@ -125,6 +131,13 @@ _MESSAGES = {
     # federatls's own (its database was busy; nothing was done): the same shape and tone.
     503: "The certificate authority is temporarily unavailable; retry later. " + _SEE_LOGS,
 }
+
+
+# GET /crl while ca.json's crl block does not enable it: step-ca wraps a 404 that its error
+# package has no text for, and says so (errs.UnexpectedErr).
+CRL_DISABLED_MESSAGE = (
+    "The certificate authority received an unexpected HTTP status code - '404'. " + _SEE_LOGS
+)
 
 
 def error_message(status: int, reason: str | None = None) -> str:
@@ -628,3 +641,43 @@ class ErrorBody:
         if isinstance(data, dict) and isinstance(data.get("message"), str):
             return cls(status, data["message"], data)
         return cls(status, json.dumps(data)[:200])
+
+
+@dataclass(frozen=True)
+class CRLResponse:
+    """``GET /crl``'s answer (docs/protocol.md, "CRL"): the CRL in DER, or in PEM (``X509
+    CRL``, 64-character lines) when the query has ``pem``; its ``nextUpdate`` in ``Expires``
+    (HTTP's date format); the headers step-ca 0.30 sends (0.24.2 to 0.29 named the DER file
+    ``crl.der`` and sent no ``Expires``)."""
+
+    der: bytes
+    next_update: datetime
+
+    def body(self, pem: bool) -> bytes:
+        if not pem:
+            return self.der
+        b64 = base64.b64encode(self.der).decode()
+        lines = "".join(b64[i : i + 64] + "\n" for i in range(0, len(b64), 64))
+        return f"-----BEGIN X509 CRL-----\n{lines}-----END X509 CRL-----\n".encode()
+
+    def headers(self, pem: bool) -> dict[str, str]:
+        kind, name = (_PEM_FILE, "crl.pem") if pem else (_PKIX_CRL, "crl.crl")
+        return {
+            "Content-Type": kind,
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Expires": format_datetime(self.next_update.astimezone(UTC), usegmt=True),
+        }
+
+    @staticmethod
+    def parse(body: bytes) -> x509.CertificateRevocationList:
+        """The CRL in an answer, DER or PEM; ``BadMaterialError`` when it is neither (its
+        signature is not checked here)."""
+        try:
+            if body.lstrip().startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_crl(body)
+            return x509.load_der_x509_crl(body)
+        except ValueError as exc:
+            raise BadMaterialError(f"the CA's answer is not a CRL: {exc}") from exc
+
+
+_PKIX_CRL, _PEM_FILE = "application/pkix-crl", "application/x-pem-file"

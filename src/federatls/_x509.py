@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ._errors import BadMaterialError
@@ -22,6 +22,7 @@ __all__ = [
     "SANs",
     "cert_sans",
     "certs_to_pem",
+    "crl_signer",
     "fingerprint",
     "load_pem_certificate",
     "load_pem_certificates",
@@ -193,3 +194,62 @@ class CertificateFacts:
     @property
     def not_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
+
+
+def _may_sign(cert: x509.Certificate, usage: str) -> bool:
+    """A CA certificate (basicConstraints cA) whose keyUsage, if any, has ``usage``."""
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return bool(getattr(cert.extensions.get_extension_for_class(x509.KeyUsage).value, usage))
+    except x509.ExtensionNotFound:
+        return True
+
+
+def _issued(cert: x509.Certificate, by: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(by)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def crl_signer(
+    crl: x509.CertificateRevocationList,
+    issuers: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+) -> x509.Certificate:
+    """The certificate among ``issuers`` and ``roots`` whose key signed ``crl``: a CA
+    certificate allowed to sign CRLs (cRLSign), itself one of ``roots`` or issued by one
+    through ``issuers`` (signatures checked, validity periods not). ``BadMaterialError``
+    naming the CRL's issuer when there is none."""
+    pool = [*roots, *issuers]
+    trusted = {fingerprint(r) for r in roots}
+    for cert in pool:
+        if cert.subject != crl.issuer or not _may_sign(cert, "crl_sign"):
+            continue
+        try:
+            if not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+                continue
+        except (TypeError, UnsupportedAlgorithm):
+            continue
+        link, seen = cert, set()
+        while fingerprint(link) not in trusted and fingerprint(link) not in seen:
+            seen.add(fingerprint(link))
+            parent = next(
+                (p for p in pool if p.subject == link.issuer and _may_sign(p, "key_cert_sign")
+                 and _issued(link, p)),
+                None,
+            )  # fmt: skip
+            if parent is None:
+                break
+            link = parent
+        if fingerprint(link) in trusted:
+            return cert
+    raise BadMaterialError(
+        f"the CRL's signature does not verify with the CA's certificates "
+        f"(issuer {crl.issuer.rfc4514_string()!r})"
+    )

@@ -25,6 +25,7 @@ from ._federation import DEFAULT_REFRESH, MIN_REFRESH, FederationConfig, PeerCon
 
 __all__ = [
     "CAConfig",
+    "CRLConfig",
     "ConnectionLimits",
     "DurationClaims",
     "JWKProvisioner",
@@ -62,6 +63,7 @@ _KNOWN_KEYS = frozenset(
         "password",
         "templates",
         "commonName",
+        "crl",
         # federatls-only blocks (step-ca ignores unknown fields)
         "federatls",
         "federation",
@@ -197,6 +199,73 @@ class ConnectionLimits:
 
 
 @dataclass(frozen=True)
+class CRLConfig:
+    """ca.json's ``crl`` block, as step-ca 0.24.2+ reads it (authority/config: ``enabled``,
+    ``generateOnRevoke``, ``cacheDuration``, ``renewPeriod``, ``idpURL``); docs/protocol.md,
+    "CRL". ``cache_duration`` is the CRL's lifetime (nextUpdate - thisUpdate): absent or 0
+    means 24h, as step-ca makes it when the authority starts."""
+
+    enabled: bool = False
+    generate_on_revoke: bool = False
+    cache_duration: timedelta = timedelta(hours=24)
+    renew_period: timedelta | None = None  # None or 0: two thirds of cache_duration
+    idp_url: str = ""  # the issuing distribution point; "" for https://<dnsNames[0]>/1.0/crl
+
+    @property
+    def renew_after(self) -> timedelta:
+        """How old a CRL may be before a new one is made (step-ca's ticker)."""
+        if self.renew_period:
+            return self.renew_period
+        return self.cache_duration / 3 * 2
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> CRLConfig | None:
+        """The block, or None when ca.json has none; ``ConfigError`` with step-ca's messages
+        for a negative duration and for a renewPeriod longer than the cacheDuration."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f'{where}: crl must be an object such as {{"enabled": true}}')
+        unknown = sorted(set(value) - {*_CRL_FLAGS, "cacheDuration", "renewPeriod", "idpURL"})
+        if unknown:
+            log.warning("%s: ignoring unknown fields %s in 'crl'", where, unknown)
+        flags: dict[str, bool] = {}
+        for key, attr in _CRL_FLAGS.items():
+            flag = value.get(key, False)
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{where}: crl.{key} must be true or false")
+            flags[attr] = flag
+        cache, renew = (
+            None if value.get(k) is None else _duration(value[k], f"{where}: crl.{k}")
+            for k in ("cacheDuration", "renewPeriod")
+        )
+        if cache is None and flags["enabled"]:
+            cache = cls.cache_duration  # step-ca sets the default before it validates
+        zero = timedelta(0)
+        if cache is not None and cache < zero:
+            raise ConfigError(f"{where}: crl.cacheDuration must be greater than or equal to 0")
+        if renew is not None and renew < zero:
+            raise ConfigError(f"{where}: crl.renewPeriod must be greater than or equal to 0")
+        if renew is not None and cache is not None and renew > cache:
+            raise ConfigError(
+                f"{where}: crl.cacheDuration must be greater than or equal to crl.renewPeriod"
+            )
+        idp = value.get("idpURL", "")
+        if not isinstance(idp, str):
+            raise ConfigError(f"{where}: crl.idpURL must be a string (a URL)")
+        return cls(
+            enabled=flags["enabled"],
+            generate_on_revoke=flags["generate_on_revoke"],
+            cache_duration=cache or cls.cache_duration,
+            renew_period=renew or None,
+            idp_url=idp,
+        )
+
+
+_CRL_FLAGS = {"enabled": "enabled", "generateOnRevoke": "generate_on_revoke"}
+
+
+@dataclass(frozen=True)
 class JWKProvisioner:
     """A JWK provisioner: its name, public key, password-protected private key and claims."""
 
@@ -242,6 +311,7 @@ class CAConfig:
     limits: ConnectionLimits = ConnectionLimits()
     federation: FederationConfig = field(default_factory=FederationConfig)  # peers by URL
     spiffe_trust_domain: str | None = None  # the `spiffe` block's trustDomain
+    crl: CRLConfig | None = None  # the `crl` block (step-ca 0.24.2+), None when absent
 
     @property
     def store_path(self) -> Path:
@@ -315,6 +385,7 @@ class CAConfig:
             limits=ConnectionLimits.from_json(data.get("federatls"), where),
             federation=_federation(data.get("federation"), path, where),
             spiffe_trust_domain=_spiffe(data.get("spiffe"), where),
+            crl=CRLConfig.from_json(data.get("crl"), where),
         )
 
     @property

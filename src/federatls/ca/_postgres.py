@@ -45,6 +45,7 @@ from ._store import (
     IssuedCertificate,
     ParentRevoked,
     Revocation,
+    RevokedEntry,
     RevokeOutcome,
     StoreWouldWait,
     TokenUse,
@@ -491,6 +492,16 @@ class PostgresStore:
 
         return self._call(body)
 
+    def revocations(self) -> list[RevokedEntry]:
+        def body(conn: Conn) -> list[RevokedEntry]:
+            rows = conn.execute(
+                "SELECT r.serial, r.revoked_at, r.reason_code, c.not_after FROM revocations r"
+                " LEFT JOIN certificates c ON c.serial = r.serial"
+            ).fetchall()
+            return [RevokedEntry(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return self._call(body)
+
     def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
         # One statement, one short transaction; SKIP LOCKED lets replicas purging at once
         # take different rows instead of queueing behind each other.
@@ -527,6 +538,15 @@ class PostgresStore:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         )
         self._call(lambda conn: conn.execute(sql, (_key(key), value)), transaction=True)
+
+    def swap_state(self, key: str, old: bytes | None, new: bytes) -> bool:
+        if old is None:
+            sql = "INSERT INTO state (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"
+            args: tuple[object, ...] = (_key(key), new)
+        else:
+            sql = "UPDATE state SET value = %s WHERE key = %s AND value = %s"
+            args = (new, _key(key), old)
+        return self._call(lambda conn: conn.execute(sql, args).rowcount == 1, transaction=True)
 
     def counts(self) -> dict[str, int]:
         def body(conn: Conn) -> dict[str, int]:

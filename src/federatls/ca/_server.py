@@ -32,6 +32,9 @@ from cryptography import x509
 from .._errors import ConfigError, StoreBusyError, StoreUnavailableError
 from .._protocol import (
     API_PREFIX,
+    CRL_DISABLED_MESSAGE,
+    CRL_PATH,
+    CRL_PEM_QUERY,
     ENCRYPTED_KEY_PATH,
     FEDERATION_PATH,
     FEDERATION_SOURCES_PATH,
@@ -50,6 +53,7 @@ from .._protocol import (
     ROOTS_PEM_PATH,
     SIGN_PATH,
     VERSION_PATH,
+    CRLResponse,
     ErrorBody,
     FederationEntry,
     FederationSourcesResponse,
@@ -71,6 +75,8 @@ from .._x509 import certs_to_pem, fingerprint
 from ._authority import Authority, Issuance, Refusal
 from ._config import CAConfig, ConnectionLimits, split_address
 from ._connections import ConnectionTable, Listener, Phase, connection_limit
+from ._crl import STATE_KEY as CRL_STATE_KEY
+from ._crl import StoredCRL, current_crl, idp_url, made_for, renewal_due
 from ._database import Database, open_store
 from ._federation import PeerRoots
 from ._follower import Follower
@@ -244,6 +250,7 @@ class _State:
         self.clock = clock
         self.committer = _GroupCommit()
         self.spiffe_bundle = OwnBundle()
+        self.crl_making = asyncio.Lock()  # one CRL made at a time in this process
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="federatls-ca-store")
         # /health's own thread: not queued behind signs that wait for a busy database.
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="federatls-ca-health")
@@ -605,6 +612,43 @@ async def _rekey(request: web.Request) -> web.Response:
     return _signed(authority, chain, request, "rekeyed")
 
 
+async def _current_crl(
+    state: _State, authority: Authority, now: datetime, *, fresh: bool = False
+) -> StoredCRL:
+    """The CRL to serve (``_crl.current_crl``): the stored one read on the event loop where
+    that needs no wait; a new one made in a worker thread, one at a time, when it is due
+    (those waiting for it then find it stored) or ``fresh`` is asked."""
+    config, material, store = authority.config, authority.material, authority.store
+    crl = config.crl
+    assert crl is not None
+    if not fresh:
+        raw = await state.soon(lambda: store.get_state(CRL_STATE_KEY))
+        if raw is not None:
+            stored = StoredCRL.from_bytes(raw)
+            if not renewal_due(stored, made_for(material, crl, idp_url(config, crl)), crl, now):
+                return stored
+    async with state.crl_making:
+        return await state.off_loop(lambda: current_crl(store, config, material, now, fresh=fresh))
+
+
+async def _crl(request: web.Request) -> web.Response:
+    """The CRL (DER; PEM with ``?pem``) while ca.json's ``crl`` block enables it; else 404
+    with step-ca's body (docs/protocol.md, "CRL")."""
+    state = request.app[_STATE]
+    authority = state.authority
+    crl = authority.config.crl
+    if crl is None or not crl.enabled:
+        where = _clipped(f"{request.method} {request.path}", 200)
+        log.warning("refused %r: 404 'the crl block of ca.json does not enable CRLs'", where)
+        return _json(ErrorBody(404, CRL_DISABLED_MESSAGE).to_json(), 404)
+    current = await _current_crl(state, authority, _clock(request))
+    answer = CRLResponse(current.der, current.next_update)
+    pem = CRL_PEM_QUERY in request.query
+    headers = answer.headers(pem)
+    kind = headers.pop("Content-Type")
+    return web.Response(body=answer.body(pem), headers=headers, content_type=kind)
+
+
 async def _revoke(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     authority = state.authority
@@ -618,6 +662,10 @@ async def _revoke(request: web.Request) -> web.Response:
         revoke.reason_code,
         _rid(request),
     )
+    crl = authority.config.crl
+    if crl is not None and crl.enabled and crl.generate_on_revoke:
+        # As step-ca: the revocation's answer waits for the CRL that lists it.
+        await _current_crl(state, authority, now, fresh=True)
     return _json(RevokeResponse().to_json())
 
 
@@ -647,6 +695,7 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
         app.router.add_get(prefix + BUNDLE_PATH, _spiffe_bundle, allow_head=False)
         app.router.add_get(prefix + PROVISIONERS_PATH, _provisioners, allow_head=False)
         app.router.add_get(prefix + ENCRYPTED_KEY_PATH, _encrypted_key, allow_head=False)
+        app.router.add_get(prefix + CRL_PATH, _crl, allow_head=False)
         app.router.add_post(prefix + SIGN_PATH, _sign)
         app.router.add_post(prefix + RENEW_PATH, _renew)
         app.router.add_post(prefix + LEGACY_RENEW_PATH, _renew)

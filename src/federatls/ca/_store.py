@@ -30,6 +30,7 @@ __all__ = [
     "ParentRevoked",
     "Revocation",
     "RevokeOutcome",
+    "RevokedEntry",
     "SQLiteStore",
     "Store",
     "StoreWouldWait",
@@ -118,6 +119,17 @@ class Revocation:
     mtls: bool = False
 
 
+@dataclass(frozen=True)
+class RevokedEntry:
+    """A revocation as a CRL lists it, with the revoked certificate's expiry when this CA
+    has its record (a CRL leaves out certificates long expired)."""
+
+    serial: str  # decimal
+    revoked_at: datetime
+    reason_code: int
+    not_after: datetime | None
+
+
 class Store(Protocol):
     """What the CA needs from its database. A call may block its thread, but only for a
     bounded time: one that cannot have the database in time raises ``StoreBusyError``
@@ -152,6 +164,9 @@ class Store(Protocol):
     def is_revoked(self, serial: str) -> bool:
         """Whether the serial has been revoked."""
 
+    def revocations(self) -> list[RevokedEntry]:
+        """Every revocation recorded, in no particular order (for the CRL)."""
+
     def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
         """Forget at most ``limit`` used token ids whose tokens expired before ``now`` minus
         the retention (a day: by then the token's own ``exp`` refuses it, so forgetting it
@@ -169,7 +184,13 @@ class Store(Protocol):
 
     def put_state(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``, replacing what was there, durably (synced to disk
-        before it returns). Keys: ``peer:<name>`` (``_federation.PeerState``), ``spiffe:own``."""
+        before it returns). Keys: ``peer:<name>`` (``_federation.PeerState``), ``spiffe:own``,
+        ``crl`` (``_crl``)."""
+
+    def swap_state(self, key: str, old: bytes | None, new: bytes) -> bool:
+        """Store ``new`` under ``key`` only if the value there is still ``old`` (None: no
+        value), in one transaction, durably: True; else change nothing: False. Processes
+        sharing the database that replace a value at once: one of them wins."""
 
     def counts(self) -> dict[str, int]:
         """How many used tokens, certificates and revocations are recorded."""
@@ -534,6 +555,16 @@ class SQLiteStore:
             row = conn.execute("SELECT 1 FROM revocations WHERE serial = ?", (serial,)).fetchone()
         return row is not None
 
+    def revocations(self) -> list[RevokedEntry]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT r.serial, r.revoked_at, r.reason_code, c.not_after FROM revocations r"
+                " LEFT JOIN certificates c ON c.serial = r.serial"
+            ).fetchall()
+        return [
+            RevokedEntry(r[0], _dt(r[1]), r[2], None if r[3] is None else _dt(r[3])) for r in rows
+        ]
+
     def get_state(self, key: str) -> bytes | None:
         with self._reading() as conn:
             row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
@@ -546,6 +577,15 @@ class SQLiteStore:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def swap_state(self, key: str, old: bytes | None, new: bytes) -> bool:
+        with self._transaction(durable=True):
+            if old is None:
+                sql, args = "INSERT OR IGNORE INTO state (key, value) VALUES (?, ?)", (key, new)
+            else:
+                sql = "UPDATE state SET value = ? WHERE key = ? AND value = ?"
+                args = (new, key, old)  # type: ignore[assignment]
+            return bool(self._conn.execute(sql, args).rowcount == 1)
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for operators and tests)."""
