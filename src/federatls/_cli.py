@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -53,7 +54,7 @@ from ._token import (
 )
 from ._trust import TrustBundle
 from ._version import __version__
-from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
+from ._x509 import certs_to_pem, fingerprint, load_pem_certificates, load_pem_csr
 
 if TYPE_CHECKING:
     from .ca._database import Database
@@ -121,6 +122,32 @@ def _token_validity(text: str) -> timedelta:
 @_usage_type(ValueError)
 def _time_or_duration(text: str) -> TimeDuration | None:
     return TimeDuration.parse(text)
+
+
+_MAX_CSR_FILE = 1024 * 1024  # far above any certificate request; /dev/zero is not read whole
+
+
+@_usage_type(ConfigError)
+def _cnf_file(path: str) -> x509.CertificateSigningRequest:
+    """The certificate request a token binds (``--cnf-file``): PEM or DER, signature checked,
+    so a token is never bound to a request no CA would sign."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(_MAX_CSR_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read certificate request {path}: {exc.strerror}") from exc
+    if len(data) > _MAX_CSR_FILE:
+        raise ConfigError(f"{path} is over {_MAX_CSR_FILE} bytes: not a certificate request")
+    try:
+        csr = load_pem_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data)
+        valid = csr.is_signature_valid
+    except BadMaterialError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{path} is not a certificate request (PEM or DER): {exc}") from exc
+    if not valid:
+        raise ConfigError(f"{path}: the certificate request's signature does not verify")
+    return csr
 
 
 @_usage_type(ConfigError)
@@ -415,6 +442,7 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
         sans=sans,
         root_fingerprint=fingerprint(root),
         validity=getattr(args, "token_not_after", None) or DEFAULT_VALIDITY,
+        csr=getattr(args, "cnf_file", None),
     )
 
 
@@ -540,6 +568,8 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     if not args.offline and not args.ca_url:
         raise UsageError("give --ca-url and --root of a running CA, or --offline CA.JSON")
+    if args.revoke and args.cnf_file is not None:
+        raise UsageError("--cnf-file binds a sign token to a request: not with --revoke")
     print(_run(_mint(args, args.subject, revoke=args.revoke)))
     return 0
 
@@ -907,6 +937,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--offline", metavar="CA.JSON", help="mint from a ca.json without a running CA")
     p.add_argument("--revoke", action="store_true", help="a token to revoke serial SUBJECT")
+    p.add_argument(
+        "--cnf-file",
+        type=_cnf_file,
+        metavar="CSR",
+        help="bind the token to this certificate request (PEM or DER): the CA signs no other "
+        "with it (the cnf claim, step-ca 0.27.3+)",
+    )
     p.set_defaults(func=cmd_token)
 
     p = verbs.add_parser("certificate", help="get a certificate and key, as `step ca certificate`")
