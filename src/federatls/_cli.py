@@ -42,7 +42,7 @@ from ._errors import (
 from ._issuance import check_renewed
 from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
-from ._protocol import RevokeRequest, SignRequest, TimeDuration
+from ._protocol import RevokeRequest, SignRequest, TimeDuration, parse_serial
 from ._token import (
     DEFAULT_VALIDITY,
     MAX_VALIDITY,
@@ -220,11 +220,14 @@ def _name(text: str) -> str:
 
 
 def _decimal_serial(text: str) -> str:
-    if not re.fullmatch(r"[0-9]+", text):
+    """A serial as step-ca 0.22+ reads it (decimal, or 0x hex), sent in decimal: what every
+    step-ca generation, and a revoke token's ``sub``, compares with."""
+    decimal = parse_serial(text)
+    if decimal is None or decimal.startswith("-"):
         raise argparse.ArgumentTypeError(
-            f"serial {text!r} must be a decimal number, as step prints serials"
+            f"serial {text!r} must be a decimal number, as step prints serials, or 0x hex"
         )
-    return text
+    return decimal
 
 
 def _need_ca_extra(what: str) -> None:
@@ -570,7 +573,13 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise UsageError("give --ca-url and --root of a running CA, or --offline CA.JSON")
     if args.revoke and args.cnf_file is not None:
         raise UsageError("--cnf-file binds a sign token to a request: not with --revoke")
-    print(_run(_mint(args, args.subject, revoke=args.revoke)))
+    subject = args.subject
+    if args.revoke:  # the token's sub must be the decimal serial (step-ca 0.29)
+        try:
+            subject = _decimal_serial(subject)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
+    print(_run(_mint(args, subject, revoke=args.revoke)))
     return 0
 
 
@@ -984,7 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_renew)
 
     p = verbs.add_parser("revoke", help="revoke a certificate (by token or over mTLS)")
-    p.add_argument("serial", type=_decimal_serial, help="the decimal serial number")
+    p.add_argument(
+        "serial", type=_decimal_serial, help="the serial number: decimal, or hex with 0x"
+    )
     _ca_flags(p)
     _token_flags(p)
     p.add_argument("--token", help="a revoke token (else one is minted with the password)")
