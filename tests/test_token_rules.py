@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federatls import CARefusedError
+from federatls import CARefusedError, bootstrap_sync
 from federatls._errors import TokenError
 from federatls._jwk import ProvisionerKey
 from federatls._keys import PrivateKey, build_csr, new_private_key
@@ -33,6 +33,7 @@ from federatls._protocol import REVOKE_PATH, RevokeRequest, SignRequest, parse_s
 from federatls._token import Token, csr_fingerprint, mint_token, sign_audience
 from federatls._x509 import common_name
 from federatls.ca import CAServer
+from federatls.testing import running_ca
 
 from harness import PKI, federatls
 
@@ -86,11 +87,8 @@ async def _refused(pki: PKI, csr: x509.CertificateSigningRequest, token: str) ->
 
 
 # cnf: the token's binding to one CSR (pure) -------------------------------------------------
-def test_minted_cnf_is_the_csrs_sha256() -> None:
-    """mint_token(csr=...) puts base64url(SHA-256(CSR DER)) in cnf and Token reads it back.
-    Twin: without csr the token binds nothing and confirms any request."""
-    csr, other = _csr(), _csr()
-    raw = mint_token(
+def _minted(csr: x509.CertificateSigningRequest | None) -> str:
+    return mint_token(
         ProvisionerKey.generate(),
         issuer="admin",
         subject=SVC,
@@ -98,21 +96,22 @@ def test_minted_cnf_is_the_csrs_sha256() -> None:
         now=datetime.now(UTC),
         csr=csr,
     )
+
+
+def test_minted_cnf_is_the_csrs_sha256() -> None:
+    """mint_token(csr=...) puts base64url(SHA-256(CSR DER)) in cnf and Token reads it back.
+    Twin: without csr the token has no cnf, binds nothing and confirms any request."""
+    csr, other = _csr(), _csr()
+    raw = _minted(csr)
     token = Token.parse(raw)
     assert _claims(raw)["cnf"] == {"x5rt#S256": _sha256_b64url(csr)}
     assert token.confirmation == csr_fingerprint(csr) == _sha256_b64url(csr)
     assert token.confirms(csr)
     assert not token.confirms(other)
-    unbound = Token.parse(raw.split(".")[0] + "." + _payload_without_cnf(raw))
-    assert unbound.confirmation is None
-    assert unbound.confirms(other)
-
-
-def _payload_without_cnf(token: str) -> str:
-    claims = _claims(token)
-    del claims["cnf"]
-    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
-    return body + ".c2ln"
+    unbound = _minted(None)
+    assert "cnf" not in _claims(unbound)
+    assert Token.parse(unbound).confirmation is None
+    assert Token.parse(unbound).confirms(other)
 
 
 @pytest.mark.parametrize(
@@ -334,7 +333,9 @@ def _mint_flags(pki: PKI) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("encoding", [serialization.Encoding.PEM, serialization.Encoding.DER])
+@pytest.mark.parametrize(
+    "encoding", [serialization.Encoding.PEM, serialization.Encoding.DER], ids=["PEM", "DER"]
+)
 async def test_cli_token_cnf_file_binds_the_csr(
     ca: CAServer, pki: PKI, tmp_path: Path, encoding: serialization.Encoding
 ) -> None:
@@ -411,3 +412,22 @@ async def test_cli_cnf_file_with_revoke_is_a_usage_error(pki: PKI, tmp_path: Pat
     assert run.code == 2, run
     assert run.err.count("\n") == 1
     assert "not with --revoke" in run.err
+
+
+# federatls.testing -----------------------------------------------------------------------------
+def test_testing_ca_token_binds_a_csr() -> None:
+    """``TestCA.token(csr=...)`` binds the token to that CSR: the CA signs it. Twin: the same
+    kind of token, bound to a CSR bootstrap does not send, is refused (403)."""
+    csr = _csr("svc.test", ("svc.test",))
+    with running_ca("test") as ca:
+        context = ssl.create_default_context(cafile=str(ca.root_path))
+        body = {
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "ott": ca.token("svc.test", csr=csr),
+        }
+        response = httpx.post(ca.url + "/1.0/sign", json=body, verify=context)
+        assert response.status_code == 201, response.text
+        with pytest.raises(CARefusedError) as refused:
+            bootstrap_sync(ca.token("svc.test", csr=csr))
+    assert refused.value.status == 403
+    assert "fingerprint does not match" in refused.value.message
