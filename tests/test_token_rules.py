@@ -125,6 +125,30 @@ def test_cnf_of_the_wrong_shape_is_a_token_error(pki: PKI, cnf: object) -> None:
     assert Token.parse(pki.forge(pki.claims(SVC, cnf={}))).confirmation is None
 
 
+_ANY_CSR = build_csr(new_private_key(), SVC, [SVC])
+
+
+def _unsigned(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'ES256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+
+
+@given(st.one_of(st.text(), st.from_regex(r"[A-Za-z0-9_-]{0,50}", fullmatch=True)))
+def test_any_cnf_value_confirms_or_is_a_token_error(value: str) -> None:
+    """Whatever string cnf holds, checking a CSR against it answers True/False or raises
+    TokenError, nothing else; only the request's own fingerprint confirms it. Twin: the
+    request's fingerprint itself confirms (test_minted_cnf_is_the_csrs_sha256)."""
+    token = Token.parse(_unsigned({"sub": SVC, "cnf": {"x5rt#S256": value}}))
+    try:
+        confirmed = token.confirms(_ANY_CSR)
+    except TokenError:
+        return
+    unbroken = value.replace("\r", "").replace("\n", "")  # Go's decoder skips line breaks
+    assert confirmed == (not value or unbroken == csr_fingerprint(_ANY_CSR))
+
+
 # cnf against the federatls CA -----------------------------------------------------------------
 async def test_token_bound_to_a_csr_signs_that_csr(ca: CAServer, pki: PKI) -> None:
     """A token whose cnf is a CSR's fingerprint buys a certificate for that CSR."""
@@ -250,6 +274,14 @@ def test_every_base_reads_back_the_same_serial(n: int) -> None:
     for text in (str(n), hex(n), oct(n), "0" + oct(n)[2:], bin(n), hex(n).upper()):
         assert parse_serial(text) == str(n)
         assert parse_serial(text + "g") is None
+
+
+@given(st.text(max_size=300))
+def test_any_serial_text_is_decimal_or_refused(text: str) -> None:
+    """parse_serial never raises: any text is refused (None) or comes out as a canonical
+    decimal. Twin: the Go table above, where valid texts come out."""
+    decimal = parse_serial(text)
+    assert decimal is None or decimal == str(int(decimal))
 
 
 def test_serial_longer_than_the_limit_is_refused() -> None:
