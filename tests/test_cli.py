@@ -258,7 +258,8 @@ USAGE_ERRORS = [
     (["ca", "certificate", SVC, "c", "k", "--not-after", "soon"], "--not-after"),
     (["ca", "certificate", SVC, "c", "k", "--token", "t", "--ca-url", "http://h:1"], "https://"),
     (["ca", "renew", "c", "k", "--root", "r.crt"], "--ca-url is required"),
-    (["ca", "revoke", "0x1f", "--ca-url", "https://127.0.0.1:1"], "must be a decimal number"),
+    (["ca", "revoke", "0x1g", "--ca-url", "https://127.0.0.1:1"], "must be a decimal number"),
+    (["ca", "token", "0x1g", "--revoke", "--offline", "ca.json"], "must be a decimal number"),
     (["ca", "revoke", "1", "--cert", "c.crt", "--ca-url", "https://h:1"], "--cert and --key go"),
     (["ca", "roots", "--root", "r.crt"], "--ca-url is required"),
     (["ca", "federation", "--ca-url", "https://127.0.0.1:1"], "--root is required"),
@@ -421,7 +422,7 @@ _NOT_DECIMAL = "must be a decimal number"
 @pytest.mark.parametrize(
     "serial",
     [
-        "0x1f",
+        "0x1g",
         "12a",
         "-5",
         "1 2",
@@ -431,8 +432,8 @@ _NOT_DECIMAL = "must be a decimal number"
     ],
 )
 async def test_revoke_refuses_a_non_decimal_serial(pki: PKI, serial: str) -> None:
-    """A serial that is not ASCII decimal is a usage mistake, refused before any CA is
-    contacted."""
+    """A serial that is neither ASCII decimal nor 0x hex (nor negative) is a usage mistake,
+    refused before any CA is contacted. Twin: test_revoke_by_hex_serial."""
     run = await federatls("ca", "revoke", serial, *_unreachable(pki), "--password-file", "x")
     assert run.code == 2, run
     assert run.out == ""
@@ -830,6 +831,22 @@ async def test_revoke_by_minted_token(any_ca: str, pki: PKI, tmp_path: Path) -> 
     assert_one_line_error(await federatls("ca", "renew", crt, key, *ca_flags(pki)), "401")
     run = await federatls("ca", "revoke", serial, *mint_flags(pki))
     assert_one_line_error(run, "400", "already revoked")
+
+
+async def test_revoke_by_hex_serial(any_ca: str, pki: PKI, tmp_path: Path) -> None:
+    """`ca revoke 0x...` (and `ca token 0x... --revoke`) send the serial in decimal, so the
+    hex form works on step-ca 0.19 (which reads serials as text) and today's (which wants the
+    token's sub in decimal); the certificate can no longer renew (401)."""
+    crt, key = await certificate(pki, tmp_path, "svc")
+    serial = serial_of(crt)
+    token = token_from(
+        await federatls("ca", "token", hex(int(serial)), *mint_flags(pki), "--revoke")
+    )
+    assert claims_of(token)["sub"] == serial
+    run = await federatls("ca", "revoke", hex(int(serial)), *ca_flags(pki), "--token", token)
+    assert_ok(run)
+    assert run.out == f"Certificate with serial number {serial} has been revoked.\n"
+    assert_one_line_error(await federatls("ca", "renew", crt, key, *ca_flags(pki)), "401")
 
 
 async def test_revoke_token_from_ca_token(any_ca: str, pki: PKI, tmp_path: Path) -> None:

@@ -135,17 +135,26 @@ async def test_revoke_by_mtls(any_ca: str, pki: PKI) -> None:
 
 
 async def test_revoke_by_mtls_of_another_serial_is_refused(any_ca: str, pki: PKI) -> None:
-    """Over mTLS a holder may revoke only its own serial: another one gets 400 on both CAs."""
+    """Over mTLS a holder may revoke only its own serial: another one is refused by both CAs
+    (403 on the federatls CA as on step-ca 0.29+, PR #2491; 0.19 said 400)."""
     identity = await pki.enroll(SUBJECT)
     victim, victim_key = await pki.enroll("victim.cloud.internal")
     async with pki.client(identity) as ca:
         with pytest.raises(CARefusedError) as refused:
             await ca.revoke(RevokeRequest(str(victim[0].serial_number)))
-    assert refused.value.status == 400
-    assert refused.value.message == (
-        "The request could not be completed: "
-        "serial number in client certificate different than body."
-    )
+    if any_ca == "step-ca":  # differs_in_019: 0.29 made this 403 with the serials quoted
+        assert refused.value.status == 400
+        assert refused.value.message == (
+            "The request could not be completed: "
+            "serial number in client certificate different than body."
+        )
+    else:
+        assert refused.value.status == 403
+        assert refused.value.message == (
+            "The request was forbidden by the certificate authority: request serial number "
+            f'"{victim[0].serial_number}" and certificate serial number '
+            f'"{identity[0][0].serial_number}" do not match.'
+        )
     # the victim was not revoked
     assert (await _renew(pki, (victim, victim_key))).subject == victim[0].subject
 

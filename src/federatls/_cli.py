@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -41,7 +42,7 @@ from ._errors import (
 from ._issuance import check_renewed
 from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
-from ._protocol import RevokeRequest, SignRequest, TimeDuration
+from ._protocol import RevokeRequest, SignRequest, TimeDuration, parse_serial
 from ._token import (
     DEFAULT_VALIDITY,
     MAX_VALIDITY,
@@ -53,7 +54,7 @@ from ._token import (
 )
 from ._trust import TrustBundle
 from ._version import __version__
-from ._x509 import certs_to_pem, fingerprint, load_pem_certificates
+from ._x509 import certs_to_pem, fingerprint, load_pem_certificates, load_pem_csr
 
 if TYPE_CHECKING:
     from .ca._database import Database
@@ -121,6 +122,32 @@ def _token_validity(text: str) -> timedelta:
 @_usage_type(ValueError)
 def _time_or_duration(text: str) -> TimeDuration | None:
     return TimeDuration.parse(text)
+
+
+_MAX_CSR_FILE = 1024 * 1024  # far above any certificate request; /dev/zero is not read whole
+
+
+@_usage_type(ConfigError)
+def _cnf_file(path: str) -> x509.CertificateSigningRequest:
+    """The certificate request a token binds (``--cnf-file``): PEM or DER, signature checked,
+    so a token is never bound to a request no CA would sign."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(_MAX_CSR_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read certificate request {path}: {exc.strerror}") from exc
+    if len(data) > _MAX_CSR_FILE:
+        raise ConfigError(f"{path} is over {_MAX_CSR_FILE} bytes: not a certificate request")
+    try:
+        csr = load_pem_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data)
+        valid = csr.is_signature_valid
+    except BadMaterialError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{path} is not a certificate request (PEM or DER): {exc}") from exc
+    if not valid:
+        raise ConfigError(f"{path}: the certificate request's signature does not verify")
+    return csr
 
 
 @_usage_type(ConfigError)
@@ -193,11 +220,14 @@ def _name(text: str) -> str:
 
 
 def _decimal_serial(text: str) -> str:
-    if not re.fullmatch(r"[0-9]+", text):
+    """A serial as step-ca 0.22+ reads it (decimal, or 0x hex), sent in decimal: what every
+    step-ca generation, and a revoke token's ``sub``, compares with."""
+    decimal = parse_serial(text)
+    if decimal is None or decimal.startswith("-"):
         raise argparse.ArgumentTypeError(
-            f"serial {text!r} must be a decimal number, as step prints serials"
+            f"serial {text!r} must be a decimal number, as step prints serials, or 0x hex"
         )
-    return text
+    return decimal
 
 
 def _need_ca_extra(what: str) -> None:
@@ -415,6 +445,7 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
         sans=sans,
         root_fingerprint=fingerprint(root),
         validity=getattr(args, "token_not_after", None) or DEFAULT_VALIDITY,
+        csr=getattr(args, "cnf_file", None),
     )
 
 
@@ -540,7 +571,15 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     if not args.offline and not args.ca_url:
         raise UsageError("give --ca-url and --root of a running CA, or --offline CA.JSON")
-    print(_run(_mint(args, args.subject, revoke=args.revoke)))
+    if args.revoke and args.cnf_file is not None:
+        raise UsageError("--cnf-file binds a sign token to a request: not with --revoke")
+    subject = args.subject
+    if args.revoke:  # the token's sub must be the decimal serial (step-ca 0.29)
+        try:
+            subject = _decimal_serial(subject)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
+    print(_run(_mint(args, subject, revoke=args.revoke)))
     return 0
 
 
@@ -931,6 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--offline", metavar="CA.JSON", help="mint from a ca.json without a running CA")
     p.add_argument("--revoke", action="store_true", help="a token to revoke serial SUBJECT")
+    p.add_argument(
+        "--cnf-file",
+        type=_cnf_file,
+        metavar="CSR",
+        help="bind the token to this certificate request (PEM or DER): the CA signs no other "
+        "with it (the cnf claim, step-ca 0.27.3+)",
+    )
     p.set_defaults(func=cmd_token)
 
     p = verbs.add_parser("certificate", help="get a certificate and key, as `step ca certificate`")
@@ -971,7 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_renew)
 
     p = verbs.add_parser("revoke", help="revoke a certificate (by token or over mTLS)")
-    p.add_argument("serial", type=_decimal_serial, help="the decimal serial number")
+    p.add_argument(
+        "serial", type=_decimal_serial, help="the serial number: decimal, or hex with 0x"
+    )
     _ca_flags(p)
     _token_flags(p)
     p.add_argument("--token", help="a revoke token (else one is minted with the password)")

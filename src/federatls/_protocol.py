@@ -39,6 +39,7 @@ __all__ = [
     "INTERMEDIATES_PEM_PATH",
     "LEGACY_RENEW_PATH",
     "MAX_BODY_BYTES",
+    "MAX_SERIAL_LENGTH",
     "PROVISIONERS_PATH",
     "REKEY_PATH",
     "RENEW_PATH",
@@ -69,6 +70,7 @@ __all__ = [
     "VersionResponse",
     "encrypted_key_path",
     "error_message",
+    "parse_serial",
     "root_path",
     "token_audience",
 ]
@@ -319,6 +321,33 @@ class RekeyRequest:
         return {"csr": _csr_pem(self.csr)}
 
 
+MAX_SERIAL_LENGTH = 256  # characters; a certificate's serial has at most 20 octets (RFC 5280)
+_SERIAL = re.compile(
+    r"[+-]?(?:0[xX](?:_?[0-9a-fA-F])+|0[bB](?:_?[01])+|0[oO](?:_?[0-7])+|0(?:_?[0-7])*"
+    r"|[1-9](?:_?[0-9])*)"
+)
+_SERIAL_BASES = {"x": 16, "b": 2, "o": 8}
+
+
+def parse_serial(text: str) -> str | None:
+    """A revoke request's serial in decimal, read as step-ca (0.22 on) reads it: Go's
+    ``big.Int.SetString(s, 0)``. An optional sign, then ``0x``/``0X`` hex, ``0b`` binary,
+    ``0o`` or a bare leading ``0`` octal, else decimal; an underscore may stand between
+    digits or after a prefix. None when the text is none of these, or longer than
+    ``MAX_SERIAL_LENGTH`` (Go reads any length; no serial that long was ever issued)."""
+    if len(text) > MAX_SERIAL_LENGTH or not _SERIAL.fullmatch(text):
+        return None
+    negative = text[0] == "-"
+    digits = text.lstrip("+-").replace("_", "")
+    base = 10
+    if len(digits) > 1 and digits[0] == "0":
+        prefixed = digits[1].lower() in _SERIAL_BASES
+        base = _SERIAL_BASES[digits[1].lower()] if prefixed else 8
+        digits = digits[2:] if prefixed else digits[1:]
+    value = int(digits, base)
+    return str(-value if negative else value)
+
+
 @dataclass(frozen=True)
 class RevokeRequest:
     """``POST /revoke``: the decimal serial, and a token unless the call is over mTLS."""
@@ -331,8 +360,9 @@ class RevokeRequest:
 
     @classmethod
     def parse(cls, body: bytes | str) -> RevokeRequest:
-        """step-ca's checks: ``missing serial``, ``reasonCode out of bounds``, and 501 for a
-        non-passive revocation."""
+        """step-ca's checks in its order: ``missing serial``, a malformed serial (0.22), then
+        ``reasonCode out of bounds``, and 501 for a non-passive revocation. ``serial`` comes
+        out in decimal (``parse_serial``)."""
         data = _json_object(body)
         serial = _opt_str(data, "serial")
         ott = _opt_str(data, "ott")
@@ -349,6 +379,13 @@ class RevokeRequest:
             raise ProtocolError("error reading request body")
         if not serial:
             raise ProtocolError("missing serial")
+        decimal = parse_serial(serial)
+        if decimal is None:
+            raise ProtocolError(
+                f"'{serial}' is not a valid serial number - use a base 10 representation or a "
+                "base 16 representation with '0x' prefix"
+            )
+        serial = decimal
         if not 0 <= code <= 10:
             raise ProtocolError("reasonCode out of bounds")
         if not passive:

@@ -1,9 +1,9 @@
 """One-time tokens (OTT): the ES256 JWTs of step's JWK provisioners.
 
 Here: parse a token without verifying it (what a client does to find its CA), mint one
-(exactly the claims of ``step ca token``), and verify its signature and time claims (what
-the CA does). Not here: which provisioner a token belongs to, replay protection, I/O.
-Pure: the time is always passed in.
+(exactly the claims of ``step ca token``), verify its signature and time claims, and check
+its binding to one certificate request, ``cnf`` (what the CA does). Not here: which
+provisioner a token belongs to, replay protection, I/O. Pure: the time is always passed in.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_VALIDITY",
     "MIN_VALIDITY",
     "Token",
+    "csr_fingerprint",
     "mint_renew_token",
     "mint_token",
     "renew_audience",
@@ -71,6 +73,17 @@ def _epoch(dt: datetime) -> int:
     if dt.tzinfo is None:
         raise ValueError("times must be timezone-aware")
     return math.floor(dt.timestamp())
+
+
+CONFIRMATION_CLAIM = "x5rt#S256"  # cnf's member: the bound request's SHA-256 (RFC 8705)
+_BASE64URL = re.compile("[A-Za-z0-9_-]*")
+
+
+def csr_fingerprint(csr: x509.CertificateSigningRequest) -> str:
+    """What a token's ``cnf.x5rt#S256`` holds to bind it to ``csr``: the unpadded base64url
+    SHA-256 of the request's DER (as ``step ca token --cnf-file`` computes it)."""
+    digest = hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -147,6 +160,13 @@ class Token:
             raise TokenError("token header has no 'alg'")
         if "kid" in self.header and not isinstance(self.header["kid"], str):
             raise TokenError("token header 'kid' must be a string")
+        cnf = self.claims.get("cnf")
+        if cnf is not None and not (
+            isinstance(cnf, dict) and isinstance(cnf.get(CONFIRMATION_CLAIM, ""), str)
+        ):
+            raise TokenError(
+                f"token claim 'cnf' must be an object whose {CONFIRMATION_CLAIM!r} is a string"
+            )
 
     # Typed views of the claims.
     @property
@@ -195,6 +215,31 @@ class Token:
     @property
     def kid(self) -> str:
         return str(self.header.get("kid", ""))
+
+    @property
+    def confirmation(self) -> str | None:
+        """The ``cnf`` claim's ``x5rt#S256``: the base64url SHA-256 of the one certificate
+        request the token may buy a certificate for (``csr_fingerprint``), or None when the
+        token binds none (an empty value binds none, as in step-ca). Not decoded here:
+        ``confirms`` does that."""
+        cnf = self.claims.get("cnf")
+        value = cnf.get(CONFIRMATION_CLAIM) if isinstance(cnf, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    def confirms(self, csr: x509.CertificateSigningRequest) -> bool:
+        """Whether the token may buy a certificate for ``csr``: True when it binds no
+        request, else whether the bound fingerprint is this request's. ``TokenError`` when
+        the bound value is not unpadded base64url (step-ca's 403 "error decoding
+        fingerprint")."""
+        bound = self.confirmation
+        if bound is None:
+            return True
+        text = bound.replace("\r", "").replace("\n", "")  # Go's decoder skips line breaks
+        if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+            raise TokenError(f"token claim 'cnf' holds {bound!r}, not unpadded base64url")
+        expected = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        actual = hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).digest()
+        return hmac.compare_digest(expected, actual)
 
     @property
     def alg(self) -> str:
@@ -289,11 +334,14 @@ def mint_token(
     root_fingerprint: str | None = None,
     validity: timedelta = DEFAULT_VALIDITY,
     token_id: str | None = None,
+    csr: x509.CertificateSigningRequest | None = None,
 ) -> str:
     """Sign a one-time token with exactly the claims ``step ca token`` puts in one.
 
     ``iat`` = ``nbf`` = now, ``exp`` = now + validity (10 s to 1 h, as step allows),
-    ``sans`` defaults to ``[subject]``, ``jti`` is 256 random bits in hex.
+    ``sans`` defaults to ``[subject]``, ``jti`` is 256 random bits in hex. With ``csr`` the
+    token binds that request (``cnf``, as ``step ca token --cnf-file``): a CA of step-ca
+    0.27.3 or later, or federatls, signs no other request with it; step-ca 0.19 ignores it.
     """
     if not issuer:
         raise TokenError("token issuer (provisioner name) cannot be empty")
@@ -318,6 +366,8 @@ def mint_token(
     if root_fingerprint:
         claims["sha"] = root_fingerprint.lower()
     claims["sub"] = subject
+    if csr is not None:
+        claims["cnf"] = {CONFIRMATION_CLAIM: csr_fingerprint(csr)}
     header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
     payload = json.dumps(claims, separators=(",", ":"))
     return jws.serialize_compact(header, payload, key.key, algorithms=[key.alg])

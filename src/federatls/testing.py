@@ -93,9 +93,11 @@ class TestCA:
         sans: Sequence[str] = (),
         revoke: bool = False,
         validity: timedelta = DEFAULT_VALIDITY,
+        csr: x509.CertificateSigningRequest | None = None,
     ) -> str:
         """A one-time token for ``subject`` (``sans`` default to the subject), exactly as
-        ``step ca token`` makes it."""
+        ``step ca token`` makes it; with ``csr``, bound to that request (``cnf``, as
+        ``step ca token --cnf-file``)."""
         aud = revoke_audience(self.url) if revoke else sign_audience(self.url)
         return mint_token(
             self._key,
@@ -106,6 +108,7 @@ class TestCA:
             sans=sans,
             root_fingerprint=self.root_fingerprint,
             validity=validity,
+            csr=csr,
         )
 
     def identity(

@@ -4,7 +4,8 @@ checks better:
 
 * a token's signature is verified *before* its ``jti`` is burnt, so nobody can burn other
   people's tokens with forged ones;
-* a token must carry ``exp``; a revoke token's ``sub`` must be the serial it revokes;
+* a token must carry ``exp``; a revoke token whose ``sub`` is not the serial it revokes
+  (403, as step-ca 0.29) is not spent;
 * a token without ``jti`` is spent under a digest of its decoded content, not of its
   encoding, so no re-encoding of it buys a second certificate;
 * a token whose names no certificate can carry, and a CSR key outside P-256, P-384, P-521,
@@ -122,6 +123,37 @@ class _AudienceSet:
 
 def _go_list(items: Sequence[object]) -> str:
     return "[" + " ".join(str(i) for i in items) + "]"
+
+
+_GO_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+    '"': '\\"',
+    "\\": "\\\\",
+}
+
+
+def _go_quote(text: str | None) -> str:
+    """``text`` as Go's ``%q`` shows it: quoted, printable characters as they are, the rest
+    escaped (so no control character reaches a body or the log raw)."""
+    out = []
+    for ch in text or "":
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -345,7 +377,7 @@ class Authority:
         subject, sans = names
         self._check_constraints(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]), sans)
         try:
-            leaf, sans = self._issue(request, prov, names, public_key, now)
+            leaf, sans = self._issue(request, prov, token, names, public_key, now)
         except Refusal:
             self._spend(spend)
             raise
@@ -371,18 +403,32 @@ class Authority:
         self,
         request: SignRequest,
         prov: JWKProvisioner,
+        token: Token,
         names: tuple[str, SANs],
         public_key: CertificateIssuerPublicKeyTypes,
         now: datetime,
     ) -> tuple[x509.Certificate, SANs]:
+        """The certificate request's checks, in step-ca's order (the token's binding ``cnf``,
+        the common name, the SANs, the validity), then the certificate."""
         subject, sans = names
         csr = request.csr
+        try:
+            bound = token.confirms(csr)
+        except TokenError:
+            raise Refusal(403, "error decoding fingerprint") from None
+        if not bound:
+            raise Refusal(
+                403,
+                f"certificate request fingerprint does not match {_go_quote(token.confirmation)}",
+            )
+        # step-ca 0.25.1: the CN may be the subject or any of the token's names.
+        allowed = [subject, *(token.sans or [subject])]
         cn = common_name(csr.subject)
-        if cn and cn != subject:
+        if cn and cn not in allowed:
             raise Refusal(
                 403,
                 "certificate request does not contain the valid common name"
-                f" - got {cn}, want {subject}",
+                f" - got {cn}, want {_go_list(allowed)}",
             )
         _check_csr_sans(cert_sans(csr), sans)
         not_before, not_after = self._validity(
@@ -618,16 +664,22 @@ class Authority:
         provisioner, spend, mtls = "", None, False
         if request.ott:
             prov, token, spend = self._validate_token(request.ott, "revoke", now)
-            if token.subject != request.serial:
-                raise _unauthorized(
-                    f"revoke token is for serial {token.subject}, not {request.serial}"
+            if token.subject != request.serial:  # step-ca 0.29: 403, was accepted
+                raise Refusal(
+                    403,
+                    f"request serial number {_go_quote(request.serial)} and token subject "
+                    f"{_go_quote(token.subject)} do not match",
                 )
             provisioner = prov.id
         elif peer is None:
             raise Refusal(400, "missing ott or client certificate")
         else:
-            if _serial(peer) != request.serial:
-                raise Refusal(400, "serial number in client certificate different than body")
+            if _serial(peer) != request.serial:  # step-ca 0.29: 403, was 400
+                raise Refusal(
+                    403,
+                    f"request serial number {_go_quote(request.serial)} and certificate "
+                    f"serial number {_go_quote(_serial(peer))} do not match",
+                )
             ref = read_provisioner_extension(peer)
             provisioner, mtls = (ref.id if ref else ""), True
         if self.store.get_certificate(request.serial) is None:
