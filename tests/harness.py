@@ -171,13 +171,14 @@ def make_pki(
     address: str = "127.0.0.1:0",
     dns: Sequence[str] = ("127.0.0.1", "localhost"),
     name_constraints: x509.NameConstraints | None = None,
+    now: datetime | None = None,
 ) -> PKI:
     result = init_pki(
         name,
         base / name,
         address=address,
         password=PASSWORD,
-        now=datetime.now(UTC),
+        now=now or datetime.now(UTC),
         dns_names=list(dns),
         name_constraints=name_constraints,
     )
