@@ -173,6 +173,8 @@ def make_pki(
     name_constraints: x509.NameConstraints | None = None,
     now: datetime | None = None,
 ) -> PKI:
+    """A PKI made by ``init_pki``; ``now``: when its root and intermediate begin (default:
+    now)."""
     result = init_pki(
         name,
         base / name,

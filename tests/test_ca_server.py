@@ -61,7 +61,8 @@ async def test_read_routes_answer_like_step_ca(ca: CAServer, pki: PKI, prefix: s
 
 
 async def test_root_lookup_normalises_and_404s(ca: CAServer, pki: PKI) -> None:
-    """/root/{sha} accepts upper case and dashes, and 404s with step's body for unknown ones."""
+    """/root/{sha} accepts upper case and dashes, and 404s with step-ca 0.30's body (naming
+    the fingerprint) for unknown ones."""
     odd = "-".join([pki.fingerprint.upper()[:32], pki.fingerprint.upper()[32:]])
     async with _http(pki) as http:
         found = await http.get(f"/root/{odd}")
@@ -70,8 +71,7 @@ async def test_root_lookup_normalises_and_404s(ca: CAServer, pki: PKI) -> None:
     assert missing.status_code == 404
     assert missing.json() == {
         "status": 404,
-        "message": "The requested resource could not be found. Please see the certificate "
-        "authority logs for more info.",
+        "message": f'root certificate with fingerprint "{"0" * 64}" was not found',
     }
 
 

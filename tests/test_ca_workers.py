@@ -25,6 +25,7 @@ import pytest
 
 from federatls._keys import build_csr, new_private_key
 from federatls._protocol import SignRequest
+from federatls._x509 import certs_to_pem
 from federatls.ca import Database, SQLiteStore, init_schema, open_store
 
 from harness import PKI, federatls, make_pki, spawn_serve
@@ -291,6 +292,26 @@ async def test_sighup_reloads_every_worker(pki: PKI, tmp_path: Path) -> None:
         reloaded = {_worker_of(line) for line in ca.lines[before:] if "reloaded from" in line}
         assert reloaded == {"1", "2"}
         assert await _federation_sizes(pki, 20) == [2] * 20
+
+
+async def test_sighup_reloads_a_federated_roots_bundle_in_every_worker(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A `federatedRoots` file holding two roots (a bundle, step-ca 0.23) is served whole by
+    every worker; after a third root joins the file, SIGHUP makes every worker serve it
+    (and before the SIGHUP none does)."""
+    kube, edge, extra = (make_pki(tmp_path, name) for name in ("kubernetes", "edge", "extra"))
+    bundle = tmp_path / "federated.pem"
+    bundle.write_text(certs_to_pem([kube.root, edge.root]))
+    pki.edit(lambda d: d.__setitem__("federatedRoots", [str(bundle)]))
+    async with supervised(pki, 2) as ca:
+        assert await _federation_sizes(pki, 8) == [3] * 8
+        bundle.write_text(certs_to_pem([kube.root, edge.root, extra.root]))
+        assert await _federation_sizes(pki, 4) == [3] * 4
+        before = len(ca.lines)
+        ca.process.send_signal(signal.SIGHUP)
+        await ca.logged(r"configuration reloaded in all 2 worker\(s\)", after=before)
+        assert await _federation_sizes(pki, 20) == [4] * 20
 
 
 async def test_sighup_with_a_broken_config_keeps_every_worker_running(pki: PKI) -> None:

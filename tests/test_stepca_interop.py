@@ -7,10 +7,13 @@ step-ca serving the same PKI (``any_ca``), or runs both side by side. In this mo
 One difference is intended (DESIGN.md §2): step-ca burns a token's ``jti`` before it checks
 the signature, so a forged token can burn a genuine one; the federatls CA checks the
 signature first. ``test_forged_token_cannot_burn_a_genuine_jti`` pins both behaviours.
+Where step-ca changed after 0.19 the federatls CA follows 0.30: those rows expect each CA's
+own answer and name the upstream change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import socket
@@ -32,9 +35,12 @@ from federatls._keys import PrivateKey, build_csr, new_private_key
 from federatls._protocol import RekeyRequest, RevokeRequest
 from federatls._sslkeys import load_cert_chain_in_memory
 from federatls._token import mint_renew_token, renew_audience
-from federatls._x509 import cert_sans, load_pem_certificates, split_sans
+from federatls._x509 import cert_sans, certs_to_pem, load_pem_certificates, split_sans
+from federatls.ca._config import CAConfig
+from federatls.ca._issuer import renew_leaf
+from federatls.ca._material import load_material
 
-from harness import PKI, make_pki, serving, stepca_process
+from harness import PASSWORD, PKI, make_pki, serving, stepca_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.stepca]
 
@@ -45,6 +51,10 @@ NOT_FOUND = {
     "message": "The requested resource could not be found. "
     "Please see the certificate authority logs for more info.",
 }
+UNAUTHORIZED = (
+    "The request lacked necessary authorization to be completed. "
+    "Please see the certificate authority logs for more info."
+)
 Identity = tuple[list[x509.Certificate], PrivateKey]
 
 
@@ -246,10 +256,16 @@ async def test_root_by_fingerprint(any_ca: str, pki: PKI, other: PKI) -> None:
             assert r.status_code == 200, sha
             assert load_pem_certificates(r.json()["ca"]) == [root]
         unknown = hashlib.sha256(b"no such root").hexdigest()
+        # Differs in 0.19: step-ca 0.30 (PR #1893) names the fingerprint in the 404 body, and
+        # the federatls CA follows 0.30; 0.19's body is the generic one.
+        missing = NOT_FOUND
+        if any_ca == "federatls":
+            message = f'root certificate with fingerprint "{unknown}" was not found'
+            missing = {"status": 404, "message": message}
         r = await http.get(f"{pki.url}/root/{unknown}")
-        assert (r.status_code, r.json()) == (404, NOT_FOUND)
+        assert (r.status_code, r.json()) == (404, missing)
         r = await http.get(f"{pki.url}/1.0/root/{unknown}")
-        assert (r.status_code, r.json()) == (404, NOT_FOUND)
+        assert (r.status_code, r.json()) == (404, missing)
 
 
 # The CA's own TLS --------------------------------------------------------------------------
@@ -330,3 +346,103 @@ async def test_forged_token_cannot_burn_a_genuine_jti(any_ca: str, pki: PKI) -> 
     assert first.status_code == 401
     assert second.status_code == GENUINE_AFTER_FORGERY[any_ca], second.text
     assert third.status_code == 401  # and once used, the genuine token is spent on both
+
+
+# What changed after 0.19 (the federatls CA follows step-ca 0.30) -----------------------------
+INTERMEDIATES_019 = {"federatls": 201, "step-ca": 404}  # 0.27.3, PR #1962
+
+
+async def test_intermediates_only_on_the_newer_wire(any_ca: str, pki: PKI) -> None:
+    """GET /intermediates: the federatls CA answers 201 with the intermediate (step-ca 0.27.3
+    and later); step-ca 0.19 has no such route (404), which the SDK reads as absent."""
+    async with httpx.AsyncClient(verify=_verify(pki)) as http:
+        r = await http.get(f"{pki.url}/1.0/intermediates")
+    assert r.status_code == INTERMEDIATES_019[any_ca]
+    if any_ca == "federatls":  # 0.19's 404 is its router's plain text, not JSON
+        assert load_pem_certificates("".join(r.json()["crts"])) == [_intermediate(pki)]
+
+
+async def test_request_id_echoed_only_on_the_newer_wire(any_ca: str, pki: PKI) -> None:
+    """X-Request-Id: the federatls CA echoes a client's (step-ca 0.26 and later, PR #1743);
+    step-ca 0.19 answers without one, so a client cannot count on it."""
+    async with httpx.AsyncClient(verify=_verify(pki)) as http:
+        r = await http.get(f"{pki.url}/health", headers={"X-Request-Id": "interop-1"})
+    assert r.status_code == 200
+    echoed = "interop-1" if any_ca == "federatls" else None
+    assert r.headers.get("x-request-id") == echoed
+
+
+def _expired_twin(pki: PKI, leaf: x509.Certificate) -> x509.Certificate:
+    """``leaf`` again (same key, names and provisioner extension), signed by the PKI's
+    intermediate to have ended a minute ago: neither CA signs one itself. (step-ca checks
+    the x5cInsecure chain as of a minute before the leaf's end: the PKI began before.)"""
+    material = load_material(CAConfig.load(pki.config), PASSWORD)
+    lived = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    then = datetime.now(UTC) - lived - timedelta(minutes=1)
+    return renew_leaf(material, leaf, now=then, backdate=timedelta(0))
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["not-allowed", "allowed"])
+@pytest.mark.parametrize("backend", ["federatls", "step-ca"])
+async def test_expired_certificate_renews_by_bearer_only_when_allowed(
+    backend: str, allowed: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A certificate that expired an hour ago renews by a Bearer x5cInsecure token when the
+    provisioner has allowRenewalAfterExpiry (201 on both CAs), else 401. The 401's body
+    differs in 0.19: step-ca 0.20 (PR #940) says "certificate expired on <notAfter>" in it,
+    which the federatls CA follows; 0.19's is the generic 401 text."""
+    pki = make_pki(tmp_path, "older", now=datetime.now(UTC) - timedelta(days=2))
+    if allowed:
+        pki.set_claims(allowRenewalAfterExpiry=True)
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "federatls":
+            await stack.enter_async_context(serving(pki))
+        else:
+            stack.enter_context(stepca_process(request.getfixturevalue("stepca_bin"), pki))
+        chain, key = await pki.enroll(SUBJECT)
+        expired = _expired_twin(pki, chain[0])
+        assert expired.not_valid_after_utc < datetime.now(UTC)
+        old = [expired, *chain[1:]]
+        token = mint_renew_token(old, key, audience=renew_audience(pki.url), now=datetime.now(UTC))
+        async with pki.client() as ca:
+            if allowed:
+                renewed = (await ca.renew_with_token(token)).leaf
+            else:
+                with pytest.raises(CARefusedError) as refused:
+                    await ca.renew_with_token(token)
+    if allowed:
+        assert renewed.subject == expired.subject
+        assert renewed.not_valid_after_utc > datetime.now(UTC)
+        return
+    assert refused.value.status == 401
+    if backend == "federatls":
+        when = expired.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+        assert refused.value.message == (
+            "The request lacked necessary authorization to be completed: "
+            f"certificate expired on {when}"
+        )
+    else:
+        assert refused.value.message == UNAUTHORIZED
+
+
+@pytest.mark.parametrize("backend", ["federatls", "step-ca"])
+async def test_root_bundle_file(
+    backend: str, pki: PKI, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A `root` file holding two PEM certificates: the federatls CA serves both (step-ca 0.23,
+    PR #1169, reads bundles); step-ca 0.19 refuses to start ("contains more than one PEM
+    encoded block"). Twin of the several-files case, which both CAs serve."""
+    nxt = make_pki(tmp_path, "next")
+    bundle = tmp_path / "roots.pem"
+    bundle.write_text(certs_to_pem([pki.root, nxt.root]))
+    pki.edit(lambda d: d.__setitem__("root", str(bundle)))
+    if backend == "step-ca":
+        with (
+            pytest.raises(RuntimeError, match="contains more than one PEM encoded block"),
+            stepca_process(request.getfixturevalue("stepca_bin"), pki),
+        ):
+            pass
+        return
+    async with serving(pki), httpx.AsyncClient(verify=_verify(pki)) as http:
+        roots = await http.get(f"{pki.url}/roots")
+    assert _ders(roots.json()["crts"]) == {_der(pki.root), _der(nxt.root)}

@@ -64,21 +64,28 @@ __all__ = ["Authority", "Refusal"]
 LEGACY_AUDIENCE = "step-certificate-authority"
 MAX_COMMON_NAME_BYTES = 64  # X.520's upper bound, as cryptography applies it (UTF-8 bytes)
 _DEFAULT_PAGE, _MAX_PAGE = 20, 100
+_EXPIRED_PREFIX = "The request lacked necessary authorization to be completed"
+_MAX_QUOTED = 128  # characters of a client's value a body quotes whole
 
 TokenKind = Literal["sign", "revoke"]
 
 
 class Refusal(Exception):
-    """A request the CA refuses: ``status``, the specific ``reason`` for the log."""
+    """A request the CA refuses: ``status``, the specific ``reason`` for the log, and the
+    body's ``message`` where step-ca words one of its own for this refusal."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, message: str | None = None) -> None:
         self.status = status
         self.reason = reason
+        self.message = message
         super().__init__(f"{status}: {reason}")
 
     @property
     def body(self) -> ErrorBody:
-        """step-ca's body: 400 and 403 say why; every other status says "see the logs"."""
+        """step-ca's body: 400 and 403 say why; every other status says "see the logs",
+        unless step-ca has a message of its own for the refusal (``message``)."""
+        if self.message is not None:
+            return ErrorBody(self.status, self.message)
         return ErrorBody.for_status(self.status, self.reason)
 
 
@@ -231,9 +238,16 @@ class Authority:
         return dedupe(tuple(c for source in self.federation_sources() for c in source.roots))
 
     def root(self, sha: str) -> x509.Certificate:
-        cert = self.material.root_by_fingerprint(sha.lower().replace("-", ""))
+        """An own or federated root by fingerprint (any case, dashes ignored); else 404 with
+        step-ca 0.30's body naming the fingerprint asked for (docs/protocol.md, "Endpoints")."""
+        wanted = sha.lower().replace("-", "")
+        cert = self.material.root_by_fingerprint(wanted)
         if cert is None:
-            raise Refusal(404, f"certificate with fingerprint {sha} was not found")
+            raise Refusal(
+                404,
+                f"certificate with fingerprint {sha} was not found",
+                message=f"root certificate with fingerprint {_go_quote(wanted)} was not found",
+            )
         return cert
 
     def provisioners(self, cursor: str, limit_text: str) -> tuple[list[JWKProvisioner], str]:
@@ -469,8 +483,10 @@ class Authority:
                 raise _unauthorized(f"renew is disabled for provisioner '{prov.name}'")
         if _trunc(now) < cert.not_valid_before_utc:
             raise _unauthorized("certificate is not yet valid")
-        if now > cert.not_valid_after_utc and not claims.allow_renewal_after_expiry:
-            raise _unauthorized("certificate has expired")
+        if _trunc(now) > cert.not_valid_after_utc and not claims.allow_renewal_after_expiry:
+            # step-ca 0.20 and later say so in the body too (docs/protocol.md, "Renew").
+            expired = f"certificate expired on {_go_time(cert.not_valid_after_utc)}"
+            raise Refusal(401, expired, message=f"{_EXPIRED_PREFIX}: {expired}")
         return prov_id
 
     def renew(
@@ -646,6 +662,27 @@ def _trunc(dt: datetime) -> datetime:
 
 def _go_time(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
+def _go_quote(value: str) -> str:
+    """``value`` double-quoted as Go's ``%q`` writes it (step-ca's bodies quote so), cut to
+    ``_MAX_QUOTED`` characters first: a body never carries a client's kilobytes back."""
+    if len(value) > _MAX_QUOTED:
+        value = value[:_MAX_QUOTED] + "..."
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x80:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{code:02x}"))
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:

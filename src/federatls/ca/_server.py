@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +35,14 @@ from .._protocol import (
     FEDERATION_PATH,
     FEDERATION_SOURCES_PATH,
     HEALTH_PATH,
+    INTERMEDIATES_PATH,
+    INTERMEDIATES_PEM_PATH,
     LEGACY_RENEW_PATH,
     MAX_BODY_BYTES,
     PROVISIONERS_PATH,
     REKEY_PATH,
     RENEW_PATH,
+    REQUEST_ID_HEADER,
     REVOKE_PATH,
     ROOT_PATH,
     ROOTS_PATH,
@@ -84,6 +89,13 @@ READY_RECORD = "federatls_ready"
 CHECKPOINT_INTERVAL = 0.1  # seconds between checkpoints of the database's write-ahead log
 HEALTH_CHECK_INTERVAL = 1.0  # /health asks the database at most this often
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# step-ca's older header for the same id, read when a request has no X-Request-Id.
+LEGACY_REQUEST_ID_HEADER = "X-Smallstep-Id"
+MAX_REQUEST_ID = 128  # characters of a client's request id the CA keeps
+# A request id the CA echoes: letters, digits and a few separators (a UUID, an xid, a
+# trace id); anything else is replaced by a fresh id, never echoed or logged raw.
+_SANE_REQUEST_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/+=@~-]{{0,{MAX_REQUEST_ID - 1}}}")
+_REQUEST_ID = web.RequestKey("request_id", str)
 
 
 Clock = Callable[[], datetime]
@@ -369,6 +381,31 @@ class _HTTPLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
 
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The id a request is answered and logged under (docs/protocol.md, "Request ids"): the
+    client's ``X-Request-Id`` (else ``X-Smallstep-Id``, as step-ca reads it) when it is a sane
+    token of at most ``MAX_REQUEST_ID`` characters, else a fresh UUID, as step-ca makes one."""
+    for name in (REQUEST_ID_HEADER, LEGACY_REQUEST_ID_HEADER):
+        given = headers.get(name, "")
+        if given:
+            return given if _SANE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
+    return str(uuid.uuid4())
+
+
+@web.middleware
+async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer, refusals included, carries the request's id in ``X-Request-Id``; the
+    CA's log lines about the request name it."""
+    request[_REQUEST_ID] = rid = request_id_of(request.headers)
+    response = await handler(request)
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
+
+
+def _rid(request: web.Request) -> str:
+    return str(request.get(_REQUEST_ID, "-"))
+
+
 def _clipped(text: str, most: int) -> str:
     """``text`` cut to ``most`` characters for the log (a client chooses paths and claims)."""
     return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
@@ -380,27 +417,31 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     quoted and clipped, so that a refusal is one line of bounded length whatever a client
     puts in its path or its token."""
     where = _clipped(f"{request.method} {request.path}", 200)
+    rid = _rid(request)
     try:
         return await handler(request)
     except Refusal as refusal:
-        log.warning("refused %r: %d %r", where, refusal.status, _clipped(refusal.reason, 600))
+        reason = _clipped(refusal.reason, 600)
+        log.warning("refused %r (request %s): %d %r", where, rid, refusal.status, reason)
         return _json(refusal.body.to_json(), refusal.status)
     except StoreBusyError as exc:
         what = "unavailable" if isinstance(exc, StoreUnavailableError) else "busy"
-        log.warning("refused %r: 503 the database is %s (%s)", where, what, exc)
+        log.warning("refused %r (request %s): 503 the database is %s (%s)", where, rid, what, exc)
         response = _json(ErrorBody.for_status(503).to_json(), 503)
         response.headers["Retry-After"] = "1"
         return response
     except ProtocolError as exc:
-        log.warning("refused %r: %d %r", where, exc.status, _clipped(exc.reason, 600))
+        reason = _clipped(exc.reason, 600)
+        log.warning("refused %r (request %s): %d %r", where, rid, exc.status, reason)
         return _json(ErrorBody.for_status(exc.status, exc.reason).to_json(), exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        log.warning("refused %r: %d %r", where, exc.status, _clipped(exc.reason, 600))
+        reason = _clipped(exc.reason, 600)
+        log.warning("refused %r (request %s): %d %r", where, rid, exc.status, reason)
         return _json(ErrorBody.for_status(exc.status).to_json(), exc.status)
     except Exception:
-        log.exception("internal error on %r", where)
+        log.exception("internal error on %r (request %s)", where, rid)
         return _json(ErrorBody.for_status(500).to_json(), 500)
 
 
@@ -433,6 +474,17 @@ async def _roots(request: web.Request) -> web.Response:
 
 async def _roots_pem(request: web.Request) -> web.Response:
     body = certs_to_pem(_authority(request).roots())
+    return web.Response(text=body, content_type="application/x-pem-file")
+
+
+async def _intermediates(request: web.Request) -> web.Response:
+    """The CA's intermediates, the signing one first, as step-ca 0.27.3 and later answer
+    them: 201 with ``{"crts": [...]}`` (the shape of ``/roots``)."""
+    return _json(RootsResponse(_authority(request).material.intermediates).to_json(), 201)
+
+
+async def _intermediates_pem(request: web.Request) -> web.Response:
+    body = certs_to_pem(_authority(request).material.intermediates)
     return web.Response(text=body, content_type="application/x-pem-file")
 
 
@@ -486,17 +538,18 @@ def _signed(
 ) -> web.Response:
     # The log line waits for the next turn of the event loop, by when the answer has been
     # sent and the connection closed: the client does not wait for the CA's bookkeeping.
-    asyncio.get_running_loop().call_soon(_log_signed, what, request.path, chain[0])
+    asyncio.get_running_loop().call_soon(_log_signed, what, request.path, _rid(request), chain[0])
     body = SignResponse(tuple(chain), authority.config.tls_options).to_json()
     return _json(body, 201)
 
 
-def _log_signed(what: str, path: str, leaf: x509.Certificate) -> None:
+def _log_signed(what: str, path: str, rid: str, leaf: x509.Certificate) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(
-            "%s %s: serial=%d subject=%r not_after=%s",
+            "%s %s (request %s): serial=%d subject=%r not_after=%s",
             what,
             path,
+            rid,
             leaf.serial_number,
             leaf.subject.rfc4514_string(),
             leaf.not_valid_after_utc.isoformat(),
@@ -558,14 +611,20 @@ async def _revoke(request: web.Request) -> web.Response:
     peer, now = _peer_certificate(request), _clock(request)
     # One write (the revocation, with its token), durable: always from a thread.
     await state.off_loop(lambda: authority.revoke(revoke, peer, now))
-    log.info("revoked serial=%r reason_code=%d", revoke.serial, revoke.reason_code)
+    log.info(
+        "revoked serial=%r reason_code=%d (request %s)",
+        revoke.serial,
+        revoke.reason_code,
+        _rid(request),
+    )
     return _json(RevokeResponse().to_json())
 
 
 def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
     """The aiohttp application: every route under ``/`` and ``/1.0/``."""
     app = web.Application(
-        middlewares=[_close_promptly, _errors, _phases], client_max_size=MAX_BODY_BYTES
+        middlewares=[_close_promptly, _request_id, _errors, _phases],
+        client_max_size=MAX_BODY_BYTES,
     )
     state = _State(authority, clock)
     app[_STATE] = state
@@ -579,6 +638,8 @@ def build_app(authority: Authority, clock: Clock = _now) -> web.Application:
         app.router.add_get(prefix + VERSION_PATH, _version, allow_head=False)
         app.router.add_get(prefix + ROOTS_PATH, _roots, allow_head=False)
         app.router.add_get(prefix + ROOTS_PEM_PATH, _roots_pem, allow_head=False)
+        app.router.add_get(prefix + INTERMEDIATES_PATH, _intermediates, allow_head=False)
+        app.router.add_get(prefix + INTERMEDIATES_PEM_PATH, _intermediates_pem, allow_head=False)
         app.router.add_get(prefix + FEDERATION_PATH, _federation, allow_head=False)
         app.router.add_get(prefix + FEDERATION_SOURCES_PATH, _federation_sources, allow_head=False)
         app.router.add_get(prefix + ROOT_PATH, _root, allow_head=False)
