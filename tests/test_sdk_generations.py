@@ -213,15 +213,42 @@ async def test_a_ca_that_never_answered_gives_no_request_id(tmp_path: Path) -> N
     assert "request id" not in str(unreachable.value)
 
 
-async def test_step_ca_019_echoes_no_request_id(stepca: PKI) -> None:
-    """The real step-ca 0.19 answers without X-Request-Id (it came in 0.26): its refusals
-    carry request_id None, and calls work as before."""
-    async with stepca.client() as ca:
+@pytest.mark.parametrize(
+    ("kind", "echoes"),
+    [
+        ("federatls", True),
+        # step-ca 0.19 answers without X-Request-Id (echoed from 0.26 on, PR #1743).
+        pytest.param("step-ca", False, marks=pytest.mark.stepca),
+    ],
+)
+async def test_a_real_ca_refusal_carries_its_echoed_request_id(
+    kind: str,
+    echoes: bool,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The federatls CA echoes each call's id: its refusal (400, no client certificate)
+    carries the id the client sent and logged; Twin: step-ca 0.19 echoes none, so its
+    refusal carries None while the call is logged as not echoed."""
+    caplog.set_level(logging.DEBUG, logger=CLIENT_LOG)
+    pki = make_pki(tmp_path, "cloud")
+    async with _running(kind, pki, request), pki.client() as ca:
         assert await ca.health() == "ok"
         with pytest.raises(CARefusedError) as refused:
             await ca.renew()  # no client certificate: 400
     assert refused.value.status == 400
-    assert refused.value.request_id is None
+    logged = [m for m in _messages(caplog, CLIENT_LOG, logging.DEBUG) if "/renew: 400" in m]
+    assert len(logged) == 1
+    if echoes:
+        echoed = refused.value.request_id
+        assert echoed is not None
+        assert str(uuid.UUID(echoed)) == echoed  # the client's UUID, echoed as sent
+        assert logged[0].endswith(f"request id {echoed}")
+        assert f"[request id {echoed}]" in str(refused.value)
+    else:
+        assert refused.value.request_id is None
+        assert logged[0].endswith("(not echoed)")
 
 
 # 2. /intermediates -----------------------------------------------------------------------------
@@ -254,10 +281,28 @@ async def test_intermediates_failing_otherwise_is_an_error(tmp_path: Path) -> No
     assert refused.value.status == 500
 
 
-async def test_step_ca_019_publishes_no_intermediates(stepca: PKI) -> None:
-    """The real step-ca 0.19 has no /intermediates: None."""
-    async with stepca.client() as ca:
-        assert await ca.intermediates() is None
+@pytest.mark.parametrize(
+    ("kind", "publishes"),
+    [
+        ("federatls", True),
+        # step-ca 0.19 has no /intermediates (404; added in 0.27.3, PR #1962): absent.
+        pytest.param("step-ca", False, marks=pytest.mark.stepca),
+    ],
+)
+async def test_a_real_ca_intermediates(
+    kind: str, publishes: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The federatls CA publishes its intermediate, the one that signs its certificates;
+    Twin: step-ca 0.19 has no such route, and intermediates() says None."""
+    pki = make_pki(tmp_path, "cloud")
+    async with _running(kind, pki, request):
+        identity = await _enrol(pki)
+        async with pki.client() as ca:
+            published = await ca.intermediates()
+    if publishes:
+        assert published == identity.chain[1:]
+    else:
+        assert published is None
 
 
 async def test_bootstrap_completes_a_short_chain_from_intermediates(tmp_path: Path) -> None:
@@ -380,6 +425,21 @@ async def test_a_revoked_certificate_refused_over_mtls_is_not_taken_for_expired(
     assert not refused_as_expired(refused.value)
 
 
+async def test_a_ca_clock_ahead_says_expired_with_401(tmp_path: Path) -> None:
+    """A certificate valid by the TLS layer's clock but past its end by the CA's: 401
+    "certificate ... expired", which refused_as_expired recognises."""
+    pki = _short_pki(tmp_path, after_expiry=False)
+    clock = FakeClock()
+    async with serving(pki, clock):
+        identity = await _enrol(pki)
+        clock.advance(10)
+        async with pki.client(identity=(identity.chain, identity._key)) as ca:
+            with pytest.raises(CARefusedError) as refused:
+                await ca.renew()
+    assert refused.value.status == 401
+    assert refused_as_expired(refused.value), refused.value
+
+
 @pytest.mark.parametrize("kind", CAS)
 async def test_an_expired_identity_renews_with_a_renew_token_where_allowed(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
@@ -456,6 +516,30 @@ async def test_an_expired_identity_enrols_again_where_renewal_after_expiry_is_no
     assert enrolled.serial != identity.serial
     assert not enrolled.public_key_matches(identity.certificate)
     assert enrolled.sans == identity.sans
+
+
+@pytest.mark.parametrize("after_expiry", [True, False])
+async def test_an_identity_the_ca_calls_expired_takes_the_renew_token_path(
+    after_expiry: bool, tmp_path: Path
+) -> None:
+    """Our clock says valid, the CA's (ahead) says expired (401): the renewal goes the renew
+    token way at once; it renews where the provisioner allows it, and Twin: stops with
+    IdentityExpiredError where it does not."""
+    pki = _short_pki(tmp_path, after_expiry=after_expiry)
+    clock = FakeClock()
+    async with serving(pki, clock):
+        identity = await _enrol(pki)
+        clock.advance(10)
+        live = RenewingIdentity(identity, policy=FAST)
+        with anyio.fail_after(20):
+            if after_expiry:
+                renewed = await live.refresh()
+                assert renewed.public_key_matches(identity.certificate)
+                assert renewed.serial != identity.serial
+            else:
+                with pytest.raises(IdentityExpiredError, match="does not renew it after expiry"):
+                    await live.refresh()
+                assert live.current is identity
 
 
 async def test_an_expired_identity_retries_while_the_ca_is_down(tmp_path: Path) -> None:
