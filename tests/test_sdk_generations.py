@@ -21,6 +21,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import federatls
 from federatls import (
@@ -187,6 +189,17 @@ def test_read_request_id_keeps_plain_ids_only() -> None:
         assert read_request_id(plain) == plain.strip()
     for odd in ("a" * 129, "two words", 'say"no', "", None):
         assert read_request_id(odd) is None
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(value=st.text(max_size=200))
+def test_read_request_id_never_lets_an_odd_value_through(value: str) -> None:
+    """Whatever a CA echoes, what is read is None or a plain id of at most 128 characters
+    from letters, digits and ``.-_:`` (nothing that could forge a log line)."""
+    got = read_request_id(value)
+    assert got is None or (
+        len(got) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in got)
+    )
 
 
 async def test_a_failure_after_the_answer_began_carries_the_echoed_id(tmp_path: Path) -> None:

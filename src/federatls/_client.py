@@ -4,7 +4,9 @@ translated here, in ``_call``, into federatls errors.
 
 Every call is bounded by a deadline (connect, send and the read of the whole body), and
 optionally by a longer exchange's (a bootstrap's, a renewal's); answers larger than
-``MAX_ANSWER_BYTES`` are refused as they stream in, never buffered whole.
+``MAX_ANSWER_BYTES`` are refused as they stream in, never buffered whole. Every call sends a
+fresh ``X-Request-Id``, and the id the CA echoes (step-ca 0.26 and later) is logged and
+carried on the errors (docs/protocol.md, "Request ids").
 """
 
 from __future__ import annotations
