@@ -653,7 +653,9 @@ async def test_expired_certificate_without_token_source_stops_and_says_so(
             async with serving(pki):
                 identity = await _enrol(pki)
                 live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, FAST)
-            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=300)
+            # Past the second after notAfter: the CA compares whole seconds (as step-ca does),
+            # so within that second it would still renew the certificate.
+            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=1300)
             await anyio.sleep(max(left.total_seconds(), 0.0))
             await wait_until(lambda: len(_failures(caplog)) >= 2)  # expired, the CA still down
             assert live.stopped is None
@@ -700,7 +702,9 @@ async def test_expired_certificate_with_token_source_enrols_again(
                 live: RenewingIdentity = await tg.start(
                     federatls.keep_renewed, identity, FAST, token_source
                 )
-            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=300)
+            # Past the second after notAfter: the CA compares whole seconds (as step-ca does),
+            # so within that second it would still renew the certificate.
+            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=1300)
             await anyio.sleep(max(left.total_seconds(), 0.0))
             assert live.stopped is None
             assert live.current is identity
