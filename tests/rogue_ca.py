@@ -53,6 +53,7 @@ class Issue:
         ExtendedKeyUsageOID.CLIENT_AUTH,
     )
     issuer_is_ca: bool = True  # False: signed by an intermediate of the root marked CA:FALSE
+    short_chain: bool = False  # True: certChain holds the leaf alone (no intermediate)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class Behaviour:
     every ``drip`` seconds (0: at once), with its JSON body padded to ``pad_to`` bytes (an
     extra field), announced with a Content-Length or, with ``declare_length=False``, chunked;
     with ``gzip``, the body is sent gzip-compressed (whether asked for or not); ``body``, when
-    given, is sent instead of the answer (garbage, say)."""
+    given, is sent instead of the answer (garbage, say); with ``head_at_once``, only the
+    body drips."""
 
     delay: float = 0.0
     drip: float = 0.0
@@ -69,6 +71,7 @@ class Behaviour:
     declare_length: bool = True
     gzip: bool = False
     body: bytes | None = None
+    head_at_once: bool = False  # True: the status line and headers at once, only the body dripped
 
 
 @dataclass
@@ -91,6 +94,14 @@ class RogueCA:
     url: str = ""
     port: int = 0  # where it listens (0: a free port)
     root_answer: x509.Certificate | None = None  # what /root/{sha} answers (None: the PKI's)
+    # What ``/intermediates`` answers: None is 404 (step-ca before 0.27.3: no such route);
+    # (201, certificates) its list; (501, []) an error body, as a CA that publishes none.
+    published: tuple[int, list[x509.Certificate]] | None = None
+    # X-Request-Id: the client's echoed (step-ca 0.26 and later); with ``echo=False`` none
+    # (before 0.26); ``answer_id``, when given, is sent instead (a hostile value, say).
+    echo: bool = True
+    answer_id: str | None = None
+    request_ids: list[str | None] = field(default_factory=list)  # what each request carried
 
     def __post_init__(self) -> None:
         certs = self.pki.directory / "certs"
@@ -159,15 +170,21 @@ class RogueCA:
             return False
         method, target, _ = line.decode().split(" ", 2)
         length = 0
+        request_id = None
         while (header := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = header.decode().partition(":")
             if name.strip().lower() == "content-length":
                 length = int(value)
+            if name.strip().lower() == "x-request-id":
+                request_id = value.strip()
         body = await reader.readexactly(length)
         self.requests.append(f"{method} {target}")
+        self.request_ids.append(request_id)
         path = "/" + target.lstrip("/").split("/", 1)[0]
         status, answer = self._answer(method, path, target, body, writer)
-        await self._send(writer, path, status, answer)
+        echoed = self.answer_id if self.answer_id is not None else request_id
+        extra = f"x-request-id: {echoed}\r\n" if self.echo and echoed is not None else ""
+        await self._send(writer, path, status, answer, extra)
         return True
 
     # Answers -----------------------------------------------------------------------------------
@@ -183,6 +200,11 @@ class RogueCA:
             return 201, {"crts": [c.public_bytes(pem).decode() for c in listed]}
         if method == "GET" and target == "/federatls/federation" and self.structure:
             return self.structure
+        if method == "GET" and target == "/intermediates" and self.published is not None:
+            status, certs = self.published
+            if status >= 400:
+                return status, {"status": status, "message": "not implemented"}
+            return status, {"crts": [c.public_bytes(pem).decode() for c in certs]}
         if method == "POST" and path == "/sign":
             request = json.loads(body)
             token = Token.parse(request["ott"])
@@ -205,7 +227,10 @@ class RogueCA:
         self, subject: str, names: list[str], public_key: object, issue: Issue
     ) -> tuple[x509.Certificate, ...]:
         """The chain the CA answers with: ``certificate(...)`` and the intermediate that
-        signed it (with ``issue.issuer_is_ca=False``, one the root made CA:FALSE)."""
+        signed it (with ``issue.issuer_is_ca=False``, one the root made CA:FALSE; with
+        ``issue.short_chain``, the leaf alone)."""
+        if issue.short_chain:
+            return (self.certificate(subject, names, public_key, issue),)
         if issue.issuer_is_ca:
             return self.certificate(subject, names, public_key, issue), self.intermediate
         root_key = serialization.load_pem_private_key(
@@ -272,7 +297,12 @@ class RogueCA:
         return builder.sign(signing_key, hashes.SHA256())
 
     async def _send(
-        self, writer: asyncio.StreamWriter, path: str, status: int, answer: dict[str, object]
+        self,
+        writer: asyncio.StreamWriter,
+        path: str,
+        status: int,
+        answer: dict[str, object],
+        extra: str = "",
     ) -> None:
         how = self.behaviour.get(path, Behaviour())
         data = json.dumps(answer).encode() if how.body is None else how.body
@@ -281,7 +311,7 @@ class RogueCA:
         pieces: list[bytes | _Filler] = (
             [prefix, _Filler(filler), b'",' + data[1:]] if how.pad_to else [data]
         )
-        framing = "content-type: application/json\r\n"
+        framing = "content-type: application/json\r\n" + extra
         if how.gzip:
             packer = zlib.compressobj(wbits=31)  # the gzip format
             packed = [packer.compress(c) for p in pieces for c in _chunks(p)] + [packer.flush()]
@@ -292,7 +322,7 @@ class RogueCA:
         head = f"HTTP/1.1 {status} X\r\n{framing}\r\n\r\n".encode()
         await asyncio.sleep(how.delay)
         self.sent[path] = 0
-        await self._write(writer, head, how.drip)
+        await self._write(writer, head, 0.0 if how.head_at_once else how.drip)
         for piece in pieces:
             for chunk in _chunks(piece):
                 framed = chunk if how.declare_length else b"%x\r\n%s\r\n" % (len(chunk), chunk)

@@ -623,12 +623,13 @@ async def test_wait_for_update_after_renewal_stopped_returns_at_once() -> None:
     (as updates() ends at once) instead of waiting for a swap that will never come."""
     with running_ca("cloud", claims=SHORT, backdate="1s") as ca:
         identity = await _enrol(ca)
-    clock = FakeClock()
-    clock.advance(3600)  # an hour later the certificate has long expired
-    live = RenewingIdentity(identity, policy=FAST, clock=clock)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            await tg.start(live.run)
+        clock = FakeClock()
+        clock.advance(3600)  # an hour later the certificate has long expired
+        live = RenewingIdentity(identity, policy=FAST, clock=clock)
+        # The CA refuses its renew token (401: no renewal after expiry), and renewal stops.
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(live.run)
     if not isinstance(live.stopped, IdentityExpiredError):
         pytest.fail(f"renewal should have stopped on expiry, not {live.stopped!r}")
     with anyio.fail_after(1):
@@ -641,16 +642,26 @@ async def test_wait_for_update_after_renewal_stopped_returns_at_once() -> None:
 async def test_expired_certificate_without_token_source_stops_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A certificate that expires while the CA is down cannot renew: renewal stops with an
-    IdentityExpiredError naming the expiry, and the task returns."""
+    """A certificate that expires while the CA is down cannot renew: tried again with backoff
+    until the CA is back, then refused a renew token (its provisioner does not allow renewal
+    after expiry), renewal stops with an IdentityExpiredError naming the expiry, and the task
+    returns."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     pki = _fixed_port_pki(tmp_path, "3s")
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg, serving(pki):
-            identity = await _enrol(pki)
-            live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, FAST)
-        # Leaving the block stops the CA, then waits for the renewal task: it fails while its
-        # certificate is valid and ends by itself once it has expired.
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            async with serving(pki):
+                identity = await _enrol(pki)
+                live: RenewingIdentity = await tg.start(federatls.keep_renewed, identity, FAST)
+            # Past the second after notAfter: the CA compares whole seconds (as step-ca does),
+            # so within that second it would still renew the certificate.
+            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=1300)
+            await anyio.sleep(max(left.total_seconds(), 0.0))
+            await wait_until(lambda: len(_failures(caplog)) >= 2)  # expired, the CA still down
+            assert live.stopped is None
+            async with serving(pki):
+                await wait_until(lambda: live.stopped is not None)
+        # The task ended by itself: nothing cancelled it.
     assert not tg.cancel_scope.cancel_called
     assert datetime.now(UTC) >= identity.not_after
     error = live.stopped
@@ -691,7 +702,9 @@ async def test_expired_certificate_with_token_source_enrols_again(
                 live: RenewingIdentity = await tg.start(
                     federatls.keep_renewed, identity, FAST, token_source
                 )
-            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=300)
+            # Past the second after notAfter: the CA compares whole seconds (as step-ca does),
+            # so within that second it would still renew the certificate.
+            left = identity.not_after - datetime.now(UTC) + timedelta(milliseconds=1300)
             await anyio.sleep(max(left.total_seconds(), 0.0))
             assert live.stopped is None
             assert live.current is identity

@@ -18,7 +18,7 @@ from cryptography import x509
 from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, fetch_root
 from ._errors import BadMaterialError, CARefusedError, TokenError
 from ._identity import Identity
-from ._issuance import check_issued
+from ._issuance import check_issued, complete_chain, needs_completing
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
 from ._protocol import SignRequest, TimeDuration
 from ._sync import run_sync
@@ -26,7 +26,7 @@ from ._token import LEEWAY, Token
 from ._trust import TrustBundle
 from ._x509 import common_name, fingerprint, split_sans
 
-__all__ = ["bootstrap", "bootstrap_sync", "sign_checked"]
+__all__ = ["bootstrap", "bootstrap_sync", "completed_chain", "sign_checked"]
 
 log = logging.getLogger("federatls")
 _REFUSAL_HINT = (
@@ -50,6 +50,30 @@ def _read_token(token: str, now: datetime) -> tuple[Token, str, str]:
     return parsed, ca_url, sha
 
 
+async def completed_chain(
+    ca: CAClient, chain: Sequence[x509.Certificate], roots: TrustBundle
+) -> tuple[x509.Certificate, ...]:
+    """``chain`` (a sign, renew or rekey answer) completed from the CA's ``/intermediates``
+    when it lacks the intermediate its leaf needs to reach ``roots`` (a short ``certChain``);
+    as it was when it lacks nothing, or when the CA publishes no intermediates (404 or 501:
+    step-ca before 0.27.3) or none that fits: the checks that follow then refuse it."""
+    if not needs_completing(chain, roots):
+        return tuple(chain)
+    published = await ca.intermediates()
+    if published is None:
+        log.debug("%s: the chain it sent lacks a link, and it publishes no intermediates", ca.url)
+        return tuple(chain)
+    completed = complete_chain(chain, published, roots)
+    if completed != tuple(chain):
+        log.info(
+            "%s: the chain it sent lacked a link to its roots: completed from %d published "
+            "intermediate(s)",
+            ca.url,
+            len(published),
+        )
+    return completed
+
+
 async def sign_checked(
     ca: CAClient,
     request: SignRequest,
@@ -60,7 +84,8 @@ async def sign_checked(
 ) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
     """Have ``ca`` (reached pinned to ``pinned``) sign ``request`` (a CSR of ``key`` for
     ``names``), fetch its own roots, and check the answers: ``pinned`` must be among them,
-    and the chain must be what was asked for (``check_issued``). Returns the chain and the
+    and the chain (completed from ``/intermediates`` if it lacks a link: ``completed_chain``)
+    must be what was asked for (``check_issued``). Returns the chain and the
     CA's own roots. Bootstrap and ``federatls ca certificate`` both enrol through here.
 
     Raises ``CARefusedError`` (a 401 carries the hint why a CA refuses a token),
@@ -82,15 +107,16 @@ async def sign_checked(
             f"the CA's /roots does not list the pinned root {fingerprint(pinned)} that it "
             "served at /root: its answers are inconsistent, refused"
         )
+    chain = await completed_chain(ca, signed.chain, roots)
     check_issued(
-        signed.chain,
+        chain,
         key=key.public_key(),
         subject=common_name(request.csr.subject),
         names=split_sans(names),
         roots=roots,
         now=datetime.now(UTC),
     )
-    return signed.chain, own
+    return chain, own
 
 
 async def bootstrap(

@@ -30,7 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ._bootstrap import sign_checked
+from ._bootstrap import completed_chain, sign_checked
 from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, _base_url, fetch_root
 from ._duration import parse_go_duration
 from ._errors import (
@@ -637,7 +637,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     async def go() -> Sequence[x509.Certificate]:
         async with _client(args, identity=(chain, key), deadline=_deadline(args)) as ca:
             roots = TrustBundle.from_ca(await ca.roots_bundle(), ())
-            renewed = (await ca.renew()).chain
+            renewed = await completed_chain(ca, (await ca.renew()).chain, roots)
         check_renewed(renewed, old=chain[0], roots=roots, now=datetime.now(UTC))
         return renewed
 

@@ -4,13 +4,16 @@ translated here, in ``_call``, into federatls errors.
 
 Every call is bounded by a deadline (connect, send and the read of the whole body), and
 optionally by a longer exchange's (a bootstrap's, a renewal's); answers larger than
-``MAX_ANSWER_BYTES`` are refused as they stream in, never buffered whole.
+``MAX_ANSWER_BYTES`` are refused as they stream in, never buffered whole. Every call sends a
+fresh ``X-Request-Id``, and the id the CA echoes (step-ca 0.26 and later) is logged and
+carried on the errors (docs/protocol.md, "Request ids").
 """
 
 from __future__ import annotations
 
 import json as jsonlib
 import logging
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from ._protocol import (
     PROVISIONERS_PATH,
     REKEY_PATH,
     RENEW_PATH,
+    REQUEST_ID_HEADER,
     REVOKE_PATH,
     ROOTS_PATH,
     SIGN_PATH,
@@ -61,6 +65,8 @@ from ._protocol import (
     SignResponse,
     VersionResponse,
     encrypted_key_path,
+    new_request_id,
+    read_request_id,
     root_path,
 )
 from ._sslkeys import load_cert_chain_in_memory
@@ -68,7 +74,14 @@ from ._trust import TrustBundle
 from ._version import __version__
 from ._x509 import certs_to_pem, crl_signer, fingerprint
 
-__all__ = ["MAX_ANSWER_BYTES", "MAX_CRL_BYTES", "CAClient", "Deadline", "fetch_root"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "MAX_CRL_BYTES",
+    "CAClient",
+    "Deadline",
+    "fetch_root",
+    "refused_as_expired",
+]
 
 log = logging.getLogger("federatls")
 
@@ -78,6 +91,9 @@ MAX_ANSWER_BYTES = 1 << 20
 # A CRL grows with the CA's revocations (some 40 bytes each): its own, larger cap.
 MAX_CRL_BYTES = 64 << 20
 # Compressed answers are neither asked for nor accepted: a small body must not inflate.
+# The 401 of a renewal whose certificate has expired: "certificate expired on <time>" from
+# step-ca 0.20 (docs/protocol.md, "Renew"), "certificate has expired" before.
+_EXPIRED = re.compile(r"certificate (has )?expired")
 _HEADERS = {"User-Agent": f"federatls/{__version__}", "Accept-Encoding": "identity"}
 
 
@@ -157,24 +173,37 @@ async def _call(
 ) -> Any:
     """One request, over by ``deadline`` (connect, send, the whole body): the JSON answer
     (``raw``: the body's bytes, at most ``limit``), or a federatls error saying what went
-    wrong."""
-    status, content = 0, b""
+    wrong.
+
+    Each call sends a fresh ``X-Request-Id``; the id the CA echoes (step-ca 0.26 and later,
+    docs/protocol.md "Request ids") is logged at DEBUG for an answer and carried on the
+    error for a refusal, or for a failure once the answer's headers had come."""
+    sent = new_request_id()
+    status, content, echoed = 0, b"", None
     try:
         with anyio.CancelScope(deadline=deadline.at) as scope:
-            async with client.stream(method, url, json=json, headers=headers) as response:
+            async with client.stream(
+                method, url, json=json, headers={**(headers or {}), REQUEST_ID_HEADER: sent}
+            ) as response:
                 status = response.status_code
+                echoed = read_request_id(response.headers.get(REQUEST_ID_HEADER))
                 content = await _read_capped(response, url, limit)
     except httpx.TimeoutException as exc:
-        raise CATimeoutError(url, deadline.seconds, deadline.what) from exc
+        raise CATimeoutError(url, deadline.seconds, deadline.what, request_id=echoed) from exc
     except httpx.TransportError as exc:
-        raise CAUnreachableError(url, _transport_reason(exc)) from exc
+        raise CAUnreachableError(url, _transport_reason(exc), request_id=echoed) from exc
     except ssl.SSLError as exc:  # an alert after the handshake (TLS 1.3) escapes httpx
-        raise CAUnreachableError(url, f"TLS failure: {exc.reason or exc}") from exc
+        raise CAUnreachableError(
+            url, f"TLS failure: {exc.reason or exc}", request_id=echoed
+        ) from exc
     if scope.cancelled_caught:
-        raise CATimeoutError(url, deadline.seconds, deadline.what)
+        raise CATimeoutError(url, deadline.seconds, deadline.what, request_id=echoed)
+    log.debug("%s %s: %d, request id %s", method, url, status, echoed or f"{sent} (not echoed)")
     if status not in expect:
         body = ErrorBody.parse(status, content)
-        raise CARefusedError(status, body.message, url=url, body=dict(body.extra) or None)
+        raise CARefusedError(
+            status, body.message, url=url, body=dict(body.extra) or None, request_id=echoed
+        )
     if raw:
         return content
     try:
@@ -199,6 +228,18 @@ async def _read_capped(response: httpx.Response, url: str, limit: int = MAX_ANSW
         if len(body) > limit:
             raise BadMaterialError(f"{too_large} (read no further)")
     return bytes(body)
+
+
+def refused_as_expired(error: CARefusedError | CAUnreachableError) -> bool:
+    """Whether a failed renewal over mutual TLS says that the certificate has expired (by the
+    CA's clock): a 401 "certificate expired on ..." (step-ca 0.20 and later; "certificate
+    has expired" from the federatls CA before), or a TLS alert "certificate expired" from a
+    CA that checks client certificates at the handshake (step-ca, the federatls CA). A 401
+    of step-ca 0.19 says only "The request lacked necessary authorization to be completed"
+    and is not told apart from any other refusal."""
+    if isinstance(error, CARefusedError):
+        return error.status == 401 and _EXPIRED.search(error.message) is not None
+    return "CERTIFICATE_EXPIRED" in error.reason.upper()
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
@@ -363,6 +404,19 @@ class CAClient:
             log.warning("%s: not trusted: %s", self.url, sentence)
         return trust
 
+    async def intermediates(self) -> tuple[x509.Certificate, ...] | None:
+        """``/intermediates``: the CA's intermediate certificates (step-ca 0.27.3 and later);
+        None when the CA has no such endpoint: 404 (step-ca before 0.27.3: no route) or 501
+        (a CA that does not publish them). Any other failure raises, as every call does."""
+        try:
+            data = await self._get(INTERMEDIATES_PATH, expect=(200, 201))
+        except CARefusedError as exc:
+            if exc.status in (404, 501):
+                log.debug("%s has no %s (%d)", self.url, INTERMEDIATES_PATH, exc.status)
+                return None
+            raise
+        return RootsResponse.parse(data, "intermediates response").certificates
+
     async def provisioners(self) -> list[dict[str, Any]]:
         """Every provisioner, following ``nextCursor`` through all pages."""
         out: list[dict[str, Any]] = []
@@ -384,7 +438,9 @@ class CAClient:
         return SignResponse.parse(await self._post(SIGN_PATH, request.to_json()))
 
     async def renew(self) -> SignResponse:
-        """Renew the certificate this client presents (mTLS)."""
+        """Renew the certificate this client presents (mTLS). A CA's refusal of an expired
+        certificate is raised as it came (``CARefusedError``, ``CAUnreachableError``);
+        ``refused_as_expired`` tells it apart."""
         return SignResponse.parse(await self._post(RENEW_PATH, None))
 
     async def renew_with_token(self, token: str) -> SignResponse:

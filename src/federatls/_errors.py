@@ -97,7 +97,9 @@ class CARefusedError(FederatlsError):
     """The CA answered with an error status.
 
     ``status`` is the HTTP status; ``message`` the CA's (step-ca style) error message;
-    ``body`` the decoded JSON body when there was one.
+    ``body`` the decoded JSON body when there was one; ``request_id`` the id the CA echoed
+    in ``X-Request-Id`` (step-ca 0.26 and later; None from older CAs), which its log line for
+    the request carries too.
     """
 
     def __init__(
@@ -108,23 +110,33 @@ class CARefusedError(FederatlsError):
         url: str,
         body: dict[str, Any] | None = None,
         hint: str = "",
+        request_id: str | None = None,
     ) -> None:
         self.status = status
         self.message = message
         self.url = url
         self.body = body
         self.hint = hint
+        self.request_id = request_id
         text = f"CA refused {url} with {status}: {message}"
+        if request_id is not None:
+            text += f" [request id {request_id}]"
         super().__init__(f"{text} ({hint})" if hint else text)
 
 
 class CAUnreachableError(FederatlsError):
-    """The CA could not be reached: connection refused, TLS failure or timeout."""
+    """The CA could not be reached: connection refused, TLS failure or timeout.
+    ``request_id`` is the id the CA echoed when an answer had begun to arrive (its headers)
+    before the failure, else None."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, *, request_id: str | None = None) -> None:
         self.url = url
         self.reason = reason
-        super().__init__(f"cannot reach the CA at {url}: {reason}")
+        self.request_id = request_id
+        text = f"cannot reach the CA at {url}: {reason}"
+        if request_id is not None:
+            text += f" [request id {request_id}]"
+        super().__init__(text)
 
 
 class CATimeoutError(CAUnreachableError):
@@ -132,15 +144,24 @@ class CATimeoutError(CAUnreachableError):
     ``what`` (one call, a whole bootstrap or a renewal). A CA that drips its answer a byte at
     a time ends here as surely as a silent one."""
 
-    def __init__(self, url: str, timeout: float, what: str) -> None:
+    def __init__(
+        self, url: str, timeout: float, what: str, *, request_id: str | None = None
+    ) -> None:
         self.timeout = timeout
         self.what = what
-        super().__init__(url, f"no complete answer within the {timeout:g} s deadline of {what}")
+        super().__init__(
+            url,
+            f"no complete answer within the {timeout:g} s deadline of {what}",
+            request_id=request_id,
+        )
 
 
 class IdentityExpiredError(FederatlsError):
-    """The certificate expired before it could be renewed (renewal over mutual TLS needs a
-    valid certificate): enrol again with a new token, or give the renewal a token source."""
+    """The certificate expired before it could be renewed: renewal over mutual TLS needs a
+    valid certificate (a CA refuses an expired one with 401 "certificate expired on ...", or
+    at the TLS handshake), and the CA did not renew it with a renew token either (its
+    provisioner does not allow renewal after expiry). Enrol again with a new token, or give
+    the renewal a token source."""
 
 
 class PeerFetchError(FederatlsError):

@@ -21,7 +21,7 @@ from ._errors import BadMaterialError
 from ._trust import TrustBundle
 from ._x509 import SANs, cert_sans, common_name
 
-__all__ = ["CLOCK_SKEW", "check_issued", "check_renewed"]
+__all__ = ["CLOCK_SKEW", "check_issued", "check_renewed", "complete_chain", "needs_completing"]
 
 # How far ahead of our clock a new certificate may start. step-ca backdates by a minute, so an
 # honest CA's certificate starts in the past; this allows for our clock running behind.
@@ -107,6 +107,51 @@ def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> 
             )
     if roots.anchor_of(chain[-1]) is None:
         raise BadMaterialError(f"{what} does not chain to a root of its CA")
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def needs_completing(chain: Sequence[x509.Certificate], roots: TrustBundle) -> bool:
+    """Whether a CA's chain (leaf first) lacks a link: a certificate not signed by the next
+    one, or a last one that no root in ``roots`` is or signed. A chain that only
+    ``check_issued`` would refuse for other reasons (a signer that is no CA, say) is
+    complete here."""
+    if not chain:
+        return False
+    broken = any(not _issued_by(c, p) for c, p in itertools.pairwise(chain))
+    return broken or roots.anchor_of(chain[-1]) is None
+
+
+def complete_chain(
+    chain: Sequence[x509.Certificate],
+    candidates: Sequence[x509.Certificate],
+    roots: TrustBundle,
+) -> tuple[x509.Certificate, ...]:
+    """The leaf of ``chain`` followed by the path of certificates from ``chain[1:]`` and
+    ``candidates`` (a CA's ``/intermediates``), each signing the one before, up to one that
+    a root of ``roots`` is or signed. Where no such path exists, ``chain`` as it was (and
+    ``check_issued`` says what is wrong with it). Each certificate is used once, so the
+    walk ends."""
+    if not chain:
+        return tuple(chain)
+    pool = [*chain[1:], *candidates]
+    path = [chain[0]]
+    while roots.anchor_of(path[-1]) is None:
+        parent = next(
+            (c for c in pool if all(c != p for p in path) and _issued_by(path[-1], c)), None
+        )
+        if parent is None:
+            return tuple(chain)
+        path.append(parent)
+    return tuple(path)
 
 
 def check_issued(

@@ -11,6 +11,7 @@ import base64
 import functools
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -70,7 +71,9 @@ __all__ = [
     "VersionResponse",
     "encrypted_key_path",
     "error_message",
+    "new_request_id",
     "parse_serial",
+    "read_request_id",
     "root_path",
     "token_audience",
 ]
@@ -98,6 +101,26 @@ REKEY_PATH = "/rekey"
 REVOKE_PATH = "/revoke"
 SSH_SIGN_PATH = "/ssh/sign"  # not served; a sign token may name it in ``aud``
 REQUEST_ID_HEADER = "X-Request-Id"  # step-ca 0.26 and later: sent by clients, echoed back
+
+
+# What a client takes from a CA's X-Request-Id answer header (docs/protocol.md, "Request
+# ids"): step's ids are UUIDs (clients) or xids (0.19's logs); anything longer or with other
+# characters is not a request id, and is neither logged nor quoted in an error.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def new_request_id() -> str:
+    """A fresh request id for one call: a random UUID, as step's clients send."""
+    return str(uuid.uuid4())
+
+
+def read_request_id(value: str | None) -> str | None:
+    """The request id a CA echoed in its ``X-Request-Id`` header, or None when it sent none
+    (step-ca before 0.26) or one that is not a plain id (too long, odd characters)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value if _REQUEST_ID.fullmatch(value) else None
 
 
 def root_path(sha: str) -> str:

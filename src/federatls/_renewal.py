@@ -8,7 +8,15 @@ key, same names, valid now, not a CA, chained to the CA's own roots), builds the
 contexts, and swaps identity and contexts in as one snapshot. New handshakes use the new
 snapshot; connections already open keep theirs. When to refresh, and how long a refresh may
 take, is ``RenewalPolicy``'s business (``_policy.py``); a refresh past its deadline is a
-failure like any other, retried with backoff.
+failure like any other, retried with backoff. A chain the CA sends short of its intermediate
+is completed from ``/intermediates`` where the CA has it (``completed_chain``).
+
+A certificate that has expired (by our clock, or by the CA's: a 401 "certificate expired on
+...", or a TLS alert) is renewed with a renew token signed by its key instead
+(``Authorization: Bearer``, docs/protocol.md "Renew"), which a CA accepts only where the
+provisioner allows renewal after expiry; the SDK learns that from the answer. Refused, the
+identity enrols again through its token source, or renewal stops with
+``IdentityExpiredError``. A CA that does not answer is retried with backoff, as always.
 
 Between renewals the same task refreshes trust on its own schedule (``trust_refresh``, 5
 minutes): ``/roots`` and ``/federation`` over server-authenticated TLS pinned to the
@@ -38,8 +46,8 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._authorise import Authoriser
-from ._bootstrap import bootstrap
-from ._client import CAClient, Deadline
+from ._bootstrap import bootstrap, completed_chain
+from ._client import CAClient, Deadline, refused_as_expired
 from ._contexts import new_server_context
 from ._errors import (
     BadMaterialError,
@@ -54,6 +62,7 @@ from ._keys import KeyType
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
 from ._sync import background
+from ._token import mint_renew_token, renew_audience
 from ._trust import TrustBundle
 
 __all__ = [
@@ -287,9 +296,12 @@ class RenewingIdentity:
             self.last_error = None
             old = self.current
             if self._clock() >= old.not_after:
-                new, trusted = await self._rebootstrap(old), True
+                new, trusted = await self._after_expiry(old, "by our clock")
             else:
-                new, trusted = await self._renew(old)
+                try:
+                    new, trusted = await self._renew(old)
+                except IdentityExpiredError as exc:  # the CA's clock is ahead of ours
+                    new, trusted = await self._after_expiry(old, f"the CA says so: {exc}")
             await self._install(new)
             if trusted:
                 self._trust_fetched(new.trust)
@@ -369,9 +381,11 @@ class RenewingIdentity:
             )
         self._trust_next = self.policy.trust_refresh_due(self._clock(), self._rand())
 
-    async def _renew(self, old: Identity) -> tuple[Identity, bool]:
+    async def _renew(self, old: Identity, *, by_token: bool = False) -> tuple[Identity, bool]:
         """The renewed identity, and whether its trust bundle was fetched (else the last
-        good one is kept)."""
+        good one is kept). Over mutual TLS; or, ``by_token``, with a renew token signed by
+        the certificate's key (``Authorization: Bearer``, no client certificate): the way a
+        CA renews an expired certificate, where its provisioner allows that."""
         key = old._key
         seconds = self.policy.timeout.total_seconds()
         deadline = Deadline.after(seconds, "the renewal")
@@ -380,7 +394,7 @@ class RenewingIdentity:
             lambda: CAClient(
                 old.ca_url,
                 old.trust.own().certificates,
-                identity=(old.chain, key),
+                identity=None if by_token else (old.chain, key),
                 timeout=seconds,
                 deadline=deadline,
             )
@@ -388,26 +402,67 @@ class RenewingIdentity:
         async with client as ca:
             # The certificate first: a CA slow to answer /roots or /federation must not use
             # up the deadline the renewal needs. The bundle gets what is left.
-            signed = await ca.renew()
+            if by_token:
+                token = mint_renew_token(
+                    old.chain, key, audience=renew_audience(old.ca_url), now=self._clock()
+                )
+                signed = await ca.renew_with_token(token)
+            else:
+                try:
+                    signed = await ca.renew()
+                except (CARefusedError, CAUnreachableError) as exc:
+                    if not refused_as_expired(exc):
+                        raise
+                    raise IdentityExpiredError(
+                        f"the CA refuses to renew the certificate of {old.common_name} over "
+                        f"mutual TLS: it has expired ({exc})"
+                    ) from exc
             trust, trusted = old.trust, True
             try:
                 trust = await ca.trust_bundle()
             except (CAUnreachableError, CARefusedError, BadMaterialError) as exc:
                 self._trust_failed(exc)
                 trusted = False
-        check_renewed(signed.chain, old=old.chain[0], roots=trust.own(), now=self._clock())
+            chain = await completed_chain(ca, signed.chain, trust.own())
+        check_renewed(chain, old=old.chain[0], roots=trust.own(), now=self._clock())
         return (
-            Identity.from_parts(signed.chain, key, trust, old.ca_url, name_rules=old.name_rules),
+            Identity.from_parts(chain, key, trust, old.ca_url, name_rules=old.name_rules),
             trusted,
         )
 
-    async def _rebootstrap(self, old: Identity) -> Identity:
+    async def _after_expiry(self, old: Identity, why: str) -> tuple[Identity, bool]:
+        """Renew an expired certificate (``why`` says how we know): with a renew token,
+        which a CA accepts where the provisioner allows renewal after expiry; a refusal
+        (4xx: not allowed, or no such way at this CA) leaves enrolling again with the token
+        source, else ``IdentityExpiredError``. A CA that does not answer (or answers 5xx)
+        raises as any renewal does, and is retried with backoff."""
+        name = old.common_name
+        # Once per run of attempts (a CA down is retried with backoff: its own warning says so).
+        log.log(
+            logging.WARNING if self._failures == 0 else logging.DEBUG,
+            "certificate of %s expired at %s (%s): renewing it with a renew token, as a CA "
+            "whose provisioner allows renewal after expiry does",
+            name,
+            old.not_after.isoformat(),
+            why,
+        )
+        try:
+            return await self._renew(old, by_token=True)
+        except CARefusedError as exc:
+            if exc.status >= 500:
+                raise
+            refusal = exc
+        log.warning("the CA does not renew %s after expiry: %s", name, refusal)
+        return await self._rebootstrap(old, refusal), True
+
+    async def _rebootstrap(self, old: Identity, refusal: CARefusedError) -> Identity:
         if self._token_source is None:
             raise IdentityExpiredError(
                 f"the certificate of {old.common_name} expired at {old.not_after.isoformat()} "
-                "before it could be renewed: enrol again with a new token, or give the "
-                "renewal a token source"
-            )
+                f"before it could be renewed, and the CA does not renew it after expiry "
+                f"({refusal.status}: {refusal.message}): enrol again with a new token, or "
+                "give the renewal a token source"
+            ) from refusal
         log.warning("certificate of %s expired: enrolling again with a new token", old.common_name)
         token = await self._token_source()
         return await bootstrap(

@@ -139,10 +139,15 @@ _GO_ESCAPES = {
 
 
 def _go_quote(text: str | None) -> str:
-    """``text`` as Go's ``%q`` shows it: quoted, printable characters as they are, the rest
-    escaped (so no control character reaches a body or the log raw)."""
+    """``text`` as Go's ``%q`` shows it (step-ca's bodies quote so): quoted, printable
+    characters as they are, the rest escaped (so no control character reaches a body or the
+    log raw), cut to ``_MAX_QUOTED`` characters first (a body never carries a client's
+    kilobytes back)."""
+    text = text or ""
+    if len(text) > _MAX_QUOTED:
+        text = text[:_MAX_QUOTED] + "..."
     out = []
-    for ch in text or "":
+    for ch in text:
         if ch in _GO_ESCAPES:
             out.append(_GO_ESCAPES[ch])
         elif ch.isprintable():
@@ -715,27 +720,6 @@ def _trunc(dt: datetime) -> datetime:
 
 def _go_time(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
-
-
-def _go_quote(value: str) -> str:
-    """``value`` double-quoted as Go's ``%q`` writes it (step-ca's bodies quote so), cut to
-    ``_MAX_QUOTED`` characters first: a body never carries a client's kilobytes back."""
-    if len(value) > _MAX_QUOTED:
-        value = value[:_MAX_QUOTED] + "..."
-    out = []
-    for char in value:
-        code = ord(char)
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        elif code < 0x80:
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{code:02x}"))
-        elif code <= 0xFFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return '"' + "".join(out) + '"'
 
 
 def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:
