@@ -474,16 +474,6 @@ class CAClient:
         )
         crl = CRLResponse.parse(body)
         if issuers is None:
-            issuers = await self._intermediates()
+            issuers = await self.intermediates() or ()
         crl_signer(crl, issuers, self.roots)
         return body, crl
-
-    async def _intermediates(self) -> tuple[x509.Certificate, ...]:
-        """``/intermediates``, or none from a CA that does not serve it (404, 501)."""
-        try:
-            data = await self._get(INTERMEDIATES_PATH, expect=(200, 201))
-        except CARefusedError as exc:
-            if exc.status in (404, 501):
-                return ()
-            raise
-        return RootsResponse.parse(data, "intermediates response").certificates

@@ -39,7 +39,9 @@ __all__ = [
     "INTERMEDIATES_PATH",
     "INTERMEDIATES_PEM_PATH",
     "LEGACY_RENEW_PATH",
+    "LEGACY_REQUEST_ID_HEADER",
     "MAX_BODY_BYTES",
+    "MAX_REQUEST_ID",
     "MAX_SERIAL_LENGTH",
     "PROVISIONERS_PATH",
     "REKEY_PATH",
@@ -106,7 +108,11 @@ REQUEST_ID_HEADER = "X-Request-Id"  # step-ca 0.26 and later: sent by clients, e
 # What a client takes from a CA's X-Request-Id answer header (docs/protocol.md, "Request
 # ids"): step's ids are UUIDs (clients) or xids (0.19's logs); anything longer or with other
 # characters is not a request id, and is neither logged nor quoted in an error.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+LEGACY_REQUEST_ID_HEADER = "X-Smallstep-Id"  # what step-ca reads when X-Request-Id is absent
+MAX_REQUEST_ID = 128  # characters of a request id either side keeps
+# A plain token: what step's clients and the CA generate (UUIDs, xids) fits, and no id with
+# spaces, markup or control characters reaches a log line or a header.
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/+=@~-]{{0,{MAX_REQUEST_ID - 1}}}")
 
 
 def new_request_id() -> str:
@@ -115,8 +121,9 @@ def new_request_id() -> str:
 
 
 def read_request_id(value: str | None) -> str | None:
-    """The request id a CA echoed in its ``X-Request-Id`` header, or None when it sent none
-    (step-ca before 0.26) or one that is not a plain id (too long, odd characters)."""
+    """A request id read from a header (docs/protocol.md, "Request ids"): the id a CA echoed
+    (None when it sent none, as step-ca before 0.26) or a client's; None too when it is not a
+    plain id of at most ``MAX_REQUEST_ID`` characters."""
     if value is None:
         return None
     value = value.strip()

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -42,6 +40,7 @@ from .._protocol import (
     INTERMEDIATES_PATH,
     INTERMEDIATES_PEM_PATH,
     LEGACY_RENEW_PATH,
+    LEGACY_REQUEST_ID_HEADER,
     MAX_BODY_BYTES,
     PROVISIONERS_PATH,
     REKEY_PATH,
@@ -69,6 +68,8 @@ from .._protocol import (
     SignRequest,
     SignResponse,
     VersionResponse,
+    new_request_id,
+    read_request_id,
 )
 from .._spiffe import BUNDLE_PATH, ca_spiffe_id
 from .._x509 import certs_to_pem, fingerprint
@@ -97,11 +98,8 @@ CHECKPOINT_INTERVAL = 0.1  # seconds between checkpoints of the database's write
 HEALTH_CHECK_INTERVAL = 1.0  # /health asks the database at most this often
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # step-ca's older header for the same id, read when a request has no X-Request-Id.
-LEGACY_REQUEST_ID_HEADER = "X-Smallstep-Id"
-MAX_REQUEST_ID = 128  # characters of a client's request id the CA keeps
 # A request id the CA echoes: letters, digits and a few separators (a UUID, an xid, a
 # trace id); anything else is replaced by a fresh id, never echoed or logged raw.
-_SANE_REQUEST_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/+=@~-]{{0,{MAX_REQUEST_ID - 1}}}")
 _REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -392,12 +390,12 @@ class _HTTPLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 def request_id_of(headers: Mapping[str, str]) -> str:
     """The id a request is answered and logged under (docs/protocol.md, "Request ids"): the
     client's ``X-Request-Id`` (else ``X-Smallstep-Id``, as step-ca reads it) when it is a sane
-    token of at most ``MAX_REQUEST_ID`` characters, else a fresh UUID, as step-ca makes one."""
+    id (``read_request_id``), else a fresh UUID, as step-ca makes one."""
     for name in (REQUEST_ID_HEADER, LEGACY_REQUEST_ID_HEADER):
         given = headers.get(name, "")
         if given:
-            return given if _SANE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
-    return str(uuid.uuid4())
+            return read_request_id(given) or new_request_id()
+    return new_request_id()
 
 
 @web.middleware
