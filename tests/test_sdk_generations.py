@@ -187,7 +187,7 @@ def test_read_request_id_keeps_plain_ids_only() -> None:
     space, a quote or nothing are not."""
     for plain in (str(uuid.uuid4()), "9m4e2mr0ui3e8a215n4g", "a" * 128, " padded "):
         assert read_request_id(plain) == plain.strip()
-    for odd in ("a" * 129, "two words", 'say"no', "", None):
+    for odd in ("a" * 129, "two words", 'say"no', "-leading-dash", "", None):
         assert read_request_id(odd) is None
 
 
@@ -195,10 +195,14 @@ def test_read_request_id_keeps_plain_ids_only() -> None:
 @given(value=st.text(max_size=200))
 def test_read_request_id_never_lets_an_odd_value_through(value: str) -> None:
     """Whatever a CA echoes, what is read is None or a plain id of at most 128 characters
-    from letters, digits and ``.-_:`` (nothing that could forge a log line)."""
+    from letters, digits and ``._:/+=@~-``, starting with a letter or digit (nothing that
+    could forge a log line or a header)."""
     got = read_request_id(value)
     assert got is None or (
-        len(got) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in got)
+        len(got) <= 128
+        and got[0].isascii()
+        and got[0].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "._:/+=@~-") for c in got)
     )
 
 
