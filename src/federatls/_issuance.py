@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle
-from ._x509 import SANs, cert_sans, common_name
+from ._x509 import SANs, cert_sans, common_name, issued_by, may_sign
 
 __all__ = ["CLOCK_SKEW", "check_issued", "check_renewed", "complete_chain", "needs_completing"]
 
@@ -79,27 +79,13 @@ def _tls_purposes(leaf: x509.Certificate) -> frozenset[str]:
     return frozenset(name for oid, name in _TLS_PURPOSES.items() if oid in usages)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    """Whether ``cert`` may sign certificates: basicConstraints CA:TRUE, and keyCertSign in
-    its key usage if it has one."""
-    try:
-        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return False
-    except x509.ExtensionNotFound:
-        return False
-    try:
-        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
-    except x509.ExtensionNotFound:
-        return True
-
-
 def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> None:
     for child, parent in itertools.pairwise(chain):
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             raise BadMaterialError(f"the CA's certificate chain for {what} is broken") from exc
-        if not _is_ca(parent):
+        if not may_sign(parent):
             signer = parent.subject.rfc4514_string()
             raise BadMaterialError(
                 f"the CA's certificate chain for {what} is signed by {signer!r}, which is not "
@@ -109,16 +95,6 @@ def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> 
         raise BadMaterialError(f"{what} does not chain to a root of its CA")
 
 
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    if child.issuer != parent.subject:
-        return False
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 def needs_completing(chain: Sequence[x509.Certificate], roots: TrustBundle) -> bool:
     """Whether a CA's chain (leaf first) lacks a link: a certificate not signed by the next
     one, or a last one that no root in ``roots`` is or signed. A chain that only
@@ -126,7 +102,7 @@ def needs_completing(chain: Sequence[x509.Certificate], roots: TrustBundle) -> b
     complete here."""
     if not chain:
         return False
-    broken = any(not _issued_by(c, p) for c, p in itertools.pairwise(chain))
+    broken = any(not issued_by(c, p) for c, p in itertools.pairwise(chain))
     return broken or roots.anchor_of(chain[-1]) is None
 
 
@@ -146,7 +122,7 @@ def complete_chain(
     path = [chain[0]]
     while roots.anchor_of(path[-1]) is None:
         parent = next(
-            (c for c in pool if all(c != p for p in path) and _issued_by(path[-1], c)), None
+            (c for c in pool if all(c != p for p in path) and issued_by(path[-1], c)), None
         )
         if parent is None:
             return tuple(chain)

@@ -24,9 +24,11 @@ __all__ = [
     "certs_to_pem",
     "crl_signer",
     "fingerprint",
+    "issued_by",
     "load_pem_certificate",
     "load_pem_certificates",
     "load_pem_csr",
+    "may_sign",
     "split_sans",
 ]
 
@@ -196,8 +198,9 @@ class CertificateFacts:
         return self.certificate.not_valid_after_utc
 
 
-def _may_sign(cert: x509.Certificate, usage: str) -> bool:
-    """A CA certificate (basicConstraints cA) whose keyUsage, if any, has ``usage``."""
+def may_sign(cert: x509.Certificate, usage: str = "key_cert_sign") -> bool:
+    """Whether ``cert`` is a CA certificate (basicConstraints CA:TRUE) whose keyUsage, if it
+    has one, allows ``usage`` (``key_cert_sign`` for certificates, ``crl_sign`` for CRLs)."""
     try:
         if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             return False
@@ -209,7 +212,9 @@ def _may_sign(cert: x509.Certificate, usage: str) -> bool:
         return True
 
 
-def _issued(cert: x509.Certificate, by: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, by: x509.Certificate) -> bool:
+    """Whether ``by`` issued ``cert``: its subject is ``cert``'s issuer and its key made
+    ``cert``'s signature (validity periods and extensions are not looked at)."""
     try:
         cert.verify_directly_issued_by(by)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
@@ -229,7 +234,7 @@ def crl_signer(
     pool = [*roots, *issuers]
     trusted = {fingerprint(r) for r in roots}
     for cert in pool:
-        if cert.subject != crl.issuer or not _may_sign(cert, "crl_sign"):
+        if cert.subject != crl.issuer or not may_sign(cert, "crl_sign"):
             continue
         try:
             if not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
@@ -240,8 +245,8 @@ def crl_signer(
         while fingerprint(link) not in trusted and fingerprint(link) not in seen:
             seen.add(fingerprint(link))
             parent = next(
-                (p for p in pool if p.subject == link.issuer and _may_sign(p, "key_cert_sign")
-                 and _issued(link, p)),
+                (p for p in pool if p.subject == link.issuer and may_sign(p, "key_cert_sign")
+                 and issued_by(link, p)),
                 None,
             )  # fmt: skip
             if parent is None:

@@ -31,7 +31,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -53,7 +52,7 @@ from .._protocol import (
 )
 from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
-from .._x509 import SANs, cert_sans, common_name, split_sans
+from .._x509 import SANs, cert_sans, common_name, issued_by, may_sign, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._constraints import constraints_refusal
 from ._federation import FederationSource, PeerRoots, dedupe, shadows
@@ -649,10 +648,10 @@ class Authority:
         cert = chain[0]
         for _ in range(len(pool) + 1):
             for root in self.material.roots:
-                if _issued_by(cert, root):
+                if issued_by(cert, root):
                     return True
-            candidates = [c for c in pool if c.subject == cert.issuer and _is_ca(c)]
-            parent = next((c for c in candidates if _issued_by(cert, c)), None)
+            candidates = [c for c in pool if c.subject == cert.issuer and may_sign(c)]
+            parent = next((c for c in candidates if issued_by(cert, c)), None)
             if parent is None:
                 return False
             pool = [c for c in pool if c not in candidates]
@@ -806,18 +805,3 @@ def _check_csr_sans(csr: SANs, token: SANs) -> None:
                 f"certificate request does not contain the valid {label} - "
                 f"got {_go_list(got)}, want {_go_list(want)}",
             )
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False

@@ -11,13 +11,13 @@ from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .._errors import BadMaterialError, ConfigError
 from .._spiffe import ca_spiffe_id
-from .._x509 import fingerprint, load_pem_certificates, split_sans
+from .._x509 import fingerprint, issued_by, load_pem_certificates, split_sans
 from ._config import CAConfig
 from ._constraints import NameConstraints, constraints_refusal
 from ._federation import dedupe
@@ -47,7 +47,7 @@ class CAMaterial:
         Read from the certificates, so constraints written by another tool count too;
         ``ValueError`` for one the CA cannot read."""
         top = self.intermediates[-1]
-        above = [*self.intermediates, *(r for r in self.roots if _issued_by(top, r))]
+        above = [*self.intermediates, *(r for r in self.roots if issued_by(top, r))]
         return tuple(c for c in map(NameConstraints.of, above) if c is not None)
 
     def federation(self) -> tuple[x509.Certificate, ...]:
@@ -96,14 +96,6 @@ def load_signing_key(path: Path, password: bytes | None, what: str) -> SigningKe
     return key
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 def load_material(config: CAConfig, password: bytes | None) -> CAMaterial:
     """Load and cross-check the files ca.json names; ``ConfigError`` on any problem."""
     roots: list[x509.Certificate] = []
@@ -124,7 +116,7 @@ def load_material(config: CAConfig, password: bytes | None) -> CAMaterial:
     if own_pub != key_pub:
         raise ConfigError(f"intermediate key {config.key} does not match certificate {config.crt}")
     top = intermediates[-1]
-    if not any(_issued_by(top, root) for root in roots):
+    if not any(issued_by(top, root) for root in roots):
         raise ConfigError(
             f"intermediate certificate {config.crt} was not issued by any configured root"
         )

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .._errors import ConfigError
-from .._x509 import common_name, fingerprint, load_pem_certificate
+from .._x509 import common_name, fingerprint, issued_by, load_pem_certificate
 from ._config import CAConfig
 from ._material import load_signing_key
 from ._pki import encrypted_key_pem, new_intermediate, new_root, write_private
@@ -78,14 +77,6 @@ def _set_roots(data: dict[str, Any], roots: list[Path]) -> None:
 
 def _cert(path: Path) -> x509.Certificate:
     return load_pem_certificate(path.read_bytes(), str(path))
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 def _name_constraints(issuer: x509.Certificate) -> x509.NameConstraints | None:
@@ -156,7 +147,7 @@ def issue_from_new_root(directory: Path) -> RotationStep:
             f"no intermediate of the newest root {newest} to issue from: "
             "run the add-root step first"
         )
-    if not _issued_by(_cert(crt), _cert(newest)):
+    if not issued_by(_cert(crt), _cert(newest)):
         raise ConfigError(f"{crt} was not issued by {newest}")
     data["crt"], data["key"] = str(crt.absolute()), str(key.absolute())
     _write_config(path, data)
@@ -169,7 +160,7 @@ def retire_old_roots(directory: Path) -> RotationStep:
     """Step 3: trust only the root of the current intermediate."""
     path, data = _config_of(directory)
     issuer = _cert(Path(data["crt"]))
-    keep = [r for r in _roots(data) if _issued_by(issuer, _cert(r))]
+    keep = [r for r in _roots(data) if issued_by(issuer, _cert(r))]
     if not keep:
         raise ConfigError("the current intermediate chains to none of the configured roots")
     dropped = [r for r in _roots(data) if r not in keep]
