@@ -440,6 +440,13 @@ def _answer_object(data: object, what: str) -> Mapping[str, Any]:
     return data
 
 
+def _answer_str(data: Mapping[str, Any], name: str, what: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise BadMaterialError(f"{what}: field '{name}' must be a string")
+    return value
+
+
 def _answer_certs(data: Mapping[str, Any], name: str, what: str) -> list[x509.Certificate]:
     items = data.get(name)
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -609,9 +616,7 @@ class VersionResponse:
     @classmethod
     def parse(cls, data: object) -> VersionResponse:
         obj = _answer_object(data, "version response")
-        version = obj.get("version")
-        if not isinstance(version, str):
-            raise BadMaterialError("version response: field 'version' must be a string")
+        version = _answer_str(obj, "version", "version response")
         return cls(version, obj.get("requireClientAuthentication") is True)
 
 
@@ -624,10 +629,8 @@ class HealthResponse:
 
     @classmethod
     def parse(cls, data: object) -> HealthResponse:
-        status = _answer_object(data, "health response").get("status")
-        if not isinstance(status, str):
-            raise BadMaterialError("health response: field 'status' must be a string")
-        return cls(status)
+        obj = _answer_object(data, "health response")
+        return cls(_answer_str(obj, "status", "health response"))
 
 
 @dataclass(frozen=True)
@@ -676,10 +679,8 @@ class ProvisionerKeyResponse:
 
     @classmethod
     def parse(cls, data: object) -> ProvisionerKeyResponse:
-        key = _answer_object(data, "encrypted-key response").get("key")
-        if not isinstance(key, str):
-            raise BadMaterialError("encrypted-key response: field 'key' must be a string")
-        return cls(key)
+        obj = _answer_object(data, "encrypted-key response")
+        return cls(_answer_str(obj, "key", "encrypted-key response"))
 
 
 @dataclass(frozen=True)
