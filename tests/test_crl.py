@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import ssl
 import subprocess
@@ -192,10 +193,12 @@ async def test_pem_variant(pki: PKI, clock: FakeClock, tmp_path: Path, path: str
 
 @pytest.mark.parametrize("block", [None, {"enabled": False, "generateOnRevoke": True}])
 async def test_ca_without_crl_answers_404(
-    pki: PKI, clock: FakeClock, block: dict[str, Any] | None
+    pki: PKI, clock: FakeClock, block: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No ``crl`` block, or one with enabled false: 404 with step-ca 0.30's body, under both
-    prefixes. Twin: an enabled block answers 200 (the tests above)."""
+    prefixes, and a log line naming the request id and the reason. Twin: an enabled block
+    answers 200 (the tests above)."""
+    caplog.set_level(logging.INFO, "federatls.ca")
     if block is not None:
         pki.edit(lambda d: d.__setitem__("crl", block))
     async with serving(pki, clock):
@@ -203,9 +206,13 @@ async def test_ca_without_crl_answers_404(
         async with pki.client() as ca:
             with pytest.raises(CARefusedError) as refused:
                 await ca.crl()
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     for answer in answers:
         assert answer.status_code == 404
         assert answer.json() == {"status": 404, "message": CRL_DISABLED_MESSAGE}
+        said = [line for line in refusals if f"(request {answer.headers['x-request-id']})" in line]
+        assert len(said) == 1, refusals
+        assert "does not enable CRLs" in said[0]
     assert refused.value.status == 404
 
 
