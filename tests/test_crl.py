@@ -317,7 +317,7 @@ async def test_cli_crl_writes_verified_der_and_pem(
         pem = await federatls("ca", "crl", *flags, "--pem", "--out", tmp_path / "c.pem")
         stdout = await federatls("ca", "crl", *flags, "--pem")
     assert (der.code, pem.code, stdout.code) == (0, 0, 0), (der, pem, stdout)
-    assert "1 revoked certificates" in der.out
+    assert der.out == f"The CRL (1 revoked certificate) has been saved in {tmp_path / 'c.crl'}.\n"
     crl = x509.load_der_x509_crl((tmp_path / "c.crl").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(gone.serial_number) is not None
     assert x509.load_pem_x509_crl((tmp_path / "c.pem").read_bytes()) == crl

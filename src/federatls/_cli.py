@@ -716,8 +716,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
     body, crl = _run(go())
     if args.out:
         _write_atomic(Path(args.out), body, private=False, force=args.force)
-        count = len(crl)
-        print(f"The CRL ({count} revoked certificates) has been saved in {args.out}.")
+        count = f"{len(crl)} revoked certificate{'' if len(crl) == 1 else 's'}"
+        print(f"The CRL ({count}) has been saved in {args.out}.")
     else:
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
