@@ -1,4 +1,4 @@
-"""The federatls CA's CRL (GET /crl, step-ca 0.24.2+; docs/protocol.md, "CRL"): a real CRL
+"""The federatls CA's CRL (GET /crl, step-ca 0.23+; docs/protocol.md, "CRL"): a real CRL
 signed by the intermediate from the store's revocations (SQLite and PostgreSQL), its headers,
 its caching, the 404 of a CA whose ca.json does not enable it, ca.json's ``crl`` block,
 CAClient.crl() and ``federatls ca crl``; checked with ``openssl crl`` and ``cryptography``."""

@@ -1042,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "crl",
         help="save the CA's certificate revocation list, its signature verified",
-        description="Fetch the CA's CRL (step-ca 0.24.2+ with a crl block in ca.json), verify "
+        description="Fetch the CA's CRL (step-ca 0.23+ with a crl block in ca.json), verify "
         "its signature with the CA's intermediate (from the CA's /intermediates, or "
         "--intermediates) chained to --root, then write it: DER, or PEM with --pem.",
     )
