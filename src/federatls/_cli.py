@@ -127,10 +127,10 @@ def _time_or_duration(text: str) -> TimeDuration | None:
 _MAX_CSR_FILE = 1024 * 1024  # far above any certificate request; /dev/zero is not read whole
 
 
-@_usage_type(ConfigError)
 def _cnf_file(path: str) -> x509.CertificateSigningRequest:
     """The certificate request a token binds (``--cnf-file``): PEM or DER, signature checked,
-    so a token is never bound to a request no CA would sign."""
+    so a token is never bound to a request no CA would sign. A file that cannot be read or is
+    no such request is a failure at run time (exit 1), as for ``--root``."""
     try:
         with Path(path).open("rb") as file:
             data = file.read(_MAX_CSR_FILE + 1)
@@ -144,7 +144,7 @@ def _cnf_file(path: str) -> x509.CertificateSigningRequest:
     except BadMaterialError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"{path} is not a certificate request (PEM or DER): {exc}") from exc
+        raise ConfigError(f"{path} is not a certificate request (PEM or DER)") from exc
     if not valid:
         raise ConfigError(f"{path}: the certificate request's signature does not verify")
     return csr
@@ -416,8 +416,15 @@ async def _choose_and_decrypt(
     return str(prov["name"]), ProvisionerKey.decrypt(encrypted, password)
 
 
-async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False) -> str:
-    """A token for ``subject``: from a running CA (--ca-url/--root) or a ca.json (--offline)."""
+async def _mint(
+    args: argparse.Namespace,
+    subject: str,
+    *,
+    revoke: bool = False,
+    csr: x509.CertificateSigningRequest | None = None,
+) -> str:
+    """A token for ``subject`` (bound to ``csr`` if given): from a running CA (--ca-url/--root)
+    or a ca.json (--offline)."""
     now = datetime.now(UTC)
     if getattr(args, "offline", None):
         from .ca._config import CAConfig
@@ -445,7 +452,7 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
         sans=sans,
         root_fingerprint=fingerprint(root),
         validity=getattr(args, "token_not_after", None) or DEFAULT_VALIDITY,
-        csr=getattr(args, "cnf_file", None),
+        csr=csr,
     )
 
 
@@ -579,7 +586,8 @@ def cmd_token(args: argparse.Namespace) -> int:
             subject = _decimal_serial(subject)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(str(exc)) from None
-    print(_run(_mint(args, subject, revoke=args.revoke)))
+    csr = _cnf_file(args.cnf_file) if args.cnf_file is not None else None
+    print(_run(_mint(args, subject, revoke=args.revoke, csr=csr)))
     return 0
 
 
@@ -972,7 +980,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="a token to revoke serial SUBJECT")
     p.add_argument(
         "--cnf-file",
-        type=_cnf_file,
         metavar="CSR",
         help="bind the token to this certificate request (PEM or DER): the CA signs no other "
         "with it (the cnf claim, step-ca 0.27.3+)",
