@@ -37,6 +37,7 @@ from ._errors import (
     BadMaterialError,
     ConfigError,
     FederatlsError,
+    IdentityExpiredError,
     MissingExtraError,
 )
 from ._issuance import check_renewed
@@ -641,6 +642,13 @@ def cmd_renew(args: argparse.Namespace) -> int:
     key = _read_key(args.key)
     out = Path(args.out) if args.out else Path(args.crt)
     _check_writable(out, force=args.force or out == Path(args.crt))
+    ended = chain[0].not_valid_after_utc
+    if ended <= datetime.now(UTC):  # the handshake would fail, told as "cannot reach the CA"
+        raise IdentityExpiredError(
+            f"{args.crt} expired on {ended:%Y-%m-%d %H:%M:%S} UTC: a CA does not renew an "
+            "expired certificate over mutual TLS; get a new one with a token "
+            "(federatls ca certificate)"
+        )
 
     async def go() -> Sequence[x509.Certificate]:
         async with _client(args, identity=(chain, key), deadline=_deadline(args)) as ca:
