@@ -214,6 +214,8 @@ async def test_ca_without_crl_answers_404(
         assert len(said) == 1, refusals
         assert "does not enable CRLs" in said[0]
     assert refused.value.status == 404
+    assert "does not enable one" in str(refused.value)  # the hint
+    assert refused.value.request_id is not None
 
 
 async def test_number_grows_and_a_cached_crl_waits_for_its_renewal(
@@ -344,7 +346,7 @@ async def test_cli_crl_failures_are_one_line_and_write_nothing(
         absent = await federatls(
             "ca", "crl", "--ca-url", other.url, "--root", other.root_path, "--out", out
         )
-    assert_one_line_error(absent, "404")
+    assert_one_line_error(absent, "404", "crl block does not enable one", "request id")
     assert not out.exists()
     assert not list(tmp_path.glob(".c.crl.*"))
 
