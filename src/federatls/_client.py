@@ -467,7 +467,8 @@ class CAClient:
         """``/crl`` (docs/protocol.md, "CRL"): the CA's CRL as served (DER, or PEM with
         ``pem``) and parsed, its signature verified with one of ``issuers`` that chains to
         this client's roots, else ``BadMaterialError``. ``issuers`` None: the CA's own
-        ``/intermediates`` (step-ca 0.27.3+; a CA without it leaves only the roots).
+        ``/intermediates`` (step-ca 0.27.3+; a CA without it leaves only the roots, and the
+        error then says to give them).
         ``CARefusedError`` 404 when the CA serves no CRL, with a hint saying why it may not."""
         path = CRL_PATH + (f"?{CRL_PEM_QUERY}" if pem else "")
         try:
@@ -491,7 +492,17 @@ class CAClient:
                 request_id=exc.request_id,
             ) from exc
         crl = CRLResponse.parse(body)
+        unpublished = False
         if issuers is None:
-            issuers = await self.intermediates() or ()
-        crl_signer(crl, issuers, self.roots)
+            published = await self.intermediates()
+            unpublished, issuers = published is None, published or ()
+        try:
+            crl_signer(crl, issuers, self.roots)
+        except BadMaterialError as exc:
+            if not unpublished:
+                raise
+            raise BadMaterialError(
+                f"{exc}; the CA does not publish its intermediates (/intermediates: step-ca "
+                "0.27.3 and later), so give them (issuers=, federatls ca crl --intermediates)"
+            ) from exc
         return body, crl
