@@ -205,6 +205,8 @@ class RogueCA:
             if status >= 400:
                 return status, {"status": status, "message": "not implemented"}
             return status, {"crts": [c.public_bytes(pem).decode() for c in certs]}
+        if method == "GET" and path == "/crl" and "/crl" in self.behaviour:
+            return 200, {}  # the body is the behaviour's (a CRL the test made)
         if method == "POST" and path == "/sign":
             request = json.loads(body)
             token = Token.parse(request["ott"])
@@ -222,6 +224,18 @@ class RogueCA:
             )
             return 201, SignResponse(chain).to_json()
         return 404, {"status": 404, "message": f"no route for {method} {target}"}
+
+    def crl(self) -> bytes:
+        """A CRL (DER, no entries) signed by the PKI's intermediate, for ``behaviour["/crl"]``."""
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.intermediate.subject)
+            .last_update(now)
+            .next_update(now + timedelta(hours=1))
+        )
+        crl = builder.sign(self._key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.DER)
 
     def chain(
         self, subject: str, names: list[str], public_key: object, issue: Issue

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc import jws
 
 from federatls._keys import build_csr, new_private_key
+from federatls._protocol import SignRequest
 from federatls._x509 import fingerprint, load_pem_certificate, load_pem_certificates
 from federatls.ca import CAServer
 
@@ -791,6 +792,35 @@ async def test_renew_with_wrong_root_is_a_tls_failure(
     original = crt.read_bytes()
     run = await federatls("ca", "renew", crt, key, "--ca-url", pki.url, "--root", other.root_path)
     assert_one_line_error(run, "TLS failure")
+    assert crt.read_bytes() == original
+
+
+async def test_renew_of_an_expired_certificate_says_so(
+    pki: PKI, clock: FakeClock, tmp_path: Path
+) -> None:
+    """An expired CRT: one line saying it expired and how to get a new one, exit 1, CRT
+    unchanged, instead of a handshake failure told as "cannot reach the CA". Twin:
+    test_renew_over_mtls (a valid one renews)."""
+    past = FakeClock()
+    past.advance(-25 * 3600)  # a day's certificate, signed then, ended an hour ago
+    key = new_private_key()
+    async with serving(pki, past) as then:
+        request = SignRequest(build_csr(key, SVC, [SVC]), pki.token(SVC, sans=[SVC]))
+        chain = then.authority.sign(request, past())
+    crt, key_path = tmp_path / "old.crt", tmp_path / "old.key"
+    crt.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    original = crt.read_bytes()
+    async with serving(pki, clock):
+        run = await federatls("ca", "renew", crt, key_path, *ca_flags(pki))
+    assert_one_line_error(run, f"{crt} expired on", "federatls ca certificate")
+    assert "cannot reach" not in run.err
     assert crt.read_bytes() == original
 
 

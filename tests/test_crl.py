@@ -1,4 +1,4 @@
-"""The federatls CA's CRL (GET /crl, step-ca 0.24.2+; docs/protocol.md, "CRL"): a real CRL
+"""The federatls CA's CRL (GET /crl, step-ca 0.23+; docs/protocol.md, "CRL"): a real CRL
 signed by the intermediate from the store's revocations (SQLite and PostgreSQL), its headers,
 its caching, the 404 of a CA whose ca.json does not enable it, ca.json's ``crl`` block,
 CAClient.crl() and ``federatls ca crl``; checked with ``openssl crl`` and ``cryptography``."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import ssl
 import subprocess
@@ -192,10 +193,12 @@ async def test_pem_variant(pki: PKI, clock: FakeClock, tmp_path: Path, path: str
 
 @pytest.mark.parametrize("block", [None, {"enabled": False, "generateOnRevoke": True}])
 async def test_ca_without_crl_answers_404(
-    pki: PKI, clock: FakeClock, block: dict[str, Any] | None
+    pki: PKI, clock: FakeClock, block: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No ``crl`` block, or one with enabled false: 404 with step-ca 0.30's body, under both
-    prefixes. Twin: an enabled block answers 200 (the tests above)."""
+    prefixes, and a log line naming the request id and the reason. Twin: an enabled block
+    answers 200 (the tests above)."""
+    caplog.set_level(logging.INFO, "federatls.ca")
     if block is not None:
         pki.edit(lambda d: d.__setitem__("crl", block))
     async with serving(pki, clock):
@@ -203,10 +206,16 @@ async def test_ca_without_crl_answers_404(
         async with pki.client() as ca:
             with pytest.raises(CARefusedError) as refused:
                 await ca.crl()
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     for answer in answers:
         assert answer.status_code == 404
         assert answer.json() == {"status": 404, "message": CRL_DISABLED_MESSAGE}
+        said = [line for line in refusals if f"(request {answer.headers['x-request-id']})" in line]
+        assert len(said) == 1, refusals
+        assert "does not enable CRLs" in said[0]
     assert refused.value.status == 404
+    assert "does not enable one" in str(refused.value)  # the hint
+    assert refused.value.request_id is not None
 
 
 async def test_number_grows_and_a_cached_crl_waits_for_its_renewal(
@@ -310,7 +319,7 @@ async def test_cli_crl_writes_verified_der_and_pem(
         pem = await federatls("ca", "crl", *flags, "--pem", "--out", tmp_path / "c.pem")
         stdout = await federatls("ca", "crl", *flags, "--pem")
     assert (der.code, pem.code, stdout.code) == (0, 0, 0), (der, pem, stdout)
-    assert "1 revoked certificates" in der.out
+    assert der.out == f"The CRL (1 revoked certificate) has been saved in {tmp_path / 'c.crl'}.\n"
     crl = x509.load_der_x509_crl((tmp_path / "c.crl").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(gone.serial_number) is not None
     assert x509.load_pem_x509_crl((tmp_path / "c.pem").read_bytes()) == crl
@@ -337,7 +346,7 @@ async def test_cli_crl_failures_are_one_line_and_write_nothing(
         absent = await federatls(
             "ca", "crl", "--ca-url", other.url, "--root", other.root_path, "--out", out
         )
-    assert_one_line_error(absent, "404")
+    assert_one_line_error(absent, "404", "crl block does not enable one", "request id")
     assert not out.exists()
     assert not list(tmp_path.glob(".c.crl.*"))
 

@@ -289,8 +289,14 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
 
 def test_ca_quick_start_runs_as_written(tmp_path: Path) -> None:
     """docs/ca.md's quick start makes a CA, serves it and gets a certificate from it; its
-    peers example makes a second CA that follows it by URL, as `ca peers` shows."""
+    revocation example signs a request with a token bound to it, is refused for another key,
+    and finds the revoked serial in the CRL; its peers example makes a second CA that follows
+    it by URL, as `ca peers` shows."""
     printed = run_blocks(ROOT / "docs" / "ca.md", tmp_path)
+    assert "certificate request fingerprint does not match" in printed
+    assert not (tmp_path / "other.crt").exists()
+    assert "The CRL (1 revoked certificate) has been saved in ca.crl." in printed
+    assert "Key Compromise" in printed
     assert (tmp_path / "svc.crt").exists()
     assert re.search(r"^cloud \(step\) https://127\.0\.0\.1:\d+$", printed, re.MULTILINE)
     assert "CN=cloud Root CA,O=cloud" in printed

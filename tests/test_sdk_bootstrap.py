@@ -303,7 +303,9 @@ async def test_empty_export_password_is_refused(ca: CAServer, pki: PKI) -> None:
 
 # 2. Refusals ------------------------------------------------------------------------------------
 async def test_replayed_token_is_refused(any_ca: str, pki: PKI) -> None:
-    """A token works once; its replay is CARefusedError 401 with step-ca's body and a hint."""
+    """A token works once; its replay is CARefusedError 401 with step-ca's body and a hint,
+    and (federatls CA; step-ca 0.19 echoes none) the request id the CA echoed, which the
+    hint must not drop."""
     token = pki.token(SUBJECT)
     first = await federatls.bootstrap(token)
     assert first.common_name == SUBJECT
@@ -313,6 +315,11 @@ async def test_replayed_token_is_refused(any_ca: str, pki: PKI) -> None:
     assert refused.value.message.startswith(UNAUTHORIZED)
     assert refused.value.url == f"{pki.url}/sign"
     assert "already used" in str(refused.value)
+    if any_ca == "federatls":
+        assert refused.value.request_id is not None
+        assert f"[request id {refused.value.request_id}]" in str(refused.value)
+    else:
+        assert refused.value.request_id is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -151,6 +151,24 @@ async def test_a_ca_that_echoes_no_request_id_is_logged_as_not_echoed(
         assert any(f"request id {request_id} (not echoed)" in line for line in logged)
 
 
+async def test_crl_from_a_ca_without_intermediates_says_to_give_them(tmp_path: Path) -> None:
+    """A CA serving /crl but not /intermediates (step-ca 0.23 to 0.27.2): the CRL cannot be
+    checked with the roots alone, and the error says to give the intermediates. Twin: given
+    them (issuers=), or published, the same CRL verifies."""
+    with _rogue(tmp_path) as rogue:
+        rogue.behaviour["/crl"] = Behaviour(body=rogue.crl())
+        async with rogue.pki.client() as ca:
+            with pytest.raises(BadMaterialError) as unverified:
+                await ca.crl()
+            _, given = await ca.crl(issuers=[rogue.intermediate])
+        rogue.published = (201, [rogue.intermediate])
+        async with rogue.pki.client() as ca:
+            _, published = await ca.crl()
+    assert "does not verify" in str(unverified.value)
+    assert "--intermediates" in str(unverified.value)
+    assert given.issuer == published.issuer == rogue.intermediate.subject
+
+
 async def test_a_refusal_carries_the_request_id_the_ca_echoed(tmp_path: Path) -> None:
     """A refusal's CARefusedError carries the CA's echoed id as request_id and in its
     message, so that it can be found in the CA's log."""

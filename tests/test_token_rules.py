@@ -422,18 +422,23 @@ def _write(path: Path, data: bytes) -> Path:
 @pytest.mark.parametrize(
     ("what", "make", "fragment"), BAD_CNF_FILES, ids=[b[0] for b in BAD_CNF_FILES]
 )
-async def test_cli_bad_cnf_file_is_one_line_exit_2(
+async def test_cli_bad_cnf_file_is_one_line_exit_1(
     pki: PKI, tmp_path: Path, what: str, make: Callable[[PKI, Path], Path], fragment: str
 ) -> None:
-    """A --cnf-file that is missing, not a CSR or badly signed: one stderr line, exit 2, no
-    token. Twin: test_cli_token_cnf_file_binds_the_csr (a good one mints)."""
-    run = await federatls("ca", "token", SVC, "--cnf-file", make(pki, tmp_path), *_mint_flags(pki))
-    assert run.code == 2, run
+    """A --cnf-file that is missing, not a CSR or badly signed: one stderr line naming the
+    file, exit 1 (a file that cannot be used, as for --root), no token, no parser internals.
+    Twin: test_cli_token_cnf_file_binds_the_csr (a good one mints)."""
+    path = make(pki, tmp_path)
+    run = await federatls("ca", "token", SVC, "--cnf-file", path, *_mint_flags(pki))
+    assert run.code == 1, run
     assert run.out == ""
     lines = run.err.splitlines()
     assert len(lines) == 1, run.err
-    assert "argument --cnf-file" in lines[0]
+    assert lines[0].startswith(f"federatls: error: {path}") or lines[0].startswith(
+        "federatls: error: cannot read certificate request"
+    ), lines
     assert fragment in lines[0]
+    assert "ParseError" not in lines[0]
 
 
 async def test_cli_cnf_file_with_revoke_is_a_usage_error(pki: PKI, tmp_path: Path) -> None:

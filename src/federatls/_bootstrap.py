@@ -98,7 +98,12 @@ async def sign_checked(
         if exc.status != 401 or exc.hint:
             raise
         raise CARefusedError(
-            exc.status, exc.message, url=exc.url, body=exc.body, hint=_REFUSAL_HINT
+            exc.status,
+            exc.message,
+            url=exc.url,
+            body=exc.body,
+            hint=_REFUSAL_HINT,
+            request_id=exc.request_id,
         ) from exc
     own = await ca.roots_bundle()
     roots = TrustBundle.from_ca(own, ())

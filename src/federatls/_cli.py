@@ -37,6 +37,7 @@ from ._errors import (
     BadMaterialError,
     ConfigError,
     FederatlsError,
+    IdentityExpiredError,
     MissingExtraError,
 )
 from ._issuance import check_renewed
@@ -127,10 +128,10 @@ def _time_or_duration(text: str) -> TimeDuration | None:
 _MAX_CSR_FILE = 1024 * 1024  # far above any certificate request; /dev/zero is not read whole
 
 
-@_usage_type(ConfigError)
 def _cnf_file(path: str) -> x509.CertificateSigningRequest:
     """The certificate request a token binds (``--cnf-file``): PEM or DER, signature checked,
-    so a token is never bound to a request no CA would sign."""
+    so a token is never bound to a request no CA would sign. A file that cannot be read or is
+    no such request is a failure at run time (exit 1), as for ``--root``."""
     try:
         with Path(path).open("rb") as file:
             data = file.read(_MAX_CSR_FILE + 1)
@@ -144,7 +145,7 @@ def _cnf_file(path: str) -> x509.CertificateSigningRequest:
     except BadMaterialError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"{path} is not a certificate request (PEM or DER): {exc}") from exc
+        raise ConfigError(f"{path} is not a certificate request (PEM or DER)") from exc
     if not valid:
         raise ConfigError(f"{path}: the certificate request's signature does not verify")
     return csr
@@ -416,8 +417,15 @@ async def _choose_and_decrypt(
     return str(prov["name"]), ProvisionerKey.decrypt(encrypted, password)
 
 
-async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False) -> str:
-    """A token for ``subject``: from a running CA (--ca-url/--root) or a ca.json (--offline)."""
+async def _mint(
+    args: argparse.Namespace,
+    subject: str,
+    *,
+    revoke: bool = False,
+    csr: x509.CertificateSigningRequest | None = None,
+) -> str:
+    """A token for ``subject`` (bound to ``csr`` if given): from a running CA (--ca-url/--root)
+    or a ca.json (--offline)."""
     now = datetime.now(UTC)
     if getattr(args, "offline", None):
         from .ca._config import CAConfig
@@ -445,7 +453,7 @@ async def _mint(args: argparse.Namespace, subject: str, *, revoke: bool = False)
         sans=sans,
         root_fingerprint=fingerprint(root),
         validity=getattr(args, "token_not_after", None) or DEFAULT_VALIDITY,
-        csr=getattr(args, "cnf_file", None),
+        csr=csr,
     )
 
 
@@ -579,7 +587,8 @@ def cmd_token(args: argparse.Namespace) -> int:
             subject = _decimal_serial(subject)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(str(exc)) from None
-    print(_run(_mint(args, subject, revoke=args.revoke)))
+    csr = _cnf_file(args.cnf_file) if args.cnf_file is not None else None
+    print(_run(_mint(args, subject, revoke=args.revoke, csr=csr)))
     return 0
 
 
@@ -633,6 +642,13 @@ def cmd_renew(args: argparse.Namespace) -> int:
     key = _read_key(args.key)
     out = Path(args.out) if args.out else Path(args.crt)
     _check_writable(out, force=args.force or out == Path(args.crt))
+    ended = chain[0].not_valid_after_utc
+    if ended <= datetime.now(UTC):  # the handshake would fail, told as "cannot reach the CA"
+        raise IdentityExpiredError(
+            f"{args.crt} expired on {ended:%Y-%m-%d %H:%M:%S} UTC: a CA does not renew an "
+            "expired certificate over mutual TLS; get a new one with a token "
+            "(federatls ca certificate)"
+        )
 
     async def go() -> Sequence[x509.Certificate]:
         async with _client(args, identity=(chain, key), deadline=_deadline(args)) as ca:
@@ -716,8 +732,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
     body, crl = _run(go())
     if args.out:
         _write_atomic(Path(args.out), body, private=False, force=args.force)
-        count = len(crl)
-        print(f"The CRL ({count} revoked certificates) has been saved in {args.out}.")
+        count = f"{len(crl)} revoked certificate{'' if len(crl) == 1 else 's'}"
+        print(f"The CRL ({count}) has been saved in {args.out}.")
     else:
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
@@ -972,7 +988,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="a token to revoke serial SUBJECT")
     p.add_argument(
         "--cnf-file",
-        type=_cnf_file,
         metavar="CSR",
         help="bind the token to this certificate request (PEM or DER): the CA signs no other "
         "with it (the cnf claim, step-ca 0.27.3+)",
@@ -1042,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "crl",
         help="save the CA's certificate revocation list, its signature verified",
-        description="Fetch the CA's CRL (step-ca 0.24.2+ with a crl block in ca.json), verify "
+        description="Fetch the CA's CRL (step-ca 0.23+ with a crl block in ca.json), verify "
         "its signature with the CA's intermediate (from the CA's /intermediates, or "
         "--intermediates) chained to --root, then write it: DER, or PEM with --pem.",
     )

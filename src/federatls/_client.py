@@ -230,6 +230,12 @@ async def _read_capped(response: httpx.Response, url: str, limit: int = MAX_ANSW
     return bytes(body)
 
 
+_NO_CRL_HINT = (
+    "the CA serves no CRL: its ca.json's crl block does not enable one, or it is a step-ca "
+    "older than 0.23"
+)
+
+
 def refused_as_expired(error: CARefusedError | CAUnreachableError) -> bool:
     """Whether a failed renewal over mutual TLS says that the certificate has expired (by the
     CA's clock): a 401 "certificate expired on ..." (step-ca 0.20 and later; "certificate
@@ -461,19 +467,42 @@ class CAClient:
         """``/crl`` (docs/protocol.md, "CRL"): the CA's CRL as served (DER, or PEM with
         ``pem``) and parsed, its signature verified with one of ``issuers`` that chains to
         this client's roots, else ``BadMaterialError``. ``issuers`` None: the CA's own
-        ``/intermediates`` (step-ca 0.27.3+; a CA without it leaves only the roots).
-        ``CARefusedError`` 404 when the CA serves no CRL."""
+        ``/intermediates`` (step-ca 0.27.3+; a CA without it leaves only the roots, and the
+        error then says to give them).
+        ``CARefusedError`` 404 when the CA serves no CRL, with a hint saying why it may not."""
         path = CRL_PATH + (f"?{CRL_PEM_QUERY}" if pem else "")
-        body: bytes = await _call(
-            self._client,
-            "GET",
-            self.url + path,
-            deadline=self._deadline(),
-            raw=True,
-            limit=MAX_CRL_BYTES,
-        )
+        try:
+            body: bytes = await _call(
+                self._client,
+                "GET",
+                self.url + path,
+                deadline=self._deadline(),
+                raw=True,
+                limit=MAX_CRL_BYTES,
+            )
+        except CARefusedError as exc:
+            if exc.status != 404:
+                raise
+            raise CARefusedError(
+                exc.status,
+                exc.message,
+                url=exc.url,
+                body=exc.body,
+                hint=_NO_CRL_HINT,
+                request_id=exc.request_id,
+            ) from exc
         crl = CRLResponse.parse(body)
+        unpublished = False
         if issuers is None:
-            issuers = await self.intermediates() or ()
-        crl_signer(crl, issuers, self.roots)
+            published = await self.intermediates()
+            unpublished, issuers = published is None, published or ()
+        try:
+            crl_signer(crl, issuers, self.roots)
+        except BadMaterialError as exc:
+            if not unpublished:
+                raise
+            raise BadMaterialError(
+                f"{exc}; the CA does not publish its intermediates (/intermediates: step-ca "
+                "0.27.3 and later), so give them (issuers=, federatls ca crl --intermediates)"
+            ) from exc
         return body, crl

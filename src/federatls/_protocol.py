@@ -91,7 +91,7 @@ ROOTS_PEM_PATH = "/roots.pem"
 FEDERATION_PATH = "/federation"
 INTERMEDIATES_PATH = "/intermediates"  # step-ca 0.27.3 and later
 INTERMEDIATES_PEM_PATH = "/intermediates.pem"
-CRL_PATH = "/crl"  # step-ca 0.24.2 and later, when ca.json's crl block enables it
+CRL_PATH = "/crl"  # step-ca 0.23 and later, when ca.json's crl block enables it
 CRL_PEM_QUERY = "pem"  # GET /crl?pem (any value, or none) asks for PEM
 ROOT_PATH = "/root/{sha}"
 PROVISIONERS_PATH = "/provisioners"
@@ -715,8 +715,8 @@ class ErrorBody:
 class CRLResponse:
     """``GET /crl``'s answer (docs/protocol.md, "CRL"): the CRL in DER, or in PEM (``X509
     CRL``, 64-character lines) when the query has ``pem``; its ``nextUpdate`` in ``Expires``
-    (HTTP's date format); the headers step-ca 0.30 sends (0.24.2 to 0.29 named the DER file
-    ``crl.der`` and sent no ``Expires``)."""
+    (HTTP's date format); the headers step-ca 0.30 sends (0.23 to 0.29 named the DER file
+    ``crl.der``; 0.23 to 0.25 sent no ``Expires``)."""
 
     der: bytes
     next_update: datetime

@@ -200,8 +200,8 @@ class ConnectionLimits:
 
 @dataclass(frozen=True)
 class CRLConfig:
-    """ca.json's ``crl`` block, as step-ca 0.24.2+ reads it (authority/config: ``enabled``,
-    ``generateOnRevoke``, ``cacheDuration``, ``renewPeriod``, ``idpURL``); docs/protocol.md,
+    """ca.json's ``crl`` block, as step-ca 0.23+ reads it (authority/config: ``enabled``,
+    ``generateOnRevoke``, ``cacheDuration``, ``renewPeriod``, ``idpURL`` (0.24+)); docs/protocol.md,
     "CRL". ``cache_duration`` is the CRL's lifetime (nextUpdate - thisUpdate): absent or 0
     means 24h, as step-ca makes it when the authority starts."""
 
@@ -311,7 +311,7 @@ class CAConfig:
     limits: ConnectionLimits = ConnectionLimits()
     federation: FederationConfig = field(default_factory=FederationConfig)  # peers by URL
     spiffe_trust_domain: str | None = None  # the `spiffe` block's trustDomain
-    crl: CRLConfig | None = None  # the `crl` block (step-ca 0.24.2+), None when absent
+    crl: CRLConfig | None = None  # the `crl` block (step-ca 0.23+), None when absent
 
     @property
     def store_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""The CA's certificate revocation list (``GET /crl``, step-ca 0.24.2+; docs/protocol.md,
+"""The CA's certificate revocation list (``GET /crl``, step-ca 0.23+; docs/protocol.md,
 "CRL"): ``build_crl`` and ``renewal_due`` are the pure rules; ``current_crl`` makes the store
 calls (from a worker thread, never on the event loop). Serving it is ``_server``'s work.
 

@@ -478,9 +478,14 @@ async def _roots(request: web.Request) -> web.Response:
     return _json(RootsResponse(_authority(request).roots()).to_json(), 201)
 
 
+def _pem_file(pem: str) -> web.Response:
+    """Concatenated PEM as step-ca answers it: ``Content-Type: application/x-pem-file``, with
+    no charset parameter (aiohttp adds one to a ``text=`` body)."""
+    return web.Response(body=pem.encode("ascii"), content_type="application/x-pem-file")
+
+
 async def _roots_pem(request: web.Request) -> web.Response:
-    body = certs_to_pem(_authority(request).roots())
-    return web.Response(text=body, content_type="application/x-pem-file")
+    return _pem_file(certs_to_pem(_authority(request).roots()))
 
 
 async def _intermediates(request: web.Request) -> web.Response:
@@ -490,8 +495,7 @@ async def _intermediates(request: web.Request) -> web.Response:
 
 
 async def _intermediates_pem(request: web.Request) -> web.Response:
-    body = certs_to_pem(_authority(request).material.intermediates)
-    return web.Response(text=body, content_type="application/x-pem-file")
+    return _pem_file(certs_to_pem(_authority(request).material.intermediates))
 
 
 async def _federation(request: web.Request) -> web.Response:
@@ -636,9 +640,8 @@ async def _crl(request: web.Request) -> web.Response:
     authority = state.authority
     crl = authority.config.crl
     if crl is None or not crl.enabled:
-        where = _clipped(f"{request.method} {request.path}", 200)
-        log.warning("refused %r: 404 'the crl block of ca.json does not enable CRLs'", where)
-        return _json(ErrorBody(404, CRL_DISABLED_MESSAGE).to_json(), 404)
+        reason = "the crl block of ca.json does not enable CRLs"
+        raise Refusal(404, reason, message=CRL_DISABLED_MESSAGE)
     current = await _current_crl(state, authority, _clock(request))
     answer = CRLResponse(current.der, current.next_update)
     pem = CRL_PEM_QUERY in request.query
