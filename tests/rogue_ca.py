@@ -1,5 +1,6 @@
 """A rogue CA for the SDK's tests: a real HTTPS server on 127.0.0.1 that speaks the step-ca
-endpoints the SDK uses (``/root/{sha}``, ``/sign``, ``/roots``, ``/federation``, ``/renew``)
+endpoints the SDK uses (``/root/{sha}``, ``/sign``, ``/roots``, ``/federation``, ``/renew``,
+``/intermediates``, ``/crl``)
 with a real test PKI's root and intermediate, and misbehaves as a test tells it to: it
 drips its answers a byte at a time, answers late or with huge bodies, or issues crafted
 certificates. Left alone it behaves as step-ca does, so it is its own honest twin.
@@ -102,6 +103,8 @@ class RogueCA:
     echo: bool = True
     answer_id: str | None = None
     request_ids: list[str | None] = field(default_factory=list)  # what each request carried
+    # What ``GET /crl`` (with or without ``?pem``) answers, as is, 200; None: 404.
+    crl: bytes | None = None
 
     def __post_init__(self) -> None:
         certs = self.pki.directory / "certs"
@@ -181,6 +184,11 @@ class RogueCA:
         self.requests.append(f"{method} {target}")
         self.request_ids.append(request_id)
         path = "/" + target.lstrip("/").split("/", 1)[0]
+        if method == "GET" and target.split("?")[0] == "/crl" and self.crl is not None:
+            head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(self.crl)}\r\n\r\n"
+            writer.write(head.encode() + self.crl)
+            await writer.drain()
+            return True
         status, answer = self._answer(method, path, target, body, writer)
         echoed = self.answer_id if self.answer_id is not None else request_id
         extra = f"x-request-id: {echoed}\r\n" if self.echo and echoed is not None else ""
@@ -205,8 +213,6 @@ class RogueCA:
             if status >= 400:
                 return status, {"status": status, "message": "not implemented"}
             return status, {"crts": [c.public_bytes(pem).decode() for c in certs]}
-        if method == "GET" and path == "/crl" and "/crl" in self.behaviour:
-            return 200, {}  # the body is the behaviour's (a CRL the test made)
         if method == "POST" and path == "/sign":
             request = json.loads(body)
             token = Token.parse(request["ott"])
@@ -225,8 +231,9 @@ class RogueCA:
             return 201, SignResponse(chain).to_json()
         return 404, {"status": 404, "message": f"no route for {method} {target}"}
 
-    def crl(self) -> bytes:
-        """A CRL (DER, no entries) signed by the PKI's intermediate, for ``behaviour["/crl"]``."""
+    def signed_crl(self, encoding: serialization.Encoding = serialization.Encoding.DER) -> bytes:
+        """A CRL (no entries) signed by the PKI's intermediate, for ``crl``: what an honest
+        CA serves."""
         now = datetime.now(UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -235,7 +242,7 @@ class RogueCA:
             .next_update(now + timedelta(hours=1))
         )
         crl = builder.sign(self._key, hashes.SHA256())
-        return crl.public_bytes(serialization.Encoding.DER)
+        return crl.public_bytes(encoding)
 
     def chain(
         self, subject: str, names: list[str], public_key: object, issue: Issue

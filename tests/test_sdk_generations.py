@@ -156,7 +156,7 @@ async def test_crl_from_a_ca_without_intermediates_says_to_give_them(tmp_path: P
     checked with the roots alone, and the error says to give the intermediates. Twin: given
     them (issuers=), or published, the same CRL verifies."""
     with _rogue(tmp_path) as rogue:
-        rogue.behaviour["/crl"] = Behaviour(body=rogue.crl())
+        rogue.crl = rogue.signed_crl()
         async with rogue.pki.client() as ca:
             with pytest.raises(BadMaterialError) as unverified:
                 await ca.crl()

@@ -739,13 +739,22 @@ class CRLResponse:
     @staticmethod
     def parse(body: bytes) -> x509.CertificateRevocationList:
         """The CRL in an answer, DER or PEM; ``BadMaterialError`` when it is neither (its
-        signature is not checked here)."""
+        signature is not checked here). A PEM answer is one ``X509 CRL`` block and nothing
+        else but whitespace: the PEM loader reads the first such block and skips the rest
+        (other blocks, markup), and the answer is written as served once its CRL verifies."""
         try:
             if body.lstrip().startswith(b"-----BEGIN"):
+                if not _ONE_PEM_CRL.fullmatch(body):
+                    raise ValueError("a PEM answer must be one X509 CRL block and nothing else")
                 return x509.load_pem_x509_crl(body)
             return x509.load_der_x509_crl(body)
         except ValueError as exc:
             raise BadMaterialError(f"the CA's answer is not a CRL: {exc}") from exc
+
+
+_ONE_PEM_CRL = re.compile(
+    rb"\s*-----BEGIN X509 CRL-----\r?\n[A-Za-z0-9+/=\r\n]+-----END X509 CRL-----\s*"
+)
 
 
 _PKIX_CRL, _PEM_FILE = "application/pkix-crl", "application/x-pem-file"

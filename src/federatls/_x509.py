@@ -230,12 +230,34 @@ def crl_signer(
     """The certificate among ``issuers`` and ``roots`` whose key signed ``crl``: a CA
     certificate allowed to sign CRLs (cRLSign), itself one of ``roots`` or issued by one
     through ``issuers`` (signatures checked, validity periods not). ``BadMaterialError``
-    naming the CRL's issuer when there is none."""
+    naming the CRL's issuer when there is none.
+
+    At most two signature checks per certificate offered (and a few more) are made in all:
+    ``issuers`` may come from the CA's ``/intermediates``, and a CA publishing many CA
+    certificates under the CRL's issuer name, each signing the next, would otherwise cost a
+    number of checks in the cube of their count (minutes for what a 1 MiB answer holds)."""
     pool = [*roots, *issuers]
     trusted = {fingerprint(r) for r in roots}
+    budget = 2 * len(pool) + 8
+
+    def spend() -> None:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise BadMaterialError(
+                f"the CRL's signature does not verify with the CA's certificates (issuer "
+                f"{crl.issuer.rfc4514_string()!r}): {len(pool)} certificates, more than "
+                f"{2 * len(pool) + 8} signature checks"
+            )
+
+    def issued(child: x509.Certificate, parent: x509.Certificate) -> bool:
+        spend()
+        return issued_by(child, parent)
+
     for cert in pool:
         if cert.subject != crl.issuer or not may_sign(cert, "crl_sign"):
             continue
+        spend()
         try:
             if not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
                 continue
@@ -246,7 +268,7 @@ def crl_signer(
             seen.add(fingerprint(link))
             parent = next(
                 (p for p in pool if p.subject == link.issuer and may_sign(p, "key_cert_sign")
-                 and issued_by(link, p)),
+                 and issued(link, p)),
                 None,
             )  # fmt: skip
             if parent is None:
