@@ -97,14 +97,7 @@ async def sign_checked(
     except CARefusedError as exc:
         if exc.status != 401 or exc.hint:
             raise
-        raise CARefusedError(
-            exc.status,
-            exc.message,
-            url=exc.url,
-            body=exc.body,
-            hint=_REFUSAL_HINT,
-            request_id=exc.request_id,
-        ) from exc
+        raise exc.with_hint(_REFUSAL_HINT) from exc
     own = await ca.roots_bundle()
     roots = TrustBundle.from_ca(own, ())
     if roots.by_fingerprint(fingerprint(pinned)) is None:

@@ -483,14 +483,7 @@ class CAClient:
         except CARefusedError as exc:
             if exc.status != 404:
                 raise
-            raise CARefusedError(
-                exc.status,
-                exc.message,
-                url=exc.url,
-                body=exc.body,
-                hint=_NO_CRL_HINT,
-                request_id=exc.request_id,
-            ) from exc
+            raise exc.with_hint(_NO_CRL_HINT) from exc
         crl = CRLResponse.parse(body)
         unpublished = False
         if issuers is None:

@@ -123,6 +123,17 @@ class CARefusedError(FederatlsError):
             text += f" [request id {request_id}]"
         super().__init__(f"{text} ({hint})" if hint else text)
 
+    def with_hint(self, hint: str) -> CARefusedError:
+        """The same refusal, saying ``hint`` (why a CA may refuse so, what to do)."""
+        return CARefusedError(
+            self.status,
+            self.message,
+            url=self.url,
+            body=self.body,
+            hint=hint,
+            request_id=self.request_id,
+        )
+
 
 class CAUnreachableError(FederatlsError):
     """The CA could not be reached: connection refused, TLS failure or timeout.
