@@ -40,7 +40,7 @@ from federatls import (
     Provenance,
     TrustBundle,
 )
-from federatls._contexts import _NAME_RULES
+from federatls._contexts import _CHECKS
 from federatls._namerules import structured_bundle
 from federatls._protocol import FederationEntry, FederationSourcesResponse
 from federatls._x509 import fingerprint
@@ -872,7 +872,7 @@ async def test_option_off_survives_renewal(tmp_path: Path) -> None:
             assert live.renewals == 1
             assert renewed.name_rules is rules
             assert renewed.trust.has_name_rules
-            assert (_NAME_RULES.get(live.client_context()) is None) is not rules
+            assert (getattr(_CHECKS.get(live.client_context()), "rules", None) is None) is not rules
 
 
 async def test_disagreeing_answers_trust_neither_extra_root(
@@ -909,4 +909,4 @@ async def test_option_off_survives_a_trust_refresh(tmp_path: Path) -> None:
             assert await live.refresh_trust()
             assert live.current.name_rules is rules
             assert live.current.trust.has_name_rules
-            assert (_NAME_RULES.get(live.client_context()) is None) is not rules
+            assert (getattr(_CHECKS.get(live.client_context()), "rules", None) is None) is not rules

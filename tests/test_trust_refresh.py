@@ -36,6 +36,7 @@ from federatls import (
     RenewingIdentity,
 )
 from federatls._client import CAClient
+from federatls._renewal import _ContextKey
 from federatls._sslkeys import load_cert_chain_in_memory
 from federatls.integrations import httpx as fhttpx
 from federatls.integrations import streams
@@ -334,7 +335,7 @@ async def test_an_unchanged_bundle_swaps_nothing(caplog: pytest.LogCaptureFixtur
             async with _live(identity, QUICK) as live:
                 client_ctx = live.client_context()
                 live.server_context()
-                server_snapshot = live._context(("server", "federation", True, ()))
+                server_snapshot = live._context(("server", "federation", True, (), None))
                 updated: list[Identity] = []
 
                 async def watch() -> None:
@@ -347,7 +348,9 @@ async def test_an_unchanged_bundle_swaps_nothing(caplog: pytest.LogCaptureFixtur
                 planned = live.next_trust_refresh_at
                 refreshed_at = live.trust_refreshed_at
                 same_client = live.client_context() is client_ctx
-                same_server = live._context(("server", "federation", True, ())) is server_snapshot
+                same_server = (
+                    live._context(("server", "federation", True, (), None)) is server_snapshot
+                )
     assert live.current is identity
     assert same_client
     assert same_server
@@ -632,9 +635,7 @@ async def test_a_bundle_openssl_cannot_load_keeps_the_last_good_one(
 
     with running_ca("cloud") as cloud, running_ca("partner") as partner:
 
-        def refusing(
-            identity: Identity, key: tuple[str, str, bool, tuple[str, ...]]
-        ) -> ssl.SSLContext:
+        def refusing(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
             if partner.root_fingerprint in _prints(identity):
                 raise ssl.SSLError("injected: OpenSSL refuses the partner's root")
             return build(identity, key)

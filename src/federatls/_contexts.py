@@ -9,13 +9,15 @@ A server context logs every handshake it refuses, with OpenSSL's reason, on the
 failed handshake only in debug mode, and sends the client no alert, so without this line
 nobody would learn why a client was cut off.
 
-Both kinds enforce the trust bundle's name rules (``_namerules``) by default: right after the
-handshake, a peer anchored in a root that may vouch only for some names is refused unless
-every name it presents is one of them. The refusal is logged on ``federatls.peer`` and raised
+Both kinds check the peer right after the handshake, in this order: the trust bundle's name
+rules (``_namerules``; on by default), so a peer anchored in a root that may vouch only for
+some names is refused unless every name it presents is one of them; then the context's
+``authoriser``, if it was given one. A refusal is logged on ``federatls.peer`` and raised
 from the handshake as an ``ssl.SSLCertVerificationError`` (its ``__cause__`` the
-``PeerNotAuthorisedError``), so asyncio, anyio, httpx, aiohttp and uvicorn close the
-connection before any application data, as for any certificate OpenSSL refuses.
-``name_rules=False`` builds contexts that do not check them.
+``PeerNotAuthorisedError``), so asyncio, anyio, httpx, aiohttp, uvicorn, hypercorn, urllib3
+and requests close the connection before any application data, as for any certificate
+OpenSSL refuses. This is how every integration applies its authoriser: one mechanism, in the
+context. ``name_rules=False`` builds contexts that do not check the name rules.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ import logging
 import ssl
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from cryptography import x509
 
+from ._authorise import Authoriser
+from ._errors import BadMaterialError, PeerNotAuthorisedError
 from ._keys import PrivateKey
 from ._namerules import NameRules
+from ._peer import peer_info
 from ._sslkeys import load_cert_chain_in_memory
 from ._trust import TrustBundle
 
@@ -43,10 +49,20 @@ _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 Ctx = TypeVar("Ctx", bound=ssl.SSLContext)
 
-# The name rules each context enforces (contexts with none are absent). A server context's
-# handshake may switch to another context (``LiveServerContext``): the connection's context
-# at the end of the handshake is the one whose rules apply.
-_NAME_RULES: weakref.WeakKeyDictionary[ssl.SSLContext, NameRules] = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _PeerChecks:
+    """What a context checks on its peer after the handshake."""
+
+    trust: TrustBundle
+    rules: NameRules | None
+    authoriser: Authoriser | None
+
+
+# The checks each context makes (contexts with none are absent). A server context's handshake
+# may switch to another context (``LiveServerContext``): the connection's context at the end
+# of the handshake is the one whose checks apply.
+_CHECKS: weakref.WeakKeyDictionary[ssl.SSLContext, _PeerChecks] = weakref.WeakKeyDictionary()
 
 
 def _base(
@@ -56,6 +72,7 @@ def _base(
     trust: TrustBundle,
     cls: type[Ctx],
     name_rules: bool,
+    authoriser: Authoriser | None,
 ) -> Ctx:
     if not trust.roots:
         raise ValueError("a context needs at least one trusted root")
@@ -66,24 +83,49 @@ def _base(
     load_cert_chain_in_memory(ctx, chain, key)
     ctx.load_verify_locations(cadata=trust.pem)
     rules = NameRules.of(trust) if name_rules else None
-    if rules is not None:
-        _NAME_RULES[ctx] = rules
+    if rules is not None or authoriser is not None:
+        _CHECKS[ctx] = _PeerChecks(trust, rules, authoriser)
     return ctx
 
 
-def _check_name_rules(conn: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:
+def _authoriser_refusal(
+    conn: ssl.SSLObject | ssl.SSLSocket, checks: _PeerChecks
+) -> PeerNotAuthorisedError | None:
+    """Why ``checks.authoriser`` refuses the verified peer of ``conn``, or None. A peer that
+    sent no certificate (optional client certificates) is refused: an authoriser is only
+    given to see one."""
+    if checks.authoriser is None:
+        return None
+    try:
+        peer = peer_info(conn, checks.trust)
+    except BadMaterialError as exc:
+        return PeerNotAuthorisedError(f"the authoriser has no verified peer to check: {exc}")
+    try:
+        checks.authoriser(peer)
+    except PeerNotAuthorisedError as exc:
+        return exc
+    return None
+
+
+def _check_peer(conn: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:
     """After a handshake: refuse the peer (``what``: "TLS client" or "TLS server"; logged,
     and an ``ssl.SSLCertVerificationError`` raised from the ``PeerNotAuthorisedError``) if
-    the connection's context has name rules and its verified peer breaks them."""
-    rules = _NAME_RULES.get(conn.context)
-    refusal = rules.refusal(conn) if rules is not None else None
+    the connection's context has name rules its verified peer breaks, or an authoriser that
+    refuses it."""
+    checks = _CHECKS.get(conn.context)
+    if checks is None:
+        return
+    refusal, by = (checks.rules.refusal(conn) if checks.rules else None), "name rules"
+    if refusal is None:
+        refusal, by = _authoriser_refusal(conn, checks), "authoriser"
     if refusal is None:
         return
     who = _address(conn, what) if isinstance(conn, ssl.SSLSocket) else f"a {what}"
-    log.warning("refused %s after the TLS handshake (name rules): %s", who, refusal)
-    error = ssl.SSLCertVerificationError(1, f"federatls name rules: {refusal}")
+    log.warning("refused %s after the TLS handshake (%s): %s", who, by, refusal)
+    error = ssl.SSLCertVerificationError(1, f"federatls {by}: {refusal}")
     # What OpenSSL's own verification errors carry, for code that reads them.
-    error.library, error.reason = "federatls", "PEER_NAME_NOT_AUTHORISED"
+    error.library = "federatls"
+    error.reason = "PEER_NAME_NOT_AUTHORISED" if by == "name rules" else "PEER_NOT_AUTHORISED"
     error.verify_code, error.verify_message = 47, str(refusal)  # X509_V_ERR_PERMITTED_VIOLATION
     raise error from refusal
 
@@ -121,8 +163,8 @@ def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None
 
 class _ServerSSLObject(ssl.SSLObject):
     """The TLS object asyncio's servers get from a federatls server context: it logs a
-    refused handshake (the peer's address is not known at this level) and enforces the
-    name rules."""
+    refused handshake (the peer's address is not known at this level) and checks the peer
+    (name rules, authoriser)."""
 
     def do_handshake(self) -> None:
         try:
@@ -132,12 +174,12 @@ class _ServerSSLObject(ssl.SSLObject):
         except ssl.SSLError as exc:
             log_refused_handshake(exc)
             raise
-        _check_name_rules(self, "TLS client")
+        _check_peer(self, "TLS client")
 
 
 class _ServerSSLSocket(ssl.SSLSocket):
     """The blocking TLS socket of a federatls server context: it logs a refused handshake,
-    with the client's address, and enforces the name rules."""
+    with the client's address, and checks the peer (name rules, authoriser)."""
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -147,25 +189,25 @@ class _ServerSSLSocket(ssl.SSLSocket):
         except ssl.SSLError as exc:
             log_refused_handshake(exc, _address(self, "TLS client"))
             raise
-        _check_name_rules(self, "TLS client")
+        _check_peer(self, "TLS client")
 
 
 class _ClientSSLObject(ssl.SSLObject):
     """The TLS object of a federatls client context under asyncio and anyio (httpx, aiohttp,
-    streams): it enforces the name rules on the server."""
+    streams): it checks the server (name rules, authoriser)."""
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        _check_name_rules(self, "TLS server")
+        _check_peer(self, "TLS server")
 
 
 class _ClientSSLSocket(ssl.SSLSocket):
-    """The blocking TLS socket of a federatls client context (httpx's sync client): it
-    enforces the name rules on the server."""
+    """The blocking TLS socket of a federatls client context (httpx's sync client, urllib3,
+    requests): it checks the server (name rules, authoriser)."""
 
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
-        _check_name_rules(self, "TLS server")
+        _check_peer(self, "TLS server")
 
 
 def new_server_context(
@@ -175,13 +217,15 @@ def new_server_context(
     *,
     require_client_certificate: bool = True,
     name_rules: bool = True,
+    authoriser: Authoriser | None = None,
     cls: type[Ctx] = ssl.SSLContext,  # type: ignore[assignment]
 ) -> Ctx:
     """A server context presenting ``chain`` and verifying client certificates against
     ``trust`` (required unless ``require_client_certificate`` is False: then optional, but
-    still verified when sent) and its name rules (unless ``name_rules`` is False). ``cls``
+    still verified when sent), its name rules (unless ``name_rules`` is False) and
+    ``authoriser`` (a client without a certificate is refused when there is one). ``cls``
     may be a subclass of ``ssl.SSLContext``."""
-    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls, name_rules)
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls, name_rules, authoriser)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
@@ -197,11 +241,12 @@ def new_client_context(
     *,
     check_hostname: bool = True,
     name_rules: bool = True,
+    authoriser: Authoriser | None = None,
 ) -> ssl.SSLContext:
-    """A client context presenting ``chain`` and verifying servers against ``trust`` and its
-    name rules (unless ``name_rules`` is False); the server's name (DNS or IP) is checked
-    unless ``check_hostname`` is False."""
-    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust, ssl.SSLContext, name_rules)
+    """A client context presenting ``chain`` and verifying servers against ``trust``, its
+    name rules (unless ``name_rules`` is False) and ``authoriser``; the server's name (DNS
+    or IP) is checked unless ``check_hostname`` is False."""
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, chain, key, trust, ssl.SSLContext, name_rules, authoriser)
     ctx.check_hostname = check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.sslobject_class = _ClientSSLObject

@@ -77,32 +77,46 @@ class Identity(CertificateFacts):
 
     # Contexts ---------------------------------------------------------------------------------
     def server_context(
-        self, *, trust: TrustChoice = "federation", require_client_certificate: bool = True
+        self,
+        *,
+        trust: TrustChoice = "federation",
+        require_client_certificate: bool = True,
+        authoriser: Authoriser | None = None,
     ) -> ssl.SSLContext:
         """A TLS server context: this identity's certificate; client certificates required
         (optional with ``require_client_certificate=False``) and verified against the
-        federation bundle (or only the own CA's roots with ``trust="own"``) and, unless
-        ``name_rules`` is off, its name rules."""
+        federation bundle (or only the own CA's roots with ``trust="own"``), unless
+        ``name_rules`` is off its name rules, and then ``authoriser``: a client it refuses
+        (or one without a certificate, when there is an authoriser) fails the handshake,
+        logged, before the server reads a byte from it."""
         return new_server_context(
             self.chain,
             self._key,
             self._bundle(trust),
             require_client_certificate=require_client_certificate,
             name_rules=self.name_rules,
+            authoriser=authoriser,
         )
 
     def client_context(
-        self, *, trust: TrustChoice = "federation", check_hostname: bool = True
+        self,
+        *,
+        trust: TrustChoice = "federation",
+        check_hostname: bool = True,
+        authoriser: Authoriser | None = None,
     ) -> ssl.SSLContext:
         """A TLS client context: this identity's certificate for mutual TLS; servers
-        verified against the federation bundle (or own roots) and, unless ``name_rules`` is
-        off, its name rules; their host name checked."""
+        verified against the federation bundle (or own roots), unless ``name_rules`` is off
+        its name rules, and ``authoriser``; their host name checked. A refused server fails
+        the handshake (``ssl.SSLCertVerificationError`` whose ``__cause__`` is the
+        ``PeerNotAuthorisedError``), logged, before a byte is sent to it."""
         return new_client_context(
             self.chain,
             self._key,
             self._bundle(trust),
             check_hostname=check_hostname,
             name_rules=self.name_rules,
+            authoriser=authoriser,
         )
 
     # Peers ------------------------------------------------------------------------------------

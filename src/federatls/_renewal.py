@@ -77,8 +77,9 @@ log = logging.getLogger("federatls.renewal")
 
 TokenSource = Callable[[], Awaitable[str]]
 Clock = Callable[[], datetime]
-# ("server" | "client", trust, flag, ALPN protocols): one context per kind in each snapshot.
-_ContextKey = tuple[str, str, bool, tuple[str, ...]]
+# ("server" | "client", trust, flag, ALPN protocols, authoriser): one context per kind in each
+# snapshot.
+_ContextKey = tuple[str, str, bool, tuple[str, ...], Authoriser | None]
 
 
 def _now() -> datetime:
@@ -127,12 +128,14 @@ def _difference(old: TrustBundle, new: TrustBundle) -> str:
 
 
 def _build(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
-    side, trust, flag, alpn = key
+    side, trust, flag, alpn, authoriser = key
     choice: TrustChoice = "own" if trust == "own" else "federation"
     if side == "server":
-        ctx = identity.server_context(trust=choice, require_client_certificate=flag)
+        ctx = identity.server_context(
+            trust=choice, require_client_certificate=flag, authoriser=authoriser
+        )
     else:
-        ctx = identity.client_context(trust=choice, check_hostname=flag)
+        ctx = identity.client_context(trust=choice, check_hostname=flag, authoriser=authoriser)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
@@ -238,12 +241,17 @@ class RenewingIdentity:
         return ctx
 
     def server_context(
-        self, *, trust: TrustChoice = "federation", require_client_certificate: bool = True
+        self,
+        *,
+        trust: TrustChoice = "federation",
+        require_client_certificate: bool = True,
+        authoriser: Authoriser | None = None,
     ) -> ssl.SSLContext:
         """A server context that follows renewal: every new handshake uses the newest
         certificate and trust bundle (switched in ``sni_callback``, called for every
-        ClientHello). Hand it to asyncio, aiohttp, uvicorn as any context; ALPN set on it
-        is kept (``LiveServerContext``)."""
+        ClientHello), and its client is checked by ``authoriser`` right after the handshake
+        (see ``Identity.server_context``). Hand it to asyncio, aiohttp, uvicorn, hypercorn
+        as any context; ALPN set on it is kept (``LiveServerContext``)."""
         current = self.current
         listening = new_server_context(
             current.chain,
@@ -251,13 +259,16 @@ class RenewingIdentity:
             current.trust if trust == "federation" else current.own_roots,
             require_client_certificate=require_client_certificate,
             name_rules=current.name_rules,
+            authoriser=authoriser,
             cls=LiveServerContext,
         )
 
         def switch(
             conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
         ) -> None:
-            newest = self._context(("server", trust, require_client_certificate, listening.alpn))
+            newest = self._context(
+                ("server", trust, require_client_certificate, listening.alpn, authoriser)
+            )
             if newest is not ctx:
                 conn.context = newest
 
@@ -265,11 +276,17 @@ class RenewingIdentity:
         return listening
 
     def client_context(
-        self, *, trust: TrustChoice = "federation", check_hostname: bool = True
+        self,
+        *,
+        trust: TrustChoice = "federation",
+        check_hostname: bool = True,
+        authoriser: Authoriser | None = None,
     ) -> ssl.SSLContext:
-        """The newest snapshot's client context. A client context cannot switch by itself:
-        take it again for each new connection (the integrations do)."""
-        return self._context(("client", trust, check_hostname, ()))
+        """The newest snapshot's client context (servers checked by ``authoriser`` right
+        after the handshake). A client context cannot switch by itself: take it again for
+        each new connection (the integrations do). Contexts are kept per snapshot and per
+        argument set, so pass the same authoriser object each time, not a new one."""
+        return self._context(("client", trust, check_hostname, (), authoriser))
 
     def peer(self, conn: object) -> PeerInfo:
         """``current.peer(conn)``: the verified peer, anchored in the newest trust bundle."""
