@@ -1,0 +1,341 @@
+"""gRPC servers (sync ``grpc.server`` and ``grpc.aio.server``) with mutual TLS from a federatls
+identity: credentials that follow renewal, and an interceptor that authorises every call.
+
+gRPC runs its own TLS (not Python's ``ssl``), so the one mechanism of the other integrations
+(the check in the context's handshake) cannot reach it. Here instead:
+
+* ``server_credentials``: ``grpc.dynamic_ssl_server_credentials``, whose fetcher gRPC calls
+  before every new connection's handshake; it hands gRPC a new configuration (the newest
+  snapshot's chain, its key as PEM bytes in memory, the roots trusted now) only when the
+  snapshot changed. Client certificates are required. A connection keeps the certificate it
+  was opened with; new connections get the new one.
+* ``Interceptor`` / ``AioInterceptor``: before the handler runs, the client's certificates
+  are read from ``context.auth_context()`` (``x509_pem_cert``, the leaf, and
+  ``x509_pem_cert_chain``, what the client sent besides) and its chain rebuilt up to a root
+  of the bundle trusted *now* (``peer_from_chain``), so a connection opened before a root was
+  dropped cannot go on calling; then the bundle's name rules, then the authoriser. A refusal
+  aborts the call with ``PERMISSION_DENIED`` (logged once on ``federatls.peer``); the handler
+  is never called. Every call shape is covered (unary and streaming, both ways).
+
+Without the interceptor nothing checks the name rules or the authoriser: gRPC's handshake
+only verifies the chain against the bundle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from ..._authorise import Authoriser
+from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
+from ..._identity import Identity, TrustChoice
+from ..._namerules import NameRules
+from ..._peer import PeerInfo, peer_from_chain
+from ..._trust import TrustBundle
+from .._source import Source, snapshot
+
+__all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
+
+log = logging.getLogger("federatls.peer")
+_log_setup = logging.getLogger("federatls")
+
+
+def _bundle(identity: Identity, trust: TrustChoice) -> TrustBundle:
+    if trust == "federation":
+        return identity.trust
+    if trust == "own":
+        return identity.own_roots
+    raise ConfigError(f"trust must be 'federation' or 'own', not {trust!r}")
+
+
+def _configuration(identity: Identity, trust: TrustChoice) -> Any:
+    """gRPC's certificate configuration for ``identity``: its chain, its key as PEM bytes
+    (in memory, never a file), and the client roots it trusts."""
+    return grpc.ssl_server_certificate_configuration(
+        [(identity.export_private_key(password=None), identity.chain_pem.encode())],
+        root_certificates=_bundle(identity, trust).pem.encode(),
+    )
+
+
+class _Fetcher:
+    """gRPC's certificate configuration fetcher: called before every new connection's
+    handshake (on a gRPC thread); a new configuration only when the snapshot changed."""
+
+    def __init__(self, source: Source, trust: TrustChoice, first: Identity) -> None:
+        self._source = source
+        self._trust = trust
+        self._lock = threading.Lock()
+        self._served = first
+
+    def __call__(self) -> Any:
+        identity = snapshot(self._source)
+        with self._lock:
+            if identity is self._served:
+                return None
+            try:
+                configuration = _configuration(identity, self._trust)
+            except Exception:  # gRPC would log it and keep the old one: say it ourselves
+                _log_setup.exception(
+                    "gRPC server: cannot hand over the renewed certificate %s; new connections "
+                    "keep the previous one",
+                    identity,
+                )
+                return None
+            self._served = identity
+            return configuration
+
+
+def server_credentials(source: Source, *, trust: TrustChoice = "federation") -> Any:
+    """``grpc.ServerCredentials`` for ``server.add_secure_port``: the source's newest
+    certificate, and client certificates required and verified against the federation bundle
+    (or only the own CA's roots with ``trust="own"``) trusted now, for every new connection.
+
+    Pass ``Interceptor`` (or ``AioInterceptor``) to the server too: the credentials check the
+    chain only; the name rules, the authoriser and the re-check against the current roots
+    are the interceptor's."""
+    first = snapshot(source)
+    return grpc.dynamic_ssl_server_credentials(
+        _configuration(first, trust),
+        _Fetcher(source, trust, first),
+        require_client_authentication=True,
+    )
+
+
+# Checking calls -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Verdict:
+    """The outcome of checking one call's client: its PeerInfo, or why it is refused."""
+
+    peer: PeerInfo | None
+    refusal: str | None = None
+
+
+class _Checker:
+    """What both interceptors share: the check of a call's client, and the PeerInfo of the
+    calls running now (for ``peer(context)``)."""
+
+    _CACHE_SIZE = 256
+
+    def __init__(self, source: Source, authoriser: Authoriser | None, trust: TrustChoice) -> None:
+        if authoriser is not None and not callable(authoriser):
+            raise ConfigError(f"authoriser must be callable, not {authoriser!r}")
+        _bundle(snapshot(source), trust)  # a bad trust= is refused now, not per call
+        self._source = source
+        self._authoriser = authoriser
+        self._trust = trust
+        self._lock = threading.Lock()
+        # Rebuilt chains by presented certificates, for the bundle they were built against:
+        # a client calls many times over one connection; walking again costs signatures.
+        self._chains: dict[tuple[bytes, bytes], tuple[TrustBundle, PeerInfo]] = {}
+        self._rules: tuple[TrustBundle, NameRules | None] | None = None
+
+    def _name_rules(self, bundle: TrustBundle) -> NameRules | None:
+        cached = self._rules
+        if cached is None or cached[0] is not bundle:
+            cached = self._rules = (bundle, NameRules.of(bundle))
+        return cached[1]
+
+    def _peer(self, leaf: bytes, rest: bytes, bundle: TrustBundle) -> PeerInfo:
+        key = (leaf, rest)
+        with self._lock:
+            hit = self._chains.get(key)
+        if hit is not None and hit[0] is bundle:
+            return hit[1]
+        try:
+            presented = [x509.load_pem_x509_certificate(leaf)]
+            if rest:
+                presented += x509.load_pem_x509_certificates(rest)
+        except ValueError as exc:
+            raise BadMaterialError(f"unreadable client certificate from gRPC: {exc}") from exc
+        info = peer_from_chain(presented, bundle)
+        with self._lock:
+            if len(self._chains) >= self._CACHE_SIZE:
+                self._chains.pop(next(iter(self._chains)))
+            self._chains[key] = (bundle, info)
+        return info
+
+    def check(self, context: Any, method: str) -> _Verdict:
+        """Check the client of the call to ``method`` behind ``context``; a refusal is
+        logged here."""
+        identity = snapshot(self._source)
+        bundle = _bundle(identity, self._trust)
+        auth = context.auth_context()
+        leaf = b"".join(auth.get("x509_pem_cert", ()))
+        by = "trust bundle"
+        try:
+            if not leaf:
+                raise BadMaterialError("the client presented no certificate (plaintext port?)")
+            info = self._peer(leaf, b"".join(auth.get("x509_pem_cert_chain", ())), bundle)
+            rules = self._name_rules(bundle) if identity.name_rules else None
+            if rules is not None:
+                by = "name rules"
+                rules.authorise(info)
+            if self._authoriser is not None:
+                by = "authoriser"
+                self._authoriser(info)
+        except (BadMaterialError, PeerNotAuthorisedError) as exc:
+            why = f"federatls {by}: {exc}"
+            log.warning(
+                "refused the gRPC call %s from %s (%s): %s", method, context.peer(),
+                by, exc,
+            )  # fmt: skip
+            return _Verdict(None, why)
+        return _Verdict(info)
+
+
+# The PeerInfo of each call running now, keyed by its context: set before the handler runs,
+# dropped when it returns (or its response stream ends).
+_PEERS: dict[int, PeerInfo] = {}
+
+
+def peer(context: Any) -> PeerInfo:
+    """The verified client of the call a handler is serving (``context``: the handler's
+    ``grpc.ServicerContext`` or ``grpc.aio.ServicerContext``), as ``live.peer(x)`` gives it
+    elsewhere: anchored in the bundle trusted when the call began. ``BadMaterialError`` when
+    the call was not admitted by a federatls interceptor (none on the server, or asked after
+    the handler returned)."""
+    found = _PEERS.get(id(context))
+    if found is None:
+        raise BadMaterialError(
+            "no federatls peer for this gRPC call: serve with interceptors=[Interceptor(...)] "
+            "(grpc.aio: AioInterceptor) and ask from inside the handler"
+        )
+    return found
+
+
+def _replace(handler: Any, **behaviours: Any) -> Any:
+    """``handler`` (a ``grpc.RpcMethodHandler``) with its behaviour replaced."""
+    return handler._replace(**behaviours)
+
+
+class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """For ``grpc.server(..., interceptors=[Interceptor(source, authoriser=...)])``: every
+    call's client is checked (chain against the bundle trusted now, name rules, then
+    ``authoriser``) before its handler runs; a refused call ends with ``PERMISSION_DENIED``
+    and its handler is never called. ``trust``: as given to ``server_credentials``."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+    ) -> None:
+        self._checker = _Checker(source, authoriser, trust)
+
+    def _admit(self, context: Any, method: str) -> PeerInfo:
+        verdict = self._checker.check(context, method)
+        if verdict.peer is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+            raise AssertionError("grpc's abort returned")  # pragma: no cover
+        return verdict.peer
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if handler.response_streaming:
+            name = "stream_stream" if handler.request_streaming else "unary_stream"
+            return _replace(
+                handler, **{name: self._streaming(getattr(handler, name), details.method)}
+            )
+        name = "stream_unary" if handler.request_streaming else "unary_unary"
+        return _replace(handler, **{name: self._unary(getattr(handler, name), details.method)})
+
+    def _unary(
+        self, behaviour: Callable[[Any, Any], Any], method: str
+    ) -> Callable[[Any, Any], Any]:
+        def call(request: Any, context: Any) -> Any:
+            _PEERS[id(context)] = self._admit(context, method)
+            try:
+                return behaviour(request, context)
+            finally:
+                _PEERS.pop(id(context), None)
+
+        return call
+
+    def _streaming(
+        self, behaviour: Callable[[Any, Any], Iterator[Any]], method: str
+    ) -> Callable[[Any, Any], Iterator[Any]]:
+        def call(request: Any, context: Any) -> Iterator[Any]:
+            # The check runs when gRPC first asks for a response, before ``behaviour``.
+            _PEERS[id(context)] = self._admit(context, method)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                _PEERS.pop(id(context), None)
+
+        return call
+
+
+class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """``Interceptor`` for ``grpc.aio.server(interceptors=[AioInterceptor(source, ...)])``.
+    Handlers must be coroutines or async generators (a sync handler is refused with
+    ``ConfigError`` when called: run sync handlers on a sync ``grpc.server``)."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+    ) -> None:
+        self._checker = _Checker(source, authoriser, trust)
+
+    async def _admit(self, context: Any, method: str) -> PeerInfo:
+        verdict = self._checker.check(context, method)
+        if verdict.peer is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+            raise AssertionError("grpc's abort returned")  # pragma: no cover
+        return verdict.peer
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        kind = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        behaviour = getattr(handler, kind)
+        if inspect.isasyncgenfunction(behaviour):
+            return _replace(handler, **{kind: self._generator(behaviour, details.method)})
+        if inspect.iscoroutinefunction(behaviour):
+            return _replace(handler, **{kind: self._coroutine(behaviour, details.method)})
+        raise ConfigError(
+            f"gRPC handler {details.method} is not async: AioInterceptor checks calls on a "
+            "grpc.aio server, whose handlers are coroutines or async generators (serve sync "
+            "handlers with grpc.server and Interceptor)"
+        )
+
+    def _coroutine(
+        self, behaviour: Callable[[Any, Any], Any], method: str
+    ) -> Callable[[Any, Any], Any]:
+        async def call(request: Any, context: Any) -> Any:
+            _PEERS[id(context)] = await self._admit(context, method)
+            try:
+                return await behaviour(request, context)
+            finally:
+                _PEERS.pop(id(context), None)
+
+        return call
+
+    def _generator(
+        self, behaviour: Callable[[Any, Any], AsyncIterator[Any]], method: str
+    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+            _PEERS[id(context)] = await self._admit(context, method)
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            finally:
+                _PEERS.pop(id(context), None)
+
+        return call
