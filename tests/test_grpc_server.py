@@ -645,3 +645,22 @@ def test_grpc_not_imported_by_federatls() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_missing_grpc_names_the_extra() -> None:
+    """Without grpcio, importing the integration (sync or aio) is a ``MissingExtraError``
+    naming the ``grpc`` extra. Twin: test_grpc_not_imported_by_federatls imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"
+        "from federatls import MissingExtraError\n"
+        "for name in ('federatls.integrations.grpc', 'federatls.integrations.grpc.aio'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except MissingExtraError as exc:\n"
+        "        print(exc.extra, exc.missing)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["grpc", "grpc", "grpc", "grpc"]
