@@ -15,10 +15,11 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -37,6 +38,7 @@ from federatls import (
     Identity,
     PeerInfo,
     Provenance,
+    RenewalPolicy,
     RenewingIdentity,
     TrustBundle,
     TrustedRoot,
@@ -434,6 +436,55 @@ async def test_dropped_root_refused_on_open_connection(flavour: str) -> None:
     assert "root trusted now" in after.details
     assert fresh.code is grpc.StatusCode.UNAVAILABLE
     assert handled.shapes() == ["unary_stream"]
+
+
+def tls_session(
+    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession | None, bool]:
+    """A TLS connection speaking HTTP/2's preface to the gRPC server on ``port``, offering
+    ``session``: the session (its ticket read with the server's first frames), None when the
+    server refused the client, and whether the session was resumed."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(preface)
+                # The server's SETTINGS frame (the ticket comes before it); nothing when it
+                # refused the client after the client's side of a TLS 1.3 handshake ended.
+                answer = tls.recv(9)
+                return (tls.session if answer else None), bool(tls.session_reused)
+        except (ssl.SSLError, ConnectionError):
+            return None, False
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+async def test_no_resumption_across_a_dropped_root(version: str) -> None:
+    """gRPC's server issues session tickets and resumes sessions (federatls cannot turn that
+    off), but a new snapshot hands gRPC a new configuration, whose handshakes do not accept
+    tickets from before: after cloud stops federating kubernetes, a kubernetes client
+    offering its earlier session is not resumed, and fails the handshake. Twin: before the
+    drop the same session is resumed."""
+    with federated_pair(claims=SHORT, backdate="1s") as (cloud, kubernetes):
+        client = kubernetes.identity("client.k8s.internal", lifetime=LONG)
+        ctx = client.client_context()
+        ctx.maximum_version = ctx.minimum_version = ssl.TLSVersion[version]
+        ctx.set_alpn_protocols(["h2"])
+        server = cloud.identity("server.cloud.internal", sans=SERVER_NAMES, lifetime=LONG)
+        async with anyio.create_task_group() as tg:
+            # Not renewed while the test runs: only the trust refresh makes a new snapshot.
+            live = await renewing(tg, server, RenewalPolicy(trust_refresh=timedelta(seconds=1)))
+            async with serving("sync", live, Handled()) as port:
+                session, _ = await anyio.to_thread.run_sync(tls_session, ctx, port)
+                resumed_before = await anyio.to_thread.run_sync(tls_session, ctx, port, session)
+                await anyio.to_thread.run_sync(cloud.federate)  # no federated roots
+                k8s_root = kubernetes.root_fingerprint
+                await wait_until(lambda: live.current.trust.by_fingerprint(k8s_root) is None, WAIT)
+                resumed_after = await anyio.to_thread.run_sync(tls_session, ctx, port, session)
+            tg.cancel_scope.cancel()
+    assert session is not None
+    assert session.has_ticket
+    assert resumed_before[1] is True
+    assert resumed_after == (None, False)
 
 
 # 5. Misuse ------------------------------------------------------------------------------------
