@@ -57,7 +57,7 @@ pytestmark = pytest.mark.anyio
 
 SERVICE = "federatls.test.Echo"
 SHAPES = ["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
-FLAVOURS = ["sync", "aio"]
+FLAVOURS = ["sync", "aio", "aio-sync"]  # aio-sync: sync handlers on a grpc.aio server
 WAIT = 30.0  # seconds for any one condition, on a loaded machine
 Source = Identity | RenewingIdentity
 
@@ -148,7 +148,7 @@ async def serving(
     authoriser: Authoriser | None = None,
     trust: Any = "federation",
 ) -> AsyncIterator[int]:
-    """A gRPC server of ``flavour`` ("sync" or "aio") for ``source`` on 127.0.0.1; its port."""
+    """A gRPC server of ``flavour`` for ``source`` on 127.0.0.1; its port."""
     credentials = fgrpc.server_credentials(source, trust=trust)
     if flavour == "sync":
         server = grpc.server(
@@ -164,7 +164,8 @@ async def serving(
             server.stop(None).wait()
         return
     aserver = grpc.aio.server(
-        handlers=[aio_handlers(handled)],
+        ThreadPoolExecutor(8) if flavour == "aio-sync" else None,
+        handlers=[sync_handlers(handled) if flavour == "aio-sync" else aio_handlers(handled)],
         interceptors=[faio.Interceptor(source, authoriser=authoriser, trust=trust)],
     )
     port = aserver.add_secure_port("127.0.0.1:0", credentials)

@@ -45,7 +45,7 @@ from .._source import Source, snapshot
 __all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
 
 log = logging.getLogger("federatls.peer")
-_log_setup = logging.getLogger("federatls")
+log_renewal = logging.getLogger("federatls")
 
 
 def _bundle(identity: Identity, trust: TrustChoice) -> TrustBundle:
@@ -83,7 +83,7 @@ class _Fetcher:
             try:
                 configuration = _configuration(identity, self._trust)
             except Exception:  # gRPC would log it and keep the old one: say it ourselves
-                _log_setup.exception(
+                log_renewal.exception(
                     "gRPC server: cannot hand over the renewed certificate %s; new connections "
                     "keep the previous one",
                     identity,
@@ -119,8 +119,8 @@ class _Verdict:
 
 
 class _Checker:
-    """What both interceptors share: the check of a call's client, and the PeerInfo of the
-    calls running now (for ``peer(context)``)."""
+    """What both interceptors share: the check of a call's client, with the chains already
+    rebuilt against the bundle trusted now."""
 
     _CACHE_SIZE = 256
 
@@ -183,10 +183,8 @@ class _Checker:
                 self._authoriser(info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             why = f"federatls {by}: {exc}"
-            log.warning(
-                "refused the gRPC call %s from %s (%s): %s", method, context.peer(),
-                by, exc,
-            )  # fmt: skip
+            peer_address = context.peer()
+            log.warning("refused the gRPC call %s from %s (%s): %s", method, peer_address, by, exc)
             return _Verdict(None, why)
         return _Verdict(info)
 
@@ -211,9 +209,98 @@ def peer(context: Any) -> PeerInfo:
     return found
 
 
-def _replace(handler: Any, **behaviours: Any) -> Any:
-    """``handler`` (a ``grpc.RpcMethodHandler``) with its behaviour replaced."""
-    return handler._replace(**behaviours)
+_MAKERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _kind(handler: Any) -> str:
+    """Which of the four call shapes ``handler`` (a ``grpc.RpcMethodHandler``) serves."""
+    return ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+
+
+def _rebuilt(handler: Any, kind: str, behaviour: Callable[[Any, Any], Any]) -> Any:
+    """``handler`` serving ``behaviour`` instead (its (de)serialisers kept)."""
+    return _MAKERS[kind](
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _admit(checker: _Checker, context: Any, method: str) -> PeerInfo:
+    """The call's client, or the call aborted with ``PERMISSION_DENIED`` (sync handlers)."""
+    verdict = checker.check(context, method)
+    if verdict.peer is None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+        raise AssertionError("grpc's abort returned")  # pragma: no cover
+    return verdict.peer
+
+
+async def _admit_async(checker: _Checker, context: Any, method: str) -> PeerInfo:
+    """``_admit`` for async handlers."""
+    verdict = checker.check(context, method)
+    if verdict.peer is None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+        raise AssertionError("grpc's abort returned")  # pragma: no cover
+    return verdict.peer
+
+
+def _checked(checker: _Checker, handler: Any, method: str) -> Any:
+    """``handler`` with its (sync) behaviour run only for a client ``checker`` admits."""
+    kind = _kind(handler)
+    behaviour = getattr(handler, kind)
+
+    def call(request: Any, context: Any) -> Any:
+        _PEERS[id(context)] = _admit(checker, context, method)
+        try:
+            return behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    def stream(request: Any, context: Any) -> Iterator[Any]:
+        # The check runs when gRPC first asks for a response, before ``behaviour``.
+        _PEERS[id(context)] = _admit(checker, context, method)
+        try:
+            yield from behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    return _rebuilt(handler, kind, stream if handler.response_streaming else call)
+
+
+def _checked_async(checker: _Checker, handler: Any, method: str) -> Any:
+    """``handler`` with its behaviour (a coroutine or async generator function; a sync one
+    runs on grpc.aio's migration thread pool, checked as on a sync server) run only for a
+    client ``checker`` admits."""
+    kind = _kind(handler)
+    behaviour = getattr(handler, kind)
+
+    async def call(request: Any, context: Any) -> Any:
+        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        try:
+            return await behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        finally:
+            _PEERS.pop(id(context), None)
+
+    if inspect.isasyncgenfunction(behaviour):
+        return _rebuilt(handler, kind, stream)
+    if inspect.iscoroutinefunction(behaviour):
+        return _rebuilt(handler, kind, call)
+    return _checked(checker, handler, method)
 
 
 class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -231,55 +318,15 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships n
     ) -> None:
         self._checker = _Checker(source, authoriser, trust)
 
-    def _admit(self, context: Any, method: str) -> PeerInfo:
-        verdict = self._checker.check(context, method)
-        if verdict.peer is None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
-            raise AssertionError("grpc's abort returned")  # pragma: no cover
-        return verdict.peer
-
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        if handler is None:
-            return None
-        if handler.response_streaming:
-            name = "stream_stream" if handler.request_streaming else "unary_stream"
-            return _replace(
-                handler, **{name: self._streaming(getattr(handler, name), details.method)}
-            )
-        name = "stream_unary" if handler.request_streaming else "unary_unary"
-        return _replace(handler, **{name: self._unary(getattr(handler, name), details.method)})
-
-    def _unary(
-        self, behaviour: Callable[[Any, Any], Any], method: str
-    ) -> Callable[[Any, Any], Any]:
-        def call(request: Any, context: Any) -> Any:
-            _PEERS[id(context)] = self._admit(context, method)
-            try:
-                return behaviour(request, context)
-            finally:
-                _PEERS.pop(id(context), None)
-
-        return call
-
-    def _streaming(
-        self, behaviour: Callable[[Any, Any], Iterator[Any]], method: str
-    ) -> Callable[[Any, Any], Iterator[Any]]:
-        def call(request: Any, context: Any) -> Iterator[Any]:
-            # The check runs when gRPC first asks for a response, before ``behaviour``.
-            _PEERS[id(context)] = self._admit(context, method)
-            try:
-                yield from behaviour(request, context)
-            finally:
-                _PEERS.pop(id(context), None)
-
-        return call
+        return None if handler is None else _checked(self._checker, handler, details.method)
 
 
 class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
-    """``Interceptor`` for ``grpc.aio.server(interceptors=[AioInterceptor(source, ...)])``.
-    Handlers must be coroutines or async generators (a sync handler is refused with
-    ``ConfigError`` when called: run sync handlers on a sync ``grpc.server``)."""
+    """``Interceptor`` for ``grpc.aio.server(interceptors=[AioInterceptor(source, ...)])``:
+    async handlers (coroutines, async generators) and sync ones (on the server's
+    ``migration_thread_pool``) alike."""
 
     def __init__(
         self,
@@ -290,52 +337,8 @@ class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
     ) -> None:
         self._checker = _Checker(source, authoriser, trust)
 
-    async def _admit(self, context: Any, method: str) -> PeerInfo:
-        verdict = self._checker.check(context, method)
-        if verdict.peer is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
-            raise AssertionError("grpc's abort returned")  # pragma: no cover
-        return verdict.peer
-
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        kind = ("stream_" if handler.request_streaming else "unary_") + (
-            "stream" if handler.response_streaming else "unary"
-        )
-        behaviour = getattr(handler, kind)
-        if inspect.isasyncgenfunction(behaviour):
-            return _replace(handler, **{kind: self._generator(behaviour, details.method)})
-        if inspect.iscoroutinefunction(behaviour):
-            return _replace(handler, **{kind: self._coroutine(behaviour, details.method)})
-        raise ConfigError(
-            f"gRPC handler {details.method} is not async: AioInterceptor checks calls on a "
-            "grpc.aio server, whose handlers are coroutines or async generators (serve sync "
-            "handlers with grpc.server and Interceptor)"
-        )
-
-    def _coroutine(
-        self, behaviour: Callable[[Any, Any], Any], method: str
-    ) -> Callable[[Any, Any], Any]:
-        async def call(request: Any, context: Any) -> Any:
-            _PEERS[id(context)] = await self._admit(context, method)
-            try:
-                return await behaviour(request, context)
-            finally:
-                _PEERS.pop(id(context), None)
-
-        return call
-
-    def _generator(
-        self, behaviour: Callable[[Any, Any], AsyncIterator[Any]], method: str
-    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
-        async def call(request: Any, context: Any) -> AsyncIterator[Any]:
-            _PEERS[id(context)] = await self._admit(context, method)
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            finally:
-                _PEERS.pop(id(context), None)
-
-        return call
+        return _checked_async(self._checker, handler, details.method)
