@@ -112,15 +112,20 @@ def server_credentials(source: Source, *, trust: TrustChoice = "federation") -> 
 # Checking calls -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Verdict:
-    """The outcome of checking one call's client: its PeerInfo, or why it is refused."""
+    """The outcome of checking a client: its PeerInfo, or what refused it and why."""
 
     peer: PeerInfo | None
-    refusal: str | None = None
+    by: str = ""  # "trust bundle", "name rules" or "authoriser"
+    refusal: Exception | None = None
 
 
 class _Checker:
-    """What both interceptors share: the check of a call's client, with the chains already
-    rebuilt against the bundle trusted now."""
+    """What both interceptors share: the check of a call's client.
+
+    Verdicts are remembered per presented certificates and bundle (the snapshot's, by
+    identity), so a client calling many times over one connection costs one chain walk and
+    one authoriser call, as a handshake does elsewhere; a new snapshot (renewal, new trust)
+    checks every client again. Authorisers are pure (``federatls._authorise``)."""
 
     _CACHE_SIZE = 256
 
@@ -132,49 +137,24 @@ class _Checker:
         self._authoriser = authoriser
         self._trust = trust
         self._lock = threading.Lock()
-        # Rebuilt chains by presented certificates, for the bundle they were built against:
-        # a client calls many times over one connection; walking again costs signatures.
-        self._chains: dict[tuple[bytes, bytes], tuple[TrustBundle, PeerInfo]] = {}
-        self._rules: tuple[TrustBundle, NameRules | None] | None = None
+        self._verdicts: dict[tuple[bytes, bytes], tuple[Identity, _Verdict]] = {}
 
-    def _name_rules(self, bundle: TrustBundle) -> NameRules | None:
-        cached = self._rules
-        if cached is None or cached[0] is not bundle:
-            cached = self._rules = (bundle, NameRules.of(bundle))
-        return cached[1]
-
-    def _peer(self, leaf: bytes, rest: bytes, bundle: TrustBundle) -> PeerInfo:
-        key = (leaf, rest)
-        with self._lock:
-            hit = self._chains.get(key)
-        if hit is not None and hit[0] is bundle:
-            return hit[1]
-        try:
-            presented = [x509.load_pem_x509_certificate(leaf)]
-            if rest:
-                presented += x509.load_pem_x509_certificates(rest)
-        except ValueError as exc:
-            raise BadMaterialError(f"unreadable client certificate from gRPC: {exc}") from exc
-        info = peer_from_chain(presented, bundle)
-        with self._lock:
-            if len(self._chains) >= self._CACHE_SIZE:
-                self._chains.pop(next(iter(self._chains)))
-            self._chains[key] = (bundle, info)
-        return info
-
-    def check(self, context: Any, method: str) -> _Verdict:
-        """Check the client of the call to ``method`` behind ``context``; a refusal is
-        logged here."""
-        identity = snapshot(self._source)
+    def _judge(self, leaf: bytes, rest: bytes, identity: Identity) -> _Verdict:
+        """The verdict on the client presenting ``leaf`` and ``rest`` (PEM) under
+        ``identity``'s bundle and name rules, and then the authoriser."""
         bundle = _bundle(identity, self._trust)
-        auth = context.auth_context()
-        leaf = b"".join(auth.get("x509_pem_cert", ()))
         by = "trust bundle"
         try:
             if not leaf:
                 raise BadMaterialError("the client presented no certificate (plaintext port?)")
-            info = self._peer(leaf, b"".join(auth.get("x509_pem_cert_chain", ())), bundle)
-            rules = self._name_rules(bundle) if identity.name_rules else None
+            try:
+                presented = [x509.load_pem_x509_certificate(leaf)]
+                if rest:
+                    presented += x509.load_pem_x509_certificates(rest)
+            except ValueError as exc:
+                raise BadMaterialError(f"unreadable client certificate: {exc}") from exc
+            info = peer_from_chain(presented, bundle)
+            rules = NameRules.of(bundle) if identity.name_rules else None
             if rules is not None:
                 by = "name rules"
                 rules.authorise(info)
@@ -182,11 +162,32 @@ class _Checker:
                 by = "authoriser"
                 self._authoriser(info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
-            why = f"federatls {by}: {exc}"
-            peer_address = context.peer()
-            log.warning("refused the gRPC call %s from %s (%s): %s", method, peer_address, by, exc)
-            return _Verdict(None, why)
+            return _Verdict(None, by, exc)
         return _Verdict(info)
+
+    def check(self, context: Any, method: str) -> _Verdict:
+        """The verdict on the client of the call to ``method`` behind ``context``; a
+        refusal is logged here, once per call."""
+        identity = snapshot(self._source)
+        auth = context.auth_context()
+        key = (
+            b"".join(auth.get("x509_pem_cert", ())),
+            b"".join(auth.get("x509_pem_cert_chain", ())),
+        )
+        with self._lock:
+            hit = self._verdicts.get(key)
+        if hit is not None and hit[0] is identity:
+            verdict = hit[1]
+        else:
+            verdict = self._judge(*key, identity)
+            with self._lock:
+                if len(self._verdicts) >= self._CACHE_SIZE:
+                    self._verdicts.pop(next(iter(self._verdicts)))
+                self._verdicts[key] = (identity, verdict)
+        if verdict.peer is None:
+            who, why = context.peer(), verdict.refusal
+            log.warning("refused the gRPC call %s from %s (%s): %s", method, who, verdict.by, why)
+        return verdict
 
 
 # The PeerInfo of each call running now, keyed by its context: set before the handler runs,
@@ -233,11 +234,16 @@ def _rebuilt(handler: Any, kind: str, behaviour: Callable[[Any, Any], Any]) -> A
     )
 
 
+def _details(verdict: _Verdict) -> str:
+    """The refused call's status details: who refused it, and why."""
+    return f"federatls {verdict.by}: {verdict.refusal}"
+
+
 def _admit(checker: _Checker, context: Any, method: str) -> PeerInfo:
     """The call's client, or the call aborted with ``PERMISSION_DENIED`` (sync handlers)."""
     verdict = checker.check(context, method)
     if verdict.peer is None:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
         raise AssertionError("grpc's abort returned")  # pragma: no cover
     return verdict.peer
 
@@ -246,7 +252,7 @@ async def _admit_async(checker: _Checker, context: Any, method: str) -> PeerInfo
     """``_admit`` for async handlers."""
     verdict = checker.check(context, method)
     if verdict.peer is None:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.refusal)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
         raise AssertionError("grpc's abort returned")  # pragma: no cover
     return verdict.peer
 
