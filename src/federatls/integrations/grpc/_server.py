@@ -7,15 +7,20 @@ gRPC runs its own TLS (not Python's ``ssl``), so the one mechanism of the other 
 * ``server_credentials``: ``grpc.dynamic_ssl_server_credentials``, whose fetcher gRPC calls
   before every new connection's handshake; it hands gRPC a new configuration (the newest
   snapshot's chain, its key as PEM bytes in memory, the roots trusted now) only when the
-  snapshot changed. Client certificates are required. A connection keeps the certificate it
-  was opened with; new connections get the new one.
+  snapshot changed (when the fetcher raises, gRPC keeps the previous one). Client
+  certificates are required. A connection keeps the certificate it was opened with; new
+  connections get the new one. gRPC issues TLS session tickets and resumes sessions (not
+  configurable from Python), but each new configuration gets new TLS contexts, whose
+  handshakes accept no ticket from before: no session outlives a change of roots.
 * ``Interceptor`` / ``AioInterceptor``: before the handler runs, the client's certificates
   are read from ``context.auth_context()`` (``x509_pem_cert``, the leaf, and
   ``x509_pem_cert_chain``, what the client sent besides) and its chain rebuilt up to a root
   of the bundle trusted *now* (``peer_from_chain``), so a connection opened before a root was
   dropped cannot go on calling; then the bundle's name rules, then the authoriser. A refusal
   aborts the call with ``PERMISSION_DENIED`` (logged once on ``federatls.peer``); the handler
-  is never called. Every call shape is covered (unary and streaming, both ways).
+  is never called. Every call shape is covered (unary and streaming, both ways). The
+  verdict is remembered per presented certificates and snapshot, so a client calling many
+  times costs one chain walk and one authoriser call, as a handshake does elsewhere.
 
 Without the interceptor nothing checks the name rules or the authoriser: gRPC's handshake
 only verifies the chain against the bundle.
@@ -45,7 +50,7 @@ from .._source import Source, snapshot
 __all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
 
 log = logging.getLogger("federatls.peer")
-log_renewal = logging.getLogger("federatls")
+log_credentials = logging.getLogger("federatls")
 
 
 def _bundle(identity: Identity, trust: TrustChoice) -> TrustBundle:
@@ -74,17 +79,19 @@ class _Fetcher:
         self._trust = trust
         self._lock = threading.Lock()
         self._served = first
+        self._failed: Identity | None = None
 
     def __call__(self) -> Any:
         identity = snapshot(self._source)
         with self._lock:
-            if identity is self._served:
+            if identity is self._served or identity is self._failed:
                 return None
             try:
                 configuration = _configuration(identity, self._trust)
-            except Exception:  # gRPC would log it and keep the old one: say it ourselves
-                log_renewal.exception(
-                    "gRPC server: cannot hand over the renewed certificate %s; new connections "
+            except Exception:  # gRPC would log it at each connection: say it once, ourselves
+                self._failed = identity
+                log_credentials.exception(
+                    "gRPC server: cannot hand over the renewed identity %s; new connections "
                     "keep the previous one",
                     identity,
                 )
