@@ -358,6 +358,29 @@ async def test_authoriser_refusal(
     assert allowed.shapes() == [shape]
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_unknown_method_refused_before_it_is_named(world: World, flavour: str) -> None:
+    """A method no handler serves is PERMISSION_DENIED for a client the authoriser refuses,
+    so it cannot learn which methods exist. Twin: an admitted client gets UNIMPLEMENTED."""
+
+    def unknown(identity: Identity, port: int) -> Outcome:
+        target = f"127.0.0.1:{port}"
+        with grpc.secure_channel(target, channel_credentials(identity)) as channel:
+            try:
+                return Outcome(channel.unary_unary(f"/{SERVICE}/nothing")(b"hi", timeout=10))
+            except grpc.RpcError as exc:
+                return Outcome(None, exc.code(), exc.details() or "")
+
+    async with serving(
+        flavour, world.server, Handled(), authoriser=allow_names("*.cloud.internal")
+    ) as port:
+        refused = await anyio.to_thread.run_sync(unknown, world.client, port)
+        neighbour = world.cloud.identity("worker.cloud.internal")
+        admitted = await anyio.to_thread.run_sync(unknown, neighbour, port)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert admitted.code is grpc.StatusCode.UNIMPLEMENTED
+
+
 # 3. Name rules --------------------------------------------------------------------------------
 def with_k8s_rule(identity: Identity, names: tuple[str, ...], *, rules: bool = True) -> Identity:
     """``identity`` trusting kubernetes' root only for ``names`` (as a CA following kubernetes

@@ -246,6 +246,20 @@ def _details(verdict: _Verdict) -> str:
     return f"federatls {verdict.by}: {verdict.refusal}"
 
 
+def _unknown(request: Any, context: Any) -> None:
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")  # gRPC's own words
+
+
+async def _unknown_async(request: Any, context: Any) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+
+# A method no handler serves: the client is checked first, so one that is refused learns
+# nothing of which methods exist (PERMISSION_DENIED for all).
+_UNKNOWN = grpc.unary_unary_rpc_method_handler(_unknown)
+_UNKNOWN_ASYNC = grpc.unary_unary_rpc_method_handler(_unknown_async)
+
+
 def _admit(checker: _Checker, context: Any, method: str) -> PeerInfo:
     """The call's client, or the call aborted with ``PERMISSION_DENIED`` (sync handlers)."""
     verdict = checker.check(context, method)
@@ -332,8 +346,8 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships n
         self._checker = _Checker(source, authoriser, trust)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        return None if handler is None else _checked(self._checker, handler, details.method)
+        handler = continuation(details) or _UNKNOWN
+        return _checked(self._checker, handler, details.method)
 
 
 class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -351,7 +365,5 @@ class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
         self._checker = _Checker(source, authoriser, trust)
 
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
+        handler = await continuation(details) or _UNKNOWN_ASYNC
         return _checked_async(self._checker, handler, details.method)
