@@ -23,7 +23,10 @@ gRPC runs its own TLS (not Python's ``ssl``), so the one mechanism of the other 
   times costs one chain walk and one authoriser call, as a handshake does elsewhere.
 
 Without the interceptor nothing checks the name rules or the authoriser: gRPC's handshake
-only verifies the chain against the bundle.
+only verifies the chain against the bundle. A connection open across a renewal keeps the
+server's old certificate until it closes (HTTP/2 connections can live long: gRPC's
+``grpc.max_connection_age_ms`` server option bounds that); its calls are still checked
+against the roots trusted now.
 """
 
 from __future__ import annotations
@@ -334,7 +337,8 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships n
     """For ``grpc.server(..., interceptors=[Interceptor(source, authoriser=...)])``: every
     call's client is checked (chain against the bundle trusted now, name rules, then
     ``authoriser``) before its handler runs; a refused call ends with ``PERMISSION_DENIED``
-    and its handler is never called. ``trust``: as given to ``server_credentials``."""
+    and its handler is never called. ``trust``: as given to ``server_credentials``. List it
+    first among the server's interceptors, so its check runs before their wrappers do."""
 
     def __init__(
         self,
