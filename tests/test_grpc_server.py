@@ -299,6 +299,80 @@ async def test_federated_client_admitted_all_shapes(world: World, flavour: str) 
         ]
 
 
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_identity_peer_of_a_call(world: World, flavour: str) -> None:
+    """``identity.peer(context)`` in a handler gives the PeerInfo ``peer(context)`` gives
+    (as ``live.peer(x)`` does for other integrations). Twin: without a client certificate
+    (a plaintext port) it is a ``BadMaterialError``."""
+    seen: list[tuple[PeerInfo, PeerInfo]] = []
+
+    def hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append((world.server.peer(context), fgrpc.peer(context)))
+        return request
+
+    async def hello_async(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append((world.server.peer(context), faio.peer(context)))
+        return request
+
+    behaviour = hello if flavour == "sync" else hello_async
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"unary_unary": grpc.unary_unary_rpc_method_handler(behaviour)}
+    )
+    credentials = fgrpc.server_credentials(world.server)
+    if flavour == "sync":
+        server = grpc.server(
+            ThreadPoolExecutor(2),
+            handlers=[handler],
+            interceptors=[fgrpc.Interceptor(world.server)],
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        outcome = await call_once(world.client, port, "unary_unary")
+        server.stop(None).wait()
+    else:
+        aserver = grpc.aio.server(handlers=[handler], interceptors=[faio.Interceptor(world.server)])
+        port = aserver.add_secure_port("127.0.0.1:0", credentials)
+        await aserver.start()
+        outcome = await call_once(world.client, port, "unary_unary")
+        await aserver.stop(None)
+    assert outcome.answer == b"hi"
+    assert len(seen) == 1
+    assert seen[0][0] == seen[0][1]
+    assert seen[0][0].common_name == "client.k8s.internal"
+
+    # The twin: a plaintext call (no interceptor on this server to refuse it first).
+    errors: list[Exception] = []
+
+    def plain(request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            world.server.peer(context)
+        except BadMaterialError as exc:
+            errors.append(exc)
+        return request
+
+    bare = grpc.server(
+        ThreadPoolExecutor(2),
+        handlers=[
+            grpc.method_handlers_generic_handler(
+                SERVICE, {"unary_unary": grpc.unary_unary_rpc_method_handler(plain)}
+            )
+        ],
+    )
+    plain_port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+
+    def plaintext_call() -> Any:
+        with grpc.insecure_channel(f"127.0.0.1:{plain_port}") as channel:
+            return channel.unary_unary(f"/{SERVICE}/unary_unary")(b"hi", timeout=10)
+
+    try:
+        assert await anyio.to_thread.run_sync(plaintext_call) == b"hi"
+    finally:
+        bare.stop(None).wait()
+    assert len(errors) == 1
+    assert "no certificate" in str(errors[0])
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 async def test_non_federated_client_refused_in_handshake(world: World, flavour: str) -> None:
     """A client of a CA the server's bundle does not hold fails gRPC's handshake

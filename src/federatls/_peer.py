@@ -23,7 +23,15 @@ from ._errors import BadMaterialError
 from ._trust import TrustBundle, TrustedRoot
 from ._x509 import CertificateFacts, fingerprint, issued_by, may_sign
 
-__all__ = ["PeerInfo", "TLSObject", "peer_from_chain", "peer_info", "ssl_object_of"]
+__all__ = [
+    "PeerInfo",
+    "TLSObject",
+    "grpc_presented_pem",
+    "peer_from_chain",
+    "peer_info",
+    "presented_certificates",
+    "ssl_object_of",
+]
 
 _ENCODING_DER = 2  # _ssl.ENCODING_DER
 
@@ -98,8 +106,13 @@ def peer_info(conn: object, trust: TrustBundle) -> PeerInfo:
     """The verified peer of ``conn``, its anchor looked up in ``trust``.
 
     Raises ``BadMaterialError`` when the connection has no verified peer certificate (the
-    peer sent none, or the context does not verify peers).
+    peer sent none, or the context does not verify peers). ``conn`` may also be a gRPC
+    server call's context: its client's chain is then rebuilt against ``trust``
+    (``peer_from_chain``).
     """
+    if not _is_tls(conn) and callable(getattr(conn, "auth_context", None)):
+        presented = presented_certificates(*grpc_presented_pem(conn))  # a gRPC call's context
+        return peer_from_chain(presented, trust)
     obj = ssl_object_of(conn)
     if obj.getpeercert(True) is None:
         raise BadMaterialError("the TLS peer presented no certificate")
@@ -149,3 +162,28 @@ def peer_from_chain(presented: Sequence[x509.Certificate], trust: TrustBundle) -
             )
         chain.append(parent)
         link = parent
+
+
+def grpc_presented_pem(context: Any) -> tuple[bytes, bytes]:
+    """What the client of a gRPC server call presented, as PEM from its ``auth_context()``:
+    the leaf (``x509_pem_cert``; empty when it sent none) and the rest of its chain
+    (``x509_pem_cert_chain``, the certificates it sent besides, maybe none)."""
+    auth = context.auth_context()
+    return (
+        b"".join(auth.get("x509_pem_cert", ())),
+        b"".join(auth.get("x509_pem_cert_chain", ())),
+    )
+
+
+def presented_certificates(leaf: bytes, rest: bytes) -> list[x509.Certificate]:
+    """The certificates of ``grpc_presented_pem``, leaf first; ``BadMaterialError`` when
+    there is no leaf or the PEM does not parse."""
+    if not leaf:
+        raise BadMaterialError("the client presented no certificate (a plaintext port?)")
+    try:
+        certs = [x509.load_pem_x509_certificate(leaf)]
+        if rest:
+            certs += x509.load_pem_x509_certificates(rest)
+    except ValueError as exc:
+        raise BadMaterialError(f"unreadable client certificate: {exc}") from exc
+    return certs

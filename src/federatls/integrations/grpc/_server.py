@@ -40,13 +40,12 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from cryptography import x509
 
 from ..._authorise import Authoriser
 from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from ..._identity import Identity, TrustChoice
 from ..._namerules import NameRules
-from ..._peer import PeerInfo, peer_from_chain
+from ..._peer import PeerInfo, grpc_presented_pem, peer_from_chain, presented_certificates
 from ..._trust import TrustBundle
 from .._source import Source, snapshot
 
@@ -155,15 +154,7 @@ class _Checker:
         bundle = _bundle(identity, self._trust)
         by = "trust bundle"
         try:
-            if not leaf:
-                raise BadMaterialError("the client presented no certificate (plaintext port?)")
-            try:
-                presented = [x509.load_pem_x509_certificate(leaf)]
-                if rest:
-                    presented += x509.load_pem_x509_certificates(rest)
-            except ValueError as exc:
-                raise BadMaterialError(f"unreadable client certificate: {exc}") from exc
-            info = peer_from_chain(presented, bundle)
+            info = peer_from_chain(presented_certificates(leaf, rest), bundle)
             rules = NameRules.of(bundle) if identity.name_rules else None
             if rules is not None:
                 by = "name rules"
@@ -179,11 +170,7 @@ class _Checker:
         """The verdict on the client of the call to ``method`` behind ``context``; a
         refusal is logged here, once per call."""
         identity = snapshot(self._source)
-        auth = context.auth_context()
-        key = (
-            b"".join(auth.get("x509_pem_cert", ())),
-            b"".join(auth.get("x509_pem_cert_chain", ())),
-        )
+        key = grpc_presented_pem(context)
         with self._lock:
             hit = self._verdicts.get(key)
         if hit is not None and hit[0] is identity:
