@@ -649,18 +649,17 @@ def test_completing_a_chain_tries_each_published_certificate_once(
     for the ~1800 a 1 MiB answer holds); now each is checked at most once, and the chain,
     which reaches no root, is left as it was. Twin: a real short chain is completed with its
     intermediate in one check."""
-    from federatls import _issuance
+    from federatls import _issuance, _x509
     from federatls._trust import TrustBundle
-    from federatls._x509 import issued_by
 
     checks: list[int] = []
-    real = issued_by
+    real = _x509.issued_by
 
     def counted(child: x509.Certificate, parent: x509.Certificate) -> bool:
         checks.append(1)
         return real(child, parent)
 
-    monkeypatch.setattr(_issuance, "issued_by", counted)
+    monkeypatch.setattr(_x509, "issued_by", counted)  # the walk's checks (path_up)
     roots = TrustBundle.from_ca([pki.root], ())
     inter = _intermediate(pki)
     junk, keys = _same_named_cas(inter.subject, 200)
