@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._bootstrap import completed_chain, sign_checked
 from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, _base_url, fetch_root
@@ -281,9 +280,7 @@ def _read_key(path: str) -> PrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise BadMaterialError(f"{path} is not an unencrypted PEM private key") from exc
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise BadMaterialError(f"{path}: unsupported key type {type(key).__name__}")
     return key
 

@@ -31,14 +31,13 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from .._duration import format_go_duration
 from .._errors import TokenError
-from .._keys import csr_key_refusal
+from .._keys import PublicKey, csr_key_refusal
 from .._protocol import (
     API_PREFIX,
     RENEW_PATH,
@@ -719,9 +718,7 @@ def _go_time(dt: datetime) -> str:
 def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:
     """The key, if the CA certifies it (``csr_key_refusal``); else a 403 ``Refusal``."""
     reason = csr_key_refusal(key)
-    if reason is None and isinstance(
-        key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-    ):
+    if reason is None and isinstance(key, PublicKey):
         return key
     raise Refusal(403, reason or f"certificate request key of type {type(key).__name__}")
 
