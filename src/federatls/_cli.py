@@ -994,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kty",
         type=_key_type,
         default=KeyType.P256,
-        help="P-256 (default), Ed25519, RSA-2048, RSA-3072",
+        help=", ".join(k.value + (" (default)" if k is KeyType.P256 else "") for k in KeyType),
     )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_certificate)
