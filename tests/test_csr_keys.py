@@ -8,13 +8,15 @@ costs nothing) and before the token is looked at (so it stays unspent).
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import logging
 import math
 import secrets
 import ssl
 import textwrap
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import httpx
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from federatls import CARefusedError
+from federatls._errors import TokenError
 from federatls._keys import csr_key_refusal
 from federatls._protocol import RekeyRequest
 from federatls._token import mint_renew_token
@@ -246,6 +249,43 @@ def test_rsa_exponent_limits(exponent: int, accepted: bool) -> None:
     n = _rsa_modulus(2048).public_numbers().n
     key = rsa.RSAPublicNumbers(exponent, n).public_key()
     assert (csr_key_refusal(key) is None) is accepted
+
+
+@pytest.mark.parametrize(
+    ("curve", "algorithm"),
+    [
+        (ec.SECP256R1(), "ES256"),
+        (ec.SECP384R1(), "ES384"),
+        (ec.SECP521R1(), "ES512"),
+        (ec.SECP256K1(), None),
+        (ec.BrainpoolP256R1(), None),
+    ],
+)
+def test_renew_token_algorithm_follows_the_curve(
+    curve: ec.EllipticCurve, algorithm: str | None
+) -> None:
+    """A renew token's JWS algorithm is the one its key's curve has (P-256 ES256, P-384
+    ES384, P-521 ES512). Twin: a 256-bit key on a curve without one (secp256k1,
+    brainpoolP256r1) is refused with TokenError, not signed as ES256."""
+    key = ec.generate_private_key(curve)
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, SUBJECT)]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, SUBJECT)]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    )
+    mint = functools.partial(mint_renew_token, [cert], key, audience="https://ca/1.0/renew")
+    if algorithm is None:
+        with pytest.raises(TokenError, match=f"unsupported curve {curve.name}"):
+            mint(now=now)
+        return
+    header = json.loads(base64.urlsafe_b64decode(mint(now=now).split(".")[0] + "=="))
+    assert header["alg"] == algorithm
 
 
 @pytest.mark.parametrize(

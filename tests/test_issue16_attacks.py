@@ -649,18 +649,17 @@ def test_completing_a_chain_tries_each_published_certificate_once(
     for the ~1800 a 1 MiB answer holds); now each is checked at most once, and the chain,
     which reaches no root, is left as it was. Twin: a real short chain is completed with its
     intermediate in one check."""
-    from federatls import _issuance
+    from federatls import _issuance, _x509
     from federatls._trust import TrustBundle
-    from federatls._x509 import issued_by
 
     checks: list[int] = []
-    real = issued_by
+    real = _x509.issued_by
 
     def counted(child: x509.Certificate, parent: x509.Certificate) -> bool:
         checks.append(1)
         return real(child, parent)
 
-    monkeypatch.setattr(_issuance, "issued_by", counted)
+    monkeypatch.setattr(_x509, "issued_by", counted)  # the walk's checks (path_up)
     roots = TrustBundle.from_ca([pki.root], ())
     inter = _intermediate(pki)
     junk, keys = _same_named_cas(inter.subject, 200)
@@ -799,6 +798,42 @@ def _ca_certificate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(signer, hashes.SHA256())
     )
+
+
+def test_crl_signer_reaches_the_old_root_through_a_root_rollover_certificate() -> None:
+    """A CRL signed by an intermediate of a new root key verifies when the new root is known
+    only as a certificate the old (trusted) root issued under the same name: the walk
+    (``path_up``) stops at any certificate a trusted root issued, so the same-named old root
+    is still reached. Twin: without the rollover certificate the CRL is refused."""
+    from federatls import _x509
+
+    root_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Root")])
+    old_key, new_key, inter_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    old_root = _ca_certificate(root_name, old_key.public_key(), old_key)
+    rollover = _ca_certificate(root_name, new_key.public_key(), old_key)
+    now = datetime.now(UTC)
+    inter_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Intermediate")])
+    inter = (
+        x509.CertificateBuilder()
+        .subject_name(inter_name)
+        .issuer_name(root_name)
+        .public_key(inter_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(new_key, hashes.SHA256())
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(inter_name)
+        .last_update(now)
+        .next_update(now + timedelta(hours=1))
+        .sign(inter_key, hashes.SHA256())
+    )
+    assert _x509.crl_signer(crl, [inter, rollover], [old_root]) == inter
+    with pytest.raises(BadMaterialError, match="does not verify"):
+        _x509.crl_signer(crl, [inter], [old_root])
 
 
 async def test_expired_leaf_of_a_provisioner_without_the_claim_does_not_renew(

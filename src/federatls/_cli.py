@@ -16,10 +16,8 @@ import contextlib
 import functools
 import getpass
 import logging
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +26,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._bootstrap import completed_chain, sign_checked
 from ._client import DEFAULT_TIMEOUT, CAClient, Deadline, _base_url, fetch_root
@@ -40,6 +37,7 @@ from ._errors import (
     IdentityExpiredError,
     MissingExtraError,
 )
+from ._files import write_all_atomic
 from ._issuance import check_renewed
 from ._jwk import ProvisionerKey
 from ._keys import KeyType, PrivateKey, build_csr, new_private_key
@@ -282,9 +280,7 @@ def _read_key(path: str) -> PrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise BadMaterialError(f"{path} is not an unencrypted PEM private key") from exc
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise BadMaterialError(f"{path}: unsupported key type {type(key).__name__}")
     return key
 
@@ -309,31 +305,11 @@ def _check_writable(path: Path, *, force: bool) -> None:
 
 
 def _write_all(files: Sequence[tuple[Path, bytes, bool]], *, force: bool) -> None:
-    """Write each ``(path, data, private)`` as ``_write_atomic`` does, all or none: every
-    file is written whole to its temporary file first, then each is renamed into place; a
-    failure removes the temporary files and whatever was already renamed."""
+    """Write each ``(path, data, private)`` (mode 0600 if private, else 0644) as
+    ``_files.write_all_atomic`` does, all or none, once every path is writable."""
     for path, _, _ in files:
         _check_writable(path, force=force)
-    staged: list[tuple[str, Path]] = []
-    placed: list[Path] = []
-    try:
-        for path, data, private in files:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600 if private else 0o644)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-            placed.append(path)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        for path in placed:  # a key without its certificate is of no use
-            path.unlink(missing_ok=True)
-        raise
+    write_all_atomic([(path, data, 0o600 if private else 0o644) for path, data, private in files])
 
 
 def _key_pem(key: PrivateKey) -> bytes:
@@ -1018,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kty",
         type=_key_type,
         default=KeyType.P256,
-        help="P-256 (default), Ed25519, RSA-2048, RSA-3072",
+        help=", ".join(k.value + (" (default)" if k is KeyType.P256 else "") for k in KeyType),
     )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_certificate)

@@ -69,10 +69,10 @@ from ._protocol import (
     read_request_id,
     root_path,
 )
-from ._sslkeys import load_cert_chain_in_memory
+from ._sslkeys import tls_context
 from ._trust import TrustBundle
 from ._version import __version__
-from ._x509 import certs_to_pem, crl_signer, fingerprint
+from ._x509 import crl_signer, fingerprint
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -151,12 +151,9 @@ def client_tls_context(
 ) -> ssl.SSLContext:
     """A client context trusting exactly ``roots``, TLS 1.2+, hostname checked, with an
     optional client certificate (kept in memory)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cadata=certs_to_pem(roots))
-    if identity is not None:
-        load_cert_chain_in_memory(ctx, identity[0], identity[1])
-    return ctx
+    if identity is None:
+        return tls_context(ssl.PROTOCOL_TLS_CLIENT, roots=roots)
+    return tls_context(ssl.PROTOCOL_TLS_CLIENT, roots=roots, chain=identity[0], key=identity[1])
 
 
 async def _call(
@@ -278,10 +275,9 @@ async def fetch_root(
     """
     base = _base_url(url)
     want = sha.lower().replace("-", "").replace(":", "")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = tls_context(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     bound = Deadline.after(timeout, "the call").sooner(deadline)
     async with httpx.AsyncClient(
         transport=closing_transport(ctx), timeout=timeout, headers=_HEADERS

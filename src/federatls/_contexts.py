@@ -36,7 +36,7 @@ from ._errors import BadMaterialError, PeerNotAuthorisedError
 from ._keys import PrivateKey
 from ._namerules import NameRules
 from ._peer import peer_info
-from ._sslkeys import load_cert_chain_in_memory
+from ._sslkeys import tls_context
 from ._trust import TrustBundle
 
 __all__ = ["new_client_context", "new_server_context"]
@@ -76,12 +76,8 @@ def _base(
 ) -> Ctx:
     if not trust.roots:
         raise ValueError("a context needs at least one trusted root")
-    ctx = cls(protocol)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = tls_context(protocol, roots=trust.certificates, chain=chain, key=key, cls=cls)
     ctx.set_ciphers(_TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    load_cert_chain_in_memory(ctx, chain, key)
-    ctx.load_verify_locations(cadata=trust.pem)
     rules = NameRules.of(trust) if name_rules else None
     if rules is not None or authoriser is not None:
         _CHECKS[ctx] = _PeerChecks(trust, rules, authoriser)
@@ -227,8 +223,6 @@ def new_server_context(
     may be a subclass of ``ssl.SSLContext``."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, chain, key, trust, cls, name_rules, authoriser)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
-    ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
     ctx.sslobject_class = _ServerSSLObject
     ctx.sslsocket_class = _ServerSSLSocket
     return ctx

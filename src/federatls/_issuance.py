@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle
-from ._x509 import SANs, cert_sans, common_name, issued_by, may_sign
+from ._x509 import SANs, cert_sans, common_name, issued_by, may_sign, path_up
 
 __all__ = ["CLOCK_SKEW", "check_issued", "check_renewed", "complete_chain", "needs_completing"]
 
@@ -81,10 +80,8 @@ def _tls_purposes(leaf: x509.Certificate) -> frozenset[str]:
 
 def _chain(chain: Sequence[x509.Certificate], roots: TrustBundle, what: str) -> None:
     for child, parent in itertools.pairwise(chain):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
-            raise BadMaterialError(f"the CA's certificate chain for {what} is broken") from exc
+        if not issued_by(child, parent):
+            raise BadMaterialError(f"the CA's certificate chain for {what} is broken")
         if not may_sign(parent):
             signer = parent.subject.rfc4514_string()
             raise BadMaterialError(
@@ -121,16 +118,8 @@ def complete_chain(
     ~1800 a 1 MiB answer holds), and the walk ends."""
     if not chain:
         return tuple(chain)
-    pool = [*chain[1:], *candidates]
-    path = [chain[0]]
-    while roots.anchor_of(path[-1]) is None:
-        named = [c for c in pool if c.subject == path[-1].issuer]
-        parent = next((c for c in named if issued_by(path[-1], c)), None)
-        if parent is None:
-            return tuple(chain)
-        pool = [c for c in pool if c.subject != path[-1].issuer]
-        path.append(parent)
-    return tuple(path)
+    path = path_up(chain[0], [*chain[1:], *candidates], lambda c: roots.anchor_of(c) is not None)
+    return tuple(chain) if path is None else tuple(path)
 
 
 def check_issued(

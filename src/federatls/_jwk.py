@@ -16,11 +16,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
 from ._errors import BadMaterialError
+from ._keys import EC_CURVES
 
 __all__ = ["ProvisionerKey", "PublicJWK", "jwk_thumbprint"]
 
 # Algorithms a JWK provisioner key may use, by key type and curve (what step supports).
-_EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_EC_ALGS = {crv: alg for crv, (_, alg) in EC_CURVES.items()}
 _SIGNING_ALGS = frozenset(
     {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
 )

@@ -1,6 +1,7 @@
 """Workload keys and certificate requests: a new private key in memory (P-256 by default;
-Ed25519, RSA-2048 and RSA-3072 on request), the CSR a token asks for, and which public keys
-a CSR may carry for the CA to certify them. No I/O here.
+Ed25519, RSA-2048 and RSA-3072 on request), the kind of an existing key, the CSR a token asks
+for, which public keys a CSR may carry for the CA to certify them, and the one table of the
+elliptic curves used here (their JWK ``crv`` names and JWS algorithms). No I/O here.
 """
 
 from __future__ import annotations
@@ -13,17 +14,38 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from ._errors import BadMaterialError
 from ._x509 import split_sans
 
-__all__ = ["KeyType", "PrivateKey", "build_csr", "csr_key_refusal", "new_private_key"]
+__all__ = [
+    "EC_CURVES",
+    "KeyType",
+    "PrivateKey",
+    "PublicKey",
+    "build_csr",
+    "csr_key_refusal",
+    "ec_jws_algorithm",
+    "key_type_of",
+    "new_private_key",
+]
 
+# The key types the SDK, the CA and the CLI accept (private: workloads' and the CA's own;
+# public: what the CA certifies). ``isinstance(key, PrivateKey)`` checks one.
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+# The elliptic curves accepted anywhere here, by JWK ``crv`` name, with the JWS algorithm
+# that signs with each (RFC 7518 section 3.4: the hash follows the curve).
+EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], str]] = {
+    "P-256": (ec.SECP256R1, "ES256"),
+    "P-384": (ec.SECP384R1, "ES384"),
+    "P-521": (ec.SECP521R1, "ES512"),
+}
 MIN_RSA_BITS, MAX_RSA_BITS = 2048, 8192
 # Go's crypto/rsa refuses public exponents above 2**31 - 1 (so Go peers cannot use such a
 # certificate), and a longer one makes every verification cost up to a private-key operation.
 MAX_RSA_EXPONENT = 2**31 - 1
 ACCEPTED_KEYS = "P-256, P-384, P-521, Ed25519 or RSA of 2048 to 8192 bits"
-_ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_ACCEPTED_CURVES = tuple(curve for curve, _ in EC_CURVES.values())
 
 
 class KeyType(enum.Enum):
@@ -56,6 +78,24 @@ def new_private_key(kind: KeyType = KeyType.P256) -> PrivateKey:
     if kind is KeyType.RSA3072:
         return rsa.generate_private_key(65537, 3072)
     raise TypeError(f"key type must be a federatls.KeyType, not {kind!r}")
+
+
+def key_type_of(key: object) -> KeyType:
+    """The ``KeyType`` a renewal makes for a key like ``key`` (an RSA key of more than 2048
+    bits gives RSA-3072, any curve P-256); ``BadMaterialError`` for another kind of key."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return KeyType.ED25519
+    if isinstance(key, rsa.RSAPrivateKey):
+        return KeyType.RSA2048 if key.key_size <= 2048 else KeyType.RSA3072
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return KeyType.P256
+    raise BadMaterialError(f"unsupported key type {type(key).__name__}")
+
+
+def ec_jws_algorithm(curve: ec.EllipticCurve) -> str | None:
+    """The JWS algorithm that signs with a key on ``curve`` (``ES256`` for P-256...), or None
+    for a curve not in ``EC_CURVES``."""
+    return next((alg for cls, alg in EC_CURVES.values() if isinstance(curve, cls)), None)
 
 
 def build_csr(key: PrivateKey, subject: str, sans: Sequence[str]) -> x509.CertificateSigningRequest:

@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 
 import anyio
 from anyio.abc import TaskStatus
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ._authorise import Authoriser
 from ._bootstrap import bootstrap, completed_chain
@@ -58,7 +57,7 @@ from ._errors import (
 )
 from ._identity import Identity, TrustChoice
 from ._issuance import check_renewed
-from ._keys import KeyType
+from ._keys import key_type_of
 from ._peer import PeerInfo
 from ._policy import RenewalPolicy
 from ._sync import background
@@ -84,17 +83,6 @@ _ContextKey = tuple[str, str, bool, tuple[str, ...], Authoriser | None]
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _key_type(identity: Identity) -> KeyType:
-    key = identity._key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return KeyType.ED25519
-    if isinstance(key, rsa.RSAPrivateKey):
-        return KeyType.RSA2048 if key.key_size <= 2048 else KeyType.RSA3072
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return KeyType.P256
-    raise BadMaterialError(f"unsupported key type {type(key).__name__}")
 
 
 class _Snapshot:
@@ -484,7 +472,7 @@ class RenewingIdentity:
         token = await self._token_source()
         return await bootstrap(
             token,
-            key_type=_key_type(old),
+            key_type=key_type_of(old._key),
             timeout=self.policy.timeout.total_seconds(),
             name_rules=old.name_rules,
         )

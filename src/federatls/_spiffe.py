@@ -30,6 +30,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from ._authorise import _TRUST_DOMAIN, _uri_problem
 from ._errors import BadMaterialError
 from ._jwk import _import_jwk
+from ._keys import EC_CURVES
 from ._x509 import fingerprint
 
 __all__ = [
@@ -56,7 +57,7 @@ MAX_REFRESH_HINT = (1 << 63) - 1  # seconds; consumers bound it further (ca/_spi
 _PUBLIC_MEMBERS = frozenset({"kty", "crv", "x", "y", "n", "e"})
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # Key types and curves a root certificate can have here (RFC 7518 section 6, RFC 8037).
-_CURVES = {"EC": ("P-256", "P-384", "P-521"), "OKP": ("Ed25519", "Ed448"), "RSA": (None,)}
+_CURVES = {"EC": tuple(EC_CURVES), "OKP": ("Ed25519", "Ed448"), "RSA": (None,)}
 
 
 def trust_domain_problem(name: str) -> str | None:

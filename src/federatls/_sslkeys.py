@@ -1,4 +1,8 @@
-"""Loading an in-memory private key into an ``ssl.SSLContext`` without a plaintext key file.
+"""``ssl.SSLContext``s from in-memory material: ``tls_context``, the one base every context
+here starts from (workload contexts in ``_contexts``, the CA client's, the CA's HTTPS server
+and its federation-peer client), and loading an in-memory private key into a context
+without a plaintext key file. What each context adds (cipher suites, verification mode,
+ALPN, peer checks) belongs to its builder, not here.
 
 This is the one place that works around the stdlib's file-only key loading.
 """
@@ -11,14 +15,67 @@ import ssl
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any, TypeVar, overload
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ._errors import BadMaterialError
+from ._x509 import certs_to_pem
 
-__all__ = ["load_cert_chain_in_memory"]
+__all__ = ["load_cert_chain_in_memory", "tls_context"]
+
+Ctx = TypeVar("Ctx", bound=ssl.SSLContext)
+
+
+@overload
+def tls_context(
+    protocol: int,
+    *,
+    roots: Sequence[x509.Certificate] | None = None,
+    chain: Sequence[x509.Certificate] = (),
+    key: PrivateKeyTypes | None = None,
+) -> ssl.SSLContext: ...
+
+
+@overload
+def tls_context(
+    protocol: int,
+    *,
+    roots: Sequence[x509.Certificate] | None = None,
+    chain: Sequence[x509.Certificate] = (),
+    key: PrivateKeyTypes | None = None,
+    cls: type[Ctx],
+) -> Ctx: ...
+
+
+def tls_context(
+    protocol: int,
+    *,
+    roots: Sequence[x509.Certificate] | None = None,
+    chain: Sequence[x509.Certificate] = (),
+    key: PrivateKeyTypes | None = None,
+    cls: type[Any] = ssl.SSLContext,
+) -> Any:
+    """A new context of class ``cls`` for ``protocol`` (``ssl.PROTOCOL_TLS_CLIENT`` or
+    ``ssl.PROTOCOL_TLS_SERVER``): TLS 1.2 or newer, no compression, no renegotiation;
+    trusting ``roots`` if given (and nothing else: the system store is never loaded);
+    presenting ``chain`` (leaf first) with ``key`` if a key is given, the key kept in memory
+    (``load_cert_chain_in_memory``). A server context issues no TLS session tickets: a
+    resumed session would skip the check of the client's certificate against today's roots.
+    Verification mode, hostname checks, cipher suites and ALPN are the caller's."""
+    ctx = cls(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+    if key is not None:
+        load_cert_chain_in_memory(ctx, chain, key)
+    if roots is not None:
+        ctx.load_verify_locations(cadata=certs_to_pem(roots))
+    return ctx
 
 
 def load_cert_chain_in_memory(

@@ -34,6 +34,7 @@ from joserfc.registry import HeaderParameter
 
 from ._errors import TokenError
 from ._jwk import ProvisionerKey, PublicJWK
+from ._keys import ec_jws_algorithm
 from ._protocol import RENEW_PATH, REVOKE_PATH, SIGN_PATH, token_audience
 
 __all__ = [
@@ -438,7 +439,7 @@ def _registry(alg: str | None) -> jws.JWSRegistry:
 
 def _public_jwk(key: object) -> tuple[ECKey | RSAKey | OKPKey, str]:
     if isinstance(key, ec.EllipticCurvePublicKey):
-        alg = {256: "ES256", 384: "ES384", 521: "ES512"}.get(key.curve.key_size)
+        alg = ec_jws_algorithm(key.curve)
         if alg is None:
             raise TokenError(f"unsupported curve {key.curve.name}")
         return ECKey.import_key(key), alg

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from ._errors import BadMaterialError
-from ._x509 import certs_to_pem, common_name, fingerprint
+from ._x509 import certs_to_pem, common_name, fingerprint, issued_by
 
 if TYPE_CHECKING:  # _authorise imports this module
     from ._authorise import NamePattern
@@ -123,13 +122,8 @@ class TrustBundle:
         if found is not None:
             return found
         for root in self.roots:
-            if root.certificate.subject != top.issuer:
-                continue
-            try:
-                top.verify_directly_issued_by(root.certificate)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-                continue
-            return root
+            if root.certificate.subject == top.issuer and issued_by(top, root.certificate):
+                return root
         return None
 
     def __iter__(self) -> Iterator[TrustedRoot]:

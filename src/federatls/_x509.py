@@ -1,5 +1,6 @@
 """X.509 helpers shared by the SDK and the CA: PEM parsing with clear errors, fingerprints,
-subject alternative names split the way step-ca splits them. Pure: no I/O, no clock.
+subject alternative names split the way step-ca splits them, whether one certificate issued
+another and the one walk up a chain to an anchor. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_pem_certificates",
     "load_pem_csr",
     "may_sign",
+    "path_up",
     "split_sans",
 ]
 
@@ -222,6 +224,41 @@ def issued_by(cert: x509.Certificate, by: x509.Certificate) -> bool:
     return True
 
 
+def path_up(
+    cert: x509.Certificate,
+    pool: Iterable[x509.Certificate],
+    anchored: Callable[[x509.Certificate], bool],
+    *,
+    signer: Callable[[x509.Certificate], bool] = lambda parent: True,
+    issued: Callable[[x509.Certificate, x509.Certificate], bool] | None = None,
+) -> list[x509.Certificate] | None:
+    """The path from ``cert`` (first) up through ``pool``, each certificate issued by the
+    next, to the first one ``anchored`` accepts (``cert`` alone if it does); None when there
+    is no such path. The one chain walk of the SDK and the CA.
+
+    Each step looks, in pool order, only at the certificates named as the issuer that
+    ``signer`` accepts, takes the first that issued the last one (``issued``, by default
+    ``issued_by``), then drops all it looked at from the pool. So a certificate costs at most
+    one signature check however many share a name (tried again at every step, n such
+    certificates each signing the next cost n²/2 checks, n³ from n starting points: minutes
+    for what a 1 MiB answer holds), and the walk ends. Not followed: a path that names the
+    same issuer twice (a self-issued cross-certificate in the middle of a chain), and a
+    second candidate once the first that verified leads nowhere (no backtracking).
+    Validity periods are not looked at."""
+    check = issued if issued is not None else issued_by
+    left = list(pool)
+    path = [cert]
+    while not anchored(path[-1]):
+        named = [c for c in left if c.subject == path[-1].issuer and signer(c)]
+        parent = next((c for c in named if check(path[-1], c)), None)
+        if parent is None:
+            return None
+        looked = {id(c) for c in named}
+        left = [c for c in left if id(c) not in looked]
+        path.append(parent)
+    return path
+
+
 def crl_signer(
     crl: x509.CertificateRevocationList,
     issuers: Sequence[x509.Certificate],
@@ -229,8 +266,9 @@ def crl_signer(
 ) -> x509.Certificate:
     """The certificate among ``issuers`` and ``roots`` whose key signed ``crl``: a CA
     certificate allowed to sign CRLs (cRLSign), itself one of ``roots`` or issued by one
-    through ``issuers`` (signatures checked, validity periods not). ``BadMaterialError``
-    naming the CRL's issuer when there is none.
+    through ``issuers`` (``path_up``: signatures checked, validity periods not; each
+    signer a CA allowed to sign certificates). ``BadMaterialError`` naming the CRL's issuer
+    when there is none.
 
     At most two signature checks per certificate offered (and a few more) are made in all:
     ``issuers`` may come from the CA's ``/intermediates``, and a CA publishing many CA
@@ -238,6 +276,7 @@ def crl_signer(
     number of checks in the cube of their count (minutes for what a 1 MiB answer holds)."""
     pool = [*roots, *issuers]
     trusted = {fingerprint(r) for r in roots}
+    signing_roots = [r for r in roots if may_sign(r, "key_cert_sign")]
     budget = 2 * len(pool) + 8
 
     def spend() -> None:
@@ -254,6 +293,13 @@ def crl_signer(
         spend()
         return issued_by(child, parent)
 
+    def anchored(link: x509.Certificate) -> bool:
+        # A root itself, or issued by one: a root is never a step of the walk, so a
+        # self-issued cross-certificate of a root (root rollover) still reaches the old root.
+        return fingerprint(link) in trusted or any(
+            r.subject == link.issuer and issued(link, r) for r in signing_roots
+        )
+
     for cert in pool:
         if cert.subject != crl.issuer or not may_sign(cert, "crl_sign"):
             continue
@@ -263,18 +309,7 @@ def crl_signer(
                 continue
         except (TypeError, UnsupportedAlgorithm):
             continue
-        link, seen = cert, set()
-        while fingerprint(link) not in trusted and fingerprint(link) not in seen:
-            seen.add(fingerprint(link))
-            parent = next(
-                (p for p in pool if p.subject == link.issuer and may_sign(p, "key_cert_sign")
-                 and issued(link, p)),
-                None,
-            )  # fmt: skip
-            if parent is None:
-                break
-            link = parent
-        if fingerprint(link) in trusted:
+        if path_up(cert, issuers, anchored, signer=may_sign, issued=issued) is not None:
             return cert
     raise BadMaterialError(
         f"the CRL's signature does not verify with the CA's certificates "

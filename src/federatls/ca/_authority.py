@@ -31,14 +31,13 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from .._duration import format_go_duration
 from .._errors import TokenError
-from .._keys import csr_key_refusal
+from .._keys import PublicKey, csr_key_refusal
 from .._protocol import (
     API_PREFIX,
     RENEW_PATH,
@@ -52,7 +51,7 @@ from .._protocol import (
 )
 from .._token import RENEW_TOKEN_ISSUER, Token
 from .._version import __version__
-from .._x509 import SANs, cert_sans, common_name, issued_by, may_sign, split_sans
+from .._x509 import SANs, cert_sans, common_name, issued_by, may_sign, path_up, split_sans
 from ._config import CAConfig, DurationClaims, JWKProvisioner
 from ._constraints import constraints_refusal
 from ._federation import FederationSource, PeerRoots, dedupe, shadows
@@ -641,22 +640,17 @@ class Authority:
 
     def _chains_to_root(self, chain: Sequence[x509.Certificate]) -> bool:
         """Whether ``chain[0]`` leads to a root through the chain's and the CA's own
-        intermediates. Each step tries only certificates named as its issuer, each at most
-        once, so a crafted chain costs at most one signature check per certificate (and one
-        per root at each step)."""
-        pool = [*chain[1:], *self.material.intermediates]
-        cert = chain[0]
-        for _ in range(len(pool) + 1):
-            for root in self.material.roots:
-                if issued_by(cert, root):
-                    return True
-            candidates = [c for c in pool if c.subject == cert.issuer and may_sign(c)]
-            parent = next((c for c in candidates if issued_by(cert, c)), None)
-            if parent is None:
-                return False
-            pool = [c for c in pool if c not in candidates]
-            cert = parent
-        return False
+        intermediates (``path_up``). Each step tries only certificates named as its issuer,
+        each at most once, so a crafted chain costs at most one signature check per
+        certificate (and one per root at each step)."""
+        roots = self.material.roots
+        path = path_up(
+            chain[0],
+            [*chain[1:], *self.material.intermediates],
+            lambda cert: any(issued_by(cert, root) for root in roots),
+            signer=may_sign,
+        )
+        return path is not None
 
     # Revoke --------------------------------------------------------------------------------
     def revoke(self, request: RevokeRequest, peer: x509.Certificate | None, now: datetime) -> None:
@@ -724,9 +718,7 @@ def _go_time(dt: datetime) -> str:
 def _checked_public_key(key: object) -> CertificateIssuerPublicKeyTypes:
     """The key, if the CA certifies it (``csr_key_refusal``); else a 403 ``Refusal``."""
     reason = csr_key_refusal(key)
-    if reason is None and isinstance(
-        key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-    ):
+    if reason is None and isinstance(key, PublicKey):
         return key
     raise Refusal(403, reason or f"certificate request key of type {type(key).__name__}")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .._errors import BadMaterialError, ConfigError
+from .._keys import PrivateKey
 from .._spiffe import ca_spiffe_id
 from .._x509 import fingerprint, issued_by, load_pem_certificates, split_sans
 from ._config import CAConfig
@@ -24,7 +24,7 @@ from ._federation import dedupe
 
 __all__ = ["CAMaterial", "SigningKey", "load_material"]
 
-SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+SigningKey = PrivateKey
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,7 @@ def load_signing_key(path: Path, password: bytes | None, what: str) -> SigningKe
         raise ConfigError(
             f"cannot decrypt {what} {path}: wrong password or not a PEM private key"
         ) from exc
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not isinstance(key, PrivateKey):
         raise ConfigError(f"{what} {path}: unsupported key type {type(key).__name__}")
     return key
 

@@ -17,8 +17,6 @@ certificate from B before step 3.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .._errors import ConfigError
+from .._files import write_atomic
 from .._x509 import common_name, fingerprint, issued_by, load_pem_certificate
 from ._config import CAConfig
 from ._material import load_signing_key
@@ -54,16 +53,7 @@ def _config_of(directory: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _write_config(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".ca.json.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
 
 
 def _roots(data: dict[str, Any]) -> list[Path]:

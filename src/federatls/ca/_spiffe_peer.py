@@ -23,8 +23,8 @@ from cryptography import x509
 from .._errors import BadMaterialError, PeerFetchError
 from .._netstream import Check, closing_transport
 from .._spiffe import MAX_BUNDLE_BYTES, SpiffeBundle, trust_domain_of
+from .._sslkeys import tls_context
 from .._version import __version__
-from .._x509 import certs_to_pem
 from ._federation import Fetched, PeerConfig
 
 __all__ = [
@@ -135,11 +135,9 @@ async def _context(peer: PeerConfig, trusted: tuple[x509.Certificate, ...]) -> s
     anchors = trusted if self_serving and trusted else await _initial_bundle(peer)
     if not anchors:
         raise PeerFetchError(peer.name, "no root to authenticate its endpoint with")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = tls_context(ssl.PROTOCOL_TLS_CLIENT, roots=anchors)
     ctx.check_hostname = False  # the endpoint is named by its SPIFFE ID, checked below
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=certs_to_pem(anchors))
     return ctx
 
 

@@ -15,8 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .._errors import ConfigError
-from .._sslkeys import load_cert_chain_in_memory
-from .._x509 import certs_to_pem
+from .._sslkeys import tls_context
 
 __all__ = ["build_server_context"]
 
@@ -58,7 +57,7 @@ def build_server_context(
     """A server context: the CA's certificate, optional client certificates checked against
     ``client_cas``, TLS 1.2 at least (1.0/1.1 in ca.json are raised to 1.2), no session
     tickets (a resumed session would skip the client-certificate check)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = tls_context(ssl.PROTOCOL_TLS_SERVER, roots=client_cas, chain=chain, key=key)
     ctx.minimum_version = _VERSIONS.get(
         float(tls_options.get("minVersion", 1.2)), ssl.TLSVersion.TLSv1_2
     )
@@ -66,10 +65,6 @@ def build_server_context(
         float(tls_options.get("maxVersion", 1.3)), ssl.TLSVersion.TLSv1_3
     )
     ctx.set_ciphers(openssl_ciphers(tls_options.get("cipherSuites") or []))
-    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
-    ctx.num_tickets = 0
     ctx.set_alpn_protocols(["http/1.1"])
-    load_cert_chain_in_memory(ctx, chain, key)
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_verify_locations(cadata=certs_to_pem(client_cas))
     return ctx
