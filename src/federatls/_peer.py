@@ -21,7 +21,7 @@ from cryptography import x509
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle, TrustedRoot
-from ._x509 import CertificateFacts, fingerprint, issued_by, may_sign
+from ._x509 import CertificateFacts, fingerprint, may_sign, path_up
 
 __all__ = [
     "PeerInfo",
@@ -137,31 +137,17 @@ def peer_from_chain(presented: Sequence[x509.Certificate], trust: TrustBundle) -
     leaf = presented[0]
     pool = {fingerprint(c): c for c in presented[1:]}
     pool.pop(fingerprint(leaf), None)
-    chain, link = [leaf], leaf
-    budget = 2 * len(pool) + 4  # signature checks against presented certificates
-    while True:
-        anchor = trust.anchor_of(link)
-        if anchor is not None:
-            if anchor.fingerprint != fingerprint(link):
-                chain.append(anchor.certificate)
-            return PeerInfo(certificate=leaf, chain=tuple(chain), anchor=anchor)
-        parent = None
-        for fp, cert in pool.items():
-            if cert.subject != link.issuer or not may_sign(cert):
-                continue
-            budget -= 1
-            if budget < 0:
-                break
-            if issued_by(link, cert):
-                parent = pool.pop(fp)
-                break
-        if parent is None:
-            raise BadMaterialError(
-                f"the TLS peer's certificate {leaf.subject.rfc4514_string()!r} does not chain "
-                f"to a root trusted now (stuck at issuer {link.issuer.rfc4514_string()!r})"
-            )
-        chain.append(parent)
-        link = parent
+    path = path_up(leaf, pool.values(), lambda c: trust.anchor_of(c) is not None, signer=may_sign)
+    if path is None:
+        raise BadMaterialError(
+            f"the TLS peer's certificate {leaf.subject.rfc4514_string()!r} does not chain "
+            "to a root trusted now"
+        )
+    anchor = trust.anchor_of(path[-1])
+    assert anchor is not None  # path_up stopped at an anchored certificate
+    if anchor.fingerprint != fingerprint(path[-1]):
+        path.append(anchor.certificate)
+    return PeerInfo(certificate=leaf, chain=tuple(path), anchor=anchor)
 
 
 def grpc_presented_pem(context: Any) -> tuple[bytes, bytes]:

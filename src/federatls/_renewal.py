@@ -244,7 +244,7 @@ class RenewingIdentity:
         listening = new_server_context(
             current.chain,
             current._key,
-            current.trust if trust == "federation" else current.own_roots,
+            current._bundle(trust),
             require_client_certificate=require_client_certificate,
             name_rules=current.name_rules,
             authoriser=authoriser,
