@@ -65,9 +65,12 @@ class _LiveTransport(httpx.BaseTransport):
         http2: bool,
         pool_limits: dict[str, Any],
     ) -> None:
-        def build(identity: Identity) -> _Pool:
+        def build(snapshot: Identity) -> _Pool:
+            # The source's context, not one made for ``snapshot``: a RenewingIdentity builds
+            # the contexts of its next snapshot off the event loop, before the swap. It is
+            # ``snapshot``'s, or a newer one's if a renewal came in between (threads).
             return httpcore.ConnectionPool(
-                ssl_context=client_context(identity, trust, authoriser),
+                ssl_context=client_context(source, trust, authoriser),
                 http1=True,
                 http2=http2,
                 network_backend=httpcore.SyncBackend(),
