@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from joserfc import jws
 
+from federatls import RenewalPolicy
 from federatls._client import CAClient
 from federatls._jwk import ProvisionerKey
 from federatls._keys import KeyType, PrivateKey, build_csr, new_private_key
@@ -35,6 +36,15 @@ from federatls._x509 import load_pem_certificate
 from federatls.ca import CAServer, init_pki
 
 PASSWORD = b"correct horse battery staple"
+# CA claims for certificates of 3 s (issue them with a 1 s backdate): the default policy
+# renews them every ~2 s.
+SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
+# The default renewal policy with retries and wake-ups scaled to certificates of seconds.
+FAST = RenewalPolicy(
+    first_retry=timedelta(milliseconds=200),
+    max_retry=timedelta(seconds=1),
+    recheck=timedelta(seconds=1),
+)
 
 
 class FakeClock:

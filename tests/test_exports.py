@@ -59,6 +59,23 @@ def test_core_import_does_not_pull_optional_extras() -> None:
     )
 
 
+# The optional packages the integrations use: only a user's import of an integration may
+# import one of them.
+OPTIONAL = {"aiohttp", "grpc", "hypercorn", "requests", "urllib3", "uvicorn"}
+
+
+def test_core_and_integrations_package_import_no_optional_package() -> None:
+    """``import federatls`` and ``import federatls.integrations`` (in a fresh interpreter)
+    import none of grpc, requests, urllib3, hypercorn, uvicorn, aiohttp. Twin:
+    test_optional_packages_show_when_imported."""
+    assert _imports("federatls, federatls.integrations", OPTIONAL) == set()
+
+
+def test_optional_packages_show_when_imported() -> None:
+    """Twin: importing the packages themselves shows each of them to the same check."""
+    assert _imports(", ".join(sorted(OPTIONAL)), OPTIONAL) == OPTIONAL
+
+
 def test_optional_extras_show_when_imported() -> None:
     """Twin: importing the aiohttp and uvicorn integrations does pull them in."""
     assert _imports("federatls.integrations.aiohttp, federatls.integrations.uvicorn") == {
@@ -67,14 +84,15 @@ def test_optional_extras_show_when_imported() -> None:
     }
 
 
-def _imports(modules: str) -> set[str]:
+def _imports(modules: str, watched: set[str] | None = None) -> set[str]:
+    """Which of ``watched`` (aiohttp and uvicorn by default) a fresh interpreter has imported
+    after ``import {modules}``."""
     import json
     import subprocess
     import sys
 
-    code = (
-        f"import json, sys, {modules}; "
-        "print(json.dumps(sorted({'aiohttp', 'uvicorn'} & set(sys.modules))))"
-    )
+    names = sorted(watched or {"aiohttp", "uvicorn"})
+    seen = f"sorted(set({names}) & set(sys.modules))"
+    code = f"import json, sys, {modules}; print(json.dumps({seen}))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return set(json.loads(out.stdout))

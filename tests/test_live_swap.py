@@ -51,11 +51,10 @@ from federatls.integrations import streams
 from federatls.integrations import uvicorn as fuvicorn
 from federatls.testing import TestCA, federated_pair, running_ca
 
-from harness import wait_until
+from harness import SHORT, wait_until
 
 pytestmark = pytest.mark.anyio
 
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
 LONG = timedelta(minutes=10)  # for identities a test renews by hand, or never
 SERVER_NAMES = ["server.cloud.internal", "127.0.0.1", "localhost"]
 Source = Identity | RenewingIdentity

@@ -45,20 +45,12 @@ from federatls._protocol import RevokeRequest
 from federatls.integrations import streams
 from federatls.testing import TestCA, federated_pair, running_ca
 
-from harness import PKI, FakeClock, free_port, make_pki, serving, wait_until
+from harness import FAST, PKI, SHORT, FakeClock, free_port, make_pki, serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
 LOGGER = "federatls.renewal"
 SUBJECT = "svc.cloud.internal"
-# Certificates of 3 s (plus a 1 s backdate): the default policy renews them every ~2 s.
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
-# The default policy with retries and wake-ups scaled to certificates of seconds.
-FAST = RenewalPolicy(
-    first_retry=timedelta(milliseconds=200),
-    max_retry=timedelta(seconds=1),
-    recheck=timedelta(seconds=1),
-)
 # Renewing at a quarter of the life: a renewal every ~0.7 s of a 3 s certificate.
 EAGER = RenewalPolicy(
     renew_at=0.25,

@@ -32,7 +32,6 @@ from federatls import (
     CAUnreachableError,
     Identity,
     IdentityExpiredError,
-    RenewalPolicy,
     RenewingIdentity,
     TrustBundle,
 )
@@ -43,7 +42,9 @@ from federatls._protocol import RevokeRequest, read_request_id
 from rogue_ca import Behaviour, Issue, RogueCA
 
 from harness import (
+    FAST,
     PKI,
+    SHORT,
     FakeClock,
     free_port,
     make_pki,
@@ -59,13 +60,6 @@ SUBJECT = "svc.cloud.internal"
 SANS = [SUBJECT, "127.0.0.1"]
 CLIENT_LOG = "federatls"
 RENEWAL_LOG = "federatls.renewal"
-# Certificates of 3 s (plus a 1 s backdate), on either CA.
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
-FAST = RenewalPolicy(
-    first_retry=timedelta(milliseconds=200),
-    max_retry=timedelta(seconds=1),
-    recheck=timedelta(seconds=1),
-)
 CAS = ["federatls", pytest.param("step-ca", marks=pytest.mark.stepca)]
 
 

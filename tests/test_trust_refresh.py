@@ -43,7 +43,7 @@ from federatls.integrations import streams
 from federatls.testing import TestCA, running_ca
 from rogue_ca import Behaviour, Issue, RogueCA
 
-from harness import PKI, free_port, make_pki, serving, wait_until
+from harness import PKI, SHORT, free_port, make_pki, serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -393,7 +393,6 @@ async def test_a_changed_bundle_swaps_contexts_and_tells_waiters(
 
 
 # 5. Renewal and the trust refresh -------------------------------------------------------------
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
 FAST = RenewalPolicy(
     first_retry=timedelta(milliseconds=200),
     max_retry=timedelta(seconds=1),

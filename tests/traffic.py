@@ -33,9 +33,8 @@ from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.integrations import streams
 from federatls.testing import running_ca
 
-from harness import PASSWORD, make_pki, stepca_process
+from harness import PASSWORD, SHORT, make_pki, stepca_process
 
-SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "3s", "maxTLSCertDuration": "1h"}
 LONG = timedelta(minutes=10)  # identities renewed by hand, or never
 SERVER_NAMES = ["server.cloud.internal", "127.0.0.1", "localhost"]
 Source = Identity | RenewingIdentity

@@ -7,7 +7,11 @@ One mechanism for all of them:
   ``authoriser``; the context itself checks the peer right after the handshake (name rules,
   then the authoriser), so no integration checks peers by hand (``_contexts``);
 * renewal: ``Swapping`` holds the resource (connection pool, gRPC channel) built for the
-  newest snapshot, and hands back the previous one to close once nothing uses it.
+  newest snapshot, and hands back the previous one to close once nothing uses it;
+* refusals: ``peer_refusal`` finds the ``PeerNotAuthorisedError`` behind the library's
+  handshake error, so callers get federatls's error whatever library wraps it;
+* arguments: ``Arguments`` (one table per integration) and ``passed_on`` (the one check) say
+  which keyword arguments go on to the library and refuse the others with ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -15,15 +19,27 @@ from __future__ import annotations
 import ssl
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from .._authorise import Authoriser
+from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._peer import PeerInfo
 from .._renewal import RenewingIdentity
 
-__all__ = ["Slot", "Source", "Swapping", "authorise", "client_context", "snapshot"]
+__all__ = [
+    "Arguments",
+    "Slot",
+    "Source",
+    "Swapping",
+    "authorise",
+    "client_context",
+    "passed_on",
+    "peer_refusal",
+    "snapshot",
+]
 
 Source = Identity | RenewingIdentity
 
@@ -59,6 +75,76 @@ def authorise(source: Source, conn: object, authoriser: Authoriser | None) -> Pe
     """The verified peer of ``conn`` (anchored in the newest trust), checked by
     ``authoriser``; ``PeerNotAuthorisedError`` (logged) when refused."""
     return source.authorise(conn, authoriser)
+
+
+def peer_refusal(exc: BaseException, *, name_rules: bool = False) -> PeerNotAuthorisedError | None:
+    """The refusal behind ``exc``, a library's error for a handshake a federatls context
+    refused (an ``ssl.SSLCertVerificationError`` whose ``__cause__`` is the
+    ``PeerNotAuthorisedError``, wrapped by httpcore, aiohttp... as their ``__cause__``), as
+    a new ``PeerNotAuthorisedError`` to raise ``from exc``; None for any other error.
+
+    Only the authoriser's refusals, unless ``name_rules``: a refusal by the name rules stays
+    the library's certificate error in the HTTP clients (as any bad certificate does there,
+    tests/test_name_rules.py), and is a ``PeerNotAuthorisedError`` in ``streams``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        refusal = cause.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError) and isinstance(
+            refusal, PeerNotAuthorisedError
+        ):
+            if cause.reason != "PEER_NOT_AUTHORISED" and not name_rules:
+                return None
+            return PeerNotAuthorisedError(str(refusal), peer=refusal.peer)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """One integration's keyword arguments: those it refuses, each with why and what to do
+    instead, and those it passes on to its library unchanged.
+
+    A key of ``refused`` is a name (refused whatever its value), ``name=True`` (refused
+    when its value is true: ``trust_env=True``), or ``prefix*`` (every name starting with
+    ``prefix``, ones the library adds later included: ``ssl*``). ``passed_on`` None passes
+    on every name not refused (for libraries with many harmless options: uvicorn, asyncio);
+    otherwise a name in neither table is refused too, as not known to be harmless."""
+
+    where: str  # the call, for messages: "federatls.integrations.httpx.Client"
+    library: str  # where the rest go, for messages: "httpx"
+    refused: Mapping[str, str]  # see above -> "would ...; instead ..."
+    passed_on: frozenset[str] | None = None
+    otherwise: str = ""  # the alternative for what is not passed on: "a plain httpx client"
+
+
+def _refusal(refused: Mapping[str, str], name: str, value: Any) -> str | None:
+    """What to say about ``name=value`` if ``refused`` refuses it: "name= why"."""
+    if name in refused:
+        return f"{name}= {refused[name]}"
+    if value and f"{name}=True" in refused:
+        return f"{name}=True {refused[f'{name}=True']}"
+    for key, why in refused.items():
+        if key.endswith("*") and name.startswith(key[:-1]):
+            return f"{name}= {why}"
+    return None
+
+
+def passed_on(table: Arguments, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` if ``table`` lets each go on to the library; else ``ConfigError`` naming the
+    first that may not, why, and what to do instead."""
+    for name, value in kwargs.items():
+        refusal = _refusal(table.refused, name, value)
+        if refusal is not None:
+            raise ConfigError(f"{table.where}: {refusal}")
+        if table.passed_on is not None and name not in table.passed_on:
+            otherwise = f" (or {table.otherwise})" if table.otherwise else ""
+            raise ConfigError(
+                f"{table.where}: {name}= is not passed on to {table.library}; use only "
+                f"{', '.join(sorted(table.passed_on))} instead{otherwise}"
+            )
+    return dict(kwargs)
 
 
 R = TypeVar("R")

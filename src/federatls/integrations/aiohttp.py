@@ -22,11 +22,11 @@ plain ``http://`` (``ws://``) URL, a redirect's included, is refused with ``Conf
 before any connection. Session arguments that would replace the connector or the request
 class, set a proxy, or take proxies from the environment (``trust_env=True``), and
 connector arguments that choose TLS, are refused when the session is made; only the
-arguments in ``_SESSION_ARGS`` and ``_CONNECTOR_ARGS`` are passed on
+arguments listed in ``_SESSION_ARGS`` and ``_CONNECTOR_ARGS`` reach aiohttp
 (tests/test_aiohttp_client.py).
 
-Two hooks of aiohttp's connector are private API (``_wrap_create_connection``, ``_release``
-and its pool ``_conns``); the tests pin their behaviour.
+One hook of aiohttp's connector is private API (``_release`` and its pool ``_conns``); the
+tests pin its behaviour.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import ssl
 import weakref
 from typing import Any
 
-from aiohttp import ClientRequest, ClientSession, TCPConnector, web
+from aiohttp import ClientConnectorError, ClientRequest, ClientSession, TCPConnector, web
 
 from .._authorise import Authoriser
 from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from .._identity import TrustChoice
-from ._source import Source, authorise, client_context
+from ._source import Arguments, Source, authorise, client_context, passed_on, peer_refusal
 
 __all__ = ["Site", "client_session"]
 
@@ -162,109 +162,89 @@ _OWN_TLS = (
     "bundle, renewal); instead choose the servers' trust with trust= and narrow it with "
     "authoriser="
 )
-# aiohttp's session arguments that would route requests around federatls's connector or its
-# context: refused, saying what to do instead.
-_SESSION_REFUSED: dict[str, str] = {
-    "connector": "would replace federatls's connector, which applies the identity's context "
-    "and the authoriser; instead pass connection limits in connector_args=",
-    "connector_owner": "would leave federatls's connector open after the session; the session "
-    "owns it: instead make one session per connector",
-    "request_class": "would replace federatls's request class, which applies the live context; "
-    "instead use middlewares= or a plain aiohttp session",
-    "proxy": _NO_PROXY,
-    "proxy_auth": _NO_PROXY,
-}
-# What is passed on to ``ClientSession`` unchanged (none of it opens or wraps connections).
-_SESSION_ARGS = frozenset(
-    {
-        "base_url",
-        "cookies",
-        "headers",
-        "skip_auto_headers",
-        "auth",
-        "json_serialize",
-        "json_serialize_bytes",
-        "response_class",
-        "ws_response_class",
-        "version",
-        "cookie_jar",
-        "raise_for_status",
-        "timeout",
-        "auto_decompress",
-        "trust_env",  # only False: True is refused below
-        "requote_redirect_url",
-        "trace_configs",
-        "read_bufsize",
-        "max_line_size",
-        "max_field_size",
-        "max_headers",
-        "fallback_charset_resolver",
-        "middlewares",
-    }
-)
-# ``TCPConnector`` arguments that choose TLS: the connector's TLS is the identity's.
-_CONNECTOR_REFUSED = frozenset({"ssl", "verify_ssl", "fingerprint", "ssl_context"})
-# What is passed on to ``TCPConnector`` (limits, DNS and sockets; TLS is applied on top).
-_CONNECTOR_ARGS = frozenset(
-    {
-        "limit",
-        "limit_per_host",
-        "keepalive_timeout",
-        "force_close",
-        "enable_cleanup_closed",
-        "use_dns_cache",
-        "ttl_dns_cache",
-        "dns_cache_max_size",
-        "family",
-        "local_addr",
-        "resolver",
-        "happy_eyeballs_delay",
-        "interleave",
-        "timeout_ceil_threshold",
-        "socket_factory",
-        "ssl_shutdown_timeout",
-    }
-)
 _WHERE = "federatls.integrations.aiohttp.client_session"
-
-
-def _session_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` if every one may go to ``ClientSession``; else ``ConfigError`` naming the
-    first that may not, and what to do instead."""
-    for name, value in kwargs.items():
-        if name in _SESSION_REFUSED:
-            raise ConfigError(f"{_WHERE}: {name}= {_SESSION_REFUSED[name]}")
-        if name == "trust_env" and value:
-            raise ConfigError(
-                f"{_WHERE}: trust_env=True would take proxies from HTTPS_PROXY and the like and "
-                f"send requests through them, around the authoriser; instead leave trust_env off "
-                "(federatls's session does not use proxies)"
-            )
-        if name not in _SESSION_ARGS:
-            raise ConfigError(
-                f"{_WHERE}: {name}= is not passed on to aiohttp; use only "
-                f"{', '.join(sorted(_SESSION_ARGS))} instead (or a plain aiohttp session)"
-            )
-    return kwargs
-
-
-def _connector_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` if every one may go to ``TCPConnector``; else ``ConfigError``."""
-    for name in kwargs:
-        if name in _CONNECTOR_REFUSED:
-            raise ConfigError(f"{_WHERE}: connector_args {name}= {_OWN_TLS}")
-        if name not in _CONNECTOR_ARGS:
-            raise ConfigError(
-                f"{_WHERE}: connector_args {name}= is not passed on to aiohttp; use only "
-                f"{', '.join(sorted(_CONNECTOR_ARGS))} instead"
-            )
-    return kwargs
+# aiohttp's session arguments: those that would route requests around federatls's connector
+# or its context, refused, saying what to do instead; and those passed on to
+# ``ClientSession`` unchanged (none of them opens or wraps connections).
+_SESSION_ARGS = Arguments(
+    _WHERE,
+    "aiohttp",
+    refused={
+        "connector": "would replace federatls's connector, which applies the identity's "
+        "context and the authoriser; instead pass connection limits in connector_args=",
+        "connector_owner": "would leave federatls's connector open after the session; the "
+        "session owns it: instead make one session per connector",
+        "request_class": "would replace federatls's request class, which applies the live "
+        "context; instead use middlewares= or a plain aiohttp session",
+        "proxy": _NO_PROXY,
+        "proxy_auth": _NO_PROXY,
+        "trust_env=True": "would take proxies from HTTPS_PROXY and the like and send requests "
+        "through them, around the authoriser; instead leave trust_env off (federatls's "
+        "session does not use proxies)",
+    },
+    passed_on=frozenset(
+        {
+            "base_url",
+            "cookies",
+            "headers",
+            "skip_auto_headers",
+            "auth",
+            "json_serialize",
+            "json_serialize_bytes",
+            "response_class",
+            "ws_response_class",
+            "version",
+            "cookie_jar",
+            "raise_for_status",
+            "timeout",
+            "auto_decompress",
+            "trust_env",  # only False: True is refused above
+            "requote_redirect_url",
+            "trace_configs",
+            "read_bufsize",
+            "max_line_size",
+            "max_field_size",
+            "max_headers",
+            "fallback_charset_resolver",
+            "middlewares",
+        }
+    ),
+    otherwise="a plain aiohttp session",
+)
+# ``TCPConnector`` arguments: those that choose TLS are refused (the connector's TLS is the
+# identity's); limits, DNS and sockets are passed on (TLS is applied on top).
+_CONNECTOR_ARGS = Arguments(
+    f"{_WHERE} connector_args",
+    "aiohttp",
+    refused=dict.fromkeys(("ssl", "verify_ssl", "fingerprint", "ssl_context"), _OWN_TLS),
+    passed_on=frozenset(
+        {
+            "limit",
+            "limit_per_host",
+            "keepalive_timeout",
+            "force_close",
+            "enable_cleanup_closed",
+            "use_dns_cache",
+            "ttl_dns_cache",
+            "dns_cache_max_size",
+            "family",
+            "local_addr",
+            "resolver",
+            "happy_eyeballs_delay",
+            "interleave",
+            "timeout_ceil_threshold",
+            "socket_factory",
+            "ssl_shutdown_timeout",
+        }
+    ),
+)
 
 
 class _LiveConnector(TCPConnector):
-    """Opens connections with the newest client context, checks the server right after the
-    handshake, and closes connections of older contexts instead of pooling them. Refuses any
-    request that would not go directly, over TLS, with one of its contexts."""
+    """Opens connections with the newest client context (which checks the server with the
+    authoriser in the handshake), and closes connections of older contexts instead of
+    pooling them. Refuses any request that would not go directly, over TLS, with one of its
+    contexts."""
 
     def __init__(
         self, source: Source, authoriser: Authoriser | None, trust: TrustChoice, **kwargs: Any
@@ -277,7 +257,7 @@ class _LiveConnector(TCPConnector):
         self._handed_out: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 
     def current_context(self) -> ssl.SSLContext:
-        ctx = client_context(self._source, self._trust)
+        ctx = client_context(self._source, self._trust, self._authoriser)
         if ctx is not self._last:
             self._last = ctx
             self._handed_out.add(ctx)
@@ -312,16 +292,13 @@ class _LiveConnector(TCPConnector):
 
     async def connect(self, req: ClientRequest, *args: Any, **kwargs: Any) -> Any:
         self._refuse_detours(req)
-        return await super().connect(req, *args, **kwargs)
-
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        try:  # every connection is TLS (see _refuse_detours); one without would be refused
-            authorise(self._source, transport, self._authoriser)
-        except BaseException:
-            transport.abort()
+        try:
+            return await super().connect(req, *args, **kwargs)
+        except ClientConnectorError as exc:  # aiohttp's wrapping of a refused handshake
+            refusal = peer_refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
             raise
-        return transport, protocol
 
     def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         stale = isinstance(key.ssl, ssl.SSLContext) and key.ssl is not self._last
@@ -338,11 +315,12 @@ def client_session(
 ) -> ClientSession:
     """An ``aiohttp.ClientSession`` speaking mutual TLS as ``source`` (an ``Identity`` or a
     ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent.
-    ``connector_args`` go to the ``TCPConnector`` if they are in ``_CONNECTOR_ARGS``, the
-    rest to the session if they are in ``_SESSION_ARGS``; others are a ``ConfigError``, and
+    ``connector_args`` go to the ``TCPConnector`` if ``_CONNECTOR_ARGS`` passes them on, the
+    rest to the session if ``_SESSION_ARGS`` does; others are a ``ConfigError``, and
     so is a request with its own ``proxy=`` or ``ssl=``, or an ``http://`` URL."""
-    options = _session_args(session_args)
-    connector = _LiveConnector(source, authoriser, trust, **_connector_args(connector_args or {}))
+    options = passed_on(_SESSION_ARGS, session_args)
+    connector_options = passed_on(_CONNECTOR_ARGS, connector_args or {})
+    connector = _LiveConnector(source, authoriser, trust, **connector_options)
 
     class _Request(ClientRequest):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
+from .._errors import BadMaterialError, PeerNotAuthorisedError
 from .._identity import TrustChoice
-from ._source import Source, client_context
+from ._source import Arguments, Source, client_context, passed_on, peer_refusal
 
 __all__ = ["open_connection", "start_server"]
 
@@ -32,14 +32,14 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 def _without_ssl(function: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` for ``asyncio.{function}``; ``ConfigError`` if they choose TLS themselves."""
-    if "ssl" in kwargs:
-        raise ConfigError(
-            f"federatls.integrations.streams.{function}: ssl= would replace the identity's TLS "
-            "context (and with None or False, TLS itself), so the peer would not be checked as "
-            "the identity checks it; instead choose the peers' trust with trust= and narrow it "
-            f"with authoriser= (or call asyncio.{function} yourself for plain TCP)"
-        )
-    return kwargs
+    why = (
+        "would replace the identity's TLS context (and with None or False, TLS itself), so "
+        "the peer would not be checked as the identity checks it; instead choose the peers' "
+        f"trust with trust= and narrow it with authoriser= (or call asyncio.{function} "
+        "yourself for plain TCP)"
+    )
+    table = Arguments(f"federatls.integrations.streams.{function}", "asyncio", {"ssl": why})
+    return passed_on(table, kwargs)
 
 
 async def _drop(writer: asyncio.StreamWriter) -> None:
@@ -92,24 +92,18 @@ async def open_connection(
     **kwargs: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """``asyncio.open_connection`` with ``identity``'s client context (mutual TLS; the server
-    verified against the federation bundle and its name rules, its name checked). The server
-    is then checked by ``authoriser``: a refused server (by either) is cut off and
-    ``PeerNotAuthorisedError`` raised before anything is sent. ``kwargs`` go to asyncio
-    (``ssl=`` is a ``ConfigError``)."""
+    verified against the federation bundle and its name rules, its name checked, then
+    checked by ``authoriser``, all in the handshake): a refused server (by either) is cut
+    off and ``PeerNotAuthorisedError`` raised before anything is sent. ``kwargs`` go to
+    asyncio (``ssl=`` is a ``ConfigError``)."""
     options = _without_ssl("open_connection", kwargs)
-    ctx = client_context(identity, trust)
+    ctx = client_context(identity, trust, authoriser)
     try:
-        reader, writer = await asyncio.open_connection(
+        return await asyncio.open_connection(
             host, port, ssl=ctx, server_hostname=server_hostname or host, **options
         )
     except ssl.SSLCertVerificationError as exc:
-        refusal = exc.__cause__  # the context's name rules refused the server (logged)
-        if isinstance(refusal, PeerNotAuthorisedError):
-            raise PeerNotAuthorisedError(str(refusal), peer=refusal.peer) from exc
+        refusal = peer_refusal(exc, name_rules=True)  # refused in the handshake (logged)
+        if refusal is not None:
+            raise refusal from exc
         raise
-    try:
-        identity.authorise(writer, authoriser)
-    except (PeerNotAuthorisedError, BadMaterialError):
-        await _drop(writer)
-        raise
-    return reader, writer

@@ -23,9 +23,9 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
+from .._errors import BadMaterialError, PeerNotAuthorisedError
 from .._identity import TrustChoice
-from ._source import Source, authorise
+from ._source import Arguments, Source, authorise, passed_on
 
 __all__ = ["config"]
 
@@ -62,18 +62,17 @@ def _gated(
     return Gated
 
 
-def _without_ssl(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` for ``uvicorn.Config``; ``ConfigError`` for the first of uvicorn's own TLS
-    arguments (any name starting with ``ssl``, so ones uvicorn adds later too)."""
-    for name in kwargs:
-        if name.startswith("ssl"):
-            raise ConfigError(
-                f"federatls.integrations.uvicorn.config: {name}= would be ignored or replace "
-                "the identity's TLS context (its certificate, the trust bundle, renewal, client "
-                "certificates); instead choose trust= and require_client_certificate=, and "
-                "narrow clients with authoriser="
-            )
-    return kwargs
+# uvicorn's own TLS arguments (any name starting with ``ssl``, so ones uvicorn adds later
+# too) are refused; the rest go to ``uvicorn.Config``.
+_ARGS = Arguments(
+    "federatls.integrations.uvicorn.config",
+    "uvicorn",
+    refused={
+        "ssl*": "would be ignored or replace the identity's TLS context (its certificate, the "
+        "trust bundle, renewal, client certificates); instead choose trust= and "
+        "require_client_certificate=, and narrow clients with authoriser="
+    },
+)
 
 
 def config(
@@ -89,7 +88,7 @@ def config(
     """A ``uvicorn.Config`` for ``app`` serving mutual TLS as ``source`` (an ``Identity`` or a
     ``RenewingIdentity``); other keyword arguments are uvicorn's (``host``, ``port``...),
     except its ``ssl_*`` arguments (a ``ConfigError``)."""
-    options = _without_ssl(kwargs)
+    options = passed_on(_ARGS, kwargs)
     base = import_from_string(HTTP_PROTOCOLS[http]) if isinstance(http, str) else http
     protocol = _gated(base, source, authoriser)
 

@@ -1,0 +1,129 @@
+"""federatls's httpx ``Client`` and its transport (see ``integrations.httpx``).
+
+GENERATED from _httpx_async.py by scripts/unasync.py: do not edit; edit _httpx_async.py and
+run ``python scripts/unasync.py`` (tests/test_httpx_generated.py checks the two match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+from .._authorise import Authoriser
+from .._identity import Identity, TrustChoice
+from ._httpx_shared import arguments, core_request, httpx_errors, pool_limits, require_https
+from ._source import Slot, Source, Swapping, client_context
+
+__all__ = ["Client"]
+
+_Pool = httpcore.ConnectionPool
+
+
+class _ResponseStream(httpx.SyncByteStream):
+    """A response's body; closing it gives the request's pool slot back."""
+
+    def __init__(
+        self,
+        inner: Any,
+        transport: _LiveTransport,
+        slot: Slot[_Pool],
+        request: httpx.Request,
+    ) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._slot: Slot[_Pool] | None = slot
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        with httpx_errors(self._request):
+            yield from self._inner
+
+    def close(self) -> None:
+        try:
+            with httpx_errors(self._request):
+                self._inner.close()
+        finally:
+            slot, self._slot = self._slot, None
+            if slot is not None:
+                self._transport.release(slot)
+
+
+class _LiveTransport(httpx.BaseTransport):
+    """Sends each request through the connection pool of the source's newest snapshot
+    (``Swapping``): its context presents that snapshot's certificate, trusts its bundle and
+    checks servers with the authoriser in the handshake. After a renewal the next request
+    builds the new snapshot's pool; the old one is closed once its last response is."""
+
+    def __init__(
+        self,
+        source: Source,
+        authoriser: Authoriser | None,
+        trust: TrustChoice,
+        http2: bool,
+        pool_limits: dict[str, Any],
+    ) -> None:
+        def build(snapshot: Identity) -> _Pool:
+            # The source's context, not one made for ``snapshot``: a RenewingIdentity builds
+            # the contexts of its next snapshot off the event loop, before the swap. It is
+            # ``snapshot``'s, or a newer one's if a renewal came in between (threads).
+            return httpcore.ConnectionPool(
+                ssl_context=client_context(source, trust, authoriser),
+                http1=True,
+                http2=http2,
+                network_backend=httpcore.SyncBackend(),
+                **pool_limits,
+            )
+
+        self._pools = Swapping(source, build)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        require_https(request)
+        slot, retired = self._pools.acquire()
+        try:
+            for pool in retired:
+                pool.close()
+            with httpx_errors(request):
+                response = slot.resource.handle_request(core_request(request))
+        except BaseException:
+            self.release(slot)
+            raise
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream, self, slot, request),
+            extensions=response.extensions,
+        )
+
+    def release(self, slot: Slot[_Pool]) -> None:
+        """Give ``slot`` back; close its pool if that was a retired pool's last use."""
+        pool = self._pools.release(slot)
+        if pool is not None:
+            pool.close()
+
+    def close(self) -> None:
+        for pool in self._pools.close():
+            pool.close()
+
+
+class Client(httpx.Client):
+    """``httpx.Client`` speaking mutual TLS as ``source`` (an ``Identity`` or a
+    ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent.
+    ``kwargs`` go to httpx if they are in ``_httpx_shared._PASSED_ON``; others are a
+    ``ConfigError``."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = arguments("Client", kwargs)
+        transport = _LiveTransport(source, authoriser, trust, http2, pool_limits(limits))
+        super().__init__(transport=transport, **options)
