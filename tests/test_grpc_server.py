@@ -50,8 +50,8 @@ from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.testing import TestCA, federated_pair, running_ca
 
-from harness import wait_until
-from traffic import LONG, SERVER_NAMES, SHORT, enrol, federatls_ca, renewals, renewing
+from harness import SHORT, wait_until
+from traffic import LONG, SERVER_NAMES, enrol, federatls_ca, renewals, renewing
 
 pytestmark = pytest.mark.anyio
 
