@@ -76,10 +76,16 @@ _RECORDS: weakref.WeakKeyDictionary[object, TLSRecord] = weakref.WeakKeyDictiona
 
 
 def remember(response: object, tls: object) -> None:
-    """Record that ``response`` came over ``tls`` (a TLS connection, or another response
-    recorded before), so ``peer(response)`` works after the connection went back to its pool
-    or was closed. Nothing is recorded when ``tls`` is neither."""
-    record = _RECORDS.get(tls)
+    """Record that ``response`` came over ``tls`` (a TLS connection or its ``TLSRecord``, or
+    another response recorded before), so ``peer(response)`` works after the connection went
+    back to its pool or was closed. Nothing is recorded when ``tls`` is none of these."""
+    if isinstance(tls, TLSRecord):
+        _RECORDS[response] = tls
+        return
+    try:
+        record = _RECORDS.get(tls)
+    except TypeError:  # None, or anything else that is no connection
+        return
     if record is None:
         if not _is_tls(tls):
             return

@@ -108,7 +108,7 @@ class _Adapter(HTTPAdapter):
             )
         slot, to_close = self._managers.acquire()
         for old in to_close:
-            old.clear()
+            old.close()
         self._local.slot = slot
         try:
             response = super().send(request, stream, timeout, verify, cert, proxies=None)
@@ -138,12 +138,12 @@ class _Adapter(HTTPAdapter):
     def _release(self, slot: Slot[_urllib3.HTTPSOnly]) -> None:
         done = self._managers.release(slot)
         if done is not None:
-            done.clear()
+            done.close()
 
     def close(self) -> None:
         super().close()
         for manager in self._managers.close():
-            manager.clear()
+            manager.close()
 
 
 class Session(requests.Session):

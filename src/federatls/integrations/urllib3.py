@@ -30,10 +30,11 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 try:
     import urllib3
+    import urllib3.connection
     from urllib3._request_methods import RequestMethods  # urllib3.PoolManager's base (2.x)
     from urllib3.connectionpool import HTTPConnectionPool
     from urllib3.response import BaseHTTPResponse, HTTPResponse
@@ -45,7 +46,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 from .._authorise import Authoriser
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
-from .._peer import remember
+from .._peer import TLSObject, TLSRecord, remember
 from ._source import Source, Swapping, client_context
 
 __all__ = ["PoolManager"]
@@ -171,16 +172,25 @@ def on_release(response: BaseHTTPResponse, done: Callable[[], None]) -> None:
     response.close = closed  # type: ignore[method-assign]
 
 
-class _RecordingPool(urllib3.HTTPSConnectionPool):
-    """urllib3's HTTPS pool, recording the server behind each response as it arrives (its
-    body may be read and its connection released before the application asks)."""
+class _RecordingConnection(urllib3.connection.HTTPSConnection):
+    """urllib3's HTTPS connection, recording its server once connected, and handing that
+    record to each response (whose body may be read and whose connection may be released,
+    or closed, before the application asks who answered)."""
 
-    def _make_request(
-        self, conn: Any, method: str, url: str, *args: Any, **kwargs: Any
-    ) -> BaseHTTPResponse:
-        response = super()._make_request(conn, method, url, *args, **kwargs)
-        remember(response, conn.sock)
+    peer: TLSRecord | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.peer = TLSRecord.of(cast(TLSObject, self.sock))
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        response = super().getresponse()
+        remember(response, self.peer)
         return response
+
+
+class _RecordingPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _RecordingConnection
 
 
 class HTTPSOnly(urllib3.PoolManager):
@@ -202,6 +212,15 @@ class HTTPSOnly(urllib3.PoolManager):
         if pool_kwargs:  # requests' per-request TLS choices: refused before they get here
             raise ConfigError(f"federatls's pool manager takes no pool_kwargs: {pool_kwargs}")
         return super().connection_from_host(host, port, scheme)
+
+    def close(self) -> None:
+        """Close every pool now: idle connections at once, those in use when released.
+        (urllib3's ``clear`` only forgets the pools, which close their connections when
+        garbage collected; a response still referenced keeps its pool alive.)"""
+        pools = [pool for key in self.pools.keys() if (pool := self.pools.get(key))]  # noqa: SIM118 (no __iter__)
+        self.clear()
+        for pool in pools:
+            pool.close()
 
 
 def swapping(
@@ -240,7 +259,7 @@ class PoolManager(RequestMethods):
         require_https("federatls.integrations.urllib3.PoolManager", url.partition(":")[0], url)
         slot, to_close = self._managers.acquire()
         for old in to_close:
-            old.clear()
+            old.close()
         try:
             response = slot.resource.urlopen(method, url, redirect=redirect, **kw)
         except BaseException as exc:
@@ -253,12 +272,12 @@ class PoolManager(RequestMethods):
     def _release(self, slot: Any) -> None:
         done = self._managers.release(slot)
         if done is not None:
-            done.clear()
+            done.close()
 
     def clear(self) -> None:
         """Close every pool (idle connections now; connections in use when released)."""
         for manager in self._managers.close():
-            manager.clear()
+            manager.close()
 
     def __enter__(self) -> PoolManager:
         return self
