@@ -32,7 +32,13 @@ from typing import Any
 
 try:
     import requests
-    from requests.adapters import BaseAdapter, HTTPAdapter
+    from requests.adapters import (
+        DEFAULT_POOLBLOCK,
+        DEFAULT_POOLSIZE,
+        DEFAULT_RETRIES,
+        BaseAdapter,
+        HTTPAdapter,
+    )
     from requests.sessions import merge_setting
     from urllib3.connectionpool import HTTPConnectionPool
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
@@ -66,16 +72,18 @@ class _Adapter(HTTPAdapter):
     """requests' HTTP adapter over a urllib3 pool manager per snapshot (urllib3.Swapping)."""
 
     def __init__(
-        self, source: Source, trust: TrustChoice, authoriser: Authoriser | None, **kw: Any
+        self,
+        source: Source,
+        trust: TrustChoice,
+        authoriser: Authoriser | None,
+        pool_connections: int = DEFAULT_POOLSIZE,
+        pool_maxsize: int = DEFAULT_POOLSIZE,
+        max_retries: Any = DEFAULT_RETRIES,
+        pool_block: bool = DEFAULT_POOLBLOCK,
     ) -> None:
-        super().__init__(**kw)
+        super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
         self._managers = _urllib3.swapping(
-            source,
-            trust,
-            authoriser,
-            self._pool_connections,
-            maxsize=self._pool_maxsize,
-            block=self._pool_block,
+            source, trust, authoriser, pool_connections, maxsize=pool_maxsize, block=pool_block
         )
         self._local = threading.local()
 
@@ -185,3 +193,10 @@ class Session(requests.Session):
             "verify": merge_setting(verify, self.verify),
             "cert": merge_setting(cert, self.cert),
         }
+
+    def rebuild_proxies(
+        self, prepared_request: requests.PreparedRequest, proxies: dict[str, str] | None
+    ) -> dict[str, str]:
+        # On a redirect requests would add the environment's proxies: not here (as above).
+        prepared_request.headers.pop("Proxy-Authorization", None)
+        return dict(proxies or {})
