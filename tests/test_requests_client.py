@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,6 +33,7 @@ import urllib3
 
 import test_federated_rotation as rotation
 from federatls import (
+    BadMaterialError,
     ConfigError,
     Identity,
     PeerInfo,
@@ -592,3 +594,32 @@ async def test_live_traffic_through_renewals_and_a_root_rotation() -> None:
         if ca == "cloud":
             assert fed.names.get(c.anchors[-1]) == "B"
     assert all(n >= 2 for n in renewed.values()), renewed
+
+
+async def test_peer_of_a_plain_requests_response(
+    pair: tuple[TestCA, TestCA], tmp_path: Path
+) -> None:
+    """``live.peer`` finds the server of a plain requests response (cert= and verify= files)
+    while the response holds its connection (stream=True, body unread). Twin: once the body
+    is read the connection is back in the pool and the peer cannot be found
+    (BadMaterialError saying so), unlike the Session's responses."""
+    cloud, kubernetes = pair
+    server = await enrol(cloud, "server.cloud.internal", SERVER_NAMES, LONG)
+    me = await enrol(kubernetes, "client.k8s.internal", lifetime=LONG)
+    chain, key, bundle = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "bundle.pem"
+    chain.write_text(me.chain_pem)
+    key.touch(0o600)
+    key.write_bytes(me.export_private_key(password=None))  # the test's file, for requests
+    bundle.write_text(me.trust.pem)
+    async with streams_server(server, Seen(), None) as port:
+        with requests.Session() as plain:
+            plain.trust_env = False
+            plain.cert, plain.verify = (str(chain), str(key)), str(bundle)
+            held = await anyio.to_thread.run_sync(
+                functools.partial(plain.get, _url(port), stream=True, timeout=10)
+            )
+            while_held = me.peer(held).serial
+            assert held.content == b"1"
+            with pytest.raises(BadMaterialError, match="cannot find a TLS connection"):
+                me.peer(held)
+    assert while_held == server.serial
