@@ -3,16 +3,18 @@ the root that anchored its verified chain (with its provenance: own CA or federa
 
 Works with what applications hold: an ``ssl.SSLObject`` or ``ssl.SSLSocket``, an asyncio
 ``StreamWriter`` or transport, an httpx response, an aiohttp client response or server
-request. The verified chain comes from ``get_verified_chain()`` (public in Python 3.13, the
-same method on the private ``_sslobj`` in 3.11 and 3.12). Where a library shows only the
-certificates the peer presented (gRPC's auth context), ``peer_from_chain`` rebuilds the chain
-from them up to a root of the bundle trusted now.
+request, a requests or urllib3 response, a gRPC server call's context. The verified chain
+comes from ``get_verified_chain()`` (public in Python 3.13, the same method on the private
+``_sslobj`` in 3.11 and 3.12). Where a library shows only the certificates the peer presented
+(gRPC's auth context), ``peer_from_chain`` rebuilds the chain from them up to a root of the
+bundle trusted now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -26,10 +28,12 @@ from ._x509 import CertificateFacts, fingerprint, may_sign, path_up
 __all__ = [
     "PeerInfo",
     "TLSObject",
+    "TLSRecord",
     "grpc_presented_pem",
     "peer_from_chain",
     "peer_info",
     "presented_certificates",
+    "remember",
     "ssl_object_of",
 ]
 
@@ -57,8 +61,56 @@ class TLSObject(Protocol):
     def getpeercert(self, binary_form: bool = ..., /) -> Any: ...
 
 
+@dataclass(frozen=True)
+class TLSRecord:
+    """What a TLS connection's peer presented and how it was verified, kept after the
+    connection is gone: for responses whose connection went back to a pool (or was closed)
+    before the application asks who answered (requests reads the body first)."""
+
+    peer_der: bytes | None
+    verified: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, tls: TLSObject) -> TLSRecord:
+        return cls(tls.getpeercert(True), tuple(_verified_der(tls)))
+
+    def getpeercert(self, binary_form: bool = False, /) -> bytes | None:
+        if not binary_form:
+            raise ValueError("a TLSRecord keeps the peer's certificate in DER form only")
+        return self.peer_der
+
+    def get_verified_chain(self) -> list[bytes]:
+        return list(self.verified)
+
+
+# Responses an integration answered over TLS connections (whose peers it recorded), and each
+# connection's record (made once per connection, not once per response).
+_RECORDS: weakref.WeakKeyDictionary[object, TLSRecord] = weakref.WeakKeyDictionary()
+
+
+def remember(response: object, tls: object) -> None:
+    """Record that ``response`` came over ``tls`` (a TLS connection or its ``TLSRecord``, or
+    another response recorded before), so ``peer(response)`` works after the connection went
+    back to its pool or was closed. Nothing is recorded when ``tls`` is none of these."""
+    if isinstance(tls, TLSRecord):
+        _RECORDS[response] = tls
+        return
+    try:
+        record = _RECORDS.get(tls)
+    except TypeError:  # None, or anything else that is no connection
+        return
+    if record is None:
+        if not _is_tls(tls):
+            return
+        record = _RECORDS[tls] = TLSRecord.of(cast(TLSObject, tls))
+    _RECORDS[response] = record
+
+
 def _is_tls(obj: object) -> bool:
-    return isinstance(obj, ssl.SSLObject | ssl.SSLSocket) or type(obj).__name__ == "_SSLSocket"
+    return (
+        isinstance(obj, ssl.SSLObject | ssl.SSLSocket | TLSRecord)
+        or type(obj).__name__ == "_SSLSocket"
+    )
 
 
 def ssl_object_of(conn: object) -> TLSObject:
@@ -67,13 +119,26 @@ def ssl_object_of(conn: object) -> TLSObject:
     if found is None or not _is_tls(found):
         raise BadMaterialError(
             f"cannot find a TLS connection in {type(conn).__name__}: pass an SSLObject, "
-            "SSLSocket, asyncio StreamWriter or transport, httpx response or aiohttp "
-            "response/request"
+            "SSLSocket, asyncio StreamWriter or transport, httpx response, aiohttp "
+            "response/request, or a requests/urllib3 response (from federatls's Session or "
+            "PoolManager, or one whose connection is still held: stream=True / "
+            "preload_content=False, body not read to the end)"
         )
     return cast(TLSObject, found)
 
 
 def _lookup(conn: Any) -> object | None:
+    try:
+        recorded = _RECORDS.get(conn)
+    except TypeError:  # neither hashable nor weakly referenced: not a response we answered
+        recorded = None
+    if recorded is not None:
+        return recorded
+    raw = getattr(conn, "raw", None)  # requests.Response: its urllib3 response
+    held = getattr(raw if raw is not None else conn, "connection", None)
+    sock: object = getattr(held, "sock", None)  # urllib3 HTTPConnection, while held
+    if sock is not None and _is_tls(sock):
+        return sock
     if isinstance(conn, asyncio.StreamWriter | asyncio.BaseTransport):
         found: object = conn.get_extra_info("ssl_object")
         return found
@@ -91,15 +156,16 @@ def _lookup(conn: Any) -> object | None:
     return None
 
 
-def _verified_chain(obj: TLSObject) -> list[x509.Certificate]:
+def _verified_der(obj: TLSObject) -> list[bytes]:
     getter = getattr(obj, "get_verified_chain", None)  # SSLObject in 3.13+, or _ssl's own
     if getter is None:
         getter = obj._sslobj.get_verified_chain  # type: ignore[attr-defined]  # 3.11, 3.12
-    out = []
-    for item in getter() or []:  # DER bytes (ssl, 3.13+) or _ssl.Certificate objects
-        der = item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER)
-        out.append(x509.load_der_x509_certificate(der))
-    return out
+    # DER bytes (ssl, 3.13+) or _ssl.Certificate objects
+    return [i if isinstance(i, bytes) else i.public_bytes(_ENCODING_DER) for i in getter() or []]
+
+
+def _verified_chain(obj: TLSObject) -> list[x509.Certificate]:
+    return [x509.load_der_x509_certificate(der) for der in _verified_der(obj)]
 
 
 def peer_info(conn: object, trust: TrustBundle) -> PeerInfo:

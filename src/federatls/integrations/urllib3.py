@@ -1,0 +1,286 @@
+"""urllib3 with mutual TLS from a federatls identity (the ``requests`` extra):
+
+    with federatls.integrations.urllib3.PoolManager(live, authoriser=...) as http:
+        response = http.request("GET", "https://api.cloud.internal:8443/")
+        print(live.peer(response).anchor)
+
+``PoolManager`` has urllib3's request interface (``request``, ``urlopen``, ``clear``) over
+one urllib3 pool manager per snapshot of the identity (``_source.Swapping``):
+
+* every connection is opened with the snapshot's client context, which verifies the server
+  against the trust bundle, checks its name and then runs the name rules and the authoriser
+  right after the handshake, before a byte of the request is sent; a refused server raises
+  ``PeerNotAuthorisedError`` (unwrapped from urllib3's ``MaxRetryError``/``SSLError``);
+* after a renewal new requests go to a new pool manager; the old one is closed (its idle
+  connections with it) as soon as no request or unreleased response uses it;
+* only ``https://`` is spoken, redirects included (``ConfigError`` otherwise), and only
+  directly: urllib3's TLS and proxy arguments are refused with ``ConfigError`` (only those
+  in ``_PASSED_ON`` are passed on to urllib3's connection pools).
+
+urllib3 retries a failed handshake as any connection error (``retries=``, 3 by default): a
+refused server is contacted once per attempt, each refusal logged. Pass ``retries=0`` (or
+``Retry(connect=0)``) to try it once.
+
+``peer(response)`` works for every response of this pool manager, after its body was read
+and its connection released too (the peer is recorded when the response arrives).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+try:
+    import urllib3
+    import urllib3.connection
+    from urllib3._request_methods import RequestMethods  # urllib3.PoolManager's base (2.x)
+    from urllib3.connectionpool import HTTPConnectionPool
+    from urllib3.response import BaseHTTPResponse, HTTPResponse
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    from .._errors import MissingExtraError
+
+    raise MissingExtraError("federatls.integrations.urllib3", "requests", exc.name) from exc
+
+from .._authorise import Authoriser
+from .._errors import ConfigError, PeerNotAuthorisedError
+from .._identity import Identity, TrustChoice
+from .._peer import TLSObject, TLSRecord, remember
+from ._source import Source, Swapping, client_context
+
+__all__ = ["PoolManager"]
+
+# urllib3's pool arguments that would choose TLS or a route of their own: refused.
+_TLS = (
+    "would be ignored or replace federatls's TLS: the server is verified against the "
+    "identity's trust bundle and the client certificate is the identity's; instead choose the "
+    "bundle with trust='own' or 'federation' and narrow it with authoriser="
+)
+_REFUSED: dict[str, str] = {
+    **{
+        name: _TLS
+        for name in (
+            "ssl_context",
+            "cert_reqs",
+            "ca_certs",
+            "ca_cert_dir",
+            "ca_cert_data",
+            "cert_file",
+            "key_file",
+            "key_password",
+            "ssl_version",
+            "ssl_minimum_version",
+            "ssl_maximum_version",
+            "assert_hostname",
+            "assert_fingerprint",
+            "server_hostname",
+        )
+    },
+    **{
+        name: "would send requests through a proxy; federatls's pool manager connects "
+        "directly: instead use a plain urllib3.ProxyManager for hosts outside the federation"
+        for name in ("proxy", "proxy_url", "proxy_headers", "proxy_ssl_context", "_proxy")
+    },
+}
+# What is passed on to urllib3's connection pools (none of it touches TLS).
+_PASSED_ON = frozenset(
+    {"timeout", "retries", "maxsize", "block", "headers", "socket_options", "source_address"}
+)
+
+
+def passed_on(what: str, kwargs: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """``kwargs`` if every one is in ``allowed``; else ``ConfigError`` naming the first that
+    is not (with what to do instead when it is in ``_REFUSED``)."""
+    for name in kwargs:
+        if name in _REFUSED:
+            raise ConfigError(f"{what}: {name}= {_REFUSED[name]}")
+        if name not in allowed:
+            raise ConfigError(
+                f"{what}: {name}= is not passed on; use only {', '.join(sorted(allowed))}"
+            )
+    return dict(kwargs)
+
+
+def require_https(what: str, scheme: str | None, url: str) -> None:
+    """``ConfigError`` unless ``scheme`` is https: anything else goes without TLS, so without
+    the identity and without the authoriser."""
+    if (scheme or "").lower() != "https":
+        raise ConfigError(
+            f"{what} speaks only https://, not {url!r}: a plain request would go without "
+            "mutual TLS and without the authoriser; use https:// instead (or a plain client "
+            "for plain HTTP)"
+        )
+
+
+def refusal_in(exc: BaseException) -> PeerNotAuthorisedError | None:
+    """The ``PeerNotAuthorisedError`` behind what urllib3 (and requests) made of a refused
+    handshake: the context's ``SSLCertVerificationError`` is wrapped in urllib3's
+    ``SSLError``, ``MaxRetryError`` (``reason``) and requests' ``SSLError`` (``args``)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, PeerNotAuthorisedError):
+            return item
+        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
+    return None
+
+
+def raise_refusal(exc: BaseException) -> None:
+    """Raise ``PeerNotAuthorisedError`` (from ``exc``) if ``exc`` comes from a refusal."""
+    refusal = refusal_in(exc)
+    if refusal is not None:
+        raise PeerNotAuthorisedError(str(refusal), peer=refusal.peer) from exc
+
+
+def on_release(response: BaseHTTPResponse, done: Callable[[], None]) -> None:
+    """Call ``done`` once, when ``response`` gives its connection back (or closes it), or
+    now if it holds none (its body was preloaded)."""
+    if not isinstance(response, HTTPResponse) or response.connection is None:
+        done()
+        return
+    lock = threading.Lock()
+    fired = False
+    release_conn, close = response.release_conn, response.close
+
+    def fire() -> None:
+        nonlocal fired
+        with lock:
+            if fired:
+                return
+            fired = True
+        done()
+
+    def released() -> None:
+        try:
+            release_conn()
+        finally:
+            fire()
+
+    def closed() -> None:
+        try:
+            close()
+        finally:
+            fire()
+
+    # urllib3 calls these itself when the body has been read to the end.
+    response.release_conn = released  # type: ignore[method-assign]
+    response.close = closed  # type: ignore[method-assign]
+
+
+class _RecordingConnection(urllib3.connection.HTTPSConnection):
+    """urllib3's HTTPS connection, recording its server once connected, and handing that
+    record to each response (whose body may be read and whose connection may be released,
+    or closed, before the application asks who answered)."""
+
+    peer: TLSRecord | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.peer = TLSRecord.of(cast(TLSObject, self.sock))
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        response = super().getresponse()
+        remember(response, self.peer)
+        return response
+
+
+class _RecordingPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _RecordingConnection
+
+
+class HTTPSOnly(urllib3.PoolManager):
+    """One snapshot's urllib3 pool manager: connections with that snapshot's client context,
+    to ``https://`` only (redirects, which urllib3 follows inside, included)."""
+
+    def __init__(self, ctx: ssl.SSLContext, num_pools: int, pool_kw: dict[str, Any]) -> None:
+        super().__init__(num_pools=num_pools, ssl_context=ctx, **pool_kw)
+        self.pool_classes_by_scheme = {**self.pool_classes_by_scheme, "https": _RecordingPool}
+
+    def connection_from_host(
+        self,
+        host: str | None,
+        port: int | None = None,
+        scheme: str | None = "http",
+        pool_kwargs: dict[str, Any] | None = None,
+    ) -> HTTPConnectionPool:
+        require_https("federatls's urllib3/requests client", scheme, f"{scheme}://{host}")
+        if pool_kwargs:  # requests' per-request TLS choices: refused before they get here
+            raise ConfigError(f"federatls's pool manager takes no pool_kwargs: {pool_kwargs}")
+        return super().connection_from_host(host, port, scheme)
+
+    def close(self) -> None:
+        """Close every pool now: idle connections at once, those in use when released.
+        (urllib3's ``clear`` only forgets the pools, which close their connections when
+        garbage collected; a response still referenced keeps its pool alive.)"""
+        pools = [pool for key in self.pools.keys() if (pool := self.pools.get(key))]  # noqa: SIM118 (no __iter__)
+        self.clear()
+        for pool in pools:
+            pool.close()
+
+
+def swapping(
+    source: Source, trust: TrustChoice, authoriser: Authoriser | None, num_pools: int, **kw: Any
+) -> Swapping[HTTPSOnly]:
+    """A pool manager per snapshot of ``source``."""
+
+    def build(identity: Identity) -> HTTPSOnly:
+        return HTTPSOnly(client_context(identity, trust, authoriser), num_pools, kw)
+
+    return Swapping(source, build)
+
+
+class PoolManager(RequestMethods):
+    """urllib3's pool manager interface speaking mutual TLS as ``source`` (an ``Identity`` or
+    a ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent;
+    ``connection_pool_kw`` go to urllib3 if they are in ``_PASSED_ON``."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+        num_pools: int = 10,
+        headers: Mapping[str, str] | None = None,
+        **connection_pool_kw: Any,
+    ) -> None:
+        super().__init__(headers)
+        kw = passed_on("federatls.integrations.urllib3.PoolManager", connection_pool_kw, _PASSED_ON)
+        self._managers = swapping(source, trust, authoriser, num_pools, **kw)
+
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> BaseHTTPResponse:
+        require_https("federatls.integrations.urllib3.PoolManager", url.partition(":")[0], url)
+        slot, to_close = self._managers.acquire()
+        for old in to_close:
+            old.close()
+        try:
+            response = slot.resource.urlopen(method, url, redirect=redirect, **kw)
+        except BaseException as exc:
+            self._release(slot)
+            raise_refusal(exc)
+            raise
+        on_release(response, lambda: self._release(slot))
+        return response
+
+    def _release(self, slot: Any) -> None:
+        done = self._managers.release(slot)
+        if done is not None:
+            done.close()
+
+    def clear(self) -> None:
+        """Close every pool (idle connections now; connections in use when released)."""
+        for manager in self._managers.close():
+            manager.close()
+
+    def __enter__(self) -> PoolManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.clear()
