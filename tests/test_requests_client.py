@@ -45,6 +45,7 @@ from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import requests as frequests
 from federatls.integrations import urllib3 as furllib3
+from federatls.integrations._source import peer_refusal
 from federatls.testing import TestCA, running_ca
 from test_live_swap import LONG, SERVER_NAMES, Seen, enrol, pair, streams_server
 
@@ -150,7 +151,7 @@ async def test_unfederated_server_refused(
                 await get(http, port)
             await anyio.sleep(0.1)
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
-    assert furllib3.refusal_in(info.value) is None
+    assert peer_refusal(info.value) is None
     assert seen.handled == 0
 
 

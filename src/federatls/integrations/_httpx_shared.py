@@ -14,8 +14,8 @@ from typing import Any
 import httpcore
 import httpx
 
-from .._errors import ConfigError
 from ._source import Arguments, passed_on, peer_refusal
+from ._source import require_https as https_only
 
 __all__ = ["arguments", "core_request", "httpx_errors", "pool_limits", "require_https"]
 
@@ -79,14 +79,8 @@ def pool_limits(given: httpx.Limits | None) -> dict[str, Any]:
 
 
 def require_https(request: httpx.Request) -> None:
-    """``ConfigError`` for a URL that is not ``https://``: it would go without TLS, so
-    without the identity and without the authoriser."""
-    if request.url.scheme != "https":
-        raise ConfigError(
-            f"federatls's httpx client speaks only https://, not {str(request.url)!r}: a plain "
-            "request would go without mutual TLS and without the authoriser; use https:// "
-            "instead (or a plain httpx client for plain HTTP)"
-        )
+    """``ConfigError`` for a URL that is not ``https://`` (``_source.require_https``)."""
+    https_only("federatls's httpx client", str(request.url), otherwise="a plain httpx client")
 
 
 def core_request(request: httpx.Request) -> httpcore.Request:

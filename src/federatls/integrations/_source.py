@@ -38,6 +38,7 @@ __all__ = [
     "client_context",
     "passed_on",
     "peer_refusal",
+    "require_https",
     "snapshot",
 ]
 
@@ -77,28 +78,40 @@ def authorise(source: Source, conn: object, authoriser: Authoriser | None) -> Pe
     return source.authorise(conn, authoriser)
 
 
-def peer_refusal(exc: BaseException, *, name_rules: bool = False) -> PeerNotAuthorisedError | None:
+def peer_refusal(exc: BaseException) -> PeerNotAuthorisedError | None:
     """The refusal behind ``exc``, a library's error for a handshake a federatls context
-    refused (an ``ssl.SSLCertVerificationError`` whose ``__cause__`` is the
-    ``PeerNotAuthorisedError``, wrapped by httpcore, aiohttp... as their ``__cause__``), as
-    a new ``PeerNotAuthorisedError`` to raise ``from exc``; None for any other error.
-
-    Only the authoriser's refusals, unless ``name_rules``: a refusal by the name rules stays
-    the library's certificate error in the HTTP clients (as any bad certificate does there,
-    tests/test_name_rules.py), and is a ``PeerNotAuthorisedError`` in ``streams``."""
+    refused (by the name rules or the authoriser: an ``ssl.SSLCertVerificationError`` whose
+    ``__cause__`` is the ``PeerNotAuthorisedError``), as a new ``PeerNotAuthorisedError`` to
+    raise ``from exc``; None for any other error. Libraries wrap it as their ``__cause__``
+    or ``__context__`` (httpcore, aiohttp, asyncio), a ``reason`` (urllib3's
+    ``MaxRetryError``) or an argument (requests' ``SSLError``): all are followed."""
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        refusal = cause.__cause__
-        if isinstance(cause, ssl.SSLCertVerificationError) and isinstance(
-            refusal, PeerNotAuthorisedError
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        refusal = item if isinstance(item, PeerNotAuthorisedError) else None
+        if isinstance(item, ssl.SSLCertVerificationError) and isinstance(
+            item.__cause__, PeerNotAuthorisedError
         ):
-            if cause.reason != "PEER_NOT_AUTHORISED" and not name_rules:
-                return None
+            refusal = item.__cause__
+        if refusal is not None:
             return PeerNotAuthorisedError(str(refusal), peer=refusal.peer)
-        cause = cause.__cause__ or cause.__context__
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
     return None
+
+
+def require_https(where: str, url: str, *, otherwise: str = "a plain client") -> None:
+    """``ConfigError`` for a URL that is not ``https://``: it would go without TLS, so
+    without the identity and without the authoriser."""
+    if url.partition(":")[0].lower() != "https":
+        raise ConfigError(
+            f"{where} speaks only https://, not {url!r}: a plain request would go without "
+            "mutual TLS and without the authoriser; use https:// instead (or "
+            f"{otherwise} for plain HTTP)"
+        )
 
 
 @dataclass(frozen=True)

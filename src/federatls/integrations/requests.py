@@ -51,18 +51,27 @@ from .._errors import ConfigError
 from .._identity import TrustChoice
 from .._peer import remember
 from . import urllib3 as _urllib3
-from ._source import Slot, Source
+from ._source import Arguments, Slot, Source, passed_on, require_https
 
 __all__ = ["Session"]
 
 _WHAT = "federatls.integrations.requests.Session"
+# The session's own arguments are HTTPAdapter's pool settings; TLS and proxies are refused
+# per request (``_Adapter.send``), where requests takes them.
+_ARGS = Arguments(
+    where=_WHAT,
+    library="requests' HTTPAdapter",
+    refused={},
+    passed_on=frozenset({"pool_connections", "pool_maxsize", "max_retries", "pool_block"}),
+    otherwise="a plain requests session",
+)
 
 
 class _PlainRefused(BaseAdapter):
     """Mounted on ``http://``: refuses, so no request (nor redirect) leaves without TLS."""
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
-        _urllib3.require_https(_WHAT, "http", str(request.url))
+        require_https(_WHAT, str(request.url), otherwise="a plain requests session")
 
     def close(self) -> None:
         pass
@@ -96,7 +105,7 @@ class _Adapter(HTTPAdapter):
         cert: Any = None,
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
-        _urllib3.require_https(_WHAT, str(request.url).partition(":")[0], str(request.url))
+        require_https(_WHAT, str(request.url), otherwise="a plain requests session")
         if verify is not True:
             raise ConfigError(
                 f"{_WHAT}: verify={verify!r} would replace the server check: the server is "
@@ -168,11 +177,7 @@ class Session(requests.Session):
         trust: TrustChoice = "federation",
         **adapter_kw: Any,
     ) -> None:
-        _urllib3.passed_on(
-            _WHAT,
-            adapter_kw,
-            frozenset({"pool_connections", "pool_maxsize", "max_retries", "pool_block"}),
-        )
+        passed_on(_ARGS, adapter_kw)
         super().__init__()
         self.mount("https://", _Adapter(source, trust, authoriser, **adapter_kw))
         self.mount("http://", _PlainRefused())

@@ -103,7 +103,7 @@ async def open_connection(
             host, port, ssl=ctx, server_hostname=server_hostname or host, **options
         )
     except ssl.SSLCertVerificationError as exc:
-        refusal = peer_refusal(exc, name_rules=True)  # refused in the handshake (logged)
+        refusal = peer_refusal(exc)  # refused in the handshake (logged)
         if refusal is not None:
             raise refusal from exc
         raise

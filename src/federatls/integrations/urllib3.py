@@ -44,10 +44,18 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     raise MissingExtraError("federatls.integrations.urllib3", "requests", exc.name) from exc
 
 from .._authorise import Authoriser
-from .._errors import ConfigError, PeerNotAuthorisedError
+from .._errors import ConfigError
 from .._identity import Identity, TrustChoice
 from .._peer import TLSObject, TLSRecord, remember
-from ._source import Source, Swapping, client_context
+from ._source import (
+    Arguments,
+    Source,
+    Swapping,
+    client_context,
+    passed_on,
+    peer_refusal,
+    require_https,
+)
 
 __all__ = ["PoolManager"]
 
@@ -84,57 +92,22 @@ _REFUSED: dict[str, str] = {
     },
 }
 # What is passed on to urllib3's connection pools (none of it touches TLS).
-_PASSED_ON = frozenset(
-    {"timeout", "retries", "maxsize", "block", "headers", "socket_options", "source_address"}
+_ARGS = Arguments(
+    where="federatls.integrations.urllib3.PoolManager",
+    library="urllib3",
+    refused=_REFUSED,
+    passed_on=frozenset(
+        {"timeout", "retries", "maxsize", "block", "headers", "socket_options", "source_address"}
+    ),
+    otherwise="a plain urllib3.PoolManager",
 )
-
-
-def passed_on(what: str, kwargs: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
-    """``kwargs`` if every one is in ``allowed``; else ``ConfigError`` naming the first that
-    is not (with what to do instead when it is in ``_REFUSED``)."""
-    for name in kwargs:
-        if name in _REFUSED:
-            raise ConfigError(f"{what}: {name}= {_REFUSED[name]}")
-        if name not in allowed:
-            raise ConfigError(
-                f"{what}: {name}= is not passed on; use only {', '.join(sorted(allowed))}"
-            )
-    return dict(kwargs)
-
-
-def require_https(what: str, scheme: str | None, url: str) -> None:
-    """``ConfigError`` unless ``scheme`` is https: anything else goes without TLS, so without
-    the identity and without the authoriser."""
-    if (scheme or "").lower() != "https":
-        raise ConfigError(
-            f"{what} speaks only https://, not {url!r}: a plain request would go without "
-            "mutual TLS and without the authoriser; use https:// instead (or a plain client "
-            "for plain HTTP)"
-        )
-
-
-def refusal_in(exc: BaseException) -> PeerNotAuthorisedError | None:
-    """The ``PeerNotAuthorisedError`` behind what urllib3 (and requests) made of a refused
-    handshake: the context's ``SSLCertVerificationError`` is wrapped in urllib3's
-    ``SSLError``, ``MaxRetryError`` (``reason``) and requests' ``SSLError`` (``args``)."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, PeerNotAuthorisedError):
-            return item
-        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
-    return None
 
 
 def raise_refusal(exc: BaseException) -> None:
     """Raise ``PeerNotAuthorisedError`` (from ``exc``) if ``exc`` comes from a refusal."""
-    refusal = refusal_in(exc)
+    refusal = peer_refusal(exc)
     if refusal is not None:
-        raise PeerNotAuthorisedError(str(refusal), peer=refusal.peer) from exc
+        raise refusal from exc
 
 
 def on_release(response: BaseHTTPResponse, done: Callable[[], None]) -> None:
@@ -208,7 +181,7 @@ class HTTPSOnly(urllib3.PoolManager):
         scheme: str | None = "http",
         pool_kwargs: dict[str, Any] | None = None,
     ) -> HTTPConnectionPool:
-        require_https("federatls's urllib3/requests client", scheme, f"{scheme}://{host}")
+        require_https("federatls's urllib3/requests client", f"{scheme}://{host}")
         if pool_kwargs:  # requests' per-request TLS choices: refused before they get here
             raise ConfigError(f"federatls's pool manager takes no pool_kwargs: {pool_kwargs}")
         return super().connection_from_host(host, port, scheme)
@@ -229,7 +202,7 @@ def swapping(
     """A pool manager per snapshot of ``source``."""
 
     def build(identity: Identity) -> HTTPSOnly:
-        return HTTPSOnly(client_context(identity, trust, authoriser), num_pools, kw)
+        return HTTPSOnly(client_context(source, trust, authoriser), num_pools, kw)
 
     return Swapping(source, build)
 
@@ -250,13 +223,13 @@ class PoolManager(RequestMethods):
         **connection_pool_kw: Any,
     ) -> None:
         super().__init__(headers)
-        kw = passed_on("federatls.integrations.urllib3.PoolManager", connection_pool_kw, _PASSED_ON)
+        kw = passed_on(_ARGS, connection_pool_kw)
         self._managers = swapping(source, trust, authoriser, num_pools, **kw)
 
     def urlopen(  # type: ignore[override]
         self, method: str, url: str, redirect: bool = True, **kw: Any
     ) -> BaseHTTPResponse:
-        require_https("federatls.integrations.urllib3.PoolManager", url.partition(":")[0], url)
+        require_https(_ARGS.where, url)
         slot, to_close = self._managers.acquire()
         for old in to_close:
             old.close()
