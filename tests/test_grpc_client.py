@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import queue
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -35,17 +36,20 @@ from federatls import (
     Identity,
     NamePattern,
     Provenance,
+    RenewalPolicy,
     RenewingIdentity,
     TrustBundle,
     TrustedRoot,
     allow_names,
 )
-from federatls._x509 import common_name, fingerprint
+from federatls._x509 import common_name, fingerprint, load_pem_certificate
+from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import grpc as fgrpc
 from federatls.integrations.grpc import aio as fgrpc_aio
 from federatls.testing import TestCA, federated_pair, running_ca
 
 from harness import wait_until
+from traffic import CA, enrol, federatls_ca, renewing
 
 pytestmark = pytest.mark.anyio
 
@@ -403,3 +407,179 @@ async def enrol_long(ca: TestCA) -> Identity:
     return await anyio.to_thread.run_sync(
         functools.partial(ca.identity, "client.k8s.internal", lifetime=LONG)
     )
+
+
+# 4. Live traffic: renewals on both sides and a root rotation ------------------------------------
+K8S_NAMES = ["*.k8s.internal", "127.0.0.1"]  # what cloud lets kubernetes' roots vouch for
+K8S_SERVERS = allow_names("*.k8s.internal")
+TRUST_EVERY_SECOND = RenewalPolicy(trust_refresh=timedelta(seconds=1))
+WAIT = 30.0
+
+
+@dataclass
+class Driven:
+    """One client's calls: answered, and what failed."""
+
+    ok: int = 0
+    failures: list[BaseException] = field(default_factory=list)
+
+
+async def _drive(call: Callable[[], Awaitable[bytes]], out: Driven, stop: anyio.Event) -> None:
+    while not stop.is_set():
+        try:
+            assert await call() == b"ok"
+        except Exception as exc:
+            out.failures.append(exc)
+        else:
+            out.ok += 1
+        await anyio.sleep(0.02)
+
+
+def _names(live: RenewingIdentity, names: dict[str, str]) -> frozenset[str]:
+    return frozenset(names.get(r.fingerprint, "?") for r in live.current.trust)
+
+
+def _anchor(live: RenewingIdentity, names: dict[str, str]) -> str:
+    anchor = live.current.trust.anchor_of(live.current.chain[-1])
+    return names.get(anchor.fingerprint, "?") if anchor else "?"
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> None:
+    with anyio.fail_after(WAIT):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(0.2)
+
+
+async def test_live_traffic_renewals_and_rotation() -> None:
+    """Cloud's client calls kubernetes' gRPC server on all four channels (sync and aio,
+    native and bridged) while both renew every ~2 s and kubernetes rotates its root (add B,
+    issue from B, retire A) with cloud following it by URL: no call fails, calls are
+    answered in every phase, the server ends anchored in B and the client trusting B but not
+    A, and the server saw at least three certificates of the client, each really issued."""
+    async with federatls_ca("cloud") as cloud, federatls_ca("kubernetes") as kubernetes:
+        await kubernetes.federate(cloud)
+        await cloud.follow(kubernetes, K8S_NAMES)
+        names = {fingerprint(kubernetes.root): "A", fingerprint(cloud.root): "C"}
+        await _until(async_has(cloud, fingerprint(kubernetes.root)))
+        seen = Seen()
+        issued: set[int] = set()
+        driven = {
+            name: Driven() for name in ("sync-native", "sync-bridged", "aio-native", "aio-bridged")
+        }
+        async with anyio.create_task_group() as tg:
+            server = await renewing(
+                tg,
+                await enrol(
+                    kubernetes, "server.k8s.internal", ["server.k8s.internal", "127.0.0.1"]
+                ),
+            )
+            first = await enrol(cloud, "client.cloud.internal")
+            client = await renewing(tg, first, TRUST_EVERY_SECOND)
+            issued.add(first.serial)
+
+            async def history() -> None:
+                async for identity in client.updates():
+                    issued.add(identity.serial)
+
+            tg.start_soon(history)
+            with grpc_server(server, seen) as port:
+                target = f"127.0.0.1:{port}"
+                with (
+                    fgrpc.secure_channel(client, target) as sync_native,
+                    fgrpc.secure_channel(client, target, authoriser=K8S_SERVERS) as sync_bridged,
+                ):
+                    async with (
+                        fgrpc_aio.secure_channel(client, target) as aio_native,
+                        fgrpc_aio.secure_channel(
+                            client, target, authoriser=K8S_SERVERS
+                        ) as aio_bridged,
+                    ):
+                        calls: dict[str, Callable[[], Awaitable[bytes]]] = {
+                            "sync-native": _sync_call(sync_native),
+                            "sync-bridged": _sync_call(sync_bridged),
+                            "aio-native": _aio_call(aio_native),
+                            "aio-bridged": _aio_call(aio_bridged),
+                        }
+                        stop = anyio.Event()
+                        counts = []
+                        async with anyio.create_task_group() as drivers:
+                            for name, call in calls.items():
+                                drivers.start_soon(_drive, call, driven[name], stop)
+
+                            async def more() -> None:
+                                target_counts = {n: d.ok + 3 for n, d in driven.items()}
+                                await wait_until(
+                                    lambda: (
+                                        all(d.ok >= target_counts[n] for n, d in driven.items())
+                                        or any(d.failures for d in driven.values())
+                                    ),
+                                    WAIT,
+                                )
+                                counts.append({n: d.ok for n, d in driven.items()})
+
+                            await more()
+                            step = add_root(
+                                kubernetes.directory, kubernetes.password, now=datetime.now(UTC)
+                            )
+                            b = fingerprint(load_pem_certificate(step.roots[-1].read_bytes()))
+                            names[b] = "B"
+                            await kubernetes.reload()
+                            await wait_until(
+                                lambda: all("B" in _names(w, names) for w in (client, server)),
+                                WAIT,
+                            )
+                            await more()
+                            issue_from_new_root(kubernetes.directory)
+                            await kubernetes.reload()
+                            await wait_until(lambda: _anchor(server, names) == "B", WAIT)
+                            await more()
+                            retire_old_roots(kubernetes.directory)
+                            await kubernetes.reload()
+                            await wait_until(lambda: "A" not in _names(client, names), WAIT)
+                            await more()
+                            await wait_until(
+                                lambda: len(seen.serials("client.cloud.internal")) >= 3, WAIT
+                            )
+                            stop.set()
+            final = (_anchor(server, names), _names(client, names))
+            renewals = (server.renewals, client.renewals)
+            stopped = (server.stopped, client.stopped)
+            tg.cancel_scope.cancel()
+    assert {n: d.failures for n, d in driven.items()} == {n: [] for n in driven}
+    for earlier, later in itertools.pairwise(counts):  # answered in every phase
+        assert all(earlier[n] < later[n] for n in driven), counts
+    assert final == ("B", frozenset("CB"))
+    assert stopped == (None, None)
+    assert min(renewals) >= 2, renewals
+    served = seen.serials("client.cloud.internal")
+    assert len(served) >= 3
+    assert served <= issued
+
+
+def async_has(ca: CA, root: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return root in await ca.federation()
+
+    return check
+
+
+def _sync_call(channel: fgrpc.Channel) -> Callable[[], Awaitable[bytes]]:
+    method = channel.unary_unary("/t/Unary")
+
+    async def call() -> bytes:
+        answer: bytes = await anyio.to_thread.run_sync(functools.partial(method, b"hi", timeout=20))
+        return answer
+
+    return call
+
+
+def _aio_call(channel: fgrpc_aio.Channel) -> Callable[[], Awaitable[bytes]]:
+    method = channel.unary_unary("/t/Unary")
+
+    async def call() -> bytes:
+        answer: bytes = await method(b"hi", timeout=20)
+        return answer
+
+    return call

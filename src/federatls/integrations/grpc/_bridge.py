@@ -78,6 +78,7 @@ class Bridge:
         self._started = threading.Event()
         self._stopped = False
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
         self._thread = threading.Thread(
             target=self._run,
             name=f"federatls-grpc-bridge {upstream.host}:{upstream.port}",
@@ -138,10 +139,14 @@ class Bridge:
         """Stop listening, cut every relayed connection, then stop the loop."""
         if self._server is not None:
             self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(2):  # let the aborted transports' connection_lost callbacks run
+            await asyncio.sleep(0)
         asyncio.get_running_loop().stop()
 
     def _client_context(self) -> ssl.SSLContext:
@@ -158,10 +163,13 @@ class Bridge:
         return ctx
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
         try:
             await self._connect(reader, writer)
         except asyncio.CancelledError:  # the bridge is closing: end quietly (asyncio 3.11
             writer.transport.abort()  # logs a cancelled client_connected_cb as an error)
+        finally:
+            self._open.discard(writer)
 
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up = self.upstream
@@ -179,7 +187,11 @@ class Bridge:
         except (OSError, TimeoutError) as exc:
             await _refuse(reader, writer, f"federatls could not connect to {_at(up)}: {exc!r}")
             return
-        await asyncio.gather(_pipe(reader, tls_writer), _pipe(tls_reader, writer))
+        self._open.add(tls_writer)
+        try:
+            await asyncio.gather(_pipe(reader, tls_writer), _pipe(tls_reader, writer))
+        finally:
+            self._open.discard(tls_writer)
 
 
 def _at(up: Upstream) -> str:
