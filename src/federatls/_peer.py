@@ -4,13 +4,16 @@ the root that anchored its verified chain (with its provenance: own CA or federa
 Works with what applications hold: an ``ssl.SSLObject`` or ``ssl.SSLSocket``, an asyncio
 ``StreamWriter`` or transport, an httpx response, an aiohttp client response or server
 request. The verified chain comes from ``get_verified_chain()`` (public in Python 3.13, the
-same method on the private ``_sslobj`` in 3.11 and 3.12).
+same method on the private ``_sslobj`` in 3.11 and 3.12). Where a library shows only the
+certificates the peer presented (gRPC's auth context), ``peer_from_chain`` rebuilds the chain
+from them up to a root of the bundle trusted now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -18,9 +21,9 @@ from cryptography import x509
 
 from ._errors import BadMaterialError
 from ._trust import TrustBundle, TrustedRoot
-from ._x509 import CertificateFacts
+from ._x509 import CertificateFacts, fingerprint, issued_by, may_sign
 
-__all__ = ["PeerInfo", "TLSObject", "peer_info", "ssl_object_of"]
+__all__ = ["PeerInfo", "TLSObject", "peer_from_chain", "peer_info", "ssl_object_of"]
 
 _ENCODING_DER = 2  # _ssl.ENCODING_DER
 
@@ -104,3 +107,45 @@ def peer_info(conn: object, trust: TrustBundle) -> PeerInfo:
     if not chain:
         raise BadMaterialError("the TLS peer's certificate was not verified on this connection")
     return PeerInfo(certificate=chain[0], chain=tuple(chain), anchor=trust.anchor_of(chain[-1]))
+
+
+def peer_from_chain(presented: Sequence[x509.Certificate], trust: TrustBundle) -> PeerInfo:
+    """The peer whose leaf is ``presented[0]``, its chain rebuilt from the other certificates
+    it presented (in any order; duplicates and extras ignored) up to a root of ``trust``.
+
+    For libraries that verified the handshake themselves and show only what the peer sent:
+    the chain is walked again here, so a peer anchored in a root since dropped from ``trust``
+    is refused. Signatures and CA flags (basicConstraints, keyUsage) are checked link by
+    link; validity periods are not (the handshake checked them). ``BadMaterialError`` when
+    nothing was presented or no path reaches a root of ``trust``. At most a few signature
+    checks per certificate presented are made, whatever the peer sent."""
+    if not presented:
+        raise BadMaterialError("the TLS peer presented no certificate")
+    leaf = presented[0]
+    pool = {fingerprint(c): c for c in presented[1:]}
+    pool.pop(fingerprint(leaf), None)
+    chain, link = [leaf], leaf
+    budget = 2 * len(pool) + 4  # signature checks against presented certificates
+    while True:
+        anchor = trust.anchor_of(link)
+        if anchor is not None:
+            if anchor.fingerprint != fingerprint(link):
+                chain.append(anchor.certificate)
+            return PeerInfo(certificate=leaf, chain=tuple(chain), anchor=anchor)
+        parent = None
+        for fp, cert in pool.items():
+            if cert.subject != link.issuer or not may_sign(cert):
+                continue
+            budget -= 1
+            if budget < 0:
+                break
+            if issued_by(link, cert):
+                parent = pool.pop(fp)
+                break
+        if parent is None:
+            raise BadMaterialError(
+                f"the TLS peer's certificate {leaf.subject.rfc4514_string()!r} does not chain "
+                f"to a root trusted now (stuck at issuer {link.issuer.rfc4514_string()!r})"
+            )
+        chain.append(parent)
+        link = parent

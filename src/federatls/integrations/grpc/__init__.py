@@ -1,10 +1,18 @@
-"""gRPC (``grpcio``) with mutual TLS from a federatls identity; ``grpc.aio`` in ``.aio``:
+"""gRPC (sync ``grpc.server`` and channels) with mutual TLS from a federatls identity (the
+``grpc`` extra); ``federatls.integrations.grpc.aio`` is the same for ``grpc.aio``.
 
-    with federatls.integrations.grpc.secure_channel(live, "api.cloud.internal:8443") as channel:
-        hello = channel.unary_unary("/demo.Greeter/Hello")
-        print(hello(b"hi"))
+    server = grpc.server(ThreadPoolExecutor(8),
+                         interceptors=[Interceptor(live, authoriser=allow_names("*.k8s.internal"))])
+    server.add_secure_port("0.0.0.0:8443", server_credentials(live))
 
-Client channels follow renewal (``secure_channel``: ``_channel``).
+    with secure_channel(live, "api.cloud.internal:8443") as channel:
+        print(channel.unary_unary("/demo.Greeter/Hello")(b"hi"))
+
+``server_credentials`` follow renewal and the trusted roots on every new connection;
+``Interceptor`` checks each call's client (chain against the roots trusted now, name rules,
+authoriser) before its handler runs; ``peer(context)`` gives a handler its ``PeerInfo``.
+``secure_channel`` follows renewal too (new calls on the newest snapshot's channel, the old
+one closed once its calls end) and checks the server (``_channel``).
 """
 
 from __future__ import annotations
@@ -18,5 +26,6 @@ except ModuleNotFoundError as exc:
     raise MissingExtraError("federatls.integrations.grpc", "grpc", exc.name) from exc
 
 from ._channel import Channel, secure_channel
+from ._server import Interceptor, peer, server_credentials
 
-__all__ = ["Channel", "secure_channel"]
+__all__ = ["Channel", "Interceptor", "peer", "secure_channel", "server_credentials"]

@@ -1,0 +1,357 @@
+"""gRPC servers (sync ``grpc.server`` and ``grpc.aio.server``) with mutual TLS from a federatls
+identity: credentials that follow renewal, and an interceptor that authorises every call.
+
+gRPC runs its own TLS (not Python's ``ssl``), so the one mechanism of the other integrations
+(the check in the context's handshake) cannot reach it. Here instead:
+
+* ``server_credentials``: ``grpc.dynamic_ssl_server_credentials``, whose fetcher gRPC calls
+  before every new connection's handshake; it hands gRPC a new configuration (the newest
+  snapshot's chain, its key as PEM bytes in memory, the roots trusted now) only when the
+  snapshot changed (when the fetcher raises, gRPC keeps the previous one). Client
+  certificates are required. A connection keeps the certificate it was opened with; new
+  connections get the new one. gRPC issues TLS session tickets and resumes sessions (not
+  configurable from Python), but each new configuration gets new TLS contexts, whose
+  handshakes accept no ticket from before: no session outlives a change of roots.
+* ``Interceptor`` / ``AioInterceptor``: before the handler runs, the client's certificates
+  are read from ``context.auth_context()`` (``x509_pem_cert``, the leaf, and
+  ``x509_pem_cert_chain``, what the client sent besides) and its chain rebuilt up to a root
+  of the bundle trusted *now* (``peer_from_chain``), so a connection opened before a root was
+  dropped cannot go on calling; then the bundle's name rules, then the authoriser. A refusal
+  aborts the call with ``PERMISSION_DENIED`` (logged once on ``federatls.peer``); the handler
+  is never called. Every call shape is covered (unary and streaming, both ways). The
+  verdict is remembered per presented certificates and snapshot, so a client calling many
+  times costs one chain walk and one authoriser call, as a handshake does elsewhere.
+
+Without the interceptor nothing checks the name rules or the authoriser: gRPC's handshake
+only verifies the chain against the bundle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from ..._authorise import Authoriser
+from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
+from ..._identity import Identity, TrustChoice
+from ..._namerules import NameRules
+from ..._peer import PeerInfo, peer_from_chain
+from ..._trust import TrustBundle
+from .._source import Source, snapshot
+
+__all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
+
+log = logging.getLogger("federatls.peer")
+log_credentials = logging.getLogger("federatls")
+
+
+def _bundle(identity: Identity, trust: TrustChoice) -> TrustBundle:
+    if trust == "federation":
+        return identity.trust
+    if trust == "own":
+        return identity.own_roots
+    raise ConfigError(f"trust must be 'federation' or 'own', not {trust!r}")
+
+
+def _configuration(identity: Identity, trust: TrustChoice) -> Any:
+    """gRPC's certificate configuration for ``identity``: its chain, its key as PEM bytes
+    (in memory, never a file), and the client roots it trusts."""
+    return grpc.ssl_server_certificate_configuration(
+        [(identity.export_private_key(password=None), identity.chain_pem.encode())],
+        root_certificates=_bundle(identity, trust).pem.encode(),
+    )
+
+
+class _Fetcher:
+    """gRPC's certificate configuration fetcher: called before every new connection's
+    handshake (on a gRPC thread); a new configuration only when the snapshot changed."""
+
+    def __init__(self, source: Source, trust: TrustChoice, first: Identity) -> None:
+        self._source = source
+        self._trust = trust
+        self._lock = threading.Lock()
+        self._served = first
+        self._failed: Identity | None = None
+
+    def __call__(self) -> Any:
+        identity = snapshot(self._source)
+        with self._lock:
+            if identity is self._served or identity is self._failed:
+                return None
+            try:
+                configuration = _configuration(identity, self._trust)
+            except Exception:  # gRPC would log it at each connection: say it once, ourselves
+                self._failed = identity
+                log_credentials.exception(
+                    "gRPC server: cannot hand over the renewed identity %s; new connections "
+                    "keep the previous one",
+                    identity,
+                )
+                return None
+            self._served = identity
+            return configuration
+
+
+def server_credentials(source: Source, *, trust: TrustChoice = "federation") -> Any:
+    """``grpc.ServerCredentials`` for ``server.add_secure_port``: the source's newest
+    certificate, and client certificates required and verified against the federation bundle
+    (or only the own CA's roots with ``trust="own"``) trusted now, for every new connection.
+
+    Pass ``Interceptor`` (or ``AioInterceptor``) to the server too: the credentials check the
+    chain only; the name rules, the authoriser and the re-check against the current roots
+    are the interceptor's."""
+    first = snapshot(source)
+    return grpc.dynamic_ssl_server_credentials(
+        _configuration(first, trust),
+        _Fetcher(source, trust, first),
+        require_client_authentication=True,
+    )
+
+
+# Checking calls -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Verdict:
+    """The outcome of checking a client: its PeerInfo, or what refused it and why."""
+
+    peer: PeerInfo | None
+    by: str = ""  # "trust bundle", "name rules" or "authoriser"
+    refusal: Exception | None = None
+
+
+class _Checker:
+    """What both interceptors share: the check of a call's client.
+
+    Verdicts are remembered per presented certificates and bundle (the snapshot's, by
+    identity), so a client calling many times over one connection costs one chain walk and
+    one authoriser call, as a handshake does elsewhere; a new snapshot (renewal, new trust)
+    checks every client again. Authorisers are pure (``federatls._authorise``)."""
+
+    _CACHE_SIZE = 256
+
+    def __init__(self, source: Source, authoriser: Authoriser | None, trust: TrustChoice) -> None:
+        if authoriser is not None and not callable(authoriser):
+            raise ConfigError(f"authoriser must be callable, not {authoriser!r}")
+        _bundle(snapshot(source), trust)  # a bad trust= is refused now, not per call
+        self._source = source
+        self._authoriser = authoriser
+        self._trust = trust
+        self._lock = threading.Lock()
+        self._verdicts: dict[tuple[bytes, bytes], tuple[Identity, _Verdict]] = {}
+
+    def _judge(self, leaf: bytes, rest: bytes, identity: Identity) -> _Verdict:
+        """The verdict on the client presenting ``leaf`` and ``rest`` (PEM) under
+        ``identity``'s bundle and name rules, and then the authoriser."""
+        bundle = _bundle(identity, self._trust)
+        by = "trust bundle"
+        try:
+            if not leaf:
+                raise BadMaterialError("the client presented no certificate (plaintext port?)")
+            try:
+                presented = [x509.load_pem_x509_certificate(leaf)]
+                if rest:
+                    presented += x509.load_pem_x509_certificates(rest)
+            except ValueError as exc:
+                raise BadMaterialError(f"unreadable client certificate: {exc}") from exc
+            info = peer_from_chain(presented, bundle)
+            rules = NameRules.of(bundle) if identity.name_rules else None
+            if rules is not None:
+                by = "name rules"
+                rules.authorise(info)
+            if self._authoriser is not None:
+                by = "authoriser"
+                self._authoriser(info)
+        except (BadMaterialError, PeerNotAuthorisedError) as exc:
+            return _Verdict(None, by, exc)
+        return _Verdict(info)
+
+    def check(self, context: Any, method: str) -> _Verdict:
+        """The verdict on the client of the call to ``method`` behind ``context``; a
+        refusal is logged here, once per call."""
+        identity = snapshot(self._source)
+        auth = context.auth_context()
+        key = (
+            b"".join(auth.get("x509_pem_cert", ())),
+            b"".join(auth.get("x509_pem_cert_chain", ())),
+        )
+        with self._lock:
+            hit = self._verdicts.get(key)
+        if hit is not None and hit[0] is identity:
+            verdict = hit[1]
+        else:
+            verdict = self._judge(*key, identity)
+            with self._lock:
+                if len(self._verdicts) >= self._CACHE_SIZE:
+                    self._verdicts.pop(next(iter(self._verdicts)))
+                self._verdicts[key] = (identity, verdict)
+        if verdict.peer is None:
+            who, why = context.peer(), verdict.refusal
+            log.warning("refused the gRPC call %s from %s (%s): %s", method, who, verdict.by, why)
+        return verdict
+
+
+# The PeerInfo of each call running now, keyed by its context: set before the handler runs,
+# dropped when it returns (or its response stream ends).
+_PEERS: dict[int, PeerInfo] = {}
+
+
+def peer(context: Any) -> PeerInfo:
+    """The verified client of the call a handler is serving (``context``: the handler's
+    ``grpc.ServicerContext`` or ``grpc.aio.ServicerContext``), as ``live.peer(x)`` gives it
+    elsewhere: anchored in the bundle trusted when the call began. ``BadMaterialError`` when
+    the call was not admitted by a federatls interceptor (none on the server, or asked after
+    the handler returned)."""
+    found = _PEERS.get(id(context))
+    if found is None:
+        raise BadMaterialError(
+            "no federatls peer for this gRPC call: serve with interceptors=[Interceptor(...)] "
+            "(grpc.aio: AioInterceptor) and ask from inside the handler"
+        )
+    return found
+
+
+_MAKERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _kind(handler: Any) -> str:
+    """Which of the four call shapes ``handler`` (a ``grpc.RpcMethodHandler``) serves."""
+    return ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+
+
+def _rebuilt(handler: Any, kind: str, behaviour: Callable[[Any, Any], Any]) -> Any:
+    """``handler`` serving ``behaviour`` instead (its (de)serialisers kept)."""
+    return _MAKERS[kind](
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _details(verdict: _Verdict) -> str:
+    """The refused call's status details: who refused it, and why."""
+    return f"federatls {verdict.by}: {verdict.refusal}"
+
+
+def _admit(checker: _Checker, context: Any, method: str) -> PeerInfo:
+    """The call's client, or the call aborted with ``PERMISSION_DENIED`` (sync handlers)."""
+    verdict = checker.check(context, method)
+    if verdict.peer is None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
+        raise AssertionError("grpc's abort returned")  # pragma: no cover
+    return verdict.peer
+
+
+async def _admit_async(checker: _Checker, context: Any, method: str) -> PeerInfo:
+    """``_admit`` for async handlers."""
+    verdict = checker.check(context, method)
+    if verdict.peer is None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
+        raise AssertionError("grpc's abort returned")  # pragma: no cover
+    return verdict.peer
+
+
+def _checked(checker: _Checker, handler: Any, method: str) -> Any:
+    """``handler`` with its (sync) behaviour run only for a client ``checker`` admits."""
+    kind = _kind(handler)
+    behaviour = getattr(handler, kind)
+
+    def call(request: Any, context: Any) -> Any:
+        _PEERS[id(context)] = _admit(checker, context, method)
+        try:
+            return behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    def stream(request: Any, context: Any) -> Iterator[Any]:
+        # The check runs when gRPC first asks for a response, before ``behaviour``.
+        _PEERS[id(context)] = _admit(checker, context, method)
+        try:
+            yield from behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    return _rebuilt(handler, kind, stream if handler.response_streaming else call)
+
+
+def _checked_async(checker: _Checker, handler: Any, method: str) -> Any:
+    """``handler`` with its behaviour (a coroutine or async generator function; a sync one
+    runs on grpc.aio's migration thread pool, checked as on a sync server) run only for a
+    client ``checker`` admits."""
+    kind = _kind(handler)
+    behaviour = getattr(handler, kind)
+
+    async def call(request: Any, context: Any) -> Any:
+        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        try:
+            return await behaviour(request, context)
+        finally:
+            _PEERS.pop(id(context), None)
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        finally:
+            _PEERS.pop(id(context), None)
+
+    if inspect.isasyncgenfunction(behaviour):
+        return _rebuilt(handler, kind, stream)
+    if inspect.iscoroutinefunction(behaviour):
+        return _rebuilt(handler, kind, call)
+    return _checked(checker, handler, method)
+
+
+class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """For ``grpc.server(..., interceptors=[Interceptor(source, authoriser=...)])``: every
+    call's client is checked (chain against the bundle trusted now, name rules, then
+    ``authoriser``) before its handler runs; a refused call ends with ``PERMISSION_DENIED``
+    and its handler is never called. ``trust``: as given to ``server_credentials``."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+    ) -> None:
+        self._checker = _Checker(source, authoriser, trust)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        return None if handler is None else _checked(self._checker, handler, details.method)
+
+
+class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """``Interceptor`` for ``grpc.aio.server(interceptors=[AioInterceptor(source, ...)])``:
+    async handlers (coroutines, async generators) and sync ones (on the server's
+    ``migration_thread_pool``) alike."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        authoriser: Authoriser | None = None,
+        trust: TrustChoice = "federation",
+    ) -> None:
+        self._checker = _Checker(source, authoriser, trust)
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _checked_async(self._checker, handler, details.method)
