@@ -5,9 +5,9 @@ refusals (a server of a CA not federated, the authoriser, the name rules), a cha
 following its client's renewal without cutting a running stream, and live traffic through a
 federated pair while both sides renew and one CA rotates its root.
 
-The servers are plain ``grpc.server`` with dynamic SSL credentials written here (the
-client certificate required; what each call presented recorded from its auth context), and
-generic handlers on bytes (no protobuf code generation).
+The servers are ``grpc.server`` with federatls's ``server_credentials`` and ``Interceptor``
+(what each call's client presented recorded with ``peer(context)``), and generic handlers on
+bytes (no protobuf code generation).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from federatls import (
     TrustedRoot,
     allow_names,
 )
-from federatls._x509 import common_name, fingerprint, load_pem_certificate
+from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
 from federatls.integrations import grpc as fgrpc
 from federatls.integrations.grpc import aio as fgrpc_aio
@@ -72,29 +72,8 @@ class Seen:
 
 
 def _record(seen: Seen, context: grpc.ServicerContext) -> None:
-    pem = context.auth_context()["x509_pem_cert"][0]
-    cert = x509.load_pem_x509_certificate(pem)
-    seen.calls.append((common_name(cert.subject), cert.serial_number))
-
-
-def _credentials(source: Source) -> grpc.ServerCredentials:
-    """The server's current certificate and trust on each new handshake."""
-    last: list[Identity] = []
-
-    def config(identity: Identity) -> Any:
-        return grpc.ssl_server_certificate_configuration(
-            [(identity.export_private_key(password=None), identity.chain_pem.encode())],
-            root_certificates=identity.trust.pem.encode(),
-        )
-
-    def fetch() -> Any:
-        identity = source.current if isinstance(source, RenewingIdentity) else source
-        if last and last[-1] is identity:
-            return None
-        last.append(identity)
-        return config(identity)
-
-    return grpc.dynamic_ssl_server_credentials(fetch(), fetch, require_client_authentication=True)
+    client = fgrpc.peer(context)
+    seen.calls.append((client.common_name, client.serial))
 
 
 @contextlib.contextmanager
@@ -117,8 +96,10 @@ def grpc_server(source: Source, seen: Seen) -> Iterator[int]:
             "Echo": grpc.stream_stream_rpc_method_handler(echo),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(16), handlers=[handler])
-    port = server.add_secure_port("127.0.0.1:0", _credentials(source))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(16), handlers=[handler], interceptors=[fgrpc.Interceptor(source)]
+    )
+    port = server.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(source))
     server.start()
     try:
         yield port
