@@ -5,11 +5,13 @@ against steady state.
 What is measured
 ----------------
 Two federated federatls CAs run in this process (``federatls.testing.federated_pair``,
-certificates of a few seconds allowed). One gRPC server, in a process of its own (its own
-GIL), enrolled with "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1) and configured by
-hand: ``grpc.ssl_server_credentials`` from PEM bytes, client certificates required; it
-answers ``/b/Echo`` (unary, bytes echoed) from a pool of 8 threads. The server is the same
-for every channel, so the figures are the channels' cost.
+certificates of a few seconds allowed). Two gRPC servers in a process of their own (its own
+GIL), both with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
+client certificates required, answering ``/b/Echo`` (unary, bytes echoed) from a pool of 8
+threads: one configured by hand (``grpc.ssl_server_credentials`` from PEM bytes), serving
+the baseline; one with ``federatls.integrations.grpc.server_credentials`` and its
+``Interceptor`` (``allow_names("*.k8s.internal")``), serving federatls's channels. The
+servers do not renew (the churn is the client's).
 
 The client, enrolled with "kubernetes" (``client.k8s.internal``), runs ``--concurrency``
 (16) ``grpc.aio`` tasks on one event loop, each sending its next 32-byte call as soon as the
@@ -21,9 +23,11 @@ last is answered, through one of:
 * ``native``: ``federatls.integrations.grpc.aio.secure_channel(identity, target)``: gRPC's
   own TLS from the identity, every call counted for the channel's renewal;
 * ``bridged``: the same with ``authoriser=allow_names("server.cloud.internal")``: gRPC's
-  plaintext HTTP/2 over a Unix socket to the in-process TLS bridge.
+  plaintext HTTP/2 over a Unix socket to the in-process TLS bridge;
+* ``native@pem``: the ``native`` channel calling the server configured by hand, which
+  separates the channel's cost from the server side's (credentials and interceptor).
 
-Segments of ``--duration`` seconds (2.5) after ``--warmup`` (1), in rounds whose order is
+Segments of ``--duration`` seconds (2) after ``--warmup`` (1), in rounds whose order is
 reversed every other round (ABC CBA ..., so a linear drift in outside load cancels out),
 ``--rounds`` (4) rounds. Steady segments use a 10-minute certificate. Churn segments
 (``native`` and ``bridged`` only) use a ``RenewingIdentity`` of ``--lifetime`` (4 s)
@@ -33,7 +37,7 @@ new gRPC channel (a new connection and handshake) and closing the old one once i
 Figures: calls per second (answered calls in the windows / their time), p50 and p99
 latency, failed calls (must be 0), renewals during churn; the ratios native / pem and
 bridged / pem for calls/s, and churn / steady for p99. A default run takes about 1.5
-minutes.
+minutes (two on a loaded machine).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from cryptography.hazmat.primitives import serialization
 
 import federatls
 from federatls import Identity, RenewingIdentity, allow_names
+from federatls._x509 import certs_to_pem
 from federatls.integrations.grpc import aio as fgrpc_aio
 from federatls.testing import TestCA, federated_pair
 
@@ -70,25 +75,61 @@ PAYLOAD = b"x" * 32
 METHOD = "/b/Echo"
 
 
-# The server, in its own process -------------------------------------------------------------------
-def serve(conn: Connection, key: bytes, chain: bytes, roots: bytes) -> None:
-    """A gRPC server configured by hand from PEM bytes; sends its port, runs until told."""
+# The servers, in a process of their own ---------------------------------------------------------
+@dataclass(frozen=True)
+class ServerMaterial:
+    """The server identity's parts as PEM (the key in memory, through a pipe)."""
 
+    chain: bytes
+    key: bytes
+    own_roots: bytes
+    federated_roots: bytes
+
+
+def _handler() -> Any:
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         return request
 
-    handler = grpc.method_handlers_generic_handler(
+    return grpc.method_handlers_generic_handler(
         "b", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
     )
-    server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
+
+
+def serve(conn: Connection, material: ServerMaterial) -> None:
+    """Two gRPC servers from the same identity: one configured by hand from PEM bytes, one
+    with federatls's ``server_credentials`` and ``Interceptor``. Sends both ports, runs
+    until told to stop."""
+    from federatls import TrustBundle
+    from federatls._keys import PrivateKey
+    from federatls._x509 import load_pem_certificates
+    from federatls.integrations import grpc as fgrpc
+
+    pem_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
     creds = grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=roots, require_client_auth=True
+        [(material.key, material.chain)],
+        root_certificates=material.own_roots + material.federated_roots,
+        require_client_auth=True,
     )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    server.start()
-    conn.send(port)
+    pem_port = pem_server.add_secure_port("127.0.0.1:0", creds)
+    key = serialization.load_pem_private_key(material.key, None)
+    assert isinstance(key, PrivateKey)  # what federatls enrols: EC, Ed25519 or RSA
+    trust = TrustBundle.from_ca(
+        load_pem_certificates(material.own_roots), load_pem_certificates(material.federated_roots)
+    )
+    chain = load_pem_certificates(material.chain)
+    identity = Identity.from_parts(chain, key, trust, "https://127.0.0.1:1")
+    ours = grpc.server(
+        futures.ThreadPoolExecutor(8),
+        handlers=[_handler()],
+        interceptors=[fgrpc.Interceptor(identity, authoriser=allow_names("*.k8s.internal"))],
+    )
+    our_port = ours.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
+    pem_server.start()
+    ours.start()
+    conn.send((pem_port, our_port))
     conn.recv()
-    server.stop(None)
+    pem_server.stop(None)
+    ours.stop(None)
 
 
 # The client ---------------------------------------------------------------------------------------
@@ -212,35 +253,38 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         server = cloud.identity(
             "server.cloud.internal", sans=["server.cloud.internal", "127.0.0.1"], lifetime=LONG
         )
-        here, there = multiprocessing.get_context("spawn").Pipe()
-        proc = multiprocessing.get_context("spawn").Process(
-            target=serve,
-            args=(
-                there,
-                server.export_private_key(password=None),  # to the server process, in memory
-                server.chain_pem.encode(),
-                server.trust.pem.encode(),
-            ),
+        own = server.own_roots
+        material = ServerMaterial(
+            chain=server.chain_pem.encode(),
+            key=server.export_private_key(password=None),  # to the server process, in memory
+            own_roots=own.pem.encode(),
+            federated_roots=certs_to_pem(
+                r.certificate for r in server.trust if r not in own.roots
+            ).encode(),
         )
+        here, there = multiprocessing.get_context("spawn").Pipe()
+        proc = multiprocessing.get_context("spawn").Process(target=serve, args=(there, material))
         proc.start()
         files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
         try:
-            port = here.recv()
-            target = f"127.0.0.1:{port}"
+            pem_port, our_port = here.recv()
+            targets = {"pem": f"127.0.0.1:{pem_port}", "federatls": f"127.0.0.1:{our_port}"}
             steady_client = await federatls.bootstrap(
                 k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
             )
             write_pem_files(steady_client, files)
             plan = [("pem", "steady"), ("native", "steady"), ("bridged", "steady")]
+            plan += [("native@pem", "steady")]
             plan += [("native", "churn"), ("bridged", "churn")]
             segments: list[Segment] = []
             for round_ in range(args.rounds):
                 order = plan if round_ % 2 == 0 else plan[::-1]
                 for name, condition in order:
+                    target = targets["pem" if name.endswith("pem") else "federatls"]
                     seg = await run_segment(name, condition, k8s, target, files, args)
                     segments.append(seg)
                     print(
-                        f"round {round_} {name:8} {condition:6} "
+                        f"round {round_} {name:10} {condition:6} "
                         f"{len(seg.latencies) / seg.seconds:8.0f} calls/s "
                         f"failed {len(seg.failures)} renewals {seg.renewals}",
                         flush=True,
@@ -257,6 +301,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "native/pem calls/s": results["native-steady"]["calls_per_s"] / pem,
         "bridged/pem calls/s": results["bridged-steady"]["calls_per_s"] / pem,
+        "native channel only/pem calls/s": results["native@pem-steady"]["calls_per_s"] / pem,
         "native p99 churn/steady": results["native-churn"]["p99_ms"]
         / results["native-steady"]["p99_ms"],
         "bridged p99 churn/steady": results["bridged-churn"]["p99_ms"]
@@ -268,7 +313,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=2.5)
+    parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--lifetime", type=float, default=4.0)
