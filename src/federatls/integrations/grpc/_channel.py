@@ -201,17 +201,8 @@ class _Multi(Generic[C]):
         except BaseException:
             self._swapped.release(slot)
             raise
-        released = threading.Lock()
-        done: list[bool] = []
-
-        def release(_: object) -> None:
-            with released:
-                if done:
-                    return
-                done.append(True)
-            self._swapped.release(slot)
-
-        call.add_done_callback(release)
+        # gRPC runs a done-callback once, when the call terminates (at once if it has).
+        call.add_done_callback(lambda _: self._swapped.release(slot))
         return call
 
 
