@@ -438,7 +438,9 @@ async def test_live_traffic_renewals_and_rotation() -> None:
     native and bridged) while both renew every ~2 s and kubernetes rotates its root (add B,
     issue from B, retire A) with cloud following it by URL: no call fails, calls are
     answered in every phase, the server ends anchored in B and the client trusting B but not
-    A, and the server saw at least three certificates of the client, each really issued."""
+    A, and the server saw at least three certificates of the client, each really issued.
+    Twins: test_unfederated_server_refused and test_name_rules[False] (the same channels do
+    fail calls when the server is not to be trusted)."""
     async with federatls_ca("cloud") as cloud, federatls_ca("kubernetes") as kubernetes:
         await kubernetes.federate(cloud)
         await cloud.follow(kubernetes, K8S_NAMES)
