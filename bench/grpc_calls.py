@@ -1,0 +1,338 @@
+"""Unary gRPC calls per second through federatls's client channels against gRPC configured
+from PEM files by hand, in one run; and the p99 of calls while the client renews every ~2 s
+against steady state.
+
+What is measured
+----------------
+Two federated federatls CAs run in this process (``federatls.testing.federated_pair``,
+certificates of a few seconds allowed). Two gRPC servers in a process of their own (its own
+GIL), both with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
+client certificates required, answering ``/b/Echo`` (unary, bytes echoed) from a pool of 8
+threads: one configured by hand (``grpc.ssl_server_credentials`` from PEM bytes), serving
+the baseline; one with ``federatls.integrations.grpc.server_credentials`` and its
+``Interceptor`` (``allow_names("*.k8s.internal")``), serving federatls's channels. The
+servers do not renew (the churn is the client's).
+
+The client, enrolled with "kubernetes" (``client.k8s.internal``), runs ``--concurrency``
+(16) ``grpc.aio`` tasks on one event loop, each sending its next 32-byte call as soon as the
+last is answered, through one of:
+
+* ``pem``: ``grpc.aio.secure_channel`` with ``ssl_channel_credentials`` read from PEM files
+  the bench writes to a 0700 temporary directory (the key encrypted with a password, then
+  decrypted when loaded, as a hand-written client would; removed at the end): the baseline;
+* ``native``: ``federatls.integrations.grpc.aio.secure_channel(identity, target)``: gRPC's
+  own TLS from the identity, every call counted for the channel's renewal;
+* ``bridged``: the same with ``authoriser=allow_names("server.cloud.internal")``: gRPC's
+  plaintext HTTP/2 over a Unix socket to the in-process TLS bridge;
+* ``native@pem``: the ``native`` channel calling the server configured by hand, which
+  separates the channel's cost from the server side's (credentials and interceptor).
+
+Segments of ``--duration`` seconds (2) after ``--warmup`` (1), in rounds whose order is
+reversed every other round (ABC CBA ..., so a linear drift in outside load cancels out),
+``--rounds`` (4) rounds. Steady segments use a 10-minute certificate. Churn segments
+(``native`` and ``bridged`` only) use a ``RenewingIdentity`` of ``--lifetime`` (4 s)
+certificates, so the client renews about every 2.7 s, each renewal moving new calls to a
+new gRPC channel (a new connection and handshake) and closing the old one once idle.
+
+Figures: calls per second (answered calls in the windows / their time), p50 and p99
+latency, failed calls (must be 0), renewals during churn; the ratios native / pem and
+bridged / pem for calls/s, and churn / steady for p99. A default run takes about 1.5
+minutes (two on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from cryptography.hazmat.primitives import serialization
+
+import federatls
+from federatls import Identity, RenewingIdentity, allow_names
+from federatls._x509 import certs_to_pem
+from federatls.integrations.grpc import aio as fgrpc_aio
+from federatls.testing import TestCA, federated_pair
+
+SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "4s", "maxTLSCertDuration": "1h"}
+LONG = timedelta(minutes=10)
+PAYLOAD = b"x" * 32
+METHOD = "/b/Echo"
+
+
+# The servers, in a process of their own ---------------------------------------------------------
+@dataclass(frozen=True)
+class ServerMaterial:
+    """The server identity's parts as PEM (the key in memory, through a pipe)."""
+
+    chain: bytes
+    key: bytes
+    own_roots: bytes
+    federated_roots: bytes
+
+
+def _handler() -> Any:
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request
+
+    return grpc.method_handlers_generic_handler(
+        "b", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+
+
+def serve(conn: Connection, material: ServerMaterial) -> None:
+    """Two gRPC servers from the same identity: one configured by hand from PEM bytes, one
+    with federatls's ``server_credentials`` and ``Interceptor``. Sends both ports, runs
+    until told to stop."""
+    from federatls import TrustBundle
+    from federatls._keys import PrivateKey
+    from federatls._x509 import load_pem_certificates
+    from federatls.integrations import grpc as fgrpc
+
+    pem_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
+    creds = grpc.ssl_server_credentials(
+        [(material.key, material.chain)],
+        root_certificates=material.own_roots + material.federated_roots,
+        require_client_auth=True,
+    )
+    pem_port = pem_server.add_secure_port("127.0.0.1:0", creds)
+    key = serialization.load_pem_private_key(material.key, None)
+    assert isinstance(key, PrivateKey)  # what federatls enrols: EC, Ed25519 or RSA
+    trust = TrustBundle.from_ca(
+        load_pem_certificates(material.own_roots), load_pem_certificates(material.federated_roots)
+    )
+    chain = load_pem_certificates(material.chain)
+    identity = Identity.from_parts(chain, key, trust, "https://127.0.0.1:1")
+    ours = grpc.server(
+        futures.ThreadPoolExecutor(8),
+        handlers=[_handler()],
+        interceptors=[fgrpc.Interceptor(identity, authoriser=allow_names("*.k8s.internal"))],
+    )
+    our_port = ours.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
+    pem_server.start()
+    ours.start()
+    conn.send((pem_port, our_port))
+    conn.recv()
+    pem_server.stop(None)
+    ours.stop(None)
+
+
+# The client ---------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    channel: str
+    condition: str
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    renewals: int = 0
+
+
+async def load(channel: Any, concurrency: int, warmup: float, duration: float) -> Segment:
+    """``concurrency`` tasks calling back to back; latencies of the calls that start in the
+    window after ``warmup``."""
+    method = channel.unary_unary(METHOD)
+    seg = Segment("", "", duration)
+    loop = asyncio.get_running_loop()
+    start = loop.time() + warmup
+    end = start + duration
+
+    async def worker() -> None:
+        while (began := loop.time()) < end:
+            try:
+                answer = await method(PAYLOAD, timeout=10)
+                if answer != PAYLOAD:
+                    raise ValueError(f"wrong answer {answer[:16]!r}")
+            except Exception as exc:
+                if began >= start:
+                    seg.failures.append(repr(exc)[:200])
+                continue
+            if began >= start:
+                seg.latencies.append(loop.time() - began)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return seg
+
+
+def pem_channel(directory: Path, target: str) -> Any:
+    """The baseline: credentials read from PEM files, the key decrypted with its password."""
+    password = (directory / "password").read_bytes()
+    key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), password)
+    plain = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(directory / "roots.pem").read_bytes(),
+        private_key=plain,
+        certificate_chain=(directory / "chain.pem").read_bytes(),
+    )
+    return grpc.aio.secure_channel(target, creds)
+
+
+def write_pem_files(identity: Identity, directory: Path) -> None:
+    password = os.urandom(16).hex().encode()
+    (directory / "password").write_bytes(password)
+    (directory / "key.pem").write_bytes(identity.export_private_key(password=password))
+    (directory / "chain.pem").write_text(identity.chain_pem)
+    (directory / "roots.pem").write_text(identity.trust.pem)
+
+
+async def run_segment(
+    name: str,
+    condition: str,
+    kubernetes: TestCA,
+    target: str,
+    files: Path,
+    args: argparse.Namespace,
+) -> Segment:
+    server_check = allow_names("server.cloud.internal")
+    steady = await federatls.bootstrap(
+        kubernetes.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
+    )
+    if name == "pem":
+        channel = pem_channel(files, target)
+        seg = await load(channel, args.concurrency, args.warmup, args.duration)
+        await channel.close()
+    elif condition == "steady":
+        authoriser = server_check if name == "bridged" else None
+        async with fgrpc_aio.secure_channel(steady, target, authoriser=authoriser) as channel:
+            seg = await load(channel, args.concurrency, args.warmup, args.duration)
+    else:
+        first = await federatls.bootstrap(
+            kubernetes.token("client.k8s.internal", sans=["client.k8s.internal"]),
+            lifetime=timedelta(seconds=args.lifetime),
+        )
+        live = RenewingIdentity(first)
+        task = asyncio.get_running_loop().create_task(live.run())
+        await asyncio.sleep(0)
+        before = live.renewals
+        authoriser = server_check if name == "bridged" else None
+        async with fgrpc_aio.secure_channel(live, target, authoriser=authoriser) as channel:
+            seg = await load(channel, args.concurrency, args.warmup, args.duration)
+        seg.renewals = live.renewals - before
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    seg.channel, seg.condition = name, condition
+    return seg
+
+
+def summary(segments: list[Segment]) -> dict[str, Any]:
+    lat = sorted(x for s in segments for x in s.latencies)
+    seconds = sum(s.seconds for s in segments)
+    return {
+        "calls_per_s": len(lat) / seconds,
+        "p50_ms": 1000 * statistics.median(lat) if lat else None,
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else None,
+        "calls": len(lat),
+        "failed": sum(len(s.failures) for s in segments),
+        "failure_samples": [f for s in segments for f in s.failures][:3],
+        "renewals": sum(s.renewals for s in segments),
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with federated_pair("cloud", "kubernetes", claims=SHORT, backdate="1s") as (cloud, k8s):
+        server = cloud.identity(
+            "server.cloud.internal", sans=["server.cloud.internal", "127.0.0.1"], lifetime=LONG
+        )
+        own = server.own_roots
+        material = ServerMaterial(
+            chain=server.chain_pem.encode(),
+            key=server.export_private_key(password=None),  # to the server process, in memory
+            own_roots=own.pem.encode(),
+            federated_roots=certs_to_pem(
+                r.certificate for r in server.trust if r not in own.roots
+            ).encode(),
+        )
+        here, there = multiprocessing.get_context("spawn").Pipe()
+        proc = multiprocessing.get_context("spawn").Process(target=serve, args=(there, material))
+        proc.start()
+        files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
+        try:
+            pem_port, our_port = here.recv()
+            targets = {"pem": f"127.0.0.1:{pem_port}", "federatls": f"127.0.0.1:{our_port}"}
+            steady_client = await federatls.bootstrap(
+                k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
+            )
+            write_pem_files(steady_client, files)
+            plan = [("pem", "steady"), ("native", "steady"), ("bridged", "steady")]
+            plan += [("native@pem", "steady")]
+            plan += [("native", "churn"), ("bridged", "churn")]
+            segments: list[Segment] = []
+            for round_ in range(args.rounds):
+                order = plan if round_ % 2 == 0 else plan[::-1]
+                for name, condition in order:
+                    target = targets["pem" if name.endswith("pem") else "federatls"]
+                    seg = await run_segment(name, condition, k8s, target, files, args)
+                    segments.append(seg)
+                    print(
+                        f"round {round_} {name:10} {condition:6} "
+                        f"{len(seg.latencies) / seg.seconds:8.0f} calls/s "
+                        f"failed {len(seg.failures)} renewals {seg.renewals}",
+                        flush=True,
+                    )
+        finally:
+            here.send("stop")
+            proc.join(10)
+            shutil.rmtree(files, ignore_errors=True)
+    results = {
+        f"{n}-{c}": summary([s for s in segments if (s.channel, s.condition) == (n, c)])
+        for n, c in plan
+    }
+    pem = results["pem-steady"]["calls_per_s"]
+    ratios = {
+        "native/pem calls/s": results["native-steady"]["calls_per_s"] / pem,
+        "bridged/pem calls/s": results["bridged-steady"]["calls_per_s"] / pem,
+        "native channel only/pem calls/s": results["native@pem-steady"]["calls_per_s"] / pem,
+        "native p99 churn/steady": results["native-churn"]["p99_ms"]
+        / results["native-steady"]["p99_ms"],
+        "bridged p99 churn/steady": results["bridged-churn"]["p99_ms"]
+        / results["bridged-steady"]["p99_ms"],
+    }
+    return {"args": vars(args), "results": results, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--lifetime", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/grpc_calls.json"))
+    args = parser.parse_args()
+    began = time.monotonic()
+    out = asyncio.run(bench(args))
+    out["wall_s"] = time.monotonic() - began
+    for name, figures in out["results"].items():
+        print(
+            f"{name:15} {figures['calls_per_s']:8.0f} calls/s  p50 {figures['p50_ms']:6.2f} ms"
+            f"  p99 {figures['p99_ms']:6.2f} ms  failed {figures['failed']}"
+            f"  renewals {figures['renewals']}"
+        )
+    for name, ratio in out["ratios"].items():
+        print(f"{name:26} {ratio:5.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The local TLS bridge of a gRPC channel with an authoriser (not public): gRPC cannot show
+Python the server's certificate, so such a channel speaks plaintext HTTP/2 to a Unix socket
+in a private (0700) temporary directory, and this bridge opens, for each connection gRPC
+makes, a TLS connection to the target with the source's newest client context (ALPN "h2").
+That context checks the server right after the handshake (name rules, then the authoriser:
+``_contexts``), so a refused server never gets a byte of a call.
+
+A connection the bridge cannot open (refused server, unreachable target) is answered in
+HTTP/2 by the bridge itself: every call gRPC sent on it ends with ``UNAVAILABLE`` and details
+naming the refusal, then GOAWAY, so gRPC opens a new connection (checked again) for the next
+call. The bridge runs an asyncio loop on a thread of its own, the only thread this
+integration starts; ``close`` stops it and removes the directory. What it does not do: look
+inside the HTTP/2 it relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from ..._authorise import Authoriser
+from ..._identity import Identity, TrustChoice
+from .._source import Source, snapshot
+
+__all__ = ["Bridge", "Upstream"]
+
+_CONNECT_TIMEOUT = 20.0  # seconds for TCP connect plus TLS handshake to the target
+_CHUNK = 65536
+_UNAVAILABLE = "14"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where the bridge connects and how: the target's address, the name its certificate
+    must carry (SNI and host check), and the checks of the client context."""
+
+    host: str
+    port: int
+    server_hostname: str
+    trust: TrustChoice
+    authoriser: Authoriser | None
+
+
+def _grpc_message(text: str) -> str:
+    """``text`` percent-encoded as gRPC's ``grpc-message`` trailer wants it."""
+    return "".join(
+        chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in text.encode()
+    )
+
+
+class Bridge:
+    """A Unix socket (``path``) whose connections are relayed over TLS to ``upstream``.
+
+    Made by ``Bridge.open`` (listening at once, so gRPC may connect as soon as it likes);
+    ``close`` stops it."""
+
+    def __init__(self, source: Source, upstream: Upstream, directory: str, sock: socket.socket):
+        self.source = source
+        self.upstream = upstream
+        self.path = sock.getsockname()
+        self._directory = directory
+        self._sock = sock
+        self._loop = asyncio.new_event_loop()
+        self._context: tuple[Identity, ssl.SSLContext] | None = None
+        self._lock = threading.Lock()
+        self._started = threading.Event()
+        self._stopped = False
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
+        self._thread = threading.Thread(
+            target=self._run,
+            name=f"federatls-grpc-bridge {upstream.host}:{upstream.port}",
+            # Daemon: a channel its owner never closed must not keep the process alive (gRPC's
+            # own threads behave alike); close() stops it.
+            daemon=True,
+        )
+
+    @classmethod
+    def open(cls, source: Source, upstream: Upstream) -> Bridge:
+        """A bridge listening on a new socket in a new 0700 temporary directory."""
+        directory = tempfile.mkdtemp(prefix="federatls-grpc-")  # mode 0700
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.path.join(directory, "bridge.sock"))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        bridge = cls(source, upstream, directory, sock)
+        bridge._thread.start()
+        bridge._started.wait()
+        return bridge
+
+    @property
+    def target(self) -> str:
+        """The gRPC target of the socket."""
+        return f"unix:{self.path}"
+
+    def close(self) -> None:
+        """Stop relaying (open connections are cut), remove the socket and its directory."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        stopping = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        with contextlib.suppress(Exception):
+            stopping.result(10)
+        self._thread.join(10)
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    # The loop's thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_unix_server(self._relay, sock=self._sock)
+            )
+        finally:
+            self._started.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Stop listening, cut every relayed connection, then stop the loop."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(2):  # let the aborted transports' connection_lost callbacks run
+            await asyncio.sleep(0)
+        asyncio.get_running_loop().stop()
+
+    def _client_context(self) -> ssl.SSLContext:
+        """The newest snapshot's client context with ALPN h2 (one per snapshot: the shared
+        cached contexts are not ours to change)."""
+        identity = snapshot(self.source)
+        cached = self._context
+        if cached is not None and cached[0] is identity:
+            return cached[1]
+        up = self.upstream
+        ctx = identity.client_context(trust=up.trust, authoriser=up.authoriser)
+        ctx.set_alpn_protocols(["h2"])
+        self._context = (identity, ctx)
+        return ctx
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await self._connect(reader, writer)
+        except asyncio.CancelledError:  # the bridge is closing: end quietly (asyncio 3.11
+            writer.transport.abort()  # logs a cancelled client_connected_cb as an error)
+        finally:
+            self._open.discard(writer)
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = self.upstream
+        try:
+            tls_reader, tls_writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    up.host, up.port, ssl=self._client_context(), server_hostname=up.server_hostname
+                ),
+                _CONNECT_TIMEOUT,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.__cause__ or f"its certificate failed verification ({exc.verify_message})"
+            await _refuse(reader, writer, f"federatls refused the server {_at(up)}: {why}")
+            return
+        except (OSError, TimeoutError) as exc:
+            await _refuse(reader, writer, f"federatls could not connect to {_at(up)}: {exc!r}")
+            return
+        self._open.add(tls_writer)
+        try:
+            await asyncio.gather(_pipe(reader, tls_writer), _pipe(tls_reader, writer))
+        finally:
+            self._open.discard(tls_writer)
+
+
+def _at(up: Upstream) -> str:
+    return f"{up.server_hostname} at {up.host}:{up.port}"
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until either side ends, then close ``writer`` (so the other pipe ends too)."""
+    try:
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str) -> None:
+    """Answer every call gRPC sends on this connection with UNAVAILABLE and ``why``, then
+    GOAWAY and close."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    trailers = [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-status", _UNAVAILABLE),
+        ("grpc-message", _grpc_message(why)),
+    ]
+    try:
+        writer.write(conn.data_to_send())
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            answered = False
+            while not answered and (data := await reader.read(_CHUNK)):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        conn.send_headers(event.stream_id, trailers, end_stream=True)
+                        answered = True
+                if answered:
+                    conn.close_connection(last_stream_id=conn.highest_inbound_stream_id)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+    except (OSError, TimeoutError, h2.exceptions.ProtocolError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
