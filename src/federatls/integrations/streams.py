@@ -62,23 +62,14 @@ async def start_server(
 ) -> asyncio.Server:
     """``asyncio.start_server`` with ``identity``'s server context (a ``RenewingIdentity``'s
     follows renewal: each new handshake uses the newest certificate and trust). Each peer is
-    checked by ``authoriser`` after the handshake; a refused peer is logged and cut off
-    before ``handler`` ever sees it. ``kwargs`` go to asyncio (``ssl=`` is a ``ConfigError``)."""
+    checked by the context in the handshake (name rules, then ``authoriser``); a refused peer
+    is logged and cut off before ``handler`` ever sees it. ``kwargs`` go to asyncio
+    (``ssl=`` is a ``ConfigError``)."""
     options = _without_ssl("start_server", kwargs)
     ctx = identity.server_context(
-        trust=trust, require_client_certificate=require_client_certificate
+        trust=trust, require_client_certificate=require_client_certificate, authoriser=authoriser
     )
-
-    async def checked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if authoriser is not None or require_client_certificate:
-            try:
-                identity.authorise(writer, authoriser)
-            except (PeerNotAuthorisedError, BadMaterialError):
-                await _drop(writer)
-                return
-        await handler(reader, writer)
-
-    return await asyncio.start_server(checked, host, port, ssl=ctx, **options)
+    return await asyncio.start_server(handler, host, port, ssl=ctx, **options)
 
 
 async def open_connection(
