@@ -15,6 +15,8 @@ import contextlib
 import itertools
 import logging
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -326,6 +328,26 @@ async def test_other_settings_passed_on(parties: Parties) -> None:
     assert config.keep_alive_timeout == 3
     assert config.ssl_enabled
     assert config.create_ssl_context().verify_mode.name == "CERT_REQUIRED"
+
+
+def test_missing_hypercorn_names_the_extra() -> None:
+    """Without hypercorn installed, importing the integration raises ``MissingExtraError``
+    naming the ``hypercorn`` extra (hypercorn hidden from a fresh interpreter). Twin: with
+    it, the import succeeds (this module imported it)."""
+    code = (
+        "import sys; sys.modules['hypercorn'] = None\n"
+        "from federatls import MissingExtraError\n"
+        "try:\n"
+        "    import federatls.integrations.hypercorn\n"
+        "except MissingExtraError as exc:\n"
+        "    print(exc.extra, exc.missing)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    extra, missing = out.stdout.split()
+    assert (extra, missing.split(".")[0]) == ("hypercorn", "hypercorn")
+    assert fhypercorn.config.__module__ == "federatls.integrations.hypercorn"
 
 
 # 4. Renewal -------------------------------------------------------------------------------------
