@@ -839,7 +839,8 @@ async def test_server_refuses_peer_before_the_handler(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client the server's authoriser refuses is cut off after the handshake: the handler
-    never runs, the client receives nothing, and "refused TLS peer" is logged with the reason."""
+    never runs, the client receives nothing, and the context's refusal is logged once with the
+    reason."""
     caplog.set_level(logging.WARNING, logger="federatls.peer")
     async with streams_server(
         world.server, b"secret\n", authoriser=allow_names("*.cloud.internal")
@@ -852,7 +853,7 @@ async def test_server_refuses_peer_before_the_handler(
     refusals = [r for r in caplog.records if r.name == "federatls.peer"]
     assert len(refusals) == 1
     message = refusals[0].getMessage()
-    assert message.startswith("refused TLS peer: ")
+    assert message.startswith("refused a TLS client after the TLS handshake (authoriser): ")
     assert "client.k8s.internal" in message
     assert "none of its names" in message
     assert "*.cloud.internal" in message
@@ -870,7 +871,7 @@ async def test_server_serves_an_allowed_peer(
         got = await _ask(world.client, port)
     assert got == b"secret\n"
     assert heard.lines == [b"hello\n"]
-    assert "refused TLS peer" not in caplog.text
+    assert "refused" not in caplog.text
 
 
 async def test_client_refuses_server_before_sending(

@@ -26,7 +26,6 @@ from typing import Any, Generic, TypeVar
 from .._authorise import Authoriser
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
-from .._peer import PeerInfo
 from .._renewal import RenewingIdentity
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "Slot",
     "Source",
     "Swapping",
-    "authorise",
     "client_context",
     "passed_on",
     "peer_refusal",
@@ -70,12 +68,6 @@ def client_context(
     if key not in contexts:
         contexts[key] = source.client_context(trust=trust, authoriser=authoriser)
     return contexts[key]
-
-
-def authorise(source: Source, conn: object, authoriser: Authoriser | None) -> PeerInfo:
-    """The verified peer of ``conn`` (anchored in the newest trust), checked by
-    ``authoriser``; ``PeerNotAuthorisedError`` (logged) when refused."""
-    return source.authorise(conn, authoriser)
 
 
 def peer_refusal(exc: BaseException) -> PeerNotAuthorisedError | None:

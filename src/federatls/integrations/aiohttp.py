@@ -1,7 +1,8 @@
 """aiohttp with mutual TLS from a federatls identity (the ``aiohttp`` extra).
 
-Server: a site whose TLS context follows renewal, and whose peers are checked right after
-the handshake; a refused client is cut off before aiohttp reads a request from it.
+Server: a site whose TLS context follows renewal, and whose peers are checked by the context
+in the handshake (name rules, then the authoriser); a refused client is cut off before
+aiohttp reads a request from it.
 
     runner = web.AppRunner(app)
     await runner.setup()
@@ -39,59 +40,19 @@ from typing import Any
 from aiohttp import ClientConnectorError, ClientRequest, ClientSession, TCPConnector, web
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
+from .._errors import ConfigError
 from .._identity import TrustChoice
-from ._source import Arguments, Source, authorise, client_context, passed_on, peer_refusal
+from ._source import Arguments, Source, client_context, passed_on, peer_refusal
 
 __all__ = ["Site", "client_session"]
 
 
 # Server ---------------------------------------------------------------------------------------
-class _Gate(asyncio.Protocol):
-    """Stands in front of aiohttp's request handler: checks the peer once the TLS handshake
-    is done, and only then lets the handler see the connection."""
-
-    def __init__(
-        self, inner: asyncio.Protocol, source: Source, authoriser: Authoriser | None
-    ) -> None:
-        self._inner = inner
-        self._source = source
-        self._authoriser = authoriser
-        self._open = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        try:
-            authorise(self._source, transport, self._authoriser)
-        except (PeerNotAuthorisedError, BadMaterialError):
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        self._open = True
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._open:
-            self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._open else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._open:
-            self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._open:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._open:
-            self._inner.resume_writing()
-
-
 class Site(web.BaseSite):
     """An aiohttp site on ``host:port`` serving mutual TLS as ``source``: the context follows
     renewal (each new handshake uses the newest certificate and trust); every client is
-    checked by ``authoriser`` before aiohttp reads from it."""
+    checked by ``authoriser`` in the handshake (the context's check), before aiohttp reads
+    from it."""
 
     def __init__(
         self,
@@ -107,14 +68,13 @@ class Site(web.BaseSite):
         reuse_address: bool | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
-        self._source = source
         self._host = host
         self._port = port
-        self._authoriser = authoriser
         self._ssl = source.server_context(
-            trust=trust, require_client_certificate=require_client_certificate
+            trust=trust,
+            require_client_certificate=require_client_certificate,
+            authoriser=authoriser,
         )
-        self._check = require_client_certificate or authoriser is not None
         self._reuse_address = reuse_address
 
     @property
@@ -134,15 +94,8 @@ class Site(web.BaseSite):
         await super().start()
         handlers = self._runner.server
         assert handlers is not None
-
-        def gate() -> asyncio.Protocol:
-            handler = handlers()
-            if not self._check:
-                return handler
-            return _Gate(handler, self._source, self._authoriser)
-
         self._server = await asyncio.get_running_loop().create_server(
-            gate,
+            handlers,
             self._host,
             self._port,
             ssl=self._ssl,

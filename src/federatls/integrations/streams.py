@@ -13,14 +13,12 @@ identity's, so ``ssl=`` (another context, or ``None``/``False`` for none) is a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._authorise import Authoriser
-from .._errors import BadMaterialError, PeerNotAuthorisedError
 from .._identity import TrustChoice
 from ._source import Arguments, Source, client_context, passed_on, peer_refusal
 
@@ -42,13 +40,6 @@ def _without_ssl(function: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return passed_on(table, kwargs)
 
 
-async def _drop(writer: asyncio.StreamWriter) -> None:
-    transport = writer.transport
-    transport.abort()  # no TLS close_notify dance: the peer gets nothing more
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
-
-
 async def start_server(
     identity: Source,
     handler: Handler,
@@ -62,23 +53,14 @@ async def start_server(
 ) -> asyncio.Server:
     """``asyncio.start_server`` with ``identity``'s server context (a ``RenewingIdentity``'s
     follows renewal: each new handshake uses the newest certificate and trust). Each peer is
-    checked by ``authoriser`` after the handshake; a refused peer is logged and cut off
-    before ``handler`` ever sees it. ``kwargs`` go to asyncio (``ssl=`` is a ``ConfigError``)."""
+    checked by the context in the handshake (name rules, then ``authoriser``); a refused peer
+    is logged and cut off before ``handler`` ever sees it. ``kwargs`` go to asyncio
+    (``ssl=`` is a ``ConfigError``)."""
     options = _without_ssl("start_server", kwargs)
     ctx = identity.server_context(
-        trust=trust, require_client_certificate=require_client_certificate
+        trust=trust, require_client_certificate=require_client_certificate, authoriser=authoriser
     )
-
-    async def checked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if authoriser is not None or require_client_certificate:
-            try:
-                identity.authorise(writer, authoriser)
-            except (PeerNotAuthorisedError, BadMaterialError):
-                await _drop(writer)
-                return
-        await handler(reader, writer)
-
-    return await asyncio.start_server(checked, host, port, ssl=ctx, **options)
+    return await asyncio.start_server(handler, host, port, ssl=ctx, **options)
 
 
 async def open_connection(
