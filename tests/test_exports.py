@@ -11,8 +11,13 @@ import pytest
 import federatls
 import federatls.ca
 import federatls.integrations.aiohttp
+import federatls.integrations.grpc
+import federatls.integrations.grpc.aio
 import federatls.integrations.httpx
+import federatls.integrations.hypercorn
+import federatls.integrations.requests
 import federatls.integrations.streams
+import federatls.integrations.urllib3
 import federatls.integrations.uvicorn
 import federatls.testing
 
@@ -20,8 +25,13 @@ MODULES = [
     federatls,
     federatls.ca,
     federatls.integrations.aiohttp,
+    federatls.integrations.grpc,
+    federatls.integrations.grpc.aio,
     federatls.integrations.httpx,
+    federatls.integrations.hypercorn,
+    federatls.integrations.requests,
     federatls.integrations.streams,
+    federatls.integrations.urllib3,
     federatls.integrations.uvicorn,
     federatls.testing,
 ]
