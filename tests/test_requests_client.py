@@ -623,4 +623,13 @@ async def test_peer_of_a_plain_requests_response(
             assert held.content == b"1"
             with pytest.raises(BadMaterialError, match="cannot find a TLS connection"):
                 me.peer(held)
+            held.close()
+            # urllib3 2's clear() (the session's close) forgets its pools without closing
+            # them; close the idle connection here, or (Python 3.12+) the server's
+            # wait_closed() waits for it.
+            adapter = plain.get_adapter(_url(port))
+            assert isinstance(adapter, requests.adapters.HTTPAdapter)
+            pools = adapter.poolmanager.pools
+            for pool_key in pools.keys():  # noqa: SIM118 (the container has no __iter__)
+                pools[pool_key].close()
     assert while_held == server.serial
