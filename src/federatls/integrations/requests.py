@@ -51,7 +51,7 @@ from .._errors import ConfigError
 from .._identity import TrustChoice
 from .._peer import remember
 from . import urllib3 as _urllib3
-from ._source import Arguments, Slot, Source, passed_on, require_https
+from ._source import Arguments, Slot, Source, check_common, passed_on, require_https
 
 __all__ = ["Session"]
 
@@ -177,6 +177,7 @@ class Session(requests.Session):
         trust: TrustChoice = "federation",
         **adapter_kw: Any,
     ) -> None:
+        check_common(_WHAT, source, trust, authoriser)
         passed_on(_ARGS, adapter_kw)
         super().__init__()
         self.mount("https://", _Adapter(source, trust, authoriser, **adapter_kw))

@@ -51,6 +51,7 @@ from ._source import (
     Arguments,
     Source,
     Swapping,
+    check_common,
     client_context,
     passed_on,
     peer_refusal,
@@ -222,6 +223,7 @@ class PoolManager(RequestMethods):
         headers: Mapping[str, str] | None = None,
         **connection_pool_kw: Any,
     ) -> None:
+        check_common(_ARGS.where, source, trust, authoriser)
         super().__init__(headers)
         kw = passed_on(_ARGS, connection_pool_kw)
         self._managers = swapping(source, trust, authoriser, num_pools, **kw)

@@ -37,7 +37,7 @@ from ..._errors import ConfigError
 from ..._identity import Identity, TrustChoice
 from ..._trust import TrustBundle
 from ..._x509 import certs_to_pem
-from .._source import Slot, Source, Swapping
+from .._source import Slot, Source, Swapping, check_common
 from ._bridge import Bridge, Upstream
 
 __all__ = ["AioChannel", "Channel", "aio_secure_channel", "secure_channel"]
@@ -308,9 +308,14 @@ def _close_in_thread(channel: grpc.Channel) -> None:
     threading.Thread(target=channel.close, name="federatls-grpc-close").start()
 
 
-def _check_common(function: str, trust: TrustChoice, options: Options | None) -> list[Any]:
-    if trust not in ("federation", "own"):
-        raise ConfigError(f"{function}: trust must be 'federation' or 'own', not {trust!r}")
+def _check_common(
+    function: str,
+    source: Source,
+    trust: TrustChoice,
+    authoriser: Authoriser | None,
+    options: Options | None,
+) -> list[Any]:
+    check_common(function, source, trust, authoriser)
     return checked_options(function, options)
 
 
@@ -337,7 +342,7 @@ def secure_channel(
     the own CA's roots) and, with ``authoriser``, checked by it before any call is sent.
     ``options`` go to gRPC (``grpc.default_authority`` is a ``ConfigError``)."""
     function = "federatls.integrations.grpc.secure_channel"
-    opts = _check_common(function, trust, options)
+    opts = _check_common(function, source, trust, authoriser, options)
     where = parse_target(function, target, opts)
     bridge = _open_bridge(source, where, trust, authoriser)
 
@@ -439,7 +444,7 @@ def aio_secure_channel(
     """``secure_channel`` for ``grpc.aio``: the same checks and renewal; ``interceptors``
     go to each gRPC channel."""
     function = "federatls.integrations.grpc.aio.secure_channel"
-    opts = _check_common(function, trust, options)
+    opts = _check_common(function, source, trust, authoriser, options)
     where = parse_target(function, target, opts)
     bridge = _open_bridge(source, where, trust, authoriser)
 

@@ -41,13 +41,13 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ..._authorise import Authoriser
+from ..._authorise import Authoriser, apply_authoriser
 from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from ..._identity import Identity, TrustChoice
 from ..._namerules import NameRules
 from ..._peer import PeerInfo, grpc_presented_pem, peer_from_chain, presented_certificates
 from ..._trust import TrustBundle
-from .._source import Source, snapshot
+from .._source import Source, check_common, snapshot
 
 __all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
 
@@ -110,6 +110,7 @@ def server_credentials(source: Source, *, trust: TrustChoice = "federation") -> 
     Pass ``Interceptor`` (or ``AioInterceptor``) to the server too: the credentials check the
     chain only; the name rules, the authoriser and the re-check against the current roots
     are the interceptor's."""
+    check_common("federatls.integrations.grpc.server_credentials", source, trust, None)
     first = snapshot(source)
     return grpc.dynamic_ssl_server_credentials(
         _configuration(first, trust),
@@ -138,10 +139,10 @@ class _Checker:
 
     _CACHE_SIZE = 256
 
-    def __init__(self, source: Source, authoriser: Authoriser | None, trust: TrustChoice) -> None:
-        if authoriser is not None and not callable(authoriser):
-            raise ConfigError(f"authoriser must be callable, not {authoriser!r}")
-        _bundle(snapshot(source), trust)  # a bad trust= is refused now, not per call
+    def __init__(
+        self, where: str, source: Source, authoriser: Authoriser | None, trust: TrustChoice
+    ) -> None:
+        check_common(where, source, trust, authoriser)
         self._source = source
         self._authoriser = authoriser
         self._trust = trust
@@ -161,7 +162,7 @@ class _Checker:
                 rules.authorise(info)
             if self._authoriser is not None:
                 by = "authoriser"
-                self._authoriser(info)
+                apply_authoriser(self._authoriser, info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             return _Verdict(None, by, exc)
         return _Verdict(info)
@@ -334,7 +335,9 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships n
         authoriser: Authoriser | None = None,
         trust: TrustChoice = "federation",
     ) -> None:
-        self._checker = _Checker(source, authoriser, trust)
+        self._checker = _Checker(
+            "federatls.integrations.grpc.Interceptor", source, authoriser, trust
+        )
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details) or _UNKNOWN
@@ -353,7 +356,9 @@ class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
         authoriser: Authoriser | None = None,
         trust: TrustChoice = "federation",
     ) -> None:
-        self._checker = _Checker(source, authoriser, trust)
+        self._checker = _Checker(
+            "federatls.integrations.grpc.aio.Interceptor", source, authoriser, trust
+        )
 
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = await continuation(details) or _UNKNOWN_ASYNC
