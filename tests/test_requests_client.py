@@ -402,7 +402,8 @@ async def test_requests_redirect_to_http_refused(pair: tuple[TestCA, TestCA]) ->
     me = await enrol(kubernetes, "client.k8s.internal", lifetime=LONG)
     async with _redirecting_server(server, "http://127.0.0.1:9/plain") as (port, handled):
         for kind, kw in (("requests", {}), ("urllib3", {"retries": 3})):  # redirects allowed
-            with client(kind, me, **kw) as http, pytest.raises(ConfigError, match="only https://"):
+            refused = r"only https://, not 'http://127\.0\.0\.1:9/plain'"  # the redirect, named
+            with client(kind, me, **kw) as http, pytest.raises(ConfigError, match=refused):
                 await get(http, port)
     assert handled == [b"GET / HTTP/1.1"] * 2
 
