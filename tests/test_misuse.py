@@ -296,3 +296,59 @@ def test_raising_grpc_interceptor_authoriser_denies_the_call(
     finally:
         server.stop(None)
     assert _problems(caplog) == []
+
+
+# The other flavour's interceptor ------------------------------------------------------------
+def _greeter(handled: list[bytes]) -> Any:
+    def hello(request: bytes, context: Any) -> bytes:
+        handled.append(request)
+        return b"hello " + fgrpc.peer(context).common_name.encode()
+
+    return grpc.method_handlers_generic_handler(
+        "demo.Greeter", {"Hello": grpc.unary_unary_rpc_method_handler(hello)}
+    )
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "refused"])
+@pytest.mark.parametrize("server_kind", ["grpc.server", "grpc.aio.server"])
+async def test_either_interceptor_serves_either_server(
+    parties: tuple[Identity, Identity], server_kind: str, allowed: bool
+) -> None:
+    """``grpc.server`` given the aio ``Interceptor`` and ``grpc.aio.server`` given the sync
+    one (an easy slip: both are called ``Interceptor``) still check every call: a client the
+    authoriser allows is served and its handler sees its peer; twin: a client it refuses
+    gets ``PERMISSION_DENIED`` (was: gRPC's server thread died on an unawaited coroutine, or
+    grpc.aio's ValueError "Interceptor must be ServerInterceptor")."""
+    server_identity, client = parties
+    rule = federatls.allow_names("*.k8s.internal" if allowed else "*.cloud.internal")
+    handled: list[bytes] = []
+    name = [("grpc.ssl_target_name_override", "server.cloud.internal")]
+    credentials = fgrpc.server_credentials(server_identity)
+    if server_kind == "grpc.server":
+        interceptor = fgrpc_aio.Interceptor(server_identity, authoriser=rule)
+        server = grpc.server(ThreadPoolExecutor(2), interceptors=[interceptor])
+        server.add_generic_rpc_handlers([_greeter(handled)])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+    else:
+        interceptor = fgrpc.Interceptor(server_identity, authoriser=rule)
+        aio_server = grpc.aio.server(interceptors=[interceptor])
+        aio_server.add_generic_rpc_handlers([_greeter(handled)])
+        port = aio_server.add_secure_port("127.0.0.1:0", credentials)
+        await aio_server.start()
+    try:
+        async with fgrpc_aio.secure_channel(client, f"127.0.0.1:{port}", options=name) as channel:
+            call = channel.unary_unary("/demo.Greeter/Hello")
+            if allowed:
+                assert await call(b"hi", timeout=30) == b"hello client.k8s.internal"
+                assert handled == [b"hi"]
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(b"hi", timeout=30)
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert handled == []
+    finally:
+        if server_kind == "grpc.server":
+            server.stop(None)
+        else:
+            await aio_server.stop(None)
