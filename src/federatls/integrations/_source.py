@@ -25,7 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .._authorise import Authoriser
+from .._authorise import (
+    Authoriser,
+    all_of,
+    allow_names,
+    allow_roots,
+    any_of,
+    root_may_vouch_for,
+)
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._renewal import _MAX_AUTHORISED_CONTEXTS, AuthoriserKey, RenewingIdentity
@@ -44,6 +51,16 @@ __all__ = [
 ]
 
 Source = Identity | RenewingIdentity
+
+# What makes authorisers: passed uncalled (authoriser=allow_names), each would be called with
+# the peer as its pattern and refuse everyone with a puzzling error.
+_AUTHORISER_MAKERS: tuple[object, ...] = (
+    allow_names,
+    allow_roots,
+    root_may_vouch_for,
+    all_of,
+    any_of,
+)
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.
@@ -79,6 +96,12 @@ def check_common(where: str, source: object, trust: object, authoriser: object) 
         raise ConfigError(
             f"{where}: authoriser must be callable (such as federatls.allow_names(...)), "
             f"not {authoriser!r}"
+        )
+    if authoriser in _AUTHORISER_MAKERS:
+        name = getattr(authoriser, "__name__", "")
+        raise ConfigError(
+            f"{where}: authoriser={name} is what makes an authoriser, not one: call it, "
+            f"as in authoriser=federatls.{name}(...)"
         )
 
 
