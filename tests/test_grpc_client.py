@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import queue
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -261,6 +262,39 @@ def test_arguments_refused(
             make(client, target, options=options)
     with pytest.raises(ConfigError, match="trust must be"):
         fgrpc.secure_channel(client, "127.0.0.1:1", trust="everyone")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_call_on_a_closed_channel_refused(pair: tuple[TestCA, TestCA], path: str) -> None:
+    """A call on a closed channel raises what gRPC raises for its own closed channels
+    (``ValueError``; ``grpc.aio.UsageError`` for aio) and reaches no server, instead of a new
+    channel being built behind the user's back (never closed; through a removed bridge).
+    ``close`` returns at once (a bridged one took 10 s: the bound is generous, not a speed
+    test). Twin: the same call before ``close`` is answered."""
+    cloud, kubernetes = pair
+    seen = Seen()
+    client = _client(kubernetes)
+    with grpc_server(_server(cloud), seen) as port:
+        target = f"127.0.0.1:{port}"
+        channel = fgrpc.secure_channel(client, target, authoriser=_authoriser(path))
+        call = channel.unary_unary("/t/Unary")
+        assert await anyio.to_thread.run_sync(functools.partial(call, b"hi", timeout=20)) == b"ok"
+        started = time.monotonic()
+        channel.close()
+        assert time.monotonic() - started < 5
+        with pytest.raises(ValueError, match="closed channel: make a new one"):
+            call(b"hi", timeout=20)
+        with pytest.raises(ValueError, match="closed channel"):
+            channel.unary_unary("/t/Unary")(b"hi", timeout=20)
+
+        aio = fgrpc_aio.secure_channel(client, target, authoriser=_authoriser(path))
+        assert await aio.unary_unary("/t/Unary")(b"hi", timeout=20) == b"ok"
+        started = time.monotonic()
+        await aio.close()
+        assert time.monotonic() - started < 5
+        with pytest.raises(grpc.aio.UsageError, match="closed channel: make a new one"):
+            await aio.unary_unary("/t/Unary")(b"hi", timeout=20)
+    assert len(seen.calls) == 2
 
 
 def test_bridge_directory_private(pair: tuple[TestCA, TestCA]) -> None:

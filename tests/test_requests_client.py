@@ -359,9 +359,10 @@ async def test_threads_share_one_client_across_renewals(
 # 4. Arguments that would route around the TLS -------------------------------------------------
 async def test_requests_session_refusals(pair: tuple[TestCA, TestCA]) -> None:
     """The session refuses http:// (also as a redirect target), proxies, verify= and cert=
-    per request or on the session, and adapter arguments it does not know, each with a
-    ConfigError naming it; nothing reaches the server. Twin: the same request without them
-    is answered."""
+    per request or on the session, adapter arguments it does not know, and an adapter of
+    one's own mounted on https:// or http://, each with a ConfigError naming it; nothing
+    reaches the server. Twin: the same request without them is answered (by federatls's
+    adapter: the refused mount changed nothing)."""
     cloud, kubernetes = pair
     seen = Seen()
     server = await enrol(cloud, "server.cloud.internal", SERVER_NAMES, LONG)
@@ -389,6 +390,10 @@ async def test_requests_session_refusals(pair: tuple[TestCA, TestCA]) -> None:
             with pytest.raises(ConfigError, match="proxies="):
                 await anyio.to_thread.run_sync(session.get, url)
             session.proxies = {}
+            for prefix in ("https://", "HTTPS://127.0.0.1", "http://"):
+                with pytest.raises(ConfigError, match=r"mount\(.*HTTPAdapter\(\.\.\.\)\)"):
+                    session.mount(prefix, requests.adapters.HTTPAdapter())
+            session.mount("file://", requests.adapters.HTTPAdapter())  # no TLS to route around
             answered = await anyio.to_thread.run_sync(session.get, url)
     assert seen.handled == 1
     assert answered.status_code == 200
@@ -402,7 +407,8 @@ async def test_requests_redirect_to_http_refused(pair: tuple[TestCA, TestCA]) ->
     me = await enrol(kubernetes, "client.k8s.internal", lifetime=LONG)
     async with _redirecting_server(server, "http://127.0.0.1:9/plain") as (port, handled):
         for kind, kw in (("requests", {}), ("urllib3", {"retries": 3})):  # redirects allowed
-            with client(kind, me, **kw) as http, pytest.raises(ConfigError, match="only https://"):
+            refused = r"only https://, not 'http://127\.0\.0\.1:9/plain'"  # the redirect, named
+            with client(kind, me, **kw) as http, pytest.raises(ConfigError, match=refused):
                 await get(http, port)
     assert handled == [b"GET / HTTP/1.1"] * 2
 

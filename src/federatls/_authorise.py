@@ -174,6 +174,25 @@ def _refuse(peer: PeerInfo, reason: str) -> PeerNotAuthorisedError:
     return PeerNotAuthorisedError(f"peer {peer} is not authorised: {reason}", peer=peer)
 
 
+def apply_authoriser(authoriser: Authoriser, peer: PeerInfo) -> None:
+    """Run ``authoriser`` on ``peer``, which it refuses with ``PeerNotAuthorisedError``. One
+    that raises anything else (a bug, or a ``ValueError`` meant as a refusal) refuses the
+    peer too, with a ``PeerNotAuthorisedError`` naming what it raised (``from`` it): a broken
+    check must not let a peer in, nor end as a traceback inside asyncio's or gRPC's TLS."""
+    try:
+        authoriser(peer)
+    except PeerNotAuthorisedError:
+        raise
+    except Exception as exc:
+        name = getattr(authoriser, "__qualname__", type(authoriser).__qualname__)
+        raise _refuse(
+            peer,
+            f"the authoriser {name!r} raised {type(exc).__name__}({str(exc)!r}) instead of "
+            "allowing it or raising federatls.PeerNotAuthorisedError (refused: an authoriser "
+            "refuses a peer by raising PeerNotAuthorisedError)",
+        ) from exc
+
+
 def _malformed_spiffe_id(peer: PeerInfo) -> None:
     """Refuse a peer that carries a ``spiffe:`` URI breaking the SPIFFE ID rules: whatever
     its other names, it is not a peer to name-check (nor to hand to code that reads IDs)."""
@@ -315,7 +334,7 @@ def authorise_connection(
     peer = peer_info(conn, trust)
     if authoriser is not None:
         try:
-            authoriser(peer)
+            apply_authoriser(authoriser, peer)
         except PeerNotAuthorisedError as exc:
             log.warning("refused TLS peer: %s", exc)
             raise

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from cryptography import x509
 
-from ._authorise import Authoriser
+from ._authorise import Authoriser, apply_authoriser
 from ._errors import BadMaterialError, PeerNotAuthorisedError
 from ._keys import PrivateKey
 from ._namerules import NameRules
@@ -97,7 +97,7 @@ def _authoriser_refusal(
     except BadMaterialError as exc:
         return PeerNotAuthorisedError(f"the authoriser has no verified peer to check: {exc}")
     try:
-        checks.authoriser(peer)
+        apply_authoriser(checks.authoriser, peer)
     except PeerNotAuthorisedError as exc:
         return exc
     return None

@@ -52,6 +52,7 @@ from ._errors import (
     BadMaterialError,
     CARefusedError,
     CAUnreachableError,
+    ConfigError,
     FederatlsError,
     IdentityExpiredError,
 )
@@ -184,6 +185,16 @@ class RenewingIdentity:
         clock: Clock = _now,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        if isinstance(identity, RenewingIdentity):
+            raise ConfigError(
+                "keep_renewed takes the Identity that bootstrap returned, and this is already a "
+                "RenewingIdentity (kept renewed by its own keep_renewed): use it as it is"
+            )
+        if not isinstance(identity, Identity):
+            raise ConfigError(
+                "keep_renewed takes an Identity (identity = await federatls.bootstrap(token)), "
+                f"not {type(identity).__name__}"
+            )
         self.policy = policy or RenewalPolicy()
         self._token_source = token_source
         self._clock = clock

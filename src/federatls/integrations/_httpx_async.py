@@ -19,7 +19,7 @@ from .._authorise import Authoriser
 from .._identity import Identity, TrustChoice
 from .._netstream import ClosingBackend
 from ._httpx_shared import arguments, core_request, httpx_errors, pool_limits, require_https
-from ._source import Slot, Source, Swapping, client_context
+from ._source import Slot, Source, Swapping, check_common, client_context
 
 __all__ = ["AsyncClient"]
 
@@ -129,6 +129,7 @@ class AsyncClient(httpx.AsyncClient):
         limits: httpx.Limits | None = None,
         **kwargs: Any,
     ) -> None:
+        check_common("federatls.integrations.httpx.AsyncClient", source, trust, authoriser)
         options = arguments("AsyncClient", kwargs)
         transport = _AsyncLiveTransport(source, authoriser, trust, http2, pool_limits(limits))
         super().__init__(transport=transport, **options)

@@ -15,7 +15,7 @@ import httpx
 from .._authorise import Authoriser
 from .._identity import Identity, TrustChoice
 from ._httpx_shared import arguments, core_request, httpx_errors, pool_limits, require_https
-from ._source import Slot, Source, Swapping, client_context
+from ._source import Slot, Source, Swapping, check_common, client_context
 
 __all__ = ["Client"]
 
@@ -124,6 +124,7 @@ class Client(httpx.Client):
         limits: httpx.Limits | None = None,
         **kwargs: Any,
     ) -> None:
+        check_common("federatls.integrations.httpx.Client", source, trust, authoriser)
         options = arguments("Client", kwargs)
         transport = _LiveTransport(source, authoriser, trust, http2, pool_limits(limits))
         super().__init__(transport=transport, **options)

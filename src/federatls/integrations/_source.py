@@ -11,7 +11,9 @@ One mechanism for all of them:
 * refusals: ``peer_refusal`` finds the ``PeerNotAuthorisedError`` behind the library's
   handshake error, so callers get federatls's error whatever library wraps it;
 * arguments: ``Arguments`` (one table per integration) and ``passed_on`` (the one check) say
-  which keyword arguments go on to the library and refuse the others with ``ConfigError``.
+  which keyword arguments go on to the library and refuse the others with ``ConfigError``;
+  ``check_common`` refuses a bad ``source``, ``trust`` or ``authoriser`` when the
+  integration is made, not at its first connection.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .._authorise import Authoriser
+from .._authorise import (
+    Authoriser,
+    all_of,
+    allow_names,
+    allow_roots,
+    any_of,
+    root_may_vouch_for,
+)
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._renewal import _MAX_AUTHORISED_CONTEXTS, AuthoriserKey, RenewingIdentity
@@ -33,6 +42,7 @@ __all__ = [
     "Slot",
     "Source",
     "Swapping",
+    "check_common",
     "client_context",
     "passed_on",
     "peer_refusal",
@@ -41,6 +51,16 @@ __all__ = [
 ]
 
 Source = Identity | RenewingIdentity
+
+# What makes authorisers: passed uncalled (authoriser=allow_names), each would be called with
+# the peer as its pattern and refuse everyone with a puzzling error.
+_AUTHORISER_MAKERS: tuple[object, ...] = (
+    allow_names,
+    allow_roots,
+    root_may_vouch_for,
+    all_of,
+    any_of,
+)
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.
@@ -53,6 +73,36 @@ _CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[_ContextKey, ssl.SSLC
 def snapshot(source: Source) -> Identity:
     """The identity ``source`` presents now: a ``RenewingIdentity``'s newest snapshot."""
     return source.current if isinstance(source, RenewingIdentity) else source
+
+
+def check_common(where: str, source: object, trust: object, authoriser: object) -> None:
+    """``ConfigError`` (naming ``where`` and what to give instead) unless ``source`` is an
+    ``Identity`` or a ``RenewingIdentity``, ``trust`` is "federation" or "own", and
+    ``authoriser`` is None or callable. Every integration calls it first, so a mistake shows
+    where it is made rather than deep inside a library at the first connection."""
+    if not isinstance(source, Identity | RenewingIdentity):
+        hint = (
+            ": a token must be enrolled first (identity = await federatls.bootstrap(token))"
+            if isinstance(source, str)
+            else ""
+        )
+        raise ConfigError(
+            f"{where}: the source must be a federatls Identity (from bootstrap) or a "
+            f"RenewingIdentity (from keep_renewed), not {type(source).__name__}{hint}"
+        )
+    if trust not in ("federation", "own"):
+        raise ConfigError(f"{where}: trust must be 'federation' or 'own', not {trust!r}")
+    if authoriser is not None and not callable(authoriser):
+        raise ConfigError(
+            f"{where}: authoriser must be callable (such as federatls.allow_names(...)), "
+            f"not {authoriser!r}"
+        )
+    if authoriser in _AUTHORISER_MAKERS:
+        name = getattr(authoriser, "__name__", "")
+        raise ConfigError(
+            f"{where}: authoriser={name} is what makes an authoriser, not one: call it, "
+            f"as in authoriser=federatls.{name}(...)"
+        )
 
 
 def client_context(

@@ -42,7 +42,14 @@ from aiohttp import ClientConnectorError, ClientRequest, ClientSession, TCPConne
 from .._authorise import Authoriser
 from .._errors import ConfigError
 from .._identity import TrustChoice
-from ._source import Arguments, Source, client_context, passed_on, peer_refusal
+from ._source import (
+    Arguments,
+    Source,
+    check_common,
+    client_context,
+    passed_on,
+    peer_refusal,
+)
 
 __all__ = ["Site", "client_session"]
 
@@ -67,6 +74,7 @@ class Site(web.BaseSite):
         backlog: int = 128,
         reuse_address: bool | None = None,
     ) -> None:
+        check_common("federatls.integrations.aiohttp.Site", source, trust, authoriser)
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
@@ -271,6 +279,7 @@ def client_session(
     ``connector_args`` go to the ``TCPConnector`` if ``_CONNECTOR_ARGS`` passes them on, the
     rest to the session if ``_SESSION_ARGS`` does; others are a ``ConfigError``, and
     so is a request with its own ``proxy=`` or ``ssl=``, or an ``http://`` URL."""
+    check_common("federatls.integrations.aiohttp.client_session", source, trust, authoriser)
     options = passed_on(_SESSION_ARGS, session_args)
     connector_options = passed_on(_CONNECTOR_ARGS, connector_args or {})
     connector = _LiveConnector(source, authoriser, trust, **connector_options)

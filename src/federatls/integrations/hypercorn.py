@@ -29,7 +29,7 @@ from typing import Any
 from .._authorise import Authoriser
 from .._errors import ConfigError, MissingExtraError
 from .._identity import TrustChoice
-from ._source import Arguments, Source, passed_on
+from ._source import Arguments, Source, check_common, passed_on
 
 try:
     from hypercorn.config import Config, Sockets
@@ -80,6 +80,7 @@ class FederatlsConfig(Config):
         trust: TrustChoice,
         require_client_certificate: bool,
     ) -> None:
+        check_common(_WHERE, source, trust, authoriser)
         super().__init__()
         self._federatls = (source, authoriser, trust, require_client_certificate)
 

@@ -14,7 +14,8 @@ response uses it).
 Refused with ``ConfigError``, as they would route around that TLS or be ignored:
 ``http://`` URLs (redirects included: ``http://`` is mounted on an adapter that refuses),
 proxies (``session.proxies`` or ``proxies=``), ``verify=`` other than True and ``cert=``
-(per request or on the session). From the environment (``trust_env``, on by default) the
+(per request or on the session), and ``session.mount`` of another adapter on ``https://`` or
+``http://`` (or a prefix of them). From the environment (``trust_env``, on by default) the
 session takes what requests takes (``.netrc`` credentials) except proxies and CA bundles
 (``HTTPS_PROXY``, ``REQUESTS_CA_BUNDLE`` ...): it connects directly, verified against the
 identity's bundle, whatever the environment says.
@@ -51,7 +52,7 @@ from .._errors import ConfigError
 from .._identity import TrustChoice
 from .._peer import remember
 from . import urllib3 as _urllib3
-from ._source import Arguments, Slot, Source, passed_on, require_https
+from ._source import Arguments, Slot, Source, check_common, passed_on, require_https
 
 __all__ = ["Session"]
 
@@ -177,10 +178,27 @@ class Session(requests.Session):
         trust: TrustChoice = "federation",
         **adapter_kw: Any,
     ) -> None:
+        check_common(_WHAT, source, trust, authoriser)
         passed_on(_ARGS, adapter_kw)
+        self._mounted = False
         super().__init__()
         self.mount("https://", _Adapter(source, trust, authoriser, **adapter_kw))
         self.mount("http://", _PlainRefused())
+        self._mounted = True
+
+    def mount(self, prefix: str, adapter: BaseAdapter) -> None:
+        """requests' ``mount``, except that an adapter of one's own for ``http://`` or
+        ``https://`` URLs (or a prefix of them) is a ``ConfigError``: it would send those
+        requests without the identity's TLS and the authoriser. Other schemes mount."""
+        if self._mounted and prefix.lower().startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{_WHAT}: mount({prefix!r}, {type(adapter).__name__}(...)) would send those "
+                "requests through another adapter, without the identity's TLS and the "
+                "authoriser; instead give the adapter's pool_connections, pool_maxsize, "
+                "max_retries or pool_block to Session (or use a plain requests session for "
+                "hosts outside the federation)"
+            )
+        super().mount(prefix, adapter)
 
     def merge_environment_settings(
         self,

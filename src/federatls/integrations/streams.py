@@ -20,7 +20,14 @@ from typing import Any
 
 from .._authorise import Authoriser
 from .._identity import TrustChoice
-from ._source import Arguments, Source, client_context, passed_on, peer_refusal
+from ._source import (
+    Arguments,
+    Source,
+    check_common,
+    client_context,
+    passed_on,
+    peer_refusal,
+)
 
 __all__ = ["open_connection", "start_server"]
 
@@ -56,6 +63,7 @@ async def start_server(
     checked by the context in the handshake (name rules, then ``authoriser``); a refused peer
     is logged and cut off before ``handler`` ever sees it. ``kwargs`` go to asyncio
     (``ssl=`` is a ``ConfigError``)."""
+    check_common("federatls.integrations.streams.start_server", identity, trust, authoriser)
     options = _without_ssl("start_server", kwargs)
     ctx = identity.server_context(
         trust=trust, require_client_certificate=require_client_certificate, authoriser=authoriser
@@ -78,6 +86,7 @@ async def open_connection(
     checked by ``authoriser``, all in the handshake): a refused server (by either) is cut
     off and ``PeerNotAuthorisedError`` raised before anything is sent. ``kwargs`` go to
     asyncio (``ssl=`` is a ``ConfigError``)."""
+    check_common("federatls.integrations.streams.open_connection", identity, trust, authoriser)
     options = _without_ssl("open_connection", kwargs)
     ctx = client_context(identity, trust, authoriser)
     try:

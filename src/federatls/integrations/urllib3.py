@@ -51,6 +51,7 @@ from ._source import (
     Arguments,
     Source,
     Swapping,
+    check_common,
     client_context,
     passed_on,
     peer_refusal,
@@ -186,6 +187,14 @@ class HTTPSOnly(urllib3.PoolManager):
             raise ConfigError(f"federatls's pool manager takes no pool_kwargs: {pool_kwargs}")
         return super().connection_from_host(host, port, scheme)
 
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> BaseHTTPResponse:
+        # urllib3 follows a redirect by calling this again with the absolute new URL: refuse
+        # an http:// one here, naming it whole (connection_from_host sees only the host).
+        require_https(_ARGS.where, url)
+        return super().urlopen(method, url, redirect=redirect, **kw)
+
     def close(self) -> None:
         """Close every pool now: idle connections at once, those in use when released.
         (urllib3's ``clear`` only forgets the pools, which close their connections when
@@ -222,6 +231,7 @@ class PoolManager(RequestMethods):
         headers: Mapping[str, str] | None = None,
         **connection_pool_kw: Any,
     ) -> None:
+        check_common(_ARGS.where, source, trust, authoriser)
         super().__init__(headers)
         kw = passed_on(_ARGS, connection_pool_kw)
         self._managers = swapping(source, trust, authoriser, num_pools, **kw)

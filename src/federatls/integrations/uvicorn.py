@@ -23,7 +23,7 @@ import uvicorn
 
 from .._authorise import Authoriser
 from .._identity import TrustChoice
-from ._source import Arguments, Source, passed_on
+from ._source import Arguments, Source, check_common, passed_on
 
 __all__ = ["config"]
 
@@ -54,6 +54,7 @@ def config(
     """A ``uvicorn.Config`` for ``app`` serving mutual TLS as ``source`` (an ``Identity`` or a
     ``RenewingIdentity``); other keyword arguments are uvicorn's (``host``, ``port``...),
     except its ``ssl_*`` arguments (a ``ConfigError``)."""
+    check_common("federatls.integrations.uvicorn.config", source, trust, authoriser)
     options = passed_on(_ARGS, kwargs)
 
     def context(cfg: uvicorn.Config, default: Any) -> ssl.SSLContext:

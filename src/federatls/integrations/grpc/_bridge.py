@@ -118,6 +118,10 @@ class Bridge:
         stopping = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         with contextlib.suppress(Exception):
             stopping.result(10)
+        # Stopped from here, once the shutdown's result is in: a loop stopped by the
+        # shutdown itself never delivers that result, and close() waited 10 s every time.
+        with contextlib.suppress(RuntimeError):  # the loop has ended already
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         shutil.rmtree(self._directory, ignore_errors=True)
 
@@ -136,7 +140,7 @@ class Bridge:
             self._loop.close()
 
     async def _shutdown(self) -> None:
-        """Stop listening, cut every relayed connection, then stop the loop."""
+        """Stop listening and cut every relayed connection (``close`` then stops the loop)."""
         if self._server is not None:
             self._server.close()
         for writer in list(self._open):
@@ -147,7 +151,6 @@ class Bridge:
         await asyncio.gather(*tasks, return_exceptions=True)
         for _ in range(2):  # let the aborted transports' connection_lost callbacks run
             await asyncio.sleep(0)
-        asyncio.get_running_loop().stop()
 
     def _client_context(self) -> ssl.SSLContext:
         """The newest snapshot's client context with ALPN h2 (one per snapshot: the shared

@@ -37,7 +37,7 @@ from ..._errors import ConfigError
 from ..._identity import Identity, TrustChoice
 from ..._trust import TrustBundle
 from ..._x509 import certs_to_pem
-from .._source import Slot, Source, Swapping
+from .._source import Slot, Source, Swapping, check_common
 from ._bridge import Bridge, Upstream
 
 __all__ = ["AioChannel", "Channel", "aio_secure_channel", "secure_channel"]
@@ -48,6 +48,8 @@ _REFUSED_OPTIONS = {
     "grpc.default_authority": "would change the name the server is checked against; instead "
     f"give the name to check as {_NAME_OVERRIDE} (or put it in the target)",
 }
+# What a call on a closed channel raises (gRPC's own: ValueError, or grpc.aio.UsageError).
+_CLOSED = "Cannot invoke RPC on a closed channel: make a new one with secure_channel"
 # Each channel gets subchannels of its own, so a new channel makes new connections (with the
 # new certificate) instead of sharing the old channel's.
 _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
@@ -138,15 +140,25 @@ C = TypeVar("C")
 
 
 class _Swapped(Generic[C]):
-    """The gRPC channel of the newest snapshot (``Swapping``), its calls counted."""
+    """The gRPC channel of the newest snapshot (``Swapping``), its calls counted. Once
+    closed, a call raises ``closed()``, as a closed gRPC channel does (instead of building a
+    new channel, which nothing would close)."""
 
     def __init__(
-        self, source: Source, build: Callable[[Identity], C], close: Callable[[C], None]
+        self,
+        source: Source,
+        build: Callable[[Identity], C],
+        close: Callable[[C], None],
+        closed: Callable[[], Exception],
     ) -> None:
         self._swapping: Swapping[C] = Swapping(source, build)
         self._close = close
+        self._closed_error = closed
+        self._closed = False
 
     def acquire(self) -> Slot[C]:
+        if self._closed:
+            raise self._closed_error()
         slot, to_close = self._swapping.acquire()
         for channel in to_close:
             self._close(channel)
@@ -158,6 +170,7 @@ class _Swapped(Generic[C]):
             self._close(done)
 
     def close(self) -> list[C]:
+        self._closed = True
         return self._swapping.close()
 
     def current(self) -> C:
@@ -254,7 +267,9 @@ class Channel(grpc.Channel):  # type: ignore[misc]
                 channel.subscribe(callback, try_to_connect)
             return channel
 
-        self._swapped: _Swapped[grpc.Channel] = _Swapped(source, built, _close_in_thread)
+        self._swapped: _Swapped[grpc.Channel] = _Swapped(
+            source, built, _close_in_thread, lambda: ValueError(_CLOSED)
+        )
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return _UnaryUnary(self._swapped, "unary_unary", method, _named(args, kwargs))
@@ -308,9 +323,14 @@ def _close_in_thread(channel: grpc.Channel) -> None:
     threading.Thread(target=channel.close, name="federatls-grpc-close").start()
 
 
-def _check_common(function: str, trust: TrustChoice, options: Options | None) -> list[Any]:
-    if trust not in ("federation", "own"):
-        raise ConfigError(f"{function}: trust must be 'federation' or 'own', not {trust!r}")
+def _check_common(
+    function: str,
+    source: Source,
+    trust: TrustChoice,
+    authoriser: Authoriser | None,
+    options: Options | None,
+) -> list[Any]:
+    check_common(function, source, trust, authoriser)
     return checked_options(function, options)
 
 
@@ -337,7 +357,7 @@ def secure_channel(
     the own CA's roots) and, with ``authoriser``, checked by it before any call is sent.
     ``options`` go to gRPC (``grpc.default_authority`` is a ``ConfigError``)."""
     function = "federatls.integrations.grpc.secure_channel"
-    opts = _check_common(function, trust, options)
+    opts = _check_common(function, source, trust, authoriser, options)
     where = parse_target(function, target, opts)
     bridge = _open_bridge(source, where, trust, authoriser)
 
@@ -381,7 +401,9 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
     ) -> None:
         self._bridge = bridge
         self._closing: set[asyncio.Task[None]] = set()
-        self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(source, build, self._close_later)
+        self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(
+            source, build, self._close_later, lambda: grpc.aio.UsageError(_CLOSED)
+        )
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         # Its calls have ended: nothing to wait for (grace None).
@@ -439,7 +461,7 @@ def aio_secure_channel(
     """``secure_channel`` for ``grpc.aio``: the same checks and renewal; ``interceptors``
     go to each gRPC channel."""
     function = "federatls.integrations.grpc.aio.secure_channel"
-    opts = _check_common(function, trust, options)
+    opts = _check_common(function, source, trust, authoriser, options)
     where = parse_target(function, target, opts)
     bridge = _open_bridge(source, where, trust, authoriser)
 

@@ -31,6 +31,7 @@ against the roots trusted now.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import threading
@@ -41,13 +42,13 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ..._authorise import Authoriser
+from ..._authorise import Authoriser, apply_authoriser
 from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from ..._identity import Identity, TrustChoice
 from ..._namerules import NameRules
 from ..._peer import PeerInfo, grpc_presented_pem, peer_from_chain, presented_certificates
 from ..._trust import TrustBundle
-from .._source import Source, snapshot
+from .._source import Source, check_common, snapshot
 
 __all__ = ["AioInterceptor", "Interceptor", "peer", "server_credentials"]
 
@@ -110,6 +111,7 @@ def server_credentials(source: Source, *, trust: TrustChoice = "federation") -> 
     Pass ``Interceptor`` (or ``AioInterceptor``) to the server too: the credentials check the
     chain only; the name rules, the authoriser and the re-check against the current roots
     are the interceptor's."""
+    check_common("federatls.integrations.grpc.server_credentials", source, trust, None)
     first = snapshot(source)
     return grpc.dynamic_ssl_server_credentials(
         _configuration(first, trust),
@@ -138,10 +140,10 @@ class _Checker:
 
     _CACHE_SIZE = 256
 
-    def __init__(self, source: Source, authoriser: Authoriser | None, trust: TrustChoice) -> None:
-        if authoriser is not None and not callable(authoriser):
-            raise ConfigError(f"authoriser must be callable, not {authoriser!r}")
-        _bundle(snapshot(source), trust)  # a bad trust= is refused now, not per call
+    def __init__(
+        self, where: str, source: Source, authoriser: Authoriser | None, trust: TrustChoice
+    ) -> None:
+        check_common(where, source, trust, authoriser)
         self._source = source
         self._authoriser = authoriser
         self._trust = trust
@@ -161,7 +163,7 @@ class _Checker:
                 rules.authorise(info)
             if self._authoriser is not None:
                 by = "authoriser"
-                self._authoriser(info)
+                apply_authoriser(self._authoriser, info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             return _Verdict(None, by, exc)
         return _Verdict(info)
@@ -320,12 +322,35 @@ def _checked_async(checker: _Checker, handler: Any, method: str) -> Any:
     return _checked(checker, handler, method)
 
 
-class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+def _in_event_loop() -> bool:
+    """Whether this runs in an event loop: a ``grpc.aio`` server calls its interceptors
+    there, a sync ``grpc.server`` on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _intercept_async(
+    checker: _Checker, continuation: Callable[[Any], Any], details: Any
+) -> Any:
+    handler = await continuation(details) or _UNKNOWN_ASYNC
+    return _checked_async(checker, handler, details.method)
+
+
+class Interceptor(grpc.ServerInterceptor, grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """For ``grpc.server(..., interceptors=[Interceptor(source, authoriser=...)])``: every
     call's client is checked (chain against the bundle trusted now, name rules, then
     ``authoriser``) before its handler runs; a refused call ends with ``PERMISSION_DENIED``
     and its handler is never called. ``trust``: as given to ``server_credentials``. List it
-    first among the server's interceptors, so its check runs before their wrappers do."""
+    first among the server's interceptors, so its check runs before their wrappers do.
+
+    It serves ``grpc.aio.server`` as well (as ``AioInterceptor`` serves ``grpc.server``):
+    the two differ only in name, so taking the other flavour's by mistake still checks
+    every call (grpc ships no types: the classes are ``Any`` to mypy)."""
+
+    _where = "federatls.integrations.grpc.Interceptor"
 
     def __init__(
         self,
@@ -334,27 +359,18 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships n
         authoriser: Authoriser | None = None,
         trust: TrustChoice = "federation",
     ) -> None:
-        self._checker = _Checker(source, authoriser, trust)
+        self._checker = _Checker(self._where, source, authoriser, trust)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if _in_event_loop():  # grpc.aio.server: it awaits the coroutine returned
+            return _intercept_async(self._checker, continuation, details)
         handler = continuation(details) or _UNKNOWN
         return _checked(self._checker, handler, details.method)
 
 
-class AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+class AioInterceptor(Interceptor):
     """``Interceptor`` for ``grpc.aio.server(interceptors=[AioInterceptor(source, ...)])``:
     async handlers (coroutines, async generators) and sync ones (on the server's
     ``migration_thread_pool``) alike."""
 
-    def __init__(
-        self,
-        source: Source,
-        *,
-        authoriser: Authoriser | None = None,
-        trust: TrustChoice = "federation",
-    ) -> None:
-        self._checker = _Checker(source, authoriser, trust)
-
-    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = await continuation(details) or _UNKNOWN_ASYNC
-        return _checked_async(self._checker, handler, details.method)
+    _where = "federatls.integrations.grpc.aio.Interceptor"
