@@ -89,7 +89,10 @@ def _authoriser_refusal(
 ) -> PeerNotAuthorisedError | None:
     """Why ``checks.authoriser`` refuses the verified peer of ``conn``, or None. A peer that
     sent no certificate (optional client certificates) is refused: an authoriser is only
-    given to see one."""
+    given to see one. An authoriser that fails (raises anything but
+    ``PeerNotAuthorisedError``) refuses too, its error the refusal's ``__cause__``: the
+    connection is cut and the line logged as for any refusal, whatever the library would
+    have done with an unexpected exception from a handshake (asyncio drops it silently)."""
     if checks.authoriser is None:
         return None
     try:
@@ -100,6 +103,10 @@ def _authoriser_refusal(
         checks.authoriser(peer)
     except PeerNotAuthorisedError as exc:
         return exc
+    except Exception as exc:  # a broken authoriser refuses (logged as such), never admits
+        refusal = PeerNotAuthorisedError(f"the authoriser failed on {peer}: {exc!r}", peer=peer)
+        refusal.__cause__ = exc
+        return refusal
     return None
 
 

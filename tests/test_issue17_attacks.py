@@ -1,0 +1,267 @@
+"""Issue 17 attacked from outside: the authoriser inside the TLS context, the gRPC server and
+channels (native and bridged), requests/urllib3. Each test is one attack; where the attack
+worked the fix came with it, and the test stays as the regression that it no longer does.
+
+Real CAs (``federatls.testing``, three-second certificates from harness.SHORT), real TLS and
+gRPC servers on 127.0.0.1, real urllib3/requests/grpc clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import anyio.to_thread
+import grpc
+import pytest
+import urllib3
+
+import federatls.integrations.grpc as fgrpc
+import federatls.integrations.urllib3 as furllib3
+from federatls import Identity, PeerInfo, PeerNotAuthorisedError, allow_names
+from federatls.testing import TestCA, federated_pair
+from test_grpc_server import (
+    SERVICE,
+    Handled,
+    channel_credentials,
+    serving,
+    tls_session,
+)
+
+from harness import SHORT
+from traffic import LONG, SERVER_NAMES
+
+pytestmark = pytest.mark.anyio
+
+SERVER = "server.cloud.internal"
+WAIT = 30.0  # seconds for any one condition, on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[TestCA, TestCA]]:
+    with federated_pair() as cas:
+        yield cas
+
+
+def _identities(pair: tuple[TestCA, TestCA]) -> tuple[Identity, Identity]:
+    cloud, k8s = pair
+    return cloud.identity(SERVER, sans=SERVER_NAMES), k8s.identity("client.k8s.internal")
+
+
+def _broken(peer: PeerInfo) -> None:
+    """An authoriser with a bug: it raises something other than PeerNotAuthorisedError."""
+    raise KeyError("tenant")
+
+
+# 1. An authoriser that fails --------------------------------------------------------------------
+def _serve(ctx: ssl.SSLContext, connections: int = 1) -> tuple[int, list[object], threading.Thread]:
+    """A blocking TLS server on 127.0.0.1 for ``connections`` connections: what each read
+    (bytes, after answering b"ok") or the exception its handshake or read ended with
+    (anything, not only TLS errors: what leaks out of the context is the point)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[object] = []
+
+    def run() -> None:
+        with listener:
+            for _ in range(connections):
+                raw, _ = listener.accept()
+                item: object
+                try:
+                    with ctx.wrap_socket(raw, server_side=True) as tls:
+                        item = (tls.session_reused, tls.recv(100))
+                        with contextlib.suppress(OSError):
+                            tls.sendall(b"ok")
+                except Exception as exc:
+                    item = exc
+                finally:
+                    raw.close()
+                seen.append(item)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], seen, thread
+
+
+def _talk(
+    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
+) -> tuple[bytes | Exception, ssl.SSLSession | None]:
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+        ):
+            tls.sendall(b"hello")
+            return tls.recv(100), tls.session
+    except (ssl.SSLError, OSError) as exc:
+        return exc, None
+
+
+def test_broken_authoriser_on_a_server_context_refuses_and_logs(
+    pair: tuple[TestCA, TestCA], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server context whose authoriser raises KeyError refuses the client as a refusal
+    (SSLCertVerificationError from a PeerNotAuthorisedError caused by the KeyError), logged
+    once on federatls.peer. Twin: test_context_authoriser's allowed client, admitted."""
+    server, client = _identities(pair)
+    port, seen, thread = _serve(server.server_context(authoriser=_broken))
+    with caplog.at_level(logging.WARNING, "federatls.peer"):
+        answer, _ = _talk(client.client_context(), port)
+        thread.join(WAIT)
+    assert answer != b"ok"
+    assert len(seen) == 1
+    refusal = seen[0]
+    assert isinstance(refusal, ssl.SSLCertVerificationError), refusal
+    assert isinstance(refusal.__cause__, PeerNotAuthorisedError)
+    assert isinstance(refusal.__cause__.__cause__, KeyError)
+    logged = [r.getMessage() for r in caplog.records if "(authoriser)" in r.getMessage()]
+    assert len(logged) == 1
+    assert "authoriser failed" in logged[0]
+
+
+async def test_broken_authoriser_on_an_asyncio_server_refuses_and_logs(
+    pair: tuple[TestCA, TestCA], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under asyncio (aiohttp, uvicorn, hypercorn, streams) a failing authoriser cuts the
+    client before its data and says why on federatls.peer (asyncio itself reports a failed
+    handshake only in debug mode). Twin: the same server with a working authoriser answers."""
+    server, client = _identities(pair)
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read(100))
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    answers = []
+    with caplog.at_level(logging.WARNING, "federatls.peer"):
+        for authoriser in (_broken, allow_names("*.k8s.internal")):
+            ctx = server.server_context(authoriser=authoriser)
+            listener = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+            port = listener.sockets[0].getsockname()[1]
+            async with listener:
+                answer, _ = await anyio.to_thread.run_sync(_talk, client.client_context(), port)
+                answers.append(answer)
+    assert answers[0] != b"ok"
+    assert answers[1] == b"ok"
+    assert got == [b"hello"]
+    logged = [r.getMessage() for r in caplog.records if "authoriser failed" in r.getMessage()]
+    assert len(logged) == 1
+    assert "KeyError" in logged[0]
+
+
+def test_broken_authoriser_on_a_client_raises_peer_not_authorised(
+    pair: tuple[TestCA, TestCA],
+) -> None:
+    """urllib3 with an authoriser that raises KeyError: PeerNotAuthorisedError (not a bare
+    KeyError out of urllib3's depths), nothing sent. Twin: a working authoriser gets the
+    answer (the server answers b"ok" to any request)."""
+    server, client = _identities(pair)
+    port, seen, thread = _serve(server.server_context(), connections=2)
+    url = f"https://127.0.0.1:{port}/"
+    with (
+        furllib3.PoolManager(client, authoriser=_broken, retries=0) as http,
+        pytest.raises(PeerNotAuthorisedError, match="authoriser failed") as caught,
+    ):
+        http.request("GET", url)
+    assert isinstance(caught.value.__cause__, BaseException)
+    with (
+        furllib3.PoolManager(client, authoriser=allow_names(SERVER), retries=0) as http,
+        pytest.raises(urllib3.exceptions.HTTPError),  # b"ok" is no HTTP response
+    ):
+        http.request("GET", url)
+    thread.join(WAIT)
+    assert len(seen) == 2
+    assert not isinstance(seen[0], tuple) or seen[0][1] == b""  # nothing of the request sent
+    assert isinstance(seen[1], tuple)
+    assert seen[1][1].startswith(b"GET / HTTP/1.1")
+
+
+async def test_broken_authoriser_on_a_bridged_grpc_channel_fails_the_call_clearly(
+    pair: tuple[TestCA, TestCA],
+) -> None:
+    """A gRPC channel whose authoriser raises KeyError: the call fails at once with
+    UNAVAILABLE naming the authoriser's failure (before: the bridge task died, gRPC saw the
+    socket closed with no reason). Twin: a working authoriser's call is served."""
+    server, client = _identities(pair)
+    outcomes = []
+    async with serving("sync", server, Handled()) as port:
+        for authoriser in (_broken, allow_names(SERVER)):
+            with fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=authoriser) as ch:
+                outcomes.append(await anyio.to_thread.run_sync(attempt_with_deadline, ch))
+    assert outcomes[0].code is grpc.StatusCode.UNAVAILABLE
+    assert "authoriser failed" in outcomes[0].details
+    assert outcomes[1].answer == b"uu:hi"
+
+
+def attempt_with_deadline(channel: grpc.Channel) -> _Outcome:
+    """One unary call with a deadline (a hung bridge must not hang the test)."""
+    method = channel.unary_unary(f"/{SERVICE}/unary_unary")
+    try:
+        return _Outcome(method(b"hi", timeout=WAIT), None, "")
+    except grpc.RpcError as exc:
+        return _Outcome(None, exc.code(), exc.details() or "")
+
+
+class _Outcome:
+    def __init__(self, answer: object, code: object, details: str) -> None:
+        self.answer, self.code, self.details = answer, code, details
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_broken_authoriser_in_the_grpc_interceptor_denies(
+    pair: tuple[TestCA, TestCA], flavour: str
+) -> None:
+    """The server interceptor with an authoriser that raises KeyError denies the call with
+    PERMISSION_DENIED naming the failure (before: UNKNOWN, gRPC's "exception calling
+    application"), handler not run. Twin: a working authoriser's call is served."""
+    server, client = _identities(pair)
+    outcomes, shapes = [], []
+    for authoriser in (_broken, allow_names("*.k8s.internal")):
+        handled = Handled()
+        async with serving(flavour, server, handled, authoriser=authoriser) as port:
+            creds = channel_credentials(client)
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+                outcomes.append(await anyio.to_thread.run_sync(attempt_with_deadline, ch))
+        shapes.append(handled.shapes())
+    assert outcomes[0].code is grpc.StatusCode.PERMISSION_DENIED
+    assert "authoriser failed" in outcomes[0].details
+    assert outcomes[1].answer == b"uu:hi"
+    assert shapes == [[], ["unary_unary"]]
+
+
+# 2. A client certificate that expired while its connection (or TLS session) lives on -----------
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_grpc_call_from_an_expired_client_certificate_denied(flavour: str) -> None:
+    """A client whose certificate expired keeps calling on the HTTP/2 connection it opened
+    while valid, and can open new ones by resuming its TLS session (gRPC's tickets: no
+    certificate check in that handshake): the interceptor, which re-checks every call's
+    chain against the roots trusted now, denies the call once the leaf has expired. Twin:
+    the same connection's call before expiry is served."""
+    with federated_pair(claims=SHORT, backdate="1s") as (cloud, kubernetes):
+        client = kubernetes.identity("client.k8s.internal", lifetime=timedelta(seconds=4))
+        server = cloud.identity(SERVER, sans=SERVER_NAMES, lifetime=LONG)
+        ctx = client.client_context()
+        ctx.set_alpn_protocols(["h2"])
+        handled = Handled()
+        async with serving(flavour, server, handled) as port:
+            with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(client)) as ch:
+                before = await anyio.to_thread.run_sync(attempt_with_deadline, ch)
+                session, _ = await anyio.to_thread.run_sync(tls_session, ctx, port)
+                expired = client.not_after + timedelta(seconds=1)
+                await anyio.sleep(max(0.0, (expired - datetime.now(UTC)).total_seconds()))
+                after = await anyio.to_thread.run_sync(attempt_with_deadline, ch)
+                resumed = await anyio.to_thread.run_sync(tls_session, ctx, port, session)
+    assert before.answer == b"uu:hi"
+    assert after.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "expired" in after.details
+    assert handled.shapes() == ["unary_unary"]
+    # Why the interceptor must look: the expired client's session is still resumed.
+    assert resumed[1] is True
