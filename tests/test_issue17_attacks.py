@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -201,11 +204,11 @@ async def test_broken_authoriser_on_a_bridged_grpc_channel_fails_the_call_clearl
     assert outcomes[1].answer == b"uu:hi"
 
 
-def attempt_with_deadline(channel: grpc.Channel) -> _Outcome:
+def attempt_with_deadline(channel: grpc.Channel, timeout: float = WAIT) -> _Outcome:
     """One unary call with a deadline (a hung bridge must not hang the test)."""
     method = channel.unary_unary(f"/{SERVICE}/unary_unary")
     try:
-        return _Outcome(method(b"hi", timeout=WAIT), None, "")
+        return _Outcome(method(b"hi", timeout=timeout), None, "")
     except grpc.RpcError as exc:
         return _Outcome(None, exc.code(), exc.details() or "")
 
@@ -265,3 +268,92 @@ async def test_grpc_call_from_an_expired_client_certificate_denied(flavour: str)
     assert handled.shapes() == ["unary_unary"]
     # Why the interceptor must look: the expired client's session is still resumed.
     assert resumed[1] is True
+
+
+# 3. The bridge's Unix socket ---------------------------------------------------------------------
+def _bridge_of(channel: object) -> tuple[str, threading.Thread]:
+    bridge = channel._bridge  # type: ignore[attr-defined]
+    assert bridge is not None
+    return os.path.dirname(bridge.path), bridge._thread
+
+
+def test_bridged_channel_never_closed_is_cleaned_up_when_collected(
+    pair: tuple[TestCA, TestCA],
+) -> None:
+    """A bridged channel its owner drops without close(): once collected, its bridge stops
+    (thread, loop, socket) and its directory is removed, as close() would (before: one thread
+    and one socket left in /tmp per channel, for good). Twin: a channel still referenced
+    keeps its bridge."""
+    _, client = _identities(pair)
+    kept = fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER))
+    dropped = fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER))
+    for channel in (kept, dropped):
+        outcome = attempt_with_deadline(channel, timeout=5)  # builds its gRPC channel
+        assert outcome.code is not None
+    kept_dir, kept_thread = _bridge_of(kept)
+    directory, thread = _bridge_of(dropped)
+    del channel, dropped
+    gc.collect()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert not os.path.exists(directory)
+    assert kept_thread.is_alive()
+    assert os.path.exists(kept_dir)
+    kept.close()
+    assert not os.path.exists(kept_dir)
+
+
+async def test_bridged_aio_channel_never_closed_is_cleaned_up_when_collected(
+    pair: tuple[TestCA, TestCA],
+) -> None:
+    """``test_bridged_channel_never_closed_is_cleaned_up_when_collected`` for grpc.aio.
+    Twin: a channel still referenced keeps its bridge."""
+    import federatls.integrations.grpc.aio as faio
+
+    _, client = _identities(pair)
+    kept = faio.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER))
+    dropped = faio.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER))
+    for channel in (kept, dropped):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(f"/{SERVICE}/unary_unary")(b"hi", timeout=5)
+    kept_dir, kept_thread = _bridge_of(kept)
+    directory, thread = _bridge_of(dropped)
+    del channel, dropped
+    gc.collect()
+    await anyio.to_thread.run_sync(thread.join, WAIT)
+    assert not thread.is_alive()
+    assert not os.path.exists(directory)
+    assert kept_thread.is_alive()
+    await kept.close()
+    assert not os.path.exists(kept_dir)
+
+
+@pytest.mark.parametrize("kind", ["refused", "served"])
+async def test_bridged_channel_close_does_not_wait_out_its_timeout(
+    pair: tuple[TestCA, TestCA], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() of a bridged channel stops the bridge at once: before, the bridge's loop was
+    stopped from inside its shutdown, so close() always waited out its whole 10 s timeout
+    (and AioChannel.close blocked the event loop that long). A hang check, not a speed
+    measure: the bound is the bridge's own stop timeout. Twin: a call through the bridge,
+    refused (nothing listening) or served, works before close()."""
+    from federatls.integrations.grpc._bridge import _STOP_TIMEOUT
+
+    server, client = _identities(pair)
+    async with serving("sync", server, Handled()) as port:
+        target = f"127.0.0.1:{port if kind == 'served' else 1}"
+        channel = fgrpc.secure_channel(client, target, authoriser=allow_names(SERVER))
+        outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+        directory, thread = _bridge_of(channel)
+        with caplog.at_level(logging.WARNING, "federatls"):
+            started = time.monotonic()
+            await anyio.to_thread.run_sync(channel.close)
+            took = time.monotonic() - started
+    if kind == "served":
+        assert outcome.answer == b"uu:hi"
+    else:
+        assert outcome.code is grpc.StatusCode.UNAVAILABLE
+    assert took < _STOP_TIMEOUT
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
+    assert not thread.is_alive()
+    assert not os.path.exists(directory)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -246,6 +247,7 @@ class Channel(grpc.Channel):  # type: ignore[misc]
         self, build: Callable[[Identity], grpc.Channel], source: Source, bridge: Bridge | None
     ) -> None:
         self._bridge = bridge
+        self._unbridge = _bridge_finalizer(self, bridge)
         self._subscriptions: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
 
         def built(identity: Identity) -> grpc.Channel:
@@ -284,8 +286,7 @@ class Channel(grpc.Channel):  # type: ignore[misc]
         the bridge."""
         for channel in self._swapped.close():
             channel.close()
-        if self._bridge is not None:
-            self._bridge.close()
+        self._unbridge()
 
     def __enter__(self) -> Channel:
         return self
@@ -306,6 +307,22 @@ def _close_in_thread(channel: grpc.Channel) -> None:
     # The last call's done-callback runs on one of the channel's own threads, where closing
     # the channel would wait on itself; close it from a short thread of its own.
     threading.Thread(target=channel.close, name="federatls-grpc-close").start()
+
+
+def _bridge_finalizer(channel: object, bridge: Bridge | None) -> Callable[[], object]:
+    """What closes ``bridge`` (once): called by the channel's ``close``, or when the channel
+    is garbage collected or the interpreter exits without it (else the bridge's thread,
+    loop and socket would live on, and its directory outlive the process)."""
+    if bridge is None:
+        return lambda: None
+    return weakref.finalize(channel, _close_bridge, bridge)
+
+
+def _close_bridge(bridge: Bridge) -> None:
+    if threading.current_thread() is bridge.thread:  # collected on the bridge's own loop
+        threading.Thread(target=bridge.close, name="federatls-grpc-bridge-close").start()
+    else:
+        bridge.close()
 
 
 def _check_common(function: str, trust: TrustChoice, options: Options | None) -> list[Any]:
@@ -380,6 +397,7 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
         self, build: Callable[[Identity], grpc.aio.Channel], source: Source, bridge: Bridge | None
     ) -> None:
         self._bridge = bridge
+        self._unbridge = _bridge_finalizer(self, bridge)
         self._closing: set[asyncio.Task[None]] = set()
         self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(source, build, self._close_later)
 
@@ -416,8 +434,7 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
         bridge."""
         channels = self._swapped.close()
         await asyncio.gather(*(c.close(grace) for c in channels), *self._closing)
-        if self._bridge is not None:
-            self._bridge.close()
+        self._unbridge()
 
     async def __aenter__(self) -> AioChannel:
         return self
