@@ -28,7 +28,7 @@ import urllib3
 
 import federatls.integrations.grpc as fgrpc
 import federatls.integrations.urllib3 as furllib3
-from federatls import Identity, PeerInfo, PeerNotAuthorisedError, allow_names
+from federatls import Authoriser, Identity, PeerInfo, PeerNotAuthorisedError, allow_names
 from federatls.testing import TestCA, federated_pair
 from test_grpc_server import (
     SERVICE,
@@ -63,7 +63,7 @@ def _broken(peer: PeerInfo) -> None:
     raise KeyError("tenant")
 
 
-# 1. An authoriser that fails --------------------------------------------------------------------
+# 1. An authoriser that fails ----------------------------------------------------------------------
 def _serve(ctx: ssl.SSLContext, connections: int = 1) -> tuple[int, list[object], threading.Thread]:
     """A blocking TLS server on 127.0.0.1 for ``connections`` connections: what each read
     (bytes, after answering b"ok") or the exception its handshake or read ended with
@@ -240,7 +240,7 @@ async def test_broken_authoriser_in_the_grpc_interceptor_denies(
     assert shapes == [[], ["unary_unary"]]
 
 
-# 2. A client certificate that expired while its connection (or TLS session) lives on -----------
+# 2. A client certificate that expired while its connection (or TLS session) lives on --------------
 @pytest.mark.parametrize("flavour", ["sync", "aio"])
 async def test_grpc_call_from_an_expired_client_certificate_denied(flavour: str) -> None:
     """A client whose certificate expired keeps calling on the HTTP/2 connection it opened
@@ -270,7 +270,7 @@ async def test_grpc_call_from_an_expired_client_certificate_denied(flavour: str)
     assert resumed[1] is True
 
 
-# 3. The bridge's Unix socket ---------------------------------------------------------------------
+# 3. The bridge's Unix socket ----------------------------------------------------------------------
 def _bridge_of(channel: object) -> tuple[str, threading.Thread]:
     bridge = channel._bridge  # type: ignore[attr-defined]
     assert bridge is not None
@@ -357,3 +357,79 @@ async def test_bridged_channel_close_does_not_wait_out_its_timeout(
     assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
     assert not thread.is_alive()
     assert not os.path.exists(directory)
+
+
+# 4. requests and urllib3 --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _http_server(ctx: ssl.SSLContext) -> Iterator[tuple[int, list[object]]]:
+    """A blocking HTTPS server on 127.0.0.1 answering 200 "ok" to one request per connection,
+    until the block ends; its port, and per connection what it read or how it ended."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    seen: list[object] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(WAIT)
+            item: object
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as tls:
+                    item = tls.recv(4096)
+                    if item:
+                        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except Exception as exc:
+                item = exc
+            finally:
+                raw.close()
+            seen.append(item)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["urllib3", "requests"])
+def test_refused_server_contacted_once_whatever_the_retries(
+    pair: tuple[TestCA, TestCA], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server the authoriser refuses is contacted once: with urllib3's default retries (3)
+    or requests' max_retries=3 each refusal was followed by another handshake (four
+    handshakes, four refusal lines) when a refusal can only repeat. Twin: an allowed server,
+    the same retries, answers on the first connection."""
+    import federatls.integrations.requests as frequests
+
+    server, client = _identities(pair)
+
+    def get(url: str, authoriser: Authoriser) -> object:
+        try:
+            if kind == "urllib3":
+                with furllib3.PoolManager(client, authoriser=authoriser, retries=3) as http:
+                    return http.request("GET", url, timeout=WAIT).data
+            with frequests.Session(client, authoriser=authoriser, max_retries=3) as session:
+                return session.get(url, timeout=WAIT).content
+        except Exception as exc:
+            return exc
+
+    with _http_server(server.server_context()) as (port, seen):
+        url = f"https://127.0.0.1:{port}/"
+        with caplog.at_level(logging.WARNING, "federatls.peer"):
+            refused = get(url, allow_names("*.aws.internal"))
+            allowed = get(url, allow_names(SERVER))
+    lines = [r for r in caplog.records if "(authoriser)" in r.getMessage()]
+    assert isinstance(refused, PeerNotAuthorisedError)
+    assert len(lines) == 1
+    assert allowed == b"ok"
+    assert len(seen) == 2
+    assert seen[0] == b""  # the refused client sent nothing
+    assert isinstance(seen[1], bytes)
+    assert seen[1].startswith(b"GET / HTTP/1.1")
