@@ -28,7 +28,15 @@ import urllib3
 
 import federatls.integrations.grpc as fgrpc
 import federatls.integrations.urllib3 as furllib3
-from federatls import Authoriser, Identity, PeerInfo, PeerNotAuthorisedError, allow_names
+from federatls import (
+    Authoriser,
+    Identity,
+    PeerInfo,
+    PeerNotAuthorisedError,
+    RenewingIdentity,
+    allow_names,
+)
+from federatls._sslkeys import load_cert_chain_in_memory
 from federatls.testing import TestCA, federated_pair
 from test_grpc_server import (
     SERVICE,
@@ -433,3 +441,119 @@ def test_refused_server_contacted_once_whatever_the_retries(
     assert seen[0] == b""  # the refused client sent nothing
     assert isinstance(seen[1], bytes)
     assert seen[1].startswith(b"GET / HTTP/1.1")
+
+
+# 5. TLS session resumption ------------------------------------------------------------------------
+def _plain_server_context(identity: Identity) -> ssl.SSLContext:
+    """A server context as a plain ssl user would make it (session cache and tickets on)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_cert_chain_in_memory(ctx, identity.chain, identity._key)
+    ctx.load_verify_locations(cadata=identity.trust.pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+@pytest.mark.parametrize("kind", ["identity", "renewing", "plain-ssl"])
+def test_server_context_never_resumes_a_session(
+    pair: tuple[TestCA, TestCA], kind: str, version: str
+) -> None:
+    """A client offering the session of its previous connection is not resumed by a
+    federatls server context (Identity's or RenewingIdentity's: the latter's switches
+    contexts in sni_callback, the session cache staying with the first), so its certificate
+    is verified against the roots trusted now and the authoriser sees every connection.
+    Twin: a plain ssl server context resumes that session (the check would be skipped)."""
+    server, client = _identities(pair)
+    calls: list[PeerInfo] = []
+
+    def authoriser(peer: PeerInfo) -> None:
+        calls.append(peer)
+
+    if kind == "identity":
+        ctx = server.server_context(authoriser=authoriser)
+    elif kind == "renewing":
+        ctx = RenewingIdentity(server).server_context(authoriser=authoriser)
+    else:
+        ctx = _plain_server_context(server)
+    cctx = client.client_context()
+    cctx.maximum_version = cctx.minimum_version = ssl.TLSVersion[version]
+    port, seen, thread = _serve(ctx, connections=2)
+    first, session = _talk(cctx, port)
+    second, _ = _talk(cctx, port, session)
+    thread.join(WAIT)
+    assert first == second == b"ok"
+    assert session is not None
+    resumed = [item[0] for item in seen if isinstance(item, tuple)]
+    if kind == "plain-ssl":
+        assert resumed == [False, True]
+        return
+    assert resumed == [False, False]
+    assert len(calls) == 2
+
+
+# 6. Impostor gRPC servers -------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["native", "bridged"])
+@pytest.mark.parametrize("override", ["server.cloud.internal", "payments.cloud.internal"])
+async def test_grpc_impostor_with_a_valid_federated_certificate_for_another_name(
+    pair: tuple[TestCA, TestCA], path: str, override: str
+) -> None:
+    """A server with a valid certificate from the federated CA, but for
+    payments.cloud.internal (and 127.0.0.1), answering where the channel expects
+    server.cloud.internal (ssl_target_name_override, as for a target given as an address):
+    refused on both paths, its handler never called. Twin: the name it does hold is
+    reached."""
+    cloud, _ = pair
+    _, client = _identities(pair)
+    impostor = cloud.identity("payments.cloud.internal", sans=["payments.cloud.internal"])
+    authoriser = allow_names("*.cloud.internal") if path == "bridged" else None
+    handled = Handled()
+    async with serving("sync", impostor, handled) as port:
+        with fgrpc.secure_channel(
+            client,
+            f"127.0.0.1:{port}",
+            authoriser=authoriser,
+            options=[("grpc.ssl_target_name_override", override)],
+        ) as channel:
+            outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    if override == "payments.cloud.internal":
+        assert outcome.answer == b"uu:hi"
+        assert handled.shapes() == ["unary_unary"]
+        return
+    assert outcome.code is grpc.StatusCode.UNAVAILABLE
+    assert handled.shapes() == []
+    if path == "bridged":
+        assert "federatls refused the server" in outcome.details
+
+
+@pytest.mark.parametrize("path", ["native", "bridged"])
+@pytest.mark.parametrize("rule", ["*.k8s.internal", "*.cloud.internal"])
+async def test_grpc_impostor_anchored_in_a_root_that_may_not_vouch_for_the_host(
+    pair: tuple[TestCA, TestCA], path: str, rule: str
+) -> None:
+    """kubernetes' CA issues a valid certificate for server.cloud.internal, a name the
+    client's bundle lets kubernetes' root vouch for only under "*.k8s.internal": refused on
+    both paths (native: that root is not among gRPC's roots for the host; bridged: the name
+    rules), its handler never called. Twin: with the rule "*.cloud.internal" it is reached."""
+    from test_grpc_client import _with_rules
+
+    cloud, kubernetes = pair
+    client = _with_rules(cloud.identity("client.cloud.internal"), kubernetes.root, [rule])
+    impostor = kubernetes.identity(SERVER, sans=[SERVER])
+    authoriser = allow_names("*.cloud.internal") if path == "bridged" else None
+    handled = Handled()
+    async with serving("sync", impostor, handled) as port:
+        with fgrpc.secure_channel(
+            client,
+            f"127.0.0.1:{port}",
+            authoriser=authoriser,
+            options=[("grpc.ssl_target_name_override", SERVER)],
+        ) as channel:
+            outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    if rule == "*.cloud.internal":
+        assert outcome.answer == b"uu:hi", outcome.details
+        assert handled.shapes() == ["unary_unary"]
+        return
+    assert outcome.code is grpc.StatusCode.UNAVAILABLE
+    assert handled.shapes() == []
+    if path == "bridged":
+        assert "may only vouch for ['*.k8s.internal']" in outcome.details
