@@ -24,6 +24,7 @@ import anyio
 import anyio.to_thread
 import grpc
 import pytest
+import requests.adapters
 import urllib3
 
 import federatls.integrations.grpc as fgrpc
@@ -557,3 +558,37 @@ async def test_grpc_impostor_anchored_in_a_root_that_may_not_vouch_for_the_host(
     assert handled.shapes() == []
     if path == "bridged":
         assert "may only vouch for ['*.k8s.internal']" in outcome.details
+
+
+@pytest.mark.parametrize(
+    "prefix", ["https://", "http://", "https://127.0.0.1", "HTTPS://", "http", ""]
+)
+def test_requests_session_refuses_a_plain_adapter_over_its_own(
+    pair: tuple[TestCA, TestCA], prefix: str
+) -> None:
+    """The common retry idiom ``session.mount("https://", HTTPAdapter(max_retries=...))``
+    (or any prefix of http(s) URLs) would silently replace federatls's adapter: requests
+    would then verify the server with certifi, present no certificate and skip the
+    authoriser, or speak plain http. Refused with ConfigError naming max_retries=. Twin: a
+    mount for another scheme is kept, and the session still answers over its identity."""
+    import federatls.integrations.requests as frequests
+    from federatls import ConfigError
+
+    server, client = _identities(pair)
+    with (
+        _http_server(server.server_context()) as (port, _),
+        frequests.Session(client, authoriser=allow_names(SERVER)) as session,
+    ):
+        with pytest.raises(ConfigError, match="max_retries="):
+            session.mount(prefix, requests.adapters.HTTPAdapter(max_retries=3))
+        session.mount("file://", _FileAdapter())
+        answered = session.get(f"https://127.0.0.1:{port}/", timeout=WAIT)
+    assert answered.content == b"ok"
+    assert isinstance(session.adapters["file://"], _FileAdapter)
+
+
+class _FileAdapter(requests.adapters.BaseAdapter):
+    """An adapter for another scheme (it is never sent anything here)."""
+
+    def close(self) -> None:
+        pass
