@@ -26,6 +26,9 @@ import grpc
 import pytest
 import requests.adapters
 import urllib3
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import federatls.integrations.grpc as fgrpc
 import federatls.integrations.urllib3 as furllib3
@@ -37,7 +40,10 @@ from federatls import (
     RenewingIdentity,
     allow_names,
 )
+from federatls._errors import BadMaterialError
+from federatls._peer import peer_from_chain
 from federatls._sslkeys import load_cert_chain_in_memory
+from federatls._x509 import certs_to_pem
 from federatls.testing import TestCA, federated_pair
 from test_grpc_server import (
     SERVICE,
@@ -592,3 +598,89 @@ class _FileAdapter(requests.adapters.BaseAdapter):
 
     def close(self) -> None:
         pass
+
+
+# 7. Crafted chains presented to the gRPC server -----------------------------------------------
+def _crowd(named: x509.Name, count: int, chained: bool) -> list[x509.Certificate]:
+    """``count`` CA certificates all named ``named``, each with a key of its own: signed by
+    themselves, or (``chained``) each by the next one's key (a same-named chain that looks
+    worth walking)."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(count + 1)]
+    now = datetime.now(UTC)
+    certs = []
+    for i in range(count):
+        signer = keys[i + 1] if chained else keys[i]
+        certs.append(
+            x509.CertificateBuilder()
+            .subject_name(named)
+            .issuer_name(named)
+            .public_key(keys[i].public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+    return certs
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_peer_from_chain_through_a_same_named_crowd(
+    pair: tuple[TestCA, TestCA], chained: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client presenting its leaf, 400 CA certificates named as its intermediate (self-
+    signed, or each signed by the next) and then its real intermediate: its chain is still
+    rebuilt to kubernetes' root, at the cost of one signature check per certificate
+    presented (counted), not one per pair. Twin: the crowd without the real intermediate is
+    refused (no path to a root trusted now)."""
+    import federatls._x509 as x509_module
+
+    server, client = _identities(pair)
+    leaf, intermediate = client.chain
+    crowd = _crowd(intermediate.subject, 400, chained)
+    checks = 0
+    real_issued_by = x509_module.issued_by
+
+    def counted(cert: x509.Certificate, by: x509.Certificate) -> bool:
+        nonlocal checks
+        checks += 1
+        return real_issued_by(cert, by)
+
+    monkeypatch.setattr(x509_module, "issued_by", counted)
+    found = peer_from_chain([leaf, *crowd, intermediate], server.trust)
+    assert found.anchor is not None
+    assert found.anchor.fingerprint == pair[1].root_fingerprint
+    assert checks <= len(crowd) + 1 + len(server.trust) * 2
+    with pytest.raises(BadMaterialError, match="root trusted now"):
+        peer_from_chain([leaf, *crowd], server.trust)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_grpc_client_presenting_a_same_named_crowd(
+    pair: tuple[TestCA, TestCA], flavour: str
+) -> None:
+    """Over gRPC: a client whose chain carries extra CA certificates named as its
+    intermediate after the real one is admitted by the interceptor (the crowd costs it
+    nothing: the first candidate verifies), anchored in kubernetes' root. Twin: with the
+    crowd before its intermediate gRPC's own handshake refuses it (BoringSSL does not search
+    a crowd; nor does it take a chain with 20 such extras anywhere), so the interceptor
+    never walks a crowd bigger than BoringSSL lets through."""
+    server, client = _identities(pair)
+    leaf, intermediate = client.chain
+    crowd = _crowd(intermediate.subject, 3, chained=False)
+    key = client.export_private_key(password=None)
+    outcomes, handled = [], Handled()
+    async with serving(flavour, server, handled) as port:
+        for chain in ([leaf, intermediate, *crowd], [leaf, *crowd, intermediate]):
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=client.trust.pem.encode(),
+                private_key=key,
+                certificate_chain=certs_to_pem(chain).encode(),
+            )
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+                outcomes.append(await anyio.to_thread.run_sync(attempt_with_deadline, ch))
+    assert outcomes[0].answer == b"uu:hi", outcomes[0].details
+    assert outcomes[1].code is grpc.StatusCode.UNAVAILABLE
+    assert [p.anchor.fingerprint for _, p in handled.calls if p.anchor] == [
+        pair[1].root_fingerprint
+    ]
