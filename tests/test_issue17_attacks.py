@@ -42,6 +42,7 @@ from federatls import (
 )
 from federatls._errors import BadMaterialError
 from federatls._peer import peer_from_chain
+from federatls._renewal import MAX_CONTEXTS
 from federatls._sslkeys import load_cert_chain_in_memory
 from federatls._x509 import certs_to_pem
 from federatls.testing import TestCA, federated_pair
@@ -684,3 +685,30 @@ async def test_grpc_client_presenting_a_same_named_crowd(
     assert [p.anchor.fingerprint for _, p in handled.calls if p.anchor] == [
         pair[1].root_fingerprint
     ]
+
+
+# 8. A new authoriser object per client --------------------------------------------------------
+def _live_contexts() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, ssl.SSLContext))
+
+
+@pytest.mark.parametrize("kind", ["identity", "renewing"])
+def test_a_new_authoriser_per_client_does_not_pile_up_contexts(
+    pair: tuple[TestCA, TestCA], kind: str
+) -> None:
+    """Code that makes a client per request with a new authoriser object
+    (``Session(live, authoriser=allow_names(...))``) got a new client context cached for
+    each, forever (and a RenewingIdentity rebuilt every one of them at each renewal): the
+    cache is bounded now. Twin: the same authoriser object gets the same context back."""
+    from federatls.integrations._source import client_context
+
+    _, client = _identities(pair)
+    source: Identity | RenewingIdentity = client if kind == "identity" else RenewingIdentity(client)
+    same = allow_names(SERVER)
+    first = client_context(source, "federation", same)
+    assert client_context(source, "federation", same) is first
+    before = _live_contexts()
+    for _ in range(300):
+        client_context(source, "federation", allow_names(SERVER))
+    assert _live_contexts() - before <= MAX_CONTEXTS
