@@ -377,9 +377,12 @@ async def test_bridged_channel_close_does_not_wait_out_its_timeout(
 
 # 4. requests and urllib3 --------------------------------------------------------------------------
 @contextlib.contextmanager
-def _http_server(ctx: ssl.SSLContext) -> Iterator[tuple[int, list[object]]]:
-    """A blocking HTTPS server on 127.0.0.1 answering 200 "ok" to one request per connection,
-    until the block ends; its port, and per connection what it read or how it ended."""
+def _http_server(
+    ctx: ssl.SSLContext, reply: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+) -> Iterator[tuple[int, list[object]]]:
+    """A blocking HTTPS server on 127.0.0.1 answering ``reply`` (200 "ok") to one request per
+    connection, until the block ends; its port, and per connection what it read or how it
+    ended."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     seen: list[object] = []
@@ -397,7 +400,7 @@ def _http_server(ctx: ssl.SSLContext) -> Iterator[tuple[int, list[object]]]:
                 with ctx.wrap_socket(raw, server_side=True) as tls:
                     item = tls.recv(4096)
                     if item:
-                        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        tls.sendall(reply)
             except Exception as exc:
                 item = exc
             finally:
@@ -712,3 +715,71 @@ def test_a_new_authoriser_per_client_does_not_pile_up_contexts(
     for _ in range(300):
         client_context(source, "federation", allow_names(SERVER))
     assert _live_contexts() - before <= MAX_CONTEXTS
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_client_context_resuming_a_session_still_checks_the_server(
+    pair: tuple[TestCA, TestCA], version: str
+) -> None:
+    """A client context with an authoriser, offering its previous session to a server that
+    resumes sessions (a plain ssl server): the resumed handshake does not skip the check;
+    the authoriser sees the server again, or the connection is refused (no verified chain
+    to check), never admitted unchecked. Twin: the first connection, a full handshake, is
+    checked and answered."""
+    server, client = _identities(pair)
+    calls: list[PeerInfo] = []
+
+    def authoriser(peer: PeerInfo) -> None:
+        calls.append(peer)
+
+    cctx = client.client_context(authoriser=authoriser)
+    cctx.maximum_version = cctx.minimum_version = ssl.TLSVersion[version]
+    port, seen, thread = _serve(_plain_server_context(server), connections=2)
+    first, session = _talk(cctx, port)
+    second, _ = _talk(cctx, port, session)
+    thread.join(WAIT)
+    assert first == b"ok"
+    assert len(calls) >= 1
+    assert session is not None
+    resumed = [item[0] for item in seen if isinstance(item, tuple)]
+    if second == b"ok":
+        assert len(calls) == 2, f"resumed={resumed}: the authoriser was skipped"
+    else:
+        assert isinstance(second, ssl.SSLCertVerificationError)
+
+
+@pytest.mark.parametrize("kind", ["urllib3", "requests"])
+def test_redirect_to_a_refused_server_is_refused(pair: tuple[TestCA, TestCA], kind: str) -> None:
+    """An allowed server redirects (302) to another host whose certificate is valid and
+    federated but which the authoriser refuses (payments.cloud.internal at localhost):
+    PeerNotAuthorisedError, and that server gets nothing of the request (nor the
+    Authorization header). Twin: the allowed server handled the first request."""
+    import federatls.integrations.requests as frequests
+
+    cloud, _ = pair
+    server, client = _identities(pair)
+    other = cloud.identity("payments.cloud.internal", sans=["payments.cloud.internal", "localhost"])
+    authoriser = allow_names(SERVER)
+    headers = {"Authorization": "Bearer secret"}
+    with _http_server(other.server_context()) as (other_port, other_seen):
+        location = f"https://localhost:{other_port}/next"
+        redirect = (
+            f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        with _http_server(server.server_context(), redirect) as (port, seen):
+            url = f"https://127.0.0.1:{port}/"
+            try:
+                if kind == "urllib3":
+                    with furllib3.PoolManager(client, authoriser=authoriser) as http:
+                        outcome: object = http.request("GET", url, headers=headers, timeout=WAIT)
+                else:
+                    with frequests.Session(client, authoriser=authoriser) as session:
+                        outcome = session.get(url, headers=headers, timeout=WAIT)
+            except Exception as exc:
+                outcome = exc
+    assert isinstance(outcome, PeerNotAuthorisedError)
+    assert "payments.cloud.internal" in str(outcome)
+    assert len(seen) == 1
+    assert isinstance(seen[0], bytes)
+    assert seen[0].startswith(b"GET / HTTP/1.1")
+    assert other_seen == [b""]
