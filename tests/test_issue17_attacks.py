@@ -783,3 +783,39 @@ def test_redirect_to_a_refused_server_is_refused(pair: tuple[TestCA, TestCA], ki
     assert isinstance(seen[0], bytes)
     assert seen[0].startswith(b"GET / HTTP/1.1")
     assert other_seen == [b""]
+
+
+# 9. A channel used after close -----------------------------------------------------------------
+@pytest.mark.parametrize("path", ["native", "bridged"])
+async def test_grpc_channel_refuses_calls_after_close(
+    pair: tuple[TestCA, TestCA], path: str
+) -> None:
+    """A call on a closed channel raises ValueError, as on gRPC's own closed channel: the
+    wrapper used to build a new channel (one its owner believes closed, never closed again:
+    a connection presenting the identity for good), or dial the bridge's removed socket.
+    Twin: the same call before close() is served."""
+    server, client = _identities(pair)
+    authoriser = allow_names(SERVER) if path == "bridged" else None
+    async with serving("sync", server, Handled()) as port:
+        channel = fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=authoriser)
+        before = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+        channel.close()
+        with pytest.raises(ValueError, match="closed channel"):
+            await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    assert before.answer == b"uu:hi"
+
+
+async def test_grpc_aio_channel_refuses_calls_after_close(pair: tuple[TestCA, TestCA]) -> None:
+    """``test_grpc_channel_refuses_calls_after_close`` for grpc.aio: grpc.aio's UsageError.
+    Twin: the call before close() is served."""
+    import federatls.integrations.grpc.aio as faio
+
+    server, client = _identities(pair)
+    async with serving("aio", server, Handled()) as port:
+        channel = faio.secure_channel(client, f"127.0.0.1:{port}")
+        method = f"/{SERVICE}/unary_unary"
+        before = await channel.unary_unary(method)(b"hi", timeout=WAIT)
+        await channel.close()
+        with pytest.raises(grpc.aio.UsageError):
+            await channel.unary_unary(method)(b"hi", timeout=WAIT)
+    assert before == b"uu:hi"

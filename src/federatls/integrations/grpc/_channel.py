@@ -142,12 +142,20 @@ class _Swapped(Generic[C]):
     """The gRPC channel of the newest snapshot (``Swapping``), its calls counted."""
 
     def __init__(
-        self, source: Source, build: Callable[[Identity], C], close: Callable[[C], None]
+        self,
+        source: Source,
+        build: Callable[[Identity], C],
+        close: Callable[[C], None],
+        closed: Callable[[], Exception],
     ) -> None:
         self._swapping: Swapping[C] = Swapping(source, build)
         self._close = close
+        self._closed_error = closed  # what a call on the closed wrapper raises, as gRPC's
+        self._closed = False
 
     def acquire(self) -> Slot[C]:
+        if self._closed:  # else Swapping would build a new channel, never to be closed
+            raise self._closed_error()
         slot, to_close = self._swapping.acquire()
         for channel in to_close:
             self._close(channel)
@@ -159,6 +167,7 @@ class _Swapped(Generic[C]):
             self._close(done)
 
     def close(self) -> list[C]:
+        self._closed = True
         return self._swapping.close()
 
     def current(self) -> C:
@@ -256,7 +265,12 @@ class Channel(grpc.Channel):  # type: ignore[misc]
                 channel.subscribe(callback, try_to_connect)
             return channel
 
-        self._swapped: _Swapped[grpc.Channel] = _Swapped(source, built, _close_in_thread)
+        self._swapped: _Swapped[grpc.Channel] = _Swapped(
+            source,
+            built,
+            _close_in_thread,
+            lambda: ValueError("Cannot invoke RPC on closed channel!"),  # gRPC's own words
+        )
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return _UnaryUnary(self._swapped, "unary_unary", method, _named(args, kwargs))
@@ -399,7 +413,9 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._bridge = bridge
         self._unbridge = _bridge_finalizer(self, bridge)
         self._closing: set[asyncio.Task[None]] = set()
-        self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(source, build, self._close_later)
+        self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(
+            source, build, self._close_later, lambda: grpc.aio.UsageError("Channel is closed.")
+        )
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         # Its calls have ended: nothing to wait for (grace None).
