@@ -13,8 +13,11 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -819,3 +822,35 @@ async def test_grpc_aio_channel_refuses_calls_after_close(pair: tuple[TestCA, Te
         with pytest.raises(grpc.aio.UsageError):
             await channel.unary_unary(method)(b"hi", timeout=WAIT)
     assert before == b"uu:hi"
+
+
+_AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_CONNECT = (
+    "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')"
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to act as another user",
+)
+def test_bridge_socket_refuses_another_local_user(pair: tuple[TestCA, TestCA]) -> None:
+    """Another local user (nobody) cannot connect to a bridged channel's Unix socket (which
+    would let it call the server as this identity): the socket's directory is 0700. Twin:
+    the same connection from this user succeeds."""
+    _, client = _identities(pair)
+    python = shutil.which("python3") or sys.executable
+    with fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER)) as ch:
+        path = ch._bridge.path  # type: ignore[union-attr]
+        mine = subprocess.run(
+            [python, "-c", _CONNECT, path], capture_output=True, text=True, timeout=WAIT
+        )
+        other = subprocess.run(
+            [*_AS_NOBODY, python, "-c", _CONNECT, path],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+    assert mine.stdout.strip() == "connected", mine.stderr
+    assert other.returncode != 0
+    assert "PermissionError" in other.stderr
