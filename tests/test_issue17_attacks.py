@@ -854,3 +854,62 @@ def test_bridge_socket_refuses_another_local_user(pair: tuple[TestCA, TestCA]) -
     assert mine.stdout.strip() == "connected", mine.stderr
     assert other.returncode != 0
     assert "PermissionError" in other.stderr
+
+
+# 10. Proxies from the environment ----------------------------------------------------------------
+@pytest.mark.parametrize("path", ["native", "bridged"])
+async def test_grpc_channel_ignores_proxies_from_the_environment(
+    pair: tuple[TestCA, TestCA], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With https_proxy / grpc_proxy pointing at nothing, a federatls channel still connects
+    directly (as the requests Session does): gRPC would otherwise tunnel the federation's
+    traffic through whatever proxy the environment names. Twin: a plain gRPC channel with
+    the same environment goes to the dead proxy and fails."""
+    server, client = _identities(pair)
+    for name in ("https_proxy", "grpc_proxy", "http_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    authoriser = allow_names(SERVER) if path == "bridged" else None
+    async with serving("sync", server, Handled()) as port:
+        with fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=authoriser) as ch:
+            ours = await anyio.to_thread.run_sync(attempt_with_deadline, ch)
+        with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(client)) as ch:
+            plain = await anyio.to_thread.run_sync(attempt_with_deadline, ch)
+    assert ours.answer == b"uu:hi", ours.details
+    assert plain.code is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("option", ["grpc.http_proxy", "grpc.enable_http_proxy"])
+def test_grpc_channel_refuses_proxy_options(pair: tuple[TestCA, TestCA], option: str) -> None:
+    """A proxy asked for in the channel's options is a ConfigError naming it, not a silent
+    detour. Twin: test_grpc_channel_ignores_proxies_from_the_environment's direct call."""
+    from federatls import ConfigError
+
+    _, client = _identities(pair)
+    with pytest.raises(ConfigError, match=option):
+        fgrpc.secure_channel(client, "127.0.0.1:1", options=[(option, "http://127.0.0.1:9")])
+
+
+async def test_grpc_aio_channel_ignores_proxies_from_the_environment(
+    pair: tuple[TestCA, TestCA], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``test_grpc_channel_ignores_proxies_from_the_environment`` for grpc.aio's native
+    channel. Twin: a plain grpc.aio channel goes to the dead proxy and fails."""
+    import federatls.integrations.grpc.aio as faio
+
+    server, client = _identities(pair)
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("grpc_proxy", "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    method = f"/{SERVICE}/unary_unary"
+    async with serving("aio", server, Handled()) as port:
+        async with faio.secure_channel(client, f"127.0.0.1:{port}") as ch:
+            ours = await ch.unary_unary(method)(b"hi", timeout=WAIT)
+        creds = channel_credentials(client)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as plain:
+                await ch.unary_unary(method)(b"hi", timeout=WAIT)
+    assert ours == b"uu:hi"
+    assert plain.value.code() is grpc.StatusCode.UNAVAILABLE

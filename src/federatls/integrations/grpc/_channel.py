@@ -16,9 +16,10 @@ ended, never cut short. Two ways to check the server:
   checked (name rules on all names, then the authoriser) before a byte of a call is sent.
   A refused server fails the call with ``UNAVAILABLE`` and details naming the refusal.
 
-Options that would move the host check elsewhere (``grpc.default_authority``) are refused
-with ``ConfigError``; ``grpc.ssl_target_name_override`` names the host to check when the
-target is an address.
+Options that would move the host check elsewhere (``grpc.default_authority``) or send the
+traffic through a proxy (``grpc.http_proxy``, ``grpc.enable_http_proxy``) are refused with
+``ConfigError``, and proxies named in the environment are not used;
+``grpc.ssl_target_name_override`` names the host to check when the target is an address.
 """
 
 from __future__ import annotations
@@ -45,10 +46,19 @@ __all__ = ["AioChannel", "Channel", "aio_secure_channel", "secure_channel"]
 
 Options = Sequence[tuple[str, Any]]
 _NAME_OVERRIDE = "grpc.ssl_target_name_override"
+_PROXY = (
+    "would send the channel's traffic through a proxy; federatls's channels connect directly "
+    "(and ignore https_proxy/grpc_proxy in the environment): instead use a plain gRPC channel "
+    "for hosts outside the federation"
+)
 _REFUSED_OPTIONS = {
     "grpc.default_authority": "would change the name the server is checked against; instead "
     f"give the name to check as {_NAME_OVERRIDE} (or put it in the target)",
+    "grpc.http_proxy": _PROXY,
+    "grpc.enable_http_proxy": _PROXY,
 }
+# gRPC takes a proxy from the environment (https_proxy, grpc_proxy...) unless told not to.
+_NO_PROXY = ("grpc.enable_http_proxy", 0)
 # Each channel gets subchannels of its own, so a new channel makes new connections (with the
 # new certificate) instead of sharing the old channel's.
 _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
@@ -375,7 +385,8 @@ def secure_channel(
     def build(identity: Identity) -> grpc.Channel:
         if bridge is None:
             creds = native_credentials(identity, trust, where)
-            return grpc.secure_channel(target, creds, [*opts, _OWN_SUBCHANNELS], compression)
+            native = [*opts, _OWN_SUBCHANNELS, _NO_PROXY]
+            return grpc.secure_channel(target, creds, native, compression)
         plain = [*opts, _OWN_SUBCHANNELS, ("grpc.default_authority", where.authority)]
         return grpc.insecure_channel(bridge.target, plain, compression)
 
@@ -480,7 +491,7 @@ def aio_secure_channel(
         if bridge is None:
             creds = native_credentials(identity, trust, where)
             return grpc.aio.secure_channel(
-                target, creds, [*opts, _OWN_SUBCHANNELS], compression, interceptors
+                target, creds, [*opts, _OWN_SUBCHANNELS, _NO_PROXY], compression, interceptors
             )
         plain = [*opts, _OWN_SUBCHANNELS, ("grpc.default_authority", where.authority)]
         return grpc.aio.insecure_channel(bridge.target, plain, compression, interceptors)
