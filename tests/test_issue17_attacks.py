@@ -913,3 +913,82 @@ async def test_grpc_aio_channel_ignores_proxies_from_the_environment(
                 await ch.unary_unary(method)(b"hi", timeout=WAIT)
     assert ours == b"uu:hi"
     assert plain.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+# 11. A handshake done implicitly by the first read or write --------------------------------------
+def _serve_lazily(ctx: ssl.SSLContext) -> tuple[int, list[object], threading.Thread]:
+    """A server wrapping with do_handshake_on_connect=False and reading at once (as gunicorn
+    does by default): OpenSSL then does the handshake inside the first read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[object] = []
+
+    def run() -> None:
+        with listener:
+            raw, _ = listener.accept()
+            raw.settimeout(WAIT)
+            try:
+                with ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False) as tls:
+                    seen.append(tls.recv(100))
+                    tls.sendall(b"ok")
+            except Exception as exc:
+                seen.append(exc)
+            finally:
+                raw.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], seen, thread
+
+
+@pytest.mark.parametrize("by", ["authoriser", "allowed"])
+def test_server_handshake_done_by_the_first_read_is_checked(
+    pair: tuple[TestCA, TestCA], by: str
+) -> None:
+    """A server that wraps with do_handshake_on_connect=False and reads straight away (no
+    do_handshake call: gunicorn's default) still checks the client: the authoriser refuses
+    it before the read returns a byte (before: the read did the handshake inside OpenSSL,
+    the check never ran, the refused client's data was read). Twin: an allowed client's
+    data is read."""
+    server, client = _identities(pair)
+    authoriser = allow_names("*.aws.internal" if by == "authoriser" else "*.k8s.internal")
+    port, seen, thread = _serve_lazily(server.server_context(authoriser=authoriser))
+    answer, _ = _talk(client.client_context(), port)
+    thread.join(WAIT)
+    if by == "allowed":
+        assert seen == [b"hello"]
+        assert answer == b"ok"
+        return
+    assert len(seen) == 1
+    assert isinstance(seen[0], ssl.SSLCertVerificationError), seen
+    assert isinstance(seen[0].__cause__, PeerNotAuthorisedError)
+
+
+@pytest.mark.parametrize("by", ["authoriser", "allowed"])
+def test_client_handshake_done_by_the_first_write_is_checked(
+    pair: tuple[TestCA, TestCA], by: str
+) -> None:
+    """A client that wraps with do_handshake_on_connect=False and writes at once: the
+    authoriser refuses the server before a byte is sent (before: the write did the handshake
+    and sent the secret to the refused server). Twin: an allowed server gets the bytes."""
+    server, client = _identities(pair)
+    authoriser = allow_names("*.aws.internal" if by == "authoriser" else SERVER)
+    port, seen, thread = _serve(server.server_context())
+    ctx = client.client_context(authoriser=authoriser)
+    outcome: object
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False) as tls,
+        ):
+            tls.sendall(b"secret")
+            outcome = tls.recv(100)
+    except ssl.SSLError as exc:
+        outcome = exc
+    thread.join(WAIT)
+    if by == "allowed":
+        assert outcome == b"ok"
+        assert seen == [(False, b"secret")]
+        return
+    assert isinstance(outcome, ssl.SSLCertVerificationError)
+    assert isinstance(outcome.__cause__, PeerNotAuthorisedError)
+    assert b"secret" not in repr(seen).encode()
