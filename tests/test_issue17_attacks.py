@@ -992,3 +992,50 @@ def test_client_handshake_done_by_the_first_write_is_checked(
     assert isinstance(outcome, ssl.SSLCertVerificationError)
     assert isinstance(outcome.__cause__, PeerNotAuthorisedError)
     assert b"secret" not in repr(seen).encode()
+
+
+# 12. A predicate for an authoriser -------------------------------------------------------------
+def _predicate(peer: PeerInfo) -> bool:
+    """A common mistake: an authoriser written as a predicate (False meant to refuse)."""
+    return peer.common_name.endswith(".aws.internal")
+
+
+@pytest.mark.parametrize("authoriser", ["predicate", "allow_names"])
+def test_predicate_authoriser_on_a_server_context_refuses(
+    pair: tuple[TestCA, TestCA], authoriser: str
+) -> None:
+    """An authoriser that returns False instead of raising refused nobody: now anything but
+    None returned refuses, the refusal saying how authorisers admit and refuse. Twin:
+    allow_names("*.k8s.internal") admits the client."""
+    server, client = _identities(pair)
+    check = _predicate if authoriser == "predicate" else allow_names("*.k8s.internal")
+    port, seen, thread = _serve(server.server_context(authoriser=check))  # type: ignore[arg-type]
+    answer, _ = _talk(client.client_context(), port)
+    thread.join(WAIT)
+    if authoriser == "allow_names":
+        assert seen == [(False, b"hello")]
+        assert answer == b"ok"
+        return
+    assert isinstance(seen[0], ssl.SSLCertVerificationError)
+    assert "returned False" in str(seen[0].__cause__)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_predicate_authoriser_in_the_grpc_interceptor_denies(
+    pair: tuple[TestCA, TestCA], flavour: str
+) -> None:
+    """The same predicate in the gRPC interceptor: PERMISSION_DENIED, handler not run
+    (before: every client served). Twin: allow_names("*.k8s.internal") is served."""
+    server, client = _identities(pair)
+    outcomes, shapes = [], []
+    for check in (_predicate, allow_names("*.k8s.internal")):
+        handled = Handled()
+        async with serving(flavour, server, handled, authoriser=check) as port:  # type: ignore[arg-type]
+            creds = channel_credentials(client)
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+                outcomes.append(await anyio.to_thread.run_sync(attempt_with_deadline, ch))
+        shapes.append(handled.shapes())
+    assert outcomes[0].code is grpc.StatusCode.PERMISSION_DENIED
+    assert "returned False" in outcomes[0].details
+    assert outcomes[1].answer == b"uu:hi"
+    assert shapes == [[], ["unary_unary"]]

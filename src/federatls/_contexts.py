@@ -35,7 +35,7 @@ from ._authorise import Authoriser
 from ._errors import BadMaterialError, PeerNotAuthorisedError
 from ._keys import PrivateKey
 from ._namerules import NameRules
-from ._peer import peer_info
+from ._peer import PeerInfo, peer_info
 from ._sslkeys import tls_context
 from ._trust import TrustBundle
 
@@ -90,9 +90,10 @@ def _authoriser_refusal(
     """Why ``checks.authoriser`` refuses the verified peer of ``conn``, or None. A peer that
     sent no certificate (optional client certificates) is refused: an authoriser is only
     given to see one. An authoriser that fails (raises anything but
-    ``PeerNotAuthorisedError``) refuses too, its error the refusal's ``__cause__``: the
-    connection is cut and the line logged as for any refusal, whatever the library would
-    have done with an unexpected exception from a handshake (asyncio drops it silently)."""
+    ``PeerNotAuthorisedError``, its error the refusal's ``__cause__``, or returns anything
+    but None) refuses too: the connection is cut and the line logged as for any refusal,
+    whatever the library would have done with an unexpected exception from a handshake
+    (asyncio drops it silently)."""
     if checks.authoriser is None:
         return None
     try:
@@ -100,14 +101,29 @@ def _authoriser_refusal(
     except BadMaterialError as exc:
         return PeerNotAuthorisedError(f"the authoriser has no verified peer to check: {exc}")
     try:
-        checks.authoriser(peer)
+        verdict: object = checks.authoriser(peer)
     except PeerNotAuthorisedError as exc:
         return exc
     except Exception as exc:  # a broken authoriser refuses (logged as such), never admits
         refusal = PeerNotAuthorisedError(f"the authoriser failed on {peer}: {exc!r}", peer=peer)
         refusal.__cause__ = exc
         return refusal
-    return None
+    return returned_refusal(peer, verdict)
+
+
+def returned_refusal(peer: PeerInfo, verdict: object) -> PeerNotAuthorisedError | None:
+    """The refusal of an authoriser that returned ``verdict`` instead of None: a predicate
+    (``lambda peer: peer.common_name.endswith(...)``) whose False would otherwise admit
+    everyone. Authorisers return None to admit and raise ``PeerNotAuthorisedError`` to
+    refuse; anything else returned refuses, saying so."""
+    if verdict is None:
+        return None
+    return PeerNotAuthorisedError(
+        f"the authoriser returned {verdict!r} for {peer}: an authoriser admits by returning "
+        "None and refuses by raising PeerNotAuthorisedError (federatls.allow_names and the "
+        "others do)",
+        peer=peer,
+    )
 
 
 def _check_peer(conn: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:

@@ -46,6 +46,7 @@ import grpc
 import grpc.aio
 
 from ..._authorise import Authoriser
+from ..._contexts import returned_refusal
 from ..._errors import BadMaterialError, ConfigError, PeerNotAuthorisedError
 from ..._identity import Identity, TrustChoice
 from ..._namerules import NameRules
@@ -165,7 +166,9 @@ class _Checker:
                 rules.authorise(info)
             if self._authoriser is not None:
                 by = "authoriser"
-                self._authoriser(info)
+                refusal = returned_refusal(info, self._authoriser(info))
+                if refusal is not None:
+                    raise refusal
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             return _Verdict(None, by, exc)
         except Exception as exc:  # a broken authoriser refuses, as in the TLS contexts
