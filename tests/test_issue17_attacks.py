@@ -48,7 +48,7 @@ from federatls._peer import peer_from_chain
 from federatls._renewal import MAX_CONTEXTS
 from federatls._sslkeys import load_cert_chain_in_memory
 from federatls._x509 import certs_to_pem
-from federatls.testing import TestCA, federated_pair
+from federatls.testing import TestCA, federated_pair, running_ca
 from test_grpc_server import (
     SERVICE,
     Handled,
@@ -1039,3 +1039,45 @@ async def test_predicate_authoriser_in_the_grpc_interceptor_denies(
     assert "returned False" in outcomes[0].details
     assert outcomes[1].answer == b"uu:hi"
     assert shapes == [[], ["unary_unary"]]
+
+
+# 13. Optional client certificates ----------------------------------------------------------------
+@pytest.mark.parametrize("who", ["federated", "stranger", "impostor", "anonymous"])
+def test_optional_client_certificates_with_an_authoriser(
+    pair: tuple[TestCA, TestCA], who: str
+) -> None:
+    """A server context with optional client certificates and an authoriser: a certificate
+    that is sent is verified and then authorised (a stranger CA's is refused in the
+    handshake, a federated one outside the authoriser after it), and a client sending none
+    is refused. Twin: the federated client the authoriser allows gets its answer, the
+    authoriser having seen it."""
+    kubernetes = pair[1]
+    server, _ = _identities(pair)
+    calls: list[str] = []
+    allowed = allow_names("client.k8s.internal")
+
+    def authoriser(peer: PeerInfo) -> None:
+        calls.append(peer.common_name)
+        allowed(peer)
+
+    ctx = server.server_context(require_client_certificate=False, authoriser=authoriser)
+    if who == "stranger":
+        with running_ca("partner") as partner:
+            cctx = partner.identity("client.k8s.internal").client_context()
+    elif who == "anonymous":
+        cctx = ssl.create_default_context(cadata=server.trust.pem)
+    else:
+        name = "client.k8s.internal" if who == "federated" else "payments.k8s.internal"
+        cctx = kubernetes.identity(name).client_context()
+    if who == "stranger":  # its own bundle does not trust cloud: let it reach the server
+        cctx.load_verify_locations(cadata=server.trust.pem)
+    port, seen, thread = _serve(ctx)
+    answer, _ = _talk(cctx, port)
+    thread.join(WAIT)
+    if who == "federated":
+        assert answer == b"ok"
+        assert calls == ["client.k8s.internal"]
+        return
+    assert answer != b"ok"
+    assert isinstance(seen[0], ssl.SSLError)
+    assert calls == (["payments.k8s.internal"] if who == "impostor" else [])
