@@ -131,6 +131,7 @@ class _Verdict:
     peer: PeerInfo | None
     by: str = ""  # "trust bundle", "name rules", "authoriser" or "validity"
     refusal: Exception | None = None
+    expires: datetime | None = None  # when the first certificate of the peer's chain expires
 
 
 class _Checker:
@@ -175,7 +176,7 @@ class _Checker:
             if by != "authoriser":
                 raise
             return _Verdict(None, by, PeerNotAuthorisedError(f"the authoriser failed: {exc!r}"))
-        return _Verdict(info)
+        return _Verdict(info, expires=min(c.not_valid_after_utc for c in info.chain))
 
     def check(self, context: Any, method: str) -> _Verdict:
         """The verdict on the client of the call to ``method`` behind ``context``; a
@@ -205,12 +206,12 @@ def _unexpired(verdict: _Verdict) -> _Verdict:
     handshake checked validity, but an HTTP/2 connection outlives it, and gRPC resumes TLS
     sessions (no certificate check) for as long as the server's configuration lasts."""
     assert verdict.peer is not None
-    now = datetime.now(UTC)
-    for cert in verdict.peer.chain:
-        if cert.not_valid_after_utc < now:
-            why = f"{cert.subject.rfc4514_string()!r} expired at {cert.not_valid_after_utc}"
-            return _Verdict(None, "validity", PeerNotAuthorisedError(f"the client's {why}"))
-    return verdict
+    if verdict.expires is None or verdict.expires >= datetime.now(UTC):
+        return verdict
+    chain = verdict.peer.chain
+    cert = next((c for c in chain if c.not_valid_after_utc == verdict.expires), chain[0])
+    why = f"{cert.subject.rfc4514_string()!r} expired at {verdict.expires}"
+    return _Verdict(None, "validity", PeerNotAuthorisedError(f"the client's {why}"))
 
 
 # The PeerInfo of each call running now, keyed by its context: set before the handler runs,
