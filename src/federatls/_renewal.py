@@ -38,10 +38,8 @@ import dataclasses
 import logging
 import random
 import ssl
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -81,24 +79,6 @@ Clock = Callable[[], datetime]
 # ("server" | "client", trust, flag, ALPN protocols, authoriser): one context per kind in each
 # snapshot.
 _ContextKey = tuple[str, str, bool, tuple[str, ...], Authoriser | None]
-# Argument sets whose contexts a snapshot keeps (the oldest dropped first): code that passes a
-# new authoriser object for each client would otherwise pile up contexts (and authorisers)
-# for good, and have every renewal rebuild them all.
-MAX_CONTEXTS = 32
-_CONTEXTS_LOCK = threading.Lock()
-_K = TypeVar("_K", bound=Hashable)
-
-
-def keep_context(
-    contexts: dict[_K, ssl.SSLContext], key: _K, ctx: ssl.SSLContext
-) -> ssl.SSLContext:
-    """Cache ``ctx`` under ``key`` in ``contexts``, dropping the oldest beyond
-    ``MAX_CONTEXTS`` (a dropped context stays usable by whoever holds it)."""
-    with _CONTEXTS_LOCK:
-        contexts[key] = ctx
-        while len(contexts) > MAX_CONTEXTS:
-            del contexts[next(iter(contexts))]
-    return ctx
 
 
 def _now() -> datetime:
@@ -245,7 +225,7 @@ class RenewingIdentity:
         snapshot = self._snapshot
         ctx = snapshot.contexts.get(key)
         if ctx is None:
-            ctx = keep_context(snapshot.contexts, key, _build(snapshot.identity, key))
+            ctx = snapshot.contexts[key] = _build(snapshot.identity, key)
         return ctx
 
     def server_context(
@@ -500,8 +480,7 @@ class RenewingIdentity:
     async def _swap(self, identity: Identity) -> None:
         """Build the new snapshot's contexts (off the event loop: OpenSSL's loading is the
         slow part) for every kind handed out so far, then swap it in as one."""
-        with _CONTEXTS_LOCK:
-            keys = list(self._snapshot.contexts)
+        keys = list(self._snapshot.contexts)
 
         def build() -> dict[_ContextKey, ssl.SSLContext]:
             return {key: _build(identity, key) for key in keys}

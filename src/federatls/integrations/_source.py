@@ -27,7 +27,7 @@ from .._authorise import Authoriser
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._peer import PeerInfo
-from .._renewal import RenewingIdentity, keep_context
+from .._renewal import RenewingIdentity
 
 __all__ = [
     "Arguments",
@@ -67,10 +67,9 @@ def client_context(
         return source.client_context(trust=trust, authoriser=authoriser)
     contexts = _CLIENT_CONTEXTS.setdefault(source, {})
     key = (trust, authoriser)
-    ctx = contexts.get(key)
-    if ctx is None:  # kept as RenewingIdentity keeps its own: at most MAX_CONTEXTS
-        ctx = keep_context(contexts, key, source.client_context(trust=trust, authoriser=authoriser))
-    return ctx
+    if key not in contexts:
+        contexts[key] = source.client_context(trust=trust, authoriser=authoriser)
+    return contexts[key]
 
 
 def authorise(source: Source, conn: object, authoriser: Authoriser | None) -> PeerInfo:
