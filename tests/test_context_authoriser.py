@@ -14,12 +14,14 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
 import federatls
 from federatls import Identity, PeerInfo, PeerNotAuthorisedError, allow_names
-from federatls.integrations._source import Swapping, client_context
+from federatls._renewal import _MAX_AUTHORISED_CONTEXTS
+from federatls.integrations._source import _CLIENT_CONTEXTS, Swapping, client_context
 from federatls.testing import TestCA, federated_pair
 
 SERVER = "server.cloud.internal"
@@ -200,3 +202,43 @@ def test_swapping_closes_an_idle_pool_at_the_swap(pair: tuple[TestCA, TestCA]) -
     newer, closing = swapping.acquire()
     assert closing == [first.serial]
     assert newer.resource == second.serial
+
+
+@dataclass
+class _Unhashable:
+    """An authoriser that is a plain dataclass (eq without frozen: not hashable)."""
+
+    allowed: str
+
+    def __call__(self, peer: PeerInfo) -> None:
+        allow_names(self.allowed)(peer)
+
+
+def test_an_unhashable_authoriser_works_on_live_contexts(pair: tuple[TestCA, TestCA]) -> None:
+    """A renewing server context and client context take an authoriser that cannot be
+    hashed (compared by identity). Twin: the same kind of authoriser refusing."""
+    server, client = _identities(pair)
+    live_server = federatls.RenewingIdentity(server)
+    port, seen = _serve_once(live_server.server_context(authoriser=_Unhashable("*.k8s.internal")))
+    live_client = federatls.RenewingIdentity(client)
+    ctx = live_client.client_context(authoriser=_Unhashable("*.cloud.internal"))
+    assert _talk(ctx, port) == b"ok"
+    assert _done(seen) == [b"hello"]
+    port, seen = _serve_once(live_server.server_context(authoriser=_Unhashable("*.aws.internal")))
+    assert _answer(live_client.client_context(), port) != b"ok"
+    assert isinstance(_done(seen)[0], ssl.SSLCertVerificationError)
+
+
+def test_contexts_for_new_authorisers_are_bounded(pair: tuple[TestCA, TestCA]) -> None:
+    """A program that makes a new authoriser for every client does not grow a snapshot's
+    contexts (nor what a renewal rebuilds) without bound. Twin: one authoriser reused keeps
+    its one context."""
+    _, client = _identities(pair)
+    live = federatls.RenewingIdentity(client)
+    for _ in range(_MAX_AUTHORISED_CONTEXTS + 20):
+        live.client_context(authoriser=allow_names("*.cloud.internal"))
+        client_context(client, "federation", allow_names("*.cloud.internal"))
+    assert len(live._snapshot.contexts) <= _MAX_AUTHORISED_CONTEXTS
+    assert len(_CLIENT_CONTEXTS[client]) <= _MAX_AUTHORISED_CONTEXTS
+    kept = allow_names("*.cloud.internal")
+    assert live.client_context(authoriser=kept) is live.client_context(authoriser=kept)

@@ -76,9 +76,35 @@ log = logging.getLogger("federatls.renewal")
 
 TokenSource = Callable[[], Awaitable[str]]
 Clock = Callable[[], datetime]
+
+
+class AuthoriserKey:
+    """An authoriser as part of a cache key: compared by identity, so an authoriser need not
+    be hashable (a plain dataclass instance, say)."""
+
+    __slots__ = ("authoriser",)
+
+    def __init__(self, authoriser: Authoriser) -> None:
+        self.authoriser = authoriser
+
+    def __hash__(self) -> int:
+        return id(self.authoriser)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AuthoriserKey) and other.authoriser is self.authoriser
+
+    @classmethod
+    def of(cls, authoriser: Authoriser | None) -> AuthoriserKey | None:
+        return None if authoriser is None else cls(authoriser)
+
+
 # ("server" | "client", trust, flag, ALPN protocols, authoriser): one context per kind in each
 # snapshot.
-_ContextKey = tuple[str, str, bool, tuple[str, ...], Authoriser | None]
+_ContextKey = tuple[str, str, bool, tuple[str, ...], AuthoriserKey | None]
+# Contexts with an authoriser kept per snapshot, at most: one per authoriser object, and a
+# program that makes a new authoriser for every client must not make every renewal rebuild
+# all the contexts it ever asked for. The oldest is dropped (its holders keep it working).
+_MAX_AUTHORISED_CONTEXTS = 32
 
 
 def _now() -> datetime:
@@ -116,7 +142,8 @@ def _difference(old: TrustBundle, new: TrustBundle) -> str:
 
 
 def _build(identity: Identity, key: _ContextKey) -> ssl.SSLContext:
-    side, trust, flag, alpn, authoriser = key
+    side, trust, flag, alpn, keyed = key
+    authoriser = keyed.authoriser if keyed is not None else None
     choice: TrustChoice = "own" if trust == "own" else "federation"
     if side == "server":
         ctx = identity.server_context(
@@ -226,6 +253,9 @@ class RenewingIdentity:
         ctx = snapshot.contexts.get(key)
         if ctx is None:
             ctx = snapshot.contexts[key] = _build(snapshot.identity, key)
+            authorised = [k for k in snapshot.contexts if k[4] is not None]
+            if len(authorised) > _MAX_AUTHORISED_CONTEXTS:
+                del snapshot.contexts[authorised[0]]
         return ctx
 
     def server_context(
@@ -255,11 +285,12 @@ class RenewingIdentity:
             conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext
         ) -> None:
             newest = self._context(
-                ("server", trust, require_client_certificate, listening.alpn, authoriser)
+                ("server", trust, require_client_certificate, listening.alpn, keyed)
             )
             if newest is not ctx:
                 conn.context = newest
 
+        keyed = AuthoriserKey.of(authoriser)
         listening.sni_callback = switch
         return listening
 
@@ -274,7 +305,7 @@ class RenewingIdentity:
         after the handshake). A client context cannot switch by itself: take it again for
         each new connection (the integrations do). Contexts are kept per snapshot and per
         argument set, so pass the same authoriser object each time, not a new one."""
-        return self._context(("client", trust, check_hostname, (), authoriser))
+        return self._context(("client", trust, check_hostname, (), AuthoriserKey.of(authoriser)))
 
     def peer(self, conn: object) -> PeerInfo:
         """``current.peer(conn)``: the verified peer, anchored in the newest trust bundle."""

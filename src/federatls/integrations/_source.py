@@ -27,7 +27,7 @@ from .._authorise import Authoriser
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._peer import PeerInfo
-from .._renewal import RenewingIdentity
+from .._renewal import _MAX_AUTHORISED_CONTEXTS, AuthoriserKey, RenewingIdentity
 
 __all__ = [
     "Arguments",
@@ -46,7 +46,7 @@ Source = Identity | RenewingIdentity
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.
-_ContextKey = tuple[TrustChoice, Authoriser | None]
+_ContextKey = tuple[TrustChoice, AuthoriserKey | None]
 _CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[_ContextKey, ssl.SSLContext]] = (
     weakref.WeakKeyDictionary()
 )
@@ -66,9 +66,11 @@ def client_context(
     if isinstance(source, RenewingIdentity):
         return source.client_context(trust=trust, authoriser=authoriser)
     contexts = _CLIENT_CONTEXTS.setdefault(source, {})
-    key = (trust, authoriser)
+    key = (trust, AuthoriserKey.of(authoriser))
     if key not in contexts:
         contexts[key] = source.client_context(trust=trust, authoriser=authoriser)
+        if len(contexts) > _MAX_AUTHORISED_CONTEXTS:  # a new authoriser per client: bounded
+            del contexts[next(iter(contexts))]
     return contexts[key]
 
 
