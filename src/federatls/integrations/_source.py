@@ -21,13 +21,15 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._authorise import Authoriser
 from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
-from .._peer import PeerInfo
 from .._renewal import _MAX_AUTHORISED_CONTEXTS, AuthoriserKey, RenewingIdentity
+
+if TYPE_CHECKING:
+    from .._peer import PeerInfo
 
 __all__ = [
     "Arguments",
