@@ -28,9 +28,6 @@ from .._errors import ConfigError, PeerNotAuthorisedError
 from .._identity import Identity, TrustChoice
 from .._renewal import _MAX_AUTHORISED_CONTEXTS, AuthoriserKey, RenewingIdentity
 
-if TYPE_CHECKING:
-    from .._peer import PeerInfo
-
 __all__ = [
     "Arguments",
     "Slot",
@@ -45,6 +42,9 @@ __all__ = [
 ]
 
 Source = Identity | RenewingIdentity
+
+if TYPE_CHECKING:
+    from .._peer import PeerInfo
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.
