@@ -17,7 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -831,27 +831,45 @@ _CONNECT = (
 )
 
 
+_SYSTEM_PYTHON = "/usr/bin/python3"  # one another user may run (a venv's may live in /root)
+
+
 @pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="needs root and setpriv to act as another user",
+    os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists(_SYSTEM_PYTHON),
+    reason="needs root, setpriv and /usr/bin/python3 to act as another user",
 )
 def test_bridge_socket_refuses_another_local_user(pair: tuple[TestCA, TestCA]) -> None:
     """Another local user (nobody) cannot connect to a bridged channel's Unix socket (which
-    would let it call the server as this identity): the socket's directory is 0700. Twin:
-    the same connection from this user succeeds."""
+    would let it call the server as this identity): the socket's directory is 0700. Twins:
+    this user connects to it, and nobody connects to a socket in an open directory (so the
+    refusal is the directory's doing)."""
     _, client = _identities(pair)
-    python = shutil.which("python3") or sys.executable
-    with fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER)) as ch:
-        path = ch._bridge.path  # type: ignore[union-attr]
-        mine = subprocess.run(
-            [python, "-c", _CONNECT, path], capture_output=True, text=True, timeout=WAIT
-        )
-        other = subprocess.run(
-            [*_AS_NOBODY, python, "-c", _CONNECT, path],
+
+    def connect(path: str, *, as_nobody: bool) -> subprocess.CompletedProcess[str]:
+        command = [_SYSTEM_PYTHON, "-c", _CONNECT, path]
+        return subprocess.run(
+            [*_AS_NOBODY, *command] if as_nobody else command,
             capture_output=True,
             text=True,
             timeout=WAIT,
         )
+
+    open_dir = tempfile.mkdtemp(prefix="federatls-test-open-")
+    try:
+        os.chmod(open_dir, 0o755)  # noqa: S103 (the twin: a directory others may enter)
+        open_path = os.path.join(open_dir, "open.sock")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(open_path)
+            os.chmod(open_path, 0o777)  # noqa: S103 (as above)
+            listener.listen(1)
+            control = connect(open_path, as_nobody=True)
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
+    with fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER)) as ch:
+        path = ch._bridge.path  # type: ignore[union-attr]
+        mine = connect(path, as_nobody=False)
+        other = connect(path, as_nobody=True)
+    assert control.stdout.strip() == "connected", control.stderr
     assert mine.stdout.strip() == "connected", mine.stderr
     assert other.returncode != 0
     assert "PermissionError" in other.stderr
