@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ._errors import PeerNotAuthorisedError
 from ._peer import PeerInfo, peer_info
@@ -175,22 +176,32 @@ def _refuse(peer: PeerInfo, reason: str) -> PeerNotAuthorisedError:
 
 
 def apply_authoriser(authoriser: Authoriser, peer: PeerInfo) -> None:
-    """Run ``authoriser`` on ``peer``, which it refuses with ``PeerNotAuthorisedError``. One
-    that raises anything else (a bug, or a ``ValueError`` meant as a refusal) refuses the
-    peer too, with a ``PeerNotAuthorisedError`` naming what it raised (``from`` it): a broken
-    check must not let a peer in, nor end as a traceback inside asyncio's or gRPC's TLS."""
+    """Run ``authoriser`` on ``peer``: it admits by returning None and refuses by raising
+    ``PeerNotAuthorisedError``. One that raises anything else (a bug, or a ``ValueError``
+    meant as a refusal) or returns anything but None (a predicate's ``False``) refuses the
+    peer too, with a ``PeerNotAuthorisedError`` saying what it did (``from`` what it raised):
+    a broken check must not let a peer in, nor end as a traceback inside asyncio's or
+    gRPC's TLS."""
+    name = getattr(authoriser, "__qualname__", type(authoriser).__qualname__)
     try:
-        authoriser(peer)
+        # Typed to return None, but a predicate returns a bool: look at what came back.
+        verdict: object = cast(Callable[[PeerInfo], object], authoriser)(peer)
     except PeerNotAuthorisedError:
         raise
     except Exception as exc:
-        name = getattr(authoriser, "__qualname__", type(authoriser).__qualname__)
         raise _refuse(
             peer,
-            f"the authoriser {name!r} raised {type(exc).__name__}({str(exc)!r}) instead of "
-            "allowing it or raising federatls.PeerNotAuthorisedError (refused: an authoriser "
-            "refuses a peer by raising PeerNotAuthorisedError)",
+            f"the authoriser {name!r} raised {type(exc).__name__}({str(exc)!r}): the "
+            "authoriser failed, so the peer is refused (an authoriser refuses a peer by "
+            "raising federatls.PeerNotAuthorisedError)",
         ) from exc
+    if verdict is not None:
+        raise _refuse(
+            peer,
+            f"the authoriser {name!r} returned {verdict!r}: an authoriser admits by returning "
+            "None and refuses by raising federatls.PeerNotAuthorisedError (as "
+            "federatls.allow_names and the others do)",
+        )
 
 
 def _malformed_spiffe_id(peer: PeerInfo) -> None:

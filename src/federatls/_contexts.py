@@ -27,7 +27,7 @@ import ssl
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -89,7 +89,11 @@ def _authoriser_refusal(
 ) -> PeerNotAuthorisedError | None:
     """Why ``checks.authoriser`` refuses the verified peer of ``conn``, or None. A peer that
     sent no certificate (optional client certificates) is refused: an authoriser is only
-    given to see one."""
+    given to see one. An authoriser that fails (raises anything but
+    ``PeerNotAuthorisedError``, its error the refusal's ``__cause__``, or returns anything
+    but None) refuses too: the connection is cut and the line logged as for any refusal,
+    whatever the library would have done with an unexpected exception from a handshake
+    (asyncio drops it silently)."""
     if checks.authoriser is None:
         return None
     try:
@@ -157,10 +161,17 @@ def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None
         log.info("TLS handshake with %s failed: %s", peer, exc.reason or exc)
 
 
+# The check runs in ``do_handshake``. A handshake can also be done by OpenSSL inside the first
+# read or write (a socket wrapped with ``do_handshake_on_connect=False`` and read at once, as
+# gunicorn does; an SSLObject read before its handshake), where no ``do_handshake`` of ours
+# would run: so the first read or write of each class below does the handshake through
+# ``do_handshake`` first (a non-blocking one raises SSLWantRead/WriteError as a read would).
 class _ServerSSLObject(ssl.SSLObject):
     """The TLS object asyncio's servers get from a federatls server context: it logs a
     refused handshake (the peer's address is not known at this level) and checks the peer
     (name rules, authoriser)."""
+
+    _checked = False
 
     def do_handshake(self) -> None:
         try:
@@ -171,11 +182,24 @@ class _ServerSSLObject(ssl.SSLObject):
             log_refused_handshake(exc)
             raise
         _check_peer(self, "TLS client")
+        self._checked = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._checked:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._checked:
+            self.do_handshake()
+        return super().write(data)
 
 
 class _ServerSSLSocket(ssl.SSLSocket):
     """The blocking TLS socket of a federatls server context: it logs a refused handshake,
     with the client's address, and checks the peer (name rules, authoriser)."""
+
+    _checked = False
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -186,24 +210,71 @@ class _ServerSSLSocket(ssl.SSLSocket):
             log_refused_handshake(exc, _address(self, "TLS client"))
             raise
         _check_peer(self, "TLS client")
+        self._checked = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().write(data)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().send(data, flags)
 
 
 class _ClientSSLObject(ssl.SSLObject):
     """The TLS object of a federatls client context under asyncio and anyio (httpx, aiohttp,
     streams): it checks the server (name rules, authoriser)."""
 
+    _checked = False
+
     def do_handshake(self) -> None:
         super().do_handshake()
         _check_peer(self, "TLS server")
+        self._checked = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._checked:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._checked:
+            self.do_handshake()
+        return super().write(data)
 
 
 class _ClientSSLSocket(ssl.SSLSocket):
     """The blocking TLS socket of a federatls client context (httpx's sync client, urllib3,
     requests): it checks the server (name rules, authoriser)."""
 
+    _checked = False
+
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         _check_peer(self, "TLS server")
+        self._checked = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().write(data)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+        return super().send(data, flags)
 
 
 def new_server_context(

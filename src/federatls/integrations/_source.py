@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._authorise import (
     Authoriser,
@@ -61,6 +61,9 @@ _AUTHORISER_MAKERS: tuple[object, ...] = (
     all_of,
     any_of,
 )
+
+if TYPE_CHECKING:
+    pass
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.

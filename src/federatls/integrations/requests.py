@@ -14,8 +14,8 @@ response uses it).
 Refused with ``ConfigError``, as they would route around that TLS or be ignored:
 ``http://`` URLs (redirects included: ``http://`` is mounted on an adapter that refuses),
 proxies (``session.proxies`` or ``proxies=``), ``verify=`` other than True and ``cert=``
-(per request or on the session), and ``session.mount`` of another adapter on ``https://`` or
-``http://`` (or a prefix of them). From the environment (``trust_env``, on by default) the
+(per request or on the session), and mounting another adapter for ``http(s)://`` URLs.
+From the environment (``trust_env``, on by default) the
 session takes what requests takes (``.netrc`` credentials) except proxies and CA bundles
 (``HTTPS_PROXY``, ``REQUESTS_CA_BUNDLE`` ...): it connects directly, verified against the
 identity's bundle, whatever the environment says.
@@ -180,23 +180,29 @@ class Session(requests.Session):
     ) -> None:
         check_common(_WHAT, source, trust, authoriser)
         passed_on(_ARGS, adapter_kw)
-        self._mounted = False
         super().__init__()
         self.mount("https://", _Adapter(source, trust, authoriser, **adapter_kw))
         self.mount("http://", _PlainRefused())
-        self._mounted = True
+        self._ours = True
+
+    _ours = False  # set once federatls's adapters are mounted
 
     def mount(self, prefix: str, adapter: BaseAdapter) -> None:
-        """requests' ``mount``, except that an adapter of one's own for ``http://`` or
-        ``https://`` URLs (or a prefix of them) is a ``ConfigError``: it would send those
-        requests without the identity's TLS and the authoriser. Other schemes mount."""
-        if self._mounted and prefix.lower().startswith(("http://", "https://")):
+        """requests' ``mount``, refusing (``ConfigError``) an adapter that would take
+        ``http://`` or ``https://`` URLs from federatls's (the common
+        ``mount("https://", HTTPAdapter(max_retries=...))`` would drop the identity, the
+        trust bundle and the authoriser without a word)."""
+        low = prefix.lower()
+        web = low.startswith(("http://", "https://")) or any(
+            scheme.startswith(low) for scheme in ("http://", "https://")
+        )
+        if self._ours and web and not isinstance(adapter, _Adapter | _PlainRefused):
             raise ConfigError(
-                f"{_WHAT}: mount({prefix!r}, {type(adapter).__name__}(...)) would send those "
-                "requests through another adapter, without the identity's TLS and the "
-                "authoriser; instead give the adapter's pool_connections, pool_maxsize, "
-                "max_retries or pool_block to Session (or use a plain requests session for "
-                "hosts outside the federation)"
+                f"{_WHAT}: mount({prefix!r}, {type(adapter).__name__}(...)) would send "
+                "requests through another "
+                "adapter, without federatls's TLS: pass max_retries=, pool_connections=, "
+                "pool_maxsize= or pool_block= to the Session instead (or use a plain requests "
+                "session for hosts outside the federation)"
             )
         super().mount(prefix, adapter)
 

@@ -17,9 +17,10 @@ one urllib3 pool manager per snapshot of the identity (``_source.Swapping``):
   directly: urllib3's TLS and proxy arguments are refused with ``ConfigError`` (only those
   in ``_PASSED_ON`` are passed on to urllib3's connection pools).
 
-urllib3 retries a failed handshake as any connection error (``retries=``, 3 by default): a
-refused server is contacted once per attempt, each refusal logged. Pass ``retries=0`` (or
-``Retry(connect=0)``) to try it once.
+A server refused by the name rules or the authoriser is contacted once, whatever
+``retries=`` says (a refusal could only repeat); other failed handshakes (a certificate that
+does not verify, a timeout) are retried as urllib3 retries any connection error (3 by
+default: pass ``retries=0`` to try once).
 
 ``peer(response)`` works for every response of this pool manager, after its body was read
 and its connection released too (the peer is recorded when the response arrives).
@@ -154,7 +155,13 @@ class _RecordingConnection(urllib3.connection.HTTPSConnection):
     peer: TLSRecord | None = None
 
     def connect(self) -> None:
-        super().connect()
+        try:
+            super().connect()
+        except ssl.SSLCertVerificationError as exc:
+            # A refusal by the name rules or the authoriser is final: raised as itself,
+            # which urllib3 does not take for a connection error to retry.
+            raise_refusal(exc)
+            raise
         self.peer = TLSRecord.of(cast(TLSObject, self.sock))
 
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]

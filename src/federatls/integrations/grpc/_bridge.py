@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -36,7 +37,10 @@ from .._source import Source, snapshot
 
 __all__ = ["Bridge", "Upstream"]
 
+log = logging.getLogger("federatls")
+
 _CONNECT_TIMEOUT = 20.0  # seconds for TCP connect plus TLS handshake to the target
+_STOP_TIMEOUT = 10.0  # seconds for close() to stop the bridge
 _CHUNK = 65536
 _UNAVAILABLE = "14"
 
@@ -105,6 +109,11 @@ class Bridge:
         return bridge
 
     @property
+    def thread(self) -> threading.Thread:
+        """The thread running the bridge's event loop."""
+        return self._thread
+
+    @property
     def target(self) -> str:
         """The gRPC target of the socket."""
         return f"unix:{self.path}"
@@ -116,13 +125,15 @@ class Bridge:
                 return
             self._stopped = True
         stopping = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        with contextlib.suppress(Exception):
-            stopping.result(10)
-        # Stopped from here, once the shutdown's result is in: a loop stopped by the
-        # shutdown itself never delivers that result, and close() waited 10 s every time.
-        with contextlib.suppress(RuntimeError):  # the loop has ended already
+        try:
+            stopping.result(_STOP_TIMEOUT)
+        except Exception as exc:  # whatever went wrong, the loop is stopped below
+            log.warning("gRPC bridge to %s did not stop cleanly: %r", _at(self.upstream), exc)
+        # Stopped only now: stopping the loop inside _shutdown ended it before the future
+        # above got the result (a 10 s wait in every close).
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
             self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._thread.join(_STOP_TIMEOUT)
         shutil.rmtree(self._directory, ignore_errors=True)
 
     # The loop's thread ---------------------------------------------------------------------------

@@ -16,15 +16,17 @@ ended, never cut short. Two ways to check the server:
   checked (name rules on all names, then the authoriser) before a byte of a call is sent.
   A refused server fails the call with ``UNAVAILABLE`` and details naming the refusal.
 
-Options that would move the host check elsewhere (``grpc.default_authority``) are refused
-with ``ConfigError``; ``grpc.ssl_target_name_override`` names the host to check when the
-target is an address.
+Options that would move the host check elsewhere (``grpc.default_authority``) or send the
+traffic through a proxy (``grpc.http_proxy``, ``grpc.enable_http_proxy``) are refused with
+``ConfigError``, and proxies named in the environment are not used;
+``grpc.ssl_target_name_override`` names the host to check when the target is an address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -44,12 +46,21 @@ __all__ = ["AioChannel", "Channel", "aio_secure_channel", "secure_channel"]
 
 Options = Sequence[tuple[str, Any]]
 _NAME_OVERRIDE = "grpc.ssl_target_name_override"
+_PROXY = (
+    "would send the channel's traffic through a proxy; federatls's channels connect directly "
+    "(and ignore https_proxy/grpc_proxy in the environment): instead use a plain gRPC channel "
+    "for hosts outside the federation"
+)
 _REFUSED_OPTIONS = {
     "grpc.default_authority": "would change the name the server is checked against; instead "
     f"give the name to check as {_NAME_OVERRIDE} (or put it in the target)",
+    "grpc.http_proxy": _PROXY,
+    "grpc.enable_http_proxy": _PROXY,
 }
 # What a call on a closed channel raises (gRPC's own: ValueError, or grpc.aio.UsageError).
 _CLOSED = "Cannot invoke RPC on a closed channel: make a new one with secure_channel"
+# gRPC takes a proxy from the environment (https_proxy, grpc_proxy...) unless told not to.
+_NO_PROXY = ("grpc.enable_http_proxy", 0)
 # Each channel gets subchannels of its own, so a new channel makes new connections (with the
 # new certificate) instead of sharing the old channel's.
 _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
@@ -153,11 +164,11 @@ class _Swapped(Generic[C]):
     ) -> None:
         self._swapping: Swapping[C] = Swapping(source, build)
         self._close = close
-        self._closed_error = closed
+        self._closed_error = closed  # what a call on the closed wrapper raises, as gRPC's
         self._closed = False
 
     def acquire(self) -> Slot[C]:
-        if self._closed:
+        if self._closed:  # else Swapping would build a new channel, never to be closed
             raise self._closed_error()
         slot, to_close = self._swapping.acquire()
         for channel in to_close:
@@ -259,6 +270,7 @@ class Channel(grpc.Channel):  # type: ignore[misc]
         self, build: Callable[[Identity], grpc.Channel], source: Source, bridge: Bridge | None
     ) -> None:
         self._bridge = bridge
+        self._unbridge = _bridge_finalizer(self, bridge)
         self._subscriptions: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
 
         def built(identity: Identity) -> grpc.Channel:
@@ -299,8 +311,7 @@ class Channel(grpc.Channel):  # type: ignore[misc]
         the bridge."""
         for channel in self._swapped.close():
             channel.close()
-        if self._bridge is not None:
-            self._bridge.close()
+        self._unbridge()
 
     def __enter__(self) -> Channel:
         return self
@@ -321,6 +332,22 @@ def _close_in_thread(channel: grpc.Channel) -> None:
     # The last call's done-callback runs on one of the channel's own threads, where closing
     # the channel would wait on itself; close it from a short thread of its own.
     threading.Thread(target=channel.close, name="federatls-grpc-close").start()
+
+
+def _bridge_finalizer(channel: object, bridge: Bridge | None) -> Callable[[], object]:
+    """What closes ``bridge`` (once): called by the channel's ``close``, or when the channel
+    is garbage collected or the interpreter exits without it (else the bridge's thread,
+    loop and socket would live on, and its directory outlive the process)."""
+    if bridge is None:
+        return lambda: None
+    return weakref.finalize(channel, _close_bridge, bridge)
+
+
+def _close_bridge(bridge: Bridge) -> None:
+    if threading.current_thread() is bridge.thread:  # collected on the bridge's own loop
+        threading.Thread(target=bridge.close, name="federatls-grpc-bridge-close").start()
+    else:
+        bridge.close()
 
 
 def _check_common(
@@ -364,7 +391,8 @@ def secure_channel(
     def build(identity: Identity) -> grpc.Channel:
         if bridge is None:
             creds = native_credentials(identity, trust, where)
-            return grpc.secure_channel(target, creds, [*opts, _OWN_SUBCHANNELS], compression)
+            native = [*opts, _OWN_SUBCHANNELS, _NO_PROXY]
+            return grpc.secure_channel(target, creds, native, compression)
         plain = [*opts, _OWN_SUBCHANNELS, ("grpc.default_authority", where.authority)]
         return grpc.insecure_channel(bridge.target, plain, compression)
 
@@ -400,6 +428,7 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
         self, build: Callable[[Identity], grpc.aio.Channel], source: Source, bridge: Bridge | None
     ) -> None:
         self._bridge = bridge
+        self._unbridge = _bridge_finalizer(self, bridge)
         self._closing: set[asyncio.Task[None]] = set()
         self._swapped: _Swapped[grpc.aio.Channel] = _Swapped(
             source, build, self._close_later, lambda: grpc.aio.UsageError(_CLOSED)
@@ -438,8 +467,7 @@ class AioChannel(grpc.aio.Channel):  # type: ignore[misc]
         bridge."""
         channels = self._swapped.close()
         await asyncio.gather(*(c.close(grace) for c in channels), *self._closing)
-        if self._bridge is not None:
-            self._bridge.close()
+        self._unbridge()
 
     async def __aenter__(self) -> AioChannel:
         return self
@@ -469,7 +497,7 @@ def aio_secure_channel(
         if bridge is None:
             creds = native_credentials(identity, trust, where)
             return grpc.aio.secure_channel(
-                target, creds, [*opts, _OWN_SUBCHANNELS], compression, interceptors
+                target, creds, [*opts, _OWN_SUBCHANNELS, _NO_PROXY], compression, interceptors
             )
         plain = [*opts, _OWN_SUBCHANNELS, ("grpc.default_authority", where.authority)]
         return grpc.aio.insecure_channel(bridge.target, plain, compression, interceptors)

@@ -16,7 +16,10 @@ gRPC runs its own TLS (not Python's ``ssl``), so the one mechanism of the other 
   are read from ``context.auth_context()`` (``x509_pem_cert``, the leaf, and
   ``x509_pem_cert_chain``, what the client sent besides) and its chain rebuilt up to a root
   of the bundle trusted *now* (``peer_from_chain``), so a connection opened before a root was
-  dropped cannot go on calling; then the bundle's name rules, then the authoriser. A refusal
+  dropped cannot go on calling, nor one whose certificate has expired since (a connection, or
+  a resumed TLS session, outlives the handshake's check of validity); then the bundle's name
+  rules, then the authoriser (one that raises anything else than ``PeerNotAuthorisedError``
+  refuses too). A refusal
   aborts the call with ``PERMISSION_DENIED`` (logged once on ``federatls.peer``); the handler
   is never called. Every call shape is covered (unary and streaming, both ways). The
   verdict is remembered per presented certificates and snapshot, so a client calling many
@@ -37,6 +40,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -126,8 +130,9 @@ class _Verdict:
     """The outcome of checking a client: its PeerInfo, or what refused it and why."""
 
     peer: PeerInfo | None
-    by: str = ""  # "trust bundle", "name rules" or "authoriser"
+    by: str = ""  # "trust bundle", "name rules", "authoriser" or "validity"
     refusal: Exception | None = None
+    expires: datetime | None = None  # when the first certificate of the peer's chain expires
 
 
 class _Checker:
@@ -166,7 +171,7 @@ class _Checker:
                 apply_authoriser(self._authoriser, info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             return _Verdict(None, by, exc)
-        return _Verdict(info)
+        return _Verdict(info, expires=min(c.not_valid_after_utc for c in info.chain))
 
     def check(self, context: Any, method: str) -> _Verdict:
         """The verdict on the client of the call to ``method`` behind ``context``; a
@@ -183,10 +188,25 @@ class _Checker:
                 if len(self._verdicts) >= self._CACHE_SIZE:
                     self._verdicts.pop(next(iter(self._verdicts)))
                 self._verdicts[key] = (identity, verdict)
+        if verdict.peer is not None:
+            verdict = _unexpired(verdict)
         if verdict.peer is None:
             who, why = context.peer(), verdict.refusal
             log.warning("refused the gRPC call %s from %s (%s): %s", method, who, verdict.by, why)
         return verdict
+
+
+def _unexpired(verdict: _Verdict) -> _Verdict:
+    """``verdict``, or a refusal if a certificate of its chain has expired since: the
+    handshake checked validity, but an HTTP/2 connection outlives it, and gRPC resumes TLS
+    sessions (no certificate check) for as long as the server's configuration lasts."""
+    assert verdict.peer is not None
+    if verdict.expires is None or verdict.expires >= datetime.now(UTC):
+        return verdict
+    chain = verdict.peer.chain
+    cert = next((c for c in chain if c.not_valid_after_utc == verdict.expires), chain[0])
+    why = f"{cert.subject.rfc4514_string()!r} expired at {verdict.expires}"
+    return _Verdict(None, "validity", PeerNotAuthorisedError(f"the client's {why}"))
 
 
 # The PeerInfo of each call running now, keyed by its context: set before the handler runs,
