@@ -35,8 +35,10 @@ certificates, so the client renews about every 2.7 s, each renewal moving new ca
 new gRPC channel (a new connection and handshake) and closing the old one once idle.
 
 Figures: calls per second (answered calls in the windows / their time), p50 and p99
-latency, failed calls (must be 0), renewals during churn; the ratios native / pem and
-bridged / pem for calls/s, and churn / steady for p99. A default run takes about 1.5
+latency, failed calls (must be 0), renewals during churn; CPU per call of the server process
+and of the client process (all threads, from /proc, over the same windows: steadier than
+calls/s when something else loads the machine); the ratios native / pem and bridged / pem
+for calls/s and CPU per call, and churn / steady for p99. A default run takes about 1.5
 minutes (two on a loaded machine).
 """
 
@@ -68,6 +70,7 @@ from federatls import Identity, RenewingIdentity, allow_names
 from federatls._x509 import certs_to_pem
 from federatls.integrations.grpc import aio as fgrpc_aio
 from federatls.testing import TestCA, federated_pair
+from sign_throughput import process_cpu_seconds
 
 SHORT = {"minTLSCertDuration": "1s", "defaultTLSCertDuration": "4s", "maxTLSCertDuration": "1h"}
 LONG = timedelta(minutes=10)
@@ -141,16 +144,27 @@ class Segment:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     renewals: int = 0
+    server_cpu: float = 0.0  # seconds, over the window
+    client_cpu: float = 0.0
 
 
-async def load(channel: Any, concurrency: int, warmup: float, duration: float) -> Segment:
+async def load(
+    channel: Any, concurrency: int, warmup: float, duration: float, server_pid: int
+) -> Segment:
     """``concurrency`` tasks calling back to back; latencies of the calls that start in the
-    window after ``warmup``."""
+    window after ``warmup``, and the CPU both processes spent in it."""
     method = channel.unary_unary(METHOD)
     seg = Segment("", "", duration)
     loop = asyncio.get_running_loop()
     start = loop.time() + warmup
     end = start + duration
+
+    async def measure() -> None:
+        await asyncio.sleep(start - loop.time())
+        server, client = process_cpu_seconds(server_pid), process_cpu_seconds(os.getpid())
+        await asyncio.sleep(end - loop.time())
+        seg.server_cpu = process_cpu_seconds(server_pid) - server
+        seg.client_cpu = process_cpu_seconds(os.getpid()) - client
 
     async def worker() -> None:
         while (began := loop.time()) < end:
@@ -165,7 +179,7 @@ async def load(channel: Any, concurrency: int, warmup: float, duration: float) -
             if began >= start:
                 seg.latencies.append(loop.time() - began)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(measure(), *(worker() for _ in range(concurrency)))
     return seg
 
 
@@ -201,6 +215,7 @@ async def run_segment(
     target: str,
     files: Path,
     args: argparse.Namespace,
+    server_pid: int,
 ) -> Segment:
     server_check = allow_names("server.cloud.internal")
     steady = await federatls.bootstrap(
@@ -208,12 +223,12 @@ async def run_segment(
     )
     if name == "pem":
         channel = pem_channel(files, target)
-        seg = await load(channel, args.concurrency, args.warmup, args.duration)
+        seg = await load(channel, args.concurrency, args.warmup, args.duration, server_pid)
         await channel.close()
     elif condition == "steady":
         authoriser = server_check if name == "bridged" else None
         async with fgrpc_aio.secure_channel(steady, target, authoriser=authoriser) as channel:
-            seg = await load(channel, args.concurrency, args.warmup, args.duration)
+            seg = await load(channel, args.concurrency, args.warmup, args.duration, server_pid)
     else:
         first = await federatls.bootstrap(
             kubernetes.token("client.k8s.internal", sans=["client.k8s.internal"]),
@@ -225,7 +240,7 @@ async def run_segment(
         before = live.renewals
         authoriser = server_check if name == "bridged" else None
         async with fgrpc_aio.secure_channel(live, target, authoriser=authoriser) as channel:
-            seg = await load(channel, args.concurrency, args.warmup, args.duration)
+            seg = await load(channel, args.concurrency, args.warmup, args.duration, server_pid)
         seg.renewals = live.renewals - before
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -245,6 +260,8 @@ def summary(segments: list[Segment]) -> dict[str, Any]:
         "failed": sum(len(s.failures) for s in segments),
         "failure_samples": [f for s in segments for f in s.failures][:3],
         "renewals": sum(s.renewals for s in segments),
+        "server_cpu_us_per_call": 1e6 * sum(s.server_cpu for s in segments) / max(len(lat), 1),
+        "client_cpu_us_per_call": 1e6 * sum(s.client_cpu for s in segments) / max(len(lat), 1),
     }
 
 
@@ -268,6 +285,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
         try:
             pem_port, our_port = here.recv()
+            server_pid = proc.pid
+            assert server_pid is not None  # started
             targets = {"pem": f"127.0.0.1:{pem_port}", "federatls": f"127.0.0.1:{our_port}"}
             steady_client = await federatls.bootstrap(
                 k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
@@ -281,12 +300,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 order = plan if round_ % 2 == 0 else plan[::-1]
                 for name, condition in order:
                     target = targets["pem" if name.endswith("pem") else "federatls"]
-                    seg = await run_segment(name, condition, k8s, target, files, args)
+                    seg = await run_segment(name, condition, k8s, target, files, args, server_pid)
                     segments.append(seg)
                     print(
                         f"round {round_} {name:10} {condition:6} "
                         f"{len(seg.latencies) / seg.seconds:8.0f} calls/s "
-                        f"failed {len(seg.failures)} renewals {seg.renewals}",
+                        f"failed {len(seg.failures)} renewals {seg.renewals} CPU/call server "
+                        f"{1e6 * seg.server_cpu / max(len(seg.latencies), 1):4.0f} us",
                         flush=True,
                     )
         finally:
@@ -297,11 +317,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         f"{n}-{c}": summary([s for s in segments if (s.channel, s.condition) == (n, c)])
         for n, c in plan
     }
-    pem = results["pem-steady"]["calls_per_s"]
+    pem = results["pem-steady"]
+
+    def per_call(variant: str, what: str) -> float:
+        return float(results[f"{variant}-steady"][what] / pem[what])
+
     ratios = {
-        "native/pem calls/s": results["native-steady"]["calls_per_s"] / pem,
-        "bridged/pem calls/s": results["bridged-steady"]["calls_per_s"] / pem,
-        "native channel only/pem calls/s": results["native@pem-steady"]["calls_per_s"] / pem,
+        "native/pem calls/s": per_call("native", "calls_per_s"),
+        "bridged/pem calls/s": per_call("bridged", "calls_per_s"),
+        "native channel only/pem calls/s": per_call("native@pem", "calls_per_s"),
+        "native/pem server CPU per call": per_call("native", "server_cpu_us_per_call"),
+        "native/pem client CPU per call": per_call("native", "client_cpu_us_per_call"),
+        "bridged/pem client CPU per call": per_call("bridged", "client_cpu_us_per_call"),
+        "native channel only/pem client CPU per call": per_call(
+            "native@pem", "client_cpu_us_per_call"
+        ),
         "native p99 churn/steady": results["native-churn"]["p99_ms"]
         / results["native-steady"]["p99_ms"],
         "bridged p99 churn/steady": results["bridged-churn"]["p99_ms"]
@@ -326,10 +356,12 @@ def main() -> None:
         print(
             f"{name:15} {figures['calls_per_s']:8.0f} calls/s  p50 {figures['p50_ms']:6.2f} ms"
             f"  p99 {figures['p99_ms']:6.2f} ms  failed {figures['failed']}"
-            f"  renewals {figures['renewals']}"
+            f"  renewals {figures['renewals']}  CPU/call server "
+            f"{figures['server_cpu_us_per_call']:5.0f} us client "
+            f"{figures['client_cpu_us_per_call']:5.0f} us"
         )
     for name, ratio in out["ratios"].items():
-        print(f"{name:26} {ratio:5.2f}x")
+        print(f"{name:44} {ratio:5.3f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
 

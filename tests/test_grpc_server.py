@@ -455,6 +455,61 @@ async def test_unknown_method_refused_before_it_is_named(world: World, flavour: 
     assert admitted.code is grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_checked_handlers_reused_and_every_call_still_checked(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interceptor makes a method's checked handler once and reuses it, yet checks every
+    call: an admitted client, then a refused one on the same method (PERMISSION_DENIED),
+    then the admitted one again. A generic handler making a new handler object per call
+    keeps the interceptor's memory bounded. Twin: the refused call in the middle."""
+    monkeypatch.setattr(fgrpc._server._Wrapped, "_SIZE", 4)
+
+    class Fresh(grpc.GenericRpcHandler):  # type: ignore[misc]
+        """A new handler object at every call (as some frameworks' dispatchers do)."""
+
+        def service(self, details: Any) -> Any:
+            if details.method != f"/{SERVICE}/fresh":
+                return None
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: b"f:" + request)
+
+    interceptor = fgrpc.Interceptor(world.server, authoriser=allow_names("*.cloud.internal"))
+    wrapped: list[str] = []  # the methods whose checked handler was made, once per making
+    make = interceptor._sync._wrap
+
+    def counted(checker: Any, handler: Any, method: str) -> Any:
+        wrapped.append(method)
+        return make(checker, handler, method)
+
+    interceptor._sync._wrap = counted
+    server = grpc.server(
+        ThreadPoolExecutor(4),
+        handlers=[sync_handlers(Handled()), Fresh()],
+        interceptors=[interceptor],
+    )
+    port = server.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(world.server))
+    server.start()
+    neighbour = world.cloud.identity("worker.cloud.internal")
+    try:
+        with (
+            grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(neighbour)) as ok,
+            grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(world.client)) as no,
+        ):
+            before = [attempt(ok, "unary_unary") for _ in range(3)]
+            refused = attempt(no, "unary_unary")
+            after = attempt(ok, "unary_unary")
+            fresh = [ok.unary_unary(f"/{SERVICE}/fresh")(b"x", timeout=10) for _ in range(10)]
+    finally:
+        server.stop(None).wait()
+    assert [o.answer for o in before] == [b"uu:hi"] * 3
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "client.k8s.internal" in refused.details
+    assert after.answer == b"uu:hi"
+    assert fresh == [b"f:x"] * 10
+    assert wrapped.count(f"/{SERVICE}/unary_unary") == 1
+    assert wrapped.count(f"/{SERVICE}/fresh") == 10
+    assert len(interceptor._sync._made) == 4
+
+
 # 3. Name rules --------------------------------------------------------------------------------
 def with_k8s_rule(identity: Identity, names: tuple[str, ...], *, rules: bool = True) -> Identity:
     """``identity`` trusting kubernetes' root only for ``names`` (as a CA following kubernetes

@@ -38,9 +38,9 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -132,7 +132,7 @@ class _Verdict:
     peer: PeerInfo | None
     by: str = ""  # "trust bundle", "name rules", "authoriser" or "validity"
     refusal: Exception | None = None
-    expires: datetime | None = None  # when the first certificate of the peer's chain expires
+    expires: float = 0.0  # POSIX time the first certificate of the peer's chain expires at
 
 
 class _Checker:
@@ -171,15 +171,16 @@ class _Checker:
                 apply_authoriser(self._authoriser, info)
         except (BadMaterialError, PeerNotAuthorisedError) as exc:
             return _Verdict(None, by, exc)
-        return _Verdict(info, expires=min(c.not_valid_after_utc for c in info.chain))
+        return _Verdict(info, expires=min(c.not_valid_after_utc for c in info.chain).timestamp())
 
     def check(self, context: Any, method: str) -> _Verdict:
         """The verdict on the client of the call to ``method`` behind ``context``; a
-        refusal is logged here, once per call."""
+        refusal is logged here, once per call. This runs before every call: a remembered
+        verdict costs a dictionary look-up (no lock: a dict's get is atomic) and a clock
+        read."""
         identity = snapshot(self._source)
         key = grpc_presented_pem(context)
-        with self._lock:
-            hit = self._verdicts.get(key)
+        hit = self._verdicts.get(key)
         if hit is not None and hit[0] is identity:
             verdict = hit[1]
         else:
@@ -188,24 +189,22 @@ class _Checker:
                 if len(self._verdicts) >= self._CACHE_SIZE:
                     self._verdicts.pop(next(iter(self._verdicts)))
                 self._verdicts[key] = (identity, verdict)
-        if verdict.peer is not None:
-            verdict = _unexpired(verdict)
+        if verdict.peer is not None and verdict.expires < time.time():
+            verdict = _expired(verdict)
         if verdict.peer is None:
             who, why = context.peer(), verdict.refusal
             log.warning("refused the gRPC call %s from %s (%s): %s", method, who, verdict.by, why)
         return verdict
 
 
-def _unexpired(verdict: _Verdict) -> _Verdict:
-    """``verdict``, or a refusal if a certificate of its chain has expired since: the
-    handshake checked validity, but an HTTP/2 connection outlives it, and gRPC resumes TLS
-    sessions (no certificate check) for as long as the server's configuration lasts."""
+def _expired(verdict: _Verdict) -> _Verdict:
+    """The refusal of ``verdict``'s peer, a certificate of whose chain has expired since its
+    handshake: the handshake checked validity, but an HTTP/2 connection outlives it, and
+    gRPC resumes TLS sessions (no certificate check) for as long as the server's
+    configuration lasts."""
     assert verdict.peer is not None
-    if verdict.expires is None or verdict.expires >= datetime.now(UTC):
-        return verdict
-    chain = verdict.peer.chain
-    cert = next((c for c in chain if c.not_valid_after_utc == verdict.expires), chain[0])
-    why = f"{cert.subject.rfc4514_string()!r} expired at {verdict.expires}"
+    cert = min(verdict.peer.chain, key=lambda c: c.not_valid_after_utc)
+    why = f"{cert.subject.rfc4514_string()!r} expired at {cert.not_valid_after_utc}"
     return _Verdict(None, "validity", PeerNotAuthorisedError(f"the client's {why}"))
 
 
@@ -352,11 +351,42 @@ def _in_event_loop() -> bool:
     return True
 
 
+class _Wrapped:
+    """The checked handlers made so far, per method and handler: servers hand out the same
+    handler object for a method at every call, so its checked twin is made once, not at each
+    call. Bounded (a generic handler may make new handler objects per call); the handler for
+    unknown methods is not kept (any name may be asked for)."""
+
+    _SIZE = 1024
+
+    def __init__(self, checker: _Checker, wrap: Callable[[_Checker, Any, str], Any]) -> None:
+        self._checker = checker
+        self._wrap = wrap
+        self._lock = threading.Lock()
+        # (method, id(handler)) -> (handler, checked handler); the handler is kept so its id
+        # cannot be reused by another object while the entry lives.
+        self._made: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def __call__(self, handler: Any, method: str) -> Any:
+        key = (method, id(handler))
+        made = self._made.get(key)
+        if made is not None and made[0] is handler:
+            return made[1]
+        checked = self._wrap(self._checker, handler, method)
+        with self._lock:
+            if len(self._made) >= self._SIZE:
+                self._made.pop(next(iter(self._made)))
+            self._made[key] = (handler, checked)
+        return checked
+
+
 async def _intercept_async(
-    checker: _Checker, continuation: Callable[[Any], Any], details: Any
+    wrapped: _Wrapped, continuation: Callable[[Any], Any], details: Any
 ) -> Any:
-    handler = await continuation(details) or _UNKNOWN_ASYNC
-    return _checked_async(checker, handler, details.method)
+    handler = await continuation(details)
+    if handler is None:
+        return _checked_async(wrapped._checker, _UNKNOWN_ASYNC, details.method)
+    return wrapped(handler, details.method)
 
 
 class Interceptor(grpc.ServerInterceptor, grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -380,12 +410,16 @@ class Interceptor(grpc.ServerInterceptor, grpc.aio.ServerInterceptor):  # type: 
         trust: TrustChoice = "federation",
     ) -> None:
         self._checker = _Checker(self._where, source, authoriser, trust)
+        self._sync = _Wrapped(self._checker, _checked)
+        self._async = _Wrapped(self._checker, _checked_async)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if _in_event_loop():  # grpc.aio.server: it awaits the coroutine returned
-            return _intercept_async(self._checker, continuation, details)
-        handler = continuation(details) or _UNKNOWN
-        return _checked(self._checker, handler, details.method)
+            return _intercept_async(self._async, continuation, details)
+        handler = continuation(details)
+        if handler is None:
+            return _checked(self._checker, _UNKNOWN, details.method)
+        return self._sync(handler, details.method)
 
 
 class AioInterceptor(Interceptor):
