@@ -82,7 +82,7 @@ class Bridge:
         self._started = threading.Event()
         self._stopped = False
         self._server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
+        self._open: set[asyncio.Transport] = set()  # both ends of every relayed connection
         self._thread = threading.Thread(
             target=self._run,
             name=f"federatls-grpc-bridge {upstream.host}:{upstream.port}",
@@ -141,7 +141,7 @@ class Bridge:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(
-                asyncio.start_unix_server(self._relay, sock=self._sock)
+                self._loop.create_unix_server(self._downstream, sock=self._sock)
             )
         finally:
             self._started.set()
@@ -154,8 +154,8 @@ class Bridge:
         """Stop listening and cut every relayed connection (``close`` then stops the loop)."""
         if self._server is not None:
             self._server.close()
-        for writer in list(self._open):
-            writer.transport.abort()
+        for transport in list(self._open):
+            transport.abort()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -176,83 +176,161 @@ class Bridge:
         self._context = (identity, ctx)
         return ctx
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._open.add(writer)
-        try:
-            await self._connect(reader, writer)
-        except asyncio.CancelledError:  # the bridge is closing: end quietly (asyncio 3.11
-            writer.transport.abort()  # logs a cancelled client_connected_cb as an error)
-        finally:
-            self._open.discard(writer)
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up = self.upstream
-        try:
-            tls_reader, tls_writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    up.host, up.port, ssl=self._client_context(), server_hostname=up.server_hostname
-                ),
-                _CONNECT_TIMEOUT,
-            )
-        except ssl.SSLCertVerificationError as exc:
-            why = exc.__cause__ or f"its certificate failed verification ({exc.verify_message})"
-            await _refuse(reader, writer, f"federatls refused the server {_at(up)}: {why}")
-            return
-        except (OSError, TimeoutError) as exc:
-            await _refuse(reader, writer, f"federatls could not connect to {_at(up)}: {exc!r}")
-            return
-        self._open.add(tls_writer)
-        try:
-            await asyncio.gather(_pipe(reader, tls_writer), _pipe(tls_reader, writer))
-        finally:
-            self._open.discard(tls_writer)
+    def _downstream(self) -> _Downstream:
+        return _Downstream(self)
 
 
 def _at(up: Upstream) -> str:
     return f"{up.server_hostname} at {up.host}:{up.port}"
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until either side ends, then close ``writer`` (so the other pipe ends too)."""
-    try:
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()
-    except (OSError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+# The relay: two protocols, each writing what it receives to the other's transport (no
+# stream buffers or tasks per chunk: this runs for every call of the channel). Flow control:
+# when one side's write buffer fills, the other side stops reading until it drains.
+class _Half(asyncio.Protocol):
+    """One end of a relayed connection."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.transport: asyncio.Transport | None = None
+        self.partner: _Half | None = None
+        self._early: list[bytes] = []  # received before the partner was linked
+
+    def link(self, partner: _Half) -> None:
+        """Relay to ``partner`` from now on, starting with what came before."""
+        self.partner = partner
+        assert partner.transport is not None
+        for data in self._early:
+            partner.transport.write(data)
+        self._early.clear()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.bridge._open.add(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.partner is None:  # the server spoke first (its HTTP/2 settings)
+            self._early.append(data)
+        elif self.partner.transport is not None:
+            self.partner.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close this end; connection_lost closes the other
+
+    def pause_writing(self) -> None:
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.bridge._open.discard(self.transport)
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner.transport.close()
 
 
-async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str) -> None:
-    """Answer every call gRPC sends on this connection with UNAVAILABLE and ``why``, then
-    GOAWAY and close."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
-    trailers = [
-        (":status", "200"),
-        ("content-type", "application/grpc"),
-        ("grpc-status", _UNAVAILABLE),
-        ("grpc-message", _grpc_message(why)),
-    ]
-    try:
-        writer.write(conn.data_to_send())
-        async with asyncio.timeout(_CONNECT_TIMEOUT):
-            answered = False
-            while not answered and (data := await reader.read(_CHUNK)):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        conn.send_headers(event.stream_id, trailers, end_stream=True)
-                        answered = True
-                if answered:
-                    conn.close_connection(last_stream_id=conn.highest_inbound_stream_id)
-                writer.write(conn.data_to_send())
-                await writer.drain()
-    except (OSError, TimeoutError, h2.exceptions.ProtocolError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+class _Downstream(_Half):
+    """The end gRPC connected to on the Unix socket: it does not read until the TLS
+    connection to the target is open and its server admitted (the bytes gRPC sends wait in
+    the socket); if it cannot be, it answers gRPC itself (``_Refusal``)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__(bridge)
+        self._opening: asyncio.Task[None] | None = None
+        self._refusal: _Refusal | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._opening = asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        assert self.transport is not None
+        up = self.bridge.upstream
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Half(self.bridge),
+                    up.host,
+                    up.port,
+                    ssl=self.bridge._client_context(),
+                    server_hostname=up.server_hostname,
+                ),
+                _CONNECT_TIMEOUT,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.__cause__ or f"its certificate failed verification ({exc.verify_message})"
+            self._refuse(f"federatls refused the server {_at(up)}: {why}")
+            return
+        except (OSError, TimeoutError) as exc:
+            self._refuse(f"federatls could not connect to {_at(up)}: {exc!r}")
+            return
+        if self.transport.is_closing():  # gRPC gave up on this connection meanwhile
+            assert upstream.transport is not None
+            upstream.transport.close()
+            return
+        self.link(upstream)
+        upstream.link(self)
+        self.transport.resume_reading()
+
+    def _refuse(self, why: str) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        self._refusal = _Refusal(self.transport, why)
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            self._refusal.received(data)
+        else:
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._refusal is not None:
+            self._refusal.timer.cancel()
+
+
+class _Refusal:
+    """gRPC's connection to a bridge that could not open (or admit) the target: every call
+    sent on it is answered with UNAVAILABLE and ``why``, then GOAWAY, and it is closed
+    (after at most ``_CONNECT_TIMEOUT`` seconds in any case)."""
+
+    def __init__(self, transport: asyncio.Transport, why: str) -> None:
+        self._transport = transport
+        self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self._conn.initiate_connection()
+        self._trailers = [
+            (":status", "200"),
+            ("content-type", "application/grpc"),
+            ("grpc-status", _UNAVAILABLE),
+            ("grpc-message", _grpc_message(why)),
+        ]
+        transport.write(self._conn.data_to_send())
+        self.timer = asyncio.get_running_loop().call_later(_CONNECT_TIMEOUT, transport.close)
+
+    def received(self, data: bytes) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._transport.close()
+            return
+        answered = False
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._conn.send_headers(event.stream_id, self._trailers, end_stream=True)
+                answered = True
+        if answered:
+            self._conn.close_connection(last_stream_id=self._conn.highest_inbound_stream_id)
+        self._transport.write(self._conn.data_to_send())
+        if answered:
+            self._transport.close()  # after the buffered answer is written
