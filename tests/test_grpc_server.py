@@ -45,9 +45,10 @@ from federatls import (
     allow_names,
 )
 from federatls._authorise import NamePattern
-from federatls._peer import peer_from_chain
+from federatls._peer import grpc_presented_pem, peer_from_chain
 from federatls._x509 import fingerprint, load_pem_certificate
 from federatls.ca import add_root, issue_from_new_root, retire_old_roots
+from federatls.integrations.grpc import _server
 from federatls.testing import TestCA, federated_pair, running_ca
 
 from harness import SHORT, wait_until
@@ -508,6 +509,62 @@ def test_checked_handlers_reused_and_every_call_still_checked(
     assert wrapped.count(f"/{SERVICE}/unary_unary") == 1
     assert wrapped.count(f"/{SERVICE}/fresh") == 10
     assert len(interceptor._sync._made) == 4
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_presented_certificates_read_as_grpc_gives_them(world: World, flavour: str) -> None:
+    """What the interceptor reads of the client's certificates (a sync server: gRPC's raw
+    call properties; grpc.aio: its public ``auth_context()``) is what the public
+    ``auth_context()`` gives, and is the client's chain; on a sync server the raw way is the
+    one taken with this gRPC (else the speed it buys would be lost unnoticed). Twin:
+    test_authoriser_refusal (what is read this way refuses a client the authoriser does not
+    allow)."""
+    read: list[tuple[Any, tuple[bytes, bytes], tuple[bytes, bytes]]] = []
+
+    def record(context: Any) -> bytes:
+        raw_call = _server._raw_call(context)
+        read.append((raw_call, _server._presented(context), grpc_presented_pem(context)))
+        return b"ok"
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return record(context)
+
+    async def unary_async(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return record(context)
+
+    behaviour = unary if flavour == "sync" else unary_async
+    handlers = [
+        grpc.method_handlers_generic_handler(
+            SERVICE, {"read": grpc.unary_unary_rpc_method_handler(behaviour)}
+        )
+    ]
+    credentials = fgrpc.server_credentials(world.server)
+    method = f"/{SERVICE}/read"
+    if flavour == "sync":
+        server = grpc.server(ThreadPoolExecutor(2), handlers=handlers)
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        try:
+            with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(world.client)) as ch:
+                await anyio.to_thread.run_sync(lambda: ch.unary_unary(method)(b"", timeout=10))
+        finally:
+            server.stop(None).wait()
+    else:
+        aserver = grpc.aio.server(handlers=handlers)
+        port = aserver.add_secure_port("127.0.0.1:0", credentials)
+        await aserver.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            async with grpc.aio.secure_channel(target, channel_credentials(world.client)) as ch:
+                await ch.unary_unary(method)(b"", timeout=10)
+        finally:
+            await aserver.stop(None)
+    [(raw_call, presented, public)] = read
+    assert (raw_call is not None) == (flavour == "sync")
+    assert presented == public
+    leaf, rest = presented
+    assert load_pem_certificate(leaf.decode()).serial_number == world.client.serial
+    assert rest  # the client sent its intermediate
 
 
 # 3. Name rules --------------------------------------------------------------------------------
