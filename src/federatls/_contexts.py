@@ -164,14 +164,52 @@ def log_refused_handshake(exc: ssl.SSLError, peer: str = "a TLS client") -> None
 # The check runs in ``do_handshake``. A handshake can also be done by OpenSSL inside the first
 # read or write (a socket wrapped with ``do_handshake_on_connect=False`` and read at once, as
 # gunicorn does; an SSLObject read before its handshake), where no ``do_handshake`` of ours
-# would run: so the first read or write of each class below does the handshake through
+# would run: so the first read or write of the classes below does the handshake through
 # ``do_handshake`` first (a non-blocking one raises SSLWantRead/WriteError as a read would).
-class _ServerSSLObject(ssl.SSLObject):
+class _CheckedObject(ssl.SSLObject):
+    """An ``ssl.SSLObject`` (asyncio, anyio) that is read or written only after its
+    ``do_handshake`` (below: server or client) has checked the peer."""
+
+    _checked = False
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._checked:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._checked:
+            self.do_handshake()
+        return super().write(data)
+
+
+class _CheckedSocket(ssl.SSLSocket):
+    """``_CheckedObject`` for blocking ``ssl.SSLSocket``s (a socket not connected yet has no
+    TLS object, and no handshake to do: its reads and writes fail as ssl's do)."""
+
+    _checked = False
+
+    def _check_first(self) -> None:
+        if not self._checked and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        self._check_first()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        self._check_first()
+        return super().write(data)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._check_first()
+        return super().send(data, flags)
+
+
+class _ServerSSLObject(_CheckedObject):
     """The TLS object asyncio's servers get from a federatls server context: it logs a
     refused handshake (the peer's address is not known at this level) and checks the peer
     (name rules, authoriser)."""
-
-    _checked = False
 
     def do_handshake(self) -> None:
         try:
@@ -184,22 +222,10 @@ class _ServerSSLObject(ssl.SSLObject):
         _check_peer(self, "TLS client")
         self._checked = True
 
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if not self._checked:
-            self.do_handshake()
-        return super().read(len, buffer)
 
-    def write(self, data: Any) -> int:
-        if not self._checked:
-            self.do_handshake()
-        return super().write(data)
-
-
-class _ServerSSLSocket(ssl.SSLSocket):
+class _ServerSSLSocket(_CheckedSocket):
     """The blocking TLS socket of a federatls server context: it logs a refused handshake,
     with the client's address, and checks the peer (name rules, authoriser)."""
-
-    _checked = False
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -212,69 +238,25 @@ class _ServerSSLSocket(ssl.SSLSocket):
         _check_peer(self, "TLS client")
         self._checked = True
 
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().read(len, buffer)
 
-    def write(self, data: Any) -> int:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().write(data)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().send(data, flags)
-
-
-class _ClientSSLObject(ssl.SSLObject):
+class _ClientSSLObject(_CheckedObject):
     """The TLS object of a federatls client context under asyncio and anyio (httpx, aiohttp,
     streams): it checks the server (name rules, authoriser)."""
-
-    _checked = False
 
     def do_handshake(self) -> None:
         super().do_handshake()
         _check_peer(self, "TLS server")
         self._checked = True
 
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if not self._checked:
-            self.do_handshake()
-        return super().read(len, buffer)
 
-    def write(self, data: Any) -> int:
-        if not self._checked:
-            self.do_handshake()
-        return super().write(data)
-
-
-class _ClientSSLSocket(ssl.SSLSocket):
+class _ClientSSLSocket(_CheckedSocket):
     """The blocking TLS socket of a federatls client context (httpx's sync client, urllib3,
     requests): it checks the server (name rules, authoriser)."""
-
-    _checked = False
 
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         _check_peer(self, "TLS server")
         self._checked = True
-
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().read(len, buffer)
-
-    def write(self, data: Any) -> int:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().write(data)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        if not self._checked and getattr(self, "_sslobj", None) is not None:
-            self.do_handshake()
-        return super().send(data, flags)
 
 
 def new_server_context(
