@@ -9,7 +9,9 @@ CONNECT proxy and a plain HTTP server (tests/loopback.py) run on 127.0.0.1 with 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio.to_thread
@@ -17,6 +19,8 @@ import httpx
 import pytest
 
 import federatls.integrations.httpx as fhttpx
+import federatls.integrations.streams as streams
+import federatls.integrations.urllib3 as furllib3
 from federatls import (
     Authoriser,
     ConfigError,
@@ -225,3 +229,56 @@ async def test_https_redirect_followed_and_checked(pair: Pair, flavour: str) -> 
     assert len(target.seen) == 1
     assert calls
     assert {p.common_name for p in calls} == {"server.cloud.internal"}
+
+
+# ALPN: one library's protocols are never offered by another -------------------------------------
+@contextlib.asynccontextmanager
+async def alpn_recorder(identity: Identity) -> AsyncIterator[tuple[int, list[str | None]]]:
+    """A TLS server offering h2 and http/1.1 that records the protocol each connection chose
+    (None: the client offered none), answers HTTP/1.1 over http/1.1, and hangs up on
+    anything else; its port and the record."""
+    chosen: list[str | None] = []
+    ctx = identity.server_context()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        chosen.append(protocol)
+        if protocol == "http/1.1":
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield server.sockets[0].getsockname()[1], chosen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_http2_alpn_not_offered_by_other_integrations(pair: Pair) -> None:
+    """An httpx client with http2 offers h2, and the same identity's other clients made
+    after it (asyncio streams, an HTTP/1.1 httpx client, urllib3) do not: httpcore sets
+    its ALPN on the context at each connection, and a context shared with them would make
+    a streams connection speak HTTP/1.1 into an h2 server. Twin: the http2 client's own
+    connection, which does choose h2."""
+    async with alpn_recorder(pair.server) as (port, chosen):
+        url = f"https://127.0.0.1:{port}/"
+        async with fhttpx.AsyncClient(pair.client, http2=True) as h2:
+            with contextlib.suppress(httpx.HTTPError):  # the recorder does not speak h2
+                await h2.get(url)
+        _, writer = await streams.open_connection(pair.client, "127.0.0.1", port)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        async with fhttpx.AsyncClient(pair.client) as h1:
+            assert (await h1.get(url)).text == "ok"
+
+        def with_urllib3() -> bytes:
+            with furllib3.PoolManager(pair.client) as pool:
+                return bytes(pool.request("GET", url).data)
+
+        assert await anyio.to_thread.run_sync(with_urllib3) == b"ok"
+    assert chosen == ["h2", None, "http/1.1", "http/1.1"]

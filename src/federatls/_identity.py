@@ -104,13 +104,15 @@ class Identity(CertificateFacts):
         trust: TrustChoice = "federation",
         check_hostname: bool = True,
         authoriser: Authoriser | None = None,
+        alpn: Sequence[str] = (),
     ) -> ssl.SSLContext:
         """A TLS client context: this identity's certificate for mutual TLS; servers
         verified against the federation bundle (or own roots), unless ``name_rules`` is off
-        its name rules, and ``authoriser``; their host name checked. A refused server fails
-        the handshake (``ssl.SSLCertVerificationError`` whose ``__cause__`` is the
+        its name rules, and ``authoriser``; their host name checked; ``alpn``, the
+        protocols offered (none by default). A refused server fails the handshake
+        (``ssl.SSLCertVerificationError`` whose ``__cause__`` is the
         ``PeerNotAuthorisedError``), logged, before a byte is sent to it."""
-        return new_client_context(
+        ctx = new_client_context(
             self.chain,
             self._key,
             self._bundle(trust),
@@ -118,6 +120,9 @@ class Identity(CertificateFacts):
             name_rules=self.name_rules,
             authoriser=authoriser,
         )
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
+        return ctx
 
     # Peers ------------------------------------------------------------------------------------
     def peer(self, conn: object) -> PeerInfo:

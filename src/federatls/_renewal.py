@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -311,12 +311,17 @@ class RenewingIdentity:
         trust: TrustChoice = "federation",
         check_hostname: bool = True,
         authoriser: Authoriser | None = None,
+        alpn: Sequence[str] = (),
     ) -> ssl.SSLContext:
         """The newest snapshot's client context (servers checked by ``authoriser`` right
-        after the handshake). A client context cannot switch by itself: take it again for
-        each new connection (the integrations do). Contexts are kept per snapshot and per
-        argument set, so pass the same authoriser object each time, not a new one."""
-        return self._context(("client", trust, check_hostname, (), AuthoriserKey.of(authoriser)))
+        after the handshake; ``alpn``, the protocols offered). A client context cannot
+        switch by itself: take it again for each new connection (the integrations do).
+        Contexts are kept per snapshot and per argument set, so pass the same authoriser
+        object each time, not a new one. Libraries that set their ALPN protocols on the
+        context at each connection (httpx, urllib3) are given one made with those
+        protocols, so none of them changes what another offers."""
+        key = ("client", trust, check_hostname, tuple(alpn), AuthoriserKey.of(authoriser))
+        return self._context(key)
 
     def peer(self, conn: object) -> PeerInfo:
         """``current.peer(conn)``: the verified peer, anchored in the newest trust bundle."""

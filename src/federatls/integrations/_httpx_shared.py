@@ -78,6 +78,11 @@ def pool_limits(given: httpx.Limits | None) -> dict[str, Any]:
     }
 
 
+def alpn(http2: bool) -> tuple[str, ...]:
+    """The ALPN protocols httpcore sets on the context at each connection."""
+    return ("http/1.1", "h2") if http2 else ("http/1.1",)
+
+
 def require_https(request: httpx.Request) -> None:
     """``ConfigError`` for a URL that is not ``https://`` (``_source.require_https``)."""
     https_only("federatls's httpx client", str(request.url), otherwise="a plain httpx client")

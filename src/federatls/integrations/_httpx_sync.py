@@ -14,7 +14,7 @@ import httpx
 
 from .._authorise import Authoriser
 from .._identity import Identity, TrustChoice
-from ._httpx_shared import arguments, core_request, httpx_errors, pool_limits, require_https
+from ._httpx_shared import alpn, arguments, core_request, httpx_errors, pool_limits, require_https
 from ._source import Slot, Source, Swapping, check_common, client_context
 
 __all__ = ["Client"]
@@ -70,7 +70,7 @@ class _LiveTransport(httpx.BaseTransport):
             # the contexts of its next snapshot off the event loop, before the swap. It is
             # ``snapshot``'s, or a newer one's if a renewal came in between (threads).
             return httpcore.ConnectionPool(
-                ssl_context=client_context(source, trust, authoriser),
+                ssl_context=client_context(source, trust, authoriser, alpn(http2)),
                 http1=True,
                 http2=http2,
                 network_backend=httpcore.SyncBackend(),

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 # One client context per identity and argument set, reused across connections: building one
 # costs about a millisecond (bench/handshake.py); a connection should not pay it each time.
-_ContextKey = tuple[TrustChoice, AuthoriserKey | None]
+_ContextKey = tuple[TrustChoice, AuthoriserKey | None, tuple[str, ...]]
 _CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[_ContextKey, ssl.SSLContext]] = (
     weakref.WeakKeyDictionary()
 )
@@ -109,17 +109,22 @@ def check_common(where: str, source: object, trust: object, authoriser: object) 
 
 
 def client_context(
-    source: Source, trust: TrustChoice, authoriser: Authoriser | None = None
+    source: Source,
+    trust: TrustChoice,
+    authoriser: Authoriser | None = None,
+    alpn: tuple[str, ...] = (),
 ) -> ssl.SSLContext:
     """The client context to open a new connection with: for a ``RenewingIdentity`` the
     newest snapshot's, so new connections follow renewal. Servers are checked by
-    ``authoriser`` in the handshake."""
+    ``authoriser`` in the handshake. ``alpn``: the protocols the library sets on the
+    context at each connection (httpcore and urllib3 do; contexts are shared, so one
+    library's list must not be what another offers: each list has its own context)."""
     if isinstance(source, RenewingIdentity):
-        return source.client_context(trust=trust, authoriser=authoriser)
+        return source.client_context(trust=trust, authoriser=authoriser, alpn=alpn)
     contexts = _CLIENT_CONTEXTS.setdefault(source, {})
-    key = (trust, AuthoriserKey.of(authoriser))
+    key = (trust, AuthoriserKey.of(authoriser), alpn)
     if key not in contexts:
-        contexts[key] = source.client_context(trust=trust, authoriser=authoriser)
+        contexts[key] = source.client_context(trust=trust, authoriser=authoriser, alpn=alpn)
         if len(contexts) > _MAX_AUTHORISED_CONTEXTS:  # a new authoriser per client: bounded
             del contexts[next(iter(contexts))]
     return contexts[key]

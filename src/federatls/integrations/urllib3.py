@@ -39,6 +39,7 @@ try:
     from urllib3._request_methods import RequestMethods  # urllib3.PoolManager's base (2.x)
     from urllib3.connectionpool import HTTPConnectionPool
     from urllib3.response import BaseHTTPResponse, HTTPResponse
+    from urllib3.util.ssl_ import ALPN_PROTOCOLS
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     from .._errors import MissingExtraError
 
@@ -218,7 +219,9 @@ def swapping(
     """A pool manager per snapshot of ``source``."""
 
     def build(identity: Identity) -> HTTPSOnly:
-        return HTTPSOnly(client_context(source, trust, authoriser), num_pools, kw)
+        # urllib3 sets its ALPN_PROTOCOLS on the context at each connection.
+        alpn = tuple(ALPN_PROTOCOLS)
+        return HTTPSOnly(client_context(source, trust, authoriser, alpn), num_pools, kw)
 
     return Swapping(source, build)
 
