@@ -23,7 +23,10 @@ on 127.0.0.1. The client, enrolled with "kubernetes", calls it from ``--threads`
    requests and urllib3 take a client key only from a file, and requests cannot take a
    password for it: the baseline's key is written in plaintext by this script (not by the
    library) to a 0700 temporary directory, removed at the end. The same certificate, key and
-   roots on both sides of each pair.
+   roots on both sides of each pair. Both requests sessions have ``trust_env = False``: the
+   baseline needs it (``REQUESTS_CA_BUNDLE`` would replace its ``verify=``), and with it
+   requests skips its per-call look for ``~/.netrc`` (about 9 µs), so federatls's has it too,
+   lest the ratio count that look against federatls.
 
 2. p99 during renewal: ``federatls-requests`` with a ``RenewingIdentity`` (its renewals on a
    background thread, ``keep_renewed_sync``) whose certificates live ``--lifetime`` seconds
@@ -128,6 +131,7 @@ def variant(name: str, identity: Identity, files: dict[str, str], url: str) -> I
     """A ``get`` for ``name``: one call, its body."""
     if name == "federatls-requests":
         with frequests.Session(identity) as session:
+            session.trust_env = False  # as the baseline's (see the module's docstring)
             yield lambda: session.get(url, timeout=10).content
     elif name == "pem-requests":
         with requests.Session() as session:

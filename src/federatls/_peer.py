@@ -89,9 +89,10 @@ _RECORDS: weakref.WeakKeyDictionary[object, TLSRecord] = weakref.WeakKeyDictiona
 
 
 def remember(response: object, tls: object) -> None:
-    """Record that ``response`` came over ``tls`` (a TLS connection or its ``TLSRecord``, or
-    another response recorded before), so ``peer(response)`` works after the connection went
-    back to its pool or was closed. Nothing is recorded when ``tls`` is none of these."""
+    """Record that ``response`` came over ``tls`` (a TLS connection or its ``TLSRecord``), so
+    ``peer(response)`` works after the connection went back to its pool or was closed (and
+    ``peer`` of a requests response whose ``raw`` is ``response``). Nothing is recorded when
+    ``tls`` is neither."""
     if isinstance(tls, TLSRecord):
         _RECORDS[response] = tls
         return
@@ -127,14 +128,20 @@ def ssl_object_of(conn: object) -> TLSObject:
     return cast(TLSObject, found)
 
 
-def _lookup(conn: Any) -> object | None:
+def _recorded(obj: object) -> TLSRecord | None:
     try:
-        recorded = _RECORDS.get(conn)
+        return _RECORDS.get(obj)
     except TypeError:  # neither hashable nor weakly referenced: not a response we answered
-        recorded = None
+        return None
+
+
+def _lookup(conn: Any) -> object | None:
+    raw = getattr(conn, "raw", None)  # requests.Response: its urllib3 response
+    # A response of federatls's requests Session is found through its urllib3 response,
+    # recorded when it arrived (``remember``).
+    recorded = _recorded(conn) or (_recorded(raw) if raw is not None else None)
     if recorded is not None:
         return recorded
-    raw = getattr(conn, "raw", None)  # requests.Response: its urllib3 response
     held = getattr(raw if raw is not None else conn, "connection", None)
     sock: object = getattr(held, "sock", None)  # urllib3 HTTPConnection, while held
     if sock is not None and _is_tls(sock):

@@ -8,8 +8,9 @@
 a urllib3 pool manager of the identity's newest snapshot (``federatls.integrations.urllib3``:
 the client context checks the server, name rules and authoriser included, in the handshake;
 a refused server raises ``PeerNotAuthorisedError`` before a byte of the request is sent; after
-a renewal new requests go to a new pool, and the old one is closed once no request or open
-response uses it).
+a renewal new requests go to a new pool, and the old one is closed once no request is being
+sent through it: a response still being read keeps its connection until it is released,
+which then closes it).
 
 Refused with ``ConfigError``, as they would route around that TLS or be ignored:
 ``http://`` URLs (redirects included: ``http://`` is mounted on an adapter that refuses),
@@ -50,7 +51,6 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 from .._authorise import Authoriser
 from .._errors import ConfigError
 from .._identity import TrustChoice
-from .._peer import remember
 from . import urllib3 as _urllib3
 from ._source import Arguments, Slot, Source, check_common, passed_on, require_https
 
@@ -131,13 +131,13 @@ class _Adapter(HTTPAdapter):
         try:
             response = super().send(request, stream, timeout, verify, cert, proxies=None)
         except BaseException as exc:
-            self._release(slot)
             _urllib3.raise_refusal(exc)
             raise
         finally:
             del self._local.slot
-        remember(response, response.raw)
-        _urllib3.on_release(response.raw, lambda: self._release(slot))
+            # Used until urlopen returns: see federatls.integrations.urllib3's docstring.
+            self._release(slot)
+        # ``peer(response)`` finds the record its urllib3 response got when it arrived.
         return response
 
     def get_connection_with_tls_context(

@@ -12,7 +12,10 @@ one urllib3 pool manager per snapshot of the identity (``_source.Swapping``):
   right after the handshake, before a byte of the request is sent; a refused server raises
   ``PeerNotAuthorisedError`` (unwrapped from urllib3's ``MaxRetryError``/``SSLError``);
 * after a renewal new requests go to a new pool manager; the old one is closed (its idle
-  connections with it) as soon as no request or unreleased response uses it;
+  connections with it) as soon as no request is being sent through it. A response still
+  being read keeps its connection (a closed pool does not take a connection back, it closes
+  it when the response releases it), so nothing follows responses: a hook on each one
+  would cost every call a reference cycle, and so the garbage collector's time;
 * only ``https://`` is spoken, redirects included (``ConfigError`` otherwise), and only
   directly: urllib3's TLS and proxy arguments are refused with ``ConfigError`` (only those
   in ``_PASSED_ON`` are passed on to urllib3's connection pools).
@@ -29,8 +32,7 @@ and its connection released too (the peer is recorded when the response arrives)
 from __future__ import annotations
 
 import ssl
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 try:
@@ -111,41 +113,6 @@ def raise_refusal(exc: BaseException) -> None:
     refusal = peer_refusal(exc)
     if refusal is not None:
         raise refusal from exc
-
-
-def on_release(response: BaseHTTPResponse, done: Callable[[], None]) -> None:
-    """Call ``done`` once, when ``response`` gives its connection back (or closes it), or
-    now if it holds none (its body was preloaded)."""
-    if not isinstance(response, HTTPResponse) or response.connection is None:
-        done()
-        return
-    lock = threading.Lock()
-    fired = False
-    release_conn, close = response.release_conn, response.close
-
-    def fire() -> None:
-        nonlocal fired
-        with lock:
-            if fired:
-                return
-            fired = True
-        done()
-
-    def released() -> None:
-        try:
-            release_conn()
-        finally:
-            fire()
-
-    def closed() -> None:
-        try:
-            close()
-        finally:
-            fire()
-
-    # urllib3 calls these itself when the body has been read to the end.
-    response.release_conn = released  # type: ignore[method-assign]
-    response.close = closed  # type: ignore[method-assign]
 
 
 class _RecordingConnection(urllib3.connection.HTTPSConnection):
@@ -254,13 +221,12 @@ class PoolManager(RequestMethods):
         for old in to_close:
             old.close()
         try:
-            response = slot.resource.urlopen(method, url, redirect=redirect, **kw)
+            return slot.resource.urlopen(method, url, redirect=redirect, **kw)
         except BaseException as exc:
-            self._release(slot)
             raise_refusal(exc)
             raise
-        on_release(response, lambda: self._release(slot))
-        return response
+        finally:
+            self._release(slot)  # used until urlopen returns: see the module's docstring
 
     def _release(self, slot: Any) -> None:
         done = self._managers.release(slot)
