@@ -102,9 +102,10 @@ class AuthoriserKey:
 # ("server" | "client", trust, flag, ALPN protocols, authoriser): one context per kind in each
 # snapshot.
 _ContextKey = tuple[str, str, bool, tuple[str, ...], AuthoriserKey | None]
-# Contexts with an authoriser kept per snapshot, at most: one per authoriser object, and a
-# program that makes a new authoriser for every client must not make every renewal rebuild
-# all the contexts it ever asked for. The oldest is dropped (its holders keep it working).
+# Contexts with an authoriser or ALPN protocols kept per snapshot, at most: one per
+# authoriser object and list, and a program that makes a new authoriser for every client must
+# not make every renewal rebuild all the contexts it ever asked for. The oldest is dropped
+# (its holders keep it working).
 _MAX_AUTHORISED_CONTEXTS = 32
 
 
@@ -264,9 +265,10 @@ class RenewingIdentity:
         ctx = snapshot.contexts.get(key)
         if ctx is None:
             ctx = snapshot.contexts[key] = _build(snapshot.identity, key)
-            authorised = [k for k in snapshot.contexts if k[4] is not None]
-            if len(authorised) > _MAX_AUTHORISED_CONTEXTS:
-                del snapshot.contexts[authorised[0]]
+            # Keys a program may vary without end: the authoriser, the ALPN list.
+            varied = [k for k in snapshot.contexts if k[4] is not None or k[3]]
+            if len(varied) > _MAX_AUTHORISED_CONTEXTS:
+                del snapshot.contexts[varied[0]]
         return ctx
 
     def server_context(
