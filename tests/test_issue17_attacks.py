@@ -1100,3 +1100,71 @@ def test_optional_client_certificates_with_an_authoriser(
     assert answer != b"ok"
     assert isinstance(seen[0], ssl.SSLError)
     assert calls == (["payments.k8s.internal"] if who == "impostor" else [])
+
+
+# 14. The bridge's relay ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _hanging_up_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 that completes each handshake and hangs up at once (a
+    server restarting, or one that drops connections it does not want); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(WAIT)
+            with contextlib.suppress(Exception), ctx.wrap_socket(raw, server_side=True):
+                pass
+            raw.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        listener.close()
+
+
+@pytest.mark.parametrize("server_kind", ["hanging_up", "serving"])
+async def test_bridge_upstream_lost_before_it_is_linked_ends_the_call(
+    pair: tuple[TestCA, TestCA], server_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target hangs up right after the handshake, and the bridge's loop (slow, loaded
+    machine) learns it before linking the two ends: gRPC's connection must be closed, so the
+    call fails at once (before: the lost upstream had no partner to close, gRPC's end was
+    linked to a dead one and every call on it hung until its deadline). Twin: with the same
+    slow loop a serving target answers."""
+    real_wait_for = asyncio.wait_for
+
+    async def slow_wait_for(aw: object, timeout: float | None) -> object:
+        result: object = await real_wait_for(aw, timeout)  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)  # the loop runs other callbacks before _open goes on
+        return result
+
+    monkeypatch.setattr(asyncio, "wait_for", slow_wait_for)  # the bridge's, on its loop
+    server, client = _identities(pair)
+    deadline = 8.0
+    if server_kind == "serving":
+        async with serving("sync", server, Handled()) as port:
+            with fgrpc.secure_channel(
+                client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)
+            ) as ch:
+                outcome = await anyio.to_thread.run_sync(attempt_with_deadline, ch, deadline)
+        assert outcome.answer == b"uu:hi"
+        return
+    with (
+        _hanging_up_server(server.server_context()) as port,
+        fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)) as ch,
+    ):
+        started = time.monotonic()
+        outcome = await anyio.to_thread.run_sync(attempt_with_deadline, ch, deadline)
+        took = time.monotonic() - started
+    assert outcome.code is grpc.StatusCode.UNAVAILABLE, (outcome.code, outcome.details)
+    assert took < deadline / 2

@@ -195,14 +195,19 @@ class _Half(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.partner: _Half | None = None
         self._early: list[bytes] = []  # received before the partner was linked
+        self.lost = False  # the connection is gone (maybe before the partner was linked)
 
     def link(self, partner: _Half) -> None:
-        """Relay to ``partner`` from now on, starting with what came before."""
+        """Relay to ``partner`` from now on, starting with what came before; if this end
+        was lost meanwhile (the target hung up before the loop got to link them), the
+        partner is closed once that is written, as ``connection_lost`` would have."""
         self.partner = partner
         assert partner.transport is not None
         for data in self._early:
             partner.transport.write(data)
         self._early.clear()
+        if self.lost:
+            partner.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -227,6 +232,7 @@ class _Half(asyncio.Protocol):
             self.partner.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if self.transport is not None:
             self.bridge._open.discard(self.transport)
         if self.partner is not None and self.partner.transport is not None:
