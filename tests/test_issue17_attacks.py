@@ -1168,3 +1168,64 @@ async def test_bridge_upstream_lost_before_it_is_linked_ends_the_call(
         took = time.monotonic() - started
     assert outcome.code is grpc.StatusCode.UNAVAILABLE, (outcome.code, outcome.details)
     assert took < deadline / 2
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+@pytest.mark.parametrize("by", ["authoriser", "allowed"])
+def test_tls_object_handshake_done_by_the_first_read_or_write_is_checked(
+    pair: tuple[TestCA, TestCA], side: str, by: str
+) -> None:
+    """An ``ssl.SSLObject`` (memory BIOs, as anyio or a custom transport use them) whose
+    owner never calls do_handshake: the checking side writes its secret at once (a client)
+    or reads at once (a server), so OpenSSL would do the handshake inside that call; the
+    authoriser must still refuse the peer before the secret is written or the peer's data is
+    read. Twin: an allowed peer's bytes go through."""
+    server, client = _identities(pair)
+    refusing = by == "authoriser"
+    if side == "server":
+        authoriser = allow_names("*.aws.internal" if refusing else "*.k8s.internal")
+        sctx, cctx = server.server_context(authoriser=authoriser), client.client_context()
+    else:
+        authoriser = allow_names("*.aws.internal" if refusing else SERVER)
+        sctx, cctx = server.server_context(), client.client_context(authoriser=authoriser)
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    tls_client = cctx.wrap_bio(c_in, c_out, server_hostname=SERVER)
+    got: list[bytes] = []
+    failure: Exception | None = None
+    sent = False
+    for _ in range(20):
+        try:
+            if side == "client":
+                if not sent:
+                    tls_client.write(b"secret")  # the checking side's first call: a write
+                    sent = True
+            else:
+                tls_client.do_handshake()
+                if not sent:
+                    tls_client.write(b"secret")
+                    sent = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            failure = exc
+        try:
+            if side == "server":
+                got.append(tls_server.read(100))  # the checking side's first call: a read
+            else:
+                tls_server.do_handshake()
+                got.append(tls_server.read(100))
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            failure = failure or exc
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if got or failure is not None:
+            break
+    if not refusing:
+        assert got == [b"secret"], failure
+        return
+    assert got == []
+    assert isinstance(failure, ssl.SSLCertVerificationError), failure
+    assert isinstance(failure.__cause__, PeerNotAuthorisedError)
