@@ -1229,3 +1229,52 @@ def test_tls_object_handshake_done_by_the_first_read_or_write_is_checked(
     assert got == []
     assert isinstance(failure, ssl.SSLCertVerificationError), failure
     assert isinstance(failure.__cause__, PeerNotAuthorisedError)
+
+
+class _SlowKeys(dict):  # type: ignore[type-arg]
+    """A dict whose iteration lets other threads run between keys (as the GIL may)."""
+
+    def __iter__(self) -> Iterator[object]:
+        for key in list(dict.keys(self)):
+            time.sleep(0.0005)
+            if key in self:
+                yield key
+            else:  # what a plain dict's iterator raises when the dict changed under it
+                raise RuntimeError("dictionary changed size during iteration")
+
+
+@pytest.mark.parametrize("threads", [4, 1])
+@pytest.mark.parametrize("kind", ["renewing", "identity"])
+def test_contexts_made_by_many_threads_at_once_stay_bounded_without_errors(
+    pair: tuple[TestCA, TestCA], kind: str, threads: int
+) -> None:
+    """Threads making client contexts for new authorisers at once (a new authoriser per
+    client, past the bound): none of them fails (before: the bound's eviction, unlocked, met
+    the keys another thread was adding: "dictionary changed size during iteration", or two
+    threads evicting the same key: KeyError) and the bound holds. Twin: one thread."""
+    from federatls.integrations import _source
+
+    _, client = _identities(pair)
+    contexts = _SlowKeys()
+    if kind == "renewing":
+        source: Identity | RenewingIdentity = RenewingIdentity(client)
+        source._snapshot.contexts = contexts  # type: ignore[union-attr]
+    else:
+        source = client
+        _source._CLIENT_CONTEXTS[client] = contexts
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(10):
+            try:
+                _source.client_context(source, "federation", allow_names("x.example"))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(WAIT)
+    assert errors == []
+    assert 10 <= len(contexts) <= _MAX_AUTHORISED_CONTEXTS + 1
