@@ -1278,3 +1278,41 @@ def test_contexts_made_by_many_threads_at_once_stay_bounded_without_errors(
         worker.join(WAIT)
     assert errors == []
     assert 10 <= len(contexts) <= _MAX_AUTHORISED_CONTEXTS + 1
+
+
+@pytest.mark.parametrize("gives_up", [True, False])
+def test_bridge_drops_the_pending_upstream_when_grpc_gives_up(
+    pair: tuple[TestCA, TestCA], gives_up: bool
+) -> None:
+    """gRPC's end of a bridged connection closes while the TLS connection to a silent target
+    (TCP accepted, no handshake answer) is still being opened: the bridge drops that
+    connection at once, not at its 20 s connect timeout nor never (a leaked upstream
+    connection per abandoned attempt). Twin: while gRPC's end stays open, so does the
+    pending upstream connection."""
+    _, client = _identities(pair)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(WAIT)
+    with (
+        listener,
+        fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)) as ch,
+    ):
+        bridge = ch._bridge
+        assert bridge is not None
+        grpc_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        grpc_end.connect(bridge.path)
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.settimeout(1.0)
+            hello = upstream.recv(65536)  # the bridge's ClientHello
+            if gives_up:
+                grpc_end.close()
+            try:
+                rest = upstream.recv(65536)
+                ended = rest == b""
+            except TimeoutError:
+                ended = False
+        if not gives_up:
+            grpc_end.close()
+    assert hello
+    assert ended is gives_up
