@@ -1100,3 +1100,219 @@ def test_optional_client_certificates_with_an_authoriser(
     assert answer != b"ok"
     assert isinstance(seen[0], ssl.SSLError)
     assert calls == (["payments.k8s.internal"] if who == "impostor" else [])
+
+
+# 14. The bridge's relay ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _hanging_up_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 that completes each handshake and hangs up at once (a
+    server restarting, or one that drops connections it does not want); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(WAIT)
+            with contextlib.suppress(Exception), ctx.wrap_socket(raw, server_side=True):
+                pass
+            raw.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        listener.close()
+
+
+@pytest.mark.parametrize("server_kind", ["hanging_up", "serving"])
+async def test_bridge_upstream_lost_before_it_is_linked_ends_the_call(
+    pair: tuple[TestCA, TestCA], server_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target hangs up right after the handshake, and the bridge's loop (slow, loaded
+    machine) learns it before linking the two ends: gRPC's connection must be closed, so the
+    call fails at once (before: the lost upstream had no partner to close, gRPC's end was
+    linked to a dead one and every call on it hung until its deadline). Twin: with the same
+    slow loop a serving target answers."""
+    real_wait_for = asyncio.wait_for
+
+    async def slow_wait_for(aw: object, timeout: float | None) -> object:
+        result: object = await real_wait_for(aw, timeout)  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)  # the loop runs other callbacks before _open goes on
+        return result
+
+    monkeypatch.setattr(asyncio, "wait_for", slow_wait_for)  # the bridge's, on its loop
+    server, client = _identities(pair)
+    deadline = 8.0
+    if server_kind == "serving":
+        async with serving("sync", server, Handled()) as port:
+            with fgrpc.secure_channel(
+                client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)
+            ) as ch:
+                outcome = await anyio.to_thread.run_sync(attempt_with_deadline, ch, deadline)
+        assert outcome.answer == b"uu:hi"
+        return
+    with (
+        _hanging_up_server(server.server_context()) as port,
+        fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)) as ch,
+    ):
+        started = time.monotonic()
+        outcome = await anyio.to_thread.run_sync(attempt_with_deadline, ch, deadline)
+        took = time.monotonic() - started
+    assert outcome.code is grpc.StatusCode.UNAVAILABLE, (outcome.code, outcome.details)
+    assert took < deadline / 2
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+@pytest.mark.parametrize("by", ["authoriser", "allowed"])
+def test_tls_object_handshake_done_by_the_first_read_or_write_is_checked(
+    pair: tuple[TestCA, TestCA], side: str, by: str
+) -> None:
+    """An ``ssl.SSLObject`` (memory BIOs, as anyio or a custom transport use them) whose
+    owner never calls do_handshake: the checking side writes its secret at once (a client)
+    or reads at once (a server), so OpenSSL would do the handshake inside that call; the
+    authoriser must still refuse the peer before the secret is written or the peer's data is
+    read. Twin: an allowed peer's bytes go through."""
+    server, client = _identities(pair)
+    refusing = by == "authoriser"
+    if side == "server":
+        authoriser = allow_names("*.aws.internal" if refusing else "*.k8s.internal")
+        sctx, cctx = server.server_context(authoriser=authoriser), client.client_context()
+    else:
+        authoriser = allow_names("*.aws.internal" if refusing else SERVER)
+        sctx, cctx = server.server_context(), client.client_context(authoriser=authoriser)
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    tls_client = cctx.wrap_bio(c_in, c_out, server_hostname=SERVER)
+    got: list[bytes] = []
+    failure: Exception | None = None
+    sent = False
+    for _ in range(20):
+        try:
+            if side == "client":
+                if not sent:
+                    tls_client.write(b"secret")  # the checking side's first call: a write
+                    sent = True
+            else:
+                tls_client.do_handshake()
+                if not sent:
+                    tls_client.write(b"secret")
+                    sent = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            failure = exc
+        try:
+            if side == "server":
+                got.append(tls_server.read(100))  # the checking side's first call: a read
+            else:
+                tls_server.do_handshake()
+                got.append(tls_server.read(100))
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            failure = failure or exc
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if got or failure is not None:
+            break
+    if not refusing:
+        assert got == [b"secret"], failure
+        return
+    assert got == []
+    assert isinstance(failure, ssl.SSLCertVerificationError), failure
+    assert isinstance(failure.__cause__, PeerNotAuthorisedError)
+
+
+class _SlowKeys(dict):  # type: ignore[type-arg]
+    """A dict whose iteration lets other threads run between keys (as the GIL may)."""
+
+    def __iter__(self) -> Iterator[object]:
+        for key in list(dict.keys(self)):
+            time.sleep(0.0005)
+            if key in self:
+                yield key
+            else:  # what a plain dict's iterator raises when the dict changed under it
+                raise RuntimeError("dictionary changed size during iteration")
+
+
+@pytest.mark.parametrize("threads", [4, 1])
+@pytest.mark.parametrize("kind", ["renewing", "identity"])
+def test_contexts_made_by_many_threads_at_once_stay_bounded_without_errors(
+    pair: tuple[TestCA, TestCA], kind: str, threads: int
+) -> None:
+    """Threads making client contexts for new authorisers at once (a new authoriser per
+    client, past the bound): none of them fails (before: the bound's eviction, unlocked, met
+    the keys another thread was adding: "dictionary changed size during iteration", or two
+    threads evicting the same key: KeyError) and the bound holds. Twin: one thread."""
+    from federatls.integrations import _source
+
+    _, client = _identities(pair)
+    contexts = _SlowKeys()
+    if kind == "renewing":
+        source: Identity | RenewingIdentity = RenewingIdentity(client)
+        source._snapshot.contexts = contexts  # type: ignore[union-attr]
+    else:
+        source = client
+        _source._CLIENT_CONTEXTS[client] = contexts
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(10):
+            try:
+                _source.client_context(source, "federation", allow_names("x.example"))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(WAIT)
+    assert errors == []
+    assert 10 <= len(contexts) <= _MAX_AUTHORISED_CONTEXTS + 1
+
+
+@pytest.mark.parametrize("gives_up", [True, False])
+def test_bridge_drops_the_pending_upstream_when_grpc_gives_up(
+    pair: tuple[TestCA, TestCA], gives_up: bool
+) -> None:
+    """gRPC's end of a bridged connection closes while the TLS connection to a silent target
+    (TCP accepted, no handshake answer) is still being opened: the bridge drops that
+    connection at once, not at its 20 s connect timeout nor never (a leaked upstream
+    connection per abandoned attempt). Twin: while gRPC's end stays open, so does the
+    pending upstream connection."""
+    _, client = _identities(pair)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(WAIT)
+    with (
+        listener,
+        fgrpc.secure_channel(client, f"127.0.0.1:{port}", authoriser=allow_names(SERVER)) as ch,
+    ):
+        bridge = ch._bridge
+        assert bridge is not None
+        grpc_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        grpc_end.connect(bridge.path)
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.settimeout(1.0)
+            hello = upstream.recv(65536)  # the bridge's ClientHello
+            if gives_up:
+                grpc_end.close()
+            try:
+                rest = upstream.recv(65536)
+                ended = rest == b""
+            except TimeoutError:
+                ended = False
+        if not gives_up:
+            grpc_end.close()
+    assert hello
+    assert ended is gives_up

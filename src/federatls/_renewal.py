@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import random
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
@@ -201,6 +202,7 @@ class RenewingIdentity:
         self._clock = clock
         self._rand = rand
         self._snapshot = _Snapshot(identity, {})
+        self._contexts_lock = threading.Lock()  # adding to a snapshot's contexts (_context)
         self._next: datetime = self._due(identity)
         self._failures = 0
         self._updated: anyio.Event | None = None
@@ -263,8 +265,14 @@ class RenewingIdentity:
     def _context(self, key: _ContextKey) -> ssl.SSLContext:
         snapshot = self._snapshot
         ctx = snapshot.contexts.get(key)
-        if ctx is None:
-            ctx = snapshot.contexts[key] = _build(snapshot.identity, key)
+        if ctx is not None:
+            return ctx
+        built = _build(snapshot.identity, key)
+        # Threads add contexts at once (clients made on many threads): the addition and the
+        # bound's eviction under a lock, or one thread's eviction meets another's key
+        # (RuntimeError) or two evict the same one (KeyError).
+        with self._contexts_lock:
+            ctx = snapshot.contexts.setdefault(key, built)
             # Keys a program may vary without end: the authoriser, the ALPN list.
             varied = [k for k in snapshot.contexts if k[4] is not None or k[3]]
             if len(varied) > _MAX_AUTHORISED_CONTEXTS:

@@ -71,6 +71,7 @@ _ContextKey = tuple[TrustChoice, AuthoriserKey | None, tuple[str, ...]]
 _CLIENT_CONTEXTS: weakref.WeakKeyDictionary[Identity, dict[_ContextKey, ssl.SSLContext]] = (
     weakref.WeakKeyDictionary()
 )
+_CLIENT_CONTEXTS_LOCK = threading.Lock()
 
 
 def snapshot(source: Source) -> Identity:
@@ -121,13 +122,20 @@ def client_context(
     library's list must not be what another offers: each list has its own context)."""
     if isinstance(source, RenewingIdentity):
         return source.client_context(trust=trust, authoriser=authoriser, alpn=alpn)
-    contexts = _CLIENT_CONTEXTS.setdefault(source, {})
     key = (trust, AuthoriserKey.of(authoriser), alpn)
-    if key not in contexts:
-        contexts[key] = source.client_context(trust=trust, authoriser=authoriser, alpn=alpn)
+    contexts = _CLIENT_CONTEXTS.get(source)
+    ctx = contexts.get(key) if contexts is not None else None
+    if ctx is not None:
+        return ctx
+    built = source.client_context(trust=trust, authoriser=authoriser, alpn=alpn)
+    # Threads add contexts at once: the addition and the bound's eviction under a lock (or
+    # two threads evict the same key, or one evicts the key another is about to return).
+    with _CLIENT_CONTEXTS_LOCK:
+        contexts = _CLIENT_CONTEXTS.setdefault(source, {})
+        ctx = contexts.setdefault(key, built)
         if len(contexts) > _MAX_AUTHORISED_CONTEXTS:  # a new authoriser per client: bounded
             del contexts[next(iter(contexts))]
-    return contexts[key]
+    return ctx
 
 
 def peer_refusal(exc: BaseException) -> PeerNotAuthorisedError | None:

@@ -195,14 +195,22 @@ class _Half(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.partner: _Half | None = None
         self._early: list[bytes] = []  # received before the partner was linked
+        self.lost = False  # the connection is gone (maybe before the partner was linked)
+        self.full = False  # its write buffer is full (between pause_ and resume_writing)
 
     def link(self, partner: _Half) -> None:
-        """Relay to ``partner`` from now on, starting with what came before."""
+        """Relay to ``partner`` from now on, starting with what came before; if this end
+        was lost meanwhile (the target hung up before the loop got to link them), the
+        partner is closed once that is written, as ``connection_lost`` would have."""
         self.partner = partner
         assert partner.transport is not None
         for data in self._early:
             partner.transport.write(data)
         self._early.clear()
+        if self.lost:
+            partner.transport.close()
+        elif self.full:  # filled before it had a partner to pause (the early bytes)
+            partner.transport.pause_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -219,14 +227,17 @@ class _Half(asyncio.Protocol):
         return None  # close this end; connection_lost closes the other
 
     def pause_writing(self) -> None:
+        self.full = True
         if self.partner is not None and self.partner.transport is not None:
             self.partner.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.full = False
         if self.partner is not None and self.partner.transport is not None:
             self.partner.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if self.transport is not None:
             self.bridge._open.discard(self.transport)
         if self.partner is not None and self.partner.transport is not None:
@@ -234,19 +245,23 @@ class _Half(asyncio.Protocol):
 
 
 class _Downstream(_Half):
-    """The end gRPC connected to on the Unix socket: it does not read until the TLS
-    connection to the target is open and its server admitted (the bytes gRPC sends wait in
-    the socket); if it cannot be, it answers gRPC itself (``_Refusal``)."""
+    """The end gRPC connected to on the Unix socket: what gRPC sends before the TLS
+    connection to the target is open and its server admitted is kept (``_early``; up to
+    ``_EARLY_LIMIT`` bytes, then reading pauses), and sent only to an admitted server; if it
+    cannot be, it answers gRPC itself (``_Refusal``). It reads meanwhile so that gRPC giving
+    up is seen at once (a paused transport would not notice its peer closing) and the
+    pending upstream connection dropped with it."""
+
+    _EARLY_LIMIT = 1 << 20  # bytes; HTTP/2's windows keep gRPC's far below it
 
     def __init__(self, bridge: Bridge) -> None:
         super().__init__(bridge)
         self._opening: asyncio.Task[None] | None = None
         self._refusal: _Refusal | None = None
+        self._early_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()
         self._opening = asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
@@ -277,20 +292,28 @@ class _Downstream(_Half):
             return
         self.link(upstream)
         upstream.link(self)
-        self.transport.resume_reading()
+        if not upstream.full:  # else its resume_writing resumes (paused: _EARLY_LIMIT)
+            self.transport.resume_reading()
 
     def _refuse(self, why: str) -> None:
         assert self.transport is not None
         if self.transport.is_closing():
             return
         self._refusal = _Refusal(self.transport, why)
+        early, self._early = b"".join(self._early), []
+        if early:
+            self._refusal.received(early)
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             self._refusal.received(data)
-        else:
-            super().data_received(data)
+            return
+        super().data_received(data)
+        if self.partner is None:
+            self._early_size += len(data)
+            if self._early_size > self._EARLY_LIMIT and self.transport is not None:
+                self.transport.pause_reading()  # resumed once linked or refused
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
