@@ -6,12 +6,14 @@ What is measured
 ----------------
 Two federated federatls CAs run in this process (``federatls.testing.federated_pair``,
 certificates of a few seconds allowed). Two gRPC servers in a process of their own (its own
-GIL), both with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
+GIL), all with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
 client certificates required, answering ``/b/Echo`` (unary, bytes echoed) from a pool of 8
 threads: one configured by hand (``grpc.ssl_server_credentials`` from PEM bytes), serving
 the baseline; one with ``federatls.integrations.grpc.server_credentials`` and its
-``Interceptor`` (``allow_names("*.k8s.internal")``), serving federatls's channels. The
-servers do not renew (the churn is the client's).
+``Interceptor`` (``allow_names("*.k8s.internal")``), serving federatls's channels; and one
+with ``server_credentials`` alone (what the hand-configured server does: the chain checked
+in the handshake, no per-call check of name rules or authoriser). The servers do not renew
+(the churn is the client's).
 
 The client, enrolled with "kubernetes" (``client.k8s.internal``), runs ``--concurrency``
 (16) ``grpc.aio`` tasks on one event loop, each sending its next 32-byte call as soon as the
@@ -25,7 +27,10 @@ last is answered, through one of:
 * ``bridged``: the same with ``authoriser=allow_names("server.cloud.internal")``: gRPC's
   plaintext HTTP/2 over a Unix socket to the in-process TLS bridge;
 * ``native@pem``: the ``native`` channel calling the server configured by hand, which
-  separates the channel's cost from the server side's (credentials and interceptor).
+  separates the channel's cost from the server side's (credentials and interceptor);
+* ``native@creds``: the ``native`` channel calling the server with ``server_credentials``
+  alone: federatls configured as the baseline is (the interceptor's per-call check is what
+  ``native`` adds to it).
 
 Segments of ``--duration`` seconds (2) after ``--warmup`` (1), in rounds whose order is
 reversed every other round (ABC CBA ..., so a linear drift in outside load cancels out),
@@ -38,8 +43,8 @@ Figures: calls per second (answered calls in the windows / their time), p50 and 
 latency, failed calls (must be 0), renewals during churn; CPU per call of the server process
 and of the client process (all threads, from /proc, over the same windows: steadier than
 calls/s when something else loads the machine); the ratios native / pem and bridged / pem
-for calls/s and CPU per call, and churn / steady for p99. A default run takes about 1.5
-minutes (two on a loaded machine).
+for calls/s and CPU per call, and churn / steady for p99. A default run takes about 1.75
+minutes (2.5 on a loaded machine).
 """
 
 from __future__ import annotations
@@ -99,9 +104,9 @@ def _handler() -> Any:
 
 
 def serve(conn: Connection, material: ServerMaterial) -> None:
-    """Two gRPC servers from the same identity: one configured by hand from PEM bytes, one
-    with federatls's ``server_credentials`` and ``Interceptor``. Sends both ports, runs
-    until told to stop."""
+    """Three gRPC servers from the same identity: one configured by hand from PEM bytes, one
+    with federatls's ``server_credentials`` and ``Interceptor``, one with the credentials
+    alone. Sends their ports, runs until told to stop."""
     from federatls import TrustBundle
     from federatls._keys import PrivateKey
     from federatls._x509 import load_pem_certificates
@@ -127,12 +132,15 @@ def serve(conn: Connection, material: ServerMaterial) -> None:
         interceptors=[fgrpc.Interceptor(identity, authoriser=allow_names("*.k8s.internal"))],
     )
     our_port = ours.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
-    pem_server.start()
-    ours.start()
-    conn.send((pem_port, our_port))
+    creds_only = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
+    creds_port = creds_only.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
+    servers = [pem_server, ours, creds_only]
+    for server in servers:
+        server.start()
+    conn.send((pem_port, our_port, creds_port))
     conn.recv()
-    pem_server.stop(None)
-    ours.stop(None)
+    for server in servers:
+        server.stop(None)
 
 
 # The client ---------------------------------------------------------------------------------------
@@ -284,22 +292,27 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         proc.start()
         files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
         try:
-            pem_port, our_port = here.recv()
+            pem_port, our_port, creds_port = here.recv()
             server_pid = proc.pid
             assert server_pid is not None  # started
-            targets = {"pem": f"127.0.0.1:{pem_port}", "federatls": f"127.0.0.1:{our_port}"}
+            targets = {
+                "pem": f"127.0.0.1:{pem_port}",
+                "federatls": f"127.0.0.1:{our_port}",
+                "creds": f"127.0.0.1:{creds_port}",
+            }
             steady_client = await federatls.bootstrap(
                 k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
             )
             write_pem_files(steady_client, files)
             plan = [("pem", "steady"), ("native", "steady"), ("bridged", "steady")]
-            plan += [("native@pem", "steady")]
+            plan += [("native@pem", "steady"), ("native@creds", "steady")]
             plan += [("native", "churn"), ("bridged", "churn")]
             segments: list[Segment] = []
             for round_ in range(args.rounds):
                 order = plan if round_ % 2 == 0 else plan[::-1]
                 for name, condition in order:
-                    target = targets["pem" if name.endswith("pem") else "federatls"]
+                    where = name.partition("@")[2] or ("pem" if name == "pem" else "federatls")
+                    target = targets[where]
                     seg = await run_segment(name, condition, k8s, target, files, args, server_pid)
                     segments.append(seg)
                     print(
@@ -326,6 +339,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "native/pem calls/s": per_call("native", "calls_per_s"),
         "bridged/pem calls/s": per_call("bridged", "calls_per_s"),
         "native channel only/pem calls/s": per_call("native@pem", "calls_per_s"),
+        "native, credentials only/pem calls/s": per_call("native@creds", "calls_per_s"),
+        "credentials only/pem server CPU per call": per_call(
+            "native@creds", "server_cpu_us_per_call"
+        ),
         "native/pem server CPU per call": per_call("native", "server_cpu_us_per_call"),
         "native/pem client CPU per call": per_call("native", "client_cpu_us_per_call"),
         "bridged/pem client CPU per call": per_call("bridged", "client_cpu_us_per_call"),
