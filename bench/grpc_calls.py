@@ -5,12 +5,14 @@ against steady state.
 What is measured
 ----------------
 Two federated federatls CAs run in this process (``federatls.testing.federated_pair``,
-certificates of a few seconds allowed). Two gRPC servers in a process of their own (its own
+certificates of a few seconds allowed). Four gRPC servers in a process of their own (its own
 GIL), all with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
 client certificates required, answering ``/b/Echo`` (unary, bytes echoed) from a pool of 8
 threads: one configured by hand (``grpc.ssl_server_credentials`` from PEM bytes), serving
-the baseline; one with ``federatls.integrations.grpc.server_credentials`` and its
-``Interceptor`` (``allow_names("*.k8s.internal")``), serving federatls's channels; and one
+the baseline; the same whose handler authorises its client by hand (the least a handler
+can do: a suffix of the names in ``context.peer_identities()``); one with
+``federatls.integrations.grpc.server_credentials`` and its ``Interceptor``
+(``allow_names("*.k8s.internal")``), serving federatls's channels; and one
 with ``server_credentials`` alone (what the hand-configured server does: the chain checked
 in the handshake, no per-call check of name rules or authoriser). The servers do not renew
 (the churn is the client's).
@@ -26,6 +28,8 @@ last is answered, through one of:
   own TLS from the identity, every call counted for the channel's renewal;
 * ``bridged``: the same with ``authoriser=allow_names("server.cloud.internal")``: gRPC's
   plaintext HTTP/2 over a Unix socket to the in-process TLS bridge;
+* ``pem@checked``: the baseline's channel calling the server that authorises by hand: what
+  checking each call costs gRPC without federatls;
 * ``native@pem``: the ``native`` channel calling the server configured by hand, which
   separates the channel's cost from the server side's (credentials and interceptor);
 * ``native@creds``: the ``native`` channel calling the server with ``server_credentials``
@@ -34,7 +38,8 @@ last is answered, through one of:
 
 Segments of ``--duration`` seconds (2) after ``--warmup`` (1), in rounds whose order is
 reversed every other round (ABC CBA ..., so a linear drift in outside load cancels out),
-``--rounds`` (4) rounds. Steady segments use a 10-minute certificate. Churn segments
+``--rounds`` (4) rounds; ``--channels`` runs some of them only (the baseline always).
+Steady segments use a 10-minute certificate. Churn segments
 (``native`` and ``bridged`` only) use a ``RenewingIdentity`` of ``--lifetime`` (4 s)
 certificates, so the client renews about every 2.7 s, each renewal moving new calls to a
 new gRPC channel (a new connection and handshake) and closing the old one once idle.
@@ -43,7 +48,9 @@ Figures: calls per second (answered calls in the windows / their time), p50 and 
 latency, failed calls (must be 0), renewals during churn; CPU per call of the server process
 and of the client process (all threads, from /proc, over the same windows: steadier than
 calls/s when something else loads the machine); the ratios native / pem and bridged / pem
-for calls/s and CPU per call, and churn / steady for p99. A default run takes about 1.75
+for calls/s and CPU per call, and churn / steady for p99; and round by round, each
+variant's calls/s against the baseline's of the same round (the median, lowest and
+highest: slow changes in the machine's load cancel within a round). A default run takes about 1.75
 minutes (2.5 on a loaded machine).
 """
 
@@ -94,19 +101,28 @@ class ServerMaterial:
     federated_roots: bytes
 
 
-def _handler() -> Any:
+def _handler(checked: bool = False) -> Any:
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         return request
 
+    def checked_echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        # Authorising clients by hand, the least a handler can do: gRPC's verified names of
+        # the client (its certificate's SANs), without a look at the issuer or the roots.
+        if not any(name.endswith(b".k8s.internal") for name in context.peer_identities() or ()):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a kubernetes workload")
+        return request
+
+    behaviour = checked_echo if checked else echo
     return grpc.method_handlers_generic_handler(
-        "b", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        "b", {"Echo": grpc.unary_unary_rpc_method_handler(behaviour)}
     )
 
 
 def serve(conn: Connection, material: ServerMaterial) -> None:
-    """Three gRPC servers from the same identity: one configured by hand from PEM bytes, one
-    with federatls's ``server_credentials`` and ``Interceptor``, one with the credentials
-    alone. Sends their ports, runs until told to stop."""
+    """Four gRPC servers from the same identity: one configured by hand from PEM bytes, the
+    same with its handler authorising clients by hand, one with federatls's
+    ``server_credentials`` and ``Interceptor``, one with the credentials alone. Sends their
+    ports, runs until told to stop."""
     from federatls import TrustBundle
     from federatls._keys import PrivateKey
     from federatls._x509 import load_pem_certificates
@@ -119,6 +135,8 @@ def serve(conn: Connection, material: ServerMaterial) -> None:
         require_client_auth=True,
     )
     pem_port = pem_server.add_secure_port("127.0.0.1:0", creds)
+    checked_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler(True)])
+    checked_port = checked_server.add_secure_port("127.0.0.1:0", creds)
     key = serialization.load_pem_private_key(material.key, None)
     assert isinstance(key, PrivateKey)  # what federatls enrols: EC, Ed25519 or RSA
     trust = TrustBundle.from_ca(
@@ -134,10 +152,10 @@ def serve(conn: Connection, material: ServerMaterial) -> None:
     our_port = ours.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
     creds_only = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
     creds_port = creds_only.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(identity))
-    servers = [pem_server, ours, creds_only]
+    servers = [pem_server, checked_server, ours, creds_only]
     for server in servers:
         server.start()
-    conn.send((pem_port, our_port, creds_port))
+    conn.send((pem_port, checked_port, our_port, creds_port))
     conn.recv()
     for server in servers:
         server.stop(None)
@@ -154,6 +172,7 @@ class Segment:
     renewals: int = 0
     server_cpu: float = 0.0  # seconds, over the window
     client_cpu: float = 0.0
+    round: int = 0
 
 
 async def load(
@@ -229,7 +248,7 @@ async def run_segment(
     steady = await federatls.bootstrap(
         kubernetes.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
     )
-    if name == "pem":
+    if name.startswith("pem"):
         channel = pem_channel(files, target)
         seg = await load(channel, args.concurrency, args.warmup, args.duration, server_pid)
         await channel.close()
@@ -273,6 +292,34 @@ def summary(segments: list[Segment]) -> dict[str, Any]:
     }
 
 
+# The segments of a round, in order (reversed every other round).
+PLAN = [
+    ("pem", "steady"),
+    ("native", "steady"),
+    ("pem@checked", "steady"),
+    ("bridged", "steady"),
+    ("native@pem", "steady"),
+    ("native@creds", "steady"),
+    ("native", "churn"),
+    ("bridged", "churn"),
+]
+CHANNELS = sorted({name for name, _ in PLAN})
+
+# Ratio name -> (steady variant, figure) set against the baseline's figure.
+RATIOS = {
+    "native/pem calls/s": ("native", "calls_per_s"),
+    "bridged/pem calls/s": ("bridged", "calls_per_s"),
+    "native channel only/pem calls/s": ("native@pem", "calls_per_s"),
+    "native, credentials only/pem calls/s": ("native@creds", "calls_per_s"),
+    "credentials only/pem server CPU per call": ("native@creds", "server_cpu_us_per_call"),
+    "native/pem server CPU per call": ("native", "server_cpu_us_per_call"),
+    "native/pem client CPU per call": ("native", "client_cpu_us_per_call"),
+    "bridged/pem client CPU per call": ("bridged", "client_cpu_us_per_call"),
+    "native channel only/pem client CPU per call": ("native@pem", "client_cpu_us_per_call"),
+    "checked by hand/pem calls/s": ("pem@checked", "calls_per_s"),
+}
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with federated_pair("cloud", "kubernetes", claims=SHORT, backdate="1s") as (cloud, k8s):
         server = cloud.identity(
@@ -292,11 +339,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         proc.start()
         files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
         try:
-            pem_port, our_port, creds_port = here.recv()
+            pem_port, checked_port, our_port, creds_port = here.recv()
             server_pid = proc.pid
             assert server_pid is not None  # started
             targets = {
                 "pem": f"127.0.0.1:{pem_port}",
+                "checked": f"127.0.0.1:{checked_port}",
                 "federatls": f"127.0.0.1:{our_port}",
                 "creds": f"127.0.0.1:{creds_port}",
             }
@@ -304,16 +352,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
             )
             write_pem_files(steady_client, files)
-            plan = [("pem", "steady"), ("native", "steady"), ("bridged", "steady")]
-            plan += [("native@pem", "steady"), ("native@creds", "steady")]
-            plan += [("native", "churn"), ("bridged", "churn")]
+            plan = [p for p in PLAN if p[0] in args.channels or p == ("pem", "steady")]
             segments: list[Segment] = []
             for round_ in range(args.rounds):
                 order = plan if round_ % 2 == 0 else plan[::-1]
                 for name, condition in order:
-                    where = name.partition("@")[2] or ("pem" if name == "pem" else "federatls")
+                    where = name.partition("@")[2] or (
+                        "federatls" if name in ("native", "bridged") else name
+                    )
                     target = targets[where]
                     seg = await run_segment(name, condition, k8s, target, files, args, server_pid)
+                    seg.round = round_
                     segments.append(seg)
                     print(
                         f"round {round_} {name:10} {condition:6} "
@@ -336,25 +385,55 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         return float(results[f"{variant}-steady"][what] / pem[what])
 
     ratios = {
-        "native/pem calls/s": per_call("native", "calls_per_s"),
-        "bridged/pem calls/s": per_call("bridged", "calls_per_s"),
-        "native channel only/pem calls/s": per_call("native@pem", "calls_per_s"),
-        "native, credentials only/pem calls/s": per_call("native@creds", "calls_per_s"),
-        "credentials only/pem server CPU per call": per_call(
-            "native@creds", "server_cpu_us_per_call"
-        ),
-        "native/pem server CPU per call": per_call("native", "server_cpu_us_per_call"),
-        "native/pem client CPU per call": per_call("native", "client_cpu_us_per_call"),
-        "bridged/pem client CPU per call": per_call("bridged", "client_cpu_us_per_call"),
-        "native channel only/pem client CPU per call": per_call(
-            "native@pem", "client_cpu_us_per_call"
-        ),
-        "native p99 churn/steady": results["native-churn"]["p99_ms"]
-        / results["native-steady"]["p99_ms"],
-        "bridged p99 churn/steady": results["bridged-churn"]["p99_ms"]
-        / results["bridged-steady"]["p99_ms"],
+        name: per_call(variant, what)
+        for name, (variant, what) in RATIOS.items()
+        if f"{variant}-steady" in results
     }
-    return {"args": vars(args), "results": results, "ratios": ratios}
+    if "native-steady" in results and "pem@checked-steady" in results:
+        ratios["native/checked by hand calls/s"] = (
+            results["native-steady"]["calls_per_s"] / results["pem@checked-steady"]["calls_per_s"]
+        )
+    for variant in ("native", "bridged"):
+        if f"{variant}-churn" in results:
+            ratios[f"{variant} p99 churn/steady"] = (
+                results[f"{variant}-churn"]["p99_ms"] / results[f"{variant}-steady"]["p99_ms"]
+            )
+    return {
+        "args": vars(args),
+        "results": results,
+        "ratios": ratios,
+        "paired": paired(
+            segments,
+            [(n, "pem") for n, c in plan if c == "steady" and n != "pem"]
+            + [("native", "pem@checked")] * ("pem@checked" in args.channels),
+        ),
+    }
+
+
+def paired(segments: list[Segment], pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Each (variant, baseline) pair's calls/s set against each other in the same round (the
+    two segments minutes apart at most, so slow changes in outside load cancel): the median
+    of the rounds' ratios, and the lowest and highest."""
+    rate = {
+        (s.round, s.channel): len(s.latencies) / s.seconds
+        for s in segments
+        if s.condition == "steady"
+    }
+    out = {}
+    for variant, baseline in pairs:
+        each = sorted(
+            rate[r, variant] / rate[r, baseline]
+            for r, name in rate
+            if name == variant and rate.get((r, baseline))
+        )
+        if each:
+            out[f"{variant}/{baseline} calls/s"] = {
+                "median": statistics.median(each),
+                "lowest": each[0],
+                "highest": each[-1],
+                "rounds": len(each),
+            }
+    return out
 
 
 def main() -> None:
@@ -364,8 +443,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--lifetime", type=float, default=4.0)
+    parser.add_argument(
+        "--channels",
+        type=lambda text: text.split(","),
+        default=CHANNELS,
+        help=f"comma-separated, of {','.join(CHANNELS)} (pem is always run): all by default",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/grpc_calls.json"))
     args = parser.parse_args()
+    unknown = sorted(set(args.channels) - set(CHANNELS))
+    if unknown:
+        parser.error(f"unknown channels {','.join(unknown)}: choose from {','.join(CHANNELS)}")
     began = time.monotonic()
     out = asyncio.run(bench(args))
     out["wall_s"] = time.monotonic() - began
@@ -379,6 +467,12 @@ def main() -> None:
         )
     for name, ratio in out["ratios"].items():
         print(f"{name:44} {ratio:5.3f}x")
+    for name, spread in out["paired"].items():
+        print(
+            f"{name + ', round by round':44} median {spread['median']:5.3f}x "
+            f"(lowest {spread['lowest']:5.3f}x, highest {spread['highest']:5.3f}x, "
+            f"{spread['rounds']} rounds)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
 

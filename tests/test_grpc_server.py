@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import federatls.integrations.grpc as fgrpc
 import federatls.integrations.grpc.aio as faio
@@ -509,6 +510,40 @@ def test_checked_handlers_reused_and_every_call_still_checked(
     assert wrapped.count(f"/{SERVICE}/unary_unary") == 1
     assert wrapped.count(f"/{SERVICE}/fresh") == 10
     assert len(interceptor._sync._made) == 4
+
+
+def test_remembered_verdict_used_only_for_the_same_certificates(world: World) -> None:
+    """Verdicts are filed under the end of the presented leaf, and one is used only when the
+    certificates presented are the same byte for byte: a refused client whose leaf's end
+    finds an admitted client's verdict there (as a collision would) is still refused, and
+    the admitted client is admitted. Twin: the admitted client's own calls, before and
+    after."""
+    interceptor = fgrpc.Interceptor(world.server, authoriser=allow_names("*.cloud.internal"))
+    server = grpc.server(
+        ThreadPoolExecutor(2), handlers=[sync_handlers(Handled())], interceptors=[interceptor]
+    )
+    port = server.add_secure_port("127.0.0.1:0", fgrpc.server_credentials(world.server))
+    server.start()
+    neighbour = world.cloud.identity("worker.cloud.internal")
+    verdicts = interceptor._checker._verdicts
+    try:
+        with (
+            grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(neighbour)) as ok,
+            grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(world.client)) as no,
+        ):
+            before = attempt(ok, "unary_unary")
+            (admitted,) = verdicts.values()
+            refused_leaf = world.client.certificate.public_bytes(serialization.Encoding.PEM)
+            verdicts[refused_leaf[-64:]] = admitted  # the admitted client's verdict
+            refused = attempt(no, "unary_unary")
+            after = attempt(ok, "unary_unary")
+    finally:
+        server.stop(None).wait()
+    assert before.answer == after.answer == b"uu:hi"
+    assert admitted[2].peer is not None
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "client.k8s.internal" in refused.details
+    assert verdicts[refused_leaf[-64:]][2].peer is None  # judged afresh
 
 
 @pytest.mark.parametrize("flavour", ["sync", "aio"])

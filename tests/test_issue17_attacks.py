@@ -506,6 +506,25 @@ def test_server_context_never_resumes_a_session(
 
 
 # 6. Impostor gRPC servers -------------------------------------------------------------------------
+async def call_impostor(
+    client: Identity, impostor: Identity, authoriser: Authoriser | None, name: str
+) -> tuple[_Outcome, Handled]:
+    """One call through a channel from ``client`` (bridged when there is an ``authoriser``)
+    to a sync server presenting ``impostor``'s certificate, the target's host taken to be
+    ``name`` (ssl_target_name_override, as for a target given as an address); what the call
+    got, and what the server's handlers saw."""
+    handled = Handled()
+    async with serving("sync", impostor, handled) as port:
+        with fgrpc.secure_channel(
+            client,
+            f"127.0.0.1:{port}",
+            authoriser=authoriser,
+            options=[("grpc.ssl_target_name_override", name)],
+        ) as channel:
+            outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    return outcome, handled
+
+
 @pytest.mark.parametrize("path", ["native", "bridged"])
 @pytest.mark.parametrize("override", ["server.cloud.internal", "payments.cloud.internal"])
 async def test_grpc_impostor_with_a_valid_federated_certificate_for_another_name(
@@ -520,15 +539,7 @@ async def test_grpc_impostor_with_a_valid_federated_certificate_for_another_name
     _, client = _identities(pair)
     impostor = cloud.identity("payments.cloud.internal", sans=["payments.cloud.internal"])
     authoriser = allow_names("*.cloud.internal") if path == "bridged" else None
-    handled = Handled()
-    async with serving("sync", impostor, handled) as port:
-        with fgrpc.secure_channel(
-            client,
-            f"127.0.0.1:{port}",
-            authoriser=authoriser,
-            options=[("grpc.ssl_target_name_override", override)],
-        ) as channel:
-            outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    outcome, handled = await call_impostor(client, impostor, authoriser, override)
     if override == "payments.cloud.internal":
         assert outcome.answer == b"uu:hi"
         assert handled.shapes() == ["unary_unary"]
@@ -554,15 +565,7 @@ async def test_grpc_impostor_anchored_in_a_root_that_may_not_vouch_for_the_host(
     client = _with_rules(cloud.identity("client.cloud.internal"), kubernetes.root, [rule])
     impostor = kubernetes.identity(SERVER, sans=[SERVER])
     authoriser = allow_names("*.cloud.internal") if path == "bridged" else None
-    handled = Handled()
-    async with serving("sync", impostor, handled) as port:
-        with fgrpc.secure_channel(
-            client,
-            f"127.0.0.1:{port}",
-            authoriser=authoriser,
-            options=[("grpc.ssl_target_name_override", SERVER)],
-        ) as channel:
-            outcome = await anyio.to_thread.run_sync(attempt_with_deadline, channel)
+    outcome, handled = await call_impostor(client, impostor, authoriser, SERVER)
     if rule == "*.cloud.internal":
         assert outcome.answer == b"uu:hi", outcome.details
         assert handled.shapes() == ["unary_unary"]

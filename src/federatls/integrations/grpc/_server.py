@@ -158,7 +158,8 @@ class _Checker:
         self._authoriser = authoriser
         self._trust = trust
         self._lock = threading.Lock()
-        self._verdicts: dict[tuple[bytes, bytes], tuple[Identity, _Verdict]] = {}
+        # The end of the presented leaf -> (snapshot, what was presented, verdict)
+        self._verdicts: dict[bytes, tuple[Identity, tuple[bytes, bytes], _Verdict]] = {}
 
     def _judge(self, leaf: bytes, rest: bytes, identity: Identity) -> _Verdict:
         """The verdict on the client presenting ``leaf`` and ``rest`` (PEM) under
@@ -180,20 +181,25 @@ class _Checker:
 
     def check(self, context: Any, method: str) -> _Verdict:
         """The verdict on the client of the call to ``method`` behind ``context``; a
-        refusal is logged here, once per call. This runs before every call: a remembered
-        verdict costs a dictionary look-up (no lock: a dict's get is atomic) and a clock
-        read."""
+        refusal is logged here, once per call. This runs before every call, and in a sync
+        server every microsecond held there costs several in calls per second (the GIL):
+        a client admitted before costs reading its certificates, one dictionary look-up (no
+        lock: a dict's get is atomic) and a clock read."""
         identity = snapshot(self._source)
-        key = _presented(context)
-        hit = self._verdicts.get(key)
-        if hit is not None and hit[0] is identity:
-            verdict = hit[1]
+        presented = _presented(context)
+        # Looked up by the leaf's last bytes (its signature: hashing 64 bytes, not the
+        # whole chain), used only if what was presented is the same, byte for byte.
+        hit = self._verdicts.get(presented[0][-64:])
+        if hit is not None and hit[0] is identity and hit[1] == presented:
+            verdict = hit[2]
+            if verdict.peer is not None and verdict.expires >= time.time():
+                return verdict  # admitted, as before
         else:
-            verdict = self._judge(*key, identity)
+            verdict = self._judge(*presented, identity)
             with self._lock:
                 if len(self._verdicts) >= self._CACHE_SIZE:
                     self._verdicts.pop(next(iter(self._verdicts)))
-                self._verdicts[key] = (identity, verdict)
+                self._verdicts[presented[0][-64:]] = (identity, presented, verdict)
         if verdict.peer is not None and verdict.expires < time.time():
             verdict = _expired(verdict)
         if verdict.peer is None:
@@ -202,10 +208,14 @@ class _Checker:
         return verdict
 
 
+# Whether this gRPC's extension module has the function _presented reads properties with.
+_RAW_READ = _cygrpc is not None and hasattr(_cygrpc, "auth_context")
+
+
 def _raw_call(context: Any) -> Any:
     """The gRPC core call behind a sync server's ``context``, or None (grpc.aio's contexts,
     or a gRPC whose internals differ)."""
-    if _cygrpc is None or not hasattr(_cygrpc, "auth_context"):
+    if not _RAW_READ:
         return None
     return getattr(getattr(context, "_rpc_event", None), "call", None)
 
@@ -219,10 +229,11 @@ def _presented(context: Any) -> tuple[bytes, bytes]:
     public way decides, so a change in gRPC can cost speed but never admit anyone."""
     call = _raw_call(context)
     if call is not None:
-        auth = _cygrpc.auth_context(call) or {}
-        leaf = auth.get(b"x509_pem_cert")
+        auth = _cygrpc.auth_context(call)
+        leaf = auth.get(b"x509_pem_cert") if auth else None
         if leaf:
-            return b"".join(leaf), b"".join(auth.get(b"x509_pem_cert_chain", ()))
+            rest = auth.get(b"x509_pem_cert_chain")
+            return b"".join(leaf), b"".join(rest) if rest else b""
     return grpc_presented_pem(context)
 
 
@@ -324,11 +335,12 @@ def _checked(checker: _Checker, handler: Any, method: str) -> Any:
     behaviour = getattr(handler, kind)
 
     def call(request: Any, context: Any) -> Any:
-        _PEERS[id(context)] = _admit(checker, context, method)
+        key = id(context)
+        _PEERS[key] = _admit(checker, context, method)
         try:
             return behaviour(request, context)
         finally:
-            _PEERS.pop(id(context), None)
+            _PEERS.pop(key, None)
 
     def stream(request: Any, context: Any) -> Iterator[Any]:
         # The check runs when gRPC first asks for a response, before ``behaviour``.
@@ -372,12 +384,9 @@ def _checked_async(checker: _Checker, handler: Any, method: str) -> Any:
 
 def _in_event_loop() -> bool:
     """Whether this runs in an event loop: a ``grpc.aio`` server calls its interceptors
-    there, a sync ``grpc.server`` on a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    there, a sync ``grpc.server`` on a thread of its own (``_get_running_loop`` answers
+    without raising, on a path a sync server takes for every call)."""
+    return asyncio._get_running_loop() is not None
 
 
 class _Wrapped:
