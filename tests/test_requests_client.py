@@ -12,6 +12,7 @@ worker threads.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -398,7 +399,8 @@ async def test_threads_share_one_client_across_renewals(
 async def test_requests_session_refusals(pair: tuple[TestCA, TestCA]) -> None:
     """The session refuses http:// (also as a redirect target), proxies, verify= and cert=
     per request or on the session, adapter arguments it does not know, and an adapter of
-    one's own mounted on https:// or http://, each with a ConfigError naming it; nothing
+    one's own mounted on https:// or http:// (or written into ``session.adapters``), each
+    with a ConfigError naming it; nothing
     reaches the server. Twin: the same request without them is answered (by federatls's
     adapter: the refused mount changed nothing)."""
     cloud, kubernetes = pair
@@ -432,6 +434,18 @@ async def test_requests_session_refusals(pair: tuple[TestCA, TestCA]) -> None:
                 with pytest.raises(ConfigError, match=r"mount\(.*HTTPAdapter\(\.\.\.\)\)"):
                     session.mount(prefix, requests.adapters.HTTPAdapter())
             session.mount("file://", requests.adapters.HTTPAdapter())  # no TLS to route around
+            # Written into the adapters directly (no mount): refused at the request, whether
+            # it replaced federatls's or comes first for this host.
+            ours = session.adapters["https://"]
+            session.adapters["https://"] = requests.adapters.HTTPAdapter()
+            with pytest.raises(ConfigError, match=r"HTTPAdapter, found in session\.adapters"):
+                await anyio.to_thread.run_sync(session.get, url)
+            session.adapters["https://"] = ours
+            first = {"https://127.0.0.1": requests.adapters.HTTPAdapter()}
+            session.adapters = collections.OrderedDict({**first, **session.adapters})
+            with pytest.raises(ConfigError, match=r"HTTPAdapter, found in session\.adapters"):
+                await anyio.to_thread.run_sync(session.get, url)
+            del session.adapters["https://127.0.0.1"]
             answered = await anyio.to_thread.run_sync(session.get, url)
     assert seen.handled == 1
     assert answered.status_code == 200

@@ -206,6 +206,20 @@ class Session(requests.Session):
             )
         super().mount(prefix, adapter)
 
+    def get_adapter(self, url: str) -> BaseAdapter:
+        """requests' ``get_adapter``, refusing (``ConfigError``) any adapter but federatls's
+        for http(s):// URLs, however it got into ``session.adapters`` (written there
+        directly, without ``mount``): checked at every request, before any connection."""
+        adapter = super().get_adapter(url)
+        if self._ours and not isinstance(adapter, _Adapter | _PlainRefused):
+            raise ConfigError(
+                f"{_WHAT}: {url!r} would go through {type(adapter).__name__}, found in "
+                "session.adapters, without federatls's TLS: leave http:// and https:// to "
+                "federatls's adapter (pass max_retries=, pool_connections=, pool_maxsize= or "
+                "pool_block= to the Session)"
+            )
+        return adapter
+
     def merge_environment_settings(
         self,
         url: str | bytes | None,
