@@ -691,3 +691,32 @@ async def test_peer_of_a_plain_requests_response(
             for pool_key in pools.keys():  # noqa: SIM118 (the container has no __iter__)
                 pools[pool_key].close()
     assert while_held == server.serial
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_urllib3_http2_injection_refused(pair: tuple[TestCA, TestCA], kind: str) -> None:
+    """With urllib3's experimental HTTP/2 injected (it makes urllib3 offer only h2), a
+    request to a server speaking h2 is refused with a ConfigError naming it, before any
+    connection: the app sees nothing (before, the HTTP/1.1 connection read the server's h2
+    frames as a bad status line, three retries over). Twin: once it is extracted, the same
+    client is served over HTTP/1.1."""
+    import urllib3.http2
+
+    from test_hypercorn import App
+    from test_hypercorn import server as h2_server
+
+    cloud, kubernetes = pair
+    server = await enrol(cloud, "server.cloud.internal", SERVER_NAMES, LONG)
+    me = await enrol(kubernetes, "client.k8s.internal", lifetime=LONG)
+    app = App()
+    async with h2_server(server, app) as url:
+        with client(kind, me) as http:
+            urllib3.http2.inject_into_urllib3()
+            try:
+                with pytest.raises(ConfigError, match=r"inject_into_urllib3\(\)"):
+                    await anyio.to_thread.run_sync(http.get, url)
+            finally:
+                urllib3.http2.extract_from_urllib3()
+            status, body, _ = await anyio.to_thread.run_sync(http.get, url)
+    assert app.versions == ["1.1"]
+    assert (status, body) == (200, "ok")

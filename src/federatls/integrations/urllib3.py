@@ -38,10 +38,10 @@ from typing import Any, cast
 try:
     import urllib3
     import urllib3.connection
+    import urllib3.util.ssl_
     from urllib3._request_methods import RequestMethods  # urllib3.PoolManager's base (2.x)
     from urllib3.connectionpool import HTTPConnectionPool
     from urllib3.response import BaseHTTPResponse, HTTPResponse
-    from urllib3.util.ssl_ import ALPN_PROTOCOLS
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     from .._errors import MissingExtraError
 
@@ -123,6 +123,17 @@ class _RecordingConnection(urllib3.connection.HTTPSConnection):
     peer: TLSRecord | None = None
 
     def connect(self) -> None:
+        # urllib3 offers its module-wide ALPN_PROTOCOLS at each connection; its experimental
+        # HTTP/2 (urllib3.http2.inject_into_urllib3()) makes that ["h2"], which this
+        # HTTP/1.1 connection cannot speak: refused before connecting, not retried.
+        if list(urllib3.util.ssl_.ALPN_PROTOCOLS) != ["http/1.1"]:
+            raise ConfigError(
+                f"federatls's urllib3 and requests integrations speak HTTP/1.1, but urllib3 "
+                f"offers {urllib3.util.ssl_.ALPN_PROTOCOLS} (its experimental HTTP/2, "
+                "urllib3.http2.inject_into_urllib3()): undo it with "
+                "urllib3.http2.extract_from_urllib3(), or use federatls.integrations.httpx "
+                "with http2=True"
+            )
         try:
             super().connect()
         except ssl.SSLCertVerificationError as exc:
@@ -187,7 +198,7 @@ def swapping(
 
     def build(identity: Identity) -> HTTPSOnly:
         # urllib3 sets its ALPN_PROTOCOLS on the context at each connection.
-        alpn = tuple(ALPN_PROTOCOLS)
+        alpn = tuple(urllib3.util.ssl_.ALPN_PROTOCOLS)
         return HTTPSOnly(client_context(source, trust, authoriser, alpn), num_pools, kw)
 
     return Swapping(source, build)
