@@ -446,6 +446,8 @@ async def test_requests_session_refusals(pair: tuple[TestCA, TestCA]) -> None:
             with pytest.raises(ConfigError, match=r"HTTPAdapter, found in session\.adapters"):
                 await anyio.to_thread.run_sync(session.get, url)
             del session.adapters["https://127.0.0.1"]
+            # Other schemes' adapters are not federatls's business.
+            assert isinstance(session.get_adapter("file:///x"), requests.adapters.HTTPAdapter)
             answered = await anyio.to_thread.run_sync(session.get, url)
     assert seen.handled == 1
     assert answered.status_code == 200

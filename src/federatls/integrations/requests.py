@@ -211,7 +211,8 @@ class Session(requests.Session):
         for http(s):// URLs, however it got into ``session.adapters`` (written there
         directly, without ``mount``): checked at every request, before any connection."""
         adapter = super().get_adapter(url)
-        if self._ours and not isinstance(adapter, _Adapter | _PlainRefused):
+        web = url.lower().startswith(("http://", "https://"))
+        if self._ours and web and not isinstance(adapter, _Adapter | _PlainRefused):
             raise ConfigError(
                 f"{_WHAT}: {url!r} would go through {type(adapter).__name__}, found in "
                 "session.adapters, without federatls's TLS: leave http:// and https:// to "
