@@ -14,9 +14,11 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import federatls.integrations.grpc as fgrpc
+import federatls.integrations.grpc._bridge as _bridge
 import federatls.integrations.urllib3 as furllib3
 from federatls import (
     Authoriser,
@@ -835,6 +838,56 @@ _CONNECT = (
 
 
 _SYSTEM_PYTHON = "/usr/bin/python3"  # one another user may run (a venv's may live in /root)
+
+
+# A process holding a bridged channel: prints the bridge's socket path, then waits.
+_BRIDGE_HOLDER = """
+import time
+import federatls.integrations.grpc as fgrpc
+from federatls import allow_names
+from federatls.testing import running_ca
+
+with running_ca("orphans") as ca:
+    client = ca.identity("client.orphans.internal")
+    channel = fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names("x"))
+    print(channel._bridge.path, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_bridge_directory_of_a_killed_process_removed_by_the_next(
+    pair: tuple[TestCA, TestCA], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed (SIGKILL) while holding a bridged channel leaves its bridge's
+    directory; the next bridge this user opens (here, in another process) removes it.
+    Twin: the directory of a live process's bridge is left alone, and so is this process's
+    own new one."""
+    holders = [
+        subprocess.Popen([sys.executable, "-c", _BRIDGE_HOLDER], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        killed, alive = holders
+        assert killed.stdout is not None
+        assert alive.stdout is not None
+        killed_dir = os.path.dirname(killed.stdout.readline().strip())
+        alive_dir = os.path.dirname(alive.stdout.readline().strip())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(WAIT)
+        assert os.path.isdir(killed_dir)  # what SIGKILL leaves
+        monkeypatch.setattr(_bridge, "_swept", False, raising=False)  # as in a new process
+        _, client = _identities(pair)
+        with fgrpc.secure_channel(client, "127.0.0.1:1", authoriser=allow_names(SERVER)) as ch:
+            assert ch._bridge is not None
+            assert os.path.isdir(os.path.dirname(ch._bridge.path))
+            assert not os.path.exists(killed_dir)
+            assert os.path.isdir(alive_dir)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait(WAIT)
+            if holder.stdout is not None:
+                holder.stdout.close()
 
 
 @pytest.mark.skipif(

@@ -9,8 +9,10 @@ A connection the bridge cannot open (refused server, unreachable target) is answ
 HTTP/2 by the bridge itself: every call gRPC sent on it ends with ``UNAVAILABLE`` and details
 naming the refusal, then GOAWAY, so gRPC opens a new connection (checked again) for the next
 call. The bridge runs an asyncio loop on a thread of its own, the only thread this
-integration starts; ``close`` stops it and removes the directory. What it does not do: look
-inside the HTTP/2 it relays.
+integration starts; ``close`` stops it and removes the directory. A process killed before
+it could close its bridges leaves their directories behind: the next process of the same
+user to open a bridge removes them (they are named after their process). What it does not
+do: look inside the HTTP/2 it relays.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -43,6 +47,46 @@ _CONNECT_TIMEOUT = 20.0  # seconds for TCP connect plus TLS handshake to the tar
 _STOP_TIMEOUT = 10.0  # seconds for close() to stop the bridge
 _CHUNK = 65536
 _UNAVAILABLE = "14"
+
+
+# A bridge's directory: made by the process whose id it carries.
+_DIRECTORY = re.compile(r"federatls-grpc-(\d+)-[^/]*")
+_swept = False  # whether this process removed the directories of dead ones yet
+
+
+def _remove_orphans(parent: str) -> None:
+    """Remove from ``parent`` the bridge directories this user's processes left when they
+    died without closing their bridges (``SIGKILL``): those naming a process that does not
+    exist, whose socket nobody listens on (a process of another PID namespace sharing the
+    directory may be alive). Another user's, or a live bridge's, are left alone."""
+    for name in os.listdir(parent):
+        match = _DIRECTORY.fullmatch(name)
+        if match is None or int(match[1]) == os.getpid():
+            continue
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            os.kill(int(match[1]), 0)  # raises ProcessLookupError when it is gone
+            continue
+        except ProcessLookupError:
+            if _listening(os.path.join(path, "bridge.sock")):
+                continue
+        except OSError:  # gone already, or another user's live process
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:  # refused (nobody listens), or no socket there
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -94,7 +138,11 @@ class Bridge:
     @classmethod
     def open(cls, source: Source, upstream: Upstream) -> Bridge:
         """A bridge listening on a new socket in a new 0700 temporary directory."""
-        directory = tempfile.mkdtemp(prefix="federatls-grpc-")  # mode 0700
+        global _swept
+        if not _swept:
+            _swept = True
+            _remove_orphans(tempfile.gettempdir())
+        directory = tempfile.mkdtemp(prefix=f"federatls-grpc-{os.getpid()}-")  # mode 0700
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(os.path.join(directory, "bridge.sock"))
