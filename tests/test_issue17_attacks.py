@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -888,6 +889,34 @@ def test_bridge_directory_of_a_killed_process_removed_by_the_next(
             holder.wait(WAIT)
             if holder.stdout is not None:
                 holder.stdout.close()
+
+
+def test_orphan_sweep_leaves_what_is_not_a_dead_process_bridge(tmp_path: Path) -> None:
+    """What the sweep of dead processes' bridge directories leaves, without failing the
+    bridge being opened: a file under such a name, a directory naming a pid too large to be
+    one, a directory of a dead process whose socket something still listens on (a process
+    of another PID namespace), and an unreadable directory to sweep. Twin: the dead
+    process's directory with no listener is removed."""
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait(WAIT)
+    dead = finished.pid
+    (tmp_path / f"federatls-grpc-{dead}-file").write_text("")
+    (tmp_path / "federatls-grpc-99999999999999999999999-big").mkdir()
+    orphan = tmp_path / f"federatls-grpc-{dead}-orphan"
+    orphan.mkdir()
+    (orphan / "bridge.sock").write_text("")  # not a socket: nobody listens
+    listened = tmp_path / f"federatls-grpc-{dead}-listened"
+    listened.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(listened / "bridge.sock"))
+        listener.listen(1)
+        _bridge._remove_orphans(str(tmp_path))
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "federatls-grpc-99999999999999999999999-big",
+        f"federatls-grpc-{dead}-file",
+        f"federatls-grpc-{dead}-listened",
+    }
+    _bridge._remove_orphans(str(tmp_path / "missing"))  # unreadable: nothing done, no error
 
 
 @pytest.mark.skipif(

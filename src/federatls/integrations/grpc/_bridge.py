@@ -59,7 +59,11 @@ def _remove_orphans(parent: str) -> None:
     died without closing their bridges (``SIGKILL``): those naming a process that does not
     exist, whose socket nobody listens on (a process of another PID namespace sharing the
     directory may be alive). Another user's, or a live bridge's, are left alone."""
-    for name in os.listdir(parent):
+    try:
+        names = os.listdir(parent)
+    except OSError:  # unreadable: nothing to clean up that this user could see
+        return
+    for name in names:
         match = _DIRECTORY.fullmatch(name)
         if match is None or int(match[1]) == os.getpid():
             continue
@@ -73,7 +77,7 @@ def _remove_orphans(parent: str) -> None:
         except ProcessLookupError:
             if _listening(os.path.join(path, "bridge.sock")):
                 continue
-        except OSError:  # gone already, or another user's live process
+        except (OSError, OverflowError):  # gone already, another user's process, no pid
             continue
         shutil.rmtree(path, ignore_errors=True)
 
