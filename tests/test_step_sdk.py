@@ -86,7 +86,14 @@ class CAs:
 
 
 async def sdk(binary: Path, *args: str, stdin: str) -> subprocess.CompletedProcess[bytes]:
-    return await anyio.run_process([str(binary), *args], input=stdin.encode() + b"\n", check=False)
+    """Run step's SDK program; one still running after 60 s is killed and fails the test
+    saying so (once, in CI, a run hung until pytest's timeout, which told nothing)."""
+    try:
+        with anyio.fail_after(60):
+            command = [str(binary), *args]
+            return await anyio.run_process(command, input=stdin.encode() + b"\n", check=False)
+    except TimeoutError:
+        raise AssertionError(f"step's SDK ({' '.join(args[:2])}) ran for 60 s") from None
 
 
 def lines(result: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:
