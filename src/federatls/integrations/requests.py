@@ -164,6 +164,15 @@ class _Adapter(HTTPAdapter):
             manager.close()
 
 
+def _other_adapter(what: str) -> ConfigError:
+    """The refusal of ``what``: requests sent through an adapter other than federatls's."""
+    return ConfigError(
+        f"{_WHAT}: {what}, without federatls's TLS: pass max_retries=, pool_connections=, "
+        "pool_maxsize= or pool_block= to the Session instead (or use a plain requests session "
+        "for hosts outside the federation)"
+    )
+
+
 class Session(requests.Session):
     """``requests.Session`` speaking mutual TLS as ``source`` (an ``Identity`` or a
     ``RenewingIdentity``), servers checked by ``authoriser`` before anything is sent.
@@ -197,12 +206,9 @@ class Session(requests.Session):
             scheme.startswith(low) for scheme in ("http://", "https://")
         )
         if self._ours and web and not isinstance(adapter, _Adapter | _PlainRefused):
-            raise ConfigError(
-                f"{_WHAT}: mount({prefix!r}, {type(adapter).__name__}(...)) would send "
-                "requests through another "
-                "adapter, without federatls's TLS: pass max_retries=, pool_connections=, "
-                "pool_maxsize= or pool_block= to the Session instead (or use a plain requests "
-                "session for hosts outside the federation)"
+            raise _other_adapter(
+                f"mount({prefix!r}, {type(adapter).__name__}(...)) would send requests "
+                "through another adapter"
             )
         super().mount(prefix, adapter)
 
@@ -213,11 +219,8 @@ class Session(requests.Session):
         adapter = super().get_adapter(url)
         web = url.lower().startswith(("http://", "https://"))
         if self._ours and web and not isinstance(adapter, _Adapter | _PlainRefused):
-            raise ConfigError(
-                f"{_WHAT}: {url!r} would go through {type(adapter).__name__}, found in "
-                "session.adapters, without federatls's TLS: leave http:// and https:// to "
-                "federatls's adapter (pass max_retries=, pool_connections=, pool_maxsize= or "
-                "pool_block= to the Session)"
+            raise _other_adapter(
+                f"{url!r} would go through {type(adapter).__name__}, found in session.adapters"
             )
         return adapter
 
