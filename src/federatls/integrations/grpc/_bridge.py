@@ -56,30 +56,35 @@ _swept = False  # whether this process removed the directories of dead ones yet
 
 def _remove_orphans(parent: str) -> None:
     """Remove from ``parent`` the bridge directories this user's processes left when they
-    died without closing their bridges (``SIGKILL``): those naming a process that does not
-    exist, whose socket nobody listens on (a process of another PID namespace sharing the
-    directory may be alive). Another user's, or a live bridge's, are left alone."""
+    died without closing their bridges (``SIGKILL``). Another user's, or a live bridge's,
+    are left alone."""
     try:
         names = os.listdir(parent)
     except OSError:  # unreadable: nothing to clean up that this user could see
         return
     for name in names:
-        match = _DIRECTORY.fullmatch(name)
-        if match is None or int(match[1]) == os.getpid():
-            continue
         path = os.path.join(parent, name)
-        try:
-            info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-                continue
-            os.kill(int(match[1]), 0)  # raises ProcessLookupError when it is gone
-            continue
-        except ProcessLookupError:
-            if _listening(os.path.join(path, "bridge.sock")):
-                continue
-        except (OSError, OverflowError):  # gone already, another user's process, no pid
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+        if _orphan(name, path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _orphan(name: str, path: str) -> bool:
+    """Whether ``path`` (named ``name``) is a bridge directory of this user's that its
+    process left: that process does not exist, and nobody listens on its socket (a process
+    of another PID namespace sharing the directory may be alive)."""
+    match = _DIRECTORY.fullmatch(name)
+    if match is None or int(match[1]) == os.getpid():
+        return False
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        os.kill(int(match[1]), 0)  # raises ProcessLookupError when it is gone
+    except ProcessLookupError:
+        return not _listening(os.path.join(path, "bridge.sock"))
+    except (OSError, OverflowError):  # gone already, another user's process, no pid
+        return False
+    return False  # its process is alive
 
 
 def _listening(path: str) -> bool:
