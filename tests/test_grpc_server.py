@@ -234,6 +234,17 @@ async def call_once(identity: Identity, port: int, shape: str) -> Outcome:
     return await anyio.to_thread.run_sync(blocking)
 
 
+async def call_twice(identity: Identity, port: int, shape: str) -> list[Outcome]:
+    """Two calls of ``shape`` on one new channel from ``identity``: the second finds the
+    verdict the server remembered from the first."""
+
+    def blocking() -> list[Outcome]:
+        with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(identity)) as channel:
+            return [attempt(channel, shape), attempt(channel, shape)]
+
+    return await anyio.to_thread.run_sync(blocking)
+
+
 def served_serial(identity: Identity, port: int) -> int:
     """The serial of the certificate the server on ``port`` presents to a new connection."""
     ctx = identity.client_context()
@@ -409,21 +420,23 @@ async def test_authoriser_refusal(
     world: World, flavour: str, shape: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client the authoriser refuses gets PERMISSION_DENIED naming the refusal, in every
-    call shape; its handler never runs; one log line per call. Twin: the same client with
-    an authoriser allowing ``*.k8s.internal`` is served."""
+    call shape, at its first call and at the next on the same connection (the refusal
+    remembered is a refusal still); its handler never runs; one log line per call. Twin:
+    the same client with an authoriser allowing ``*.k8s.internal`` is served."""
     caplog.set_level(logging.WARNING, "federatls.peer")
     handled = Handled()
     async with serving(
         flavour, world.server, handled, authoriser=allow_names("*.cloud.internal")
     ) as port:
-        refused = await call_once(world.client, port, shape)
-    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
-    assert "authoriser" in refused.details
-    assert "client.k8s.internal" in refused.details
+        outcomes = await call_twice(world.client, port, shape)
+    for refused in outcomes:
+        assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+        assert "authoriser" in refused.details
+        assert "client.k8s.internal" in refused.details
     assert handled.calls == []
     lines = refusals(caplog)
-    assert len(lines) == 1, lines
-    assert f"/{SERVICE}/{shape}" in lines[0]
+    assert len(lines) == 2, lines
+    assert all(f"/{SERVICE}/{shape}" in line for line in lines)
 
     allowed = Handled()
     async with serving(

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -179,12 +179,36 @@ class _Checker:
             return _Verdict(None, by, exc)
         return _Verdict(info, expires=min(c.not_valid_after_utc for c in info.chain).timestamp())
 
+    def admit(self, context: Any, method: str) -> PeerInfo:
+        """The client of the call behind a sync handler's ``context``, or the call aborted
+        with ``PERMISSION_DENIED``. Every call of a sync server starts here, and there every
+        microsecond held under the GIL costs several in calls per second, so a client
+        admitted before under the same snapshot costs one frame: the call's certificates
+        read raw (see ``_presented``), one look-up, and comparisons. Anything else (a first
+        call, a refusal, a grpc.aio context, a gRPC whose internals differ) is ``check``'s."""
+        try:
+            auth = _cygrpc.auth_context(context._rpc_event.call)
+            leaf = auth[b"x509_pem_cert"]
+        except (AttributeError, KeyError, TypeError):
+            pass
+        else:
+            presented = (b"".join(leaf), b"".join(auth.get(b"x509_pem_cert_chain", ())))
+            hit = self._verdicts.get(presented[0][-64:])
+            if hit is not None and hit[1] == presented and hit[0] is snapshot(self._source):
+                admitted = hit[2].peer
+                if admitted is not None and hit[2].expires >= time.time():
+                    return admitted
+        verdict = self.check(context, method)
+        if verdict.peer is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
+            raise AssertionError("grpc's abort returned")  # pragma: no cover
+        return verdict.peer
+
     def check(self, context: Any, method: str) -> _Verdict:
         """The verdict on the client of the call to ``method`` behind ``context``; a
-        refusal is logged here, once per call. This runs before every call, and in a sync
-        server every microsecond held there costs several in calls per second (the GIL):
-        a client admitted before costs reading its certificates, one dictionary look-up (no
-        lock: a dict's get is atomic) and a clock read."""
+        refusal is logged here, once per call. A client admitted before costs reading its
+        certificates, one dictionary look-up (no lock: a dict's get is atomic) and a clock
+        read (on a sync server, ``admit`` does that much without coming here)."""
         identity = snapshot(self._source)
         presented = _presented(context)
         # Looked up by the leaf's last bytes (its signature: hashing 64 bytes, not the
@@ -311,32 +335,21 @@ _UNKNOWN = grpc.unary_unary_rpc_method_handler(_unknown)
 _UNKNOWN_ASYNC = grpc.unary_unary_rpc_method_handler(_unknown_async)
 
 
-def _admit(checker: _Checker, context: Any, method: str) -> PeerInfo:
-    """The call's client, or the call aborted with ``PERMISSION_DENIED`` (sync handlers)."""
-    verdict = checker.check(context, method)
-    if verdict.peer is None:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
-        raise AssertionError("grpc's abort returned")  # pragma: no cover
-    return verdict.peer
-
-
-async def _admit_async(checker: _Checker, context: Any, method: str) -> PeerInfo:
-    """``_admit`` for async handlers."""
-    verdict = checker.check(context, method)
-    if verdict.peer is None:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
-        raise AssertionError("grpc's abort returned")  # pragma: no cover
-    return verdict.peer
+async def _refuse(context: Any, verdict: _Verdict) -> NoReturn:
+    """Abort an async handler's call refused by ``verdict`` with ``PERMISSION_DENIED``."""
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, _details(verdict))
+    raise AssertionError("grpc's abort returned")  # pragma: no cover
 
 
 def _checked(checker: _Checker, handler: Any, method: str) -> Any:
     """``handler`` with its (sync) behaviour run only for a client ``checker`` admits."""
     kind = _kind(handler)
     behaviour = getattr(handler, kind)
+    admit = checker.admit
 
     def call(request: Any, context: Any) -> Any:
         key = id(context)
-        _PEERS[key] = _admit(checker, context, method)
+        _PEERS[key] = admit(context, method)
         try:
             return behaviour(request, context)
         finally:
@@ -344,7 +357,7 @@ def _checked(checker: _Checker, handler: Any, method: str) -> Any:
 
     def stream(request: Any, context: Any) -> Iterator[Any]:
         # The check runs when gRPC first asks for a response, before ``behaviour``.
-        _PEERS[id(context)] = _admit(checker, context, method)
+        _PEERS[id(context)] = admit(context, method)
         try:
             yield from behaviour(request, context)
         finally:
@@ -360,15 +373,23 @@ def _checked_async(checker: _Checker, handler: Any, method: str) -> Any:
     kind = _kind(handler)
     behaviour = getattr(handler, kind)
 
+    # The check itself does not wait: only a refusal's abort is awaited, so an admitted
+    # call costs no coroutine more than its handler.
     async def call(request: Any, context: Any) -> Any:
-        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        verdict = checker.check(context, method)
+        if verdict.peer is None:
+            await _refuse(context, verdict)
+        _PEERS[id(context)] = verdict.peer
         try:
             return await behaviour(request, context)
         finally:
             _PEERS.pop(id(context), None)
 
     async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-        _PEERS[id(context)] = await _admit_async(checker, context, method)
+        verdict = checker.check(context, method)
+        if verdict.peer is None:
+            await _refuse(context, verdict)
+        _PEERS[id(context)] = verdict.peer
         try:
             async for item in behaviour(request, context):
                 yield item
