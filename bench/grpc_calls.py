@@ -5,8 +5,8 @@ against steady state.
 What is measured
 ----------------
 Two federated federatls CAs run in this process (``federatls.testing.federated_pair``,
-certificates of a few seconds allowed). Four gRPC servers in a process of their own (its own
-GIL), all with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
+certificates of a few seconds allowed). Four sync gRPC servers in a process of their own
+(its own GIL), all with one identity from "cloud" (``server.cloud.internal``, IP SAN 127.0.0.1),
 client certificates required, answering ``/b/Echo`` (unary, bytes echoed) from a pool of 8
 threads: one configured by hand (``grpc.ssl_server_credentials`` from PEM bytes), serving
 the baseline; the same whose handler authorises its client by hand (the least a handler
@@ -14,8 +14,10 @@ can do: a suffix of the names in ``context.peer_identities()``); one with
 ``federatls.integrations.grpc.server_credentials`` and its ``Interceptor``
 (``allow_names("*.k8s.internal")``), serving federatls's channels; and one
 with ``server_credentials`` alone (what the hand-configured server does: the chain checked
-in the handshake, no per-call check of name rules or authoriser). The servers do not renew
-(the churn is the client's).
+in the handshake, no per-call check of name rules or authoriser). Two ``grpc.aio`` servers
+in a third process, answering from a coroutine on one event loop: one configured by hand
+from PEM bytes, one with ``server_credentials`` and ``AioInterceptor`` (the same
+authoriser). The servers do not renew (the churn is the client's).
 
 The client, enrolled with "kubernetes" (``client.k8s.internal``), runs ``--concurrency``
 (16) ``grpc.aio`` tasks on one event loop, each sending its next 32-byte call as soon as the
@@ -34,7 +36,11 @@ last is answered, through one of:
   separates the channel's cost from the server side's (credentials and interceptor);
 * ``native@creds``: the ``native`` channel calling the server with ``server_credentials``
   alone: federatls configured as the baseline is (the interceptor's per-call check is what
-  ``native`` adds to it).
+  ``native`` adds to it);
+* ``pem@aio``: the baseline's channel calling the ``grpc.aio`` server configured by hand:
+  the baseline of the next one (run whenever it is);
+* ``native@aio-federatls``: the ``native`` channel calling the ``grpc.aio`` server with
+  federatls's credentials and ``AioInterceptor``.
 
 Segments of ``--duration`` seconds (2) after ``--warmup`` (1), in rounds whose order is
 reversed every other round (ABC CBA ..., so a linear drift in outside load cancels out),
@@ -48,10 +54,10 @@ Figures: calls per second (answered calls in the windows / their time), p50 and 
 latency, failed calls (must be 0), renewals during churn; CPU per call of the server process
 and of the client process (all threads, from /proc, over the same windows: steadier than
 calls/s when something else loads the machine); the ratios native / pem and bridged / pem
-for calls/s and CPU per call, and churn / steady for p99; and round by round, each
-variant's calls/s against the baseline's of the same round (the median, lowest and
-highest: slow changes in the machine's load cancel within a round). A default run takes about 1.75
-minutes (2.5 on a loaded machine).
+for calls/s and CPU per call (``native@aio-federatls`` against ``pem@aio``), and churn /
+steady for p99; and round by round, each variant's calls/s against its baseline's of the
+same round (the median, lowest and highest: slow changes in the machine's load cancel
+within a round). A default run takes about RUNTIME.
 """
 
 from __future__ import annotations
@@ -118,32 +124,43 @@ def _handler(checked: bool = False) -> Any:
     )
 
 
-def serve(conn: Connection, material: ServerMaterial) -> None:
-    """Four gRPC servers from the same identity: one configured by hand from PEM bytes, the
-    same with its handler authorising clients by hand, one with federatls's
-    ``server_credentials`` and ``Interceptor``, one with the credentials alone. Sends their
-    ports, runs until told to stop."""
-    from federatls import TrustBundle
-    from federatls._keys import PrivateKey
-    from federatls._x509 import load_pem_certificates
-    from federatls.integrations import grpc as fgrpc
-
-    pem_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
-    creds = grpc.ssl_server_credentials(
+def _pem_credentials(material: ServerMaterial) -> Any:
+    """The hand-configured servers' credentials: PEM bytes, client certificates required."""
+    return grpc.ssl_server_credentials(
         [(material.key, material.chain)],
         root_certificates=material.own_roots + material.federated_roots,
         require_client_auth=True,
     )
-    pem_port = pem_server.add_secure_port("127.0.0.1:0", creds)
-    checked_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler(True)])
-    checked_port = checked_server.add_secure_port("127.0.0.1:0", creds)
+
+
+def _identity(material: ServerMaterial) -> Identity:
+    """The federatls servers' identity, rebuilt from the material."""
+    from federatls import TrustBundle
+    from federatls._keys import PrivateKey
+    from federatls._x509 import load_pem_certificates
+
     key = serialization.load_pem_private_key(material.key, None)
     assert isinstance(key, PrivateKey)  # what federatls enrols: EC, Ed25519 or RSA
     trust = TrustBundle.from_ca(
         load_pem_certificates(material.own_roots), load_pem_certificates(material.federated_roots)
     )
     chain = load_pem_certificates(material.chain)
-    identity = Identity.from_parts(chain, key, trust, "https://127.0.0.1:1")
+    return Identity.from_parts(chain, key, trust, "https://127.0.0.1:1")
+
+
+def serve(conn: Connection, material: ServerMaterial) -> None:
+    """Four gRPC servers from the same identity: one configured by hand from PEM bytes, the
+    same with its handler authorising clients by hand, one with federatls's
+    ``server_credentials`` and ``Interceptor``, one with the credentials alone. Sends their
+    ports, runs until told to stop."""
+    from federatls.integrations import grpc as fgrpc
+
+    pem_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler()])
+    creds = _pem_credentials(material)
+    pem_port = pem_server.add_secure_port("127.0.0.1:0", creds)
+    checked_server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[_handler(True)])
+    checked_port = checked_server.add_secure_port("127.0.0.1:0", creds)
+    identity = _identity(material)
     ours = grpc.server(
         futures.ThreadPoolExecutor(8),
         handlers=[_handler()],
@@ -159,6 +176,39 @@ def serve(conn: Connection, material: ServerMaterial) -> None:
     conn.recv()
     for server in servers:
         server.stop(None)
+
+
+def serve_aio(conn: Connection, material: ServerMaterial) -> None:
+    """Two ``grpc.aio`` servers from the same identity, in a process of their own: one
+    configured by hand from PEM bytes, one with federatls's ``server_credentials`` and
+    ``AioInterceptor``; both answer from coroutines on one event loop. Sends their ports,
+    runs until told to stop."""
+    asyncio.run(_serve_aio(conn, material))
+
+
+async def _serve_aio(conn: Connection, material: ServerMaterial) -> None:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return request
+
+    handlers = [
+        grpc.method_handlers_generic_handler(
+            "b", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+    ]
+    identity = _identity(material)
+    pem_server = grpc.aio.server(handlers=handlers)
+    pem_port = pem_server.add_secure_port("127.0.0.1:0", _pem_credentials(material))
+    ours = grpc.aio.server(
+        handlers=handlers,
+        interceptors=[fgrpc_aio.Interceptor(identity, authoriser=allow_names("*.k8s.internal"))],
+    )
+    our_port = ours.add_secure_port("127.0.0.1:0", fgrpc_aio.server_credentials(identity))
+    for server in (pem_server, ours):
+        await server.start()
+    conn.send((pem_port, our_port))
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+    for server in (pem_server, ours):
+        await server.stop(None)
 
 
 # The client ---------------------------------------------------------------------------------------
@@ -300,10 +350,14 @@ PLAN = [
     ("bridged", "steady"),
     ("native@pem", "steady"),
     ("native@creds", "steady"),
+    ("pem@aio", "steady"),
+    ("native@aio-federatls", "steady"),
     ("native", "churn"),
     ("bridged", "churn"),
 ]
 CHANNELS = sorted({name for name, _ in PLAN})
+# The variants set against each baseline but "pem" (the sync servers' baseline).
+BASELINES = {"native@aio-federatls": "pem@aio"}
 
 # Ratio name -> (steady variant, figure) set against the baseline's figure.
 RATIOS = {
@@ -334,25 +388,37 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 r.certificate for r in server.trust if r not in own.roots
             ).encode(),
         )
-        here, there = multiprocessing.get_context("spawn").Pipe()
-        proc = multiprocessing.get_context("spawn").Process(target=serve, args=(there, material))
-        proc.start()
+        spawn = multiprocessing.get_context("spawn")
+        pipes = [spawn.Pipe() for _ in range(2)]
+        procs = [
+            spawn.Process(target=target, args=(there, material))
+            for target, (_, there) in zip((serve, serve_aio), pipes, strict=True)
+        ]
+        for proc in procs:
+            proc.start()
         files = Path(tempfile.mkdtemp(prefix="grpc-bench-"))  # 0700
         try:
-            pem_port, checked_port, our_port, creds_port = here.recv()
-            server_pid = proc.pid
-            assert server_pid is not None  # started
+            pem_port, checked_port, our_port, creds_port = pipes[0][0].recv()
+            aio_port, aio_our_port = pipes[1][0].recv()
+            sync_pid, aio_pid = (proc.pid for proc in procs)
+            assert sync_pid is not None  # started
+            assert aio_pid is not None
+            # Each server's address, and the process whose CPU it spends.
             targets = {
-                "pem": f"127.0.0.1:{pem_port}",
-                "checked": f"127.0.0.1:{checked_port}",
-                "federatls": f"127.0.0.1:{our_port}",
-                "creds": f"127.0.0.1:{creds_port}",
+                "pem": (f"127.0.0.1:{pem_port}", sync_pid),
+                "checked": (f"127.0.0.1:{checked_port}", sync_pid),
+                "federatls": (f"127.0.0.1:{our_port}", sync_pid),
+                "creds": (f"127.0.0.1:{creds_port}", sync_pid),
+                "aio": (f"127.0.0.1:{aio_port}", aio_pid),
+                "aio-federatls": (f"127.0.0.1:{aio_our_port}", aio_pid),
             }
             steady_client = await federatls.bootstrap(
                 k8s.token("client.k8s.internal", sans=["client.k8s.internal"]), lifetime=LONG
             )
             write_pem_files(steady_client, files)
-            plan = [p for p in PLAN if p[0] in args.channels or p == ("pem", "steady")]
+            wanted = {"pem", *args.channels}
+            wanted |= {BASELINES[name] for name in wanted if name in BASELINES}
+            plan = [p for p in PLAN if p[0] in wanted]
             segments: list[Segment] = []
             for round_ in range(args.rounds):
                 order = plan if round_ % 2 == 0 else plan[::-1]
@@ -360,7 +426,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     where = name.partition("@")[2] or (
                         "federatls" if name in ("native", "bridged") else name
                     )
-                    target = targets[where]
+                    target, server_pid = targets[where]
                     seg = await run_segment(name, condition, k8s, target, files, args, server_pid)
                     seg.round = round_
                     segments.append(seg)
@@ -372,8 +438,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
         finally:
-            here.send("stop")
-            proc.join(10)
+            for (here, _), proc in zip(pipes, procs, strict=True):
+                here.send("stop")
+                proc.join(10)
             shutil.rmtree(files, ignore_errors=True)
     results = {
         f"{n}-{c}": summary([s for s in segments if (s.channel, s.condition) == (n, c)])
@@ -393,6 +460,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         ratios["native/checked by hand calls/s"] = (
             results["native-steady"]["calls_per_s"] / results["pem@checked-steady"]["calls_per_s"]
         )
+    for variant, baseline in BASELINES.items():
+        if f"{variant}-steady" in results:
+            ours, theirs = results[f"{variant}-steady"], results[f"{baseline}-steady"]
+            for what, label in (
+                ("calls_per_s", "calls/s"),
+                ("server_cpu_us_per_call", "server CPU per call"),
+            ):
+                ratios[f"{variant}/{baseline} {label}"] = ours[what] / theirs[what]
     for variant in ("native", "bridged"):
         if f"{variant}-churn" in results:
             ratios[f"{variant} p99 churn/steady"] = (
@@ -404,7 +479,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": ratios,
         "paired": paired(
             segments,
-            [(n, "pem") for n, c in plan if c == "steady" and n != "pem"]
+            [
+                (n, BASELINES.get(n, "pem"))
+                for n, c in plan
+                if c == "steady" and n != "pem" and n not in BASELINES.values()
+            ]
             + [("native", "pem@checked")] * ("pem@checked" in args.channels),
         ),
     }
