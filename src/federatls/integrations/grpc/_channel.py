@@ -199,18 +199,22 @@ class _Multi(Generic[C]):
         self._kind = kind
         self._method = method
         self._kwargs = kwargs
-        self._cached: tuple[object, Any] | None = None
+        self._cached: tuple[Slot[C], Any, Callable[[object], None]] | None = None
 
-    def _take(self) -> tuple[Slot[C], Any]:
+    def _take(self) -> tuple[Slot[C], Any, Callable[[object], None]]:
+        """The newest channel's slot, counted as in use; this method's callable on that
+        channel; and what gives the slot back (called with anything: gRPC's done-callbacks
+        get the call). The last two are made once per channel, not at each call."""
         slot = self._swapped.acquire()
         cached = self._cached
-        if cached is None or cached[0] is not slot.resource:
+        if cached is None or cached[0] is not slot:
             made = getattr(slot.resource, self._kind)(self._method, **self._kwargs)
-            cached = self._cached = (slot.resource, made)
-        return slot, cached[1]
+            release = self._swapped.release
+            cached = self._cached = (slot, made, lambda _: release(slot))
+        return cached
 
     def _blocking(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        slot, multi = self._take()
+        slot, multi, _ = self._take()
         try:
             return getattr(multi, name)(*args, **kwargs)
         finally:
@@ -219,14 +223,14 @@ class _Multi(Generic[C]):
     def _counted(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Start a call that ends later (a future, a stream, an aio call); released when it
         terminates, however it does."""
-        slot, multi = self._take()
+        _, multi, release = self._take()
         try:
             call = getattr(multi, name)(*args, **kwargs)
         except BaseException:
-            self._swapped.release(slot)
+            release(None)
             raise
         # gRPC runs a done-callback once, when the call terminates (at once if it has).
-        call.add_done_callback(lambda _: self._swapped.release(slot))
+        call.add_done_callback(release)
         return call
 
 
